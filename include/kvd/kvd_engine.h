@@ -1,0 +1,157 @@
+/* kvd_engine.h - continuous batching of many requests over one shared model.
+ *
+ * The engine owns the model's forward context, the KV pool, the scheduler and the
+ * sequences. Each step admits waiting requests while KV blocks allow, packs one
+ * decode token of every running sequence plus prefill chunks of new ones under a
+ * token budget, runs one batched forward pass, samples, and emits token events.
+ * When blocks run out, the most recently admitted sequence is preempted (its blocks
+ * freed, full ones staying in the prefix cache) and recomputed later: its output is
+ * the same as if it had never been interrupted.
+ *
+ * Threads: kvd_engine_start() runs steps on the engine's own thread. submit, cancel,
+ * poll_events and stats are safe from any thread. Without start(), the owner drives
+ * the engine with kvd_engine_step() from a single thread (tests, one-shot tools).
+ * Requests are named by 64-bit ids, never by pointer. Events carry ownership: whoever
+ * takes them from kvd_engine_poll_events frees them with kvd_event_free.
+ */
+#ifndef KVD_ENGINE_H
+#define KVD_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_error.h"
+#include "kvd/kvd_kv.h"
+#include "kvd/kvd_model.h"
+#include "kvd/kvd_sampler.h"
+#include "kvd/kvd_tokenizer.h"
+
+typedef struct kvd_engine_config {
+    int block_size;            /* default 16 */
+    kvd_dtype kv_dtype;        /* default F16 */
+    size_t kv_cache_bytes;     /* KV pool budget (used when kv_num_blocks == 0) */
+    size_t kv_num_blocks;      /* exact pool size in blocks, overrides kv_cache_bytes */
+    bool enable_prefix_cache;  /* default true */
+    int max_num_seqs;          /* running sequences at once, default 64 */
+    int max_batched_tokens;    /* tokens per step, default 512 */
+    int max_queue;             /* waiting requests before submit says KVD_EBUSY; 0 = unbounded */
+    int num_threads;           /* compute threads, <= 0: all cores */
+    float watermark;           /* share of blocks kept free when admitting, default 0.01 */
+} kvd_engine_config;
+
+kvd_engine_config kvd_engine_config_default(void);
+
+#define KVD_MAX_STOP_STRINGS 16
+#define KVD_MAX_STOP_TOKEN_IDS 64
+#define KVD_MAX_N 16
+
+typedef struct kvd_request_params {
+    kvd_sampling_params sampling;
+    int max_tokens;            /* > 0; capped by the context left after the prompt */
+    int n;                     /* choices, 1..KVD_MAX_N; they share the prompt's blocks */
+    bool ignore_eos;           /* keep going past EOS ids (stop_token_ids still stop) */
+    bool skip_special_tokens;  /* leave special tokens out of the text (default true) */
+    const char *const *stop;   /* stop strings (copied at submit) */
+    int num_stop;
+    const int32_t *stop_token_ids; /* copied at submit */
+    int num_stop_token_ids;
+} kvd_request_params;
+
+/* Default params: the model's generation defaults, max_tokens 16, n 1. */
+kvd_request_params kvd_request_params_default(const kvd_model *model);
+
+typedef enum kvd_finish_reason {
+    KVD_FINISH_NONE = 0,
+    KVD_FINISH_STOP,      /* EOS, a stop token id or a stop string */
+    KVD_FINISH_LENGTH,    /* max_tokens or the context limit */
+    KVD_FINISH_CANCELLED, /* kvd_engine_cancel */
+    KVD_FINISH_ERROR,
+} kvd_finish_reason;
+
+const char *kvd_finish_reason_name(kvd_finish_reason reason); /* "stop", "length", ... */
+
+typedef struct kvd_token_logprob {
+    int32_t token;
+    float logprob;
+    int num_top;
+    int32_t top_tokens[KVD_MAX_TOP_LOGPROBS];
+    float top_logprobs[KVD_MAX_TOP_LOGPROBS];
+} kvd_token_logprob;
+
+/* One delivery for one choice of one request: new tokens and their text delta, and,
+ * on the last event of a choice, its finish reason. Text never splits a UTF-8
+ * character and never contains (part of) a matched stop string. */
+typedef struct kvd_event {
+    struct kvd_event *next;
+    uint64_t request_id;
+    int choice;                 /* 0..n-1 */
+    int num_tokens;             /* tokens generated since the previous event */
+    int32_t *tokens;            /* [num_tokens] */
+    kvd_token_logprob *logprobs;/* [num_tokens] when logprobs were requested, else NULL */
+    char *text;                 /* NUL-terminated delta */
+    size_t text_len;
+    kvd_finish_reason finish;   /* NONE until the choice's last event */
+    int prompt_tokens;          /* set on every event */
+    int cached_tokens;          /* prompt tokens served from the prefix cache */
+    int completion_tokens;      /* tokens generated so far by this choice */
+    char error[256];            /* with KVD_FINISH_ERROR */
+} kvd_event;
+
+/* Frees a whole list of events. */
+void kvd_event_free(kvd_event *list);
+
+typedef struct kvd_engine_stats {
+    int num_running;
+    int num_waiting;
+    uint64_t num_preemptions;
+    uint64_t prompt_tokens_total;      /* prompt tokens of admitted requests */
+    uint64_t generation_tokens_total;
+    uint64_t steps;
+    kvd_kv_stats kv;
+} kvd_engine_stats;
+
+typedef struct kvd_engine kvd_engine;
+
+/* notify(arg) is called from the engine thread after events were queued (for
+ * uv_async_send); may be NULL. The engine borrows model and tokenizer. */
+kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
+                              const kvd_engine_config *cfg, void (*notify)(void *arg),
+                              void *notify_arg, kvd_error *err);
+/* Stops the thread if started, cancels everything, frees all. NULL does nothing. */
+void kvd_engine_destroy(kvd_engine *engine);
+
+int kvd_engine_start(kvd_engine *engine, kvd_error *err);
+
+/* Queues a request. Returns its id (> 0), or a negative code with err set:
+ * KVD_ETOOLONG when the prompt (plus one token) exceeds the context or the whole KV
+ * pool, KVD_EBUSY when the waiting queue is full, KVD_EINVAL on bad params. */
+int64_t kvd_engine_submit(kvd_engine *engine, const int32_t *prompt, int num_prompt,
+                          const kvd_request_params *params, kvd_error *err);
+
+/* Cancels a request (all its choices) at the next step boundary; its blocks go back
+ * to the pool and each unfinished choice gets a KVD_FINISH_CANCELLED event. Unknown
+ * or finished ids are ignored. */
+void kvd_engine_cancel(kvd_engine *engine, uint64_t request_id);
+
+/* Takes every queued event (oldest first) and returns the list, or NULL. */
+kvd_event *kvd_engine_poll_events(kvd_engine *engine);
+
+/* Blocks until an event is queued or timeout_ms passes (for callers without a loop). */
+void kvd_engine_wait_events(kvd_engine *engine, int timeout_ms);
+
+/* One scheduling step when the engine thread is not started. Returns the number of
+ * sequences that ran (0 when idle) or a negative code. */
+int kvd_engine_step(kvd_engine *engine, kvd_error *err);
+
+/* True while any request is waiting or running. */
+bool kvd_engine_busy(kvd_engine *engine);
+
+void kvd_engine_stats_get(kvd_engine *engine, kvd_engine_stats *out);
+
+/* Snapshot of the KV pool for the /v1/kv view: per-block states (see
+ * kvd_kv_block_states), malloc'ed, caller frees; and each running sequence's block
+ * table as a JSON text (malloc'ed). Returns 0 or KVD_ENOMEM. */
+int kvd_engine_kv_snapshot(kvd_engine *engine, uint8_t **states, int *num_blocks, char **tables_json);
+
+#endif

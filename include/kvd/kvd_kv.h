@@ -1,0 +1,130 @@
+/* kvd_kv.h - the paged KV cache: block pool, block tables, copy-on-write, prefix cache.
+ *
+ * KV memory is one arena of fixed-size blocks allocated once from configuration.
+ * A block holds, for every layer, the keys and values of block_size consecutive
+ * token positions. Sequences never own contiguous buffers: each owns a
+ * kvd_block_table listing the physical blocks of its logical positions. Blocks are
+ * reference counted; fork shares them, writing into a shared block copies it first.
+ * Full blocks are identified by a chained xxHash of (previous block's hash, token
+ * ids) and kept in a prefix cache: a block whose count drops to zero stays cached
+ * and reusable until the pool needs it (least recently used first).
+ *
+ * Threading: a pool and its tables are used by one thread at a time (the engine).
+ * Ownership: the pool owns the arena; tables are embedded in their owner and must be
+ * released (kvd_block_table_release) against the same pool before it is destroyed.
+ */
+#ifndef KVD_KV_H
+#define KVD_KV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_error.h"
+#include "kvd/kvd_model.h"
+
+typedef struct kvd_kv_config {
+    int num_layers;
+    int num_kv_heads;
+    int head_dim;
+    int block_size;           /* tokens per block: a power of two in 1..256 (default 16) */
+    kvd_dtype dtype;          /* element type of K and V: F16 (default), BF16 or F32 */
+    size_t num_blocks;        /* if non-zero, the pool holds exactly this many blocks */
+    size_t cache_bytes;       /* otherwise: as many blocks as fit in these bytes */
+    bool enable_prefix_cache;
+} kvd_kv_config;
+
+typedef struct kvd_kv_stats {
+    int64_t blocks_total;
+    int64_t blocks_used;        /* reference count > 0 */
+    int64_t blocks_cached;      /* count 0 but holding a cached full block, reusable */
+    int64_t blocks_free;        /* count 0, holding nothing */
+    int64_t tokens_stored;      /* token slots written in used blocks (a shared block counts once) */
+    int64_t bytes_wasted;       /* bytes of used blocks not holding a token (partly filled blocks) */
+    size_t pool_bytes;          /* bytes of the arena: blocks_total * block_bytes */
+    size_t block_bytes;
+    uint64_t prefix_queries;        /* lookups */
+    uint64_t prefix_query_tokens;   /* tokens asked for in lookups */
+    uint64_t prefix_hits;           /* lookups that reused at least one block */
+    uint64_t prefix_hit_tokens;     /* tokens served from the cache */
+    uint64_t evictions;             /* cached blocks reclaimed for new allocations */
+    uint64_t cow_copies;            /* blocks copied before a write */
+} kvd_kv_stats;
+
+typedef struct kvd_kv_pool kvd_kv_pool;
+
+/* A sequence's view of its KV: blocks[i] holds logical positions
+ * [i*block_size, (i+1)*block_size). */
+typedef struct kvd_block_table {
+    int32_t *blocks;      /* physical block ids, [num_blocks] */
+    int num_blocks;
+    int capacity;         /* allocated length of blocks[] and hashes[] */
+    int num_tokens;       /* positions with a reserved slot */
+    int num_cached;       /* leading full blocks registered in the prefix cache */
+    uint64_t *hashes;     /* chained hash of each registered block, [num_cached] */
+} kvd_block_table;
+
+/* Bytes one block occupies: 2 * layers * kv_heads * block_size * head_dim * elem. */
+size_t kvd_kv_block_bytes(const kvd_kv_config *cfg);
+
+/* Creates the pool. Fails with KVD_EINVAL (message names the field) on a bad block
+ * size, dtype, or a budget smaller than one block; KVD_ENOMEM if the arena cannot be
+ * allocated. */
+kvd_kv_pool *kvd_kv_pool_create(const kvd_kv_config *cfg, kvd_error *err);
+void kvd_kv_pool_destroy(kvd_kv_pool *pool);
+const kvd_kv_config *kvd_kv_pool_config(const kvd_kv_pool *pool);
+
+/* Storage of one block for one layer: [num_kv_heads][block_size][head_dim] elements of
+ * the pool's dtype, keys and values separately. */
+void *kvd_kv_block_keys(const kvd_kv_pool *pool, int32_t block, int layer);
+void *kvd_kv_block_values(const kvd_kv_pool *pool, int32_t block, int layer);
+
+void kvd_block_table_init(kvd_block_table *table);
+/* Drops the table's references (registered full blocks stay cached) and empties it;
+ * keeps its arrays for reuse. */
+void kvd_block_table_release(kvd_kv_pool *pool, kvd_block_table *table);
+/* Release, then free the arrays. */
+void kvd_block_table_deinit(kvd_kv_pool *pool, kvd_block_table *table);
+
+/* Blocks that appending n_tokens would take from the pool (new blocks plus a copy of
+ * a shared partly filled last block). */
+int kvd_kv_blocks_needed(const kvd_kv_pool *pool, const kvd_block_table *table, int n_tokens);
+/* Blocks that can be handed out now: free plus cached-but-unreferenced. */
+int64_t kvd_kv_available_blocks(const kvd_kv_pool *pool);
+/* True when a sequence of n_tokens could fit in the whole, otherwise empty pool. */
+bool kvd_kv_can_ever_fit(const kvd_kv_pool *pool, int n_tokens);
+
+/* Reserves slots for n_tokens more positions, allocating blocks (evicting cached
+ * ones LRU-first if needed) and copying a shared last block before it is written.
+ * All or nothing: on KVD_ENOSPC the table and pool are unchanged. */
+int kvd_block_table_append(kvd_kv_pool *pool, kvd_block_table *table, int n_tokens, kvd_error *err);
+
+/* dst (empty) shares every block of src; reference counts go up. */
+int kvd_block_table_fork(kvd_kv_pool *pool, const kvd_block_table *src, kvd_block_table *dst,
+                         kvd_error *err);
+
+/* On an empty table: attaches the longest run of cached full blocks matching the
+ * prefix of tokens[0..n_tokens) (hash hit confirmed by comparing token ids), covering
+ * at most n_tokens - 1 tokens so the last one is always computed. Returns the number
+ * of tokens covered (a multiple of block_size; 0 when disabled or no hit). */
+int kvd_prefix_cache_lookup(kvd_kv_pool *pool, kvd_block_table *table, const int32_t *tokens,
+                            int n_tokens);
+
+/* Registers the table's full blocks whose K/V are now computed (positions
+ * [0, n_computed) hold tokens[0..n_computed)) in the prefix cache. Idempotent. */
+void kvd_prefix_cache_commit(kvd_kv_pool *pool, kvd_block_table *table, const int32_t *tokens,
+                             int n_computed);
+
+void kvd_kv_stats_get(const kvd_kv_pool *pool, kvd_kv_stats *out);
+
+/* Per-block state for visualisation: state[i] = 0 free, 1 cached, 2 used, 3 shared
+ * (count > 1); refcounts[i] may be NULL. Both of length blocks_total. */
+void kvd_kv_block_states(const kvd_kv_pool *pool, uint8_t *state, int32_t *refcounts);
+
+/* Debug invariant check: every block is free, or referenced exactly as often as the
+ * given tables (and the cache) hold it; free lists and hash map are consistent.
+ * Returns 0 or KVD_ESTATE with the first violation described in err. */
+int kvd_kv_check_invariants(const kvd_kv_pool *pool, const kvd_block_table *const *tables,
+                            int num_tables, kvd_error *err);
+
+#endif

@@ -1,0 +1,119 @@
+/* kvd_model.h - a Qwen2 checkpoint in memory: its config, generation defaults and weights.
+ *
+ * kvd_model_load() reads a Hugging Face checkpoint directory (config.json,
+ * model.safetensors or sharded model-*-of-*.safetensors + model.safetensors.index.json,
+ * optional generation_config.json), checks every tensor's shape against the config
+ * and copies the weights into anonymous memory (huge pages where the kernel gives
+ * them), so decoding never faults on the file mapping. The kvd_model owns all of its
+ * memory; kvd_model_destroy() frees it. The tokenizer is loaded separately
+ * (kvd_tokenizer.h) from the same directory.
+ */
+#ifndef KVD_MODEL_H
+#define KVD_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_error.h"
+
+typedef enum kvd_dtype {
+    KVD_DTYPE_F32 = 0,
+    KVD_DTYPE_F16 = 1,
+    KVD_DTYPE_BF16 = 2,
+} kvd_dtype;
+
+/* Bytes per element of dtype (4 or 2). */
+size_t kvd_dtype_size(kvd_dtype dtype);
+/* "f32", "f16", "bf16". */
+const char *kvd_dtype_name(kvd_dtype dtype);
+/* Parses "f32"/"float32"/"F32", "f16"/"float16"/"F16", "bf16"/"bfloat16"/"BF16". Returns 0 or KVD_EINVAL. */
+int kvd_dtype_parse(const char *name, kvd_dtype *out);
+
+#define KVD_MAX_EOS_IDS 8
+
+/* The blueprint: what config.json says. */
+typedef struct kvd_model_config {
+    int vocab_size;              /* rows of the embedding / lm_head (151936 for Qwen2.5) */
+    int hidden_size;             /* d_model */
+    int intermediate_size;       /* MLP width */
+    int num_layers;              /* num_hidden_layers */
+    int num_heads;               /* num_attention_heads (query heads) */
+    int num_kv_heads;            /* num_key_value_heads (GQA) */
+    int head_dim;                /* hidden_size / num_heads */
+    int max_position_embeddings; /* context limit */
+    float rms_norm_eps;
+    float rope_theta;
+    bool tie_word_embeddings;
+    kvd_dtype torch_dtype;       /* dtype the checkpoint declares (informational) */
+    int bos_token_id;            /* -1 when absent */
+    int eos_token_ids[KVD_MAX_EOS_IDS]; /* config.json's eos plus generation_config's */
+    int num_eos_token_ids;
+} kvd_model_config;
+
+/* Sampling defaults from generation_config.json; fields absent there keep the
+ * neutral value (temperature 1, top_p 1, top_k 0 = off, repetition_penalty 1). */
+typedef struct kvd_generation_defaults {
+    float temperature;
+    float top_p;
+    int top_k;
+    float min_p;
+    float repetition_penalty;
+    bool do_sample;
+} kvd_generation_defaults;
+
+/* A weight matrix, row-major (rows = out_features, cols = in_features), stored in
+ * the checkpoint's dtype. */
+typedef struct kvd_matrix {
+    kvd_dtype dtype;
+    int rows;
+    int cols;
+    const void *data; /* rows * cols elements of dtype, 64-byte aligned */
+} kvd_matrix;
+
+typedef struct kvd_layer_weights {
+    kvd_matrix q_proj;         /* (num_heads*head_dim, hidden) */
+    kvd_matrix k_proj;         /* (num_kv_heads*head_dim, hidden) */
+    kvd_matrix v_proj;         /* (num_kv_heads*head_dim, hidden) */
+    kvd_matrix o_proj;         /* (hidden, num_heads*head_dim) */
+    kvd_matrix gate_proj;      /* (intermediate, hidden) */
+    kvd_matrix up_proj;        /* (intermediate, hidden) */
+    kvd_matrix down_proj;      /* (hidden, intermediate) */
+    const float *q_bias;       /* (num_heads*head_dim) */
+    const float *k_bias;       /* (num_kv_heads*head_dim) */
+    const float *v_bias;       /* (num_kv_heads*head_dim) */
+    const float *input_norm;   /* (hidden) input_layernorm.weight */
+    const float *post_norm;    /* (hidden) post_attention_layernorm.weight */
+} kvd_layer_weights;
+
+typedef struct kvd_model {
+    kvd_model_config config;
+    kvd_generation_defaults generation;
+    kvd_matrix embed_tokens;   /* (vocab, hidden) */
+    kvd_matrix lm_head;        /* (vocab, hidden); same data as embed_tokens when tied */
+    const float *final_norm;   /* (hidden) model.norm.weight */
+    kvd_layer_weights *layers; /* [num_layers] */
+    size_t weight_bytes;       /* bytes of weights held (matrices + vectors) */
+    char *dir;                 /* checkpoint directory as given */
+    void *impl;                /* loader-private: arena and bookkeeping */
+} kvd_model;
+
+typedef struct kvd_model_load_options {
+    bool progress;             /* print bytes/tensors progress to stderr */
+} kvd_model_load_options;
+
+/* Loads the checkpoint in dir. Returns NULL on any problem with a one-line message
+ * in err naming the file and the key or tensor (missing file, truncated or corrupt
+ * safetensors header, wrong shape, unknown dtype, unsupported architecture).
+ * opts may be NULL. */
+kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, kvd_error *err);
+
+/* Frees everything the model holds. NULL does nothing. */
+void kvd_model_destroy(kvd_model *model);
+
+/* Parses a config.json text (already read) into cfg; path is used in messages.
+ * Returns 0 or KVD_EFORMAT / KVD_EUNSUPPORTED with err set. */
+int kvd_model_config_parse(const char *json_text, size_t len, const char *path,
+                           kvd_model_config *cfg, kvd_error *err);
+
+#endif

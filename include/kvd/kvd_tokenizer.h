@@ -1,0 +1,64 @@
+/* kvd_tokenizer.h - exact byte-level BPE of a Hugging Face tokenizer.json (Qwen2 family).
+ *
+ * Encoding: added/special tokens (<|im_start|> ...) are matched first, then each
+ * remaining span is NFC-normalised (utf8proc), split by the pre-tokenizer regex
+ * (PCRE2, UTF + Unicode properties, JIT), mapped byte-to-unicode and merged by rank.
+ * Decoding reverses the byte mapping. A kvd_detokenizer streams text out token by
+ * token and never emits a broken UTF-8 sequence: incomplete bytes are held back.
+ *
+ * Threading: a kvd_tokenizer is immutable after load except for its merge cache,
+ * which is internally locked, so encode/decode may be called from several threads.
+ */
+#ifndef KVD_TOKENIZER_H
+#define KVD_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_error.h"
+
+typedef struct kvd_tokenizer kvd_tokenizer;
+
+/* Loads tokenizer.json at path. NULL with err set on a missing/malformed file. */
+kvd_tokenizer *kvd_tokenizer_load(const char *path, kvd_error *err);
+void kvd_tokenizer_destroy(kvd_tokenizer *tok);
+
+/* Number of ids (vocabulary plus added tokens): one past the largest id. */
+int kvd_tokenizer_vocab_size(const kvd_tokenizer *tok);
+/* Id of an added/special token by its content ("<|im_end|>"), or -1. */
+int kvd_tokenizer_token_id(const kvd_tokenizer *tok, const char *content);
+bool kvd_tokenizer_is_special(const kvd_tokenizer *tok, int32_t id);
+
+/* Encodes len bytes of text (invalid UTF-8 is accepted and encoded byte-wise, never
+ * rejected). parse_special: match added/special tokens in the text.
+ * On success returns the number of ids and sets *ids to a malloc'ed array the
+ * caller frees; returns a negative code on allocation failure. */
+int kvd_tokenizer_encode(const kvd_tokenizer *tok, const char *text, size_t len,
+                         bool parse_special, int32_t **ids);
+
+/* Decodes ids to bytes. Returns a malloc'ed NUL-terminated string (its length in
+ * *out_len if not NULL), or NULL on an id out of range (err set). Special tokens are
+ * rendered as their content unless skip_special. */
+char *kvd_tokenizer_decode(const kvd_tokenizer *tok, const int32_t *ids, size_t n,
+                           bool skip_special, size_t *out_len, kvd_error *err);
+
+/* Streaming decode state for one sequence (embedded by its owner). */
+typedef struct kvd_detokenizer {
+    const kvd_tokenizer *tok;
+    bool skip_special;
+    unsigned char pending[8]; /* bytes of an incomplete UTF-8 character */
+    int num_pending;
+} kvd_detokenizer;
+
+void kvd_detokenizer_init(kvd_detokenizer *d, const kvd_tokenizer *tok, bool skip_special);
+/* Longest byte string any single id decodes to; push needs out_cap > this + 8. */
+size_t kvd_tokenizer_max_token_bytes(const kvd_tokenizer *tok);
+
+/* Appends the text of id to out (at most out_cap-1 bytes plus NUL) and returns the number of bytes written, holding back an incomplete
+ * UTF-8 tail until the next token completes it. Negative on an invalid id. */
+int kvd_detokenizer_push(kvd_detokenizer *d, int32_t id, char *out, size_t out_cap);
+/* Flushes held-back bytes at end of stream (as U+FFFD for each incomplete sequence). */
+int kvd_detokenizer_flush(kvd_detokenizer *d, char *out, size_t out_cap);
+
+#endif
