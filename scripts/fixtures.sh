@@ -7,3 +7,16 @@ tok=third_party/qwen-tokenizer/tokenizer.json
 if [ -x "$dir/tools/kvd-mkmodel" ] && [ ! -f "$dir/fixtures/tiny/model.safetensors" ]; then
   "$dir/tools/kvd-mkmodel" --out "$dir/fixtures/tiny" --preset tiny --seed 1 --tokenizer "$tok"
 fi
+# Reference logits of the tiny fixture for test_forward (owner: fwd): the numpy float64
+# reference run on each prompt of tests/reference/golden_tiny.json, 16 greedy steps.
+if [ -f "$dir/fixtures/tiny/model.safetensors" ] && [ ! -f "$dir/fixtures/ref/prompt3.bin.json" ]; then
+  mkdir -p "$dir/fixtures/ref"
+  i=0
+  for ids in $(/usr/bin/python3 -c 'import json, sys
+for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str, p["prompt_ids"])))' \
+      tests/reference/golden_tiny.json); do
+    /usr/bin/python3 tests/reference/qwen2_ref.py --model "$dir/fixtures/tiny" --prompt-ids "$ids" \
+      --decode-steps 16 --out "$dir/fixtures/ref/prompt$i.bin"
+    i=$((i + 1))
+  done
+fi

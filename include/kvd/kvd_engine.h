@@ -46,10 +46,15 @@ kvd_engine_config kvd_engine_config_default(void);
 #define KVD_MAX_STOP_TOKEN_IDS 64
 #define KVD_MAX_N 16
 
+/* Choice i of a request samples from its own stream seeded with sampling.seed + i,
+ * so choices differ and each is reproducible alone. Stop token ids and EOS are part
+ * of the choice's tokens but not of its text; a stop string is cut from the text. */
 typedef struct kvd_request_params {
     kvd_sampling_params sampling;
-    int max_tokens;            /* > 0; capped by the context left after the prompt */
-    int n;                     /* choices, 1..KVD_MAX_N; they share the prompt's blocks */
+    int max_tokens;            /* > 0; capped by the context left after the prompt and
+                                  by what one sequence can hold in the whole KV pool */
+    int n;                     /* choices, 1..KVD_MAX_N (and <= max_num_seqs); they share
+                                  the prompt's blocks */
     bool ignore_eos;           /* keep going past EOS ids (stop_token_ids still stop) */
     bool skip_special_tokens;  /* leave special tokens out of the text (default true) */
     const char *const *stop;   /* stop strings (copied at submit) */
@@ -98,7 +103,8 @@ typedef struct kvd_event {
     char error[256];            /* with KVD_FINISH_ERROR */
 } kvd_event;
 
-/* Frees a whole list of events. */
+/* Frees a whole list of events (only events from kvd_engine_poll_events: they may
+ * live in the engine's preallocated pool, which they may outlive). */
 void kvd_event_free(kvd_event *list);
 
 typedef struct kvd_engine_stats {
@@ -109,6 +115,14 @@ typedef struct kvd_engine_stats {
     uint64_t generation_tokens_total;
     uint64_t steps;
     kvd_kv_stats kv;
+    /* Where step time went (sums over all steps, nanoseconds): the batched forward,
+     * scheduling (intake, cancellation, planning, preemption, prefix commits), and
+     * sampling with detokenisation and event building. */
+    uint64_t step_ns;
+    uint64_t forward_ns;
+    uint64_t schedule_ns;
+    uint64_t sample_ns;
+    uint64_t batched_tokens_total;     /* tokens through the forward (prefill + decode) */
 } kvd_engine_stats;
 
 typedef struct kvd_engine kvd_engine;
@@ -151,7 +165,16 @@ void kvd_engine_stats_get(kvd_engine *engine, kvd_engine_stats *out);
 
 /* Snapshot of the KV pool for the /v1/kv view: per-block states (see
  * kvd_kv_block_states), malloc'ed, caller frees; and each running sequence's block
- * table as a JSON text (malloc'ed). Returns 0 or KVD_ENOMEM. */
+ * table as a JSON text (malloc'ed):
+ *   {"block_size":16,"sequences":[{"request_id":7,"choice":0,"num_tokens":40,
+ *    "num_computed":39,"blocks":[3,4,9]}, ...]}
+ * With the engine thread started this waits for the current step to end (one step,
+ * tens of milliseconds at most), so call it where a short wait is acceptable.
+ * Returns 0 or KVD_ENOMEM. */
 int kvd_engine_kv_snapshot(kvd_engine *engine, uint8_t **states, int *num_blocks, char **tables_json);
+
+/* Debug check (tests): runs kvd_kv_check_invariants over the pool with every live
+ * sequence's block table, between steps. Returns 0 or KVD_ESTATE with err set. */
+int kvd_engine_check_invariants(kvd_engine *engine, kvd_error *err);
 
 #endif

@@ -60,11 +60,14 @@ typedef struct kvd_block_table {
     int num_blocks;
     int capacity;         /* allocated length of blocks[] and hashes[] */
     int num_tokens;       /* positions with a reserved slot */
-    int num_cached;       /* leading full blocks registered in the prefix cache */
-    uint64_t *hashes;     /* chained hash of each registered block, [num_cached] */
+    int num_cached;       /* leading full blocks committed to the prefix cache (hashed, and
+                             registered unless an identical block already was) */
+    uint64_t *hashes;     /* chained hash of each committed block, [num_cached] */
 } kvd_block_table;
 
-/* Bytes one block occupies: 2 * layers * kv_heads * block_size * head_dim * elem. */
+/* Bytes one block occupies: 2 * layers * kv_heads * block_size * head_dim * elem, each
+ * layer's K and V slice rounded up to 64 bytes (only tiny test shapes need padding).
+ * 0 for a config whose shape fields are out of range. */
 size_t kvd_kv_block_bytes(const kvd_kv_config *cfg);
 
 /* Creates the pool. Fails with KVD_EINVAL (message names the field) on a bad block
@@ -72,6 +75,8 @@ size_t kvd_kv_block_bytes(const kvd_kv_config *cfg);
  * allocated. */
 kvd_kv_pool *kvd_kv_pool_create(const kvd_kv_config *cfg, kvd_error *err);
 void kvd_kv_pool_destroy(kvd_kv_pool *pool);
+/* The configuration in use; num_blocks holds the actual block count even when the pool
+ * was sized from cache_bytes. */
 const kvd_kv_config *kvd_kv_pool_config(const kvd_kv_pool *pool);
 
 /* Storage of one block for one layer: [num_kv_heads][block_size][head_dim] elements of
@@ -80,8 +85,15 @@ void *kvd_kv_block_keys(const kvd_kv_pool *pool, int32_t block, int layer);
 void *kvd_kv_block_values(const kvd_kv_pool *pool, int32_t block, int layer);
 
 void kvd_block_table_init(kvd_block_table *table);
+/* Grows the table's arrays to hold n_tokens positions, so later appends up to that
+ * length never allocate (call at admission; the decode step then stays malloc-free).
+ * Returns 0 or KVD_ENOMEM (table unchanged). */
+int kvd_block_table_reserve(const kvd_kv_pool *pool, kvd_block_table *table, int n_tokens,
+                            kvd_error *err);
 /* Drops the table's references (registered full blocks stay cached) and empties it;
- * keeps its arrays for reuse. */
+ * keeps its arrays for reuse. Blocks whose count reaches zero are pushed tail block
+ * first: cached ones to the recently-used end of the LRU list (so a prefix's tail is
+ * evicted before its head), the others to the free list. */
 void kvd_block_table_release(kvd_kv_pool *pool, kvd_block_table *table);
 /* Release, then free the arrays. */
 void kvd_block_table_deinit(kvd_kv_pool *pool, kvd_block_table *table);
@@ -99,19 +111,24 @@ bool kvd_kv_can_ever_fit(const kvd_kv_pool *pool, int n_tokens);
  * All or nothing: on KVD_ENOSPC the table and pool are unchanged. */
 int kvd_block_table_append(kvd_kv_pool *pool, kvd_block_table *table, int n_tokens, kvd_error *err);
 
-/* dst (empty) shares every block of src; reference counts go up. */
+/* dst (empty) shares every block of src; reference counts go up. KVD_ESTATE if dst is
+ * not empty, KVD_ENOMEM if dst's arrays cannot grow (nothing changes on failure). */
 int kvd_block_table_fork(kvd_kv_pool *pool, const kvd_block_table *src, kvd_block_table *dst,
                          kvd_error *err);
 
 /* On an empty table: attaches the longest run of cached full blocks matching the
- * prefix of tokens[0..n_tokens) (hash hit confirmed by comparing token ids), covering
- * at most n_tokens - 1 tokens so the last one is always computed. Returns the number
- * of tokens covered (a multiple of block_size; 0 when disabled or no hit). */
+ * prefix of tokens[0..n_tokens) (hash hit confirmed by comparing token ids and the
+ * parent block), covering at most n_tokens - 1 tokens so the last one is always
+ * computed. Returns the number of tokens covered (a multiple of block_size; 0 when
+ * disabled or no hit); KVD_ESTATE if the table is not empty, KVD_EINVAL on a negative
+ * count or NULL tokens. */
 int kvd_prefix_cache_lookup(kvd_kv_pool *pool, kvd_block_table *table, const int32_t *tokens,
                             int n_tokens);
 
 /* Registers the table's full blocks whose K/V are now computed (positions
- * [0, n_computed) hold tokens[0..n_computed)) in the prefix cache. Idempotent. */
+ * [0, n_computed) hold tokens[0..n_computed)) in the prefix cache. Idempotent. A block
+ * is not registered when an identical block is already cached (two requests computed
+ * the same prefix) or when its predecessor is not registered itself. */
 void kvd_prefix_cache_commit(kvd_kv_pool *pool, kvd_block_table *table, const int32_t *tokens,
                              int n_computed);
 
@@ -121,10 +138,20 @@ void kvd_kv_stats_get(const kvd_kv_pool *pool, kvd_kv_stats *out);
  * (count > 1); refcounts[i] may be NULL. Both of length blocks_total. */
 void kvd_kv_block_states(const kvd_kv_pool *pool, uint8_t *state, int32_t *refcounts);
 
-/* Debug invariant check: every block is free, or referenced exactly as often as the
- * given tables (and the cache) hold it; free lists and hash map are consistent.
- * Returns 0 or KVD_ESTATE with the first violation described in err. */
+/* Debug invariant check, given every live table of the pool: each block is referenced
+ * exactly as often as the tables hold it (the cache holds no references), each
+ * unreferenced block is on exactly one free list, list links, fills, token counts and
+ * the hash map are consistent, and cached children are evicted before their parents.
+ * Returns 0 or KVD_ESTATE with the first violation described in err. O(blocks). */
 int kvd_kv_check_invariants(const kvd_kv_pool *pool, const kvd_block_table *const *tables,
                             int num_tables, kvd_error *err);
+
+/* The chained block hash: seed is the previous block's hash (a fixed constant for the
+ * first block), ids one block's token ids. The default is XXH3_64bits_withSeed. */
+typedef uint64_t (*kvd_kv_block_hash_fn)(uint64_t seed, const int32_t *ids, int n);
+
+/* For tests: replaces the block hash, e.g. by a deliberately weak one so collisions
+ * exercise the token-id confirmation. Only while no block is cached (else KVD_ESTATE). */
+int kvd_kv_pool_set_block_hash(kvd_kv_pool *pool, kvd_kv_block_hash_fn hash, kvd_error *err);
 
 #endif

@@ -31,15 +31,22 @@ int kvd_tokenizer_token_id(const kvd_tokenizer *tok, const char *content);
 bool kvd_tokenizer_is_special(const kvd_tokenizer *tok, int32_t id);
 
 /* Encodes len bytes of text (invalid UTF-8 is accepted and encoded byte-wise, never
- * rejected). parse_special: match added/special tokens in the text.
- * On success returns the number of ids and sets *ids to a malloc'ed array the
- * caller frees; returns a negative code on allocation failure. */
+ * rejected: each ill-formed byte becomes its single-byte token, so decode gives it back).
+ * parse_special: match special tokens ("special": true, e.g. <|im_start|>) in the text;
+ * when false they are encoded as plain text. Non-special added tokens (<tool_call>,
+ * <think>, <|fim_prefix|> ...) are matched either way, as Hugging Face's tokenizers do.
+ * No BOS/EOS is ever added. On success returns the number of ids (possibly 0) and sets
+ * *ids to a malloc'ed array the caller frees (never NULL); returns KVD_ENOMEM on
+ * allocation failure, KVD_EINVAL for NULL arguments, and leaves *ids alone on failure. */
 int kvd_tokenizer_encode(const kvd_tokenizer *tok, const char *text, size_t len,
                          bool parse_special, int32_t **ids);
 
-/* Decodes ids to bytes. Returns a malloc'ed NUL-terminated string (its length in
- * *out_len if not NULL), or NULL on an id out of range (err set). Special tokens are
- * rendered as their content unless skip_special. */
+/* Decodes ids to bytes, byte-exact: decode(encode(x)) is x after NFC, and ids that end
+ * inside a character give the partial bytes (use kvd_detokenizer for text shown to
+ * clients). Returns a malloc'ed NUL-terminated string (its length in *out_len if not
+ * NULL), or NULL on an id out of range (err set, KVD_EINVAL) or allocation failure.
+ * Special tokens are rendered as their content unless skip_special; non-special added
+ * tokens are always rendered. */
 char *kvd_tokenizer_decode(const kvd_tokenizer *tok, const int32_t *ids, size_t n,
                            bool skip_special, size_t *out_len, kvd_error *err);
 
@@ -52,13 +59,20 @@ typedef struct kvd_detokenizer {
 } kvd_detokenizer;
 
 void kvd_detokenizer_init(kvd_detokenizer *d, const kvd_tokenizer *tok, bool skip_special);
-/* Longest byte string any single id decodes to; push needs out_cap > this + 8. */
+/* Upper bound on the bytes one kvd_detokenizer_push writes: the longest token plus the
+ * held-back bytes, each possibly replaced by U+FFFD (3 bytes). push needs out_cap > this
+ * (so the older rule "out_cap > this + 8" stays safe). */
 size_t kvd_tokenizer_max_token_bytes(const kvd_tokenizer *tok);
 
-/* Appends the text of id to out (at most out_cap-1 bytes plus NUL) and returns the number of bytes written, holding back an incomplete
- * UTF-8 tail until the next token completes it. Negative on an invalid id. */
+/* Writes the text of id to out (at most out_cap-1 bytes plus NUL) and returns the number
+ * of bytes written, holding back an incomplete UTF-8 tail until the next token completes
+ * it. The output is always valid UTF-8: ill-formed bytes become U+FFFD, one per maximal
+ * ill-formed subpart (a held-back tail cut short by the next token included). A skipped
+ * special token writes nothing and keeps the held-back bytes. Never allocates. Returns
+ * KVD_EINVAL on an invalid id or when out_cap is too small; the state is then unchanged. */
 int kvd_detokenizer_push(kvd_detokenizer *d, int32_t id, char *out, size_t out_cap);
-/* Flushes held-back bytes at end of stream (as U+FFFD for each incomplete sequence). */
+/* Flushes held-back bytes at end of stream (one U+FFFD for the incomplete character, so
+ * 0 or 3 bytes) and resets the state. KVD_EINVAL if out_cap < 4 with bytes held back. */
 int kvd_detokenizer_flush(kvd_detokenizer *d, char *out, size_t out_cap);
 
 #endif

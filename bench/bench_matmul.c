@@ -1,0 +1,195 @@
+/* bench_matmul.c - kvd's matrix product against OpenBLAS sgemm on Qwen2.5-0.5B shapes.
+ *
+ * For each weight shape (out_features x in_features) of the 0.5B model and each row
+ * count M (1 = decode, 16 = a small batch, 512 = a prefill chunk) it times
+ * out[M,N] = x[M,K] W[N,K]^T with kvd's kernel on bf16 weights (what the model runs)
+ * and with OpenBLAS cblas_sgemm on the same weights widened to f32 (OpenBLAS has no
+ * batch-invariant bf16 path; its kernels also change with M, which is why kvd does
+ * not use it). Reports milliseconds, GFLOP/s and weight bytes streamed per second,
+ * plus the largest difference between the two results as a sanity check.
+ *
+ * Usage: bench_matmul [--threads N] [--min-seconds S] [--shapes all|small] [--rows 1,16,512]
+ *                     [--isa avx512|scalar]
+ * OPENBLAS_CORETYPE=SkylakeX makes OpenBLAS 0.3.21 use its AVX-512 kernels on Zen 5.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvd/kvd_half.h"
+#include "kvd/kvd_kernels.h"
+
+void openblas_set_num_threads(int num_threads);
+char *openblas_get_corename(void);
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng_next(uint64_t *state)
+{
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return *state;
+}
+
+static float rng_uniform(uint64_t *state)
+{
+    return (float)((rng_next(state) >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+#define MAX_ROW_COUNTS 16
+
+typedef struct bench_case {
+    const char *name;
+    int n, k;
+} bench_case;
+
+typedef struct kvd_runner {
+    kvd_isa isa;
+    int threads;
+    float *scratch; /* (threads, per_thread) */
+    size_t per_thread;
+} kvd_runner;
+
+static void kvd_run(const kvd_runner *r, float *out, const float *x, int m, const kvd_matrix *w)
+{
+    int n = w->rows;
+#pragma omp parallel num_threads(r->threads)
+    {
+        int nth = omp_get_num_threads();
+        int ith = omp_get_thread_num();
+        int begin = (int)((int64_t)n * ith / nth);
+        int end = (int)((int64_t)n * (ith + 1) / nth);
+        kvd_matmul_cols(r->isa, out, n, x, w->cols, m, w, NULL, false, begin, end,
+                        r->scratch + r->per_thread * (size_t)ith);
+    }
+}
+
+/* Best time of repeated runs lasting at least min_seconds in total (at least 2 runs). */
+#define TIME_BEST(best, min_seconds, stmt)                                                     \
+    do {                                                                                       \
+        stmt;                                                                                  \
+        double start_ = now_seconds(), total_ = 0;                                             \
+        best = 1e30;                                                                           \
+        for (int rep_ = 0; rep_ < 2 || total_ < (min_seconds); rep_++) {                       \
+            double t0_ = now_seconds();                                                        \
+            stmt;                                                                              \
+            double dt_ = now_seconds() - t0_;                                                  \
+            best = dt_ < best ? dt_ : best;                                                    \
+            total_ = now_seconds() - start_;                                                   \
+        }                                                                                      \
+    } while (0)
+
+int main(int argc, char **argv)
+{
+    int threads = 2;
+    double min_seconds = 0.5;
+    bool small_only = false;
+    kvd_isa isa = kvd_isa_detect();
+    int rows[MAX_ROW_COUNTS] = {1, 16, 512};
+    int num_rows = 3;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+            threads = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc) {
+            min_seconds = atof(argv[++i]);
+        } else if (strcmp(argv[i], "--shapes") == 0 && i + 1 < argc) {
+            small_only = strcmp(argv[++i], "small") == 0;
+        } else if (strcmp(argv[i], "--rows") == 0 && i + 1 < argc) {
+            num_rows = 0;
+            for (char *p = argv[++i]; *p && num_rows < MAX_ROW_COUNTS; p += strspn(p, ","))
+                rows[num_rows++] = (int)strtol(p, &p, 10);
+        } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
+            isa = strcmp(argv[++i], "scalar") == 0 ? KVD_ISA_SCALAR : KVD_ISA_AVX512;
+        } else {
+            fprintf(stderr, "usage: %s [--threads N] [--min-seconds S] [--shapes all|small] "
+                            "[--rows M,M,...] [--isa avx512|scalar]\n", argv[0]);
+            return 1;
+        }
+    }
+    if (!kvd_isa_supported(isa)) {
+        fprintf(stderr, "bench_matmul: this CPU cannot run %s\n", kvd_isa_name(isa));
+        return 1;
+    }
+    openblas_set_num_threads(threads);
+    printf("kvd isa %s, OpenBLAS core %s, %d threads\n", kvd_isa_name(isa),
+           openblas_get_corename(), threads);
+    printf("%-12s %4s | %9s %8s %8s | %9s %8s | %7s %9s\n", "shape NxK", "M", "kvd ms", "GFLOP/s",
+           "wGB/s", "blas ms", "GFLOP/s", "speedup", "max|diff|");
+
+    static const bench_case cases[] = {
+        {"896x896", 896, 896},
+        {"4864x896", 4864, 896},
+        {"896x4864", 896, 4864},
+        {"151936x896", 151936, 896},
+    };
+    int num_cases = small_only ? 3 : 4;
+    uint64_t seed = 0x9e3779b97f4a7c15ull;
+    kvd_runner runner = {.isa = isa, .threads = threads};
+    int max_rows = 1;
+    for (int i = 0; i < num_rows; i++) {
+        if (rows[i] < 1) {
+            fprintf(stderr, "bench_matmul: --rows: counts must be positive\n");
+            return 1;
+        }
+        max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+    }
+    for (int ci = 0; ci < num_cases; ci++) {
+        const bench_case *bc = &cases[ci];
+        size_t wn = (size_t)bc->n * (size_t)bc->k;
+        uint16_t *wb = aligned_alloc(64, (wn * 2 + 63) & ~(size_t)63);
+        float *wf = aligned_alloc(64, wn * 4);
+        float *x = aligned_alloc(64, (size_t)max_rows * bc->k * 4);
+        float *out_kvd = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
+        float *out_blas = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
+        runner.per_thread = (kvd_matmul_scratch_floats(bc->k) + 15) & ~(size_t)15;
+        runner.scratch = aligned_alloc(64, runner.per_thread * (size_t)threads * 4);
+        if (!wb || !wf || !x || !out_kvd || !out_blas || !runner.scratch) {
+            fprintf(stderr, "bench_matmul: out of memory\n");
+            return 1;
+        }
+        float scale = 1.0f / sqrtf((float)bc->k);
+        for (size_t i = 0; i < wn; i++) {
+            wb[i] = kvd_f32_to_bf16(rng_uniform(&seed) * scale);
+            wf[i] = kvd_bf16_to_f32(wb[i]);
+        }
+        for (size_t i = 0; i < (size_t)max_rows * bc->k; i++)
+            x[i] = rng_uniform(&seed);
+        kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = bc->n, .cols = bc->k, .data = wb};
+        for (int ri = 0; ri < num_rows; ri++) {
+            int m = rows[ri];
+            double flops = 2.0 * m * bc->n * bc->k;
+            double t_kvd, t_blas;
+            TIME_BEST(t_kvd, min_seconds, kvd_run(&runner, out_kvd, x, m, &w));
+            TIME_BEST(t_blas, min_seconds,
+                      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, bc->n, bc->k, 1.0f,
+                                  x, bc->k, wf, bc->k, 0.0f, out_blas, bc->n));
+            double max_diff = 0;
+            for (size_t i = 0; i < (size_t)m * bc->n; i++) {
+                double d = fabs((double)out_kvd[i] - (double)out_blas[i]);
+                max_diff = d > max_diff ? d : max_diff;
+            }
+            printf("%-12s %4d | %9.3f %8.1f %8.1f | %9.3f %8.1f | %6.2fx %9.2e\n", bc->name, m,
+                   t_kvd * 1e3, flops / t_kvd * 1e-9, (double)wn * 2 / t_kvd * 1e-9, t_blas * 1e3,
+                   flops / t_blas * 1e-9, t_blas / t_kvd, max_diff);
+            fflush(stdout);
+        }
+        free(wb);
+        free(wf);
+        free(x);
+        free(out_kvd);
+        free(out_blas);
+        free(runner.scratch);
+    }
+    return 0;
+}

@@ -1,0 +1,87 @@
+/* kvd_kernels.h - the numeric kernels of the forward pass: matrix products over
+ * checkpoint-dtype weights, RMSNorm, rotary embeddings, SwiGLU, embedding rows.
+ *
+ * Activations and accumulators are float32; weights stay in their stored dtype
+ * (f32, f16, bf16) and are widened in registers. Each kernel exists for two ISAs:
+ * AVX-512 (F/BW/VL + FMA + F16C, chosen at run time when the CPU has it) and a
+ * portable scalar build of the same source. Both compute every output element with
+ * one defined sequence of IEEE operations, so their results are bit-identical.
+ *
+ * Determinism contract: an output element depends only on its own inputs. A matrix
+ * product row is computed the same way whatever the number of rows (m), the row's
+ * position among them, the column range a thread was given or the thread count:
+ * out[i][j] = bias[j] + hsum(acc) where acc is one 16-lane vector accumulated with
+ * fused multiply-adds over k = 0, 16, 32, ... and hsum adds lanes (i, i+8), then
+ * (i, i+4), (i, i+2), (i, i+1). Threads split output columns, never k.
+ *
+ * Kernels take the output first and never allocate; the *_cols forms compute a
+ * column range so a caller's threads can share one product.
+ */
+#ifndef KVD_KERNELS_H
+#define KVD_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_model.h"
+
+typedef enum kvd_isa {
+    KVD_ISA_SCALAR = 0, /* portable C, any x86-64 (or other) CPU */
+    KVD_ISA_AVX512 = 1, /* AVX-512 F/BW/VL with FMA and F16C */
+} kvd_isa;
+
+/* The best ISA this CPU runs; KVD_ISA=scalar in the environment forces the fallback. */
+kvd_isa kvd_isa_detect(void);
+/* True when the CPU can run isa. */
+bool kvd_isa_supported(kvd_isa isa);
+/* "scalar", "avx512". */
+const char *kvd_isa_name(kvd_isa isa);
+
+/* Floats of per-thread scratch kvd_matmul_cols needs for inner dimension k. */
+size_t kvd_matmul_scratch_floats(int k);
+
+/* out[m][ldo] (columns [n_begin, n_end)) = x[m][ldx] * W^T + bias, where W is
+ * w (rows = n output features, cols = k) and bias (n floats) may be NULL. With
+ * accumulate, the product is added to what out holds (out += x W^T + bias), for
+ * residual connections. scratch: kvd_matmul_scratch_floats(w->cols) floats, 64-byte
+ * aligned, private to the calling thread. The result is independent of m, of the
+ * column range and of the thread that runs it (see the contract above). */
+void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+                     const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                     int n_end, float *scratch);
+
+/* The whole product with num_threads OpenMP threads splitting the columns
+ * (num_threads <= 0: all cores). Allocates its scratch; for tests, tools and benches.
+ * Returns 0 or KVD_ENOMEM. */
+int kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+               const kvd_matrix *w, const float *bias, bool accumulate, int num_threads);
+
+/* out[n] = x[n] * rsqrt(mean(x^2) + eps) * weight[n] (sum of squares in the 16-lane
+ * tree order). out may equal x. */
+void kvd_rmsnorm(kvd_isa isa, float *out, const float *x, const float *weight, int n, float eps);
+
+/* Rotary embedding, rotate-half form, in place on num_heads heads of head_dim floats
+ * (head h at vec + h*head_dim): dims i and i+head_dim/2 rotate by angle pos*inv_freq[i].
+ * cos_sin: head_dim floats, cos of the head_dim/2 angles then their sin
+ * (kvd_rope_angles). head_dim must be even. */
+void kvd_rope(kvd_isa isa, float *vec, int num_heads, int head_dim, const float *cos_sin);
+
+/* inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2, computed in float as Hugging Face does. */
+void kvd_rope_inv_freq(float *inv_freq, int head_dim, float theta);
+/* cos_sin (head_dim floats) for position pos: cos(pos*inv_freq[i]) then sin(...). */
+void kvd_rope_angles(float *cos_sin, int pos, const float *inv_freq, int head_dim);
+
+/* gate[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)). */
+void kvd_swiglu(kvd_isa isa, float *gate, const float *up, int n);
+
+/* out[cols] = row `row` of w widened to float (embedding lookup). */
+void kvd_matrix_row(float *out, const kvd_matrix *w, int row);
+
+/* exp(x) lane by lane with the kernels' own polynomial (for tests). */
+void kvd_exp(kvd_isa isa, float *out, const float *x, int n);
+
+/* Index of the largest value (the first one on ties); -1 when n <= 0. */
+int kvd_argmax(const float *x, int n);
+
+#endif

@@ -1,0 +1,436 @@
+/* config.c - knob table, JSON config files, command-line flags and --help.
+ *
+ * Each knob is one row: its JSON key, the type that says how to parse and store it,
+ * its offset in kvd_server_config and its range. Flags are the keys with '-' for '_'
+ * (--max-num-seqs), plus a few spellings the brief asks for (--kv-cache-mb,
+ * --no-prefix-cache). Parsing works on a copy, so a failed file or flag leaves the
+ * caller's configuration as it was.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+enum knob_kind {
+    KNOB_STR,      /* char[cap] */
+    KNOB_INT,      /* int */
+    KNOB_U64,      /* uint64_t */
+    KNOB_MIB,      /* uint64_t holding bytes, given in MiB */
+    KNOB_BOOL,     /* bool */
+    KNOB_DTYPE,    /* kvd_dtype */
+    KNOB_LOGLEVEL, /* kvd_log_level */
+};
+
+typedef struct knob {
+    const char *key;
+    enum knob_kind kind;
+    size_t offset;
+    size_t cap;         /* KNOB_STR: buffer size */
+    long long min, max; /* numeric kinds */
+    const char *arg;    /* placeholder in --help */
+    const char *help;
+} knob;
+
+#define OFF(field) offsetof(kvd_server_config, field)
+#define CAP(field) sizeof(((kvd_server_config *)0)->field)
+#define MAX_SAFE_INT 9007199254740992LL /* 2^53: JSON numbers are doubles */
+
+static const knob knobs[] = {
+    {"host", KNOB_STR, OFF(host), CAP(host), 0, 0, "ADDR", "address to listen on (IPv4 or IPv6 literal)"},
+    {"port", KNOB_INT, OFF(port), 0, 0, 65535, "N", "TCP port; 0 picks a free one (printed in the banner)"},
+    {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "DIR", "checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
+    {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; empty: the model directory's name"},
+    {"block_size", KNOB_INT, OFF(block_size), 0, 1, 256, "N", "tokens per KV block (power of two)"},
+    {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
+    {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},
+    {"kv_num_blocks", KNOB_U64, OFF(kv_num_blocks), 0, 0, 1LL << 31, "N", "exact KV pool size in blocks; 0: from the byte budget"},
+    {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32", "element type of cached keys and values"},
+    {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
+    {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
+    {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded"},
+    {"max_body_bytes", KNOB_U64, OFF(max_body_bytes), 0, 1024, 1LL << 32, "BYTES", "largest request body (413 above)"},
+    {"max_header_bytes", KNOB_U64, OFF(max_header_bytes), 0, 1024, 1 << 24, "BYTES", "largest request line plus headers (431 above)"},
+    {"header_timeout_ms", KNOB_U64, OFF(header_timeout_ms), 0, 1, 86400000, "MS", "time allowed from connect (or a request's first byte) to the end of its headers"},
+    {"idle_timeout_ms", KNOB_U64, OFF(idle_timeout_ms), 0, 1, 86400000, "MS", "idle keep-alive connections (and stalled bodies) are closed after this"},
+    {"max_connections", KNOB_INT, OFF(max_connections), 0, 1, 1 << 20, "N", "open connections; more are answered 503 and closed"},
+    {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
+    {"drain_timeout_s", KNOB_INT, OFF(drain_timeout_s), 0, 0, 86400, "S", "grace period for in-flight requests after SIGINT/SIGTERM"},
+    {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/* and /tokenize, /detokenize; empty: none"},
+    {"threads", KNOB_INT, OFF(threads), 0, 0, 1024, "N", "compute threads; 0: all cores"},
+    {"enable_prefix_cache", KNOB_BOOL, OFF(enable_prefix_cache), 0, 0, 0, NULL, "reuse cached KV blocks of shared prompt prefixes"},
+    {"log_level", KNOB_LOGLEVEL, OFF(log_level), 0, 0, 0, "debug|info|warn|error", "least severe log level written to stderr"},
+};
+
+#define NUM_KNOBS (sizeof knobs / sizeof knobs[0])
+
+void kvd_config_defaults(kvd_server_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
+    cfg->port = 8000;
+    cfg->block_size = 16;
+    cfg->kv_cache_bytes = 512ull << 20;
+    cfg->kv_num_blocks = 0;
+    cfg->kv_dtype = KVD_DTYPE_F16;
+    cfg->max_num_seqs = 64;
+    cfg->max_batched_tokens = 512;
+    cfg->max_queue = 256;
+    cfg->max_body_bytes = 4ull << 20;
+    cfg->max_header_bytes = 32u << 10;
+    cfg->header_timeout_ms = 10000;
+    cfg->idle_timeout_ms = 60000;
+    cfg->max_connections = 1024;
+    cfg->max_write_queue_bytes = 1u << 20;
+    cfg->drain_timeout_s = 30;
+    cfg->threads = 0;
+    cfg->enable_prefix_cache = true;
+    cfg->log_level = KVD_LOG_INFO;
+}
+
+static const knob *knob_by_key(const char *key)
+{
+    for (size_t i = 0; i < NUM_KNOBS; i++)
+        if (strcmp(knobs[i].key, key) == 0)
+            return &knobs[i];
+    return NULL;
+}
+
+/* "--max-num-seqs" -> the knob "max_num_seqs". */
+static const knob *knob_by_flag(const char *flag, size_t len)
+{
+    char key[64];
+    if (len >= sizeof key)
+        return NULL;
+    for (size_t i = 0; i < len; i++)
+        key[i] = flag[i] == '-' ? '_' : flag[i];
+    key[len] = '\0';
+    return knob_by_key(key);
+}
+
+static int store_integer(kvd_server_config *cfg, const knob *k, long long value, const char *where,
+                         kvd_error *err)
+{
+    if (value < k->min || value > k->max)
+        return kvd_error_set(err, KVD_EINVAL, "%s: must be an integer in %lld..%lld", where, k->min, k->max);
+    char *base = (char *)cfg + k->offset;
+    switch (k->kind) {
+    case KNOB_INT:
+        *(int *)base = (int)value;
+        break;
+    case KNOB_U64:
+        *(uint64_t *)base = (uint64_t)value;
+        break;
+    case KNOB_MIB:
+        *(uint64_t *)base = (uint64_t)value << 20;
+        break;
+    default:
+        return kvd_error_set(err, KVD_EINVAL, "%s: not a number", where);
+    }
+    return 0;
+}
+
+/* Parses the text form of a knob's value (flags; also strings for enums in files). */
+static int store_text(kvd_server_config *cfg, const knob *k, const char *text, const char *where,
+                      kvd_error *err)
+{
+    char *base = (char *)cfg + k->offset;
+    switch (k->kind) {
+    case KNOB_STR:
+        if (strlen(text) >= k->cap)
+            return kvd_error_set(err, KVD_EINVAL, "%s: longer than %zu bytes", where, k->cap - 1);
+        memcpy(base, text, strlen(text) + 1);
+        return 0;
+    case KNOB_INT:
+    case KNOB_U64:
+    case KNOB_MIB: {
+        errno = 0;
+        char *end;
+        long long value = strtoll(text, &end, 10);
+        if (errno || end == text || *end != '\0')
+            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not an integer", where, text);
+        return store_integer(cfg, k, value, where, err);
+    }
+    case KNOB_BOOL:
+        if (strcmp(text, "true") == 0 || strcmp(text, "1") == 0) {
+            *(bool *)base = true;
+            return 0;
+        }
+        if (strcmp(text, "false") == 0 || strcmp(text, "0") == 0) {
+            *(bool *)base = false;
+            return 0;
+        }
+        return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not true or false", where, text);
+    case KNOB_DTYPE:
+        if (kvd_dtype_parse(text, (kvd_dtype *)base) != 0)
+            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32", where, text);
+        return 0;
+    case KNOB_LOGLEVEL:
+        if (kvd_log_level_parse(text, (kvd_log_level *)base) != 0)
+            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of debug, info, warn, error",
+                                 where, text);
+        return 0;
+    }
+    return kvd_error_set(err, KVD_EINVAL, "%s: unsupported", where);
+}
+
+static int store_json(kvd_server_config *cfg, const knob *k, const cJSON *value, const char *where,
+                      kvd_error *err)
+{
+    switch (k->kind) {
+    case KNOB_STR:
+    case KNOB_DTYPE:
+    case KNOB_LOGLEVEL:
+        if (!cJSON_IsString(value))
+            return kvd_error_set(err, KVD_EINVAL, "%s: must be a string", where);
+        return store_text(cfg, k, value->valuestring, where, err);
+    case KNOB_INT:
+    case KNOB_U64:
+    case KNOB_MIB: {
+        if (!cJSON_IsNumber(value))
+            return kvd_error_set(err, KVD_EINVAL, "%s: must be an integer", where);
+        double d = value->valuedouble;
+        if (!isfinite(d) || d != floor(d) || d < -(double)MAX_SAFE_INT || d > (double)MAX_SAFE_INT)
+            return kvd_error_set(err, KVD_EINVAL, "%s: must be an integer in %lld..%lld", where, k->min, k->max);
+        return store_integer(cfg, k, (long long)d, where, err);
+    }
+    case KNOB_BOOL:
+        if (!cJSON_IsBool(value))
+            return kvd_error_set(err, KVD_EINVAL, "%s: must be true or false", where);
+        *(bool *)((char *)cfg + k->offset) = cJSON_IsTrue(value);
+        return 0;
+    }
+    return kvd_error_set(err, KVD_EINVAL, "%s: unsupported", where);
+}
+
+int kvd_config_apply_json(kvd_server_config *cfg, const char *text, size_t len, const char *path,
+                          kvd_error *err)
+{
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    if (!root)
+        return kvd_error_set(err, KVD_EFORMAT, "%s: not valid JSON (near byte %td)", path,
+                             cJSON_GetErrorPtr() ? cJSON_GetErrorPtr() - text : (ptrdiff_t)0);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return kvd_error_set(err, KVD_EFORMAT, "%s: must hold a JSON object", path);
+    }
+    kvd_server_config work = *cfg;
+    bool saw_bytes = false, saw_mib = false;
+    int rc = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, root) {
+        char where[KVD_CONFIG_PATH_MAX + 80];
+        snprintf(where, sizeof where, "%s: key \"%s\"", path, item->string);
+        const knob *k = knob_by_key(item->string);
+        if (!k) {
+            rc = kvd_error_set(err, KVD_EINVAL, "%s: unknown key \"%s\"", path, item->string);
+            break;
+        }
+        saw_bytes |= strcmp(k->key, "kv_cache_bytes") == 0;
+        saw_mib |= k->kind == KNOB_MIB;
+        rc = store_json(&work, k, item, where, err);
+        if (rc)
+            break;
+    }
+    if (rc == 0 && saw_bytes && saw_mib)
+        rc = kvd_error_set(err, KVD_EINVAL, "%s: keys \"kv_cache_bytes\" and \"kv_cache_mb\" both set; keep one",
+                           path);
+    cJSON_Delete(root);
+    if (rc == 0)
+        *cfg = work;
+    return rc;
+}
+
+int kvd_config_load_file(kvd_server_config *cfg, const char *path, kvd_error *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kvd_error_set(err, KVD_EIO, "config: cannot open %s: %s", path, strerror(errno));
+    kvd_sbuf text;
+    kvd_sbuf_init(&text);
+    char chunk[4096];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        kvd_sbuf_append(&text, chunk, n);
+    bool read_error = ferror(f) != 0;
+    fclose(f);
+    int rc;
+    if (read_error)
+        rc = kvd_error_set(err, KVD_EIO, "config: cannot read %s", path);
+    else if (text.failed)
+        rc = kvd_error_set(err, KVD_ENOMEM, "config: %s: out of memory", path);
+    else
+        rc = kvd_config_apply_json(cfg, text.data ? text.data : "", text.len, path, err);
+    kvd_sbuf_deinit(&text);
+    if (rc == 0 && strlen(path) < sizeof cfg->config_path)
+        memcpy(cfg->config_path, path, strlen(path) + 1);
+    return rc;
+}
+
+/* Splits "--name=value" or "--name value"; returns the value or NULL when missing. */
+static const char *flag_value(int argc, char **argv, int *i, const char *eq)
+{
+    if (eq)
+        return eq + 1;
+    if (*i + 1 < argc) {
+        (*i)++;
+        return argv[*i];
+    }
+    return NULL;
+}
+
+int kvd_config_from_args(kvd_server_config *cfg, int argc, char **argv, bool *show_help,
+                         kvd_error *err)
+{
+    *show_help = false;
+    kvd_server_config work;
+    kvd_config_defaults(&work);
+    /* The file first, wherever --config stands, so that flags always win over it. */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            *show_help = true;
+            return 0;
+        }
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *eq = strchr(arg, '=');
+        if (strncmp(arg, "--config", 8) == 0 && (arg[8] == '\0' || arg[8] == '=')) {
+            const char *path = flag_value(argc, argv, &i, arg[8] == '=' ? eq : NULL);
+            if (!path)
+                return kvd_error_set(err, KVD_EINVAL, "--config: needs a FILE");
+            int rc = kvd_config_load_file(&work, path, err);
+            if (rc)
+                return rc;
+        }
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strncmp(arg, "--", 2) != 0)
+            return kvd_error_set(err, KVD_EINVAL, "unexpected argument \"%s\" (see --help)", arg);
+        const char *name = arg + 2;
+        const char *eq = strchr(name, '=');
+        size_t name_len = eq ? (size_t)(eq - name) : strlen(name);
+        if (name_len == 6 && strncmp(name, "config", 6) == 0) {
+            if (!eq)
+                i++;
+            continue;
+        }
+        if (name_len == 15 && strncmp(name, "no-prefix-cache", 15) == 0 && !eq) {
+            work.enable_prefix_cache = false;
+            continue;
+        }
+        const knob *k = knob_by_flag(name, name_len);
+        if (!k)
+            return kvd_error_set(err, KVD_EINVAL, "unknown flag --%.*s (see --help)", (int)name_len, name);
+        char where[96];
+        snprintf(where, sizeof where, "--%.*s", (int)name_len, name);
+        if (k->kind == KNOB_BOOL && !eq) {
+            *(bool *)((char *)&work + k->offset) = true;
+            continue;
+        }
+        const char *value = flag_value(argc, argv, &i, eq);
+        if (!value)
+            return kvd_error_set(err, KVD_EINVAL, "%s: needs a value", where);
+        int rc = store_text(&work, k, value, where, err);
+        if (rc)
+            return rc;
+    }
+    *cfg = work;
+    return 0;
+}
+
+int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
+{
+    if (cfg->model[0] == '\0')
+        return kvd_error_set(err, KVD_EINVAL, "model: not set (use --model DIR or the \"model\" key)");
+    struct stat st;
+    if (stat(cfg->model, &st) != 0 || !S_ISDIR(st.st_mode))
+        return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
+    if (cfg->host[0] == '\0')
+        return kvd_error_set(err, KVD_EINVAL, "host: empty");
+    if (cfg->block_size & (cfg->block_size - 1))
+        return kvd_error_set(err, KVD_EINVAL, "block_size: %d is not a power of two", cfg->block_size);
+    if (cfg->kv_cache_bytes == 0 && cfg->kv_num_blocks == 0)
+        return kvd_error_set(err, KVD_EINVAL, "kv_cache_bytes: must be positive");
+    return 0;
+}
+
+static void describe_default(const kvd_server_config *defaults, const knob *k, char *out, size_t cap)
+{
+    const char *base = (const char *)defaults + k->offset;
+    switch (k->kind) {
+    case KNOB_STR:
+        snprintf(out, cap, "\"%s\"", base);
+        break;
+    case KNOB_INT:
+        snprintf(out, cap, "%d", *(const int *)base);
+        break;
+    case KNOB_U64:
+        snprintf(out, cap, "%" PRIu64, *(const uint64_t *)base);
+        break;
+    case KNOB_MIB:
+        snprintf(out, cap, "%" PRIu64, *(const uint64_t *)base >> 20);
+        break;
+    case KNOB_BOOL:
+        snprintf(out, cap, "%s", *(const bool *)base ? "true" : "false");
+        break;
+    case KNOB_DTYPE:
+        snprintf(out, cap, "%s", kvd_dtype_name(*(const kvd_dtype *)base));
+        break;
+    case KNOB_LOGLEVEL:
+        snprintf(out, cap, "%s", kvd_log_level_name(*(const kvd_log_level *)base));
+        break;
+    }
+}
+
+void kvd_config_print_help(FILE *out, const char *prog)
+{
+    kvd_server_config defaults;
+    kvd_config_defaults(&defaults);
+    fprintf(out,
+            "usage: %s --model DIR [--config FILE] [flags]\n"
+            "\n"
+            "kvd serves a Qwen2-family model over an OpenAI-compatible HTTP API.\n"
+            "Flags override the config file; each flag is also a key of the file\n"
+            "(the flag's name with '_' for '-').\n"
+            "\n"
+            "  --config FILE            JSON config file (keys below)\n"
+            "  --help, -h               this text\n",
+            prog);
+    for (size_t i = 0; i < NUM_KNOBS; i++) {
+        const knob *k = &knobs[i];
+        char flag[96], def[160];
+        if (k->kind == KNOB_BOOL) {
+            snprintf(flag, sizeof flag, "--%s", k->key);
+        } else {
+            snprintf(flag, sizeof flag, "--%s %s", k->key, k->arg);
+        }
+        for (char *p = flag + 2; *p && *p != ' '; p++)
+            if (*p == '_')
+                *p = '-';
+        describe_default(&defaults, k, def, sizeof def);
+        fprintf(out, "  %-24s %s [default %s]\n", flag, k->help, def);
+        if (strcmp(k->key, "enable_prefix_cache") == 0)
+            fprintf(out, "  %-24s %s\n", "--no-prefix-cache", "turn the prefix cache off");
+    }
+}
+
+void kvd_config_model_name(const kvd_server_config *cfg, char *out, size_t cap)
+{
+    if (cfg->served_model_name[0]) {
+        snprintf(out, cap, "%s", cfg->served_model_name);
+        return;
+    }
+    size_t len = strlen(cfg->model);
+    while (len > 1 && cfg->model[len - 1] == '/')
+        len--;
+    size_t start = len;
+    while (start > 0 && cfg->model[start - 1] != '/')
+        start--;
+    snprintf(out, cap, "%.*s", (int)(len - start), cfg->model + start);
+}

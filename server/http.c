@@ -1,0 +1,974 @@
+/* http.c - HTTP/1.1 connections over libuv with llhttp parsing, one request at a time.
+ *
+ * Each connection moves through phases: HEAD (from accept or a message's first byte
+ * until its headers are complete, under the header timer), BODY (under the idle
+ * timer, reset by every read), APP (the application holds the request; no timer,
+ * reading continues so a disconnect is noticed at once and cancels the request),
+ * FLUSH (the application finished; the response's last write is in flight), IDLE
+ * (keep-alive, waiting for the next request under the idle timer) and LINGER (a
+ * closing response was sent: half-close, discard input briefly, then close, so the
+ * peer reads our answer instead of a reset caused by bytes it sent that we never read).
+ *
+ * Input is appended to a per-connection buffer and parsed from there; llhttp pauses
+ * at the end of every message, so bytes of pipelined requests wait in the buffer
+ * until the current response is written. While the application holds a request the
+ * buffer may grow to a bounded backlog, then reading stops until it drains.
+ * Every write is one malloc'ed uv_write_t carrying its bytes; the sum of bytes not
+ * yet handed to the kernel is the connection's write queue, capped for streams.
+ */
+#include "http.h"
+
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "util.h"
+
+enum conn_phase {
+    PHASE_HEAD,
+    PHASE_BODY,
+    PHASE_APP,
+    PHASE_FLUSH,
+    PHASE_IDLE,
+    PHASE_LINGER,
+};
+
+/* How long a closing connection keeps discarding input before it closes. */
+#define LINGER_MS 2000
+/* Pipelined input kept while a request is with the application. */
+#define MAX_BACKLOG_BYTES (1u << 20)
+/* Request bodies keep their buffer between keep-alive requests up to this size. */
+#define KEEP_BODY_CAP (64u << 10)
+
+typedef struct header_ref {
+    size_t name;  /* offsets into the request's head buffer */
+    size_t value;
+} header_ref;
+
+struct kvd_http_request {
+    struct http_conn *conn;
+    const char *method;
+    kvd_sbuf head;      /* url\0 name\0 value\0 name\0 value\0 ... */
+    size_t token_start; /* where the URL/name/value being received began in head */
+    size_t url;
+    size_t header_name;
+    header_ref *headers;
+    int num_headers;
+    int headers_cap;
+    char *path;         /* malloc'ed copies split from the URL at dispatch */
+    char *query;
+    kvd_sbuf body;
+    bool keep_alive;
+    bool http10;
+    bool upgrade;
+    bool dispatched;    /* handed to on_request */
+    bool finished;      /* answered by the application */
+    bool streaming;
+    bool chunked;
+    uint64_t arrival_ns;
+    void *user;
+};
+
+typedef struct http_conn {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    uv_shutdown_t shutdown;
+    kvd_http_server *srv;
+    struct http_conn *prev, *next;
+    llhttp_t parser;
+    enum conn_phase phase;
+    kvd_sbuf in;        /* received bytes; [in_off, in.len) not parsed yet */
+    size_t in_off;
+    kvd_http_request req;
+    size_t write_pending;
+    int reject_status;  /* set by a parser callback that refuses the request */
+    char reject_msg[160];
+    int open_handles;
+    bool closing;
+    bool reading;
+    bool close_after;   /* the current response is the connection's last */
+    bool counted;       /* counts against max_connections */
+} http_conn;
+
+struct kvd_http_server {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    bool listener_open;
+    bool draining;
+    kvd_http_limits limits;
+    kvd_http_handlers handlers;
+    llhttp_settings_t settings;
+    http_conn *conns;
+    int num_conns;
+    int num_counted;
+    char read_buf[64 * 1024]; /* shared: libuv hands it back in read_cb before reusing it */
+};
+
+typedef struct write_req {
+    uv_write_t uv;
+    http_conn *conn;
+    size_t len;
+    bool last; /* completes the current response */
+    char data[];
+} write_req;
+
+kvd_http_limits kvd_http_limits_default(void)
+{
+    kvd_http_limits l = {
+        .max_header_bytes = 32 * 1024,
+        .max_headers = 100,
+        .max_body_bytes = 4 * 1024 * 1024,
+        .header_timeout_ms = 10000,
+        .idle_timeout_ms = 60000,
+        .max_connections = 1024,
+        .max_write_queue_bytes = 1024 * 1024,
+    };
+    return l;
+}
+
+const char *kvd_http_status_text(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 411: return "Length Required";
+    case 413: return "Payload Too Large";
+    case 415: return "Unsupported Media Type";
+    case 417: return "Expectation Failed";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+/* ---- connection lifetime ---- */
+
+static void request_reset(kvd_http_request *req)
+{
+    kvd_sbuf_reset(&req->head);
+    req->token_start = 0;
+    req->url = 0;
+    req->header_name = 0;
+    req->num_headers = 0;
+    free(req->path);
+    free(req->query);
+    req->path = NULL;
+    req->query = NULL;
+    if (req->body.cap > KEEP_BODY_CAP)
+        kvd_sbuf_deinit(&req->body);
+    else
+        kvd_sbuf_reset(&req->body);
+    req->method = "";
+    req->keep_alive = false;
+    req->http10 = false;
+    req->upgrade = false;
+    req->dispatched = false;
+    req->finished = false;
+    req->streaming = false;
+    req->chunked = false;
+    req->arrival_ns = 0;
+    req->user = NULL;
+}
+
+static void conn_free(http_conn *conn)
+{
+    kvd_http_server *srv = conn->srv;
+    kvd_http_request *req = &conn->req;
+    if (req->dispatched && !req->finished && srv->handlers.on_abort)
+        srv->handlers.on_abort(req, srv->handlers.arg);
+    if (conn->prev)
+        conn->prev->next = conn->next;
+    else
+        srv->conns = conn->next;
+    if (conn->next)
+        conn->next->prev = conn->prev;
+    srv->num_conns--;
+    if (conn->counted)
+        srv->num_counted--;
+    request_reset(req);
+    kvd_sbuf_deinit(&req->head);
+    kvd_sbuf_deinit(&req->body);
+    free(req->headers);
+    kvd_sbuf_deinit(&conn->in);
+    free(conn);
+}
+
+static void on_handle_closed(uv_handle_t *handle)
+{
+    http_conn *conn = handle->data;
+    if (--conn->open_handles == 0)
+        conn_free(conn);
+}
+
+static void conn_close(http_conn *conn)
+{
+    if (conn->closing)
+        return;
+    conn->closing = true;
+    uv_timer_stop(&conn->timer);
+    uv_read_stop((uv_stream_t *)&conn->tcp);
+    uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
+    uv_close((uv_handle_t *)&conn->timer, on_handle_closed);
+}
+
+static void on_timer(uv_timer_t *timer);
+
+static void conn_arm_timer(http_conn *conn, uint64_t ms)
+{
+    if (conn->closing)
+        return;
+    if (ms)
+        uv_timer_start(&conn->timer, on_timer, ms, 0);
+    else
+        uv_timer_stop(&conn->timer);
+}
+
+/* ---- writing ---- */
+
+static void on_shutdown(uv_shutdown_t *sreq, int status);
+static void conn_response_done(http_conn *conn);
+
+static void on_write(uv_write_t *uvreq, int status)
+{
+    write_req *wr = (write_req *)uvreq;
+    http_conn *conn = wr->conn;
+    bool last = wr->last;
+    conn->write_pending -= wr->len;
+    free(wr);
+    if (status < 0) {
+        conn_close(conn);
+        return;
+    }
+    if (last && !conn->closing)
+        conn_response_done(conn);
+}
+
+/* Queues the concatenation of up to three byte ranges as one write. */
+static int conn_write3(http_conn *conn, const char *a, size_t alen, const char *b, size_t blen,
+                       const char *c, size_t clen, bool last)
+{
+    if (conn->closing)
+        return KVD_ECANCELED;
+    size_t len = alen + blen + clen;
+    write_req *wr = malloc(sizeof *wr + len);
+    if (!wr) {
+        conn_close(conn);
+        return KVD_ENOMEM;
+    }
+    wr->conn = conn;
+    wr->len = len;
+    wr->last = last;
+    if (alen)
+        memcpy(wr->data, a, alen);
+    if (blen)
+        memcpy(wr->data + alen, b, blen);
+    if (clen)
+        memcpy(wr->data + alen + blen, c, clen);
+    uv_buf_t buf = uv_buf_init(wr->data, (unsigned)len);
+    int rc = uv_write(&wr->uv, (uv_stream_t *)&conn->tcp, &buf, 1, on_write);
+    if (rc < 0) {
+        free(wr);
+        conn_close(conn);
+        return KVD_ECANCELED;
+    }
+    conn->write_pending += len;
+    return 0;
+}
+
+static void conn_linger(http_conn *conn)
+{
+    if (conn->closing)
+        return;
+    conn->phase = PHASE_LINGER;
+    /* uv_shutdown waits for queued writes, then sends FIN. */
+    if (uv_shutdown(&conn->shutdown, (uv_stream_t *)&conn->tcp, on_shutdown) < 0)
+        conn_close(conn);
+}
+
+static void on_shutdown(uv_shutdown_t *sreq, int status)
+{
+    http_conn *conn = sreq->data;
+    if (status < 0 || conn->closing) {
+        conn_close(conn);
+        return;
+    }
+    if (!conn->reading) {
+        conn_close(conn);
+        return;
+    }
+    conn_arm_timer(conn, LINGER_MS);
+}
+
+static void format_head(kvd_sbuf *sb, int status, const char *content_type, bool keep_alive,
+                        const char *extra_headers)
+{
+    kvd_sbuf_printf(sb, "HTTP/1.1 %d %s\r\nServer: kvd\r\n", status, kvd_http_status_text(status));
+    if (content_type)
+        kvd_sbuf_printf(sb, "Content-Type: %s\r\n", content_type);
+    kvd_sbuf_puts(sb, keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
+    if (extra_headers)
+        kvd_sbuf_puts(sb, extra_headers);
+}
+
+static void json_error_body(kvd_sbuf *sb, int status, const char *message)
+{
+    const char *type = status >= 500 ? "server_error" : "invalid_request_error";
+    kvd_sbuf_puts(sb, "{\"error\":{\"message\":\"");
+    for (const char *p = message; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            kvd_sbuf_printf(sb, "\\%c", *p);
+        else if ((unsigned char)*p < 0x20)
+            kvd_sbuf_printf(sb, "\\u%04x", (unsigned char)*p);
+        else
+            kvd_sbuf_append(sb, p, 1);
+    }
+    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":%d}}", type, status);
+}
+
+/* Answers a request the HTTP layer itself refuses, then closes the connection. */
+static void conn_reject(http_conn *conn, int status, const char *message)
+{
+    if (conn->closing || conn->phase == PHASE_LINGER)
+        return;
+    kvd_sbuf body, head;
+    kvd_sbuf_init(&body);
+    kvd_sbuf_init(&head);
+    json_error_body(&body, status, message);
+    format_head(&head, status, "application/json", false, NULL);
+    kvd_sbuf_printf(&head, "Content-Length: %zu\r\n\r\n", body.len);
+    conn->close_after = true;
+    conn->phase = PHASE_FLUSH;
+    uv_timer_stop(&conn->timer);
+    if (head.failed || body.failed)
+        conn_close(conn);
+    else if (conn_write3(conn, head.data, head.len, body.data, body.len, NULL, 0, false) == 0)
+        conn_linger(conn);
+    kvd_sbuf_deinit(&body);
+    kvd_sbuf_deinit(&head);
+}
+
+/* ---- parsing ---- */
+
+static void conn_process_input(http_conn *conn);
+static void conn_resume_reading(http_conn *conn);
+
+static void conn_dispatch(http_conn *conn)
+{
+    kvd_http_server *srv = conn->srv;
+    kvd_http_request *req = &conn->req;
+    const char *url = req->head.data ? req->head.data + req->url : "";
+    const char *q = strchr(url, '?');
+    size_t path_len = q ? (size_t)(q - url) : strlen(url);
+    req->path = strndup(url, path_len);
+    req->query = strdup(q ? q + 1 : "");
+    if (!req->path || !req->query) {
+        conn_reject(conn, 500, "out of memory");
+        return;
+    }
+    conn->phase = PHASE_APP;
+    uv_timer_stop(&conn->timer);
+    req->dispatched = true;
+    srv->handlers.on_request(req, srv->handlers.arg);
+}
+
+static void conn_response_done(http_conn *conn)
+{
+    kvd_http_server *srv = conn->srv;
+    if (conn->close_after || !conn->req.keep_alive || srv->draining) {
+        conn_linger(conn);
+        return;
+    }
+    request_reset(&conn->req);
+    conn->phase = PHASE_IDLE;
+    conn_arm_timer(conn, srv->limits.idle_timeout_ms);
+    conn_resume_reading(conn);
+    conn_process_input(conn);
+}
+
+static void conn_process_input(http_conn *conn)
+{
+    while (!conn->closing && conn->in_off < conn->in.len &&
+           (conn->phase == PHASE_HEAD || conn->phase == PHASE_BODY || conn->phase == PHASE_IDLE)) {
+        const char *data = conn->in.data + conn->in_off;
+        size_t len = conn->in.len - conn->in_off;
+        llhttp_errno_t e = llhttp_execute(&conn->parser, data, len);
+        if (e == HPE_OK) {
+            conn->in_off += len;
+            break;
+        }
+        if (e == HPE_PAUSED) {
+            conn->in_off += (size_t)(llhttp_get_error_pos(&conn->parser) - data);
+            llhttp_resume(&conn->parser);
+            conn_dispatch(conn);
+            break;
+        }
+        if (conn->reject_status) {
+            conn_reject(conn, conn->reject_status, conn->reject_msg);
+        } else {
+            char msg[200];
+            snprintf(msg, sizeof msg, "malformed HTTP request: %s", llhttp_get_error_reason(&conn->parser));
+            conn_reject(conn, 400, msg);
+        }
+        conn->in_off = conn->in.len;
+        break;
+    }
+    if (conn->in_off == conn->in.len) {
+        kvd_sbuf_reset(&conn->in);
+        conn->in_off = 0;
+    } else if (conn->in_off > conn->in.len / 2) {
+        memmove(conn->in.data, conn->in.data + conn->in_off, conn->in.len - conn->in_off);
+        conn->in.len -= conn->in_off;
+        conn->in_off = 0;
+    }
+}
+
+static http_conn *parser_conn(llhttp_t *parser)
+{
+    return parser->data;
+}
+
+static int refuse(http_conn *conn, int status, const char *msg)
+{
+    conn->reject_status = status;
+    snprintf(conn->reject_msg, sizeof conn->reject_msg, "%s", msg);
+    return -1;
+}
+
+static int head_append(http_conn *conn, const char *at, size_t len)
+{
+    kvd_http_request *req = &conn->req;
+    if (req->head.len + len + 1 > conn->srv->limits.max_header_bytes)
+        return refuse(conn, 431, "request header too large");
+    kvd_sbuf_append(&req->head, at, len);
+    return req->head.failed ? refuse(conn, 500, "out of memory") : 0;
+}
+
+/* Closes the token being received with a NUL and returns its offset. */
+static int head_end_token(http_conn *conn, size_t *offset)
+{
+    kvd_http_request *req = &conn->req;
+    if (head_append(conn, "", 1) != 0)
+        return -1;
+    *offset = req->token_start;
+    req->token_start = req->head.len;
+    return 0;
+}
+
+static int on_message_begin(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    request_reset(&conn->req);
+    if (conn->phase != PHASE_HEAD) {
+        conn->phase = PHASE_HEAD;
+        conn_arm_timer(conn, conn->srv->limits.header_timeout_ms);
+    }
+    return 0;
+}
+
+static int on_url(llhttp_t *parser, const char *at, size_t len)
+{
+    return head_append(parser_conn(parser), at, len);
+}
+
+static int on_url_complete(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    return head_end_token(conn, &conn->req.url);
+}
+
+static int on_header_field(llhttp_t *parser, const char *at, size_t len)
+{
+    return head_append(parser_conn(parser), at, len);
+}
+
+static int on_header_field_complete(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    return head_end_token(conn, &conn->req.header_name);
+}
+
+static int on_header_value(llhttp_t *parser, const char *at, size_t len)
+{
+    return head_append(parser_conn(parser), at, len);
+}
+
+static int on_header_value_complete(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    kvd_http_request *req = &conn->req;
+    /* llhttp drops leading whitespace of a value but keeps trailing whitespace. */
+    while (req->head.len > req->token_start &&
+           (req->head.data[req->head.len - 1] == ' ' || req->head.data[req->head.len - 1] == '\t'))
+        req->head.len--;
+    size_t value;
+    if (head_end_token(conn, &value) != 0)
+        return -1;
+    if (req->num_headers >= conn->srv->limits.max_headers)
+        return refuse(conn, 431, "too many request headers");
+    if (req->num_headers == req->headers_cap) {
+        int cap = req->headers_cap ? req->headers_cap * 2 : 16;
+        header_ref *grown = realloc(req->headers, (size_t)cap * sizeof *grown);
+        if (!grown)
+            return refuse(conn, 500, "out of memory");
+        req->headers = grown;
+        req->headers_cap = cap;
+    }
+    req->headers[req->num_headers].name = req->header_name;
+    req->headers[req->num_headers].value = value;
+    req->num_headers++;
+    return 0;
+}
+
+static int on_headers_complete(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    kvd_http_request *req = &conn->req;
+    const kvd_http_limits *limits = &conn->srv->limits;
+    req->method = llhttp_method_name((llhttp_method_t)parser->method);
+    req->http10 = parser->http_major == 1 && parser->http_minor == 0;
+    if ((parser->flags & F_CONTENT_LENGTH) && parser->content_length > limits->max_body_bytes) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "request body of %llu bytes is over the limit of %zu bytes",
+                 (unsigned long long)parser->content_length, limits->max_body_bytes);
+        return refuse(conn, 413, msg);
+    }
+    const char *expect = kvd_http_header(req, "expect");
+    if (expect && !req->http10) {
+        if (strcasecmp(expect, "100-continue") != 0)
+            return refuse(conn, 417, "only Expect: 100-continue is supported");
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        if (conn_write3(conn, cont, sizeof cont - 1, NULL, 0, NULL, 0, false) != 0)
+            return refuse(conn, 500, "connection lost");
+    }
+    conn->phase = PHASE_BODY;
+    conn_arm_timer(conn, limits->idle_timeout_ms);
+    return 0;
+}
+
+static int on_body(llhttp_t *parser, const char *at, size_t len)
+{
+    http_conn *conn = parser_conn(parser);
+    kvd_http_request *req = &conn->req;
+    size_t max = conn->srv->limits.max_body_bytes;
+    if (req->body.len + len > max) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "request body is over the limit of %zu bytes", max);
+        return refuse(conn, 413, msg);
+    }
+    kvd_sbuf_append(&req->body, at, len);
+    return req->body.failed ? refuse(conn, 500, "out of memory") : 0;
+}
+
+static int on_message_complete(llhttp_t *parser)
+{
+    http_conn *conn = parser_conn(parser);
+    kvd_http_request *req = &conn->req;
+    req->keep_alive = llhttp_should_keep_alive(parser) != 0;
+    req->upgrade = parser->upgrade != 0;
+    if (req->upgrade)
+        req->keep_alive = false; /* nothing here speaks another protocol afterwards */
+    req->arrival_ns = uv_hrtime();
+    /* Pause so pipelined requests wait in the buffer until this one is answered. */
+    return HPE_PAUSED;
+}
+
+/* ---- reading ---- */
+
+static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
+{
+    (void)suggested;
+    http_conn *conn = handle->data;
+    buf->base = conn->srv->read_buf;
+    buf->len = sizeof conn->srv->read_buf;
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+    http_conn *conn = stream->data;
+    if (conn->closing)
+        return;
+    if (nread < 0) {
+        /* A peer that goes away while its request is with the application cancels it;
+         * one whose answer is already written only stops us reading. */
+        if (conn->phase == PHASE_FLUSH && nread == UV_EOF) {
+            conn->close_after = true;
+            uv_read_stop(stream);
+            conn->reading = false;
+        } else {
+            conn_close(conn);
+        }
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (conn->phase == PHASE_LINGER)
+        return; /* discarded: we are closing */
+    kvd_sbuf_append(&conn->in, buf->base, (size_t)nread);
+    if (conn->in.failed) {
+        conn_close(conn);
+        return;
+    }
+    switch (conn->phase) {
+    case PHASE_BODY:
+        conn_arm_timer(conn, conn->srv->limits.idle_timeout_ms);
+        conn_process_input(conn);
+        break;
+    case PHASE_HEAD:
+    case PHASE_IDLE:
+        conn_process_input(conn);
+        break;
+    case PHASE_APP:
+    case PHASE_FLUSH:
+        if (conn->in.len - conn->in_off > MAX_BACKLOG_BYTES) {
+            uv_read_stop(stream);
+            conn->reading = false;
+        }
+        break;
+    case PHASE_LINGER:
+        break;
+    }
+}
+
+static void conn_resume_reading(http_conn *conn)
+{
+    if (conn->closing || conn->reading)
+        return;
+    if (uv_read_start((uv_stream_t *)&conn->tcp, on_alloc, on_read) == 0)
+        conn->reading = true;
+    else
+        conn_close(conn);
+}
+
+static void on_timer(uv_timer_t *timer)
+{
+    http_conn *conn = timer->data;
+    char msg[160];
+    switch (conn->phase) {
+    case PHASE_HEAD:
+        snprintf(msg, sizeof msg, "no complete request header within %llu ms",
+                 (unsigned long long)conn->srv->limits.header_timeout_ms);
+        conn_reject(conn, 408, msg);
+        break;
+    case PHASE_BODY:
+        snprintf(msg, sizeof msg, "request body stalled for %llu ms",
+                 (unsigned long long)conn->srv->limits.idle_timeout_ms);
+        conn_reject(conn, 408, msg);
+        break;
+    case PHASE_IDLE:
+    case PHASE_LINGER:
+        conn_close(conn);
+        break;
+    case PHASE_APP:
+    case PHASE_FLUSH:
+        break;
+    }
+}
+
+static void on_connection(uv_stream_t *listener, int status)
+{
+    kvd_http_server *srv = listener->data;
+    if (status < 0)
+        return;
+    http_conn *conn = calloc(1, sizeof *conn);
+    if (!conn)
+        return; /* the connection stays in the backlog; libuv offers it again */
+    conn->srv = srv;
+    kvd_sbuf_init(&conn->in);
+    kvd_sbuf_init(&conn->req.head);
+    kvd_sbuf_init(&conn->req.body);
+    conn->req.conn = conn;
+    conn->req.method = "";
+    uv_tcp_init(srv->loop, &conn->tcp);
+    uv_timer_init(srv->loop, &conn->timer);
+    conn->tcp.data = conn;
+    conn->timer.data = conn;
+    conn->shutdown.data = conn;
+    conn->open_handles = 2;
+    conn->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = conn;
+    srv->conns = conn;
+    srv->num_conns++;
+    llhttp_init(&conn->parser, HTTP_REQUEST, &srv->settings);
+    conn->parser.data = conn;
+    if (uv_accept(listener, (uv_stream_t *)&conn->tcp) != 0) {
+        conn_close(conn);
+        return;
+    }
+    uv_tcp_nodelay(&conn->tcp, 1);
+    conn->phase = PHASE_HEAD;
+    conn_resume_reading(conn);
+    if (srv->num_counted >= srv->limits.max_connections) {
+        conn_reject(conn, 503, "too many open connections");
+        return;
+    }
+    conn->counted = true;
+    srv->num_counted++;
+    conn_arm_timer(conn, srv->limits.header_timeout_ms);
+}
+
+/* ---- server ---- */
+
+kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *limits,
+                                        const kvd_http_handlers *handlers, kvd_error *err)
+{
+    if (!handlers || !handlers->on_request) {
+        kvd_error_set(err, KVD_EINVAL, "http: on_request handler is required");
+        return NULL;
+    }
+    if (limits->max_header_bytes < 256 || limits->max_connections < 1 || limits->max_headers < 1 ||
+        limits->max_write_queue_bytes < 1) {
+        kvd_error_set(err, KVD_EINVAL, "http: limits out of range");
+        return NULL;
+    }
+    kvd_http_server *srv = calloc(1, sizeof *srv);
+    if (!srv) {
+        kvd_error_set(err, KVD_ENOMEM, "http: out of memory");
+        return NULL;
+    }
+    srv->loop = loop;
+    srv->limits = *limits;
+    srv->handlers = *handlers;
+    llhttp_settings_init(&srv->settings);
+    srv->settings.on_message_begin = on_message_begin;
+    srv->settings.on_url = on_url;
+    srv->settings.on_url_complete = on_url_complete;
+    srv->settings.on_header_field = on_header_field;
+    srv->settings.on_header_field_complete = on_header_field_complete;
+    srv->settings.on_header_value = on_header_value;
+    srv->settings.on_header_value_complete = on_header_value_complete;
+    srv->settings.on_headers_complete = on_headers_complete;
+    srv->settings.on_body = on_body;
+    srv->settings.on_message_complete = on_message_complete;
+    return srv;
+}
+
+int kvd_http_server_listen(kvd_http_server *srv, const char *host, int port, int *bound_port,
+                           kvd_error *err)
+{
+    struct sockaddr_storage addr;
+    if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0 &&
+        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0)
+        return kvd_error_set(err, KVD_EINVAL, "host: \"%s\" is not an IPv4 or IPv6 address", host);
+    int rc = uv_tcp_init(srv->loop, &srv->listener);
+    if (rc < 0)
+        return kvd_error_set(err, KVD_EIO, "listen: %s", uv_strerror(rc));
+    srv->listener.data = srv;
+    srv->listener_open = true;
+    rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&addr, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&srv->listener, 511, on_connection);
+    if (rc < 0) {
+        uv_close((uv_handle_t *)&srv->listener, NULL);
+        srv->listener_open = false;
+        return kvd_error_set(err, KVD_EIO, "listen on %s:%d: %s", host, port, uv_strerror(rc));
+    }
+    struct sockaddr_storage bound;
+    int namelen = sizeof bound;
+    uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &namelen);
+    if (bound_port) {
+        if (bound.ss_family == AF_INET6)
+            *bound_port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
+        else
+            *bound_port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    }
+    return 0;
+}
+
+void kvd_http_server_drain(kvd_http_server *srv)
+{
+    srv->draining = true;
+    http_conn *next;
+    for (http_conn *conn = srv->conns; conn; conn = next) {
+        next = conn->next;
+        if (conn->phase == PHASE_IDLE)
+            conn_close(conn);
+        else
+            conn->close_after = true;
+    }
+}
+
+void kvd_http_server_close(kvd_http_server *srv)
+{
+    srv->draining = true;
+    if (srv->listener_open) {
+        uv_close((uv_handle_t *)&srv->listener, NULL);
+        srv->listener_open = false;
+    }
+    for (http_conn *conn = srv->conns; conn; conn = conn->next)
+        conn_close(conn);
+}
+
+void kvd_http_server_destroy(kvd_http_server *srv)
+{
+    if (!srv)
+        return;
+    free(srv);
+}
+
+int kvd_http_server_num_connections(const kvd_http_server *srv)
+{
+    return srv->num_conns;
+}
+
+/* ---- requests ---- */
+
+const char *kvd_http_method(const kvd_http_request *req)
+{
+    return req->method;
+}
+
+const char *kvd_http_path(const kvd_http_request *req)
+{
+    return req->path ? req->path : "";
+}
+
+const char *kvd_http_query(const kvd_http_request *req)
+{
+    return req->query ? req->query : "";
+}
+
+const char *kvd_http_header(const kvd_http_request *req, const char *name)
+{
+    for (int i = 0; i < req->num_headers; i++) {
+        if (strcasecmp(req->head.data + req->headers[i].name, name) == 0)
+            return req->head.data + req->headers[i].value;
+    }
+    return NULL;
+}
+
+const char *kvd_http_body(const kvd_http_request *req, size_t *len)
+{
+    if (len)
+        *len = req->body.len;
+    return req->body.data ? req->body.data : "";
+}
+
+uint64_t kvd_http_arrival_ns(const kvd_http_request *req)
+{
+    return req->arrival_ns;
+}
+
+void kvd_http_set_user(kvd_http_request *req, void *user)
+{
+    req->user = user;
+}
+
+void *kvd_http_user(const kvd_http_request *req)
+{
+    return req->user;
+}
+
+size_t kvd_http_write_queue_bytes(const kvd_http_request *req)
+{
+    return req->conn->write_pending;
+}
+
+static bool response_keeps_alive(http_conn *conn)
+{
+    return conn->req.keep_alive && !conn->close_after && !conn->srv->draining;
+}
+
+int kvd_http_respond(kvd_http_request *req, int status, const char *content_type,
+                     const char *extra_headers, const char *body, size_t len)
+{
+    http_conn *conn = req->conn;
+    req->finished = true;
+    if (conn->closing)
+        return KVD_ECANCELED;
+    bool keep = response_keeps_alive(conn);
+    if (!keep)
+        conn->close_after = true;
+    kvd_sbuf head;
+    kvd_sbuf_init(&head);
+    format_head(&head, status, content_type, keep, extra_headers);
+    kvd_sbuf_printf(&head, "Content-Length: %zu\r\n\r\n", len);
+    conn->phase = PHASE_FLUSH;
+    int rc;
+    if (head.failed) {
+        conn_close(conn);
+        rc = KVD_ENOMEM;
+    } else {
+        rc = conn_write3(conn, head.data, head.len, body, len, NULL, 0, true);
+    }
+    kvd_sbuf_deinit(&head);
+    return rc;
+}
+
+int kvd_http_stream_begin(kvd_http_request *req, int status, const char *content_type,
+                          const char *extra_headers)
+{
+    http_conn *conn = req->conn;
+    if (conn->closing)
+        return KVD_ECANCELED;
+    req->streaming = true;
+    req->chunked = !req->http10;
+    if (!req->chunked)
+        conn->close_after = true; /* HTTP/1.0: the end of the body is the end of the connection */
+    bool keep = response_keeps_alive(conn);
+    if (!keep)
+        conn->close_after = true;
+    kvd_sbuf head;
+    kvd_sbuf_init(&head);
+    format_head(&head, status, content_type, keep, extra_headers);
+    kvd_sbuf_puts(&head, "Cache-Control: no-cache\r\n");
+    if (req->chunked)
+        kvd_sbuf_puts(&head, "Transfer-Encoding: chunked\r\n");
+    kvd_sbuf_puts(&head, "\r\n");
+    int rc;
+    if (head.failed) {
+        conn_close(conn);
+        rc = KVD_ENOMEM;
+    } else {
+        rc = conn_write3(conn, head.data, head.len, NULL, 0, NULL, 0, false);
+    }
+    kvd_sbuf_deinit(&head);
+    return rc;
+}
+
+int kvd_http_stream_write(kvd_http_request *req, const char *data, size_t len)
+{
+    http_conn *conn = req->conn;
+    if (conn->closing)
+        return KVD_ECANCELED;
+    if (len == 0)
+        return 0; /* an empty chunk would end the body */
+    if (conn->write_pending + len > conn->srv->limits.max_write_queue_bytes) {
+        conn_close(conn);
+        return KVD_EBUSY;
+    }
+    if (!req->chunked)
+        return conn_write3(conn, data, len, NULL, 0, NULL, 0, false);
+    char size_line[24];
+    int n = snprintf(size_line, sizeof size_line, "%zx\r\n", len);
+    return conn_write3(conn, size_line, (size_t)n, data, len, "\r\n", 2, false);
+}
+
+int kvd_http_stream_end(kvd_http_request *req)
+{
+    http_conn *conn = req->conn;
+    req->finished = true;
+    if (conn->closing)
+        return KVD_ECANCELED;
+    conn->phase = PHASE_FLUSH;
+    if (!req->chunked) {
+        conn_linger(conn);
+        return 0;
+    }
+    static const char last_chunk[] = "0\r\n\r\n";
+    return conn_write3(conn, last_chunk, sizeof last_chunk - 1, NULL, 0, NULL, 0, true);
+}

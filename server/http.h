@@ -1,0 +1,116 @@
+/* http.h - an HTTP/1.1 server over libuv and llhttp that knows nothing about models.
+ *
+ * The application sees one callback per complete request (URL, headers and body
+ * accumulated across llhttp's fragments, chunked bodies decoded) and answers it, now
+ * or later, with one whole response or a chunked stream. Requests on one connection
+ * are handed over one at a time: the parser pauses after each message and resumes
+ * once its response has been written, so pipelined requests are answered in order.
+ * The layer enforces the transport limits itself (header and body size, header and
+ * idle timeouts, connection count, per-connection write queue) and answers
+ * Expect: 100-continue. Its own error responses (400, 408, 413, 431, 503) carry a
+ * JSON body {"error": {"message", "type", "param", "code"}}.
+ *
+ * Lifetimes: a kvd_http_request belongs to its connection. It stays valid until the
+ * application finishes it (kvd_http_respond or kvd_http_stream_end) or until
+ * on_abort has been delivered for it, whichever comes first; on_abort is delivered
+ * only for requests the application has not finished, and never from inside a
+ * kvd_http_* call. All functions run on the loop thread.
+ */
+#ifndef KVD_SERVER_HTTP_H
+#define KVD_SERVER_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "kvd/kvd_error.h"
+
+typedef struct kvd_http_limits {
+    size_t max_header_bytes;      /* request line plus headers; over it: 431 and close */
+    int max_headers;              /* header lines; over it: 431 and close */
+    size_t max_body_bytes;        /* over it (Content-Length or as a chunked body grows): 413 */
+    uint64_t header_timeout_ms;   /* from accept or a request's first byte to its last header: 408 */
+    uint64_t idle_timeout_ms;     /* silence while idle between requests or inside a body */
+    int max_connections;          /* more are answered 503 and closed */
+    size_t max_write_queue_bytes; /* bytes queued unsent on one connection before it is cut */
+} kvd_http_limits;
+
+/* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 1024 connections, 1 MiB. */
+kvd_http_limits kvd_http_limits_default(void);
+
+typedef struct kvd_http_server kvd_http_server;
+typedef struct kvd_http_request kvd_http_request;
+
+typedef struct kvd_http_handlers {
+    /* A complete request. Answer it with kvd_http_respond or a stream, now or later. */
+    void (*on_request)(kvd_http_request *req, void *arg);
+    /* The connection of a request the application has not finished went away (peer
+     * closed, I/O error, write queue over its cap, server shut down). req is freed
+     * when this returns. */
+    void (*on_abort)(kvd_http_request *req, void *arg);
+    void *arg;
+} kvd_http_handlers;
+
+/* Returns NULL (err set) on a bad limit or allocation failure. */
+kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *limits,
+                                        const kvd_http_handlers *handlers, kvd_error *err);
+/* Binds and listens on host:port (IPv4 or IPv6 literal; port 0 picks a free one,
+ * stored in *bound_port). Returns 0 or a negative code with err set. */
+int kvd_http_server_listen(kvd_http_server *srv, const char *host, int port, int *bound_port,
+                           kvd_error *err);
+/* Closes idle connections and makes every response from now on close its
+ * connection; requests in progress continue. The listener stays open so that new
+ * clients can still be told (by the application: 503) that the server is going away
+ * and load balancers can see /health fail; kvd_http_server_close closes it. */
+void kvd_http_server_drain(kvd_http_server *srv);
+/* Closes the listener and every connection (on_abort for unfinished requests, from
+ * the close callbacks). Run the loop afterwards so the handles close, then destroy. */
+void kvd_http_server_close(kvd_http_server *srv);
+/* Frees the server. Call after kvd_http_server_close and once the loop has run the
+ * close callbacks (kvd_http_server_num_connections() == 0). NULL does nothing. */
+void kvd_http_server_destroy(kvd_http_server *srv);
+/* Open connections, including ones being closed. */
+int kvd_http_server_num_connections(const kvd_http_server *srv);
+
+/* Request accessors: strings are NUL-terminated and live as long as the request. */
+const char *kvd_http_method(const kvd_http_request *req);  /* "GET", "POST", ... */
+const char *kvd_http_path(const kvd_http_request *req);    /* URL path, without the query */
+const char *kvd_http_query(const kvd_http_request *req);   /* after '?', or "" */
+/* Value of the first header named name (case-insensitive), or NULL. */
+const char *kvd_http_header(const kvd_http_request *req, const char *name);
+/* The decoded body (NUL-terminated for convenience; may contain NULs). */
+const char *kvd_http_body(const kvd_http_request *req, size_t *len);
+/* uv_hrtime() when the request's last byte arrived. */
+uint64_t kvd_http_arrival_ns(const kvd_http_request *req);
+/* One slot for the application's per-request state. */
+void kvd_http_set_user(kvd_http_request *req, void *user);
+void *kvd_http_user(const kvd_http_request *req);
+
+/* Sends a whole response with Content-Length and finishes the request.
+ * extra_headers: NULL or complete header lines, each ending in "\r\n".
+ * Returns 0, or a negative code when the connection is already gone (the request
+ * is finished either way and must not be used again). */
+int kvd_http_respond(kvd_http_request *req, int status, const char *content_type,
+                     const char *extra_headers, const char *body, size_t len);
+
+/* Starts a streamed response: headers go out now; the body follows as chunks
+ * (chunked transfer encoding; HTTP/1.0 clients get close-delimited framing). */
+int kvd_http_stream_begin(kvd_http_request *req, int status, const char *content_type,
+                          const char *extra_headers);
+/* Queues len bytes as one chunk. Returns 0; KVD_ECANCELED when the connection is
+ * gone; KVD_EBUSY when the peer is not reading and the connection's unsent bytes
+ * would pass max_write_queue_bytes: the connection is then closed and on_abort will
+ * follow. The request stays valid until on_abort or stream_end. */
+int kvd_http_stream_write(kvd_http_request *req, const char *data, size_t len);
+/* Ends the stream and finishes the request. */
+int kvd_http_stream_end(kvd_http_request *req);
+
+/* Bytes queued on the request's connection and not yet taken by the kernel. */
+size_t kvd_http_write_queue_bytes(const kvd_http_request *req);
+
+/* Reason phrase of a status code ("Not Found"). */
+const char *kvd_http_status_text(int status);
+
+#endif

@@ -1,0 +1,137 @@
+/* metrics.c - Prometheus text exposition of engine and server metrics.
+ *
+ * Every family gets its # HELP and # TYPE lines; counters end in _total and
+ * histograms expose cumulative _bucket{le=...} lines up to +Inf, then _sum and
+ * _count, as the exposition format requires. Bucket bounds are vLLM's, extended
+ * downwards for time per output token because a CPU daemon serving small models
+ * produces tokens in single milliseconds.
+ */
+#include "metrics.h"
+
+#include <inttypes.h>
+#include <string.h>
+
+static const double ttft_bounds[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+                                     640.0, 2560.0};
+static const double tpot_bounds[] = {0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
+                                     0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                                     20.0, 40.0, 80.0};
+static const double e2e_bounds[] = {0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0,
+                                    10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                                    960.0, 1920.0, 7680.0};
+
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static void histogram_init(kvd_histogram *h, const double *bounds, int num_bounds)
+{
+    memset(h, 0, sizeof *h);
+    h->bounds = bounds;
+    h->num_bounds = num_bounds < KVD_HISTOGRAM_MAX_BOUNDS ? num_bounds : KVD_HISTOGRAM_MAX_BOUNDS;
+}
+
+void kvd_metrics_init(kvd_metrics *m)
+{
+    memset(m, 0, sizeof *m);
+    histogram_init(&m->time_to_first_token, ttft_bounds, COUNT(ttft_bounds));
+    histogram_init(&m->time_per_output_token, tpot_bounds, COUNT(tpot_bounds));
+    histogram_init(&m->e2e_request_latency, e2e_bounds, COUNT(e2e_bounds));
+}
+
+void kvd_histogram_observe(kvd_histogram *h, double value, uint64_t n)
+{
+    if (n == 0)
+        return;
+    int i = 0;
+    while (i < h->num_bounds && value > h->bounds[i])
+        i++;
+    h->counts[i] += n;
+    h->count += n;
+    h->sum += value * (double)n;
+}
+
+enum kvd_finish_label kvd_finish_label_of(kvd_finish_reason reason)
+{
+    switch (reason) {
+    case KVD_FINISH_STOP:
+        return KVD_FINISHED_STOP;
+    case KVD_FINISH_LENGTH:
+        return KVD_FINISHED_LENGTH;
+    case KVD_FINISH_CANCELLED:
+        return KVD_FINISHED_ABORT;
+    default:
+        return KVD_FINISHED_ERROR;
+    }
+}
+
+static void family(kvd_sbuf *out, const char *name, const char *type, const char *help)
+{
+    kvd_sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void gauge_i(kvd_sbuf *out, const char *name, const char *help, int64_t value)
+{
+    family(out, name, "gauge", help);
+    kvd_sbuf_printf(out, "%s %" PRId64 "\n", name, value);
+}
+
+static void counter_u(kvd_sbuf *out, const char *name, const char *help, uint64_t value)
+{
+    family(out, name, "counter", help);
+    kvd_sbuf_printf(out, "%s %" PRIu64 "\n", name, value);
+}
+
+static void histogram(kvd_sbuf *out, const char *name, const char *help, const kvd_histogram *h)
+{
+    family(out, name, "histogram", help);
+    uint64_t cumulative = 0;
+    for (int i = 0; i < h->num_bounds; i++) {
+        cumulative += h->counts[i];
+        kvd_sbuf_printf(out, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, h->bounds[i], cumulative);
+    }
+    cumulative += h->counts[h->num_bounds];
+    kvd_sbuf_printf(out, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, cumulative);
+    kvd_sbuf_printf(out, "%s_sum %.9g\n", name, h->sum);
+    kvd_sbuf_printf(out, "%s_count %" PRIu64 "\n", name, h->count);
+}
+
+void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sbuf *out)
+{
+    gauge_i(out, "kvd:num_requests_running", "Requests whose sequences are scheduled (prefill or decode).",
+            st->num_running);
+    gauge_i(out, "kvd:num_requests_waiting", "Requests waiting for admission (queued or preempted).",
+            st->num_waiting);
+    family(out, "kvd:kv_cache_usage_perc", "gauge",
+           "Fraction of KV cache blocks in use (1 = all), as vLLM's gpu_cache_usage_perc.");
+    double usage = st->kv.blocks_total > 0 ? (double)st->kv.blocks_used / (double)st->kv.blocks_total : 0.0;
+    kvd_sbuf_printf(out, "kvd:kv_cache_usage_perc %.6g\n", usage);
+    gauge_i(out, "kvd:kv_blocks_total", "KV cache blocks in the pool.", st->kv.blocks_total);
+    gauge_i(out, "kvd:kv_blocks_used", "KV cache blocks referenced by at least one sequence.",
+            st->kv.blocks_used);
+    gauge_i(out, "kvd:kv_blocks_cached", "Unreferenced KV blocks kept for prefix-cache reuse.",
+            st->kv.blocks_cached);
+    counter_u(out, "kvd:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+              st->kv.prefix_query_tokens);
+    counter_u(out, "kvd:prefix_cache_hits_total", "Prompt tokens served from the prefix cache.",
+              st->kv.prefix_hit_tokens);
+    counter_u(out, "kvd:num_preemptions_total", "Sequences preempted (blocks freed, recomputed later).",
+              st->num_preemptions);
+    counter_u(out, "kvd:prompt_tokens_total", "Prompt tokens of admitted requests.", st->prompt_tokens_total);
+    counter_u(out, "kvd:generation_tokens_total", "Tokens generated.", st->generation_tokens_total);
+
+    static const char *const labels[KVD_FINISHED_COUNT] = {"stop", "length", "abort", "error"};
+    family(out, "kvd:request_success_total", "counter",
+           "Finished sequences (one per choice) by finish reason; abort: cancelled or client gone.");
+    for (int i = 0; i < KVD_FINISHED_COUNT; i++)
+        kvd_sbuf_printf(out, "kvd:request_success_total{finished_reason=\"%s\"} %" PRIu64 "\n", labels[i],
+                        m->finished[i]);
+
+    histogram(out, "kvd:time_to_first_token_seconds", "Time from request arrival to its first token.",
+              &m->time_to_first_token);
+    histogram(out, "kvd:time_per_output_token_seconds",
+              "Time between output tokens after the first (inter-token latency).", &m->time_per_output_token);
+    histogram(out, "kvd:e2e_request_latency_seconds", "Time from request arrival to its last token.",
+              &m->e2e_request_latency);
+    counter_u(out, "kvd:http_requests_total", "HTTP requests answered, any route or status.", m->http_requests);
+    gauge_i(out, "kvd:http_connections", "Open HTTP connections.", m->open_connections);
+}

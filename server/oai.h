@@ -1,0 +1,67 @@
+/* oai.h - OpenAI request bodies -> kvd_request_params, with OpenAI-style field errors.
+ *
+ * Parsing is separate from the routes so every field rule can be tested without a
+ * model or a socket. Unknown fields are ignored; a known field with the wrong type
+ * or an out-of-range value fails with the field's name in `param` (as OpenAI's
+ * error.param does); null means "absent" for every optional field. Fields that would
+ * silently change what a client expects but are not implemented (echo, best_of > 1,
+ * logit_bias, non-text response_format, batch prompts) are refused, not ignored.
+ */
+#ifndef KVD_SERVER_OAI_H
+#define KVD_SERVER_OAI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#include "chat.h"
+#include "kvd/kvd_engine.h"
+
+#define KVD_OAI_MAX_STOP_BYTES 256
+
+typedef enum kvd_oai_route {
+    KVD_OAI_COMPLETIONS,
+    KVD_OAI_CHAT,
+} kvd_oai_route;
+
+/* What the parser needs to know about the served model. */
+typedef struct kvd_oai_model_info {
+    int max_model_len;             /* context length */
+    int vocab_size;                /* token ids must be below this */
+    int32_t chat_stop_ids[4];      /* ids that end an assistant turn (<|im_end|>, <|endoftext|>) */
+    int num_chat_stop_ids;
+} kvd_oai_model_info;
+
+typedef struct kvd_oai_request {
+    kvd_oai_route route;
+    kvd_request_params params;     /* stop/stop_token_ids point into the fields below */
+    char *stop_strings[KVD_MAX_STOP_STRINGS];
+    int32_t stop_token_ids[KVD_MAX_STOP_TOKEN_IDS];
+    bool stream;
+    bool include_usage;            /* stream_options.include_usage */
+    bool logprobs;                 /* report logprobs of sampled tokens */
+    int top_logprobs;              /* alternatives per token when logprobs */
+    bool seed_given;               /* otherwise the caller draws a seed */
+    bool tokens_as_ids;            /* vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N" */
+    /* completions: the prompt as text (prompt_ids NULL) or as ids */
+    char *prompt_text;
+    size_t prompt_len;
+    int32_t *prompt_ids;
+    int num_prompt_ids;
+    /* chat: the rendered conversation */
+    kvd_chat_prompt chat;
+} kvd_oai_request;
+
+void kvd_oai_request_init(kvd_oai_request *r);
+void kvd_oai_request_deinit(kvd_oai_request *r);
+
+/* Parses body for route into r (freshly initialised) starting from defaults (the
+ * model's generation defaults). Returns 0, or KVD_EINVAL with param naming the field
+ * (param_cap bytes; "" when the body as a whole is wrong) and err holding the
+ * message; KVD_ENOMEM. r must be deinitialised either way. */
+int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
+                  const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
+                  size_t param_cap, kvd_error *err);
+
+#endif

@@ -1,0 +1,69 @@
+/* util.h - small helpers the daemon's modules share: growable byte buffers, UTF-8
+ * repair, constant-time comparison and levelled logging.
+ *
+ * A kvd_sbuf remembers an allocation failure instead of reporting it on every append,
+ * so builders can append freely and check `failed` once at the end. Text bound for
+ * JSON goes through kvd_utf8_sanitize first: cJSON copies bytes verbatim, and a model
+ * can emit byte sequences that are not UTF-8, which would make the output invalid JSON.
+ */
+#ifndef KVD_SERVER_UTIL_H
+#define KVD_SERVER_UTIL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct kvd_sbuf {
+    char *data; /* NUL-terminated when len > 0 or after any append */
+    size_t len;
+    size_t cap;
+    bool failed; /* an allocation failed; contents are then incomplete */
+} kvd_sbuf;
+
+void kvd_sbuf_init(kvd_sbuf *sb);
+void kvd_sbuf_deinit(kvd_sbuf *sb);
+/* Empties the buffer, keeping its allocation. */
+void kvd_sbuf_reset(kvd_sbuf *sb);
+/* Makes room for extra more bytes (plus NUL). Returns 0 or -1 (and sets failed). */
+int kvd_sbuf_reserve(kvd_sbuf *sb, size_t extra);
+void kvd_sbuf_append(kvd_sbuf *sb, const void *data, size_t len);
+void kvd_sbuf_puts(kvd_sbuf *sb, const char *s);
+void kvd_sbuf_printf(kvd_sbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Takes the buffer's memory (the caller frees it) and leaves sb empty. Never NULL
+ * unless allocation failed. */
+char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len);
+
+/* Appends s[0..len) to sb with every byte sequence that is not well-formed UTF-8
+ * (overlongs, surrogates, > U+10FFFF, truncated) replaced by U+FFFD, and NUL bytes
+ * replaced by U+FFFD too, so the result is a valid C string and valid JSON text. */
+void kvd_utf8_append_sanitized(kvd_sbuf *sb, const char *s, size_t len);
+/* True when s[0..len) is well-formed UTF-8 without NUL bytes. */
+bool kvd_utf8_is_clean(const char *s, size_t len);
+
+/* Compares two byte strings in time that depends only on their lengths, so a
+ * network client cannot learn a secret key prefix by timing. */
+bool kvd_consttime_equal(const char *a, size_t a_len, const char *b, size_t b_len);
+
+typedef enum kvd_log_level {
+    KVD_LOG_DEBUG = 0,
+    KVD_LOG_INFO = 1,
+    KVD_LOG_WARN = 2,
+    KVD_LOG_ERROR = 3,
+} kvd_log_level;
+
+/* Parses "debug", "info", "warn"/"warning", "error". Returns 0 or -1. */
+int kvd_log_level_parse(const char *name, kvd_log_level *out);
+const char *kvd_log_level_name(kvd_log_level level);
+
+/* Where the daemon logs and from which level on; owned by whoever logs. */
+typedef struct kvd_logger {
+    FILE *out;
+    kvd_log_level level;
+} kvd_logger;
+
+void kvd_log(const kvd_logger *log, kvd_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif

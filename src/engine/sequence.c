@@ -1,0 +1,232 @@
+/* sequence.c - requests and their choices: ownership, token intake, stop rules, text.
+ *
+ * A request is built whole at submit time on the caller's thread: prompt and stop
+ * copies, and for every choice its token array (prompt + max_tokens) and its text
+ * buffer. The engine thread then never allocates for it while it runs.
+ *
+ * Text: each token's bytes go through the choice's kvd_detokenizer (which holds back
+ * an incomplete UTF-8 character) into the pending buffer. A stop string may straddle
+ * tokens, so the longest suffix of the pending text that could begin a stop string is
+ * held back; everything before it is delivered. On a match the text is cut where the
+ * stop string begins and the choice finishes with STOP: no part of the stop string is
+ * ever delivered. Stop token ids and EOS finish with STOP without their text.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+/* Bytes pending text can need: the held-back part (< longest stop string), one token
+ * (push asks for max_token_bytes + 8 of room), and a flush of held-back UTF-8 bytes
+ * (at most 8, each U+FFFD of 3 bytes). */
+static size_t text_cap_for(size_t max_stop_len, size_t max_token_bytes)
+{
+    return max_stop_len + max_token_bytes + 16 + 8 * 3 + 1;
+}
+
+eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd_request_params *params,
+                                int max_tokens, const kvd_tokenizer *tok, kvd_error *err)
+{
+    eng_request *req = calloc(1, sizeof *req);
+    if (!req)
+        goto nomem;
+    req->num_prompt = num_prompt;
+    req->params = *params;
+    req->max_tokens = max_tokens;
+    req->n = params->n;
+    req->forked = params->n == 1;
+    req->num_unfinished = params->n;
+    req->prompt = malloc((size_t)num_prompt * sizeof *req->prompt);
+    if (!req->prompt)
+        goto nomem;
+    memcpy(req->prompt, prompt, (size_t)num_prompt * sizeof *prompt);
+
+    if (params->num_stop > 0) {
+        req->stop = calloc((size_t)params->num_stop, sizeof *req->stop);
+        req->stop_len = calloc((size_t)params->num_stop, sizeof *req->stop_len);
+        if (!req->stop || !req->stop_len)
+            goto nomem;
+        for (int i = 0; i < params->num_stop; i++) {
+            req->stop_len[i] = strlen(params->stop[i]);
+            req->stop[i] = malloc(req->stop_len[i] + 1);
+            if (!req->stop[i])
+                goto nomem;
+            memcpy(req->stop[i], params->stop[i], req->stop_len[i] + 1);
+            if (req->stop_len[i] > req->max_stop_len)
+                req->max_stop_len = req->stop_len[i];
+        }
+    }
+    req->params.stop = (const char *const *)req->stop;
+    if (params->num_stop_token_ids > 0) {
+        req->stop_ids = malloc((size_t)params->num_stop_token_ids * sizeof *req->stop_ids);
+        if (!req->stop_ids)
+            goto nomem;
+        memcpy(req->stop_ids, params->stop_token_ids,
+               (size_t)params->num_stop_token_ids * sizeof *req->stop_ids);
+    }
+    req->params.stop_token_ids = req->stop_ids;
+
+    req->seqs = calloc((size_t)req->n, sizeof *req->seqs);
+    if (!req->seqs)
+        goto nomem;
+    const size_t text_cap = text_cap_for(req->max_stop_len, kvd_tokenizer_max_token_bytes(tok));
+    for (int c = 0; c < req->n; c++) {
+        eng_seq *seq = &req->seqs[c];
+        seq->req = req;
+        seq->choice = c;
+        seq->state = SEQ_IDLE;
+        kvd_block_table_init(&seq->table);
+        seq->tokens = malloc((size_t)(num_prompt + max_tokens) * sizeof *seq->tokens);
+        seq->text = malloc(text_cap);
+        if (!seq->tokens || !seq->text)
+            goto nomem;
+        seq->text_cap = text_cap;
+        memcpy(seq->tokens, prompt, (size_t)num_prompt * sizeof *prompt);
+        seq->num_tokens = num_prompt;
+        /* Choice c draws from its own stream seeded with seed + c (documented). */
+        kvd_rng_seed(&seq->rng, params->sampling.seed + (uint64_t)c);
+        kvd_detokenizer_init(&seq->detok, tok, params->skip_special_tokens);
+    }
+    return req;
+
+nomem:
+    eng_request_destroy(NULL, req);
+    kvd_error_set(err, KVD_ENOMEM, "engine: out of memory for a request of %d prompt tokens", num_prompt);
+    return NULL;
+}
+
+void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
+{
+    if (!req)
+        return;
+    if (req->seqs) {
+        for (int c = 0; c < req->n; c++) {
+            eng_seq *seq = &req->seqs[c];
+            if (pool) {
+                kvd_block_table_deinit(pool, &seq->table);
+            } else {
+                /* Never admitted: the table holds no block, only maybe its arrays. */
+                free(seq->table.blocks);
+                free(seq->table.hashes);
+            }
+            free(seq->tokens);
+            free(seq->text);
+        }
+        free(req->seqs);
+    }
+    if (req->stop)
+        for (int i = 0; i < req->params.num_stop; i++)
+            free(req->stop[i]);
+    free(req->stop);
+    free(req->stop_len);
+    free(req->stop_ids);
+    free(req->prompt);
+    free(req);
+}
+
+size_t eng_seq_text_capacity(const eng_seq *seq)
+{
+    return seq->text_cap;
+}
+
+static bool is_stop_token(const eng_request *req, const kvd_model_config *mcfg, int32_t token)
+{
+    for (int i = 0; i < req->params.num_stop_token_ids; i++)
+        if (req->stop_ids[i] == token)
+            return true;
+    if (!req->params.ignore_eos)
+        for (int i = 0; i < mcfg->num_eos_token_ids; i++)
+            if (mcfg->eos_token_ids[i] == token)
+                return true;
+    return false;
+}
+
+/* Offset of the earliest complete stop string in text, or -1. */
+static long find_stop(const eng_request *req, const char *text, size_t len)
+{
+    long best = -1;
+    for (int i = 0; i < req->params.num_stop; i++) {
+        const char *hit = memmem(text, len, req->stop[i], req->stop_len[i]);
+        if (hit && (best < 0 || hit - text < best))
+            best = hit - text;
+    }
+    return best;
+}
+
+/* Length of the longest proper suffix of text that is a prefix of some stop string. */
+static size_t stop_holdback(const eng_request *req, const char *text, size_t len)
+{
+    size_t longest = req->max_stop_len > 0 ? req->max_stop_len - 1 : 0;
+    for (size_t k = len < longest ? len : longest; k > 0; k--)
+        for (int i = 0; i < req->params.num_stop; i++)
+            if (req->stop_len[i] > k && memcmp(text + len - k, req->stop[i], k) == 0)
+                return k;
+    return 0;
+}
+
+kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcfg, int32_t token,
+                                       const kvd_sample_result *sample, kvd_event *ev)
+{
+    eng_request *req = seq->req;
+    seq->tokens[seq->num_tokens++] = token;
+    const int num_output = seq->num_tokens - req->num_prompt;
+    kvd_finish_reason finish = KVD_FINISH_NONE;
+    bool matched_stop_string = false;
+
+    if (is_stop_token(req, mcfg, token)) {
+        finish = KVD_FINISH_STOP; /* its text is not part of the output */
+    } else {
+        int n = kvd_detokenizer_push(&seq->detok, token, seq->text + seq->text_len,
+                                     seq->text_cap - seq->text_len);
+        /* An id past the tokenizer (embedding rows beyond its vocabulary) has no text. */
+        if (n > 0)
+            seq->text_len += (size_t)n;
+        long at = find_stop(req, seq->text, seq->text_len);
+        if (at >= 0) {
+            seq->text_len = (size_t)at;
+            finish = KVD_FINISH_STOP;
+            matched_stop_string = true;
+        }
+    }
+    if (finish == KVD_FINISH_NONE && num_output >= req->max_tokens)
+        finish = KVD_FINISH_LENGTH;
+    if (finish != KVD_FINISH_NONE && !matched_stop_string) {
+        /* Incomplete UTF-8 left at the end becomes U+FFFD, and may still complete a stop string. */
+        int n = kvd_detokenizer_flush(&seq->detok, seq->text + seq->text_len, seq->text_cap - seq->text_len);
+        if (n > 0)
+            seq->text_len += (size_t)n;
+        long at = find_stop(req, seq->text, seq->text_len);
+        if (at >= 0) {
+            seq->text_len = (size_t)at;
+            finish = KVD_FINISH_STOP;
+        }
+    }
+
+    size_t deliver = seq->text_len;
+    if (finish == KVD_FINISH_NONE)
+        deliver -= stop_holdback(req, seq->text, seq->text_len);
+    memcpy(ev->text, seq->text, deliver);
+    ev->text[deliver] = '\0';
+    ev->text_len = deliver;
+    memmove(seq->text, seq->text + deliver, seq->text_len - deliver);
+    seq->text_len -= deliver;
+
+    ev->request_id = req->id;
+    ev->choice = seq->choice;
+    ev->num_tokens = 1;
+    ev->tokens[0] = token;
+    if (ev->logprobs) {
+        kvd_token_logprob *lp = &ev->logprobs[0];
+        lp->token = token;
+        lp->logprob = sample->logprob;
+        lp->num_top = sample->num_top;
+        memcpy(lp->top_tokens, sample->top_tokens, (size_t)sample->num_top * sizeof lp->top_tokens[0]);
+        memcpy(lp->top_logprobs, sample->top_logprobs, (size_t)sample->num_top * sizeof lp->top_logprobs[0]);
+    }
+    ev->finish = finish;
+    ev->prompt_tokens = req->num_prompt;
+    ev->cached_tokens = req->cached_tokens;
+    ev->completion_tokens = num_output;
+    seq->finish = finish;
+    return finish;
+}

@@ -1,0 +1,286 @@
+/* paged_attention.c - causal GQA attention through block tables, with an online softmax.
+ *
+ * Compiled twice like the other kernels (kvd_vec16.h): the _avx512 and _scalar builds
+ * compute bit-identical results; the scalar build also holds the public dispatchers.
+ *
+ * A work item is (sequence, kv head, up to ROW_CHUNK query rows). It walks the keys in
+ * logical tiles of KVD_ATTENTION_TILE positions: the tile's K and V rows are gathered
+ * through the block table and widened to float once, then every query head of the
+ * group and every row of the chunk folds the tile into its running softmax state
+ * (max m, sum l, output acc). Tiles are logical, never physical blocks, so the
+ * sequence of operations for a query is fixed by its position alone: block size,
+ * prefix-cache sharing and batching cannot change a bit of the output.
+ *
+ * Per query head and tile of nk visible keys:
+ *   s_j = hsum(q . k_j) * scale;  m' = max(m, max_j s_j);  p_j = exp(s_j - m')
+ *   c = exp(m - m') (0 on the first tile);  l = l*c + hsum(sum of p vectors)
+ *   acc = acc*c, then acc += p_j v_j for j in order;  at the end out = acc / l.
+ */
+#include "kvd_vec16.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvd/kvd_attention.h"
+
+#define TILE KVD_ATTENTION_TILE
+#define ROW_CHUNK 16
+
+static int round16(int n) { return (n + 15) & ~15; }
+
+/* n elements of dtype at src widened to floats at dst. */
+V16_INLINE void widen_row(float *dst, const void *src, int dtype, int n)
+{
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        v16_store(dst + i, v16_load_any(src, dtype, (size_t)i));
+    if (i < n)
+        v16_store_n(dst + i, v16_load_any_n(src, dtype, (size_t)i, n - i), n - i);
+}
+
+V16_INLINE float dot(const float *a, const float *b, int n)
+{
+    v16 acc = v16_zero();
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        acc = v16_fma(v16_load(a + i), v16_load(b + i), acc);
+    if (i < n)
+        acc = v16_fma(v16_load_n(a + i, n - i), v16_load_n(b + i, n - i), acc);
+    return v16_hsum(acc);
+}
+
+/* Folds keys [0, nk) of the tile (kt, vt: rows of hd_pad floats) into one query
+ * head's state. */
+static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const float *kt,
+                      const float *vt, int nk, float *scores, float *m, float *l, float *acc)
+{
+    float tile_max = -INFINITY;
+    for (int j = 0; j < nk; j++) {
+        float s = dot(qh, kt + (size_t)j * hd_pad, hd) * scale;
+        scores[j] = s;
+        tile_max = s > tile_max ? s : tile_max;
+    }
+    float m_old = *m;
+    float m_new = m_old > tile_max ? m_old : tile_max;
+    v16 psum = v16_zero();
+    for (int j = 0; j < nk; j += 16) {
+        int n = nk - j < 16 ? nk - j : 16;
+        v16 p = v16_exp(v16_sub(v16_load_n(scores + j, n), v16_set1(m_new)));
+        v16_store_n(scores + j, p, n);
+        psum = v16_add(psum, v16_load_n(scores + j, n));
+    }
+    float c = m_old == -INFINITY ? 0.0f : v16_lane0(v16_exp(v16_set1(m_old - m_new)));
+    *m = m_new;
+    *l = *l * c + v16_hsum(psum);
+    v16 cv = v16_set1(c);
+    for (int d = 0; d < hd; d += 16) {
+        int n = hd - d < 16 ? hd - d : 16;
+        v16 a = v16_mul(v16_load_n(acc + d, n), cv);
+        for (int j = 0; j < nk; j++)
+            a = v16_fma(v16_set1(scores[j]), v16_load_n(vt + (size_t)j * hd_pad + d, n), a);
+        v16_store_n(acc + d, a, n);
+    }
+}
+
+size_t KVD_VEC_FN(kvd_attention_scratch_floats)(const kvd_attention_shape *shape)
+{
+    size_t hd_pad = (size_t)round16(shape->head_dim);
+    size_t group = (size_t)(shape->num_heads / shape->num_kv_heads);
+    size_t states = (size_t)ROW_CHUNK * group;
+    return 2 * TILE * hd_pad + round16(TILE) + 2 * (size_t)round16((int)states) + states * hd_pad;
+}
+
+void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
+                                          const kvd_attention_shape *shape,
+                                          const kvd_attention_query *q, int kv_head,
+                                          int row_begin, int row_end, float *scratch)
+{
+    const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
+    int bs = cfg->block_size;
+    int dtype = (int)cfg->dtype;
+    size_t esize = kvd_dtype_size(cfg->dtype);
+    int hd = shape->head_dim;
+    int hd_pad = round16(hd);
+    int group = shape->num_heads / shape->num_kv_heads;
+    int states = ROW_CHUNK * group;
+    float *kt = scratch;                          /* (TILE, hd_pad) */
+    float *vt = kt + (size_t)TILE * hd_pad;       /* (TILE, hd_pad) */
+    float *scores = vt + (size_t)TILE * hd_pad;   /* (TILE) */
+    float *st_m = scores + round16(TILE);         /* (ROW_CHUNK, group) */
+    float *st_l = st_m + round16(states);         /* (ROW_CHUNK, group) */
+    float *st_acc = st_l + round16(states);       /* (ROW_CHUNK, group, hd_pad) */
+    const int32_t *blocks = q->table->blocks;
+
+    for (int r0 = row_begin; r0 < row_end; r0 += ROW_CHUNK) {
+        int r1 = row_end - r0 < ROW_CHUNK ? row_end : r0 + ROW_CHUNK;
+        int nstates = (r1 - r0) * group;
+        for (int s = 0; s < nstates; s++) {
+            st_m[s] = -INFINITY;
+            st_l[s] = 0.0f;
+        }
+        memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
+        int last = q->first_pos + r1 - 1;
+        for (int t0 = 0; t0 <= last; t0 += TILE) {
+            int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
+            for (int j = 0; j < nt; j++) {
+                int pos = t0 + j;
+                int32_t block = blocks[pos / bs];
+                size_t offset = ((size_t)kv_head * bs + (size_t)(pos % bs)) * hd * esize;
+                widen_row(kt + (size_t)j * hd_pad,
+                          (const char *)kvd_kv_block_keys(pool, block, layer) + offset, dtype, hd);
+                widen_row(vt + (size_t)j * hd_pad,
+                          (const char *)kvd_kv_block_values(pool, block, layer) + offset, dtype, hd);
+            }
+            for (int i = r0; i < r1; i++) {
+                int pos = q->first_pos + i;
+                if (pos < t0)
+                    continue;
+                int nk = pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
+                for (int g = 0; g < group; g++) {
+                    int h = kv_head * group + g;
+                    int s = (i - r0) * group + g;
+                    fold_tile(q->q + (size_t)i * q->q_stride + (size_t)h * hd, hd, hd_pad,
+                              shape->scale, kt, vt, nk, scores, &st_m[s], &st_l[s],
+                              st_acc + (size_t)s * hd_pad);
+                }
+            }
+        }
+        for (int i = r0; i < r1; i++) {
+            for (int g = 0; g < group; g++) {
+                int h = kv_head * group + g;
+                int s = (i - r0) * group + g;
+                float *out = q->out + (size_t)i * q->out_stride + (size_t)h * hd;
+                const float *acc = st_acc + (size_t)s * hd_pad;
+                v16 lv = v16_set1(st_l[s]);
+                for (int d = 0; d < hd; d += 16) {
+                    int n = hd - d < 16 ? hd - d : 16;
+                    v16_store_n(out + d, v16_div(v16_load_n(acc + d, n), lv), n);
+                }
+            }
+        }
+    }
+}
+
+void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
+                              int pos, const float *k, const float *v)
+{
+    const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
+    int bs = cfg->block_size;
+    int hd = cfg->head_dim;
+    size_t esize = kvd_dtype_size(cfg->dtype);
+    int32_t block = table->blocks[pos / bs];
+    char *kdst = kvd_kv_block_keys(pool, block, layer);
+    char *vdst = kvd_kv_block_values(pool, block, layer);
+    for (int h = 0; h < cfg->num_kv_heads; h++) {
+        size_t offset = ((size_t)h * bs + (size_t)(pos % bs)) * hd * esize;
+        const float *ks = k + (size_t)h * hd;
+        const float *vs = v + (size_t)h * hd;
+        for (int d = 0; d < hd; d += 16) {
+            int n = hd - d < 16 ? hd - d : 16;
+            size_t at = offset + (size_t)d * esize;
+            switch (cfg->dtype) {
+            case KVD_DTYPE_F32:
+                v16_store_n((float *)(kdst + at), v16_load_n(ks + d, n), n);
+                v16_store_n((float *)(vdst + at), v16_load_n(vs + d, n), n);
+                break;
+            case KVD_DTYPE_F16:
+                v16_store_f16_n((uint16_t *)(kdst + at), v16_load_n(ks + d, n), n);
+                v16_store_f16_n((uint16_t *)(vdst + at), v16_load_n(vs + d, n), n);
+                break;
+            case KVD_DTYPE_BF16:
+                v16_store_bf16_n((uint16_t *)(kdst + at), v16_load_n(ks + d, n), n);
+                v16_store_bf16_n((uint16_t *)(vdst + at), v16_load_n(vs + d, n), n);
+                break;
+            }
+        }
+    }
+}
+
+#if defined(KVD_VEC_SCALAR)
+/* The public entry points, built once (with the scalar build), pick an ISA per call. */
+#include <omp.h>
+#include <stdlib.h>
+
+size_t kvd_attention_scratch_floats_avx512(const kvd_attention_shape *shape);
+void kvd_paged_attention_part_avx512(const kvd_kv_pool *pool, int layer,
+                                     const kvd_attention_shape *shape,
+                                     const kvd_attention_query *q, int kv_head, int row_begin,
+                                     int row_end, float *scratch);
+void kvd_kv_store_avx512(const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
+                         int pos, const float *k, const float *v);
+
+size_t kvd_attention_scratch_floats(const kvd_attention_shape *shape)
+{
+    return kvd_attention_scratch_floats_scalar(shape);
+}
+
+void kvd_paged_attention_part(kvd_isa isa, const kvd_kv_pool *pool, int layer,
+                              const kvd_attention_shape *shape, const kvd_attention_query *q,
+                              int kv_head, int row_begin, int row_end, float *scratch)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_paged_attention_part_avx512(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
+    else
+        kvd_paged_attention_part_scalar(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
+}
+
+void kvd_kv_store(kvd_isa isa, const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
+                  int pos, const float *k, const float *v)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_kv_store_avx512(pool, layer, table, pos, k, v);
+    else
+        kvd_kv_store_scalar(pool, layer, table, pos, k, v);
+}
+
+int kvd_paged_attention(kvd_isa isa, const kvd_kv_pool *pool, int layer,
+                        const kvd_attention_shape *shape, const kvd_attention_query *queries,
+                        int num_queries, int num_threads, kvd_error *err)
+{
+    const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
+    if (shape->num_kv_heads <= 0 || shape->num_heads % shape->num_kv_heads != 0 ||
+        shape->head_dim != cfg->head_dim || shape->num_kv_heads != cfg->num_kv_heads)
+        return kvd_error_set(err, KVD_EINVAL,
+                             "paged attention: shape (%d heads, %d kv heads, head_dim %d) does "
+                             "not match the KV pool (%d kv heads, head_dim %d)",
+                             shape->num_heads, shape->num_kv_heads, shape->head_dim,
+                             cfg->num_kv_heads, cfg->head_dim);
+    if (layer < 0 || layer >= cfg->num_layers)
+        return kvd_error_set(err, KVD_EINVAL, "paged attention: layer %d out of range", layer);
+    int items = 0;
+    for (int i = 0; i < num_queries; i++) {
+        const kvd_attention_query *q = &queries[i];
+        if (q->first_pos < 0 || q->num_rows < 0 || q->first_pos + q->num_rows > q->table->num_tokens)
+            return kvd_error_set(err, KVD_EINVAL,
+                                 "paged attention: query %d needs positions up to %d but its "
+                                 "table holds %d", i, q->first_pos + q->num_rows,
+                                 q->table->num_tokens);
+        items += shape->num_kv_heads * ((q->num_rows + ROW_CHUNK - 1) / ROW_CHUNK);
+    }
+    if (num_threads <= 0)
+        num_threads = omp_get_num_procs();
+    size_t per_thread = (kvd_attention_scratch_floats(shape) + 15) & ~(size_t)15;
+    float *scratch = aligned_alloc(64, per_thread * (size_t)num_threads * sizeof(float));
+    if (!scratch)
+        return kvd_error_set(err, KVD_ENOMEM, "paged attention: out of memory for scratch");
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int item = 0; item < items; item++) {
+        int rest = item, qi = 0;
+        for (;; qi++) {
+            int n = shape->num_kv_heads * ((queries[qi].num_rows + ROW_CHUNK - 1) / ROW_CHUNK);
+            if (rest < n)
+                break;
+            rest -= n;
+        }
+        int kv_head = rest % shape->num_kv_heads;
+        int row0 = rest / shape->num_kv_heads * ROW_CHUNK;
+        int row1 = queries[qi].num_rows - row0 < ROW_CHUNK ? queries[qi].num_rows : row0 + ROW_CHUNK;
+        kvd_paged_attention_part(isa, pool, layer, shape, &queries[qi], kv_head, row0, row1,
+                                 scratch + per_thread * (size_t)omp_get_thread_num());
+    }
+    free(scratch);
+    return 0;
+}
+#endif

@@ -1,0 +1,371 @@
+/* forward.c - the batched Qwen2 forward pass over block tables.
+ *
+ * One step runs every token of the batch (decode tokens and prefill chunks of many
+ * sequences) through the layers together: each linear layer is one matrix product
+ * over all rows, attention runs per (sequence, kv head, chunk of rows) through the
+ * sequence's block table. Layer by layer:
+ *   xn = rmsnorm(x); q,k,v = xn Wq,k,v^T + b; rope(q, k); store k, v in their slots;
+ *   attn = paged_attention(q); x += attn Wo^T; xn = rmsnorm(x);
+ *   h = silu(xn Wg^T) * (xn Wu^T); x += h Wd^T
+ * then logits = rmsnorm(x) lm_head^T for the rows the batch asks for.
+ *
+ * Threads: one OpenMP team per call runs the whole step; products split output
+ * columns, row-wise kernels split rows, attention hands out work items dynamically,
+ * with a barrier between dependent stages. No result depends on the split (see
+ * kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same whatever
+ * else is in the batch. All buffers are sized at creation; a step never allocates.
+ */
+#include "kvd/kvd_forward.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvd/kvd_attention.h"
+#include "kvd/kvd_kernels.h"
+
+/* Rows of one attention work item: small enough to balance a long prefill over the
+ * threads, large enough that a K/V tile is widened once for many queries. */
+#define ATTN_ITEM_ROWS 16
+
+typedef struct attn_item {
+    int query;   /* index into ctx->queries */
+    int kv_head;
+    int row_begin, row_end;
+} attn_item;
+
+struct kvd_forward_ctx {
+    const kvd_model *model;
+    kvd_kv_pool *pool;
+    kvd_isa isa;
+    int max_tokens, max_seqs, max_logit_rows, num_threads;
+    int hidden, q_dim, kv_dim, inter, vocab, head_dim;
+    kvd_attention_shape shape;
+    float *inv_freq;     /* (head_dim/2) */
+    float *x;            /* (max_tokens, hidden) residual stream */
+    float *xn;           /* (max_tokens, hidden) normed sublayer input */
+    float *q;            /* (max_tokens, q_dim) */
+    float *k;            /* (max_tokens, kv_dim) */
+    float *v;            /* (max_tokens, kv_dim) */
+    float *attn;         /* (max_tokens, q_dim) attention output */
+    float *gate;         /* (max_tokens, inter) gate, then silu(gate)*up */
+    float *up;           /* (max_tokens, inter) */
+    float *rope;         /* (max_tokens, head_dim) cos then sin per token */
+    float *final_rows;   /* (max_logit_rows, hidden) normed rows that get logits */
+    int *positions;      /* (max_tokens) */
+    int *token_seq;      /* (max_tokens) batch sequence of each token */
+    int *logit_tokens;   /* (max_logit_rows) token index of each logits row */
+    kvd_attention_query *queries; /* (max_seqs) */
+    attn_item *items;    /* (max_items) */
+    int max_items;
+    float *matmul_scratch; /* (num_threads, matmul_stride) */
+    size_t matmul_stride;
+    float *attn_scratch;   /* (num_threads, attn_stride) */
+    size_t attn_stride;
+};
+
+static void *alloc_floats(size_t n)
+{
+    size_t bytes = (n * sizeof(float) + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+void kvd_forward_destroy(kvd_forward_ctx *ctx)
+{
+    if (!ctx)
+        return;
+    free(ctx->inv_freq);
+    free(ctx->x);
+    free(ctx->xn);
+    free(ctx->q);
+    free(ctx->k);
+    free(ctx->v);
+    free(ctx->attn);
+    free(ctx->gate);
+    free(ctx->up);
+    free(ctx->rope);
+    free(ctx->final_rows);
+    free(ctx->positions);
+    free(ctx->token_seq);
+    free(ctx->logit_tokens);
+    free(ctx->queries);
+    free(ctx->items);
+    free(ctx->matmul_scratch);
+    free(ctx->attn_scratch);
+    free(ctx);
+}
+
+static int check_matrix(const kvd_matrix *m, int rows, int cols, const char *name, int layer,
+                        kvd_error *err)
+{
+    if (!m->data || m->rows != rows || m->cols != cols)
+        return kvd_error_set(err, KVD_EINVAL,
+                             "forward: layer %d %s is %dx%d, the config needs %dx%d", layer, name,
+                             m->rows, m->cols, rows, cols);
+    return 0;
+}
+
+kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, int max_tokens,
+                                    int max_seqs, int max_logit_rows, int num_threads,
+                                    kvd_error *err)
+{
+    const kvd_model_config *c = &model->config;
+    const kvd_kv_config *kv = kvd_kv_pool_config(pool);
+    if (max_tokens < 1 || max_seqs < 1 || max_logit_rows < 0) {
+        kvd_error_set(err, KVD_EINVAL, "forward: max_tokens (%d) and max_seqs (%d) must be >= 1, "
+                      "max_logit_rows (%d) >= 0", max_tokens, max_seqs, max_logit_rows);
+        return NULL;
+    }
+    if (c->num_kv_heads < 1 || c->num_heads % c->num_kv_heads != 0 || c->head_dim % 2 != 0 ||
+        c->head_dim > 256 || c->head_dim < 2) {
+        kvd_error_set(err, KVD_EUNSUPPORTED,
+                      "forward: %d heads, %d kv heads, head_dim %d: need heads divisible by kv "
+                      "heads and an even head_dim <= 256", c->num_heads, c->num_kv_heads, c->head_dim);
+        return NULL;
+    }
+    if (kv->num_layers != c->num_layers || kv->num_kv_heads != c->num_kv_heads ||
+        kv->head_dim != c->head_dim) {
+        kvd_error_set(err, KVD_EINVAL,
+                      "forward: KV pool shape (%d layers, %d kv heads, head_dim %d) does not match "
+                      "the model (%d, %d, %d)", kv->num_layers, kv->num_kv_heads, kv->head_dim,
+                      c->num_layers, c->num_kv_heads, c->head_dim);
+        return NULL;
+    }
+    int hidden = c->hidden_size, q_dim = c->num_heads * c->head_dim;
+    int kv_dim = c->num_kv_heads * c->head_dim, inter = c->intermediate_size;
+    for (int l = 0; l < c->num_layers; l++) {
+        const kvd_layer_weights *w = &model->layers[l];
+        if (check_matrix(&w->q_proj, q_dim, hidden, "q_proj", l, err) ||
+            check_matrix(&w->k_proj, kv_dim, hidden, "k_proj", l, err) ||
+            check_matrix(&w->v_proj, kv_dim, hidden, "v_proj", l, err) ||
+            check_matrix(&w->o_proj, hidden, q_dim, "o_proj", l, err) ||
+            check_matrix(&w->gate_proj, inter, hidden, "gate_proj", l, err) ||
+            check_matrix(&w->up_proj, inter, hidden, "up_proj", l, err) ||
+            check_matrix(&w->down_proj, hidden, inter, "down_proj", l, err))
+            return NULL;
+    }
+    if (check_matrix(&model->embed_tokens, c->vocab_size, hidden, "embed_tokens", -1, err) ||
+        check_matrix(&model->lm_head, c->vocab_size, hidden, "lm_head", -1, err))
+        return NULL;
+
+    kvd_forward_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) {
+        kvd_error_set(err, KVD_ENOMEM, "forward: out of memory");
+        return NULL;
+    }
+    ctx->model = model;
+    ctx->pool = pool;
+    ctx->isa = kvd_isa_detect();
+    ctx->max_tokens = max_tokens;
+    ctx->max_seqs = max_seqs;
+    ctx->max_logit_rows = max_logit_rows;
+    ctx->num_threads = num_threads > 0 ? num_threads : omp_get_num_procs();
+    ctx->hidden = hidden;
+    ctx->q_dim = q_dim;
+    ctx->kv_dim = kv_dim;
+    ctx->inter = inter;
+    ctx->vocab = c->vocab_size;
+    ctx->head_dim = c->head_dim;
+    ctx->shape = (kvd_attention_shape){c->num_heads, c->num_kv_heads, c->head_dim,
+                                       1.0f / sqrtf((float)c->head_dim)};
+    size_t T = (size_t)max_tokens;
+    ctx->max_items = c->num_kv_heads * (max_tokens / ATTN_ITEM_ROWS + max_seqs);
+    int kmax = hidden > q_dim ? hidden : q_dim;
+    kmax = kmax > inter ? kmax : inter;
+    ctx->matmul_stride = (kvd_matmul_scratch_floats(kmax) + 15) & ~(size_t)15;
+    ctx->attn_stride = (kvd_attention_scratch_floats(&ctx->shape) + 15) & ~(size_t)15;
+    ctx->inv_freq = alloc_floats((size_t)c->head_dim / 2);
+    ctx->x = alloc_floats(T * hidden);
+    ctx->xn = alloc_floats(T * hidden);
+    ctx->q = alloc_floats(T * q_dim);
+    ctx->k = alloc_floats(T * kv_dim);
+    ctx->v = alloc_floats(T * kv_dim);
+    ctx->attn = alloc_floats(T * q_dim);
+    ctx->gate = alloc_floats(T * inter);
+    ctx->up = alloc_floats(T * inter);
+    ctx->rope = alloc_floats(T * c->head_dim);
+    ctx->final_rows = alloc_floats((size_t)(max_logit_rows > 0 ? max_logit_rows : 1) * hidden);
+    ctx->positions = malloc(T * sizeof(int));
+    ctx->token_seq = malloc(T * sizeof(int));
+    ctx->logit_tokens = malloc((size_t)(max_logit_rows > 0 ? max_logit_rows : 1) * sizeof(int));
+    ctx->queries = malloc((size_t)max_seqs * sizeof(kvd_attention_query));
+    ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
+    ctx->matmul_scratch = alloc_floats(ctx->matmul_stride * ctx->num_threads);
+    ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
+    if (!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+        !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
+        !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
+        !ctx->matmul_scratch || !ctx->attn_scratch) {
+        kvd_forward_destroy(ctx);
+        kvd_error_set(err, KVD_ENOMEM, "forward: out of memory for %d-token scratch buffers",
+                      max_tokens);
+        return NULL;
+    }
+    kvd_rope_inv_freq(ctx->inv_freq, c->head_dim, c->rope_theta);
+    return ctx;
+}
+
+/* Checks the batch and fills positions, token_seq, queries, items and logit_tokens.
+ * Returns the number of logits rows, or a negative code. */
+static int plan_batch(kvd_forward_ctx *ctx, const kvd_forward_batch *b, int *num_items,
+                      kvd_error *err)
+{
+    const kvd_model_config *c = &ctx->model->config;
+    if (b->num_tokens < 1 || b->num_tokens > ctx->max_tokens)
+        return kvd_error_set(err, KVD_EINVAL, "forward: batch of %d tokens (context made for 1..%d)",
+                             b->num_tokens, ctx->max_tokens);
+    if (b->num_seqs < 1 || b->num_seqs > ctx->max_seqs)
+        return kvd_error_set(err, KVD_EINVAL, "forward: batch of %d sequences (context made for 1..%d)",
+                             b->num_seqs, ctx->max_seqs);
+    for (int t = 0; t < b->num_tokens; t++) {
+        if (b->tokens[t] < 0 || b->tokens[t] >= c->vocab_size)
+            return kvd_error_set(err, KVD_EINVAL, "forward: token %d is id %d, outside the vocabulary "
+                                 "(%d)", t, b->tokens[t], c->vocab_size);
+        ctx->token_seq[t] = -1;
+    }
+    int rows = 0, items = 0, next_token = 0;
+    for (int s = 0; s < b->num_seqs; s++) {
+        const kvd_forward_seq *seq = &b->seqs[s];
+        if (seq->num_new < 1 || seq->num_past < 0 || seq->token_offset < next_token ||
+            seq->token_offset + seq->num_new > b->num_tokens)
+            return kvd_error_set(err, KVD_EINVAL, "forward: sequence %d: tokens [%d, %d) overlap, go "
+                                 "backwards or leave the batch of %d", s, seq->token_offset,
+                                 seq->token_offset + seq->num_new, b->num_tokens);
+        int end = seq->num_past + seq->num_new;
+        if (end > c->max_position_embeddings)
+            return kvd_error_set(err, KVD_EINVAL, "forward: sequence %d reaches position %d, past "
+                                 "max_position_embeddings %d", s, end, c->max_position_embeddings);
+        if (!seq->table || end > seq->table->num_tokens)
+            return kvd_error_set(err, KVD_EINVAL, "forward: sequence %d needs %d slots, its block table "
+                                 "reserved %d", s, end, seq->table ? seq->table->num_tokens : 0);
+        next_token = seq->token_offset + seq->num_new;
+        int new_rows = seq->logits == KVD_LOGITS_ALL ? seq->num_new : seq->logits == KVD_LOGITS_LAST;
+        if (rows + new_rows > ctx->max_logit_rows)
+            return kvd_error_set(err, KVD_EINVAL, "forward: batch asks for more than %d logits rows",
+                                 ctx->max_logit_rows);
+        for (int i = 0; i < seq->num_new; i++) {
+            int t = seq->token_offset + i;
+            ctx->token_seq[t] = s;
+            ctx->positions[t] = seq->num_past + i;
+            if (seq->logits == KVD_LOGITS_ALL || (seq->logits == KVD_LOGITS_LAST && i == seq->num_new - 1))
+                ctx->logit_tokens[rows++] = t;
+        }
+        ctx->queries[s] = (kvd_attention_query){
+            .table = seq->table, .first_pos = seq->num_past, .num_rows = seq->num_new,
+            .q = ctx->q + (size_t)seq->token_offset * ctx->q_dim, .q_stride = ctx->q_dim,
+            .out = ctx->attn + (size_t)seq->token_offset * ctx->q_dim, .out_stride = ctx->q_dim,
+        };
+        /* Longest rows (latest positions) first: the dynamic schedule then ends balanced. */
+        for (int r1 = seq->num_new; r1 > 0; r1 -= ATTN_ITEM_ROWS)
+            for (int h = 0; h < c->num_kv_heads; h++)
+                ctx->items[items++] = (attn_item){s, h, r1 > ATTN_ITEM_ROWS ? r1 - ATTN_ITEM_ROWS : 0, r1};
+    }
+    for (int t = 0; t < b->num_tokens; t++)
+        if (ctx->token_seq[t] < 0)
+            return kvd_error_set(err, KVD_EINVAL, "forward: token %d belongs to no sequence", t);
+    *num_items = items;
+    return rows;
+}
+
+/* [begin, end) of n split over nth threads, boundaries on multiples of 16 when n allows. */
+static void split(int n, int ith, int nth, int *begin, int *end)
+{
+    int units = (n + 15) / 16;
+    *begin = (int)((int64_t)units * ith / nth) * 16;
+    *end = (int)((int64_t)units * (ith + 1) / nth) * 16;
+    *begin = *begin < n ? *begin : n;
+    *end = *end < n ? *end : n;
+}
+
+static void split_rows(int n, int ith, int nth, int *begin, int *end)
+{
+    *begin = (int)((int64_t)n * ith / nth);
+    *end = (int)((int64_t)n * (ith + 1) / nth);
+}
+
+int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error *err)
+{
+    int num_items = 0;
+    int rows = plan_batch(ctx, batch, &num_items, err);
+    if (rows < 0)
+        return rows;
+    if (rows > 0 && !batch->logits)
+        return kvd_error_set(err, KVD_EINVAL, "forward: batch asks for %d logits rows but has no "
+                             "logits buffer", rows);
+    const kvd_model *model = ctx->model;
+    const kvd_model_config *c = &model->config;
+    const int M = batch->num_tokens, H = ctx->hidden, QD = ctx->q_dim, KD = ctx->kv_dim;
+    const int I = ctx->inter, HD = ctx->head_dim;
+    const kvd_isa isa = ctx->isa;
+    const float eps = c->rms_norm_eps;
+    int nthreads = ctx->num_threads;
+    /* Fewer threads than rows of work is pointless for a single token of a tiny model,
+     * but never changes results; keep the team size fixed for predictable timing. */
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nth = omp_get_num_threads(), ith = omp_get_thread_num();
+        float *mm_scratch = ctx->matmul_scratch + ctx->matmul_stride * (size_t)ith;
+        float *at_scratch = ctx->attn_scratch + ctx->attn_stride * (size_t)ith;
+        int r0, r1, a, b;
+        split_rows(M, ith, nth, &r0, &r1);
+        for (int t = r0; t < r1; t++) {
+            kvd_matrix_row(ctx->x + (size_t)t * H, &model->embed_tokens, batch->tokens[t]);
+            kvd_rope_angles(ctx->rope + (size_t)t * HD, ctx->positions[t], ctx->inv_freq, HD);
+        }
+#pragma omp barrier
+        for (int l = 0; l < c->num_layers; l++) {
+            const kvd_layer_weights *w = &model->layers[l];
+            for (int t = r0; t < r1; t++)
+                kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
+#pragma omp barrier
+            split(QD, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b, mm_scratch);
+            split(KD, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b, mm_scratch);
+            kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b, mm_scratch);
+#pragma omp barrier
+            for (int t = r0; t < r1; t++) {
+                const float *cs = ctx->rope + (size_t)t * HD;
+                kvd_rope(isa, ctx->q + (size_t)t * QD, c->num_heads, HD, cs);
+                kvd_rope(isa, ctx->k + (size_t)t * KD, c->num_kv_heads, HD, cs);
+                kvd_kv_store(isa, ctx->pool, l, batch->seqs[ctx->token_seq[t]].table, ctx->positions[t],
+                             ctx->k + (size_t)t * KD, ctx->v + (size_t)t * KD);
+            }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+            for (int i = 0; i < num_items; i++) {
+                const attn_item *it = &ctx->items[i];
+                kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape, &ctx->queries[it->query],
+                                         it->kv_head, it->row_begin, it->row_end, at_scratch);
+            }
+            split(H, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b, mm_scratch);
+#pragma omp barrier
+            for (int t = r0; t < r1; t++)
+                kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
+#pragma omp barrier
+            split(I, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b, mm_scratch);
+            kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b, mm_scratch);
+            for (int t = 0; t < M && a < b; t++)
+                kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
+#pragma omp barrier
+            split(H, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b, mm_scratch);
+#pragma omp barrier
+        }
+        if (rows > 0) {
+            int f0, f1;
+            split_rows(rows, ith, nth, &f0, &f1);
+            for (int r = f0; r < f1; r++)
+                kvd_rmsnorm(isa, ctx->final_rows + (size_t)r * H,
+                            ctx->x + (size_t)ctx->logit_tokens[r] * H, model->final_norm, H, eps);
+#pragma omp barrier
+            split(ctx->vocab, ith, nth, &a, &b);
+            kvd_matmul_cols(isa, batch->logits, ctx->vocab, ctx->final_rows, H, rows, &model->lm_head,
+                            NULL, false, a, b, mm_scratch);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,161 @@
+/* kernels.c - run-time ISA selection and the ISA-independent kernel helpers.
+ *
+ * The vector kernels are built twice (kernels_impl.c with and without AVX-512);
+ * this file, built for the baseline ISA, picks one per call from the kvd_isa the
+ * caller holds (the forward pass detects it once at creation). Nothing here keeps
+ * state: the CPU check reads what libgcc recorded at start-up.
+ */
+#include "kvd/kvd_kernels.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels_internal.h"
+#include "kvd/kvd_error.h"
+#include "kvd/kvd_half.h"
+
+bool kvd_isa_supported(kvd_isa isa)
+{
+    if (isa == KVD_ISA_SCALAR)
+        return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+kvd_isa kvd_isa_detect(void)
+{
+    const char *forced = getenv("KVD_ISA");
+    if (forced && strcmp(forced, "scalar") == 0)
+        return KVD_ISA_SCALAR;
+    return kvd_isa_supported(KVD_ISA_AVX512) ? KVD_ISA_AVX512 : KVD_ISA_SCALAR;
+}
+
+const char *kvd_isa_name(kvd_isa isa)
+{
+    return isa == KVD_ISA_AVX512 ? "avx512" : "scalar";
+}
+
+size_t kvd_matmul_scratch_floats(int k)
+{
+    size_t a = kvd_matmul_scratch_floats_avx512(k);
+    size_t b = kvd_matmul_scratch_floats_scalar(k);
+    return a > b ? a : b;
+}
+
+void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+                     const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                     int n_end, float *scratch)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_matmul_cols_avx512(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
+    else
+        kvd_matmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
+}
+
+int kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+               const kvd_matrix *w, const float *bias, bool accumulate, int num_threads)
+{
+    if (num_threads <= 0)
+        num_threads = omp_get_num_procs();
+    size_t per_thread = (kvd_matmul_scratch_floats(w->cols) + 15) & ~(size_t)15;
+    float *scratch = aligned_alloc(64, per_thread * (size_t)num_threads * sizeof(float));
+    if (!scratch)
+        return KVD_ENOMEM;
+    int n = w->rows;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int nth = omp_get_num_threads();
+        int ith = omp_get_thread_num();
+        int begin = (int)((int64_t)n * ith / nth);
+        int end = (int)((int64_t)n * (ith + 1) / nth);
+        kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, begin, end,
+                        scratch + per_thread * (size_t)ith);
+    }
+    free(scratch);
+    return 0;
+}
+
+void kvd_rmsnorm(kvd_isa isa, float *out, const float *x, const float *weight, int n, float eps)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_rmsnorm_avx512(out, x, weight, n, eps);
+    else
+        kvd_rmsnorm_scalar(out, x, weight, n, eps);
+}
+
+void kvd_rope(kvd_isa isa, float *vec, int num_heads, int head_dim, const float *cos_sin)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_rope_avx512(vec, num_heads, head_dim, cos_sin);
+    else
+        kvd_rope_scalar(vec, num_heads, head_dim, cos_sin);
+}
+
+void kvd_rope_inv_freq(float *inv_freq, int head_dim, float theta)
+{
+    for (int i = 0; i < head_dim / 2; i++)
+        inv_freq[i] = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
+}
+
+void kvd_rope_angles(float *cos_sin, int pos, const float *inv_freq, int head_dim)
+{
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * inv_freq[i];
+        cos_sin[i] = cosf(angle);
+        cos_sin[half + i] = sinf(angle);
+    }
+}
+
+void kvd_swiglu(kvd_isa isa, float *gate, const float *up, int n)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_swiglu_avx512(gate, up, n);
+    else
+        kvd_swiglu_scalar(gate, up, n);
+}
+
+void kvd_exp(kvd_isa isa, float *out, const float *x, int n)
+{
+    if (isa == KVD_ISA_AVX512)
+        kvd_exp_avx512(out, x, n);
+    else
+        kvd_exp_scalar(out, x, n);
+}
+
+void kvd_matrix_row(float *out, const kvd_matrix *w, int row)
+{
+    size_t base = (size_t)row * (size_t)w->cols;
+    switch (w->dtype) {
+    case KVD_DTYPE_F32:
+        memcpy(out, (const float *)w->data + base, (size_t)w->cols * sizeof(float));
+        break;
+    case KVD_DTYPE_F16:
+        for (int i = 0; i < w->cols; i++)
+            out[i] = kvd_f16_to_f32(((const uint16_t *)w->data)[base + i]);
+        break;
+    case KVD_DTYPE_BF16:
+        for (int i = 0; i < w->cols; i++)
+            out[i] = kvd_bf16_to_f32(((const uint16_t *)w->data)[base + i]);
+        break;
+    }
+}
+
+int kvd_argmax(const float *x, int n)
+{
+    if (n <= 0)
+        return -1;
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}

@@ -1,0 +1,216 @@
+/* kernels_impl.c - matrix products, RMSNorm, RoPE and SwiGLU over the 16-lane vector.
+ *
+ * Compiled twice (see kvd_vec16.h): the AVX-512 build and the scalar build define
+ * the same functions with the suffixes _avx512 and _scalar; kernels.c dispatches.
+ *
+ * Matrix product out = x W^T: every output element is one 16-lane accumulator
+ * advanced by FMAs over k in order, reduced by the fixed tree of v16_hsum, plus the
+ * bias. Only the blocking around that changes with the shape, never the operations
+ * of an element, which is what makes a row's result independent of the batch:
+ * - few rows (decode): weights stream from memory once, widened in registers;
+ *   a tile is up to 3 rows by 6..8 columns of accumulators.
+ * - four rows or more (prefill): a panel of weight rows is widened once into
+ *   per-thread scratch and reused by every 4-row tile; a tile is 4 rows by 6 columns
+ *   (24 accumulators + 6 weight vectors + 1 input vector = 31 of the 32 registers).
+ */
+#include "kvd_vec16.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels_internal.h"
+
+/* Weight rows widened per panel: ~256 KB of floats, a comfortable share of a 1 MB L2. */
+#define PANEL_FLOATS (64 * 1024)
+#define TILE_ROWS 4
+#define TILE_COLS 6
+
+/* One tile: R rows of x by C consecutive weight rows, full k. R and C are
+ * compile-time constants at every call site so the accumulators live in registers. */
+V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w, int wdt,
+                     size_t wld, int k, const float *bias, bool accumulate, int R, int C)
+{
+    v16 acc[TILE_ROWS][8];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++)
+            acc[r][c] = v16_zero();
+    int kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+        v16 wv[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++)
+            wv[c] = v16_load_any(w, wdt, (size_t)c * wld + (size_t)kk);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            v16 xv = v16_load(x + (size_t)r * ldx + kk);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; c++)
+                acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
+        }
+    }
+    if (kk < k) {
+        int n = k - kk;
+        v16 wv[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++)
+            wv[c] = v16_load_any_n(w, wdt, (size_t)c * wld + (size_t)kk, n);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            v16 xv = v16_load_n(x + (size_t)r * ldx + kk, n);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; c++)
+                acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) {
+            float v = v16_hsum(acc[r][c]);
+            if (bias)
+                v += bias[c];
+            float *o = out + (size_t)r * ldo + c;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
+/* Columns [0, ncols) of weight block w (row stride wld) for R rows of x starting at
+ * X, written at O: tiles of C columns, then single columns for the remainder. */
+#define COLS_LOOP(O, X, R, C)                                                                  \
+    do {                                                                                       \
+        int c0_ = 0;                                                                           \
+        for (; c0_ + (C) <= ncols; c0_ += (C))                                                 \
+            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
+                 wld, k, bias ? bias + c0_ : NULL, accumulate, (R), (C));                      \
+        for (; c0_ < ncols; c0_++)                                                             \
+            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
+                 wld, k, bias ? bias + c0_ : NULL, accumulate, (R), 1);                        \
+    } while (0)
+
+/* All m rows against ncols weight rows starting at w. */
+static void block_product(float *out, int ldo, const float *x, int ldx, int m, const void *w,
+                          int wdt, size_t wld, int k, const float *bias, bool accumulate,
+                          int ncols)
+{
+    size_t esize = wdt == 0 ? 4 : 2;
+    int r0 = 0;
+    for (; r0 + TILE_ROWS <= m; r0 += TILE_ROWS)
+        COLS_LOOP(out + (size_t)r0 * ldo, x + (size_t)r0 * ldx, TILE_ROWS, TILE_COLS);
+    float *o = out + (size_t)r0 * ldo;
+    const float *xr = x + (size_t)r0 * ldx;
+    switch (m - r0) {
+    case 3: COLS_LOOP(o, xr, 3, 6); break;
+    case 2: COLS_LOOP(o, xr, 2, 8); break;
+    case 1: COLS_LOOP(o, xr, 1, 8); break;
+    default: break;
+    }
+}
+
+size_t KVD_VEC_FN(kvd_matmul_scratch_floats)(int k)
+{
+    size_t panel = PANEL_FLOATS;
+    size_t min_panel = (size_t)TILE_COLS * (size_t)k;
+    return panel > min_panel ? panel : min_panel;
+}
+
+void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
+                                 const kvd_matrix *w, const float *bias, bool accumulate,
+                                 int n_begin, int n_end, float *scratch)
+{
+    int k = w->cols;
+    int wdt = (int)w->dtype;
+    size_t esize = wdt == 0 ? 4 : 2;
+    if (n_end <= n_begin || m <= 0)
+        return;
+    if (m < TILE_ROWS || wdt == 0) {
+        /* Few rows: each widened weight is used m times at most, stream it. */
+        block_product(out + n_begin, ldo, x, ldx, m,
+                      (const char *)w->data + (size_t)n_begin * (size_t)k * esize, wdt,
+                      (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
+        return;
+    }
+    int panel_rows = (int)(KVD_VEC_FN(kvd_matmul_scratch_floats)(k) / (size_t)k);
+    panel_rows -= panel_rows % TILE_COLS;
+    for (int n0 = n_begin; n0 < n_end; n0 += panel_rows) {
+        int pn = n_end - n0 < panel_rows ? n_end - n0 : panel_rows;
+        const char *src = (const char *)w->data + (size_t)n0 * (size_t)k * esize;
+        size_t total = (size_t)pn * (size_t)k;
+        size_t i = 0;
+        for (; i + 16 <= total; i += 16)
+            v16_store(scratch + i, v16_load_any(src, wdt, i));
+        if (i < total)
+            v16_store_n(scratch + i, v16_load_any_n(src, wdt, i, (int)(total - i)), (int)(total - i));
+        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k,
+                      bias ? bias + n0 : NULL, accumulate, pn);
+    }
+}
+
+void KVD_VEC_FN(kvd_rmsnorm)(float *out, const float *x, const float *weight, int n, float eps)
+{
+    v16 acc = v16_zero();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16 v = v16_load(x + i);
+        acc = v16_fma(v, v, acc);
+    }
+    if (i < n) {
+        v16 v = v16_load_n(x + i, n - i);
+        acc = v16_fma(v, v, acc);
+    }
+    float scale = 1.0f / sqrtf(v16_hsum(acc) / (float)n + eps);
+    v16 s = v16_set1(scale);
+    for (i = 0; i + 16 <= n; i += 16)
+        v16_store(out + i, v16_mul(v16_mul(v16_load(x + i), s), v16_load(weight + i)));
+    if (i < n)
+        v16_store_n(out + i, v16_mul(v16_mul(v16_load_n(x + i, n - i), s), v16_load_n(weight + i, n - i)),
+                    n - i);
+}
+
+/* x*cos - y*sin and y*cos + x*sin as separate multiplies and adds, the way the
+ * reference (x * cos + rotate_half(x) * sin) rounds. */
+void KVD_VEC_FN(kvd_rope)(float *vec, int num_heads, int head_dim, const float *cos_sin)
+{
+    int half = head_dim / 2;
+    const float *cosv = cos_sin;
+    const float *sinv = cos_sin + half;
+    for (int h = 0; h < num_heads; h++) {
+        float *a = vec + (size_t)h * head_dim;
+        float *b = a + half;
+        for (int i = 0; i < half; i += 16) {
+            int n = half - i < 16 ? half - i : 16;
+            v16 x = v16_load_n(a + i, n);
+            v16 y = v16_load_n(b + i, n);
+            v16 c = v16_load_n(cosv + i, n);
+            v16 s = v16_load_n(sinv + i, n);
+            v16_store_n(a + i, v16_sub(v16_mul(x, c), v16_mul(y, s)), n);
+            v16_store_n(b + i, v16_add(v16_mul(y, c), v16_mul(x, s)), n);
+        }
+    }
+}
+
+V16_INLINE v16 silu_mul(v16 g, v16 u)
+{
+    v16 e = v16_exp(v16_sub(v16_zero(), g));
+    return v16_mul(v16_div(g, v16_add(v16_set1(1.0f), e)), u);
+}
+
+void KVD_VEC_FN(kvd_swiglu)(float *gate, const float *up, int n)
+{
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        v16_store(gate + i, silu_mul(v16_load(gate + i), v16_load(up + i)));
+    if (i < n)
+        v16_store_n(gate + i, silu_mul(v16_load_n(gate + i, n - i), v16_load_n(up + i, n - i)), n - i);
+}
+
+void KVD_VEC_FN(kvd_exp)(float *out, const float *x, int n)
+{
+    for (int i = 0; i < n; i += 16) {
+        int c = n - i < 16 ? n - i : 16;
+        v16_store_n(out + i, v16_exp(v16_load_n(x + i, c)), c);
+    }
+}

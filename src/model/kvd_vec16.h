@@ -1,0 +1,242 @@
+/* kvd_vec16.h - the 16-lane float vector the compute kernels are written against.
+ *
+ * The kernels (kernels_impl.c, paged_attention.c) are compiled twice: once with
+ * KVD_VEC_AVX512 (AVX-512 F/BW/VL + FMA + F16C intrinsics) and once with
+ * KVD_VEC_SCALAR (a plain struct of 16 floats, built for the baseline ISA). Every
+ * operation here is defined lane by lane with IEEE single precision and explicit
+ * fused multiply-adds, and the horizontal reductions use one fixed pairwise tree,
+ * so both builds compute bit-identical results: the scalar build is the portable
+ * fallback and, in tests, the witness that the AVX-512 code computes what it says.
+ * Private to the compute module.
+ */
+#ifndef KVD_VEC16_H
+#define KVD_VEC16_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvd/kvd_half.h"
+
+#if defined(KVD_VEC_AVX512)
+#include <immintrin.h>
+#define KVD_VEC_FN(name) name##_avx512
+#elif defined(KVD_VEC_SCALAR)
+#define KVD_VEC_FN(name) name##_scalar
+#else
+#error "define KVD_VEC_AVX512 or KVD_VEC_SCALAR"
+#endif
+
+#define V16_INLINE static inline __attribute__((always_inline))
+
+#if defined(KVD_VEC_AVX512)
+
+typedef __m512 v16;
+
+V16_INLINE v16 v16_zero(void) { return _mm512_setzero_ps(); }
+V16_INLINE v16 v16_set1(float a) { return _mm512_set1_ps(a); }
+V16_INLINE v16 v16_load(const float *p) { return _mm512_loadu_ps(p); }
+V16_INLINE v16 v16_load_n(const float *p, int n)
+{
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+}
+V16_INLINE void v16_store(float *p, v16 a) { _mm512_storeu_ps(p, a); }
+V16_INLINE void v16_store_n(float *p, v16 a, int n)
+{
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), a);
+}
+V16_INLINE v16 v16_from_bf16_bits(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+V16_INLINE v16 v16_load_bf16(const uint16_t *p)
+{
+    return v16_from_bf16_bits(_mm256_loadu_si256((const __m256i *)p));
+}
+V16_INLINE v16 v16_load_bf16_n(const uint16_t *p, int n)
+{
+    return v16_from_bf16_bits(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p));
+}
+V16_INLINE v16 v16_load_f16(const uint16_t *p)
+{
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+V16_INLINE v16 v16_load_f16_n(const uint16_t *p, int n)
+{
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p));
+}
+/* Round to nearest even, NaN kept quiet: the same integer recipe as kvd_f32_to_bf16. */
+V16_INLINE __m256i v16_to_bf16_bits(v16 a)
+{
+    __m512i bits = _mm512_castps_si512(a);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    __m512i out = _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, quiet);
+    return _mm512_cvtepi32_epi16(out);
+}
+V16_INLINE void v16_store_bf16_n(uint16_t *p, v16 a, int n)
+{
+    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1u), v16_to_bf16_bits(a));
+}
+V16_INLINE void v16_store_f16_n(uint16_t *p, v16 a, int n)
+{
+    __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1u), h);
+}
+V16_INLINE v16 v16_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+V16_INLINE v16 v16_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+V16_INLINE v16 v16_sub(v16 a, v16 b) { return _mm512_sub_ps(a, b); }
+V16_INLINE v16 v16_mul(v16 a, v16 b) { return _mm512_mul_ps(a, b); }
+V16_INLINE v16 v16_div(v16 a, v16 b) { return _mm512_div_ps(a, b); }
+V16_INLINE v16 v16_max(v16 a, v16 b) { return _mm512_max_ps(a, b); }
+V16_INLINE v16 v16_min(v16 a, v16 b) { return _mm512_min_ps(a, b); }
+V16_INLINE v16 v16_round(v16 a)
+{
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* a * 2^n for integral n in [-126, 127]. */
+V16_INLINE v16 v16_scale_pow2(v16 a, v16 n)
+{
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(a, _mm512_castsi512_ps(e));
+}
+/* Lanes i and i+8, then i and i+4, i+2, i+1: the tree every reduction uses. */
+V16_INLINE float v16_hsum(v16 a)
+{
+    __m256 lo = _mm512_castps512_ps256(a);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+    __m256 h8 = _mm256_add_ps(lo, hi);
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    __m128 h1 = _mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1));
+    return _mm_cvtss_f32(h1);
+}
+V16_INLINE float v16_hmax(v16 a) { return _mm512_reduce_max_ps(a); }
+V16_INLINE float v16_lane0(v16 a) { return _mm512_cvtss_f32(a); }
+V16_INLINE void v16_prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
+
+#else /* KVD_VEC_SCALAR */
+
+typedef struct v16 {
+    float f[16];
+} v16;
+
+#define V16_MAP(expr)                                                                          \
+    v16 r_;                                                                                    \
+    for (int i = 0; i < 16; i++)                                                               \
+        r_.f[i] = (expr);                                                                      \
+    return r_
+
+V16_INLINE v16 v16_zero(void) { V16_MAP(0.0f); }
+V16_INLINE v16 v16_set1(float a) { V16_MAP(a); }
+V16_INLINE v16 v16_load(const float *p) { V16_MAP(p[i]); }
+V16_INLINE v16 v16_load_n(const float *p, int n) { V16_MAP(i < n ? p[i] : 0.0f); }
+V16_INLINE void v16_store(float *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
+V16_INLINE void v16_store_n(float *p, v16 a, int n) { memcpy(p, a.f, (size_t)n * sizeof(float)); }
+V16_INLINE v16 v16_load_bf16(const uint16_t *p) { V16_MAP(kvd_bf16_to_f32(p[i])); }
+V16_INLINE v16 v16_load_bf16_n(const uint16_t *p, int n)
+{
+    V16_MAP(i < n ? kvd_bf16_to_f32(p[i]) : 0.0f);
+}
+V16_INLINE v16 v16_load_f16(const uint16_t *p) { V16_MAP(kvd_f16_to_f32(p[i])); }
+V16_INLINE v16 v16_load_f16_n(const uint16_t *p, int n)
+{
+    V16_MAP(i < n ? kvd_f16_to_f32(p[i]) : 0.0f);
+}
+V16_INLINE void v16_store_bf16_n(uint16_t *p, v16 a, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = kvd_f32_to_bf16(a.f[i]);
+}
+V16_INLINE void v16_store_f16_n(uint16_t *p, v16 a, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = kvd_f32_to_f16(a.f[i]);
+}
+V16_INLINE v16 v16_fma(v16 a, v16 b, v16 c) { V16_MAP(fmaf(a.f[i], b.f[i], c.f[i])); }
+V16_INLINE v16 v16_add(v16 a, v16 b) { V16_MAP(a.f[i] + b.f[i]); }
+V16_INLINE v16 v16_sub(v16 a, v16 b) { V16_MAP(a.f[i] - b.f[i]); }
+V16_INLINE v16 v16_mul(v16 a, v16 b) { V16_MAP(a.f[i] * b.f[i]); }
+V16_INLINE v16 v16_div(v16 a, v16 b) { V16_MAP(a.f[i] / b.f[i]); }
+/* Same NaN rule as vmaxps/vminps: the second operand wins unless the first is larger. */
+V16_INLINE v16 v16_max(v16 a, v16 b) { V16_MAP(a.f[i] > b.f[i] ? a.f[i] : b.f[i]); }
+V16_INLINE v16 v16_min(v16 a, v16 b) { V16_MAP(a.f[i] < b.f[i] ? a.f[i] : b.f[i]); }
+V16_INLINE v16 v16_round(v16 a) { V16_MAP(nearbyintf(a.f[i])); }
+V16_INLINE v16 v16_scale_pow2(v16 a, v16 n)
+{
+    v16 r;
+    for (int i = 0; i < 16; i++) {
+        uint32_t bits = (uint32_t)((int32_t)n.f[i] + 127) << 23;
+        float s;
+        memcpy(&s, &bits, sizeof s);
+        r.f[i] = a.f[i] * s;
+    }
+    return r;
+}
+V16_INLINE float v16_hsum(v16 a)
+{
+    float h8[8], h4[4], h2[2];
+    for (int i = 0; i < 8; i++)
+        h8[i] = a.f[i] + a.f[i + 8];
+    for (int i = 0; i < 4; i++)
+        h4[i] = h8[i] + h8[i + 4];
+    for (int i = 0; i < 2; i++)
+        h2[i] = h4[i] + h4[i + 2];
+    return h2[0] + h2[1];
+}
+V16_INLINE float v16_hmax(v16 a)
+{
+    float m = a.f[0];
+    for (int i = 1; i < 16; i++)
+        m = a.f[i] > m ? a.f[i] : m;
+    return m;
+}
+V16_INLINE float v16_lane0(v16 a) { return a.f[0]; }
+V16_INLINE void v16_prefetch(const void *p) { __builtin_prefetch(p); }
+
+#undef V16_MAP
+#endif
+
+/* exp(x) for x clamped to [-87, 88] (Cephes expf: Cody-Waite reduction by ln 2, degree-5
+ * polynomial, ~1 ulp), written once over the lane operations above so both builds agree.
+ * Below -87 it returns exp(-87) ~ 1.6e-38 rather than a denormal or 0: callers (softmax,
+ * silu) only add such values to sums of order one. */
+V16_INLINE v16 v16_exp(v16 x)
+{
+    x = v16_min(v16_max(x, v16_set1(-87.0f)), v16_set1(88.0f));
+    v16 n = v16_round(v16_mul(x, v16_set1(1.44269504088896341f)));
+    v16 r = v16_fma(n, v16_set1(-0.693359375f), x);
+    r = v16_fma(n, v16_set1(2.12194440e-4f), r);
+    v16 p = v16_set1(1.9875691500e-4f);
+    p = v16_fma(p, r, v16_set1(1.3981999507e-3f));
+    p = v16_fma(p, r, v16_set1(8.3334519073e-3f));
+    p = v16_fma(p, r, v16_set1(4.1665795894e-2f));
+    p = v16_fma(p, r, v16_set1(1.6666665459e-1f));
+    p = v16_fma(p, r, v16_set1(5.0000001201e-1f));
+    p = v16_fma(p, v16_mul(r, r), r);
+    p = v16_add(p, v16_set1(1.0f));
+    return v16_scale_pow2(p, n);
+}
+
+/* Loads 16 (or the first n, rest zero) weights of any dtype widened to float. */
+V16_INLINE v16 v16_load_any(const void *base, int dtype, size_t index)
+{
+    if (dtype == 0)
+        return v16_load((const float *)base + index);
+    if (dtype == 1)
+        return v16_load_f16((const uint16_t *)base + index);
+    return v16_load_bf16((const uint16_t *)base + index);
+}
+V16_INLINE v16 v16_load_any_n(const void *base, int dtype, size_t index, int n)
+{
+    if (dtype == 0)
+        return v16_load_n((const float *)base + index, n);
+    if (dtype == 1)
+        return v16_load_f16_n((const uint16_t *)base + index, n);
+    return v16_load_bf16_n((const uint16_t *)base + index, n);
+}
+
+#endif

@@ -1,0 +1,655 @@
+/* loader.c - loads a Qwen2 checkpoint directory into one anonymous weight arena.
+ *
+ * Steps: parse config.json (config.c) and the optional generation_config.json; map
+ * every safetensors file read-only (one model.safetensors, or the shards named by
+ * model.safetensors.index.json) and validate their headers (safetensors.c); list the
+ * tensors the config implies and check each one's presence, dtype and shape before
+ * anything is copied; then copy them into a single anonymous mapping. Matrices keep
+ * the checkpoint's dtype (so bf16 weights cost 2 bytes each), the small vectors
+ * (norm weights, q/k/v biases) become float32 because every kernel reads them as
+ * float; every tensor starts 64-byte aligned for vector loads. The arena is 2 MiB
+ * aligned and advised for transparent huge pages (fewer TLB misses when a decode step
+ * streams all weights), then made read-only, and the file mappings are dropped: after
+ * loading, decoding never touches the files and never page-faults on them.
+ *
+ * All weight matrices must share one dtype (real checkpoints do, and the kernels are
+ * chosen per model); tensors the model does not use, and lm_head.weight when the
+ * embeddings are tied, are ignored. Assumes a little-endian host, as the format does.
+ */
+#include "kvd/kvd_half.h"
+#include "kvd/kvd_model.h"
+#include "kvd/kvd_safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TENSOR_ALIGN 64
+#define ARENA_ALIGN ((size_t)2 << 20)
+#define MAX_JSON_FILE_BYTES ((size_t)64 << 20)
+/* Progress is reported in steps of this fraction and copies are chunked so that a
+ * single huge embedding still reports smoothly. */
+#define PROGRESS_STEP_PERCENT 5
+#define COPY_CHUNK_BYTES ((size_t)16 << 20)
+
+typedef struct model_impl {
+    void *arena;      /* anonymous mapping holding every weight */
+    size_t arena_size;
+} model_impl;
+
+/* A tensor the config says must exist, where it was found and where it goes. */
+typedef struct wanted_tensor {
+    char name[96];
+    int rows;               /* matrix rows, or vector length */
+    int cols;               /* matrix cols; 0 marks a vector (stored as float32) */
+    kvd_matrix *matrix;     /* destination of a matrix */
+    const float **vector;   /* destination of a vector */
+    const kvd_st_file *file;
+    const kvd_st_tensor *tensor;
+    size_t arena_offset;
+} wanted_tensor;
+
+typedef struct load_state {
+    const char *dir;
+    kvd_st_file *files;     /* [num_files] */
+    int num_files;
+    wanted_tensor *wanted;  /* [num_wanted] */
+    int num_wanted;
+} load_state;
+
+static int join_path(char *out, size_t cap, const char *dir, const char *file, kvd_error *err)
+{
+    int n = snprintf(out, cap, "%s/%s", dir, file);
+    if (n < 0 || (size_t)n >= cap)
+        return kvd_error_set(err, KVD_EINVAL, "%s/%s: path too long", dir, file);
+    return 0;
+}
+
+/* Reads a whole (small) file. Returns 0 and a malloc'ed NUL-terminated *text, or
+ * KVD_EIO with err set; *missing says the file does not exist (optional files). */
+static int read_text_file(const char *path, char **text, size_t *len, bool *missing,
+                          kvd_error *err)
+{
+    if (missing)
+        *missing = false;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (missing)
+            *missing = errno == ENOENT;
+        return kvd_error_set(err, KVD_EIO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size > MAX_JSON_FILE_BYTES) {
+        close(fd);
+        return kvd_error_set(err, KVD_EIO, "%s: not a regular file of at most %zu bytes", path,
+                             MAX_JSON_FILE_BYTES);
+    }
+    size_t size = (size_t)st.st_size;
+    char *buf = malloc(size + 1);
+    if (!buf) {
+        close(fd);
+        return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", path);
+    }
+    size_t got = 0;
+    while (got < size) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            int e = r < 0 ? errno : 0;
+            free(buf);
+            close(fd);
+            return kvd_error_set(err, KVD_EIO, "%s: short read: %s", path,
+                                 e ? strerror(e) : "file shrank");
+        }
+        got += (size_t)r;
+    }
+    close(fd);
+    buf[size] = '\0';
+    *text = buf;
+    *len = size;
+    return 0;
+}
+
+static int gen_number(const cJSON *root, const char *key, double min, double max, float *out,
+                      const char *path, kvd_error *err)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!item || cJSON_IsNull(item))
+        return 0;
+    if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) || item->valuedouble < min ||
+        item->valuedouble > max)
+        return kvd_error_set(err, KVD_EFORMAT, "%s: key \"%s\" must be a number in [%g, %g]",
+                             path, key, min, max);
+    *out = (float)item->valuedouble;
+    return 0;
+}
+
+/* Merges generation_config.json's eos ids after config.json's (duplicates dropped). */
+static int gen_eos_ids(const cJSON *root, kvd_model_config *cfg, const char *path,
+                       kvd_error *err)
+{
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
+    if (!item || cJSON_IsNull(item))
+        return 0;
+    if (!cJSON_IsNumber(item) && !cJSON_IsArray(item))
+        return kvd_error_set(err, KVD_EFORMAT,
+                             "%s: key \"eos_token_id\" must be a token id or a list of ids", path);
+    const cJSON *element = cJSON_IsNumber(item) ? item : item->child;
+    for (; element; element = cJSON_IsNumber(item) ? NULL : element->next) {
+        double v = element->valuedouble;
+        if (!cJSON_IsNumber(element) || !isfinite(v) || floor(v) != v || v < 0 ||
+            v >= cfg->vocab_size)
+            return kvd_error_set(err, KVD_EFORMAT,
+                                 "%s: key \"eos_token_id\" holds a value that is not a token id "
+                                 "in [0, %d)",
+                                 path, cfg->vocab_size);
+        int id = (int)v;
+        bool seen = false;
+        for (int i = 0; i < cfg->num_eos_token_ids; i++)
+            seen = seen || cfg->eos_token_ids[i] == id;
+        if (seen)
+            continue;
+        if (cfg->num_eos_token_ids >= KVD_MAX_EOS_IDS)
+            return kvd_error_set(err, KVD_EFORMAT, "%s: key \"eos_token_id\": more than %d ids",
+                                 path, KVD_MAX_EOS_IDS);
+        cfg->eos_token_ids[cfg->num_eos_token_ids++] = id;
+    }
+    return 0;
+}
+
+/* Reads the optional generation_config.json: sampling defaults and extra eos ids. */
+static int load_generation_config(kvd_model *model, kvd_error *err)
+{
+    kvd_generation_defaults *gen = &model->generation;
+    *gen = (kvd_generation_defaults){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0,
+                                     .min_p = 0.0f, .repetition_penalty = 1.0f,
+                                     .do_sample = false};
+    char path[PATH_MAX];
+    int rc = join_path(path, sizeof path, model->dir, "generation_config.json", err);
+    if (rc < 0)
+        return rc;
+    char *text;
+    size_t len;
+    bool missing;
+    rc = read_text_file(path, &text, &len, &missing, err);
+    if (rc < 0)
+        return missing ? 0 : rc;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return kvd_error_set(err, KVD_EFORMAT, "%s: not a JSON object", path);
+    }
+    float top_k = 0;
+    if ((rc = gen_number(root, "temperature", 0, 1e6, &gen->temperature, path, err)) < 0 ||
+        (rc = gen_number(root, "top_p", 0, 1, &gen->top_p, path, err)) < 0 ||
+        (rc = gen_number(root, "top_k", 0, 1 << 24, &top_k, path, err)) < 0 ||
+        (rc = gen_number(root, "min_p", 0, 1, &gen->min_p, path, err)) < 0 ||
+        (rc = gen_number(root, "repetition_penalty", 1e-6, 1e6, &gen->repetition_penalty, path,
+                         err)) < 0 ||
+        (rc = gen_eos_ids(root, &model->config, path, err)) < 0)
+        goto done;
+    if (floorf(top_k) != top_k) {
+        rc = kvd_error_set(err, KVD_EFORMAT, "%s: key \"top_k\" must be an integer", path);
+        goto done;
+    }
+    gen->top_k = (int)top_k;
+    const cJSON *do_sample = cJSON_GetObjectItemCaseSensitive(root, "do_sample");
+    if (do_sample && !cJSON_IsNull(do_sample)) {
+        if (!cJSON_IsBool(do_sample)) {
+            rc = kvd_error_set(err, KVD_EFORMAT, "%s: key \"do_sample\" must be a boolean", path);
+            goto done;
+        }
+        gen->do_sample = cJSON_IsTrue(do_sample);
+    }
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
+/* A shard name from the index must stay inside the checkpoint directory. */
+static bool is_plain_file_name(const char *name)
+{
+    for (const char *p = name; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) /* it ends up in messages */
+            return false;
+    return name[0] && !strchr(name, '/') && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+}
+
+static int find_or_open_file(load_state *st, const char *file_name, const kvd_st_file **out,
+                             kvd_error *err)
+{
+    char path[PATH_MAX];
+    int rc = join_path(path, sizeof path, st->dir, file_name, err);
+    if (rc < 0)
+        return rc;
+    for (int i = 0; i < st->num_files; i++) {
+        if (strcmp(st->files[i].path, path) == 0) {
+            *out = &st->files[i];
+            return 0;
+        }
+    }
+    rc = kvd_st_file_open(&st->files[st->num_files], path, err);
+    if (rc < 0)
+        return rc;
+    *out = &st->files[st->num_files++];
+    return 0;
+}
+
+/* Finds each wanted tensor through the index's weight_map (sharded checkpoints). */
+static int locate_sharded(load_state *st, const char *index_path, const char *text, size_t len,
+                          kvd_error *err)
+{
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    const cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
+    int rc = 0;
+    if (!cJSON_IsObject(root) || !cJSON_IsObject(map)) {
+        rc = kvd_error_set(err, KVD_EFORMAT, "%s: not a JSON object with a \"weight_map\" object",
+                           index_path);
+        goto done;
+    }
+    int num_entries = cJSON_GetArraySize(map);
+    st->files = calloc(num_entries > 0 ? (size_t)num_entries : 1, sizeof *st->files);
+    if (!st->files) {
+        rc = kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", index_path);
+        goto done;
+    }
+    /* Open every shard the index names, used or not: a missing or corrupt shard means
+     * a broken checkpoint even if kvd would not read it. */
+    const cJSON *entry;
+    cJSON_ArrayForEach(entry, map) {
+        if (!cJSON_IsString(entry) || !is_plain_file_name(entry->valuestring)) {
+            char name[128];
+            rc = kvd_error_set(err, KVD_EFORMAT,
+                               "%s: weight_map entry for tensor %s is not a file name in the "
+                               "checkpoint directory",
+                               index_path, kvd_st_printable(name, sizeof name, entry->string));
+            goto done;
+        }
+        const kvd_st_file *file;
+        if ((rc = find_or_open_file(st, entry->valuestring, &file, err)) < 0)
+            goto done;
+    }
+    for (int i = 0; i < st->num_wanted; i++) {
+        wanted_tensor *w = &st->wanted[i];
+        const cJSON *file_name = cJSON_GetObjectItemCaseSensitive(map, w->name);
+        if (!file_name) {
+            rc = kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s in weight_map",
+                               index_path, w->name);
+            goto done;
+        }
+        if ((rc = find_or_open_file(st, file_name->valuestring, &w->file, err)) < 0)
+            goto done;
+        w->tensor = kvd_st_header_find(&w->file->header, w->name);
+        if (!w->tensor) {
+            rc = kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s (the index puts it there)",
+                               w->file->path, w->name);
+            goto done;
+        }
+    }
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
+/* Maps the checkpoint's safetensors file(s) and finds every wanted tensor. */
+static int locate_tensors(load_state *st, kvd_error *err)
+{
+    char index_path[PATH_MAX], single_path[PATH_MAX];
+    int rc;
+    if ((rc = join_path(index_path, sizeof index_path, st->dir, "model.safetensors.index.json",
+                        err)) < 0 ||
+        (rc = join_path(single_path, sizeof single_path, st->dir, "model.safetensors", err)) < 0)
+        return rc;
+    char *text;
+    size_t len;
+    bool missing;
+    rc = read_text_file(index_path, &text, &len, &missing, err);
+    if (rc == 0) {
+        rc = locate_sharded(st, index_path, text, len, err);
+        free(text);
+        return rc;
+    }
+    if (!missing)
+        return rc;
+
+    st->files = calloc(1, sizeof *st->files);
+    if (!st->files)
+        return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", single_path);
+    rc = kvd_st_file_open(&st->files[0], single_path, err);
+    if (rc < 0) {
+        if (rc == KVD_EIO && access(single_path, F_OK) != 0)
+            kvd_error_set(err, KVD_EIO,
+                          "%s: cannot open: %s (and no model.safetensors.index.json either)",
+                          single_path, strerror(ENOENT));
+        return rc;
+    }
+    st->num_files = 1;
+    for (int i = 0; i < st->num_wanted; i++) {
+        wanted_tensor *w = &st->wanted[i];
+        w->file = &st->files[0];
+        w->tensor = kvd_st_header_find(&st->files[0].header, w->name);
+        if (!w->tensor)
+            return kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s", single_path, w->name);
+    }
+    return 0;
+}
+
+static void want_matrix(load_state *st, const char *name, int rows, int cols, kvd_matrix *dest)
+{
+    wanted_tensor *w = &st->wanted[st->num_wanted++];
+    snprintf(w->name, sizeof w->name, "%s", name);
+    w->rows = rows;
+    w->cols = cols;
+    w->matrix = dest;
+}
+
+static void want_vector(load_state *st, const char *name, int len, const float **dest)
+{
+    wanted_tensor *w = &st->wanted[st->num_wanted++];
+    snprintf(w->name, sizeof w->name, "%s", name);
+    w->rows = len;
+    w->cols = 0;
+    w->vector = dest;
+}
+
+/* The complete list of tensors a Qwen2 model of this config reads. */
+static int list_wanted(load_state *st, kvd_model *model, kvd_error *err)
+{
+    const kvd_model_config *c = &model->config;
+    int max = 3 + 12 * c->num_layers;
+    st->wanted = calloc((size_t)max, sizeof *st->wanted);
+    if (!st->wanted)
+        return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", st->dir);
+    int q_dim = c->num_heads * c->head_dim, kv_dim = c->num_kv_heads * c->head_dim;
+    want_matrix(st, "model.embed_tokens.weight", c->vocab_size, c->hidden_size,
+                &model->embed_tokens);
+    for (int i = 0; i < c->num_layers; i++) {
+        kvd_layer_weights *l = &model->layers[i];
+        char name[96];
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix), name)
+        want_matrix(st, LAYER_NAME("self_attn.q_proj.weight"), q_dim, c->hidden_size, &l->q_proj);
+        want_matrix(st, LAYER_NAME("self_attn.k_proj.weight"), kv_dim, c->hidden_size, &l->k_proj);
+        want_matrix(st, LAYER_NAME("self_attn.v_proj.weight"), kv_dim, c->hidden_size, &l->v_proj);
+        want_matrix(st, LAYER_NAME("self_attn.o_proj.weight"), c->hidden_size, q_dim, &l->o_proj);
+        want_vector(st, LAYER_NAME("self_attn.q_proj.bias"), q_dim, &l->q_bias);
+        want_vector(st, LAYER_NAME("self_attn.k_proj.bias"), kv_dim, &l->k_bias);
+        want_vector(st, LAYER_NAME("self_attn.v_proj.bias"), kv_dim, &l->v_bias);
+        want_matrix(st, LAYER_NAME("mlp.gate_proj.weight"), c->intermediate_size, c->hidden_size,
+                    &l->gate_proj);
+        want_matrix(st, LAYER_NAME("mlp.up_proj.weight"), c->intermediate_size, c->hidden_size,
+                    &l->up_proj);
+        want_matrix(st, LAYER_NAME("mlp.down_proj.weight"), c->hidden_size, c->intermediate_size,
+                    &l->down_proj);
+        want_vector(st, LAYER_NAME("input_layernorm.weight"), c->hidden_size, &l->input_norm);
+        want_vector(st, LAYER_NAME("post_attention_layernorm.weight"), c->hidden_size,
+                    &l->post_norm);
+#undef LAYER_NAME
+    }
+    want_vector(st, "model.norm.weight", c->hidden_size, &model->final_norm);
+    if (!c->tie_word_embeddings)
+        want_matrix(st, "lm_head.weight", c->vocab_size, c->hidden_size, &model->lm_head);
+    return 0;
+}
+
+static void format_shape(char *out, size_t cap, const kvd_st_tensor *t)
+{
+    size_t used = (size_t)snprintf(out, cap, "[");
+    for (int d = 0; d < t->ndim && used < cap; d++)
+        used += (size_t)snprintf(out + used, cap - used, d ? ", %lld" : "%lld",
+                                 (long long)t->shape[d]);
+    if (used < cap)
+        snprintf(out + used, cap - used, "]");
+}
+
+/* Checks dtype and shape of every wanted tensor and plans the arena layout.
+ * Returns the arena bytes needed in *arena_bytes. */
+static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
+                          uint64_t *source_bytes, kvd_error *err)
+{
+    const wanted_tensor *first_matrix = NULL;
+    size_t offset = 0;
+    uint64_t source = 0;
+    model->weight_bytes = 0;
+    for (int i = 0; i < st->num_wanted; i++) {
+        wanted_tensor *w = &st->wanted[i];
+        const kvd_st_tensor *t = w->tensor;
+        if (!t->supported)
+            return kvd_error_set(err, KVD_EUNSUPPORTED,
+                                 "%s: tensor %s has dtype %s; kvd reads BF16, F16 or F32",
+                                 w->file->path, w->name, t->dtype_name);
+        bool is_matrix = w->cols > 0;
+        bool shape_ok = is_matrix ? t->ndim == 2 && t->shape[0] == w->rows && t->shape[1] == w->cols
+                                  : t->ndim == 1 && t->shape[0] == w->rows;
+        if (!shape_ok) {
+            char have[160], want[64];
+            format_shape(have, sizeof have, t);
+            if (is_matrix)
+                snprintf(want, sizeof want, "[%d, %d]", w->rows, w->cols);
+            else
+                snprintf(want, sizeof want, "[%d]", w->rows);
+            return kvd_error_set(err, KVD_EFORMAT,
+                                 "%s: tensor %s has shape %s but config.json implies %s",
+                                 w->file->path, w->name, have, want);
+        }
+        size_t bytes;
+        if (is_matrix) {
+            if (!first_matrix)
+                first_matrix = w;
+            else if (t->dtype != first_matrix->tensor->dtype)
+                return kvd_error_set(err, KVD_EUNSUPPORTED,
+                                     "%s: tensor %s is %s but %s is %s: mixed weight dtypes are "
+                                     "not supported",
+                                     w->file->path, w->name, t->dtype_name, first_matrix->name,
+                                     first_matrix->tensor->dtype_name);
+            bytes = (size_t)t->numel * kvd_dtype_size(t->dtype);
+        } else {
+            bytes = (size_t)t->numel * sizeof(float);
+        }
+        w->arena_offset = offset;
+        offset += (bytes + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+        source += t->end - t->begin;
+        model->weight_bytes += bytes;
+    }
+    *arena_bytes = offset;
+    *source_bytes = source;
+    return 0;
+}
+
+/* One anonymous, 2 MiB aligned mapping so the kernel can back it with huge pages. */
+static void *map_arena(size_t size, size_t *mapped_size)
+{
+    size_t rounded = (size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+    if (rounded == 0)
+        rounded = ARENA_ALIGN;
+    size_t over = rounded + ARENA_ALIGN;
+    uint8_t *raw = mmap(NULL, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED)
+        return NULL;
+    uintptr_t aligned = ((uintptr_t)raw + ARENA_ALIGN - 1) & ~(uintptr_t)(ARENA_ALIGN - 1);
+    size_t head = aligned - (uintptr_t)raw;
+    if (head)
+        munmap(raw, head);
+    size_t tail = over - head - rounded;
+    if (tail)
+        munmap((uint8_t *)aligned + rounded, tail);
+#ifdef MADV_HUGEPAGE
+    madvise((void *)aligned, rounded, MADV_HUGEPAGE); /* advisory: fine if refused */
+#endif
+    *mapped_size = rounded;
+    return (void *)aligned;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+typedef struct progress {
+    bool enabled;
+    const char *dir;
+    uint64_t total_bytes;
+    uint64_t done_bytes;
+    int total_tensors;
+    int next_percent;
+} progress;
+
+static void progress_advance(progress *p, uint64_t bytes, int tensors_done)
+{
+    p->done_bytes += bytes;
+    if (!p->enabled || p->total_bytes == 0)
+        return;
+    int percent = (int)(p->done_bytes * 100 / p->total_bytes);
+    if (percent < p->next_percent || percent >= 100)
+        return;
+    fprintf(stderr, "kvd: loading %s: %3d%% (%.1f / %.1f MB, %d / %d tensors)\n", p->dir, percent,
+            (double)p->done_bytes / 1e6, (double)p->total_bytes / 1e6, tensors_done,
+            p->total_tensors);
+    p->next_percent = (percent / PROGRESS_STEP_PERCENT + 1) * PROGRESS_STEP_PERCENT;
+}
+
+static void convert_to_f32(float *out, const uint8_t *src, const kvd_st_tensor *t)
+{
+    for (uint64_t i = 0; i < t->numel; i++) {
+        if (t->dtype == KVD_DTYPE_F32) {
+            memcpy(&out[i], src + 4 * i, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            out[i] = t->dtype == KVD_DTYPE_BF16 ? kvd_bf16_to_f32(h) : kvd_f16_to_f32(h);
+        }
+    }
+}
+
+static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
+{
+    for (int i = 0; i < st->num_wanted; i++) {
+        const wanted_tensor *w = &st->wanted[i];
+        const kvd_st_tensor *t = w->tensor;
+        const uint8_t *src = kvd_st_tensor_data(w->file, t);
+        uint8_t *dst = arena + w->arena_offset;
+        if (w->cols > 0) {
+            size_t bytes = (size_t)(t->end - t->begin);
+            for (size_t done = 0; done < bytes;) {
+                size_t n = bytes - done < COPY_CHUNK_BYTES ? bytes - done : COPY_CHUNK_BYTES;
+                memcpy(dst + done, src + done, n);
+                done += n;
+                progress_advance(p, n, i + (done == bytes));
+            }
+            *w->matrix = (kvd_matrix){.dtype = t->dtype, .rows = w->rows, .cols = w->cols,
+                                      .data = dst};
+        } else {
+            convert_to_f32((float *)(void *)dst, src, t);
+            *w->vector = (const float *)(const void *)dst;
+            progress_advance(p, t->end - t->begin, i + 1);
+        }
+    }
+}
+
+static void close_files(load_state *st)
+{
+    for (int i = 0; i < st->num_files; i++)
+        kvd_st_file_close(&st->files[i]);
+    free(st->files);
+    st->files = NULL;
+    st->num_files = 0;
+}
+
+kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, kvd_error *err)
+{
+    if (!dir) {
+        kvd_error_set(err, KVD_EINVAL, "kvd_model_load: no checkpoint directory given");
+        return NULL;
+    }
+    double start = now_seconds();
+    load_state st = {.dir = dir};
+    kvd_model *model = calloc(1, sizeof *model);
+    model_impl *impl = calloc(1, sizeof *impl);
+    char *dir_copy = strdup(dir);
+    if (!model || !impl || !dir_copy) {
+        kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", dir);
+        free(model);
+        free(impl);
+        free(dir_copy);
+        return NULL;
+    }
+    model->dir = dir_copy;
+    model->impl = impl;
+
+    char config_path[PATH_MAX];
+    char *text = NULL;
+    size_t len;
+    int rc;
+    if ((rc = join_path(config_path, sizeof config_path, dir, "config.json", err)) < 0 ||
+        (rc = read_text_file(config_path, &text, &len, NULL, err)) < 0)
+        goto fail;
+    rc = kvd_model_config_parse(text, len, config_path, &model->config, err);
+    free(text);
+    if (rc < 0 || (rc = load_generation_config(model, err)) < 0)
+        goto fail;
+
+    model->layers = calloc((size_t)model->config.num_layers, sizeof *model->layers);
+    if (!model->layers) {
+        kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", dir);
+        goto fail;
+    }
+    size_t arena_bytes = 0;
+    uint64_t source_bytes = 0;
+    if ((rc = list_wanted(&st, model, err)) < 0 || (rc = locate_tensors(&st, err)) < 0 ||
+        (rc = check_and_plan(&st, model, &arena_bytes, &source_bytes, err)) < 0)
+        goto fail;
+
+    impl->arena = map_arena(arena_bytes, &impl->arena_size);
+    if (!impl->arena) {
+        kvd_error_set(err, KVD_ENOMEM, "%s: cannot map %zu bytes for the weights: %s", dir,
+                      arena_bytes, strerror(errno));
+        goto fail;
+    }
+    progress prog = {.enabled = opts && opts->progress, .dir = dir, .total_bytes = source_bytes,
+                     .total_tensors = st.num_wanted, .next_percent = PROGRESS_STEP_PERCENT};
+    copy_tensors(&st, impl->arena, &prog);
+    if (model->config.tie_word_embeddings)
+        model->lm_head = model->embed_tokens;
+    /* Weights never change after loading: a stray write should fault, not corrupt. */
+    mprotect(impl->arena, impl->arena_size, PROT_READ);
+    int num_files = st.num_files;
+    close_files(&st);
+    free(st.wanted);
+    if (prog.enabled)
+        fprintf(stderr, "kvd: loaded %s: %d tensors from %d file%s, %.2f GB of %s weights in %.2f s\n",
+                dir, prog.total_tensors, num_files, num_files == 1 ? "" : "s",
+                (double)model->weight_bytes / 1e9, kvd_dtype_name(model->embed_tokens.dtype),
+                now_seconds() - start);
+    return model;
+
+fail:
+    close_files(&st);
+    free(st.wanted);
+    kvd_model_destroy(model);
+    return NULL;
+}
+
+void kvd_model_destroy(kvd_model *model)
+{
+    if (!model)
+        return;
+    model_impl *impl = model->impl;
+    if (impl && impl->arena)
+        munmap(impl->arena, impl->arena_size);
+    free(impl);
+    free(model->layers);
+    free(model->dir);
+    free(model);
+}

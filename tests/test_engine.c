@@ -1,0 +1,780 @@
+/* test_engine.c - the engine on the tiny fixture model: determinism, limits, events.
+ *
+ * The central property: a request's tokens are the same whether it runs alone or
+ * beside 31 others in a KV pool small enough to force preemptions, with prefill
+ * chunks small enough to force chunking, for greedy and for seeded sampling. Around
+ * it: prefix-cache hits (same output, cached tokens reported), stop strings across
+ * token boundaries (never leaked), stop ids and EOS, max_tokens and the context cap,
+ * n > 1 (shared prompt blocks; each choice equals a lone run with seed + choice),
+ * cancellation mid-prefill and mid-decode (blocks back, pool invariants hold), refusals
+ * (KVD_ETOOLONG, KVD_EBUSY), and the engine thread. The model is KVD_TINY_MODEL
+ * (random weights, so outputs are arbitrary but reproducible); expected values come
+ * from lone runs of the same engine code, the property under test being invariance.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvd/kvd_engine.h"
+
+#define MAX_OUT_TOKENS 512
+#define MAX_OUT_TEXT 16384
+#define PLAIN_VOCAB 151643 /* ids below this are ordinary BPE tokens */
+
+typedef struct fixture {
+    kvd_model *model;
+    kvd_tokenizer *tok;
+} fixture;
+
+typedef struct choice_out {
+    int32_t tokens[MAX_OUT_TOKENS];
+    int num_tokens;
+    char text[MAX_OUT_TEXT];
+    size_t text_len;
+    size_t text_after[MAX_OUT_TOKENS]; /* delivered text length after each token's event */
+    kvd_finish_reason finish;
+    int num_finish_events;
+    int cached_tokens;
+    int completion_tokens;
+    float first_logprob;
+    int first_num_top;
+    int32_t first_top_token;
+    float first_top_logprob;
+} choice_out;
+
+typedef struct req_out {
+    int64_t id;
+    int n;
+    choice_out ch[4];
+} req_out;
+
+static int setup(void **state)
+{
+    const char *dir = getenv("KVD_TINY_MODEL");
+    if (!dir) {
+        fprintf(stderr, "KVD_TINY_MODEL is not set (run through meson test)\n");
+        return -1;
+    }
+    fixture *f = calloc(1, sizeof *f);
+    kvd_error err = {0};
+    f->model = kvd_model_load(dir, NULL, &err);
+    if (!f->model) {
+        fprintf(stderr, "tiny model: %s\n", err.msg);
+        return -1;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    f->tok = kvd_tokenizer_load(path, &err);
+    if (!f->tok) {
+        fprintf(stderr, "tokenizer: %s\n", err.msg);
+        return -1;
+    }
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    kvd_tokenizer_destroy(f->tok);
+    kvd_model_destroy(f->model);
+    free(f);
+    return 0;
+}
+
+static kvd_engine_config small_config(int num_blocks, int max_batched_tokens)
+{
+    kvd_engine_config cfg = kvd_engine_config_default();
+    cfg.kv_num_blocks = (size_t)num_blocks;
+    cfg.max_batched_tokens = max_batched_tokens;
+    cfg.max_num_seqs = 64;
+    cfg.num_threads = 1;
+    cfg.max_queue = 0;
+    return cfg;
+}
+
+static kvd_engine *make_engine(const fixture *f, const kvd_engine_config *cfg)
+{
+    kvd_error err = {0};
+    kvd_engine *e = kvd_engine_create(f->model, f->tok, cfg, NULL, NULL, &err);
+    if (!e)
+        fail_msg("kvd_engine_create: %s", err.msg);
+    return e;
+}
+
+/* Plain random token ids, reproducible from seed. */
+static void make_prompt(int32_t *ids, int len, uint64_t seed)
+{
+    kvd_rng rng;
+    kvd_rng_seed(&rng, seed);
+    for (int i = 0; i < len; i++)
+        ids[i] = (int32_t)(kvd_rng_uniform(&rng) * PLAIN_VOCAB);
+}
+
+static kvd_request_params greedy_params(int max_tokens)
+{
+    kvd_request_params p = kvd_request_params_default(NULL);
+    p.max_tokens = max_tokens;
+    p.ignore_eos = true;
+    return p;
+}
+
+static kvd_request_params sampled_params(int max_tokens, uint64_t seed)
+{
+    kvd_request_params p = greedy_params(max_tokens);
+    p.sampling.temperature = 0.8f;
+    p.sampling.top_k = 40;
+    p.sampling.top_p = 0.9f;
+    p.sampling.repetition_penalty = 1.1f;
+    p.sampling.presence_penalty = 0.2f;
+    p.sampling.seed = seed;
+    return p;
+}
+
+static int64_t submit_ok(kvd_engine *e, const int32_t *prompt, int len, const kvd_request_params *p)
+{
+    kvd_error err = {0};
+    int64_t id = kvd_engine_submit(e, prompt, len, p, &err);
+    if (id <= 0)
+        fail_msg("submit: %lld %s", (long long)id, err.msg);
+    return id;
+}
+
+static void collect(kvd_event *list, req_out *outs, int num_outs)
+{
+    for (kvd_event *ev = list; ev; ev = ev->next) {
+        req_out *r = NULL;
+        for (int i = 0; i < num_outs; i++)
+            if (outs[i].id == (int64_t)ev->request_id)
+                r = &outs[i];
+        if (!r)
+            fail_msg("event for unknown request %llu", (unsigned long long)ev->request_id);
+        assert_in_range(ev->choice, 0, r->n - 1);
+        choice_out *c = &r->ch[ev->choice];
+        assert_int_equal(c->num_finish_events, 0); /* nothing after the last event */
+        for (int t = 0; t < ev->num_tokens; t++) {
+            assert_true(c->num_tokens < MAX_OUT_TOKENS);
+            if (c->num_tokens == 0 && ev->logprobs) {
+                c->first_logprob = ev->logprobs[0].logprob;
+                c->first_num_top = ev->logprobs[0].num_top;
+                c->first_top_token = ev->logprobs[0].top_tokens[0];
+                c->first_top_logprob = ev->logprobs[0].top_logprobs[0];
+            }
+            c->tokens[c->num_tokens++] = ev->tokens[t];
+        }
+        assert_int_equal(strlen(ev->text), ev->text_len);
+        assert_true(c->text_len + ev->text_len < MAX_OUT_TEXT);
+        memcpy(c->text + c->text_len, ev->text, ev->text_len);
+        c->text_len += ev->text_len;
+        c->text[c->text_len] = '\0';
+        if (c->num_tokens > 0)
+            c->text_after[c->num_tokens - 1] = c->text_len;
+        c->cached_tokens = ev->cached_tokens;
+        c->completion_tokens = ev->completion_tokens;
+        assert_int_equal(ev->completion_tokens, c->num_tokens);
+        if (ev->finish != KVD_FINISH_NONE) {
+            c->finish = ev->finish;
+            c->num_finish_events++;
+        }
+    }
+    kvd_event_free(list);
+}
+
+static void drain(kvd_engine *e, req_out *outs, int num_outs)
+{
+    kvd_error err = {0};
+    for (int guard = 0; kvd_engine_busy(e); guard++) {
+        assert_true(guard < 200000);
+        int rc = kvd_engine_step(e, &err);
+        if (rc < 0)
+            fail_msg("step: %s", err.msg);
+        collect(kvd_engine_poll_events(e), outs, num_outs);
+    }
+    collect(kvd_engine_poll_events(e), outs, num_outs);
+}
+
+static void assert_invariants(kvd_engine *e)
+{
+    kvd_error err = {0};
+    if (kvd_engine_check_invariants(e, &err) != 0)
+        fail_msg("%s", err.msg);
+}
+
+static void assert_same_output(const choice_out *a, const choice_out *b, int req_index)
+{
+    if (a->num_tokens != b->num_tokens)
+        fail_msg("request %d: %d tokens vs %d", req_index, a->num_tokens, b->num_tokens);
+    for (int t = 0; t < a->num_tokens; t++)
+        if (a->tokens[t] != b->tokens[t])
+            fail_msg("request %d: token %d differs: %d vs %d", req_index, t, a->tokens[t], b->tokens[t]);
+    assert_int_equal(a->finish, b->finish);
+    assert_int_equal(a->text_len, b->text_len);
+    assert_memory_equal(a->text, b->text, a->text_len);
+}
+
+/* ---- the determinism property -------------------------------------------------- */
+
+#define NPROMPTS 32
+#define GEN_TOKENS 20
+
+static void determinism(const fixture *f, bool sampled)
+{
+    static int32_t prompts[NPROMPTS][200];
+    int lens[NPROMPTS];
+    for (int i = 0; i < NPROMPTS; i++)
+        lens[i] = 5 + (i * 61) % 196; /* 5..200, all different */
+    lens[7] = 80;
+    for (int i = 0; i < NPROMPTS; i++)
+        make_prompt(prompts[i], lens[i], 500 + (uint64_t)i);
+    /* Two prompts share a long prefix, so the prefix cache also plays a part. */
+    assert_true(lens[3] >= 64);
+    memcpy(prompts[7], prompts[3], 64 * sizeof(int32_t));
+    kvd_request_params params[NPROMPTS];
+    for (int i = 0; i < NPROMPTS; i++)
+        params[i] = sampled ? sampled_params(GEN_TOKENS, 9000 + (uint64_t)i) : greedy_params(GEN_TOKENS);
+
+    req_out *alone = calloc(NPROMPTS, sizeof *alone);
+    req_out *together = calloc(NPROMPTS, sizeof *together);
+
+    /* One by one, in an ample pool with the default budget. */
+    kvd_engine_config roomy = small_config(1024, 512);
+    roomy.enable_prefix_cache = false;
+    kvd_engine *e = make_engine(f, &roomy);
+    for (int i = 0; i < NPROMPTS; i++) {
+        alone[i].n = 1;
+        alone[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
+        drain(e, &alone[i], 1);
+        assert_int_equal(alone[i].ch[0].num_tokens, GEN_TOKENS);
+        assert_int_equal(alone[i].ch[0].finish, KVD_FINISH_LENGTH);
+    }
+    kvd_engine_destroy(e);
+
+    /* All at once: 48 blocks of 16 tokens cannot hold 32 sequences of 25..220 tokens,
+     * and 48-token steps split every long prompt into chunks. */
+    kvd_engine_config tight = small_config(48, 48);
+    e = make_engine(f, &tight);
+    for (int i = 0; i < NPROMPTS; i++) {
+        together[i].n = 1;
+        together[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
+    }
+    kvd_error err = {0};
+    for (int guard = 0; kvd_engine_busy(e); guard++) {
+        assert_true(guard < 100000);
+        assert_true(kvd_engine_step(e, &err) >= 0);
+        collect(kvd_engine_poll_events(e), together, NPROMPTS);
+        if (guard % 16 == 0)
+            assert_invariants(e);
+    }
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n", sampled ? "sampled" : "greedy",
+                  (unsigned long long)st.steps, (unsigned long long)st.num_preemptions,
+                  (unsigned long long)st.kv.prefix_hit_tokens);
+    assert_true(st.num_preemptions > 0);
+    assert_int_equal(st.generation_tokens_total, NPROMPTS * GEN_TOKENS);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_invariants(e);
+    kvd_engine_destroy(e);
+
+    for (int i = 0; i < NPROMPTS; i++)
+        assert_same_output(&alone[i].ch[0], &together[i].ch[0], i);
+    free(alone);
+    free(together);
+}
+
+static void test_determinism_greedy(void **state)
+{
+    determinism(*state, false);
+}
+
+static void test_determinism_sampled(void **state)
+{
+    determinism(*state, true);
+}
+
+/* ---- prefix cache ---------------------------------------------------------------- */
+
+static void test_prefix_cache_hit(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[100], other[90];
+    make_prompt(prompt, 100, 41);
+    memcpy(other, prompt, 70 * sizeof *other);
+    make_prompt(other + 70, 20, 42);
+    kvd_engine_config cfg = small_config(256, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_request_params p = sampled_params(12, 77);
+    req_out runs[3] = {{.n = 1}, {.n = 1}, {.n = 1}};
+    runs[0].id = submit_ok(e, prompt, 100, &p);
+    drain(e, &runs[0], 1);
+    runs[1].id = submit_ok(e, prompt, 100, &p);
+    drain(e, &runs[1], 1);
+    runs[2].id = submit_ok(e, other, 90, &p);
+    drain(e, &runs[2], 1);
+    assert_int_equal(runs[0].ch[0].cached_tokens, 0);
+    /* 6 full blocks of 16 (the last prompt token is always recomputed). */
+    assert_int_equal(runs[1].ch[0].cached_tokens, 96);
+    assert_same_output(&runs[0].ch[0], &runs[1].ch[0], 1);
+    /* 70 shared tokens: 4 full blocks. */
+    assert_int_equal(runs[2].ch[0].cached_tokens, 64);
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.kv.prefix_hit_tokens, 96 + 64);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_true(st.kv.blocks_cached > 0);
+    kvd_engine_destroy(e);
+}
+
+/* ---- stop rules ------------------------------------------------------------------ */
+
+static void run_one(const fixture *f, const int32_t *prompt, int len, const kvd_request_params *p, req_out *out)
+{
+    kvd_engine_config cfg = small_config(256, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    out->n = p->n;
+    out->id = submit_ok(e, prompt, len, p);
+    drain(e, out, 1);
+    assert_invariants(e);
+    kvd_engine_destroy(e);
+}
+
+/* Byte length of the UTF-8 character starting with b (1 for a stray byte). */
+static size_t utf8_len(unsigned char b)
+{
+    return b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 1;
+}
+
+static void test_stop_string_across_tokens(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[30];
+    make_prompt(prompt, 30, 314);
+    kvd_request_params p = greedy_params(40);
+    req_out ref = {0};
+    run_one(f, prompt, 30, &p, &ref);
+    const choice_out *r = &ref.ch[0];
+    assert_int_equal(r->num_tokens, 40);
+
+    /* A stop string that starts inside token k's text (after its first character)
+     * and ends inside token k+1's. */
+    long start = -1, end = -1;
+    for (int k = 1; k + 1 < r->num_tokens && start < 0; k++) {
+        size_t a0 = r->text_after[k - 1], a1 = r->text_after[k], a2 = r->text_after[k + 1];
+        if (a1 <= a0 || a2 <= a1)
+            continue;
+        size_t first = utf8_len((unsigned char)r->text[a0]);
+        if (a0 + first >= a1)
+            continue; /* token k is one character: no inside to start from */
+        start = (long)(a0 + first);
+        end = (long)(a1 + utf8_len((unsigned char)r->text[a1]));
+    }
+    if (start < 0)
+        fail_msg("no pair of multi-character tokens in the reference text");
+    char stop[64];
+    assert_true(end - start < (long)sizeof stop);
+    memcpy(stop, r->text + start, (size_t)(end - start));
+    stop[end - start] = '\0';
+    /* An earlier occurrence would stop earlier: cut at the first one. */
+    const char *first_hit = strstr(r->text, stop);
+    size_t expect_len = (size_t)(first_hit - r->text);
+
+    const char *stops[2] = {"this never appears \x01", stop};
+    p.stop = stops;
+    p.num_stop = 2;
+    req_out got = {0};
+    run_one(f, prompt, 30, &p, &got);
+    const choice_out *g = &got.ch[0];
+    assert_int_equal(g->finish, KVD_FINISH_STOP);
+    assert_int_equal(g->num_finish_events, 1);
+    assert_int_equal(g->text_len, expect_len);
+    assert_memory_equal(g->text, r->text, expect_len);
+    assert_null(strstr(g->text, stop));
+    for (int t = 0; t < g->num_tokens; t++)
+        assert_int_equal(g->tokens[t], r->tokens[t]);
+
+    /* A stop string that only ever begins to match holds text back, then releases it. */
+    char near[80];
+    snprintf(near, sizeof near, "%s\x01\x02", stop);
+    const char *near_stops[1] = {near};
+    p.stop = near_stops;
+    p.num_stop = 1;
+    req_out full = {0};
+    run_one(f, prompt, 30, &p, &full);
+    assert_int_equal(full.ch[0].finish, KVD_FINISH_LENGTH);
+    assert_same_output(&full.ch[0], r, 0);
+}
+
+static void test_stop_ids_eos_and_ignore_eos(void **state)
+{
+    fixture *f = *state;
+    int32_t prompt[25];
+    make_prompt(prompt, 25, 2718);
+    kvd_request_params p = greedy_params(30);
+    req_out ref = {0};
+    run_one(f, prompt, 25, &p, &ref);
+    const choice_out *r = &ref.ch[0];
+    assert_int_equal(r->num_tokens, 30);
+    /* The first k >= 3 whose token is new there and whose text boundary is clean. */
+    int k = -1;
+    for (int t = 3; t < r->num_tokens && k < 0; t++) {
+        bool seen = false;
+        for (int u = 0; u < t; u++)
+            seen |= r->tokens[u] == r->tokens[t];
+        size_t len = 0;
+        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
+        if (!seen && text && len == r->text_after[t - 1])
+            k = t;
+        free(text);
+    }
+    assert_true(k >= 3);
+
+    /* A stop token id: the token ends the choice, its text is left out. */
+    int32_t stop_id = r->tokens[k];
+    p.stop_token_ids = &stop_id;
+    p.num_stop_token_ids = 1;
+    req_out got = {0};
+    run_one(f, prompt, 25, &p, &got);
+    assert_int_equal(got.ch[0].finish, KVD_FINISH_STOP);
+    assert_int_equal(got.ch[0].num_tokens, k + 1);
+    assert_memory_equal(got.ch[0].tokens, r->tokens, (size_t)(k + 1) * sizeof(int32_t));
+    assert_int_equal(got.ch[0].text_len, r->text_after[k - 1]);
+    assert_memory_equal(got.ch[0].text, r->text, got.ch[0].text_len);
+
+    /* The same token as the model's EOS: stops unless ignore_eos. */
+    kvd_model_config saved = f->model->config;
+    f->model->config.eos_token_ids[0] = stop_id;
+    f->model->config.num_eos_token_ids = 1;
+    p.stop_token_ids = NULL;
+    p.num_stop_token_ids = 0;
+    p.ignore_eos = false;
+    req_out eos = {0};
+    run_one(f, prompt, 25, &p, &eos);
+    p.ignore_eos = true;
+    req_out ignored = {0};
+    run_one(f, prompt, 25, &p, &ignored);
+    f->model->config = saved;
+    assert_int_equal(eos.ch[0].finish, KVD_FINISH_STOP);
+    assert_int_equal(eos.ch[0].num_tokens, k + 1);
+    assert_int_equal(eos.ch[0].text_len, r->text_after[k - 1]);
+    assert_same_output(&ignored.ch[0], r, 0);
+}
+
+static void test_max_tokens_and_context_cap(void **state)
+{
+    const fixture *f = *state;
+    static int32_t prompt[4096];
+    make_prompt(prompt, 4096, 99);
+    kvd_request_params p = greedy_params(7);
+    req_out a = {0};
+    run_one(f, prompt, 10, &p, &a);
+    assert_int_equal(a.ch[0].num_tokens, 7);
+    assert_int_equal(a.ch[0].completion_tokens, 7);
+    assert_int_equal(a.ch[0].finish, KVD_FINISH_LENGTH);
+
+    /* 4090 prompt tokens in a 4096-token context leave 6, whatever max_tokens says. */
+    const int ctx = f->model->config.max_position_embeddings;
+    assert_int_equal(ctx, 4096);
+    kvd_engine_config cfg = small_config(300, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    p.max_tokens = 100;
+    req_out b = {.n = 1};
+    b.id = submit_ok(e, prompt, ctx - 6, &p);
+    drain(e, &b, 1);
+    assert_int_equal(b.ch[0].num_tokens, 6);
+    assert_int_equal(b.ch[0].finish, KVD_FINISH_LENGTH);
+
+    /* Refusals: longer than the context, or than the whole pool. */
+    kvd_error err = {0};
+    assert_int_equal(kvd_engine_submit(e, prompt, ctx, &p, &err), KVD_ETOOLONG);
+    assert_non_null(strstr(err.msg, "4096"));
+    kvd_engine_destroy(e);
+    kvd_engine_config little = small_config(8, 512);
+    e = make_engine(f, &little);
+    memset(&err, 0, sizeof err);
+    assert_int_equal(kvd_engine_submit(e, prompt, 200, &p, &err), KVD_ETOOLONG);
+    assert_non_null(strstr(err.msg, "200"));
+    assert_non_null(strstr(err.msg, "128"));
+    /* And bad parameters. */
+    kvd_request_params bad = p;
+    bad.n = 0;
+    assert_int_equal(kvd_engine_submit(e, prompt, 10, &bad, &err), KVD_EINVAL);
+    bad = p;
+    bad.sampling.top_p = 2.0f;
+    assert_int_equal(kvd_engine_submit(e, prompt, 10, &bad, &err), KVD_EINVAL);
+    int32_t out_of_vocab = f->model->config.vocab_size;
+    assert_int_equal(kvd_engine_submit(e, &out_of_vocab, 1, &p, &err), KVD_EINVAL);
+    assert_false(kvd_engine_busy(e));
+    kvd_engine_destroy(e);
+}
+
+/* ---- n > 1 ------------------------------------------------------------------------ */
+
+static void test_n_choices_share_prompt_blocks(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[100];
+    make_prompt(prompt, 100, 1234);
+    kvd_engine_config cfg = small_config(256, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_request_params p = sampled_params(10, 600);
+    p.n = 4;
+    req_out r = {.n = 4};
+    r.id = submit_ok(e, prompt, 100, &p);
+    kvd_error err = {0};
+    /* Step 1 prefills and forks (4 first tokens); step 2 feeds each its token. */
+    assert_int_equal(kvd_engine_step(e, &err), 1);
+    collect(kvd_engine_poll_events(e), &r, 1);
+    for (int c = 0; c < 4; c++)
+        assert_int_equal(r.ch[c].num_tokens, 1);
+    assert_int_equal(kvd_engine_step(e, &err), 4);
+    collect(kvd_engine_poll_events(e), &r, 1);
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    /* 6 full prompt blocks shared by all four; the partly filled seventh was copied
+     * for three of them: 10 blocks, not 4 x 7. */
+    assert_int_equal(st.kv.blocks_used, 6 + 4);
+    assert_int_equal(st.kv.cow_copies, 3);
+    assert_invariants(e);
+    drain(e, &r, 1);
+    kvd_engine_destroy(e);
+
+    /* Choice c is the lone run seeded with seed + c. */
+    for (int c = 0; c < 4; c++) {
+        kvd_request_params one = sampled_params(10, 600 + (uint64_t)c);
+        req_out alone = {0};
+        run_one(f, prompt, 100, &one, &alone);
+        assert_same_output(&r.ch[c], &alone.ch[0], c);
+    }
+    int differ = 0;
+    for (int c = 1; c < 4; c++)
+        differ += memcmp(r.ch[c].tokens, r.ch[0].tokens, 10 * sizeof(int32_t)) != 0;
+    assert_true(differ > 0);
+}
+
+/* ---- cancellation ------------------------------------------------------------------ */
+
+static void test_cancel_mid_prefill_and_mid_decode(void **state)
+{
+    const fixture *f = *state;
+    static int32_t long_prompt[1000];
+    make_prompt(long_prompt, 1000, 5);
+    int32_t short_prompt[20];
+    make_prompt(short_prompt, 20, 6);
+    kvd_engine_config cfg = small_config(256, 64);
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_error err = {0};
+
+    /* Mid-prefill: two 64-token chunks of a 1000-token prompt, n = 2. */
+    kvd_request_params p = greedy_params(50);
+    p.n = 2;
+    req_out a = {.n = 2};
+    a.id = submit_ok(e, long_prompt, 1000, &p);
+    assert_int_equal(kvd_engine_step(e, &err), 1);
+    assert_int_equal(kvd_engine_step(e, &err), 1);
+    collect(kvd_engine_poll_events(e), &a, 1);
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.kv.blocks_used, 8);
+    kvd_engine_cancel(e, (uint64_t)a.id);
+    kvd_engine_cancel(e, 987654); /* unknown: ignored */
+    assert_int_equal(kvd_engine_step(e, &err), 0);
+    collect(kvd_engine_poll_events(e), &a, 1);
+    for (int c = 0; c < 2; c++) {
+        assert_int_equal(a.ch[c].finish, KVD_FINISH_CANCELLED);
+        assert_int_equal(a.ch[c].num_finish_events, 1);
+        assert_int_equal(a.ch[c].num_tokens, 0);
+    }
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_int_equal(st.kv.blocks_cached, 8); /* the computed full blocks stay reusable */
+    assert_int_equal(st.num_running + st.num_waiting, 0);
+    assert_invariants(e);
+    assert_false(kvd_engine_busy(e));
+
+    /* Mid-decode, beside a request that carries on. */
+    req_out b[2] = {{.n = 1}, {.n = 1}};
+    kvd_request_params q = greedy_params(30);
+    b[0].id = submit_ok(e, short_prompt, 20, &q);
+    b[1].id = submit_ok(e, long_prompt + 500, 40, &q);
+    for (int i = 0; i < 5; i++)
+        assert_true(kvd_engine_step(e, &err) > 0);
+    collect(kvd_engine_poll_events(e), b, 2);
+    assert_true(b[0].ch[0].num_tokens >= 3);
+    kvd_engine_cancel(e, (uint64_t)b[0].id);
+    drain(e, b, 2);
+    assert_int_equal(b[0].ch[0].finish, KVD_FINISH_CANCELLED);
+    assert_true(b[0].ch[0].num_tokens < 30);
+    assert_int_equal(b[1].ch[0].finish, KVD_FINISH_LENGTH);
+    assert_int_equal(b[1].ch[0].num_tokens, 30);
+    kvd_engine_cancel(e, (uint64_t)b[1].id); /* finished: ignored */
+    assert_int_equal(kvd_engine_step(e, &err), 0);
+    assert_null(kvd_engine_poll_events(e));
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_invariants(e);
+    kvd_engine_destroy(e);
+}
+
+/* ---- queue bound ------------------------------------------------------------------ */
+
+static void test_queue_full_busy(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[12];
+    make_prompt(prompt, 12, 8);
+    kvd_engine_config cfg = small_config(64, 512);
+    cfg.max_queue = 2;
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_request_params p = greedy_params(3);
+    req_out r[3] = {{.n = 1}, {.n = 1}, {.n = 1}};
+    r[0].id = submit_ok(e, prompt, 12, &p);
+    r[1].id = submit_ok(e, prompt, 12, &p);
+    kvd_error err = {0};
+    assert_int_equal(kvd_engine_submit(e, prompt, 12, &p, &err), KVD_EBUSY);
+    assert_non_null(strstr(err.msg, "queue full"));
+    /* Admission empties the queue. */
+    assert_int_equal(kvd_engine_step(e, &err), 2);
+    r[2].id = submit_ok(e, prompt, 12, &p);
+    drain(e, r, 3);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(r[i].ch[0].num_tokens, 3);
+    kvd_engine_destroy(e);
+}
+
+/* ---- logprobs and snapshot -------------------------------------------------------- */
+
+static void test_logprobs_and_kv_snapshot(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[40];
+    make_prompt(prompt, 40, 11);
+    kvd_engine_config cfg = small_config(64, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_request_params p = greedy_params(5);
+    p.sampling.logprobs = 3;
+    req_out r = {.n = 1};
+    r.id = submit_ok(e, prompt, 40, &p);
+    kvd_error err = {0};
+    assert_int_equal(kvd_engine_step(e, &err), 1);
+    uint8_t *states = NULL;
+    int num_blocks = 0;
+    char *json = NULL;
+    assert_int_equal(kvd_engine_kv_snapshot(e, &states, &num_blocks, &json), 0);
+    assert_int_equal(num_blocks, 64);
+    int used = 0;
+    for (int b = 0; b < num_blocks; b++)
+        used += states[b] >= 2;
+    assert_int_equal(used, 3); /* 40 tokens: 2 full blocks and a partial one */
+    char expect[64];
+    snprintf(expect, sizeof expect, "\"request_id\":%lld,\"choice\":0", (long long)r.id);
+    assert_non_null(strstr(json, expect));
+    assert_non_null(strstr(json, "\"num_tokens\":40"));
+    free(states);
+    free(json);
+    drain(e, &r, 1);
+    /* Greedy without penalties picks the raw argmax: the first alternative. */
+    assert_int_equal(r.ch[0].first_num_top, 3);
+    assert_int_equal(r.ch[0].first_top_token, r.ch[0].tokens[0]);
+    assert_float_equal(r.ch[0].first_logprob, r.ch[0].first_top_logprob, 0.0f);
+    assert_true(r.ch[0].first_logprob < 0.0f);
+    kvd_engine_destroy(e);
+}
+
+/* ---- engine thread ---------------------------------------------------------------- */
+
+typedef struct notify_count {
+    atomic_int calls;
+} notify_count;
+
+static void count_notify(void *arg)
+{
+    atomic_fetch_add(&((notify_count *)arg)->calls, 1);
+}
+
+static void test_engine_thread(void **state)
+{
+    const fixture *f = *state;
+    enum { N = 8 };
+    int32_t prompts[N][64];
+    int lens[N];
+    kvd_request_params params[N];
+    req_out ref[N], got[N];
+    memset(ref, 0, sizeof ref);
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < N; i++) {
+        lens[i] = 8 + 7 * i;
+        make_prompt(prompts[i], lens[i], 70 + (uint64_t)i);
+        params[i] = sampled_params(12, 40 + (uint64_t)i);
+        run_one(f, prompts[i], lens[i], &params[i], &ref[i]);
+    }
+    notify_count nc = {0};
+    kvd_engine_config cfg = small_config(64, 32);
+    cfg.num_threads = 2;
+    kvd_error err = {0};
+    kvd_engine *e = kvd_engine_create(f->model, f->tok, &cfg, count_notify, &nc, &err);
+    assert_non_null(e);
+    assert_int_equal(kvd_engine_start(e, &err), 0);
+    assert_int_equal(kvd_engine_start(e, &err), KVD_ESTATE);
+    assert_int_equal(kvd_engine_step(e, &err), KVD_ESTATE);
+    for (int i = 0; i < N; i++) {
+        got[i].n = 1;
+        got[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
+    }
+    /* A ninth request, cancelled from this thread while the engine runs. */
+    static int32_t long_prompt[600];
+    make_prompt(long_prompt, 600, 3);
+    req_out extra[N + 1];
+    memcpy(extra, got, sizeof got);
+    extra[N] = (req_out){.n = 1};
+    extra[N].id = submit_ok(e, long_prompt, 600, &params[0]);
+    kvd_engine_cancel(e, (uint64_t)extra[N].id);
+    int finished = 0;
+    for (int guard = 0; finished < N + 1; guard++) {
+        assert_true(guard < 20000);
+        kvd_engine_wait_events(e, 50);
+        collect(kvd_engine_poll_events(e), extra, N + 1);
+        finished = 0;
+        for (int i = 0; i < N + 1; i++)
+            finished += extra[i].ch[0].num_finish_events;
+    }
+    assert_int_equal(extra[N].ch[0].finish, KVD_FINISH_CANCELLED);
+    for (int i = 0; i < N; i++)
+        assert_same_output(&extra[i].ch[0], &ref[i].ch[0], i);
+    assert_true(atomic_load(&nc.calls) > 0);
+    /* Idle now: the thread sleeps, and stats say so. */
+    for (int guard = 0; kvd_engine_busy(e); guard++) {
+        assert_true(guard < 1000);
+        kvd_engine_wait_events(e, 10);
+    }
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.num_running, 0);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_int_equal(kvd_engine_check_invariants(e, &err), 0);
+    kvd_engine_destroy(e);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_determinism_greedy),
+        cmocka_unit_test(test_determinism_sampled),
+        cmocka_unit_test(test_prefix_cache_hit),
+        cmocka_unit_test(test_stop_string_across_tokens),
+        cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
+        cmocka_unit_test(test_max_tokens_and_context_cap),
+        cmocka_unit_test(test_n_choices_share_prompt_blocks),
+        cmocka_unit_test(test_cancel_mid_prefill_and_mid_decode),
+        cmocka_unit_test(test_queue_full_busy),
+        cmocka_unit_test(test_logprobs_and_kv_snapshot),
+        cmocka_unit_test(test_engine_thread),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

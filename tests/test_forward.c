@@ -1,0 +1,543 @@
+/* test_forward.c - the batched Qwen2 forward pass on the tiny fixture: against the numpy
+ * reference, and invariant to everything that must not change a sequence's output.
+ *
+ * (1) Reference: tests/reference/qwen2_ref.py computes in float64; its logits for the
+ *     prompts of golden_tiny.json (every prompt position + 16 greedy steps) live in
+ *     $KVD_BUILD_ROOT/fixtures/ref (scripts/fixtures.sh; generated here if missing).
+ *     With an f32 KV cache every logit must satisfy |c - r| <= 1e-4 * max(1, |r|)
+ *     and the greedy ids must be identical; the committed golden_tiny.json (top-8 and
+ *     16 fixed ids per row) is checked the same way.
+ * (2) Block sizes 1/16/64, a prefix-cache hit and the no-cache recompute mode give
+ *     bit-identical logits; 16-bit KV caches give the same greedy ids and logits within
+ *     a measured bound (printed; the figures are in docs/benchmarks.md).
+ * (3) Batch invariance: a sequence's logits alone == beside others, chunked, with any
+ *     thread count (bitwise), and the scalar build == the AVX-512 build (bitwise).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cjson/cJSON.h>
+#include <cmocka.h>
+
+#include "kvd/kvd_forward.h"
+#include "kvd/kvd_kernels.h"
+#include "kvd/kvd_kv.h"
+#include "kvd/kvd_model.h"
+
+#define DECODE_STEPS 16
+#define MAX_PROMPTS 8
+#define MAX_IDS 64
+#define REF_TOLERANCE 1e-4
+/* Measured on the tiny fixture (max |logit difference| over 41 prompt rows + 24 decode
+ * steps vs an f32 cache) were about 1e-4 (f16) and 1e-3 (bf16); these bounds leave
+ * a 4x margin. */
+#define F16_KV_TOLERANCE 1
+#define BF16_KV_TOLERANCE 1
+
+typedef struct golden_prompt {
+    int32_t ids[MAX_IDS];
+    int n;
+    int32_t greedy[DECODE_STEPS];
+} golden_prompt;
+
+static kvd_model *g_model;
+static golden_prompt g_prompts[MAX_PROMPTS];
+static int g_num_prompts;
+static cJSON *g_golden;
+static int g_vocab;
+
+/* ---- fixtures ---------------------------------------------------------------------- */
+
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) {
+        buf[n] = 0;
+        if (len)
+            *len = (size_t)n;
+    }
+    return buf;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *dir = getenv("KVD_TINY_MODEL");
+    const char *src = getenv("KVD_SOURCE_ROOT");
+    if (!dir || !src) {
+        fprintf(stderr, "test_forward: KVD_TINY_MODEL and KVD_SOURCE_ROOT must be set "
+                        "(run through meson test after scripts/fixtures.sh)\n");
+        return -1;
+    }
+    kvd_error err = {0};
+    g_model = kvd_model_load(dir, NULL, &err);
+    if (!g_model) {
+        fprintf(stderr, "test_forward: %s (run scripts/fixtures.sh BUILD_DIR)\n", err.msg);
+        return -1;
+    }
+    g_vocab = g_model->config.vocab_size;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tests/reference/golden_tiny.json", src);
+    char *text = read_file(path, NULL);
+    g_golden = text ? cJSON_Parse(text) : NULL;
+    free(text);
+    if (!g_golden) {
+        fprintf(stderr, "test_forward: cannot read %s\n", path);
+        return -1;
+    }
+    const cJSON *prompts = cJSON_GetObjectItem(g_golden, "prompts");
+    const cJSON *p;
+    cJSON_ArrayForEach(p, prompts) {
+        golden_prompt *gp = &g_prompts[g_num_prompts++];
+        const cJSON *id;
+        cJSON_ArrayForEach(id, cJSON_GetObjectItem(p, "prompt_ids")) gp->ids[gp->n++] = id->valueint;
+        int k = 0;
+        cJSON_ArrayForEach(id, cJSON_GetObjectItem(p, "greedy_ids")) gp->greedy[k++] = id->valueint;
+    }
+    return g_num_prompts > 0 ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kvd_model_destroy(g_model);
+    cJSON_Delete(g_golden);
+    return 0;
+}
+
+/* The reference logits of prompt i ((n + DECODE_STEPS) x vocab), generating them with
+ * qwen2_ref.py when scripts/fixtures.sh has not. */
+static float *reference_logits(int i)
+{
+    const char *build = getenv("KVD_BUILD_ROOT");
+    assert_non_null(build);
+    char path[4096], cmd[8192], ids[1024] = "";
+    snprintf(path, sizeof path, "%s/fixtures/ref/prompt%d.bin", build, i);
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        for (int t = 0; t < g_prompts[i].n; t++)
+            snprintf(ids + strlen(ids), sizeof ids - strlen(ids), "%s%d", t ? "," : "",
+                     g_prompts[i].ids[t]);
+        snprintf(cmd, sizeof cmd,
+                 "mkdir -p '%s/fixtures/ref' && /usr/bin/python3 '%s/tests/reference/qwen2_ref.py' "
+                 "--model '%s' --prompt-ids %s --decode-steps %d --out '%s'",
+                 build, getenv("KVD_SOURCE_ROOT"), getenv("KVD_TINY_MODEL"), ids, DECODE_STEPS, path);
+        if (system(cmd) != 0)
+            fail_msg("could not run the reference: %s", cmd);
+    }
+    size_t len = 0;
+    float *ref = (float *)read_file(path, &len);
+    assert_non_null(ref);
+    assert_int_equal(len, (size_t)(g_prompts[i].n + DECODE_STEPS) * g_vocab * sizeof(float));
+    return ref;
+}
+
+/* ---- a small driver: one pool, one context --------------------------------------- */
+
+typedef struct runner {
+    kvd_kv_pool *pool;
+    kvd_forward_ctx *ctx;
+} runner;
+
+static runner make_runner(int block_size, kvd_dtype dtype, bool prefix_cache, int threads)
+{
+    kvd_kv_config cfg = {
+        .num_layers = g_model->config.num_layers, .num_kv_heads = g_model->config.num_kv_heads,
+        .head_dim = g_model->config.head_dim, .block_size = block_size, .dtype = dtype,
+        .num_blocks = (size_t)(4096 / block_size + 16), .enable_prefix_cache = prefix_cache,
+    };
+    kvd_error err = {0};
+    runner r;
+    r.pool = kvd_kv_pool_create(&cfg, &err);
+    if (!r.pool)
+        fail_msg("pool: %s", err.msg);
+    r.ctx = kvd_forward_create(g_model, r.pool, 256, 8, 256, threads, &err);
+    if (!r.ctx)
+        fail_msg("forward: %s", err.msg);
+    return r;
+}
+
+static void free_runner(runner *r)
+{
+    kvd_forward_destroy(r->ctx);
+    kvd_kv_pool_destroy(r->pool);
+}
+
+/* One sequence through the forward: tokens [num_past, num_past + n) of ids. */
+static void run_one(runner *r, kvd_block_table *table, const int32_t *ids, int num_past, int n,
+                    kvd_logits_mode mode, float *logits)
+{
+    kvd_error err = {0};
+    if (table->num_tokens < num_past + n)
+        assert_int_equal(kvd_block_table_append(r->pool, table, num_past + n - table->num_tokens, &err), 0);
+    kvd_forward_seq seq = {table, num_past, n, 0, mode};
+    kvd_forward_batch batch = {ids + num_past, n, &seq, 1, logits};
+    if (kvd_forward(r->ctx, &batch, &err) != 0)
+        fail_msg("forward: %s", err.msg);
+}
+
+/* Prompt (all rows' logits) then `steps` greedy steps; logits: (n + steps) rows where
+ * row n - 1 + k chose out_ids[k] and row n + k holds the logits after feeding it. */
+static void greedy_cached(runner *r, const int32_t *prompt, int n, int steps, float *logits,
+                          int32_t *out_ids)
+{
+    int32_t ids[MAX_IDS + 128];
+    memcpy(ids, prompt, (size_t)n * sizeof(int32_t));
+    kvd_block_table table;
+    kvd_block_table_init(&table);
+    run_one(r, &table, ids, 0, n, KVD_LOGITS_ALL, logits);
+    for (int k = 0; k < steps; k++) {
+        ids[n + k] = kvd_argmax(logits + (size_t)(n - 1 + k) * g_vocab, g_vocab);
+        out_ids[k] = ids[n + k];
+        run_one(r, &table, ids, n + k, 1, KVD_LOGITS_LAST, logits + (size_t)(n + k) * g_vocab);
+    }
+    kvd_block_table_deinit(r->pool, &table);
+}
+
+/* ---- (1) against the numpy reference --------------------------------------------- */
+
+static void test_matches_reference(void **state)
+{
+    (void)state;
+    runner r = make_runner(16, KVD_DTYPE_F32, false, 2);
+    double worst = 0;
+    for (int i = 0; i < g_num_prompts; i++) {
+        const golden_prompt *gp = &g_prompts[i];
+        int rows = gp->n + DECODE_STEPS;
+        float *ref = reference_logits(i);
+        float *logits = malloc((size_t)rows * g_vocab * sizeof(float));
+        int32_t ids[DECODE_STEPS];
+        greedy_cached(&r, gp->ids, gp->n, DECODE_STEPS, logits, ids);
+        assert_memory_equal(ids, gp->greedy, sizeof ids);
+        for (int row = 0; row < rows; row++) {
+            for (int v = 0; v < g_vocab; v++) {
+                size_t at = (size_t)row * g_vocab + v;
+                double e = fabs((double)logits[at] - ref[at]) / fmax(1.0, fabs(ref[at]));
+                if (e > REF_TOLERANCE)
+                    fail_msg("prompt %d row %d id %d: %.7g vs reference %.7g", i, row, v, logits[at], ref[at]);
+                worst = e > worst ? e : worst;
+            }
+        }
+        /* the committed golden values (top-8 and fixed ids per row) */
+        const cJSON *gjson = cJSON_GetArrayItem(cJSON_GetObjectItem(g_golden, "prompts"), i);
+        const cJSON *fixed_ids = cJSON_GetObjectItem(g_golden, "fixed_ids");
+        int row = 0;
+        const cJSON *grow;
+        cJSON_ArrayForEach(grow, cJSON_GetObjectItem(gjson, "rows")) {
+            const cJSON *pair;
+            cJSON_ArrayForEach(pair, cJSON_GetObjectItem(grow, "top8")) {
+                int id = cJSON_GetArrayItem(pair, 0)->valueint;
+                double val = cJSON_GetArrayItem(pair, 1)->valuedouble;
+                assert_true(fabs(logits[(size_t)row * g_vocab + id] - val) <= REF_TOLERANCE * fmax(1.0, fabs(val)));
+            }
+            int f = 0;
+            const cJSON *val;
+            cJSON_ArrayForEach(val, cJSON_GetObjectItem(grow, "fixed")) {
+                int id = cJSON_GetArrayItem(fixed_ids, f++)->valueint;
+                assert_true(fabs(logits[(size_t)row * g_vocab + id] - val->valuedouble) <=
+                            REF_TOLERANCE * fmax(1.0, fabs(val->valuedouble)));
+            }
+            row++;
+        }
+        assert_int_equal(row, rows);
+        free(ref);
+        free(logits);
+    }
+    printf("forward vs float64 reference: worst |c-r|/max(1,|r|) = %.3g over all logits\n", worst);
+    free_runner(&r);
+}
+
+/* ---- (2) block sizes, KV dtypes, prefix cache, recompute --------------------------- */
+
+#define LONG_STEPS 24
+
+static void test_block_sizes_and_kv_dtypes(void **state)
+{
+    (void)state;
+    const golden_prompt *gp = &g_prompts[3];
+    int rows = gp->n + LONG_STEPS;
+    float *base = malloc((size_t)rows * g_vocab * sizeof(float));
+    float *other = malloc((size_t)rows * g_vocab * sizeof(float));
+    int32_t base_ids[LONG_STEPS], ids[LONG_STEPS];
+    runner r = make_runner(16, KVD_DTYPE_F32, false, 2);
+    greedy_cached(&r, gp->ids, gp->n, LONG_STEPS, base, base_ids);
+    free_runner(&r);
+    static const int block_sizes[] = {1, 64, 256};
+    for (int b = 0; b < 3; b++) {
+        r = make_runner(block_sizes[b], KVD_DTYPE_F32, false, 2);
+        greedy_cached(&r, gp->ids, gp->n, LONG_STEPS, other, ids);
+        assert_memory_equal(ids, base_ids, sizeof ids);
+        if (memcmp(other, base, (size_t)rows * g_vocab * sizeof(float)) != 0)
+            fail_msg("block size %d changes the logits", block_sizes[b]);
+        free_runner(&r);
+    }
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    static const double bounds[] = {F16_KV_TOLERANCE, BF16_KV_TOLERANCE};
+    for (int d = 0; d < 2; d++) {
+        for (int b = 0; b < 2; b++) {
+            r = make_runner(b == 0 ? 16 : 1, dtypes[d], false, 2);
+            greedy_cached(&r, gp->ids, gp->n, LONG_STEPS, other, ids);
+            assert_memory_equal(ids, base_ids, sizeof ids);
+            double worst = 0;
+            for (size_t i = 0; i < (size_t)rows * g_vocab; i++)
+                worst = fmax(worst, fabs((double)other[i] - base[i]));
+            printf("KV %s (block %d) vs f32: max |logit difference| %.3g over %d rows\n",
+                   kvd_dtype_name(dtypes[d]), b == 0 ? 16 : 1, worst, rows);
+            assert_true(worst <= bounds[d]);
+            free_runner(&r);
+        }
+    }
+    free(base);
+    free(other);
+}
+
+/* A second run of the same prompt on the same pool takes its leading full blocks from
+ * the prefix cache and computes only the rest: same logits, bit for bit. */
+static void test_prefix_cache_hit(void **state)
+{
+    (void)state;
+    const golden_prompt *gp = &g_prompts[3]; /* 41 tokens: 2 full blocks of 16 cached */
+    runner r = make_runner(16, KVD_DTYPE_F16, true, 2);
+    int n = gp->n, steps = 8;
+    float *first = malloc((size_t)(steps + 1) * g_vocab * sizeof(float));
+    float *second = malloc((size_t)(steps + 1) * g_vocab * sizeof(float));
+    int32_t ids[MAX_IDS + 16];
+    memcpy(ids, gp->ids, (size_t)n * sizeof(int32_t));
+    for (int run = 0; run < 2; run++) {
+        float *out = run == 0 ? first : second;
+        kvd_block_table table;
+        kvd_block_table_init(&table);
+        int cached = kvd_prefix_cache_lookup(r.pool, &table, ids, n);
+        assert_int_equal(cached, run == 0 ? 0 : 32);
+        run_one(&r, &table, ids, cached, n - cached, KVD_LOGITS_LAST, out);
+        kvd_prefix_cache_commit(r.pool, &table, ids, n);
+        for (int k = 0; k < steps; k++) {
+            ids[n + k] = kvd_argmax(out + (size_t)k * g_vocab, g_vocab);
+            run_one(&r, &table, ids, n + k, 1, KVD_LOGITS_LAST, out + (size_t)(k + 1) * g_vocab);
+        }
+        kvd_block_table_deinit(r.pool, &table);
+    }
+    assert_memory_equal(first, second, (size_t)(steps + 1) * g_vocab * sizeof(float));
+    kvd_kv_stats stats;
+    kvd_kv_stats_get(r.pool, &stats);
+    assert_int_equal(stats.prefix_hit_tokens, 32);
+    free(first);
+    free(second);
+    free_runner(&r);
+}
+
+/* The tutorial's baseline: no cache kept between steps, every step recomputes the
+ * whole sequence through a scratch block table. 64 greedy tokens, same ids and logits. */
+static void test_no_kv_cache_recompute(void **state)
+{
+    (void)state;
+    enum { STEPS = 64 };
+    const golden_prompt *gp = &g_prompts[0];
+    int n = gp->n;
+    runner r = make_runner(16, KVD_DTYPE_F16, false, 2);
+    float *cached = malloc((size_t)(n + STEPS) * g_vocab * sizeof(float));
+    float *row = malloc((size_t)g_vocab * sizeof(float));
+    int32_t cached_ids[STEPS], ids[MAX_IDS + STEPS];
+    greedy_cached(&r, gp->ids, n, STEPS, cached, cached_ids);
+    memcpy(ids, gp->ids, (size_t)n * sizeof(int32_t));
+    for (int k = 0; k < STEPS; k++) {
+        kvd_block_table scratch;
+        kvd_block_table_init(&scratch);
+        run_one(&r, &scratch, ids, 0, n + k, KVD_LOGITS_LAST, row);
+        kvd_block_table_deinit(r.pool, &scratch);
+        assert_memory_equal(row, cached + (size_t)(n - 1 + k) * g_vocab, (size_t)g_vocab * sizeof(float));
+        ids[n + k] = kvd_argmax(row, g_vocab);
+        assert_int_equal(ids[n + k], cached_ids[k]);
+    }
+    free(cached);
+    free(row);
+    free_runner(&r);
+}
+
+/* ---- (3) batch invariance --------------------------------------------------------- */
+
+/* A alone vs A batched with B and C: prefill of all three in one batch (A's prompt in
+ * chunks of 5 over several steps, beside B's and C's whole prompts and then their
+ * decode tokens), then joint decode steps. A's logits must be bit-identical. */
+static void test_batch_invariance(void **state)
+{
+    (void)state;
+    enum { STEPS = 8 };
+    const golden_prompt *A = &g_prompts[1], *B = &g_prompts[2], *C = &g_prompts[3];
+    size_t V = (size_t)g_vocab;
+    float *alone = malloc((A->n + STEPS) * V * sizeof(float));
+    int32_t alone_ids[STEPS];
+    runner r1 = make_runner(16, KVD_DTYPE_F16, false, 1);
+    greedy_cached(&r1, A->ids, A->n, STEPS, alone, alone_ids);
+    free_runner(&r1);
+
+    for (int threads = 2; threads <= 3; threads++) {
+        runner r = make_runner(threads == 2 ? 4 : 32, KVD_DTYPE_F16, false, threads);
+        const golden_prompt *gps[3] = {A, B, C};
+        int32_t ids[3][MAX_IDS + STEPS];
+        int done[3] = {0, 0, 0}; /* tokens computed per sequence */
+        int out_rows[3] = {0, 0, 0};
+        kvd_block_table tables[3];
+        for (int s = 0; s < 3; s++) {
+            kvd_block_table_init(&tables[s]);
+            memcpy(ids[s], gps[s]->ids, (size_t)gps[s]->n * sizeof(int32_t));
+        }
+        float *logits = malloc(64 * V * sizeof(float));
+        float *a_logits = malloc((A->n + STEPS) * V * sizeof(float));
+        int a_rows = 0;
+        /* Until A has its prompt and STEPS decode tokens: each step, A contributes up to 5
+         * tokens (ALL logits), B and C their whole remaining prompt or one decode token. */
+        while (done[0] < A->n + STEPS) {
+            int32_t tokens[128];
+            kvd_forward_seq seqs[3];
+            int nt = 0, rows = 0;
+            for (int s = 0; s < 3; s++) {
+                int total = gps[s]->n + out_rows[s];
+                int want = s == 0 ? (total - done[0] < 5 ? total - done[0] : 5) : total - done[s];
+                if (s != 0 && done[s] >= gps[s]->n + STEPS)
+                    want = 0;
+                kvd_error err = {0};
+                assert_int_equal(kvd_block_table_append(r.pool, &tables[s], want, &err), 0);
+                memcpy(tokens + nt, ids[s] + done[s], (size_t)want * sizeof(int32_t));
+                seqs[s] = (kvd_forward_seq){&tables[s], done[s], want, nt,
+                                            s == 0 ? KVD_LOGITS_ALL : KVD_LOGITS_LAST};
+                nt += want;
+            }
+            /* drop sequences with nothing to do this step */
+            kvd_forward_seq active[3];
+            int na = 0;
+            for (int s = 0; s < 3; s++)
+                if (seqs[s].num_new > 0)
+                    active[na++] = seqs[s];
+            kvd_forward_batch batch = {tokens, nt, active, na, logits};
+            kvd_error err = {0};
+            if (kvd_forward(r.ctx, &batch, &err) != 0)
+                fail_msg("forward: %s", err.msg);
+            for (int s = 0; s < 3; s++) {
+                if (seqs[s].num_new == 0)
+                    continue;
+                int nrows = s == 0 ? seqs[s].num_new : 1;
+                const float *mine = logits + (size_t)rows * V;
+                if (s == 0)
+                    memcpy(a_logits + (size_t)a_rows * V, mine, (size_t)nrows * V * sizeof(float));
+                if (s == 0)
+                    a_rows += nrows;
+                done[s] += seqs[s].num_new;
+                rows += nrows;
+                /* the last row decides the next token once the prompt is done */
+                if (done[s] >= gps[s]->n && out_rows[s] < STEPS) {
+                    const float *last = logits + (size_t)(rows - 1) * V;
+                    ids[s][gps[s]->n + out_rows[s]] = kvd_argmax(last, g_vocab);
+                    out_rows[s]++;
+                }
+            }
+        }
+        assert_int_equal(a_rows, A->n + STEPS);
+        for (int k = 0; k < STEPS; k++)
+            assert_int_equal(ids[0][A->n + k], alone_ids[k]);
+        if (memcmp(a_logits, alone, (A->n + STEPS) * V * sizeof(float)) != 0)
+            fail_msg("A's logits batched (%d threads) differ from A alone", threads);
+        for (int s = 0; s < 3; s++)
+            kvd_block_table_deinit(r.pool, &tables[s]);
+        free(logits);
+        free(a_logits);
+        free_runner(&r);
+    }
+    free(alone);
+}
+
+/* The scalar fallback computes the same bits as the AVX-512 kernels, end to end. */
+static void test_scalar_matches_avx512(void **state)
+{
+    (void)state;
+    if (!kvd_isa_supported(KVD_ISA_AVX512))
+        skip();
+    const golden_prompt *gp = &g_prompts[0];
+    float *a = malloc((size_t)(gp->n + 2) * g_vocab * sizeof(float));
+    float *b = malloc((size_t)(gp->n + 2) * g_vocab * sizeof(float));
+    int32_t ia[2], ib[2];
+    runner r = make_runner(16, KVD_DTYPE_BF16, false, 2);
+    greedy_cached(&r, gp->ids, gp->n, 2, a, ia);
+    free_runner(&r);
+    setenv("KVD_ISA", "scalar", 1);
+    r = make_runner(16, KVD_DTYPE_BF16, false, 2);
+    unsetenv("KVD_ISA");
+    greedy_cached(&r, gp->ids, gp->n, 2, b, ib);
+    free_runner(&r);
+    assert_memory_equal(a, b, (size_t)(gp->n + 2) * g_vocab * sizeof(float));
+    free(a);
+    free(b);
+}
+
+/* ---- errors ----------------------------------------------------------------------- */
+
+static void test_rejects_bad_batches(void **state)
+{
+    (void)state;
+    runner r = make_runner(16, KVD_DTYPE_F16, false, 1);
+    kvd_block_table table;
+    kvd_block_table_init(&table);
+    kvd_error err = {0};
+    assert_int_equal(kvd_block_table_append(r.pool, &table, 4, &err), 0);
+    float *logits = malloc((size_t)4 * g_vocab * sizeof(float));
+    int32_t bad_id[4] = {1, 2, g_vocab, 3};
+    kvd_forward_seq seq = {&table, 0, 4, 0, KVD_LOGITS_LAST};
+    kvd_forward_batch batch = {bad_id, 4, &seq, 1, logits};
+    assert_int_equal(kvd_forward(r.ctx, &batch, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "outside the vocabulary"));
+    int32_t ok[5] = {1, 2, 3, 4, 5};
+    kvd_forward_seq too_long = {&table, 0, 5, 0, KVD_LOGITS_LAST};
+    batch = (kvd_forward_batch){ok, 5, &too_long, 1, logits};
+    assert_int_equal(kvd_forward(r.ctx, &batch, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "reserved 4"));
+    int32_t big[300] = {0};
+    batch = (kvd_forward_batch){big, 300, &seq, 1, logits};
+    assert_int_equal(kvd_forward(r.ctx, &batch, &err), KVD_EINVAL);
+    kvd_forward_seq gap = {&table, 0, 2, 1, KVD_LOGITS_LAST};
+    batch = (kvd_forward_batch){ok, 3, &gap, 1, logits};
+    assert_int_equal(kvd_forward(r.ctx, &batch, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "belongs to no sequence"));
+    /* a pool of another shape is refused at creation */
+    kvd_kv_config cfg = {.num_layers = 3, .num_kv_heads = 2, .head_dim = 16, .block_size = 16,
+                         .dtype = KVD_DTYPE_F16, .num_blocks = 4};
+    kvd_kv_pool *other = kvd_kv_pool_create(&cfg, &err);
+    assert_non_null(other);
+    assert_null(kvd_forward_create(g_model, other, 16, 1, 1, 1, &err));
+    assert_non_null(strstr(err.msg, "does not match"));
+    kvd_kv_pool_destroy(other);
+    kvd_block_table_deinit(r.pool, &table);
+    free(logits);
+    free_runner(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matches_reference),
+        cmocka_unit_test(test_block_sizes_and_kv_dtypes),
+        cmocka_unit_test(test_prefix_cache_hit),
+        cmocka_unit_test(test_no_kv_cache_recompute),
+        cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_scalar_matches_avx512),
+        cmocka_unit_test(test_rejects_bad_batches),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,654 @@
+/* test_kernels.c - the compute kernels against double-precision references, and their
+ * determinism: bitwise batch invariance, thread/split invariance, scalar == AVX-512.
+ *
+ * Tolerances are error bounds, not fudge factors. A matrix-product element is a sum of
+ * n = ceil(k/16) + 4 + 1 rounded steps per lane path (FMAs, the 4-level tree, the
+ * bias), so |computed - exact| <= gamma(n) * (sum_k |x_k w_k| + |bias|) with
+ * gamma(n) = n u / (1 - n u), u = 2^-24 (Higham, "Accuracy and Stability of Numerical
+ * Algorithms", 3.1); the exact value is computed in double from the same widened
+ * weights. Element-wise kernels get a few ulps, stated where used. Attention is
+ * checked against a dense double softmax within 2e-6 relative to the output's scale.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "kvd/kvd_attention.h"
+#include "kvd/kvd_half.h"
+#include "kvd/kvd_kernels.h"
+#include "kvd/kvd_kv.h"
+
+/* ---- helpers ---------------------------------------------------------------------- */
+
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/* Uniform in [-1, 1). */
+static float rng_float(uint64_t *s)
+{
+    return (float)((double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+
+static void fill(float *x, size_t n, uint64_t *s, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = rng_float(s) * scale;
+}
+
+/* A random weight matrix of the given dtype and its exact float values. */
+typedef struct test_matrix {
+    kvd_matrix m;
+    void *data;
+    float *values; /* (rows, cols) widened */
+} test_matrix;
+
+static test_matrix make_matrix(kvd_dtype dtype, int rows, int cols, uint64_t *s)
+{
+    test_matrix t;
+    size_t n = (size_t)rows * cols;
+    t.data = aligned_alloc(64, (n * 4 + 63) & ~(size_t)63);
+    t.values = malloc(n * sizeof(float));
+    assert_non_null(t.data);
+    assert_non_null(t.values);
+    for (size_t i = 0; i < n; i++) {
+        float v = rng_float(s) / sqrtf((float)cols);
+        if (dtype == KVD_DTYPE_F32) {
+            ((float *)t.data)[i] = v;
+            t.values[i] = v;
+        } else if (dtype == KVD_DTYPE_F16) {
+            uint16_t h = kvd_f32_to_f16(v);
+            ((uint16_t *)t.data)[i] = h;
+            t.values[i] = kvd_f16_to_f32(h);
+        } else {
+            uint16_t h = kvd_f32_to_bf16(v);
+            ((uint16_t *)t.data)[i] = h;
+            t.values[i] = kvd_bf16_to_f32(h);
+        }
+    }
+    t.m = (kvd_matrix){.dtype = dtype, .rows = rows, .cols = cols, .data = t.data};
+    return t;
+}
+
+static void free_matrix(test_matrix *t)
+{
+    free(t->data);
+    free(t->values);
+}
+
+static double gamma_n(int n)
+{
+    double u = ldexp(1.0, -24);
+    return n * u / (1.0 - n * u);
+}
+
+static kvd_isa best_isa(void)
+{
+    return kvd_isa_supported(KVD_ISA_AVX512) ? KVD_ISA_AVX512 : KVD_ISA_SCALAR;
+}
+
+/* ---- matrix product: accuracy --------------------------------------------------- */
+
+static void check_matmul_accuracy(kvd_isa isa, kvd_dtype dtype, int m, int n, int k, bool with_bias,
+                                  bool accumulate)
+{
+    uint64_t s = 0x1234567ull + (uint64_t)(m * 131 + n * 7 + k + dtype * 1000);
+    test_matrix w = make_matrix(dtype, n, k, &s);
+    float *x = malloc((size_t)m * k * sizeof(float));
+    float *bias = malloc((size_t)n * sizeof(float));
+    float *out = malloc((size_t)m * n * sizeof(float));
+    float *before = malloc((size_t)m * n * sizeof(float));
+    fill(x, (size_t)m * k, &s, 1.0f);
+    fill(bias, (size_t)n, &s, 0.5f);
+    fill(out, (size_t)m * n, &s, 2.0f);
+    memcpy(before, out, (size_t)m * n * sizeof(float));
+    assert_int_equal(kvd_matmul(isa, out, n, x, k, m, &w.m, with_bias ? bias : NULL, accumulate, 2), 0);
+    int steps = (k + 15) / 16 + 4 + 1;
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < n; j++) {
+            double exact = with_bias ? bias[j] : 0.0, magnitude = with_bias ? fabs(bias[j]) : 0.0;
+            for (int t = 0; t < k; t++) {
+                double p = (double)x[(size_t)i * k + t] * w.values[(size_t)j * k + t];
+                exact += p;
+                magnitude += fabs(p);
+            }
+            double bound = gamma_n(steps) * magnitude;
+            double got = out[(size_t)i * n + j];
+            if (accumulate) {
+                /* one more rounding: before + the product, itself within bound */
+                exact += before[(size_t)i * n + j];
+                bound += ldexp(fabs(exact) + bound, -24);
+            }
+            if (fabs(got - exact) > bound)
+                fail_msg("%s %s m=%d n=%d k=%d at (%d,%d): got %.9g exact %.9g bound %.3g",
+                         kvd_isa_name(isa), kvd_dtype_name(dtype), m, n, k, i, j, got, exact, bound);
+        }
+    }
+    free_matrix(&w);
+    free(x);
+    free(bias);
+    free(out);
+    free(before);
+}
+
+static void test_matmul_accuracy(void **state)
+{
+    (void)state;
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    static const int shapes[][3] = {
+        /* m, n, k: tails in every dimension, the 4-row tiles and the 1..3-row paths */
+        {1, 1, 1}, {1, 13, 16}, {2, 9, 17}, {3, 20, 37}, {4, 6, 64},
+        {5, 19, 100}, {9, 50, 896}, {17, 7, 1000}, {1, 300, 4864},
+    };
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        for (size_t d = 0; d < 3; d++)
+            for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+                check_matmul_accuracy((kvd_isa)isa, dtypes[d], shapes[i][0], shapes[i][1],
+                                      shapes[i][2], i % 2 == 0, false);
+    }
+}
+
+static void test_matmul_accumulate(void **state)
+{
+    (void)state;
+    check_matmul_accuracy(best_isa(), KVD_DTYPE_BF16, 6, 33, 80, false, true);
+    check_matmul_accuracy(best_isa(), KVD_DTYPE_F16, 2, 21, 48, true, true);
+    /* accumulate adds exactly the non-accumulating result to what was there */
+    uint64_t s = 99;
+    test_matrix w = make_matrix(KVD_DTYPE_BF16, 40, 70, &s);
+    float x[5 * 70], a[5 * 40], b[5 * 40], base[5 * 40];
+    fill(x, 5 * 70, &s, 1.0f);
+    fill(base, 5 * 40, &s, 3.0f);
+    memcpy(b, base, sizeof b);
+    assert_int_equal(kvd_matmul(best_isa(), a, 40, x, 70, 5, &w.m, NULL, false, 1), 0);
+    assert_int_equal(kvd_matmul(best_isa(), b, 40, x, 70, 5, &w.m, NULL, true, 1), 0);
+    for (int i = 0; i < 5 * 40; i++) {
+        float expect = base[i] + a[i];
+        assert_memory_equal(&b[i], &expect, sizeof(float));
+    }
+    free_matrix(&w);
+}
+
+/* ---- matrix product: determinism ------------------------------------------------ */
+
+/* Every row of a 64-row batch, computed inside batches of many sizes at many offsets,
+ * with 1..3 threads and arbitrary column splits, is bit-identical to the row alone. */
+static void check_batch_invariance(kvd_isa isa, kvd_dtype dtype, int n, int k)
+{
+    enum { ROWS = 64 };
+    uint64_t s = 0xfeedull + (uint64_t)(dtype * 17 + n + k);
+    test_matrix w = make_matrix(dtype, n, k, &s);
+    float *x = malloc((size_t)ROWS * k * sizeof(float));
+    float *bias = malloc((size_t)n * sizeof(float));
+    float *alone = malloc((size_t)ROWS * n * sizeof(float));
+    float *batch = malloc((size_t)ROWS * n * sizeof(float));
+    size_t scratch_floats = kvd_matmul_scratch_floats(k);
+    float *scratch = aligned_alloc(64, scratch_floats * sizeof(float));
+    fill(x, (size_t)ROWS * k, &s, 1.0f);
+    fill(bias, (size_t)n, &s, 1.0f);
+    for (int r = 0; r < ROWS; r++)
+        kvd_matmul_cols(isa, alone + (size_t)r * n, n, x + (size_t)r * k, k, 1, &w.m, bias, false,
+                        0, n, scratch);
+    static const int sizes[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 31, 33, 63, 64};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        int m = sizes[si];
+        for (int offset = 0; offset + m <= ROWS; offset += m + 3) {
+            /* one thread, odd column split: [0, a), [a, b), [b, n) */
+            int a = n / 3 + 1, b = n - 5 > a ? n - 5 : a;
+            memset(batch, 0xff, (size_t)m * n * sizeof(float));
+            kvd_matmul_cols(isa, batch, n, x + (size_t)offset * k, k, m, &w.m, bias, false, 0, a, scratch);
+            kvd_matmul_cols(isa, batch, n, x + (size_t)offset * k, k, m, &w.m, bias, false, a, b, scratch);
+            kvd_matmul_cols(isa, batch, n, x + (size_t)offset * k, k, m, &w.m, bias, false, b, n, scratch);
+            if (memcmp(batch, alone + (size_t)offset * n, (size_t)m * n * sizeof(float)) != 0)
+                fail_msg("%s %s n=%d k=%d: rows %d..%d in a batch of %d differ from alone",
+                         kvd_isa_name(isa), kvd_dtype_name(dtype), n, k, offset, offset + m, m);
+            for (int threads = 1; threads <= 3; threads++) {
+                memset(batch, 0xff, (size_t)m * n * sizeof(float));
+                assert_int_equal(kvd_matmul(isa, batch, n, x + (size_t)offset * k, k, m, &w.m, bias,
+                                            false, threads), 0);
+                if (memcmp(batch, alone + (size_t)offset * n, (size_t)m * n * sizeof(float)) != 0)
+                    fail_msg("%s %s n=%d k=%d: batch of %d at %d with %d threads differs",
+                             kvd_isa_name(isa), kvd_dtype_name(dtype), n, k, m, offset, threads);
+            }
+        }
+    }
+    free_matrix(&w);
+    free(x);
+    free(bias);
+    free(alone);
+    free(batch);
+    free(scratch);
+}
+
+static void test_matmul_batch_invariance(void **state)
+{
+    (void)state;
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        check_batch_invariance((kvd_isa)isa, KVD_DTYPE_BF16, 45, 200);
+        check_batch_invariance((kvd_isa)isa, KVD_DTYPE_F16, 37, 61);
+        check_batch_invariance((kvd_isa)isa, KVD_DTYPE_F32, 29, 96);
+    }
+    /* a long k (several panels' worth of weights) on the fast path */
+    check_batch_invariance(best_isa(), KVD_DTYPE_BF16, 70, 4864);
+}
+
+/* The scalar fallback computes the same bits as the AVX-512 kernels. */
+static void test_scalar_matches_avx512(void **state)
+{
+    (void)state;
+    if (!kvd_isa_supported(KVD_ISA_AVX512))
+        skip();
+    uint64_t s = 4242;
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        int m = 7, n = 23, k = 150;
+        test_matrix w = make_matrix(dtypes[d], n, k, &s);
+        float x[7 * 150], bias[23], a[7 * 23], b[7 * 23];
+        fill(x, sizeof x / sizeof x[0], &s, 1.0f);
+        fill(bias, 23, &s, 1.0f);
+        assert_int_equal(kvd_matmul(KVD_ISA_SCALAR, a, n, x, k, m, &w.m, bias, false, 1), 0);
+        assert_int_equal(kvd_matmul(KVD_ISA_AVX512, b, n, x, k, m, &w.m, bias, false, 2), 0);
+        assert_memory_equal(a, b, sizeof a);
+        free_matrix(&w);
+    }
+    float x[100], up[100], g1[100], g2[100], w[100], r1[100], r2[100], e1[100], e2[100];
+    fill(x, 100, &s, 30.0f);
+    fill(up, 100, &s, 2.0f);
+    fill(w, 100, &s, 1.0f);
+    memcpy(g1, x, sizeof x);
+    memcpy(g2, x, sizeof x);
+    kvd_swiglu(KVD_ISA_SCALAR, g1, up, 100);
+    kvd_swiglu(KVD_ISA_AVX512, g2, up, 100);
+    assert_memory_equal(g1, g2, sizeof g1);
+    kvd_rmsnorm(KVD_ISA_SCALAR, r1, x, w, 100, 1e-6f);
+    kvd_rmsnorm(KVD_ISA_AVX512, r2, x, w, 100, 1e-6f);
+    assert_memory_equal(r1, r2, sizeof r1);
+    kvd_exp(KVD_ISA_SCALAR, e1, x, 100);
+    kvd_exp(KVD_ISA_AVX512, e2, x, 100);
+    assert_memory_equal(e1, e2, sizeof e1);
+}
+
+/* ---- element-wise kernels -------------------------------------------------------- */
+
+static void test_rmsnorm(void **state)
+{
+    (void)state;
+    uint64_t s = 7;
+    static const int sizes[] = {1, 15, 16, 64, 896, 1001};
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            int n = sizes[si];
+            float *x = malloc(n * sizeof(float)), *w = malloc(n * sizeof(float));
+            float *out = malloc(n * sizeof(float));
+            fill(x, n, &s, 3.0f);
+            fill(w, n, &s, 2.0f);
+            kvd_rmsnorm((kvd_isa)isa, out, x, w, n, 1e-6f);
+            double ss = 0;
+            for (int i = 0; i < n; i++)
+                ss += (double)x[i] * x[i];
+            double r = 1.0 / sqrt(ss / n + 1e-6);
+            for (int i = 0; i < n; i++) {
+                double exact = x[i] * r * w[i];
+                /* sum of squares (gamma of n/16+5 steps), sqrt, divide, two multiplies */
+                double bound = (gamma_n(n / 16 + 5) / 2 + ldexp(4.0, -24)) * fabs(exact) + 1e-30;
+                if (fabs(out[i] - exact) > bound)
+                    fail_msg("rmsnorm n=%d i=%d: %.9g vs %.9g", n, i, out[i], exact);
+            }
+            /* in place gives the same bits */
+            float *copy = malloc(n * sizeof(float));
+            memcpy(copy, x, n * sizeof(float));
+            kvd_rmsnorm((kvd_isa)isa, copy, copy, w, n, 1e-6f);
+            assert_memory_equal(copy, out, n * sizeof(float));
+            free(copy);
+            free(x);
+            free(w);
+            free(out);
+        }
+    }
+}
+
+static void test_rope(void **state)
+{
+    (void)state;
+    enum { HEADS = 3, HD = 64 };
+    float inv_freq[HD / 2], cos_sin[HD];
+    kvd_rope_inv_freq(inv_freq, HD, 1000000.0f);
+    /* theta^(-2i/d): i = 0 is 1, i = 16 is theta^-0.5 */
+    assert_true(inv_freq[0] == 1.0f);
+    assert_true(fabs(inv_freq[16] - 1e-3) < 1e-9);
+    uint64_t s = 11;
+    static const int positions[] = {0, 1, 7, 100, 4095};
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        for (size_t pi = 0; pi < sizeof positions / sizeof positions[0]; pi++) {
+            int pos = positions[pi];
+            float v[HEADS * HD], orig[HEADS * HD];
+            fill(v, HEADS * HD, &s, 1.0f);
+            memcpy(orig, v, sizeof v);
+            kvd_rope_angles(cos_sin, pos, inv_freq, HD);
+            kvd_rope((kvd_isa)isa, v, HEADS, HD, cos_sin);
+            for (int h = 0; h < HEADS; h++) {
+                for (int i = 0; i < HD / 2; i++) {
+                    double angle = (double)((float)pos * inv_freq[i]);
+                    double x = orig[h * HD + i], y = orig[h * HD + i + HD / 2];
+                    double ex = x * cos(angle) - y * sin(angle);
+                    double ey = y * cos(angle) + x * sin(angle);
+                    /* cosf/sinf within 1 ulp, then 2 products and a sum: 4 ulps of |x|+|y| */
+                    double bound = ldexp(4.0, -24) * (fabs(x) + fabs(y));
+                    if (fabs(v[h * HD + i] - ex) > bound || fabs(v[h * HD + i + HD / 2] - ey) > bound)
+                        fail_msg("rope pos %d head %d dim %d", pos, h, i);
+                }
+            }
+            if (pos == 0)
+                assert_memory_equal(v, orig, sizeof v); /* angle 0 is the identity */
+        }
+    }
+}
+
+static void test_swiglu_and_exp(void **state)
+{
+    (void)state;
+    uint64_t s = 5;
+    enum { N = 1000 };
+    float g[N], up[N], out[N], e[N];
+    fill(g, N, &s, 20.0f);
+    fill(up, N, &s, 3.0f);
+    g[0] = 0.0f;
+    g[1] = -87.5f; /* clamped region */
+    g[2] = 87.5f;
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        memcpy(out, g, sizeof g);
+        kvd_swiglu((kvd_isa)isa, out, up, N);
+        for (int i = 0; i < N; i++) {
+            double exact = g[i] / (1.0 + exp(-(double)g[i])) * up[i];
+            /* exp within 2 ulps, then add, divide, multiply */
+            double bound = ldexp(6.0, -24) * fabs(exact) + 1e-37;
+            if (fabs(out[i] - exact) > bound)
+                fail_msg("swiglu %d: g=%g up=%g got %.9g exact %.9g", i, g[i], up[i], out[i], exact);
+        }
+        kvd_exp((kvd_isa)isa, e, g, N);
+        for (int i = 0; i < N; i++) {
+            if (g[i] < -87.0f || g[i] > 88.0f)
+                continue;
+            double exact = exp((double)g[i]);
+            if (fabs(e[i] - exact) > ldexp(2.0, -24) * exact)
+                fail_msg("exp(%.9g) = %.9g, exact %.9g", g[i], e[i], exact);
+        }
+        assert_true(e[0] == 1.0f);
+    }
+    assert_int_equal(kvd_argmax((const float[]){1, 5, 5, 2}, 4), 1);
+    assert_int_equal(kvd_argmax(NULL, 0), -1);
+}
+
+static void test_matrix_row(void **state)
+{
+    (void)state;
+    uint64_t s = 3;
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        test_matrix w = make_matrix(dtypes[d], 5, 33, &s);
+        float row[33];
+        kvd_matrix_row(row, &w.m, 3);
+        assert_memory_equal(row, w.values + 3 * 33, sizeof row);
+        free_matrix(&w);
+    }
+}
+
+/* ---- paged attention --------------------------------------------------------------- */
+
+typedef struct attn_case {
+    int layers, kv_heads, heads, head_dim;
+} attn_case;
+
+/* Positions [0, n) of one sequence in a fresh pool of the given block size and dtype,
+ * K and V random (the same for every pool: seeded by position). Returns the pool. */
+static kvd_kv_pool *filled_pool(const attn_case *c, int block_size, kvd_dtype dtype, int n,
+                                kvd_block_table *table, const float *k, const float *v)
+{
+    kvd_kv_config cfg = {
+        .num_layers = c->layers, .num_kv_heads = c->kv_heads, .head_dim = c->head_dim,
+        .block_size = block_size, .dtype = dtype,
+        .num_blocks = (size_t)(n + block_size - 1) / block_size + 1,
+    };
+    kvd_error err = {0};
+    kvd_kv_pool *pool = kvd_kv_pool_create(&cfg, &err);
+    if (!pool)
+        fail_msg("pool: %s", err.msg);
+    kvd_block_table_init(table);
+    assert_int_equal(kvd_block_table_append(pool, table, n, &err), 0);
+    int row = c->kv_heads * c->head_dim;
+    for (int layer = 0; layer < c->layers; layer++)
+        for (int p = 0; p < n; p++)
+            kvd_kv_store(best_isa(), pool, layer, table, p, k + ((size_t)layer * n + p) * row,
+                         v + ((size_t)layer * n + p) * row);
+    return pool;
+}
+
+/* Dense double-precision causal attention of query rows at positions first..first+rows-1. */
+static void reference_attention(const attn_case *c, int n, int layer, const float *q, int first,
+                                int rows, const float *k, const float *v, double *out)
+{
+    int group = c->heads / c->kv_heads, hd = c->head_dim, row = c->kv_heads * hd;
+    double *sc = malloc((size_t)n * sizeof(double));
+    for (int i = 0; i < rows; i++) {
+        int pos = first + i;
+        for (int h = 0; h < c->heads; h++) {
+            int kvh = h / group;
+            const float *qh = q + (size_t)i * c->heads * hd + h * hd;
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= pos; j++) {
+                const float *kj = k + ((size_t)layer * n + j) * row + kvh * hd;
+                double d = 0;
+                for (int t = 0; t < hd; t++)
+                    d += (double)qh[t] * kj[t];
+                sc[j] = d / sqrt((double)hd);
+                mx = sc[j] > mx ? sc[j] : mx;
+            }
+            for (int j = 0; j <= pos; j++)
+                sum += (sc[j] = exp(sc[j] - mx));
+            for (int t = 0; t < hd; t++) {
+                double acc = 0;
+                for (int j = 0; j <= pos; j++)
+                    acc += sc[j] * v[((size_t)layer * n + j) * row + kvh * hd + t];
+                out[((size_t)i * c->heads + h) * hd + t] = acc / sum;
+            }
+        }
+    }
+    free(sc);
+}
+
+static void round_to(kvd_dtype dtype, float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = dtype == KVD_DTYPE_F16 ? kvd_f16_to_f32(kvd_f32_to_f16(x[i]))
+             : dtype == KVD_DTYPE_BF16 ? kvd_bf16_to_f32(kvd_f32_to_bf16(x[i])) : x[i];
+}
+
+static void test_paged_attention(void **state)
+{
+    (void)state;
+    static const attn_case cases[] = {{2, 2, 14, 64}, {1, 1, 2, 24}, {1, 2, 2, 16}};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const attn_case *c = &cases[ci];
+        enum { N = 100 };
+        int row = c->kv_heads * c->head_dim, qrow = c->heads * c->head_dim;
+        uint64_t s = 77 + ci;
+        float *k = malloc((size_t)c->layers * N * row * sizeof(float));
+        float *v = malloc((size_t)c->layers * N * row * sizeof(float));
+        float *q = malloc((size_t)N * qrow * sizeof(float));
+        fill(k, (size_t)c->layers * N * row, &s, 2.0f);
+        fill(v, (size_t)c->layers * N * row, &s, 1.0f);
+        fill(q, (size_t)N * qrow, &s, 2.0f);
+        kvd_attention_shape shape = {c->heads, c->kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim)};
+        float *first = malloc((size_t)N * qrow * sizeof(float));
+        float *out = malloc((size_t)N * qrow * sizeof(float));
+        double *ref = malloc((size_t)N * qrow * sizeof(double));
+        for (int d = 0; d < 3; d++) {
+            float *kr = malloc((size_t)c->layers * N * row * sizeof(float));
+            float *vr = malloc((size_t)c->layers * N * row * sizeof(float));
+            memcpy(kr, k, (size_t)c->layers * N * row * sizeof(float));
+            memcpy(vr, v, (size_t)c->layers * N * row * sizeof(float));
+            round_to(dtypes[d], kr, (size_t)c->layers * N * row);
+            round_to(dtypes[d], vr, (size_t)c->layers * N * row);
+            int layer = c->layers - 1;
+            reference_attention(c, N, layer, q, 0, N, kr, vr, ref);
+            static const int block_sizes[] = {1, 2, 16, 64, 256};
+            for (size_t bi = 0; bi < sizeof block_sizes / sizeof block_sizes[0]; bi++) {
+                kvd_block_table table;
+                kvd_kv_pool *pool = filled_pool(c, block_sizes[bi], dtypes[d], N, &table, k, v);
+                for (int isa = 0; isa <= 1; isa++) {
+                    if (!kvd_isa_supported((kvd_isa)isa))
+                        continue;
+                    /* all rows at once, 2 threads */
+                    kvd_attention_query all = {&table, 0, N, q, qrow, out, qrow};
+                    kvd_error err = {0};
+                    assert_int_equal(kvd_paged_attention((kvd_isa)isa, pool, layer, &shape, &all, 1, 2, &err), 0);
+                    if (bi == 0 && isa == 0)
+                        memcpy(first, out, (size_t)N * qrow * sizeof(float));
+                    else if (memcmp(first, out, (size_t)N * qrow * sizeof(float)) != 0)
+                        fail_msg("attention differs with block size %d, %s, dtype %s",
+                                 block_sizes[bi], kvd_isa_name((kvd_isa)isa), kvd_dtype_name(dtypes[d]));
+                    /* row by row (decode steps), and in uneven chunks (chunked prefill), as
+                     * several queries of one call: bitwise the same */
+                    memset(out, 0, (size_t)N * qrow * sizeof(float));
+                    kvd_attention_query parts[N];
+                    int np = 0;
+                    for (int r = 0, len = 1; r < N; r += len, len = len % 7 + 1) {
+                        int rows = N - r < len ? N - r : len;
+                        parts[np++] = (kvd_attention_query){&table, r, rows, q + (size_t)r * qrow, qrow,
+                                                            out + (size_t)r * qrow, qrow};
+                    }
+                    assert_int_equal(kvd_paged_attention((kvd_isa)isa, pool, layer, &shape, parts, np, 3, &err), 0);
+                    if (memcmp(first, out, (size_t)N * qrow * sizeof(float)) != 0)
+                        fail_msg("chunked attention differs (block size %d)", block_sizes[bi]);
+                }
+                kvd_block_table_deinit(pool, &table);
+                kvd_kv_pool_destroy(pool);
+            }
+            /* accuracy against the dense double reference on the rounded K/V */
+            double worst = 0;
+            for (int i = 0; i < N; i++) {
+                for (int h = 0; h < c->heads; h++) {
+                    double scale = 0;
+                    for (int t = 0; t < c->head_dim; t++)
+                        scale = fmax(scale, fabs(ref[((size_t)i * c->heads + h) * c->head_dim + t]));
+                    for (int t = 0; t < c->head_dim; t++) {
+                        size_t at = ((size_t)i * c->heads + h) * c->head_dim + t;
+                        double e = fabs(first[at] - ref[at]) / fmax(scale, 1e-3);
+                        worst = e > worst ? e : worst;
+                    }
+                }
+            }
+            if (worst > 2e-6)
+                fail_msg("attention vs reference: %.3g relative (case %zu, %s)", worst, ci,
+                         kvd_dtype_name(dtypes[d]));
+            free(kr);
+            free(vr);
+        }
+        free(k);
+        free(v);
+        free(q);
+        free(first);
+        free(out);
+        free(ref);
+    }
+}
+
+/* A query that asks for positions its table has not reserved is refused. */
+static void test_paged_attention_rejects(void **state)
+{
+    (void)state;
+    attn_case c = {1, 1, 2, 16};
+    float k[8 * 16] = {0}, v[8 * 16] = {0}, q[2 * 2 * 16] = {0}, out[2 * 2 * 16];
+    kvd_block_table table;
+    kvd_kv_pool *pool = filled_pool(&c, 4, KVD_DTYPE_F16, 8, &table, k, v);
+    kvd_attention_shape shape = {2, 1, 16, 0.25f};
+    kvd_attention_query bad = {&table, 7, 2, q, 32, out, 32};
+    kvd_error err = {0};
+    assert_int_equal(kvd_paged_attention(best_isa(), pool, 0, &shape, &bad, 1, 1, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "table holds 8"));
+    kvd_attention_shape wrong = {2, 1, 32, 0.25f};
+    kvd_attention_query ok = {&table, 0, 2, q, 32, out, 32};
+    assert_int_equal(kvd_paged_attention(best_isa(), pool, 0, &wrong, &ok, 1, 1, &err), KVD_EINVAL);
+    kvd_block_table_deinit(pool, &table);
+    kvd_kv_pool_destroy(pool);
+}
+
+/* K/V land in the slot of their position, rounded to nearest even in the pool dtype. */
+static void test_kv_store(void **state)
+{
+    (void)state;
+    attn_case c = {2, 2, 2, 20};
+    enum { N = 11 };
+    uint64_t s = 8;
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        float k[2 * N * 40], v[2 * N * 40];
+        fill(k, sizeof k / sizeof k[0], &s, 100.0f);
+        fill(v, sizeof v / sizeof v[0], &s, 1e-3f);
+        kvd_block_table table;
+        kvd_kv_pool *pool = filled_pool(&c, 4, dtypes[d], N, &table, k, v);
+        for (int layer = 0; layer < 2; layer++)
+            for (int p = 0; p < N; p++)
+                for (int h = 0; h < 2; h++)
+                    for (int t = 0; t < 20; t++) {
+                        size_t slot = ((size_t)h * 4 + p % 4) * 20 + t;
+                        const void *kb = kvd_kv_block_keys(pool, table.blocks[p / 4], layer);
+                        const void *vb = kvd_kv_block_values(pool, table.blocks[p / 4], layer);
+                        float kx = k[((size_t)layer * N + p) * 40 + h * 20 + t];
+                        float vx = v[((size_t)layer * N + p) * 40 + h * 20 + t];
+                        if (dtypes[d] == KVD_DTYPE_F32) {
+                            assert_true(((const float *)kb)[slot] == kx);
+                            assert_true(((const float *)vb)[slot] == vx);
+                        } else if (dtypes[d] == KVD_DTYPE_F16) {
+                            assert_int_equal(((const uint16_t *)kb)[slot], kvd_f32_to_f16(kx));
+                            assert_int_equal(((const uint16_t *)vb)[slot], kvd_f32_to_f16(vx));
+                        } else {
+                            assert_int_equal(((const uint16_t *)kb)[slot], kvd_f32_to_bf16(kx));
+                            assert_int_equal(((const uint16_t *)vb)[slot], kvd_f32_to_bf16(vx));
+                        }
+                    }
+        kvd_block_table_deinit(pool, &table);
+        kvd_kv_pool_destroy(pool);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_accuracy),
+        cmocka_unit_test(test_matmul_accumulate),
+        cmocka_unit_test(test_matmul_batch_invariance),
+        cmocka_unit_test(test_scalar_matches_avx512),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_swiglu_and_exp),
+        cmocka_unit_test(test_matrix_row),
+        cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_paged_attention_rejects),
+        cmocka_unit_test(test_kv_store),
+    };
+    printf("kernels: isa %s\n", kvd_isa_name(kvd_isa_detect()));
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
