@@ -10,6 +10,7 @@ packages=(
   libuv1-dev node-llhttp libcmocka-dev
   clang libclang-rt-14-dev
   python3-numpy nodejs npm curl ca-certificates
+  chromium  # tests/browser drives it with Playwright
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -190,25 +190,35 @@ static void check_drained(kvd_app *app)
         app_shutdown(app);
 }
 
-static void print_banner(kvd_app *app)
+void kvd_app_engine_stats(kvd_app *app, kvd_engine_stats *st)
 {
-    const kvd_model_config *mc = &app->model->config;
-    kvd_engine_stats st;
-    kvd_engine_stats_get(app->engine, &st);
-    if (st.kv.blocks_total == 0) {
+    memset(st, 0, sizeof *st);
+    if (!app->engine)
+        return;
+    kvd_engine_stats_get(app->engine, st);
+    if (st->kv.blocks_total == 0) {
         /* The engine publishes pool statistics after its first step; until then the
          * pool's size follows from the same formula the pool uses. */
+        const kvd_model_config *mc = &app->model->config;
         kvd_kv_config kc = {.num_layers = mc->num_layers,
                             .num_kv_heads = mc->num_kv_heads,
                             .head_dim = mc->head_dim,
                             .block_size = app->cfg.block_size,
                             .dtype = app->cfg.kv_dtype};
-        st.kv.block_bytes = kvd_kv_block_bytes(&kc);
-        st.kv.blocks_total = app->cfg.kv_num_blocks ? (int64_t)app->cfg.kv_num_blocks
-                             : st.kv.block_bytes ? (int64_t)(app->cfg.kv_cache_bytes / st.kv.block_bytes)
-                                                 : 0;
-        st.kv.pool_bytes = (size_t)st.kv.blocks_total * st.kv.block_bytes;
+        st->kv.block_bytes = kvd_kv_block_bytes(&kc);
+        st->kv.blocks_total = app->cfg.kv_num_blocks ? (int64_t)app->cfg.kv_num_blocks
+                              : st->kv.block_bytes ? (int64_t)(app->cfg.kv_cache_bytes / st->kv.block_bytes)
+                                                   : 0;
+        st->kv.blocks_free = st->kv.blocks_total;
+        st->kv.pool_bytes = (size_t)st->kv.blocks_total * st->kv.block_bytes;
     }
+}
+
+static void print_banner(kvd_app *app)
+{
+    const kvd_model_config *mc = &app->model->config;
+    kvd_engine_stats st;
+    kvd_app_engine_stats(app, &st);
     kvd_log(&app->log, KVD_LOG_ERROR,
             "model %s (%s): %d layers, hidden %d, %d heads / %d kv heads, vocab %d, context %d, "
             "%zu bytes of weights",

@@ -90,6 +90,9 @@ void kvd_app_drain(kvd_app *app);
 /* Called by openai.c when a job is freed, to finish a drain. */
 void kvd_app_job_ended(kvd_app *app);
 uint64_t kvd_app_random(kvd_app *app);
+/* Engine statistics (zeros before the model is loaded), with the pool's size filled
+ * in even before the engine's first step. */
+void kvd_app_engine_stats(kvd_app *app, kvd_engine_stats *st);
 
 /* openai.c */
 void kvd_openai_on_request(kvd_http_request *req, void *arg);

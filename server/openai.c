@@ -976,9 +976,7 @@ static void handle_models(kvd_app *app, kvd_http_request *req)
 static void handle_metrics(kvd_app *app, kvd_http_request *req)
 {
     kvd_engine_stats st;
-    memset(&st, 0, sizeof st);
-    if (app->engine)
-        kvd_engine_stats_get(app->engine, &st);
+    kvd_app_engine_stats(app, &st);
     app->metrics.open_connections = kvd_http_server_num_connections(app->http);
     kvd_sbuf out;
     kvd_sbuf_init(&out);

@@ -169,7 +169,7 @@ static void collect(kvd_event *list, req_out *outs, int num_outs)
             }
             c->tokens[c->num_tokens++] = ev->tokens[t];
         }
-        assert_int_equal(strlen(ev->text), ev->text_len);
+        assert_int_equal(ev->text[ev->text_len], '\0'); /* bytes may hold a NUL token: use text_len */
         assert_true(c->text_len + ev->text_len < MAX_OUT_TEXT);
         memcpy(c->text + c->text_len, ev->text, ev->text_len);
         c->text_len += ev->text_len;
@@ -382,7 +382,7 @@ static void test_stop_string_across_tokens(void **state)
     memcpy(stop, r->text + start, (size_t)(end - start));
     stop[end - start] = '\0';
     /* An earlier occurrence would stop earlier: cut at the first one. */
-    const char *first_hit = strstr(r->text, stop);
+    const char *first_hit = memmem(r->text, r->text_len, stop, strlen(stop));
     size_t expect_len = (size_t)(first_hit - r->text);
 
     const char *stops[2] = {"this never appears \x01", stop};
@@ -395,7 +395,7 @@ static void test_stop_string_across_tokens(void **state)
     assert_int_equal(g->num_finish_events, 1);
     assert_int_equal(g->text_len, expect_len);
     assert_memory_equal(g->text, r->text, expect_len);
-    assert_null(strstr(g->text, stop));
+    assert_null(memmem(g->text, g->text_len, stop, strlen(stop)));
     for (int t = 0; t < g->num_tokens; t++)
         assert_int_equal(g->tokens[t], r->tokens[t]);
 
@@ -558,6 +558,43 @@ static void test_n_choices_share_prompt_blocks(void **state)
     assert_true(differ > 0);
 }
 
+/* Four choices in a pool that holds barely more than one: they take turns through
+ * preemption (choices preempting themselves included), on the engine thread, and
+ * each still equals its lone run. */
+static void test_n_choices_under_pressure(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[60];
+    make_prompt(prompt, 60, 4321);
+    kvd_request_params p = sampled_params(30, 800);
+    p.n = 4;
+    kvd_engine_config cfg = small_config(8, 512);
+    kvd_error err = {0};
+    kvd_engine *e = make_engine(f, &cfg);
+    assert_int_equal(kvd_engine_start(e, &err), 0);
+    req_out r = {.n = 4};
+    r.id = submit_ok(e, prompt, 60, &p);
+    for (int guard = 0; kvd_engine_busy(e); guard++) {
+        assert_true(guard < 6000);
+        kvd_engine_wait_events(e, 10);
+        collect(kvd_engine_poll_events(e), &r, 1);
+    }
+    collect(kvd_engine_poll_events(e), &r, 1);
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    assert_true(st.num_preemptions > 0);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_invariants(e);
+    kvd_engine_destroy(e);
+    for (int c = 0; c < 4; c++) {
+        kvd_request_params one = sampled_params(30, 800 + (uint64_t)c);
+        req_out alone = {0};
+        run_one(f, prompt, 60, &one, &alone);
+        assert_int_equal(r.ch[c].num_finish_events, 1);
+        assert_same_output(&r.ch[c], &alone.ch[0], c);
+    }
+}
+
 /* ---- cancellation ------------------------------------------------------------------ */
 
 static void test_cancel_mid_prefill_and_mid_decode(void **state)
@@ -715,7 +752,8 @@ static void test_engine_thread(void **state)
         run_one(f, prompts[i], lens[i], &params[i], &ref[i]);
     }
     notify_count nc = {0};
-    kvd_engine_config cfg = small_config(64, 32);
+    /* 24 blocks for 8 sequences of up to 5 blocks, 32-token steps: a crowded queue. */
+    kvd_engine_config cfg = small_config(24, 32);
     cfg.num_threads = 2;
     kvd_error err = {0};
     kvd_engine *e = kvd_engine_create(f->model, f->tok, &cfg, count_notify, &nc, &err);
@@ -728,12 +766,12 @@ static void test_engine_thread(void **state)
         got[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
     }
     /* A ninth request, cancelled from this thread while the engine runs. */
-    static int32_t long_prompt[600];
-    make_prompt(long_prompt, 600, 3);
+    static int32_t long_prompt[300];
+    make_prompt(long_prompt, 300, 3);
     req_out extra[N + 1];
     memcpy(extra, got, sizeof got);
     extra[N] = (req_out){.n = 1};
-    extra[N].id = submit_ok(e, long_prompt, 600, &params[0]);
+    extra[N].id = submit_ok(e, long_prompt, 300, &params[0]);
     kvd_engine_cancel(e, (uint64_t)extra[N].id);
     int finished = 0;
     for (int guard = 0; finished < N + 1; guard++) {
@@ -771,6 +809,7 @@ int main(void)
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
         cmocka_unit_test(test_max_tokens_and_context_cap),
         cmocka_unit_test(test_n_choices_share_prompt_blocks),
+        cmocka_unit_test(test_n_choices_under_pressure),
         cmocka_unit_test(test_cancel_mid_prefill_and_mid_decode),
         cmocka_unit_test(test_queue_full_busy),
         cmocka_unit_test(test_logprobs_and_kv_snapshot),

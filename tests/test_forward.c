@@ -35,11 +35,11 @@
 #define MAX_PROMPTS 8
 #define MAX_IDS 64
 #define REF_TOLERANCE 1e-4
-/* Measured on the tiny fixture (max |logit difference| over 41 prompt rows + 24 decode
- * steps vs an f32 cache) were about 1e-4 (f16) and 1e-3 (bf16); these bounds leave
- * a 4x margin. */
-#define F16_KV_TOLERANCE 1
-#define BF16_KV_TOLERANCE 1
+/* Largest |logit difference| a 16-bit KV cache may cause vs f32 on the tiny fixture,
+ * teacher-forced over the 4 golden prompts + 24 steps: measured 1.5e-3 (f16) and
+ * 1.4e-2 (bf16) (docs/benchmarks.md); the bounds leave a 2x margin. */
+#define F16_KV_TOLERANCE 3e-3
+#define BF16_KV_TOLERANCE 3e-2
 
 typedef struct golden_prompt {
     int32_t ids[MAX_IDS];
@@ -172,6 +172,7 @@ static runner make_runner(int block_size, kvd_dtype dtype, bool prefix_cache, in
     r.ctx = kvd_forward_create(g_model, r.pool, 256, 8, 256, threads, &err);
     if (!r.ctx)
         fail_msg("forward: %s", err.msg);
+    assert_int_equal(kvd_forward_num_threads(r.ctx), threads);
     return r;
 }
 
@@ -194,10 +195,11 @@ static void run_one(runner *r, kvd_block_table *table, const int32_t *ids, int n
         fail_msg("forward: %s", err.msg);
 }
 
-/* Prompt (all rows' logits) then `steps` greedy steps; logits: (n + steps) rows where
- * row n - 1 + k chose out_ids[k] and row n + k holds the logits after feeding it. */
-static void greedy_cached(runner *r, const int32_t *prompt, int n, int steps, float *logits,
-                          int32_t *out_ids)
+/* Prompt (all rows' logits) then `steps` decode steps; logits: (n + steps) rows where
+ * row n - 1 + k chose out_ids[k] (its argmax) and row n + k holds the logits after
+ * feeding token k: out_ids[k] (greedy), or forced[k] when forced is not NULL. */
+static void decode_cached(runner *r, const int32_t *prompt, int n, int steps, const int32_t *forced,
+                          float *logits, int32_t *out_ids)
 {
     int32_t ids[MAX_IDS + 128];
     memcpy(ids, prompt, (size_t)n * sizeof(int32_t));
@@ -205,11 +207,28 @@ static void greedy_cached(runner *r, const int32_t *prompt, int n, int steps, fl
     kvd_block_table_init(&table);
     run_one(r, &table, ids, 0, n, KVD_LOGITS_ALL, logits);
     for (int k = 0; k < steps; k++) {
-        ids[n + k] = kvd_argmax(logits + (size_t)(n - 1 + k) * g_vocab, g_vocab);
-        out_ids[k] = ids[n + k];
+        out_ids[k] = kvd_argmax(logits + (size_t)(n - 1 + k) * g_vocab, g_vocab);
+        ids[n + k] = forced ? forced[k] : out_ids[k];
         run_one(r, &table, ids, n + k, 1, KVD_LOGITS_LAST, logits + (size_t)(n + k) * g_vocab);
     }
     kvd_block_table_deinit(r->pool, &table);
+}
+
+static void greedy_cached(runner *r, const int32_t *prompt, int n, int steps, float *logits,
+                          int32_t *out_ids)
+{
+    decode_cached(r, prompt, n, steps, NULL, logits, out_ids);
+}
+
+/* Largest minus second largest value of row. */
+static float top_margin(const float *row)
+{
+    int best = kvd_argmax(row, g_vocab);
+    float second = -INFINITY;
+    for (int v = 0; v < g_vocab; v++)
+        if (v != best && row[v] > second)
+            second = row[v];
+    return row[best] - second;
 }
 
 /* ---- (1) against the numpy reference --------------------------------------------- */
@@ -269,6 +288,12 @@ static void test_matches_reference(void **state)
 
 #define LONG_STEPS 24
 
+/* Block sizes change no bit. A 16-bit KV cache rounds K and V, so its logits may move:
+ * fed the same tokens as the f32 run (teacher forcing), every logit stays within the
+ * stated bound of the f32 logit; decoding freely, every greedy choice whose f32 margin
+ * (top-1 minus top-2 logit) exceeds twice that bound must be the same id. The random
+ * tiny model has near-ties (margins below 1e-3), where a bf16 cache may legitimately
+ * pick the other token; checking stops at the first such step of a prompt. */
 static void test_block_sizes_and_kv_dtypes(void **state)
 {
     (void)state;
@@ -291,20 +316,40 @@ static void test_block_sizes_and_kv_dtypes(void **state)
     }
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F16, KVD_DTYPE_BF16};
     static const double bounds[] = {F16_KV_TOLERANCE, BF16_KV_TOLERANCE};
+    runner f32 = make_runner(16, KVD_DTYPE_F32, false, 2);
     for (int d = 0; d < 2; d++) {
+        double worst = 0;
+        int checked = 0, total = 0;
         for (int b = 0; b < 2; b++) {
             r = make_runner(b == 0 ? 16 : 1, dtypes[d], false, 2);
-            greedy_cached(&r, gp->ids, gp->n, LONG_STEPS, other, ids);
-            assert_memory_equal(ids, base_ids, sizeof ids);
-            double worst = 0;
-            for (size_t i = 0; i < (size_t)rows * g_vocab; i++)
-                worst = fmax(worst, fabs((double)other[i] - base[i]));
-            printf("KV %s (block %d) vs f32: max |logit difference| %.3g over %d rows\n",
-                   kvd_dtype_name(dtypes[d]), b == 0 ? 16 : 1, worst, rows);
-            assert_true(worst <= bounds[d]);
+            for (int p = 0; p < g_num_prompts; p++) {
+                const golden_prompt *q = &g_prompts[p];
+                size_t n = (size_t)(q->n + LONG_STEPS) * g_vocab;
+                greedy_cached(&f32, q->ids, q->n, LONG_STEPS, base, base_ids);
+                decode_cached(&r, q->ids, q->n, LONG_STEPS, base_ids, other, ids);
+                for (size_t i = 0; i < n; i++)
+                    worst = fmax(worst, fabs((double)other[i] - base[i]));
+                greedy_cached(&r, q->ids, q->n, LONG_STEPS, other, ids);
+                total += LONG_STEPS;
+                for (int k = 0; k < LONG_STEPS; k++) {
+                    bool near_tie = top_margin(base + (size_t)(q->n - 1 + k) * g_vocab) <= 2 * bounds[d];
+                    if (near_tie && ids[k] != base_ids[k])
+                        break; /* a legitimate flip: the two runs diverge from here */
+                    if (ids[k] != base_ids[k])
+                        fail_msg("KV %s: prompt %d step %d chose %d, f32 chose %d", kvd_dtype_name(dtypes[d]),
+                                 p, k, ids[k], base_ids[k]);
+                    checked += !near_tie;
+                }
+            }
             free_runner(&r);
         }
+        printf("KV %s vs f32 (block sizes 16 and 1, %d prompts x %d steps): max |logit "
+               "difference| %.3g (bound %.0e); %d of %d greedy choices checked identical\n",
+               kvd_dtype_name(dtypes[d]), g_num_prompts, LONG_STEPS, worst, bounds[d], checked, total);
+        if (worst > bounds[d])
+            fail_msg("KV %s moved a logit by %.3g > %.0e", kvd_dtype_name(dtypes[d]), worst, bounds[d]);
     }
+    free_runner(&f32);
     free(base);
     free(other);
 }
@@ -391,6 +436,7 @@ static void test_batch_invariance(void **state)
 
     for (int threads = 2; threads <= 3; threads++) {
         runner r = make_runner(threads == 2 ? 4 : 32, KVD_DTYPE_F16, false, threads);
+        kvd_forward_force_threads(r.ctx, true); /* the tiny model would run on one thread */
         const golden_prompt *gps[3] = {A, B, C};
         int32_t ids[3][MAX_IDS + STEPS];
         int done[3] = {0, 0, 0}; /* tokens computed per sequence */

@@ -70,7 +70,17 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --
 
+    def release(self):
+        """Ends this request's in-flight count; called before its last bytes are written,
+        since a client may start its next request the moment it reads them."""
+        state = self.server.state
+        if getattr(self, "counted", False):
+            with state.lock:
+                state.inflight -= 1
+            self.counted = False
+
     def send_json(self, status, obj):
+        self.release()
         body = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -168,11 +178,11 @@ class Handler(BaseHTTPRequestHandler):
             number = state.posts
             state.inflight += 1
             state.max_inflight = max(state.max_inflight, state.inflight)
+        self.counted = True
         try:
             self.handle_post(raw, state.faults.get(number))
         finally:
-            with state.lock:
-                state.inflight -= 1
+            self.release()
 
     def bad_request(self, why):
         self.send_json(400, {"error": {"message": why}})
@@ -253,6 +263,7 @@ class Handler(BaseHTTPRequestHandler):
             if fault == "errorevent" and i == 1:
                 self.event({"error": {"message": "injected error event", "type": "server_error"}})
             if fault == "cut" and i == 1:
+                self.release()
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
@@ -270,6 +281,7 @@ class Handler(BaseHTTPRequestHandler):
             self.event({"choices": [], "usage": {"prompt_tokens": prompt_tokens,
                                                  "completion_tokens": n,
                                                  "total_tokens": prompt_tokens + n}})
+        self.release()
         if fault != "nodone":
             self.event("[DONE]")
         if fault == "linger":

@@ -238,7 +238,7 @@ class Faults(Base):
 
     def test_error_kinds(self):
         out, _ = run_bench(self.server.url, "--requests", "12", "--concurrency", "1",
-                           "--timeout", "1.5", "--max-tokens", "4", "--ignore-eos",
+                           "--timeout", "3", "--max-tokens", "4", "--ignore-eos",
                            expect_rc=1)
         self.assertEqual(out["completed"], 6)
         self.assertEqual(out["failed"], 6)
@@ -260,7 +260,7 @@ class Faults(Base):
         # s1 = 1 ok, 2 fail | s2 = 3 ok, 4 fail | s3 = 5 ok, 6 fail | s4 = 7 ok, 8 fail
         # s5 = 9 fail (turn 2 abandoned) | s6 = 10 fail (turn 2 abandoned)
         out, _ = run_bench(self.server.url, "--turns", "2", "--requests", "12",
-                           "--timeout", "1.5", "--max-tokens", "2", expect_rc=1)
+                           "--timeout", "3", "--max-tokens", "2", expect_rc=1)
         self.assertEqual(out["completed"], 4)
         self.assertEqual(out["failed"], 6)
         self.assertEqual(out["abandoned"], 2)

@@ -281,7 +281,18 @@ static size_t matrix_bytes(const kvd_matrix *m)
 
 /* ---------- setup ---------- */
 
+static int setup_fixtures(void **state);
+
+/* cmocka skips the group teardown when setup fails: clean up here instead. */
 static int group_setup(void **state)
+{
+    int rc = setup_fixtures(state);
+    if (rc != 0 && work_dir[0])
+        remove_tree(work_dir);
+    return rc;
+}
+
+static int setup_fixtures(void **state)
 {
     const char *tmp = getenv("TMPDIR");
     fmt_path(work_dir, sizeof work_dir, "%s/kvd-model-test-XXXXXX", tmp && *tmp ? tmp : "/tmp");

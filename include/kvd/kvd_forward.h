@@ -57,7 +57,17 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
 void kvd_forward_destroy(kvd_forward_ctx *ctx);
 
 /* Runs the batch. Returns 0, or KVD_EINVAL (batch larger than the context was made
- * for, token id out of range, positions past max_position_embeddings). */
+ * for, token id out of range, positions past max_position_embeddings, a sequence
+ * whose table has not reserved its slots, a token outside every sequence's range).
+ * Steps too small to gain from threads (a tiny model's decode) run on one thread;
+ * the result never depends on the thread count. */
 int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error *err);
+
+/* The thread count the context was made with (num_threads <= 0 resolved). */
+int kvd_forward_num_threads(const kvd_forward_ctx *ctx);
+
+/* With force, every step runs on all the context's threads however small it is
+ * (tests use it to exercise the parallel paths on the tiny model). */
+void kvd_forward_force_threads(kvd_forward_ctx *ctx, bool force);
 
 #endif

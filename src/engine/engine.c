@@ -216,6 +216,8 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
     e->sched.max_batched_tokens = cfg.max_batched_tokens;
     e->sched.watermark_blocks = (int)((double)cfg.watermark * (double)pool_cfg->num_blocks + 0.999999);
     e->sched.prefix_cache = cfg.enable_prefix_cache;
+    /* Stats are valid before the first step (the pool's size, all blocks free). */
+    kvd_kv_stats_get(e->pool, &e->stats.kv);
     return e;
 
 fail:
@@ -588,8 +590,13 @@ static void *engine_main(void *arg)
             break;
         kvd_error err = {0};
         pthread_mutex_lock(&e->step_lock);
+        const uint64_t preemptions = e->sched.num_preemptions;
         int ran = engine_step(e, &err);
-        keep_going = ran != 0 && e->sched.running.len + e->sched.waiting.len > 0;
+        /* A step that only preempted ran nothing but changed the state: the next one
+         * admits. A step that did neither cannot be followed by a different one until
+         * new input arrives, so the thread sleeps. */
+        keep_going = (ran != 0 || e->sched.num_preemptions != preemptions) &&
+                     e->sched.running.len + e->sched.waiting.len > 0;
         pthread_mutex_unlock(&e->step_lock);
     }
     return NULL;

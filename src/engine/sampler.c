@@ -495,20 +495,34 @@ static float cut_select(float *v, int n, double need, bool by_mass, double *abov
     return -INFINITY;
 }
 
-/* The k-th best logit (count cut) for a large top_k: only values near the top can be
- * in it, so widen a window below the max until it holds k values, then select there. */
+/* The k-th best logit (count cut) for a large top_k. Only values near the top can be
+ * in it, so a bisection with vectorised counts narrows a floor holding between k and
+ * 4k values (the invariant: at least k at or above it), and the selection runs on
+ * those alone. */
 static float top_k_cut(kvd_sampler *s, const float *logits, float m, int k, int *count_above)
 {
     const int V = s->vocab_size;
     double above;
-    for (float width = 1.0f; width <= 64.0f; width *= 2.0f) {
-        const float floor_x = m - width;
-        if (kvd_vocab_count_ge(s->avx512, logits, V, floor_x) < k)
-            continue;
-        int n = kvd_vocab_compress_ge(s->avx512, s->cand_vals, NULL, logits, V, floor_x);
-        return cut_select(s->cand_vals, n, (double)k, false, &above, count_above);
+    float lo = m - 64.0f, hi = m;
+    int n;
+    if (kvd_vocab_count_ge(s->avx512, logits, V, lo) < k) {
+        lo = -INFINITY; /* a very wide top_k: everything that is a number */
+    } else {
+        for (int iter = 0; iter < 24; iter++) {
+            const float mid = lo + (hi - lo) * 0.5f;
+            if (mid <= lo || mid >= hi)
+                break;
+            const int count = kvd_vocab_count_ge(s->avx512, logits, V, mid);
+            if (count < k) {
+                hi = mid;
+            } else {
+                lo = mid;
+                if (count <= 4 * k)
+                    break;
+            }
+        }
     }
-    int n = kvd_vocab_compress_ge(s->avx512, s->cand_vals, NULL, logits, V, -INFINITY);
+    n = kvd_vocab_compress_ge(s->avx512, s->cand_vals, NULL, logits, V, lo);
     return cut_select(s->cand_vals, n, (double)k, false, &above, count_above);
 }
 

@@ -40,6 +40,7 @@ struct kvd_forward_ctx {
     kvd_kv_pool *pool;
     kvd_isa isa;
     int max_tokens, max_seqs, max_logit_rows, num_threads;
+    bool force_threads;  /* every step on num_threads, however small (tests) */
     int hidden, q_dim, kv_dim, inter, vocab, head_dim;
     kvd_attention_shape shape;
     float *inv_freq;     /* (head_dim/2) */
@@ -284,6 +285,35 @@ static void split_rows(int n, int ith, int nth, int *begin, int *end)
     *end = (int)((int64_t)n * (ith + 1) / nth);
 }
 
+/* Threads for a step: all of them, unless the step is so small (a tiny model, a few
+ * tokens) that its ~10 barriers per layer would cost more than they save; on a
+ * loaded machine a barrier can wait a scheduler time slice. Results never depend on
+ * the count. Estimate: weights streamed at 20 GB/s plus arithmetic at 100 GFLOP/s,
+ * one core's worth; below 2 ms, one thread. */
+static int step_threads(const kvd_forward_ctx *ctx, int tokens, int logit_rows)
+{
+    const kvd_model *m = ctx->model;
+    double layer_params = (double)ctx->hidden * (2.0 * ctx->q_dim + 2.0 * ctx->kv_dim + 3.0 * ctx->inter);
+    double bytes = layer_params * m->config.num_layers * kvd_dtype_size(m->layers[0].q_proj.dtype);
+    double flops = 2.0 * tokens * layer_params * m->config.num_layers;
+    if (logit_rows > 0) {
+        bytes += (double)ctx->vocab * ctx->hidden * kvd_dtype_size(m->lm_head.dtype);
+        flops += 2.0 * logit_rows * (double)ctx->vocab * ctx->hidden;
+    }
+    double micros = bytes / 20e3 + flops / 100e3;
+    return micros < 2000.0 && !ctx->force_threads ? 1 : ctx->num_threads;
+}
+
+void kvd_forward_force_threads(kvd_forward_ctx *ctx, bool force)
+{
+    ctx->force_threads = force;
+}
+
+int kvd_forward_num_threads(const kvd_forward_ctx *ctx)
+{
+    return ctx->num_threads;
+}
+
 int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error *err)
 {
     int num_items = 0;
@@ -299,9 +329,7 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
     const int I = ctx->inter, HD = ctx->head_dim;
     const kvd_isa isa = ctx->isa;
     const float eps = c->rms_norm_eps;
-    int nthreads = ctx->num_threads;
-    /* Fewer threads than rows of work is pointless for a single token of a tiny model,
-     * but never changes results; keep the team size fixed for predictable timing. */
+    int nthreads = step_threads(ctx, M, rows);
 #pragma omp parallel num_threads(nthreads)
     {
         const int nth = omp_get_num_threads(), ith = omp_get_thread_num();

@@ -70,7 +70,9 @@ class Daemon:
         return False
 
     def start(self):
-        cmd = [KVD, "--model", self.model, "--port", "0"] + self.args
+        # One compute thread: the test machines are shared and small, and OpenMP
+        # teams on busy cores spend their time waiting for each other.
+        cmd = [KVD, "--model", self.model, "--port", "0", "--threads", "1"] + self.args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._reader, daemon=True).start()
         self.wait_for_line(r"listening on http://[^:]+:(\d+)", 30)

@@ -33,3 +33,27 @@ fuzz_target fuzz_tokenizer tests/fuzz/fuzz_tokenizer.c src/tokenizer/load.c src/
   src/tokenizer/bpe.c src/tokenizer/decode.c src/tokenizer/utf8.c src/util/error.c \
   "${tok_flags[@]}" -lpthread
 # --- end tokenizer ---
+
+# --- harden: the HTTP request path, request JSON of both completion routes, chat template ---
+# llhttp's generated sources are compiled once without -Werror (as meson.build does) but
+# with the sanitizers and coverage, so the fuzzer is guided through the parser's states too.
+mkdir -p "$out/obj"
+llhttp_objs=()
+for src in /usr/share/llhttp/api.c /usr/share/llhttp/http.c /usr/share/llhttp/llhttp.c; do
+  obj="$out/obj/llhttp_$(basename "$src" .c).o"
+  "$cc" -std=c17 -g -O1 -w -fsanitize=fuzzer-no-link,address,undefined -I/usr/share/include/llhttp \
+    -c "$src" -o "$obj"
+  llhttp_objs+=("$obj")
+done
+uv_flags=($(pkg-config --cflags --libs libuv))
+fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/util/error.c \
+  "${llhttp_objs[@]}" -Iserver -I/usr/share/include/llhttp "${uv_flags[@]}" "${cjson_flags[@]}"
+# chat.c encodes with the tokenizer, so both JSON targets link it.
+tok_srcs=(src/tokenizer/load.c src/tokenizer/encode.c src/tokenizer/bpe.c src/tokenizer/decode.c
+          src/tokenizer/utf8.c)
+fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai.c server/chat.c server/util.c \
+  src/engine/sampler.c src/engine/sampler_vocab.c "${tok_srcs[@]}" src/util/error.c -Iserver \
+  "${tok_flags[@]}" -lpthread -lm
+fuzz_target fuzz_chat_template tests/fuzz/fuzz_chat_template.c server/chat.c server/util.c \
+  "${tok_srcs[@]}" src/util/error.c -Iserver "${tok_flags[@]}" -lpthread
+# --- end harden ---

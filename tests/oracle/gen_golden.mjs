@@ -14,9 +14,11 @@
 //     whose added_tokens keep only the non-special ones.
 //   - decoded_hex: decode(ids) with special tokens kept, i.e. the NFC text the ids stand
 //     for, as hex of its UTF-8 (text_hex is the input's).
-// "variants" check added-token options the stock file never sets: a copy of tokenizer.json
-// with changed added_tokens and the ids that copy gives for a few strings. The C test
-// applies the same change to its own copy.
+// "variants" check what the stock file and the stock oracle cannot: a copy of
+// tokenizer.json with changed added_tokens (added-token options the file never sets; the
+// C test applies the same change to its own copy), and the oracle with its regex's \s
+// spelled out as Unicode White_Space, the \s of Hugging Face's regex engines (Oniguruma,
+// Rust regex) and of PCRE2, where ECMAScript's differs (the C test uses the stock file).
 import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -87,8 +89,8 @@ const variantSpecs = [
     texts: ["a<think>", "<think>b", "x<think>y", "think<think>think", "_<think>", "é<think>"],
   },
   {
-    // ECMAScript's \s is not Unicode's White_Space (what Rust's regex, Oniguruma and PCRE2
-    // use): it adds U+FEFF and lacks U+0085. Spelling \s out as White_Space makes the JS
+    // ECMAScript's \s is not Unicode's White_Space (what Oniguruma, Rust's regex and PCRE2
+    // match): it adds U+FEFF and lacks U+0085. Spelling \s out as White_Space makes the JS
     // regex behave like Hugging Face's; the C test encodes these strings with the stock
     // tokenizer.json. ids_ecmascript records what the stock JS oracle says instead.
     name: "white_space_regex",

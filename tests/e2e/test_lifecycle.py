@@ -1,0 +1,148 @@
+"""test_lifecycle.py - kvd's start and stop: configuration errors (exit 2), --help,
+load failures (exit 1), SIGTERM/SIGINT drains that let in-flight streams finish
+(exit 0), the drain grace period, and /health answering 503 while draining.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvd_e2e import KVD, Daemon, check_error, parse_sse, run_tests, tiny_model  # noqa: E402
+
+
+def run_kvd(*args, timeout=30):
+    return subprocess.run([KVD] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_flags_with_defaults():
+    out = run_kvd("--help")
+    assert out.returncode == 0, out
+    for flag in ["--model DIR", "--config FILE", "--host ADDR", "--port N", "--block-size N", "--kv-cache-mb MIB",
+                 "--kv-dtype f16|bf16|f32", "--max-num-seqs N", "--max-batched-tokens N", "--max-queue N",
+                 "--api-key KEY", "--threads N", "--no-prefix-cache", "--log-level debug|info|warn|error",
+                 "--max-body-bytes", "--header-timeout-ms", "--idle-timeout-ms", "--max-connections",
+                 "--drain-timeout-s"]:
+        assert flag in out.stdout, flag
+    assert "[default 8000]" in out.stdout and '[default "127.0.0.1"]' in out.stdout
+
+
+def test_invalid_configuration_exits_2():
+    model = tiny_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        bad_key = os.path.join(tmp, "bad_key.json")
+        json.dump({"port": 0, "max_num_seq": 4}, open(bad_key, "w"))
+        bad_type = os.path.join(tmp, "bad_type.json")
+        json.dump({"kv_cache_mb": "lots"}, open(bad_type, "w"))
+        not_json = os.path.join(tmp, "not.json")
+        open(not_json, "w").write("{port: 1}")
+        cases = [
+            (["--config", bad_key], 'unknown key "max_num_seq"'),
+            (["--config", bad_type], 'key "kv_cache_mb": must be an integer'),
+            (["--config", not_json], "not valid JSON"),
+            (["--config", os.path.join(tmp, "missing.json")], "missing.json"),
+            (["--port", "99999"], "--port: must be an integer in 0..65535"),
+            (["--kv-dtype", "fp8"], '--kv-dtype: "fp8" is not one of f16, bf16, f32'),
+            (["--log-level", "loud"], "--log-level"),
+            (["--block-size", "12"], "block_size: 12 is not a power of two"),
+            (["--frobnicate"], "unknown flag --frobnicate"),
+            (["--host", "localhost"], 'host: "localhost" is not an IPv4 or IPv6 address'),
+        ]
+        for args, message in cases:
+            out = run_kvd("--model", model, *args)
+            assert out.returncode == 2, (args, out.returncode, out.stderr)
+            assert message in out.stderr, (args, out.stderr)
+        out = run_kvd("--port", "0")
+        assert out.returncode == 2 and "model: not set" in out.stderr, out.stderr
+        out = run_kvd("--model", os.path.join(tmp, "nope"))
+        assert out.returncode == 2 and "is not a directory" in out.stderr, out.stderr
+
+
+def test_unloadable_model_exits_1():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_kvd("--model", tmp, "--port", "0")
+        assert out.returncode == 1, (out.returncode, out.stderr)
+        assert "cannot load model" in out.stderr, out.stderr
+
+
+def test_port_in_use_exits_1():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        out = run_kvd("--model", tiny_model(), "--port", holder.getsockname()[1])
+        assert out.returncode == 1 and "address already in use" in out.stderr, (out.returncode, out.stderr)
+    finally:
+        holder.close()
+
+
+def test_sigterm_drains_in_flight_stream():
+    with Daemon("--kv-cache-mb", "4") as d:
+        c = d.conn()
+        body = {"prompt": "Drain me", "max_tokens": 300, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        first = r.readline()
+        assert first.startswith(b"data: "), first
+        d.signal(signal.SIGTERM)
+        d.wait_for_line("draining", 10)
+        # New requests are refused while the stream goes on; probes see 503.
+        status, head, raw = d.request("GET", "/health")
+        assert status == 503 and head["connection"] == "close", (status, head)
+        check_error(json.loads(raw), None, "draining")
+        status, resp = d.post("/v1/completions", {"prompt": "late", "max_tokens": 1})
+        assert status == 503, resp
+        assert d.get("/metrics")[0] == 200
+        rest = r.read().decode()
+        events = parse_sse(first.decode() + rest)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 300, events[-2]
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+        c.close()
+        assert d.wait_exit(30) == 0
+        d.wait_for_line("^kvd: stopped$", 10)
+        assert "received SIGTERM" in d.output()
+
+
+def test_drain_timeout_cuts_off_and_exits_0():
+    with Daemon("--kv-cache-mb", "4", "--drain-timeout-s", "1") as d:
+        c = d.conn()
+        body = {"prompt": "Too long to finish", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.fp.readline()
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+        out = d.output()
+        assert "drain timeout after 1 s: cancelling 1 request(s)" in out, out
+        assert "kvd: stopped" in out
+        c.close()
+
+
+def test_sigint_when_idle_and_second_signal():
+    with Daemon("--kv-cache-mb", "2") as d:
+        d.signal(signal.SIGINT)
+        assert d.wait_exit(20) == 0
+        assert "received SIGINT" in d.output()
+    with Daemon("--kv-cache-mb", "2", "--drain-timeout-s", "60") as d:
+        c = d.conn()
+        c.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 4000, "ignore_eos": True,
+                                                              "stream": True}),
+                  headers={"Content-Type": "application/json"})
+        c.getresponse().fp.readline()
+        d.signal(signal.SIGTERM)
+        d.wait_for_line("draining", 10)
+        d.signal(signal.SIGTERM)  # a second signal stops at once
+        assert d.wait_exit(20) == 0
+        assert "second signal" in d.output()
+        c.close()
+
+
+if __name__ == "__main__":
+    run_tests(globals())
