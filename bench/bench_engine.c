@@ -172,8 +172,8 @@ int main(int argc, char **argv)
            (double)model->weight_bytes / 1e6, now_s() - t_load);
     printf("prompt %d tokens, %d generated (ignore_eos, greedy), %d compute threads\n\n", prompt_len, gen, threads);
     printf("| concurrent | output tok/s | vs 1 seq | TTFT p50 / p90 / max (ms) | TPOT p50 / p90 / max (ms) "
-           "| steps | sched %% | sample+events %% | forward %% |\n");
-    printf("|---|---|---|---|---|---|---|---|---|\n");
+           "| steps | step ms | sched %% | sample+events %% | forward %% |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|\n");
 
     double single_rate = 0.0;
     for (int L = 0; L < num_levels; L++) {
@@ -246,9 +246,11 @@ int main(int argc, char **argv)
         if (c == 1 || single_rate == 0.0)
             single_rate = c == 1 ? rate : single_rate;
         const double step_ns = (double)(st.step_ns - before.step_ns);
-        printf("| %d | %.1f | %.2fx | %.0f / %.0f / %.0f | %.1f / %.1f / %.1f | %llu | %.3f | %.3f | %.2f |\n", c,
-               rate, single_rate > 0 ? rate / single_rate : 0.0, pct(ttft, c, 50), pct(ttft, c, 90), ttft[c - 1],
-               pct(tpot, c, 50), pct(tpot, c, 90), tpot[c - 1], (unsigned long long)(st.steps - before.steps),
+        const uint64_t steps = st.steps - before.steps;
+        printf("| %d | %.1f | %.2fx | %.0f / %.0f / %.0f | %.1f / %.1f / %.1f | %llu | %.1f | %.3f | %.3f | %.2f |\n",
+               c, rate, single_rate > 0 ? rate / single_rate : 0.0, pct(ttft, c, 50), pct(ttft, c, 90), ttft[c - 1],
+               pct(tpot, c, 50), pct(tpot, c, 90), tpot[c - 1], (unsigned long long)steps,
+               steps ? step_ns / (double)steps / 1e6 : 0.0,
                100.0 * (double)(st.schedule_ns - before.schedule_ns) / step_ns,
                100.0 * (double)(st.sample_ns - before.sample_ns) / step_ns,
                100.0 * (double)(st.forward_ns - before.forward_ns) / step_ns);

@@ -219,18 +219,21 @@ static void print_banner(kvd_app *app)
     const kvd_model_config *mc = &app->model->config;
     kvd_engine_stats st;
     kvd_app_engine_stats(app, &st);
-    kvd_log(&app->log, KVD_LOG_ERROR,
+    kvd_log(&app->log, KVD_LOG_ALWAYS,
             "model %s (%s): %d layers, hidden %d, %d heads / %d kv heads, vocab %d, context %d, "
             "%zu bytes of weights",
             app->model_name, app->cfg.model, mc->num_layers, mc->hidden_size, mc->num_heads, mc->num_kv_heads,
             mc->vocab_size, mc->max_position_embeddings, app->model->weight_bytes);
-    kvd_log(&app->log, KVD_LOG_ERROR,
+    kvd_log(&app->log, KVD_LOG_ALWAYS,
             "KV pool: %" PRId64 " blocks of %d tokens, %zu bytes (%zu per block, %s), prefix cache %s",
             st.kv.blocks_total, app->cfg.block_size, st.kv.pool_bytes, st.kv.block_bytes,
             kvd_dtype_name(app->cfg.kv_dtype), app->cfg.enable_prefix_cache ? "on" : "off");
-    kvd_log(&app->log, KVD_LOG_ERROR, "ready: http://%s:%d (max_num_seqs %d, max_batched_tokens %d, max_queue %d)",
-            app->cfg.host, app->bound_port, app->cfg.max_num_seqs, app->cfg.max_batched_tokens,
-            app->cfg.max_queue);
+    bool v6 = strchr(app->cfg.host, ':') != NULL;
+    /* Scripts and tests wait for this exact line: from here on requests are served. */
+    kvd_log(&app->log, KVD_LOG_ALWAYS,
+            "listening on http://%s%s%s:%d (max_num_seqs %d, max_batched_tokens %d, max_queue %d)",
+            v6 ? "[" : "", app->cfg.host, v6 ? "]" : "", app->bound_port, app->cfg.max_num_seqs,
+            app->cfg.max_batched_tokens, app->cfg.max_queue);
 }
 
 static void after_load(uv_work_t *work, int status)
@@ -269,7 +272,7 @@ static void after_load(uv_work_t *work, int status)
 static void on_drain_timeout(uv_timer_t *timer)
 {
     kvd_app *app = timer->data;
-    kvd_log(&app->log, KVD_LOG_WARN, "drain timeout after %d s: cancelling %d request(s)", app->cfg.drain_timeout_s,
+    kvd_log(&app->log, KVD_LOG_ALWAYS, "drain timeout after %d s: cancelling %d request(s)", app->cfg.drain_timeout_s,
             app->num_jobs);
     kvd_openai_cancel_all(app);
     app_shutdown(app);
@@ -280,7 +283,7 @@ void kvd_app_drain(kvd_app *app)
     if (app->state == KVD_APP_DRAINING || app->state == KVD_APP_STOPPING)
         return;
     app->state = KVD_APP_DRAINING;
-    kvd_log(&app->log, KVD_LOG_INFO, "draining: %d request(s) in flight, grace period %d s", app->num_jobs,
+    kvd_log(&app->log, KVD_LOG_ALWAYS, "draining: %d request(s) in flight, grace period %d s", app->num_jobs,
             app->cfg.drain_timeout_s);
     kvd_http_server_drain(app->http);
     uv_timer_start(&app->drain_timer, on_drain_timeout, (uint64_t)app->cfg.drain_timeout_s * 1000, 0);
@@ -297,10 +300,10 @@ static void on_signal(uv_signal_t *handle, int signum)
     kvd_app *app = handle->data;
     app->signals_seen++;
     if (app->signals_seen == 1) {
-        kvd_log(&app->log, KVD_LOG_INFO, "received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
+        kvd_log(&app->log, KVD_LOG_ALWAYS, "received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
         kvd_app_drain(app);
     } else {
-        kvd_log(&app->log, KVD_LOG_WARN, "second signal: cancelling %d request(s) and stopping now", app->num_jobs);
+        kvd_log(&app->log, KVD_LOG_ALWAYS, "second signal: cancelling %d request(s) and stopping now", app->num_jobs);
         kvd_openai_cancel_all(app);
         app_shutdown(app);
     }
@@ -343,6 +346,7 @@ int kvd_app_init(kvd_app *app, uv_loop_t *loop, const kvd_server_config *cfg, kv
     limits.idle_timeout_ms = cfg->idle_timeout_ms;
     limits.max_connections = cfg->max_connections;
     limits.max_write_queue_bytes = (size_t)cfg->max_write_queue_bytes;
+    limits.socket_send_buffer = (size_t)cfg->socket_send_buffer_bytes;
     kvd_http_handlers handlers = {kvd_openai_on_request, kvd_openai_on_abort, app};
     app->http = kvd_http_server_create(loop, &limits, &handlers, err);
     if (!app->http)
@@ -371,9 +375,9 @@ int kvd_app_start(kvd_app *app, kvd_error *err)
     uv_signal_start(&app->sigterm, on_signal, SIGTERM);
     const char *host = app->cfg.host;
     bool v6 = strchr(host, ':') != NULL;
-    /* Tests and scripts read the port from this exact line. */
-    kvd_log(&app->log, KVD_LOG_ERROR, "listening on http://%s%s%s:%d", v6 ? "[" : "", host, v6 ? "]" : "",
-            app->bound_port);
+    /* Bound but not serving yet (503 until the model is loaded); the port is known now. */
+    kvd_log(&app->log, KVD_LOG_ALWAYS, "bound to http://%s%s%s:%d, loading %s", v6 ? "[" : "", host,
+            v6 ? "]" : "", app->bound_port, app->cfg.model);
     app->load_pending = true;
     rc = uv_queue_work(app->loop, &app->load_work, load_model, after_load);
     if (rc < 0) {

@@ -59,6 +59,7 @@ static const knob knobs[] = {
     {"idle_timeout_ms", KNOB_U64, OFF(idle_timeout_ms), 0, 1, 86400000, "MS", "idle keep-alive connections (and stalled bodies) are closed after this"},
     {"max_connections", KNOB_INT, OFF(max_connections), 0, 1, 1 << 20, "N", "open connections; more are answered 503 and closed"},
     {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
+    {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning"},
     {"drain_timeout_s", KNOB_INT, OFF(drain_timeout_s), 0, 0, 86400, "S", "grace period for in-flight requests after SIGINT/SIGTERM"},
     {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/* and /tokenize, /detokenize; empty: none"},
     {"threads", KNOB_INT, OFF(threads), 0, 0, 1024, "N", "compute threads; 0: all cores"},

@@ -427,7 +427,11 @@ static void conn_process_input(http_conn *conn)
         break;
     }
     if (conn->in_off == conn->in.len) {
-        kvd_sbuf_reset(&conn->in);
+        /* Idle connections keep no big buffer: a large body grew it to 64 KiB+. */
+        if (conn->in.cap > KEEP_BODY_CAP / 4)
+            kvd_sbuf_deinit(&conn->in);
+        else
+            kvd_sbuf_reset(&conn->in);
         conn->in_off = 0;
     } else if (conn->in_off > conn->in.len / 2) {
         memmove(conn->in.data, conn->in.data + conn->in_off, conn->in.len - conn->in_off);
@@ -710,6 +714,13 @@ static void on_connection(uv_stream_t *listener, int status)
         return;
     }
     uv_tcp_nodelay(&conn->tcp, 1);
+    if (srv->limits.socket_send_buffer) {
+        /* Bounds what the kernel holds for a client that does not read, so the
+         * write-queue cap is reached after that much instead of after the several
+         * MiB autotuning allows (tcp_wmem). */
+        int size = (int)srv->limits.socket_send_buffer;
+        uv_send_buffer_size((uv_handle_t *)&conn->tcp, &size);
+    }
     conn->phase = PHASE_HEAD;
     conn_resume_reading(conn);
     if (srv->num_counted >= srv->limits.max_connections) {

@@ -35,9 +35,11 @@ typedef struct kvd_http_limits {
     uint64_t idle_timeout_ms;     /* silence while idle between requests or inside a body */
     int max_connections;          /* more are answered 503 and closed */
     size_t max_write_queue_bytes; /* bytes queued unsent on one connection before it is cut */
+    size_t socket_send_buffer;    /* SO_SNDBUF of accepted sockets; 0 = the kernel's autotuning */
 } kvd_http_limits;
 
-/* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 1024 connections, 1 MiB. */
+/* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 1024 connections,
+ * 1 MiB write queue, kernel send buffers left to autotuning. */
 kvd_http_limits kvd_http_limits_default(void);
 
 typedef struct kvd_http_server kvd_http_server;

@@ -75,10 +75,13 @@ static int get_number(parse_ctx *c, const char *name, double min, double max, bo
     if (!cJSON_IsNumber(item))
         return fail(c, name, "must be a number");
     double v = item->valuedouble;
-    if (!isfinite(v) || v > max || v < min || (min_open && v <= min)) {
+    /* Checked again as the float the sampler gets: 1e-94 is above 0 as a double but
+     * rounds to 0 as a float. */
+    float f = (float)v;
+    if (!isfinite(v) || v > max || v < min || (min_open && (v <= min || f <= (float)min))) {
         return fail(c, name, "must be a number in %s%g, %g]", min_open ? "(" : "[", min, max);
     }
-    *out = (float)v;
+    *out = f;
     return 0;
 }
 

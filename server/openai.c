@@ -9,6 +9,9 @@
  * accumulate text and logprobs until every choice has finished. A client that goes
  * away cancels its engine request; the job lingers until the engine confirms each
  * choice finished, so its blocks are known to be free before the job is.
+ * The embedded web pages (web.h: a chat page at /, the KV view at /kv) are served
+ * here too, without authentication: they are static files that hold no secret and
+ * reach the model only through the API routes below.
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -18,6 +21,8 @@
 #include <cjson/cJSON.h>
 
 #include "app.h"
+#include "web.h"
+#include "web.h"
 
 enum route_id {
     ROUTE_HEALTH,
@@ -997,22 +1002,15 @@ static void handle_kv(kvd_app *app, kvd_http_request *req)
         send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    cJSON *root = cJSON_CreateObject();
-    cJSON_AddNumberToObject(root, "block_size", app->cfg.block_size);
-    cJSON_AddNumberToObject(root, "num_blocks", num_blocks);
-    /* One digit per block (0 free, 1 cached, 2 used, 3 shared) keeps big pools small. */
-    char *digits = malloc((size_t)num_blocks + 1);
-    if (digits) {
-        for (int i = 0; i < num_blocks; i++)
-            digits[i] = (char)('0' + (states[i] & 3));
-        digits[num_blocks] = '\0';
-        cJSON_AddStringToObject(root, "states", digits);
-        free(digits);
-    }
-    cJSON *parsed = tables ? cJSON_Parse(tables) : NULL;
-    cJSON_AddItemToObject(root, "sequences", parsed ? parsed : cJSON_CreateArray());
+    kvd_engine_stats st;
+    kvd_app_engine_stats(app, &st);
+    cJSON *root = kvd_web_kv_json(app->cfg.block_size, states, num_blocks, tables, &st);
     free(states);
     free(tables);
+    if (!root) {
+        send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
     respond_json(app, req, 200, root, NULL);
 }
 
@@ -1042,6 +1040,23 @@ void kvd_openai_on_request(kvd_http_request *req, void *arg)
             found = &routes[i];
             break;
         }
+    }
+    /* The daemon's own pages (server/web/): static, so no API key and no model needed. */
+    const kvd_web_asset *page = found ? NULL : kvd_web_find(path);
+    if (page && strcmp(method, "GET") == 0) {
+        respond_text(app, req, 200, page->content_type, KVD_WEB_HEADERS, (const char *)page->data, page->len);
+        return;
+    }
+    const kvd_web_asset *asset = found ? NULL : kvd_web_find(path);
+    if (asset) {
+        if (strcmp(method, "GET") != 0) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "Method %s is not allowed on %s; use GET", method, path);
+            send_error(app, req, 405, msg, NULL, "method_not_allowed", "Allow: GET\r\n");
+            return;
+        }
+        respond_text(app, req, 200, asset->content_type, KVD_WEB_HEADERS, (const char *)asset->data, asset->len);
+        return;
     }
     if (!found) {
         char msg[300];

@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 void kvd_sbuf_init(kvd_sbuf *sb)
 {

@@ -51,6 +51,7 @@ typedef enum kvd_log_level {
     KVD_LOG_INFO = 1,
     KVD_LOG_WARN = 2,
     KVD_LOG_ERROR = 3,
+    KVD_LOG_ALWAYS = 4, /* start-up banner and lifecycle lines, whatever the level */
 } kvd_log_level;
 
 /* Parses "debug", "info", "warn"/"warning", "error". Returns 0 or -1. */

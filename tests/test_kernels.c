@@ -149,7 +149,7 @@ static void test_matmul_accuracy(void **state)
     static const int shapes[][3] = {
         /* m, n, k: tails in every dimension, the 4-row tiles and the 1..3-row paths */
         {1, 1, 1}, {1, 13, 16}, {2, 9, 17}, {3, 20, 37}, {4, 6, 64},
-        {5, 19, 100}, {9, 50, 896}, {17, 7, 1000}, {1, 300, 4864},
+        {5, 19, 100}, {9, 50, 896}, {17, 7, 1000}, {1, 300, 4864}, {6, 13, 4864},
     };
     for (int isa = 0; isa <= 1; isa++) {
         if (!kvd_isa_supported((kvd_isa)isa))
@@ -256,15 +256,18 @@ static void test_scalar_matches_avx512(void **state)
     uint64_t s = 4242;
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
     for (int d = 0; d < 3; d++) {
-        int m = 7, n = 23, k = 150;
-        test_matrix w = make_matrix(dtypes[d], n, k, &s);
-        float x[7 * 150], bias[23], a[7 * 23], b[7 * 23];
-        fill(x, sizeof x / sizeof x[0], &s, 1.0f);
-        fill(bias, 23, &s, 1.0f);
-        assert_int_equal(kvd_matmul(KVD_ISA_SCALAR, a, n, x, k, m, &w.m, bias, false, 1), 0);
-        assert_int_equal(kvd_matmul(KVD_ISA_AVX512, b, n, x, k, m, &w.m, bias, false, 2), 0);
-        assert_memory_equal(a, b, sizeof a);
-        free_matrix(&w);
+        /* k = 2100 takes the sliced (long input) path */
+        for (int k = 150; k <= 2100; k += 1950) {
+            int m = 7, n = 23;
+            test_matrix w = make_matrix(dtypes[d], n, k, &s);
+            float x[7 * 2100], bias[23], a[7 * 23], b[7 * 23];
+            fill(x, (size_t)m * k, &s, 1.0f);
+            fill(bias, 23, &s, 1.0f);
+            assert_int_equal(kvd_matmul(KVD_ISA_SCALAR, a, n, x, k, m, &w.m, bias, false, 1), 0);
+            assert_int_equal(kvd_matmul(KVD_ISA_AVX512, b, n, x, k, m, &w.m, bias, false, 2), 0);
+            assert_memory_equal(a, b, sizeof a);
+            free_matrix(&w);
+        }
     }
     float x[100], up[100], g1[100], g2[100], w[100], r1[100], r2[100], e1[100], e2[100];
     fill(x, 100, &s, 30.0f);

@@ -425,6 +425,7 @@ static void test_parse_errors(void **state)
     expect_error(C, "{\"prompt\": \"x\", \"temperature\": \"hot\"}", "temperature", "must be a number");
     expect_error(C, "{\"prompt\": \"x\", \"temperature\": 2.5}", "temperature", "[0, 2]");
     expect_error(C, "{\"prompt\": \"x\", \"top_p\": 0}", "top_p", "(0, 1]");
+    expect_error(C, "{\"prompt\": \"x\", \"top_p\": 1e-94}", "top_p", "(0, 1]"); /* 0 as a float */
     expect_error(C, "{\"prompt\": \"x\", \"presence_penalty\": -3}", "presence_penalty", "[-2, 2]");
     expect_error(C, "{\"prompt\": \"x\", \"repetition_penalty\": 0}", "repetition_penalty", "(0, 10]");
     expect_error(C, "{\"prompt\": \"x\", \"n\": 0}", "n", "1..16");

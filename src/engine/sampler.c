@@ -6,12 +6,14 @@
  * xoshiro256** stream. Everything is a pure function of (params, logits, tokens, rng
  * state), so what else runs in the batch can never change a sample.
  *
- * Speed: the vocabulary is 151936 wide, so a full sort costs milliseconds. top_k uses
- * a bounded heap (one pass, O(V log k) worst case, ~V comparisons typically); top_p
- * without top_k selects a growing top slice (256, 2048, ...) until the slice holds
- * the nucleus, falling back to the whole vocabulary only for very flat
- * distributions. exp() over the vocabulary is a branch-free polynomial the compiler
- * vectorises. All scratch is allocated once in kvd_sampler_create: sampling never
+ * Speed: the vocabulary is 151936 wide, so a full sort would cost milliseconds and is
+ * never done. A small top_k (<= 1024, the common case) keeps the k best in a bounded
+ * heap while a 16-lane scan skips every value below the heap's worst; the survivors
+ * are sorted best first and top_p / min_p cut that list. Otherwise the weights of the
+ * whole row are computed once, and top_k, top_p and min_p find their cut points by a
+ * quickselect over the few values above a vectorised floor and zero the rest; the draw
+ * then walks ids in order, a 256-id chunk at a time. The whole-row passes live in
+ * sampler_vocab.c. All scratch is allocated once in kvd_sampler_create: sampling never
  * mallocs.
  */
 #include "kvd/kvd_sampler.h"

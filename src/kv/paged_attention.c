@@ -57,7 +57,34 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
                       const float *vt, int nk, float *scores, float *m, float *l, float *acc)
 {
     float tile_max = -INFINITY;
-    for (int j = 0; j < nk; j++) {
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        /* four keys at once: the same per-key operations as dot(), reduced together */
+        const float *k0 = kt + (size_t)j * hd_pad;
+        v16 a0 = v16_zero(), a1 = v16_zero(), a2 = v16_zero(), a3 = v16_zero();
+        int d = 0;
+        for (; d + 16 <= hd; d += 16) {
+            v16 qv = v16_load(qh + d);
+            a0 = v16_fma(qv, v16_load(k0 + d), a0);
+            a1 = v16_fma(qv, v16_load(k0 + hd_pad + d), a1);
+            a2 = v16_fma(qv, v16_load(k0 + 2 * (size_t)hd_pad + d), a2);
+            a3 = v16_fma(qv, v16_load(k0 + 3 * (size_t)hd_pad + d), a3);
+        }
+        if (d < hd) {
+            int n = hd - d;
+            v16 qv = v16_load_n(qh + d, n);
+            a0 = v16_fma(qv, v16_load_n(k0 + d, n), a0);
+            a1 = v16_fma(qv, v16_load_n(k0 + hd_pad + d, n), a1);
+            a2 = v16_fma(qv, v16_load_n(k0 + 2 * (size_t)hd_pad + d, n), a2);
+            a3 = v16_fma(qv, v16_load_n(k0 + 3 * (size_t)hd_pad + d, n), a3);
+        }
+        v16_hsum4(a0, a1, a2, a3, scores + j);
+        for (int i = j; i < j + 4; i++) {
+            scores[i] *= scale;
+            tile_max = scores[i] > tile_max ? scores[i] : tile_max;
+        }
+    }
+    for (; j < nk; j++) {
         float s = dot(qh, kt + (size_t)j * hd_pad, hd) * scale;
         scores[j] = s;
         tile_max = s > tile_max ? s : tile_max;
@@ -65,7 +92,7 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     float m_old = *m;
     float m_new = m_old > tile_max ? m_old : tile_max;
     v16 psum = v16_zero();
-    for (int j = 0; j < nk; j += 16) {
+    for (j = 0; j < nk; j += 16) {
         int n = nk - j < 16 ? nk - j : 16;
         v16 p = v16_exp(v16_sub(v16_load_n(scores + j, n), v16_set1(m_new)));
         v16_store_n(scores + j, p, n);
@@ -78,7 +105,7 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     for (int d = 0; d < hd; d += 16) {
         int n = hd - d < 16 ? hd - d : 16;
         v16 a = v16_mul(v16_load_n(acc + d, n), cv);
-        for (int j = 0; j < nk; j++)
+        for (j = 0; j < nk; j++)
             a = v16_fma(v16_set1(scores[j]), v16_load_n(vt + (size_t)j * hd_pad + d, n), a);
         v16_store_n(acc + d, a, n);
     }

@@ -9,21 +9,24 @@
  *   h = silu(xn Wg^T) * (xn Wu^T); x += h Wd^T
  * then logits = rmsnorm(x) lm_head^T for the rows the batch asks for.
  *
- * Threads: one OpenMP team per call runs the whole step; products split output
- * columns, row-wise kernels split rows, attention hands out work items dynamically,
- * with a barrier between dependent stages. No result depends on the split (see
- * kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same whatever
- * else is in the batch. All buffers are sized at creation; a step never allocates.
+ * Threads: the context's persistent team (threads.h) runs the whole step; products
+ * split output columns, row-wise kernels split rows, attention hands out work items
+ * dynamically, with a barrier between dependent stages. No result depends on the
+ * split (see kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same
+ * whatever else is in the batch. All buffers are sized at creation; a step never
+ * allocates.
  */
 #include "kvd/kvd_forward.h"
 
 #include <math.h>
-#include <omp.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvd/kvd_attention.h"
 #include "kvd/kvd_kernels.h"
+#include "threads.h"
 
 /* Rows of one attention work item: small enough to balance a long prefill over the
  * threads, large enough that a K/V tile is widened once for many queries. */
@@ -64,6 +67,7 @@ struct kvd_forward_ctx {
     size_t matmul_stride;
     float *attn_scratch;   /* (num_threads, attn_stride) */
     size_t attn_stride;
+    kvd_team *team;
 };
 
 static void *alloc_floats(size_t n)
@@ -94,6 +98,7 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->items);
     free(ctx->matmul_scratch);
     free(ctx->attn_scratch);
+    kvd_team_destroy(ctx->team);
     free(ctx);
 }
 
@@ -105,6 +110,16 @@ static int check_matrix(const kvd_matrix *m, int rows, int cols, const char *nam
                              "forward: layer %d %s is %dx%d, the config needs %dx%d", layer, name,
                              m->rows, m->cols, rows, cols);
     return 0;
+}
+
+/* Cores this process may run on. */
+static int available_cores(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
 }
 
 kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, int max_tokens,
@@ -161,7 +176,7 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->max_tokens = max_tokens;
     ctx->max_seqs = max_seqs;
     ctx->max_logit_rows = max_logit_rows;
-    ctx->num_threads = num_threads > 0 ? num_threads : omp_get_num_procs();
+    ctx->num_threads = num_threads > 0 ? num_threads : available_cores();
     ctx->hidden = hidden;
     ctx->q_dim = q_dim;
     ctx->kv_dim = kv_dim;
@@ -172,9 +187,11 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
                                        1.0f / sqrtf((float)c->head_dim)};
     size_t T = (size_t)max_tokens;
     ctx->max_items = c->num_kv_heads * (max_tokens / ATTN_ITEM_ROWS + max_seqs);
-    int kmax = hidden > q_dim ? hidden : q_dim;
-    kmax = kmax > inter ? kmax : inter;
-    ctx->matmul_stride = (kvd_matmul_scratch_floats(kmax) + 15) & ~(size_t)15;
+    /* the scratch a product needs is not monotonic in k: take the largest of the three */
+    size_t mm = kvd_matmul_scratch_floats(hidden);
+    mm = kvd_matmul_scratch_floats(q_dim) > mm ? kvd_matmul_scratch_floats(q_dim) : mm;
+    mm = kvd_matmul_scratch_floats(inter) > mm ? kvd_matmul_scratch_floats(inter) : mm;
+    ctx->matmul_stride = (mm + 15) & ~(size_t)15;
     ctx->attn_stride = (kvd_attention_scratch_floats(&ctx->shape) + 15) & ~(size_t)15;
     ctx->inv_freq = alloc_floats((size_t)c->head_dim / 2);
     ctx->x = alloc_floats(T * hidden);
@@ -194,13 +211,14 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
     ctx->matmul_scratch = alloc_floats(ctx->matmul_stride * ctx->num_threads);
     ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
-    if (!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+    ctx->team = kvd_team_create(ctx->num_threads);
+    if (!ctx->team ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->matmul_scratch || !ctx->attn_scratch) {
         kvd_forward_destroy(ctx);
-        kvd_error_set(err, KVD_ENOMEM, "forward: out of memory for %d-token scratch buffers",
-                      max_tokens);
+        kvd_error_set(err, KVD_ENOMEM, "forward: out of memory for %d-token scratch buffers "
+                      "or %d threads", max_tokens, num_threads);
         return NULL;
     }
     kvd_rope_inv_freq(ctx->inv_freq, c->head_dim, c->rope_theta);
@@ -314,6 +332,91 @@ int kvd_forward_num_threads(const kvd_forward_ctx *ctx)
     return ctx->num_threads;
 }
 
+/* What one step's threads share. */
+typedef struct step_args {
+    kvd_forward_ctx *ctx;
+    const kvd_forward_batch *batch;
+    int rows;      /* logits rows */
+    int num_items; /* attention work items */
+} step_args;
+
+static void forward_body(void *arg, int ith, int nth)
+{
+    const step_args *sa = arg;
+    kvd_forward_ctx *ctx = sa->ctx;
+    const kvd_forward_batch *batch = sa->batch;
+    const kvd_model *model = ctx->model;
+    const kvd_model_config *c = &model->config;
+    const int M = batch->num_tokens, H = ctx->hidden, QD = ctx->q_dim, KD = ctx->kv_dim;
+    const int I = ctx->inter, HD = ctx->head_dim, rows = sa->rows;
+    const kvd_isa isa = ctx->isa;
+    const float eps = c->rms_norm_eps;
+    kvd_team *team = ctx->team;
+    float *mm_scratch = ctx->matmul_scratch + ctx->matmul_stride * (size_t)ith;
+    float *at_scratch = ctx->attn_scratch + ctx->attn_stride * (size_t)ith;
+    int r0, r1, a, b;
+    split_rows(M, ith, nth, &r0, &r1);
+    for (int t = r0; t < r1; t++) {
+        kvd_matrix_row(ctx->x + (size_t)t * H, &model->embed_tokens, batch->tokens[t]);
+        kvd_rope_angles(ctx->rope + (size_t)t * HD, ctx->positions[t], ctx->inv_freq, HD);
+    }
+    kvd_team_barrier(team);
+    for (int l = 0; l < c->num_layers; l++) {
+        const kvd_layer_weights *w = &model->layers[l];
+        for (int t = r0; t < r1; t++)
+            kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
+        kvd_team_barrier(team);
+        split(QD, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b, mm_scratch);
+        split(KD, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b, mm_scratch);
+        if (ith == 0)
+            kvd_team_reset_counter(team);
+        kvd_team_barrier(team);
+        for (int t = r0; t < r1; t++) {
+            const float *cs = ctx->rope + (size_t)t * HD;
+            kvd_rope(isa, ctx->q + (size_t)t * QD, c->num_heads, HD, cs);
+            kvd_rope(isa, ctx->k + (size_t)t * KD, c->num_kv_heads, HD, cs);
+            kvd_kv_store(isa, ctx->pool, l, batch->seqs[ctx->token_seq[t]].table, ctx->positions[t],
+                         ctx->k + (size_t)t * KD, ctx->v + (size_t)t * KD);
+        }
+        kvd_team_barrier(team);
+        for (int i = kvd_team_next(team); i < sa->num_items; i = kvd_team_next(team)) {
+            const attn_item *it = &ctx->items[i];
+            kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape, &ctx->queries[it->query],
+                                     it->kv_head, it->row_begin, it->row_end, at_scratch);
+        }
+        kvd_team_barrier(team);
+        split(H, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b, mm_scratch);
+        kvd_team_barrier(team);
+        for (int t = r0; t < r1; t++)
+            kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
+        kvd_team_barrier(team);
+        split(I, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b, mm_scratch);
+        for (int t = 0; t < M && a < b; t++)
+            kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
+        kvd_team_barrier(team);
+        split(H, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b, mm_scratch);
+        kvd_team_barrier(team);
+    }
+    if (rows > 0) {
+        int f0, f1;
+        split_rows(rows, ith, nth, &f0, &f1);
+        for (int r = f0; r < f1; r++)
+            kvd_rmsnorm(isa, ctx->final_rows + (size_t)r * H, ctx->x + (size_t)ctx->logit_tokens[r] * H,
+                        model->final_norm, H, eps);
+        kvd_team_barrier(team);
+        split(ctx->vocab, ith, nth, &a, &b);
+        kvd_matmul_cols(isa, batch->logits, ctx->vocab, ctx->final_rows, H, rows, &model->lm_head,
+                        NULL, false, a, b, mm_scratch);
+    }
+}
+
 int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error *err)
 {
     int num_items = 0;
@@ -323,77 +426,7 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
     if (rows > 0 && !batch->logits)
         return kvd_error_set(err, KVD_EINVAL, "forward: batch asks for %d logits rows but has no "
                              "logits buffer", rows);
-    const kvd_model *model = ctx->model;
-    const kvd_model_config *c = &model->config;
-    const int M = batch->num_tokens, H = ctx->hidden, QD = ctx->q_dim, KD = ctx->kv_dim;
-    const int I = ctx->inter, HD = ctx->head_dim;
-    const kvd_isa isa = ctx->isa;
-    const float eps = c->rms_norm_eps;
-    int nthreads = step_threads(ctx, M, rows);
-#pragma omp parallel num_threads(nthreads)
-    {
-        const int nth = omp_get_num_threads(), ith = omp_get_thread_num();
-        float *mm_scratch = ctx->matmul_scratch + ctx->matmul_stride * (size_t)ith;
-        float *at_scratch = ctx->attn_scratch + ctx->attn_stride * (size_t)ith;
-        int r0, r1, a, b;
-        split_rows(M, ith, nth, &r0, &r1);
-        for (int t = r0; t < r1; t++) {
-            kvd_matrix_row(ctx->x + (size_t)t * H, &model->embed_tokens, batch->tokens[t]);
-            kvd_rope_angles(ctx->rope + (size_t)t * HD, ctx->positions[t], ctx->inv_freq, HD);
-        }
-#pragma omp barrier
-        for (int l = 0; l < c->num_layers; l++) {
-            const kvd_layer_weights *w = &model->layers[l];
-            for (int t = r0; t < r1; t++)
-                kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
-#pragma omp barrier
-            split(QD, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b, mm_scratch);
-            split(KD, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b, mm_scratch);
-            kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b, mm_scratch);
-#pragma omp barrier
-            for (int t = r0; t < r1; t++) {
-                const float *cs = ctx->rope + (size_t)t * HD;
-                kvd_rope(isa, ctx->q + (size_t)t * QD, c->num_heads, HD, cs);
-                kvd_rope(isa, ctx->k + (size_t)t * KD, c->num_kv_heads, HD, cs);
-                kvd_kv_store(isa, ctx->pool, l, batch->seqs[ctx->token_seq[t]].table, ctx->positions[t],
-                             ctx->k + (size_t)t * KD, ctx->v + (size_t)t * KD);
-            }
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
-            for (int i = 0; i < num_items; i++) {
-                const attn_item *it = &ctx->items[i];
-                kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape, &ctx->queries[it->query],
-                                         it->kv_head, it->row_begin, it->row_end, at_scratch);
-            }
-            split(H, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b, mm_scratch);
-#pragma omp barrier
-            for (int t = r0; t < r1; t++)
-                kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
-#pragma omp barrier
-            split(I, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b, mm_scratch);
-            kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b, mm_scratch);
-            for (int t = 0; t < M && a < b; t++)
-                kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
-#pragma omp barrier
-            split(H, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b, mm_scratch);
-#pragma omp barrier
-        }
-        if (rows > 0) {
-            int f0, f1;
-            split_rows(rows, ith, nth, &f0, &f1);
-            for (int r = f0; r < f1; r++)
-                kvd_rmsnorm(isa, ctx->final_rows + (size_t)r * H,
-                            ctx->x + (size_t)ctx->logit_tokens[r] * H, model->final_norm, H, eps);
-#pragma omp barrier
-            split(ctx->vocab, ith, nth, &a, &b);
-            kvd_matmul_cols(isa, batch->logits, ctx->vocab, ctx->final_rows, H, rows, &model->lm_head,
-                            NULL, false, a, b, mm_scratch);
-        }
-    }
+    step_args sa = {ctx, batch, rows, num_items};
+    kvd_team_run(ctx->team, step_threads(ctx, batch->num_tokens, rows), forward_body, &sa);
     return 0;
 }

@@ -12,6 +12,8 @@
  * - four rows or more (prefill): a panel of weight rows is widened once into
  *   per-thread scratch and reused by every 4-row tile; a tile is 4 rows by 6 columns
  *   (24 accumulators + 6 weight vectors + 1 input vector = 31 of the 32 registers).
+ *   Long inputs (k > LONG_K) go in slices so a tile's x rows stay in L1, the
+ *   accumulators parked in scratch between slices (exact, so still the same result).
  */
 #include "kvd_vec16.h"
 
@@ -21,24 +23,45 @@
 
 #include "kernels_internal.h"
 
-/* Weight rows widened per panel: ~256 KB of floats, a comfortable share of a 1 MB L2. */
-#define PANEL_FLOATS (64 * 1024)
+/* Weight rows widened per panel: 512 KB of floats, half of a Zen 5 core's L2; every
+ * panel rereads all of x, so wider panels mean less traffic (measured best of 64K,
+ * 96K, 128K floats). */
+#define PANEL_FLOATS ((size_t)128 * 1024)
 #define TILE_ROWS 4
+#define PREFETCH_BYTES 32768
 #define TILE_COLS 6
+/* Past LONG_K inputs (down_proj's 4864) the 4 x rows of a tile no longer fit in L1;
+ * the products then go in slices of K_BLOCK inputs, the tile's accumulators spilled to
+ * scratch between slices (+8% on 896x4864, measured; no gain below). */
+#define LONG_K 2048
+#define K_BLOCK 512
 
-/* One tile: R rows of x by C consecutive weight rows, full k. R and C are
- * compile-time constants at every call site so the accumulators live in registers. */
+/* One tile: R rows of x by C consecutive weight rows over inputs [k0, k1). The
+ * accumulators start at zero when k0 == 0, else from spill (R*C vectors); when k1 < k
+ * they are saved back to spill, otherwise reduced into out. Saving and reloading a
+ * vector is exact, so slicing k changes no result. R and C are compile-time constants
+ * at every call site so the accumulators live in registers. */
 V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w, int wdt,
-                     size_t wld, int k, const float *bias, bool accumulate, int R, int C)
+                     size_t wld, int k0, int k1, int k, v16 *spill, const float *bias,
+                     bool accumulate, int R, int C)
 {
     v16 acc[TILE_ROWS][8];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
         for (int c = 0; c < C; c++)
-            acc[r][c] = v16_zero();
-    int kk = 0;
-    for (; kk + 16 <= k; kk += 16) {
+            acc[r][c] = k0 == 0 ? v16_zero() : spill[c * R + r];
+    int kk = k0;
+    for (; kk + 16 <= k1; kk += 16) {
+        if (R < TILE_ROWS && (kk & 31) == 0) {
+            /* Few rows stream the weights from memory once: ask for them ~32 KB ahead
+             * (two 8-row groups of a 896-wide bf16 matrix), one line per row per 32 k.
+             * The hardware prefetcher alone reached ~75% of this. */
+#pragma GCC unroll 8
+            for (int c = 0; c < C; c++)
+                v16_prefetch((const char *)w + ((size_t)c * wld + (size_t)kk) * (wdt == 0 ? 4 : 2) +
+                             PREFETCH_BYTES);
+        }
         v16 wv[8];
 #pragma GCC unroll 8
         for (int c = 0; c < C; c++)
@@ -51,8 +74,8 @@ V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w
                 acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
         }
     }
-    if (kk < k) {
-        int n = k - kk;
+    if (kk < k1) {
+        int n = k1 - kk;
         v16 wv[8];
 #pragma GCC unroll 8
         for (int c = 0; c < C; c++)
@@ -65,11 +88,29 @@ V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w
                 acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
         }
     }
+    if (k1 < k) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+            for (int c = 0; c < C; c++)
+                spill[c * R + r] = acc[r][c];
+        return;
+    }
+    /* Reduce four accumulators at a time (same tree as v16_hsum), in (r, c) order. */
+    float sums[TILE_ROWS * 8];
+    int i = 0;
+#pragma GCC unroll 8
+    for (; i + 4 <= R * C; i += 4)
+        v16_hsum4(acc[i / C][i % C], acc[(i + 1) / C][(i + 1) % C], acc[(i + 2) / C][(i + 2) % C],
+                  acc[(i + 3) / C][(i + 3) % C], sums + i);
+#pragma GCC unroll 8
+    for (; i < R * C; i++)
+        sums[i] = v16_hsum(acc[i / C][i % C]);
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
 #pragma GCC unroll 8
         for (int c = 0; c < C; c++) {
-            float v = v16_hsum(acc[r][c]);
+            float v = sums[r * C + c];
             if (bias)
                 v += bias[c];
             float *o = out + (size_t)r * ldo + c;
@@ -78,23 +119,29 @@ V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w
     }
 }
 
-/* Columns [0, ncols) of weight block w (row stride wld) for R rows of x starting at
- * X, written at O: tiles of C columns, then single columns for the remainder. */
+/* R rows of x starting at X against ncols weight rows, written at O: for each slice
+ * of kblock inputs, tiles of C columns, then single columns for the remainder. */
 #define COLS_LOOP(O, X, R, C)                                                                  \
     do {                                                                                       \
-        int c0_ = 0;                                                                           \
-        for (; c0_ + (C) <= ncols; c0_ += (C))                                                 \
-            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
-                 wld, k, bias ? bias + c0_ : NULL, accumulate, (R), (C));                      \
-        for (; c0_ < ncols; c0_++)                                                             \
-            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
-                 wld, k, bias ? bias + c0_ : NULL, accumulate, (R), 1);                        \
+        for (int k0_ = 0; k0_ < k; k0_ += kblock) {                                            \
+            int k1_ = k - k0_ > kblock ? k0_ + kblock : k;                                     \
+            int c0_ = 0;                                                                       \
+            for (; c0_ + (C) <= ncols; c0_ += (C))                                             \
+                tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize,    \
+                     wdt, wld, k0_, k1_, k, spill + (size_t)c0_ * (R),                         \
+                     bias ? bias + c0_ : NULL, accumulate, (R), (C));                          \
+            for (; c0_ < ncols; c0_++)                                                         \
+                tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize,    \
+                     wdt, wld, k0_, k1_, k, spill + (size_t)c0_ * (R),                         \
+                     bias ? bias + c0_ : NULL, accumulate, (R), 1);                            \
+        }                                                                                      \
     } while (0)
 
-/* All m rows against ncols weight rows starting at w. */
+/* All m rows against ncols weight rows starting at w, in slices of kblock inputs
+ * (kblock >= k: one slice, spill unused; else spill holds TILE_ROWS * ncols vectors). */
 static void block_product(float *out, int ldo, const float *x, int ldx, int m, const void *w,
-                          int wdt, size_t wld, int k, const float *bias, bool accumulate,
-                          int ncols)
+                          int wdt, size_t wld, int k, int kblock, v16 *spill,
+                          const float *bias, bool accumulate, int ncols)
 {
     size_t esize = wdt == 0 ? 4 : 2;
     int r0 = 0;
@@ -110,11 +157,19 @@ static void block_product(float *out, int ldo, const float *x, int ldx, int m, c
     }
 }
 
+/* Weight rows widened per panel (at least one tile's worth). */
+static int panel_rows_for(int k)
+{
+    int rows = (int)(PANEL_FLOATS / (size_t)k);
+    rows -= rows % TILE_COLS;
+    return rows > TILE_COLS ? rows : TILE_COLS;
+}
+
 size_t KVD_VEC_FN(kvd_matmul_scratch_floats)(int k)
 {
-    size_t panel = PANEL_FLOATS;
-    size_t min_panel = (size_t)TILE_COLS * (size_t)k;
-    return panel > min_panel ? panel : min_panel;
+    size_t rows = (size_t)panel_rows_for(k);
+    /* the panel, then (64-byte aligned) the spilled accumulators */
+    return ((rows * (size_t)k + 15) & ~(size_t)15) + rows * TILE_ROWS * 16;
 }
 
 void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
@@ -130,11 +185,13 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
         /* Few rows: each widened weight is used m times at most, stream it. */
         block_product(out + n_begin, ldo, x, ldx, m,
                       (const char *)w->data + (size_t)n_begin * (size_t)k * esize, wdt,
-                      (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
+                      (size_t)k, k, k, NULL, bias ? bias + n_begin : NULL, accumulate,
+                      n_end - n_begin);
         return;
     }
-    int panel_rows = (int)(KVD_VEC_FN(kvd_matmul_scratch_floats)(k) / (size_t)k);
-    panel_rows -= panel_rows % TILE_COLS;
+    int panel_rows = panel_rows_for(k);
+    v16 *spill = (v16 *)(scratch + (((size_t)panel_rows * (size_t)k + 15) & ~(size_t)15));
+    int kblock = k > LONG_K ? K_BLOCK : k;
     for (int n0 = n_begin; n0 < n_end; n0 += panel_rows) {
         int pn = n_end - n0 < panel_rows ? n_end - n0 : panel_rows;
         const char *src = (const char *)w->data + (size_t)n0 * (size_t)k * esize;
@@ -144,7 +201,7 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
             v16_store(scratch + i, v16_load_any(src, wdt, i));
         if (i < total)
             v16_store_n(scratch + i, v16_load_any_n(src, wdt, i, (int)(total - i)), (int)(total - i));
-        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k,
+        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k, kblock, spill,
                       bias ? bias + n0 : NULL, accumulate, pn);
     }
 }

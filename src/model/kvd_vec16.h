@@ -114,6 +114,23 @@ V16_INLINE float v16_hsum(v16 a)
     __m128 h1 = _mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1));
     return _mm_cvtss_f32(h1);
 }
+/* v16_hsum of a, b, c and d into out[0..3], the same additions in the same tree,
+ * four at a time: each stage adds the halves of two vectors packed in one register. */
+V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
+{
+    /* (i, i+8): a's in lanes 0-7, b's in 8-15 */
+    v16 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    v16 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* (i, i+4): one 128-bit lane each for a, b, c, d */
+    v16 h4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* (i, i+2), then (0, 1) within each 128-bit lane */
+    v16 h2 = _mm512_add_ps(h4, _mm512_permute_ps(h4, _MM_SHUFFLE(1, 0, 3, 2)));
+    v16 h1 = _mm512_add_ps(h2, _mm512_permute_ps(h2, _MM_SHUFFLE(2, 3, 0, 1)));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, h1)));
+}
 V16_INLINE float v16_hmax(v16 a) { return _mm512_reduce_max_ps(a); }
 V16_INLINE float v16_lane0(v16 a) { return _mm512_cvtss_f32(a); }
 V16_INLINE void v16_prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
@@ -186,6 +203,13 @@ V16_INLINE float v16_hsum(v16 a)
     for (int i = 0; i < 2; i++)
         h2[i] = h4[i] + h4[i + 2];
     return h2[0] + h2[1];
+}
+V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
+{
+    out[0] = v16_hsum(a);
+    out[1] = v16_hsum(b);
+    out[2] = v16_hsum(c);
+    out[3] = v16_hsum(d);
 }
 V16_INLINE float v16_hmax(v16 a)
 {

@@ -1,14 +1,16 @@
 """kvd_e2e.py - shared helpers for kvd's end-to-end tests (Python 3 stdlib only).
 
 Starts the real daemon (KVD_BUILD_ROOT/server/kvd) on an ephemeral loopback port
-(--port 0, the port read from the "listening on" banner line), waits for "ready", and
-speaks real HTTP to it: http.client for ordinary requests, raw sockets where the test
-is about the bytes (pipelining, chunked bodies, malformed input). A tiny test runner
+(--port 0, the port read from the "bound to" line), waits for the "listening on" banner
+line that says requests are served, and speaks real HTTP to it: http.client for
+ordinary requests, raw sockets where the test is about the bytes (pipelining, chunked
+bodies, malformed input). A tiny test runner
 runs every test_* function of a module, each isolated, and closes with the line
 "N passed, N failed" that CI reads; the exit status is non-zero on any failure.
 Every daemon is stopped when its `with` block ends, whatever happened inside.
 """
 
+import ctypes
 import http.client
 import json
 import os
@@ -48,6 +50,17 @@ def tiny_model():
     return out
 
 
+def _die_with_parent():
+    """Runs in the child before exec: the kernel kills the daemon when this test
+    process dies, even by SIGKILL (a test runner's timeout), so no server outlives
+    its test."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Daemon:
     """One kvd process. Use as a context manager; extra arguments go to kvd."""
 
@@ -65,21 +78,28 @@ class Daemon:
         self.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.kill()
+        # A sanitizer build (meson -Db_sanitize=...) reports into the same stream.
+        if exc_type is None:
+            out = self.output()
+            for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
+                assert marker not in out, "sanitizer report from kvd:\n" + out
         return False
 
     def start(self):
         # One compute thread: the test machines are shared and small, and OpenMP
         # teams on busy cores spend their time waiting for each other.
         cmd = [KVD, "--model", self.model, "--port", "0", "--threads", "1"] + self.args
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         threading.Thread(target=self._reader, daemon=True).start()
-        self.wait_for_line(r"listening on http://[^:]+:(\d+)", 30)
-        m = next(re.search(r"listening on http://.*:(\d+)$", l) for l in self.lines if "listening on" in l)
-        self.port = int(m.group(1))
+        # "bound to" comes as soon as the port is bound (503 while loading); "listening
+        # on" once the model is loaded and requests are served.
+        line = self.wait_for_line(r"^kvd: bound to http://\S+:\d+", 30)
+        self.port = int(re.search(r"http://\S+:(\d+)", line).group(1))
         if self.wait_ready:
-            self.wait_for_line(r"^kvd: ready", 60)
+            self.wait_for_line(r"^kvd: listening on http://\S+:%d " % self.port, 60)
 
     def _reader(self):
         for raw in self.proc.stdout:
@@ -305,6 +325,9 @@ def wait_until(predicate, timeout, what):
 
 def run_tests(module_globals):
     """Runs every test_* function in definition order; prints the summary line."""
+    # A runner's timeout sends SIGTERM: unwind so every `with Daemon` block stops its
+    # daemon (and the summary line still reports what ran).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("terminated"))
     tests = [(name, fn) for name, fn in module_globals.items() if name.startswith("test_") and callable(fn)]
     only = set(sys.argv[1:])
     passed = failed = 0

@@ -86,19 +86,17 @@ def test_greedy_matches_numpy_reference():
 
 def test_greedy_matches_kvd_gen():
     gen = os.path.join(BUILD_ROOT, "tools", "kvd-gen")
-    if not os.path.exists(gen):
-        print("     (tools/kvd-gen not built: compared with the numpy reference only)")
-        return
-    golden = GOLDEN[0]
-    out = subprocess.run([gen, "--model", daemon.model, "--prompt-ids", ",".join(map(str, golden["prompt_ids"])),
-                          "--max-tokens", "16", "--temperature", "0", "--ignore-eos", "--print-ids"],
-                         capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        print("     (kvd-gen did not accept the expected flags: %s)" % out.stderr.strip()[:200])
-        return
-    ids = [int(x) for x in out.stdout.replace(",", " ").split() if x.lstrip("-").isdigit()]
-    resp = completion(golden["prompt_ids"], max_tokens=16, logprobs=0, return_tokens_as_token_ids=True)
-    assert token_ids(resp) == ids[-16:], (token_ids(resp), ids)
+    assert os.path.exists(gen), "tools/kvd-gen is not built in " + BUILD_ROOT
+    for prompt in ["Hello, my name is", "The capital of France is", "<|im_start|>user\nHi<|im_end|>\n"]:
+        out = subprocess.run([gen, "--model", daemon.model, "--prompt", prompt, "--max-tokens", "12",
+                              "--temperature", "0", "--ignore-eos", "--threads", "1", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        want = json.loads(out.stdout)
+        resp = completion(prompt, max_tokens=12, logprobs=0, return_tokens_as_token_ids=True)
+        assert resp["usage"]["prompt_tokens"] == len(want["prompt_ids"]), (resp["usage"], want["prompt_ids"])
+        assert token_ids(resp) == want["ids"], (prompt, token_ids(resp), want["ids"])
+        assert resp["choices"][0]["text"] == want["text"], (resp["choices"][0]["text"], want["text"])
 
 
 def test_prompt_forms_agree():
@@ -223,6 +221,14 @@ def test_stop_strings():
     assert resp["choices"][0]["finish_reason"] == "stop"
     resp = completion("A list of things:", max_tokens=16, stop=["\u2603never", stop])
     assert resp["choices"][0]["text"] == cut
+    # A stop token id (the mechanism that ends chat turns at <|im_end|>): the greedy
+    # continuation of the golden prompt has 21558 as its 4th token.
+    golden = GOLDEN[0]
+    assert golden["greedy_ids"][3] == 21558
+    resp = completion(golden["prompt_ids"], max_tokens=16, stop_token_ids=[21558], logprobs=0,
+                      return_tokens_as_token_ids=True)
+    assert resp["choices"][0]["finish_reason"] == "stop", resp
+    assert token_ids(resp)[:3] == golden["greedy_ids"][:3] and len(token_ids(resp)) <= 4, resp
 
 
 def test_completion_logprobs():
@@ -318,13 +324,22 @@ def test_pipelining_and_chunked_and_continue():
         raw.close()
 
 
-def test_kv_view():
+def test_kv_view_and_pages():
     status, body = daemon.get("/v1/kv")
     assert status == 200
     kv = json.loads(body)
-    assert kv["block_size"] == 16 and kv["num_blocks"] == len(kv["states"]) > 0, kv
+    assert kv["block_size"] == 16 and kv["num_blocks"] == len(kv["states"]) == 512, kv
     assert set(kv["states"]) <= set("0123")
-    assert isinstance(kv["sequences"], (list, dict))
+    assert isinstance(kv["sequences"], list)
+    assert kv["stats"]["blocks_total"] == 512, kv["stats"]
+    # The embedded pages: served without a key, with their own headers.
+    for path, kind in [("/", "text/html"), ("/kv", "text/html")]:
+        status, head, page = daemon.request("GET", path)
+        assert status == 200 and head["content-type"].startswith(kind), (path, status, head)
+        assert head["cache-control"] == "no-cache" and "default-src 'self'" in head["content-security-policy"]
+        assert page.lstrip().lower().startswith(b"<!doctype html"), page[:40]
+    status, head, body = daemon.request("POST", "/kv", b"{}")
+    assert status == 405 and head["allow"] == "GET"
 
 
 def test_metrics_and_promtool():

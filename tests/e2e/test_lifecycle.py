@@ -5,6 +5,7 @@ load failures (exit 1), SIGTERM/SIGINT drains that let in-flight streams finish
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kvd_e2e import KVD, Daemon, check_error, parse_sse, run_tests, tiny_model  # noqa: E402
+from kvd_e2e import KVD, SOURCE_ROOT, Daemon, check_error, parse_sse, run_tests, tiny_model  # noqa: E402
 
 
 def run_kvd(*args, timeout=30):
@@ -29,6 +30,21 @@ def test_help_lists_flags_with_defaults():
                  "--drain-timeout-s"]:
         assert flag in out.stdout, flag
     assert "[default 8000]" in out.stdout and '[default "127.0.0.1"]' in out.stdout
+
+
+def test_default_config_file_lists_every_knob():
+    path = os.path.join(SOURCE_ROOT, "configs", "default.json")
+    cfg = json.load(open(path))
+    help_text = run_kvd("--help").stdout
+    flags = set(re.findall(r"^  --([a-z0-9-]+)", help_text, re.M)) - {"config", "help", "no-prefix-cache"}
+    keys = {f.replace("-", "_") for f in flags}
+    # kv_cache_bytes and kv_cache_mb are one knob in two units: the file uses MiB.
+    assert set(cfg) == keys - {"kv_cache_bytes"}, set(cfg) ^ (keys - {"kv_cache_bytes"})
+    assert cfg["host"] == "127.0.0.1" and cfg["port"] == 8000
+    # The file is accepted as is; flags win over it wherever they stand (model, port).
+    with Daemon("--config", path, "--kv-cache-mb", "2") as d:
+        assert d.get("/health")[0] == 200
+        assert "KV pool: 512 blocks" in d.output()
 
 
 def test_invalid_configuration_exits_2():
@@ -67,6 +83,29 @@ def test_unloadable_model_exits_1():
         out = run_kvd("--model", tmp, "--port", "0")
         assert out.returncode == 1, (out.returncode, out.stderr)
         assert "cannot load model" in out.stderr, out.stderr
+
+
+def test_health_503_while_loading():
+    # tokenizer.json as a named pipe holds the loader in open() until the test opens
+    # the other end, so the loading state lasts exactly as long as the test wants.
+    model = tiny_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in os.listdir(model):
+            if name != "tokenizer.json":
+                os.symlink(os.path.join(model, name), os.path.join(tmp, name))
+        fifo = os.path.join(tmp, "tokenizer.json")
+        os.mkfifo(fifo)
+        with Daemon("--kv-cache-mb", "2", model=tmp, wait_ready=False) as d:
+            status, head, body = d.request("GET", "/health")
+            assert status == 503 and head["retry-after"] == "1", (status, head)
+            check_error(json.loads(body), None, "loading")
+            status, head, body = d.request("POST", "/v1/completions", {"prompt": "x"})
+            assert status == 503 and check_error(json.loads(body), None, "loading")
+            assert d.get("/metrics")[0] == 200
+            # Release the loader with a file that is not a regular one: loading fails.
+            os.close(os.open(fifo, os.O_WRONLY))
+            assert d.wait_exit(30) == 1
+            assert "cannot load model" in d.output() and "tokenizer.json" in d.output(), d.output()
 
 
 def test_port_in_use_exits_1():

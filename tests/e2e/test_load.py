@@ -130,10 +130,12 @@ def test_disconnect_frees_blocks():
 
 
 def test_client_that_never_reads_is_cut_off():
-    # 16 choices of 3000 tokens make about 12 MB of events; the kernel absorbs a few
-    # MB (loopback send buffers grow to tcp_wmem's maximum), then the daemon's own
-    # queue for the connection reaches its 64 KiB cap and the client is cut off.
-    with Daemon("--kv-cache-mb", "16", "--max-write-queue-bytes", "65536") as d:
+    # 16 choices of 3000 tokens make about 12 MB of events for a client that reads
+    # nothing. With a 16 KiB socket send buffer the kernel holds little of it, the
+    # daemon's own queue for the connection reaches its 64 KiB cap, and the client is
+    # cut off and its request cancelled.
+    with Daemon("--kv-cache-mb", "16", "--max-write-queue-bytes", "65536",
+                "--socket-send-buffer-bytes", "16384") as d:
         aborts_before = d.metrics()['kvd:request_success_total{finished_reason="abort"}']
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -6,6 +6,7 @@ The SDK is installed with `npm ci` into tests/e2e/node_modules when it is not th
 yet (the npm registry is the only network the tests use).
 """
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -17,13 +18,17 @@ from kvd_e2e import Daemon, run_tests  # noqa: E402
 
 
 def ensure_sdk():
-    if os.path.isfile(os.path.join(HERE, "node_modules", "openai", "package.json")):
-        return
-    npm = shutil.which("npm")
-    assert npm, "npm is required (scripts/deps.sh installs it)"
-    out = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE,
-                         capture_output=True, text=True, timeout=110)
-    assert out.returncode == 0, "npm ci failed:\n" + out.stdout + out.stderr
+    # Several build directories share this source tree; the lock keeps a second test
+    # run from using node_modules while `npm ci` (which empties it first) runs.
+    with open(os.path.join(HERE, "node_modules.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(HERE, "node_modules", "openai", "package.json")):
+            return
+        npm = shutil.which("npm")
+        assert npm, "npm is required (scripts/deps.sh installs it)"
+        out = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE,
+                             capture_output=True, text=True, timeout=110)
+        assert out.returncode == 0, "npm ci failed:\n" + out.stdout + out.stderr
 
 
 def test_openai_node_sdk():

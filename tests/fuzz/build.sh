@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang -fsanitize=fuzzer,address,undefined) into build-fuzz/
-# (or $KVD_FUZZ_OUT). Run one with its seed corpus, e.g.
+# (or $KVD_FUZZ_OUT): all of them, or those named as arguments. tests/fuzz/run.sh SECONDS
+# runs every target; run one by hand with its seed corpus, e.g.
 #   build-fuzz/fuzz_safetensors -max_total_time=60 tests/fuzz/corpus/safetensors
 # Each owner adds its targets in its own section below with fuzz_target NAME SOURCES... LIBS.
 set -euo pipefail
@@ -11,8 +12,11 @@ mkdir -p "$out"
 cflags=(-std=c17 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror
         -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude)
 
+# Arguments, if any, name the targets to build (e.g. `tests/fuzz/build.sh fuzz_http`).
+only=" $* "
 fuzz_target() {
   local name=$1; shift
+  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
   "$cc" "${cflags[@]}" -o "$out/$name" "$@"
   echo "kvd: fuzz target $out/$name" >&2
 }
@@ -41,9 +45,10 @@ mkdir -p "$out/obj"
 llhttp_objs=()
 for src in /usr/share/llhttp/api.c /usr/share/llhttp/http.c /usr/share/llhttp/llhttp.c; do
   obj="$out/obj/llhttp_$(basename "$src" .c).o"
+  llhttp_objs+=("$obj")
+  [ "$obj" -nt "$src" ] && continue
   "$cc" -std=c17 -g -O1 -w -fsanitize=fuzzer-no-link,address,undefined -I/usr/share/include/llhttp \
     -c "$src" -o "$obj"
-  llhttp_objs+=("$obj")
 done
 uv_flags=($(pkg-config --cflags --libs libuv))
 fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/util/error.c \

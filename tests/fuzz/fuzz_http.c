@@ -12,7 +12,7 @@
  * whether the client half-closes at once (bit 3) or only once the server went quiet;
  * the rest is the byte stream. The handler routes by path: "/defer" answers on a
  * later loop turn (or is aborted by the disconnect), "/stream" streams the body back
- * in chunks, "/flood" streams past the write-queue cap, anything else is answered
+ * in chunks of a size its first byte picks, "/flood" streams past the write-queue cap, anything else is answered
  * at once. Checked, beyond ASan/UBSan:
  *   - what a request exposes agrees with itself (NUL-terminated body within the body
  *     limit and equal to Content-Length when one was sent, path without '?');
@@ -63,7 +63,9 @@ typedef struct fuzz_server {
     int port;
     /* Requests dispatched and not finished by the handler; "/defer" ones wait in order. */
     kvd_http_request *open[MAX_OPEN];
+    uint64_t open_turn[MAX_OPEN]; /* driver turn at dispatch */
     int num_open;
+    uint64_t turns;
     int answered;   /* final responses the handler queued */
     bool cut;       /* the handler's stream was cut (write-queue cap): output truncated */
 } fuzz_server;
@@ -83,6 +85,7 @@ static void open_remove(kvd_http_request *req)
     int i = open_index(req);
     CHECK(i >= 0);
     memmove(&fz->open[i], &fz->open[i + 1], (size_t)(fz->num_open - i - 1) * sizeof fz->open[0]);
+    memmove(&fz->open_turn[i], &fz->open_turn[i + 1], (size_t)(fz->num_open - i - 1) * sizeof fz->open_turn[0]);
     fz->num_open--;
 }
 
@@ -140,6 +143,7 @@ static void on_request(kvd_http_request *req, void *arg)
     (void)arg;
     check_request(req);
     CHECK(open_index(req) < 0 && fz->num_open < MAX_OPEN);
+    fz->open_turn[fz->num_open] = fz->turns;
     fz->open[fz->num_open++] = req;
     const char *path = kvd_http_path(req);
     if (strcmp(kvd_http_method(req), "HEAD") == 0) {
@@ -147,7 +151,10 @@ static void on_request(kvd_http_request *req, void *arg)
     } else if (strcmp(path, "/defer") == 0) {
         /* answered by the driver on a later loop turn */
     } else if (strcmp(path, "/stream") == 0) {
-        stream_back(req, 7, 1);
+        /* The body's first byte picks the chunk size, so chunk framing of any size is checked. */
+        size_t len;
+        const char *body = kvd_http_body(req, &len);
+        stream_back(req, len ? 1 + (unsigned char)body[0] % 64 : 1, 1);
     } else if (strcmp(path, "/flood") == 0) {
         stream_back(req, 1000, 16);
     } else {
@@ -270,14 +277,16 @@ static void client_read(client *c)
     }
 }
 
-/* One loop turn, then what the client can read, then one deferred answer. */
+/* One loop turn, then what the client can read, then one deferred answer: a request
+ * dispatched in an earlier turn, so a client that hangs up at once aborts it first. */
 static void turn(client *c)
 {
+    fz->turns++;
     uv_run(&fz->loop, UV_RUN_NOWAIT);
     client_read(c);
     for (int i = 0; i < fz->num_open; i++) {
         kvd_http_request *req = fz->open[i];
-        if (strcmp(kvd_http_path(req), "/defer") == 0) {
+        if (fz->open_turn[i] < fz->turns && strcmp(kvd_http_path(req), "/defer") == 0) {
             size_t len;
             const char *body = kvd_http_body(req, &len);
             finish_with(req, 200, body, len);

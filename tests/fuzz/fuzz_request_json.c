@@ -12,7 +12,7 @@
  *     kvd_sampling_params_check, at most KVD_MAX_STOP_STRINGS non-empty stop strings
  *     of at most KVD_OAI_MAX_STOP_BYTES, stop ids inside the vocabulary, logprobs
  *     consistent, stream_options only with stream;
- *   - completions carry exactly one prompt: text, or at least one id in the vocabulary;
+ *   - completions carry exactly one prompt: text, or ids inside the vocabulary;
  *   - chat prompts are well-formed ChatML: markers where the renderer says, in order,
  *     ending with the generation prompt, and the turn's stop ids added unless
  *     ignore_eos;
@@ -120,12 +120,13 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
         check_chat(r, info);
         return;
     }
-    /* Completions: exactly one prompt, never an empty list of ids. */
+    /* Completions: exactly one prompt. {"prompt": [[]]} passes with no ids: the route
+     * refuses an empty prompt after parsing (400 "prompt: must not be empty"). */
     CHECK((r->prompt_text != NULL) != (r->prompt_ids != NULL));
     if (r->prompt_text) {
         CHECK(r->prompt_len == strlen(r->prompt_text));
     } else {
-        CHECK(r->num_prompt_ids >= 1);
+        CHECK(r->num_prompt_ids >= 0);
         for (int i = 0; i < r->num_prompt_ids; i++)
             CHECK(r->prompt_ids[i] >= 0 && r->prompt_ids[i] < info->vocab_size);
     }

@@ -1,0 +1,325 @@
+/* bench_model.c - prefill and decode speed of the forward pass, the KV-cache experiment,
+ * and the machine's memory bandwidth that bounds decoding.
+ *
+ * On a checkpoint (the qwen2.5-0.5b preset of kvd-mkmodel for the documented figures):
+ * - memory bandwidth: a streaming read of 1 GiB with the bench's threads (best of 5);
+ *   the decode bound is bandwidth / bytes of weights one decode step reads.
+ * - prefill: one forward step over a P-token prompt (default 512), best of 3.
+ * - decode: tokens/s of greedy decoding of one sequence after a short prompt.
+ * - the tutorial's experiment: wall time to generate N tokens (32, 128, 512) after an
+ *   8-token prompt, with the paged KV cache and without any cache (every step
+ *   recomputes the whole sequence), and the speedup; --plot-data writes the table
+ *   for bench/plot_kv_speedup.gp.
+ * Greedy ids of the two modes are compared: they must be identical.
+ *
+ * Usage: bench_model [--model DIR] [--threads N] [--prompt-tokens P] [--decode-tokens D]
+ *                    [--experiment 32,128,512 | --experiment none] [--kv-dtype f16|bf16|f32]
+ *                    [--plot-data FILE]
+ */
+#include <omp.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "kvd/kvd_forward.h"
+#include "kvd/kvd_kernels.h"
+#include "kvd/kvd_kv.h"
+#include "kvd/kvd_model.h"
+
+#define MAX_EXPERIMENTS 8
+#define PROMPT_FOR_EXPERIMENT 8
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* CPU seconds (user + system) this process has used: compared with wall time it shows
+ * how much of the machine the bench actually got (it is shared while we measure). */
+static double cpu_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + (double)ru.ru_stime.tv_sec +
+           ru.ru_stime.tv_usec * 1e-6;
+}
+
+/* Best GB/s of streaming reads over a 1 GiB buffer with `threads` threads. */
+static double memory_bandwidth(int threads)
+{
+    size_t bytes = (size_t)1 << 30, n = bytes / sizeof(uint64_t);
+    uint64_t *buf = aligned_alloc(64, bytes);
+    if (!buf)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        buf[i] = i;
+    double best = 1e30;
+    volatile uint64_t sink = 0;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = now_seconds();
+        uint64_t total = 0;
+#pragma omp parallel for num_threads(threads) reduction(^ : total) schedule(static)
+        for (size_t i = 0; i < n; i += 8) {
+            /* eight independent lanes: enough loads in flight to saturate memory */
+            total ^= buf[i] ^ buf[i + 1] ^ buf[i + 2] ^ buf[i + 3] ^ buf[i + 4] ^ buf[i + 5] ^
+                     buf[i + 6] ^ buf[i + 7];
+        }
+        double dt = now_seconds() - t0;
+        sink ^= total;
+        best = dt < best ? dt : best;
+    }
+    (void)sink;
+    free(buf);
+    return (double)bytes / best / 1e9;
+}
+
+/* Deterministic pseudo-random ordinary token ids (below the special tokens). */
+static void make_prompt(int32_t *ids, int n, uint64_t seed)
+{
+    for (int i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        ids[i] = (int32_t)((seed >> 33) % 151000);
+    }
+}
+
+typedef struct bench {
+    kvd_model *model;
+    kvd_kv_pool *pool;
+    kvd_forward_ctx *ctx;
+    float *logits;
+    int vocab;
+} bench;
+
+static int forward_step(bench *b, kvd_block_table *table, const int32_t *ids, int num_past, int n)
+{
+    kvd_error err = {0};
+    int need = num_past + n - table->num_tokens;
+    if (need > 0 && kvd_block_table_append(b->pool, table, need, &err) != 0) {
+        fprintf(stderr, "bench_model: %s\n", err.msg);
+        return -1;
+    }
+    kvd_forward_seq seq = {table, num_past, n, 0, KVD_LOGITS_LAST};
+    kvd_forward_batch batch = {ids + num_past, n, &seq, 1, b->logits};
+    if (kvd_forward(b->ctx, &batch, &err) != 0) {
+        fprintf(stderr, "bench_model: %s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* Generates `steps` greedy tokens after ids[0..n) (ids must hold n + steps); returns
+ * seconds, or -1. With cache, one prefill then one token per step; without, every
+ * step recomputes positions [0, current length) through a scratch table. */
+static double generate(bench *b, int32_t *ids, int n, int steps, bool cache)
+{
+    kvd_block_table table;
+    kvd_block_table_init(&table);
+    double t0 = now_seconds();
+    for (int k = 0; k < steps; k++) {
+        int rc;
+        if (!cache) {
+            rc = forward_step(b, &table, ids, 0, n + k);
+            kvd_block_table_release(b->pool, &table);
+        } else {
+            rc = k == 0 ? forward_step(b, &table, ids, 0, n) : forward_step(b, &table, ids, n + k - 1, 1);
+        }
+        if (rc != 0)
+            return -1;
+        ids[n + k] = kvd_argmax(b->logits, b->vocab);
+    }
+    double dt = now_seconds() - t0;
+    kvd_block_table_deinit(b->pool, &table);
+    return dt;
+}
+
+int main(int argc, char **argv)
+{
+    const char *dir = "models/bench-0.5b";
+    const char *plot_data = NULL;
+    int threads = 2, prompt_tokens = 512, decode_tokens = 128;
+    int experiments[MAX_EXPERIMENTS] = {32, 128, 512}, num_experiments = 3;
+    kvd_dtype kv_dtype = KVD_DTYPE_F16;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--model") == 0 && v) {
+            dir = v;
+        } else if (strcmp(a, "--threads") == 0 && v) {
+            threads = atoi(v);
+        } else if (strcmp(a, "--prompt-tokens") == 0 && v) {
+            prompt_tokens = atoi(v);
+        } else if (strcmp(a, "--decode-tokens") == 0 && v) {
+            decode_tokens = atoi(v);
+        } else if (strcmp(a, "--plot-data") == 0 && v) {
+            plot_data = v;
+        } else if (strcmp(a, "--kv-dtype") == 0 && v && kvd_dtype_parse(v, &kv_dtype) == 0) {
+        } else if (strcmp(a, "--experiment") == 0 && v) {
+            num_experiments = 0;
+            if (strcmp(v, "none") != 0)
+                for (char *p = (char *)v; *p && num_experiments < MAX_EXPERIMENTS; p += strspn(p, ","))
+                    experiments[num_experiments++] = (int)strtol(p, &p, 10);
+        } else {
+            fprintf(stderr, "usage: %s [--model DIR] [--threads N] [--prompt-tokens P] "
+                            "[--decode-tokens D] [--experiment N,N,...|none] [--kv-dtype f16|bf16|f32] "
+                            "[--plot-data FILE]\n", argv[0]);
+            return 1;
+        }
+        i++;
+    }
+    if (threads < 1 || prompt_tokens < 1 || decode_tokens < 1) {
+        fprintf(stderr, "bench_model: --threads, --prompt-tokens and --decode-tokens must be >= 1\n");
+        return 1;
+    }
+    int max_experiment = 0;
+    for (int i = 0; i < num_experiments; i++) {
+        if (experiments[i] < 1) {
+            fprintf(stderr, "bench_model: --experiment: counts must be >= 1\n");
+            return 1;
+        }
+        max_experiment = experiments[i] > max_experiment ? experiments[i] : max_experiment;
+    }
+
+    double bandwidth = memory_bandwidth(threads);
+    kvd_error err = {0};
+    bench b = {0};
+    double t_load = now_seconds();
+    b.model = kvd_model_load(dir, NULL, &err);
+    if (!b.model) {
+        fprintf(stderr, "bench_model: %s (generate it: kvd-mkmodel --preset qwen2.5-0.5b --out %s "
+                        "--tokenizer third_party/qwen-tokenizer/tokenizer.json)\n", err.msg, dir);
+        return 1;
+    }
+    t_load = now_seconds() - t_load;
+    const kvd_model_config *c = &b.model->config;
+    b.vocab = c->vocab_size;
+    int longest = prompt_tokens > PROMPT_FOR_EXPERIMENT + max_experiment
+                      ? prompt_tokens : PROMPT_FOR_EXPERIMENT + max_experiment;
+    longest = longest > 32 + decode_tokens ? longest : 32 + decode_tokens;
+    kvd_kv_config kv = {
+        .num_layers = c->num_layers, .num_kv_heads = c->num_kv_heads, .head_dim = c->head_dim,
+        .block_size = 16, .dtype = kv_dtype, .num_blocks = (size_t)(2 * longest / 16 + 8),
+    };
+    b.pool = kvd_kv_pool_create(&kv, &err);
+    b.ctx = b.pool ? kvd_forward_create(b.model, b.pool, longest, 1, 1, threads, &err) : NULL;
+    b.logits = malloc((size_t)b.vocab * sizeof(float));
+    int32_t *ids = malloc((size_t)(longest + 1) * sizeof(int32_t));
+    int32_t *ids2 = malloc((size_t)(longest + 1) * sizeof(int32_t));
+    if (!b.ctx || !b.logits || !ids || !ids2) {
+        fprintf(stderr, "bench_model: %s\n", err.msg[0] ? err.msg : "out of memory");
+        return 1;
+    }
+
+    /* Bytes one decode step streams: every layer matrix and the lm_head, plus vectors. */
+    double step_bytes = 0;
+    for (int l = 0; l < c->num_layers; l++) {
+        const kvd_layer_weights *w = &b.model->layers[l];
+        const kvd_matrix *ms[] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->o_proj,
+                                  &w->gate_proj, &w->up_proj, &w->down_proj};
+        for (int i = 0; i < 7; i++)
+            step_bytes += (double)ms[i]->rows * ms[i]->cols * kvd_dtype_size(ms[i]->dtype);
+    }
+    step_bytes += (double)b.model->lm_head.rows * b.model->lm_head.cols * kvd_dtype_size(b.model->lm_head.dtype);
+    printf("model %s: %d layers, hidden %d, weights %s, %.3f GB read per decode step; loaded in %.1f s\n",
+           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->lm_head.dtype), step_bytes / 1e9, t_load);
+    printf("kernels %s, %d threads, KV %s block 16\n", kvd_isa_name(kvd_isa_detect()), threads,
+           kvd_dtype_name(kv_dtype));
+    printf("memory bandwidth (streaming read, %d threads): %.1f GB/s -> decode bound %.1f tokens/s\n",
+           threads, bandwidth, bandwidth * 1e9 / step_bytes);
+    fflush(stdout);
+
+    /* Prefill: best of 3 one-step prefills of a P-token prompt. */
+    make_prompt(ids, prompt_tokens, 1);
+    double best = 1e30, best_cpu = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        kvd_block_table table;
+        kvd_block_table_init(&table);
+        double t0 = now_seconds(), c0 = cpu_seconds();
+        if (forward_step(&b, &table, ids, 0, prompt_tokens) != 0)
+            return 1;
+        double dt = now_seconds() - t0;
+        if (dt < best) {
+            best = dt;
+            best_cpu = cpu_seconds() - c0;
+        }
+        kvd_block_table_deinit(b.pool, &table);
+    }
+    printf("prefill: %d tokens in %.1f ms = %.1f tokens/s (used %.2f cores)\n", prompt_tokens,
+           best * 1e3, prompt_tokens / best, best_cpu / best);
+    fflush(stdout);
+
+    /* Decode: one sequence after a 32-token prompt. */
+    make_prompt(ids, 32, 2);
+    {
+        kvd_block_table table;
+        kvd_block_table_init(&table);
+        if (forward_step(&b, &table, ids, 0, 32) != 0)
+            return 1;
+        ids[32] = kvd_argmax(b.logits, b.vocab);
+        double t0 = now_seconds(), c0 = cpu_seconds(), worst = 0, best_step = 1e30;
+        for (int k = 0; k < decode_tokens; k++) {
+            double s0 = now_seconds();
+            if (forward_step(&b, &table, ids, 32 + k, 1) != 0)
+                return 1;
+            double ds = now_seconds() - s0;
+            worst = ds > worst ? ds : worst;
+            best_step = ds < best_step ? ds : best_step;
+            ids[33 + k] = kvd_argmax(b.logits, b.vocab);
+        }
+        double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
+        printf("decode: %d tokens in %.1f ms = %.1f tokens/s (step best %.2f ms = %.1f tokens/s, "
+               "worst %.2f ms); %.1f GB/s of weights; used %.2f cores\n", decode_tokens, dt * 1e3,
+               decode_tokens / dt, best_step * 1e3, 1.0 / best_step, worst * 1e3,
+               step_bytes * decode_tokens / dt / 1e9, cpu / dt);
+        kvd_block_table_deinit(b.pool, &table);
+    }
+    fflush(stdout);
+
+    FILE *plot = NULL;
+    if (plot_data && num_experiments > 0) {
+        plot = fopen(plot_data, "w");
+        if (!plot) {
+            fprintf(stderr, "bench_model: cannot write %s\n", plot_data);
+            return 1;
+        }
+        fprintf(plot, "# new_tokens seconds_with_kv_cache seconds_without speedup (%s, %d threads)\n",
+                dir, threads);
+    }
+    if (num_experiments > 0)
+        printf("%-10s %14s %14s %8s  %s\n", "new tokens", "with KV cache", "without cache", "speedup",
+               "same ids");
+    for (int e = 0; e < num_experiments; e++) {
+        int steps = experiments[e];
+        make_prompt(ids, PROMPT_FOR_EXPERIMENT, 3);
+        memcpy(ids2, ids, PROMPT_FOR_EXPERIMENT * sizeof(int32_t));
+        double c0 = cpu_seconds(), w0 = now_seconds();
+        double with = generate(&b, ids, PROMPT_FOR_EXPERIMENT, steps, true);
+        double without = generate(&b, ids2, PROMPT_FOR_EXPERIMENT, steps, false);
+        double cores = (cpu_seconds() - c0) / (now_seconds() - w0);
+        if (with < 0 || without < 0)
+            return 1;
+        bool same = memcmp(ids, ids2, (size_t)(PROMPT_FOR_EXPERIMENT + steps) * sizeof(int32_t)) == 0;
+        printf("%-10d %12.2f s %12.2f s %7.1fx  %-8s (used %.2f cores)\n", steps, with, without,
+               without / with, same ? "yes" : "NO", cores);
+        fflush(stdout);
+        if (plot)
+            fprintf(plot, "%d %.4f %.4f %.2f\n", steps, with, without, without / with);
+        if (!same) {
+            fprintf(stderr, "bench_model: cached and recomputed greedy ids differ\n");
+            return 1;
+        }
+    }
+    if (plot)
+        fclose(plot);
+    free(ids);
+    free(ids2);
+    free(b.logits);
+    kvd_forward_destroy(b.ctx);
+    kvd_kv_pool_destroy(b.pool);
+    kvd_model_destroy(b.model);
+    return 0;
+}
