@@ -145,7 +145,7 @@ int main(int argc, char **argv)
     int threads = 2, prompt_tokens = 512, decode_tokens = 128;
     int experiments[MAX_EXPERIMENTS] = {32, 128, 512}, num_experiments = 3;
     kvd_dtype kv_dtype = KVD_DTYPE_F16;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--model") == 0 && v) {
             dir = v;
@@ -169,7 +169,6 @@ int main(int argc, char **argv)
                             "[--plot-data FILE]\n", argv[0]);
             return 1;
         }
-        i++;
     }
     if (threads < 1 || prompt_tokens < 1 || decode_tokens < 1) {
         fprintf(stderr, "bench_model: --threads, --prompt-tokens and --decode-tokens must be >= 1\n");
