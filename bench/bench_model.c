@@ -247,8 +247,9 @@ int main(int argc, char **argv)
         }
         kvd_block_table_deinit(b.pool, &table);
     }
-    printf("prefill: %d tokens in %.1f ms = %.1f tokens/s (used %.2f cores)\n", prompt_tokens,
-           best * 1e3, prompt_tokens / best, best_cpu / best);
+    printf("prefill: %d tokens in %.1f ms = %.1f tokens/s (used %.2f cores; %.1f tokens per "
+           "CPU-second)\n", prompt_tokens, best * 1e3, prompt_tokens / best, best_cpu / best,
+           prompt_tokens / best_cpu);
     fflush(stdout);
 
     /* Decode: one sequence after a 32-token prompt. */
@@ -271,9 +272,10 @@ int main(int argc, char **argv)
         }
         double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
         printf("decode: %d tokens in %.1f ms = %.1f tokens/s (step best %.2f ms = %.1f tokens/s, "
-               "worst %.2f ms); %.1f GB/s of weights; used %.2f cores\n", decode_tokens, dt * 1e3,
-               decode_tokens / dt, best_step * 1e3, 1.0 / best_step, worst * 1e3,
-               step_bytes * decode_tokens / dt / 1e9, cpu / dt);
+               "worst %.2f ms); %.1f GB/s of weights; used %.2f cores; %.1f tokens per "
+               "CPU-second\n", decode_tokens, dt * 1e3, decode_tokens / dt, best_step * 1e3,
+               1.0 / best_step, worst * 1e3, step_bytes * decode_tokens / dt / 1e9, cpu / dt,
+               decode_tokens / cpu);
         kvd_block_table_deinit(b.pool, &table);
     }
     fflush(stdout);

@@ -12,6 +12,7 @@
 #include "app.h"
 
 #include <inttypes.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -158,7 +159,7 @@ static void load_model(uv_work_t *work)
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;
         return;
     }
-    kvd_model_load_options opts = {.progress = false};
+    kvd_model_load_options opts = {.progress = true};
     app->model = kvd_model_load(cfg->model, &opts, &app->load_err);
     if (!app->model) {
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;
@@ -179,6 +180,9 @@ static void load_model(uv_work_t *work)
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EINVAL;
         return;
     }
+    /* Parsing tokenizer.json and config leaves tens of MiB of freed heap behind;
+     * hand it back so the resident set is weights + KV pool + a small overhead. */
+    malloc_trim(0);
     int rc = kvd_engine_start(app->engine, &app->load_err);
     if (rc < 0)
         app->load_rc = rc;

@@ -87,10 +87,10 @@ def predict(coef, prompt_tokens, n):
     return sum(c * f for c, f in zip(coef, step_features(prompt_tokens, n)))
 
 
-def measure_model(args, model, label, nocache_all, repeats):
+def measure_model(args, model, label, ns, nocache_all, repeats):
     rows = {"cache": {}, "none": {}}
     for kv_cache, key in ((True, "cache"), (False, "none")):
-        for n in ALL_N:
+        for n in ns:
             if not kv_cache and not nocache_all and n > FIT_FROM_N:
                 points = [(m, rows["none"][m]["total_ms"]) for m in sorted(rows["none"])]
                 guess = predict(fit_nonneg(points, rows["none"][32]["prompt_tokens"]),
@@ -110,6 +110,7 @@ def measure_model(args, model, label, nocache_all, repeats):
         for r in rows[key].values():
             r.pop("ids")
     return {"label": label, "model": os.path.relpath(model, R.SOURCE_ROOT), "repeats": repeats,
+            "new_tokens": ns,
             "with_cache": [rows["cache"][n] for n in sorted(rows["cache"])],
             "without_cache": [rows["none"][n] for n in sorted(rows["none"])]}
 
@@ -124,7 +125,7 @@ def analyse(entry):
                     "a_ms": coef[0], "b_ms_per_token": coef[1], "c_ms_per_token2": coef[2],
                     "fitted_on_n": sorted(n for n in none if n <= FIT_FROM_N)}
     table = []
-    for n in ALL_N:
+    for n in entry["new_tokens"]:
         measured = n in none
         without = none[n] if measured else predict(coef, prompt, n)
         row = {"new_tokens": n, "with_ms": cache.get(n), "without_ms": without,
@@ -144,14 +145,12 @@ def measure(args):
                         R.path("third_party/qwen-tokenizer/tokenizer.json")], check=True)
     result = {"report": "kv_speedup", "command": R.command_line(), "machine": R.machine(),
               "load1_start": R.loadavg(), "prompt": PROMPT, "threads": args.threads}
-    global ALL_N
-    if args.quick:
-        ALL_N = [32, 64, 128, 256, 512]
+    ns = ALL_N[:-1] if args.quick else ALL_N
     print("tiny fixture:", file=sys.stderr)
-    result["tiny"] = analyse(measure_model(args, tiny, "tiny fixture", True, 3))
+    result["tiny"] = analyse(measure_model(args, tiny, "tiny fixture", ns, True, 3))
     if not args.quick:
         print("%s:" % args.model, file=sys.stderr)
-        result["main"] = analyse(measure_model(args, model, os.path.basename(model), False, 1))
+        result["main"] = analyse(measure_model(args, model, os.path.basename(model), ns, False, 1))
     result["load1_end"] = R.loadavg()
     loads = [r["load1_before"] for m in ("tiny", "main") if m in result
              for k in ("with_cache", "without_cache") for r in result[m][k]]
@@ -203,6 +202,8 @@ def render(args):
         coef = (e["fit"]["a_ms"], e["fit"]["b_ms_per_token"], e["fit"]["c_ms_per_token2"])
         data[key + "_fit"] = [(n, predict(coef, e["with_cache"][0]["prompt_tokens"], n) / 1000)
                               for n in range(32, 1025, 16)]
+        data[key + "_fitpts"] = [(t["new_tokens"], t["without_ms"] / 1000) for t in e["table"]
+                                 if not t["without_measured"]]
         data[key + "_sp"] = [(t["new_tokens"], t["speedup"]) for t in e["table"] if t["without_measured"]]
         data[key + "_spx"] = [(t["new_tokens"], t["speedup"]) for t in e["table"]
                               if not t["without_measured"] or t["new_tokens"] == max(
@@ -213,6 +214,8 @@ def render(args):
         if key == "main" and len(data["main_spx"]) > 1:
             plots_t.append("$main_fit with lines dt 2 lw 1 lc rgb '%s' title '%s: without cache, fitted curve (extrapolated past %d)'" % (
                 c_none, e["label"], max(n for n, _ in data["main_none"])))
+            plots_t.append("$main_fitpts with points pt 4 ps 1.3 lc rgb '%s' title '%s: without cache, extrapolated'" % (
+                c_none, e["label"]))
             plots_s.append("$main_spx with linespoints dt 2 pt 6 lw 2 lc rgb '%s' title '%s (extrapolated)'" % (c_with, e["label"]))
         plots_s.append("$%s_sp with linespoints lw %d pt 7 lc rgb '%s' title '%s (measured)'" % (key, lw, c_with, e["label"]))
     script = R.png_header(out, 1200, 540) + """
@@ -223,6 +226,8 @@ set xtics (32, 64, 128, 256, 512, 1024)
 set logscale y
 set xlabel 'new tokens N'
 set ylabel 'generation time (s), log scale'
+set yrange [0.01:1e6]
+set format y '%%g'
 set key top left font ',9'
 plot %s
 unset logscale y

@@ -156,7 +156,8 @@ def md_table(header, rows):
 def gnuplot(script, data_files):
     """Runs a gnuplot script; data_files maps a name used in the script ($name) to rows."""
     with tempfile.TemporaryDirectory(prefix="kvd-report-") as tmp:
-        for name, rows in data_files.items():
+        # Longest names first, so $run does not replace the start of $runs.
+        for name, rows in sorted(data_files.items(), key=lambda kv: -len(kv[0])):
             file = os.path.join(tmp, name + ".dat")
             with open(file, "w") as f:
                 for r in rows:

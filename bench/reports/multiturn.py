@@ -40,6 +40,24 @@ def cached_by_turn(bench, log_rows):
     return [turns[k] for k in sorted(turns)], unmatched
 
 
+def reusable_by_turn(bench, block_size):
+    """Per turn, the prompt tokens a prefix cache could serve at best: the session's previous
+    prompt and answer, whole blocks only, never the prompt's last token (it is recomputed for
+    its logits). Turn 1 is left out: what it shares (the system message) is not known here."""
+    where = {}
+    for i, (sess, turn) in enumerate(zip(bench["session_of_request"], bench["turn_of_request"])):
+        where[(sess, turn)] = i
+    out = {}
+    for (sess, turn), i in where.items():
+        prev = where.get((sess, turn - 1))
+        if prev is None:
+            continue
+        held = bench["input_lens"][prev] + bench["output_lens"][prev]
+        best = min(held, bench["input_lens"][i] - 1) // block_size * block_size
+        out[turn] = out.get(turn, 0) + best
+    return out
+
+
 def run_one(args, model, extra, flags, tmp, name):
     with R.Daemon(args, model, extra, os.path.join(tmp, name + ".log")) as d:
         R.run_kvd_bench(args, d.url, ["--requests", "1", "--prompt-tokens", "16", "--max-tokens", "8",
@@ -59,7 +77,8 @@ def run_one(args, model, extra, flags, tmp, name):
             "load1_before": load_before, "load1_max": s.max_load1, "load1_after": R.loadavg()[0],
             "prefix_cache_queries": q, "prefix_cache_hits": h,
             "preemptions": after["kvd:num_preemptions_total"] - before["kvd:num_preemptions_total"],
-            "cached_by_turn": per_turn, "unmatched_log_lines": unmatched, "kvd_bench": bench}
+            "cached_by_turn": per_turn, "unmatched_log_lines": unmatched,
+            "reusable_by_turn": reusable_by_turn(bench, d.banner["block_size"]), "kvd_bench": bench}
 
 
 def measure(args):
@@ -84,6 +103,7 @@ def render(args):
     t_on = {t["turn"]: t for t in on["kvd_bench"]["ttft_by_turn"]}
     t_off = {t["turn"]: t for t in off["kvd_bench"]["ttft_by_turn"]}
     c_on = {t["turn"]: t for t in on["cached_by_turn"]}
+    reusable = {int(k): v for k, v in on["reusable_by_turn"].items()}
     rows, data = [], {"turns": []}
     for turn in sorted(t_on):
         a, b, c = t_on[turn], t_off.get(turn), c_on.get(turn)
@@ -93,11 +113,14 @@ def render(args):
                      R.fmt(a["p99_ttft_ms"], 0), R.fmt(b["median_ttft_ms"], 0) if b else "-",
                      R.fmt(b["p99_ttft_ms"], 0) if b else "-",
                      (R.fmt(b["median_ttft_ms"] / a["median_ttft_ms"], 1) + "x") if b else "-",
-                     "%.0f%%" % share])
+                     "%.0f%%" % share,
+                     "%.0f%%" % (100.0 * reusable[turn] / c["prompt_tokens"]) if turn in reusable and c
+                     and c["prompt_tokens"] else "-"])
         data["turns"].append((turn, a["median_ttft_ms"] / 1000, b["median_ttft_ms"] / 1000 if b else "NaN",
                               share, a["p99_ttft_ms"] / 1000, b["p99_ttft_ms"] / 1000 if b else "NaN"))
     md = [R.md_table(["turn", "requests", "mean prompt tokens", "TTFT p50 on (ms)", "TTFT p99 on (ms)",
-                      "TTFT p50 off (ms)", "TTFT p99 off (ms)", "off / on (p50)", "cached share (on)"], rows)]
+                      "TTFT p50 off (ms)", "TTFT p99 off (ms)", "off / on (p50)", "cached share (on)",
+                      "reusable at best"], rows)]
     for name, r in (("prefix cache on", on), ("prefix cache off", off)):
         b = r["kvd_bench"]
         share = 100.0 * r["prefix_cache_hits"] / r["prefix_cache_queries"] if r["prefix_cache_queries"] else 0

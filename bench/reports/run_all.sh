@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run_all.sh - runs the five serving reports one after another (about 40 minutes).
+# run_all.sh - runs the five serving reports one after another (about 35 minutes).
 #
 # Each report measures with the real programs of a build directory, writes its raw JSON
 # and a Markdown table into bench/results/ and its plot into docs/serving_*.png (see

@@ -56,7 +56,6 @@ V16_INLINE float dot(const float *a, const float *b, int n)
 static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const float *kt,
                       const float *vt, int nk, float *scores, float *m, float *l, float *acc)
 {
-    float tile_max = -INFINITY;
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         /* four keys at once: the same per-key operations as dot(), reduced together */
@@ -79,16 +78,18 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
             a3 = v16_fma(qv, v16_load_n(k0 + 3 * (size_t)hd_pad + d, n), a3);
         }
         v16_hsum4(a0, a1, a2, a3, scores + j);
-        for (int i = j; i < j + 4; i++) {
-            scores[i] *= scale;
-            tile_max = scores[i] > tile_max ? scores[i] : tile_max;
-        }
     }
-    for (; j < nk; j++) {
-        float s = dot(qh, kt + (size_t)j * hd_pad, hd) * scale;
-        scores[j] = s;
-        tile_max = s > tile_max ? s : tile_max;
+    for (; j < nk; j++)
+        scores[j] = dot(qh, kt + (size_t)j * hd_pad, hd);
+    /* s_j = dot * scale, and the tile's max (order-free), 16 keys at a time */
+    v16 sv = v16_set1(scale), mv = v16_set1(-INFINITY);
+    for (j = 0; j < nk; j += 16) {
+        int n = nk - j < 16 ? nk - j : 16;
+        v16 s = v16_mul(v16_load_n(scores + j, n), sv);
+        v16_store_n(scores + j, s, n);
+        mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
     }
+    float tile_max = v16_hmax(mv);
     float m_old = *m;
     float m_new = m_old > tile_max ? m_old : tile_max;
     v16 psum = v16_zero();
@@ -102,6 +103,25 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     *m = m_new;
     *l = *l * c + v16_hsum(psum);
     v16 cv = v16_set1(c);
+    if (hd == 64) {
+        /* Qwen2's head_dim: four independent accumulator chains instead of one at a time
+         * (the FMA latency, not the arithmetic, bounded this loop); same operations. */
+        v16 a0 = v16_mul(v16_load(acc), cv), a1 = v16_mul(v16_load(acc + 16), cv);
+        v16 a2 = v16_mul(v16_load(acc + 32), cv), a3 = v16_mul(v16_load(acc + 48), cv);
+        for (j = 0; j < nk; j++) {
+            const float *vj = vt + (size_t)j * hd_pad;
+            v16 p = v16_set1(scores[j]);
+            a0 = v16_fma(p, v16_load(vj), a0);
+            a1 = v16_fma(p, v16_load(vj + 16), a1);
+            a2 = v16_fma(p, v16_load(vj + 32), a2);
+            a3 = v16_fma(p, v16_load(vj + 48), a3);
+        }
+        v16_store(acc, a0);
+        v16_store(acc + 16, a1);
+        v16_store(acc + 32, a2);
+        v16_store(acc + 48, a3);
+        return;
+    }
     for (int d = 0; d < hd; d += 16) {
         int n = hd - d < 16 ? hd - d : 16;
         v16 a = v16_mul(v16_load_n(acc + d, n), cv);

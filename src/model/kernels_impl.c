@@ -12,7 +12,7 @@
  * - four rows or more (prefill): a panel of weight rows is widened once into
  *   per-thread scratch and reused by every 4-row tile; a tile is 4 rows by 6 columns
  *   (24 accumulators + 6 weight vectors + 1 input vector = 31 of the 32 registers).
- *   Long inputs (k > LONG_K) go in slices so a tile's x rows stay in L1, the
+ *   Long inputs (k > LONG_K) go in slices so the tile's weights stay in L1, the
  *   accumulators parked in scratch between slices (exact, so still the same result).
  */
 #include "kvd_vec16.h"
@@ -30,11 +30,12 @@
 #define TILE_ROWS 4
 #define PREFETCH_BYTES 32768
 #define TILE_COLS 6
-/* Past LONG_K inputs (down_proj's 4864) the 4 x rows of a tile no longer fit in L1;
- * the products then go in slices of K_BLOCK inputs, the tile's accumulators spilled to
- * scratch between slices (+8% on 896x4864, measured; no gain below). */
+/* Past LONG_K inputs (down_proj's 4864) see long_k_product; LONG_K_ROWS and K_BLOCK
+ * measured best among 16..64 rows and 256..2432 inputs (+25% on 896x4864 over one
+ * full-k pass per tile: ~165 against ~130 GFLOP/s per core). */
 #define LONG_K 2048
-#define K_BLOCK 512
+#define LONG_K_ROWS 32
+#define K_BLOCK 1024
 
 /* One tile: R rows of x by C consecutive weight rows over inputs [k0, k1). The
  * accumulators start at zero when k0 == 0, else from spill (R*C vectors); when k1 < k
@@ -119,29 +120,23 @@ V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w
     }
 }
 
-/* R rows of x starting at X against ncols weight rows, written at O: for each slice
- * of kblock inputs, tiles of C columns, then single columns for the remainder. */
+/* R rows of x starting at X against ncols weight rows, written at O: tiles of C
+ * columns, then single columns for the remainder. */
 #define COLS_LOOP(O, X, R, C)                                                                  \
     do {                                                                                       \
-        for (int k0_ = 0; k0_ < k; k0_ += kblock) {                                            \
-            int k1_ = k - k0_ > kblock ? k0_ + kblock : k;                                     \
-            int c0_ = 0;                                                                       \
-            for (; c0_ + (C) <= ncols; c0_ += (C))                                             \
-                tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize,    \
-                     wdt, wld, k0_, k1_, k, spill + (size_t)c0_ * (R),                         \
-                     bias ? bias + c0_ : NULL, accumulate, (R), (C));                          \
-            for (; c0_ < ncols; c0_++)                                                         \
-                tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize,    \
-                     wdt, wld, k0_, k1_, k, spill + (size_t)c0_ * (R),                         \
-                     bias ? bias + c0_ : NULL, accumulate, (R), 1);                            \
-        }                                                                                      \
+        int c0_ = 0;                                                                           \
+        for (; c0_ + (C) <= ncols; c0_ += (C))                                                 \
+            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
+                 wld, 0, k, k, NULL, bias ? bias + c0_ : NULL, accumulate, (R), (C));          \
+        for (; c0_ < ncols; c0_++)                                                             \
+            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
+                 wld, 0, k, k, NULL, bias ? bias + c0_ : NULL, accumulate, (R), 1);            \
     } while (0)
 
-/* All m rows against ncols weight rows starting at w, in slices of kblock inputs
- * (kblock >= k: one slice, spill unused; else spill holds TILE_ROWS * ncols vectors). */
+/* All m rows against ncols weight rows starting at w (row stride wld), full k. */
 static void block_product(float *out, int ldo, const float *x, int ldx, int m, const void *w,
-                          int wdt, size_t wld, int k, int kblock, v16 *spill,
-                          const float *bias, bool accumulate, int ncols)
+                          int wdt, size_t wld, int k, const float *bias, bool accumulate,
+                          int ncols)
 {
     size_t esize = wdt == 0 ? 4 : 2;
     int r0 = 0;
@@ -157,6 +152,63 @@ static void block_product(float *out, int ldo, const float *x, int ldx, int m, c
     }
 }
 
+/* One slice [k0, k1) of R rows (1..4) against C (TILE_COLS or 1) weight rows. */
+static void long_k_tile(float *out, int ldo, const float *x, int ldx, const void *w, int wdt, int k,
+                        int k0, int k1, v16 *spill, const float *bias, bool accumulate, int R,
+                        int C)
+{
+#define LONG_K_TILE(R_, C_)                                                                    \
+    tile(out, ldo, x, ldx, w, wdt, (size_t)k, k0, k1, k, spill, bias, accumulate, R_, C_)
+    if (C == TILE_COLS) {
+        switch (R) {
+        case 4: LONG_K_TILE(4, TILE_COLS); break;
+        case 3: LONG_K_TILE(3, TILE_COLS); break;
+        case 2: LONG_K_TILE(2, TILE_COLS); break;
+        default: LONG_K_TILE(1, TILE_COLS); break;
+        }
+    } else {
+        switch (R) {
+        case 4: LONG_K_TILE(4, 1); break;
+        case 3: LONG_K_TILE(3, 1); break;
+        case 2: LONG_K_TILE(2, 1); break;
+        default: LONG_K_TILE(1, 1); break;
+        }
+    }
+#undef LONG_K_TILE
+}
+
+/* Long inputs (k > LONG_K): four x rows no longer fit in L1 next to the weights, and
+ * streaming both from L2 costs a third of the FMA rate. So, per chunk of LONG_K_ROWS
+ * rows (their x stays in L2), each group of TILE_COLS weight rows is walked in slices
+ * of K_BLOCK inputs; within a slice every 4-row tile of the chunk runs against it (the
+ * slice's weights stay in L1, widened in registers: widening once into scratch cost
+ * more, as it is redone per chunk), its accumulators parked in scratch between slices. */
+static void long_k_product(float *out, int ldo, const float *x, int ldx, int m,
+                           const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                           int n_end, float *scratch)
+{
+    int k = w->cols, wdt = (int)w->dtype;
+    size_t esize = wdt == 0 ? 4 : 2;
+    v16 *spill = (v16 *)scratch;
+    for (int rc = 0; rc < m; rc += LONG_K_ROWS) {
+        int rows = m - rc < LONG_K_ROWS ? m - rc : LONG_K_ROWS;
+        for (int c0 = n_begin; c0 < n_end;) {
+            int C = n_end - c0 >= TILE_COLS ? TILE_COLS : 1;
+            const char *src = (const char *)w->data + (size_t)c0 * (size_t)k * esize;
+            for (int k0 = 0; k0 < k; k0 += K_BLOCK) {
+                int k1 = k - k0 > K_BLOCK ? k0 + K_BLOCK : k;
+                for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+                    int R = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;
+                    long_k_tile(out + (size_t)(rc + r0) * ldo + c0, ldo, x + (size_t)(rc + r0) * ldx,
+                                ldx, src, wdt, k, k0, k1, spill + (size_t)(r0 / TILE_ROWS) * TILE_ROWS * TILE_COLS,
+                                bias ? bias + c0 : NULL, accumulate, R, C);
+                }
+            }
+            c0 += C;
+        }
+    }
+}
+
 /* Weight rows widened per panel (at least one tile's worth). */
 static int panel_rows_for(int k)
 {
@@ -167,9 +219,9 @@ static int panel_rows_for(int k)
 
 size_t KVD_VEC_FN(kvd_matmul_scratch_floats)(int k)
 {
-    size_t rows = (size_t)panel_rows_for(k);
-    /* the panel, then (64-byte aligned) the spilled accumulators */
-    return ((rows * (size_t)k + 15) & ~(size_t)15) + rows * TILE_ROWS * 16;
+    if (k > LONG_K) /* the parked accumulators of a chunk's tiles */
+        return (size_t)LONG_K_ROWS * TILE_COLS * 16;
+    return (size_t)panel_rows_for(k) * (size_t)k;
 }
 
 void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
@@ -181,17 +233,24 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
     size_t esize = wdt == 0 ? 4 : 2;
     if (n_end <= n_begin || m <= 0)
         return;
-    if (m < TILE_ROWS || wdt == 0) {
+    if (m < TILE_ROWS) {
         /* Few rows: each widened weight is used m times at most, stream it. */
         block_product(out + n_begin, ldo, x, ldx, m,
                       (const char *)w->data + (size_t)n_begin * (size_t)k * esize, wdt,
-                      (size_t)k, k, k, NULL, bias ? bias + n_begin : NULL, accumulate,
-                      n_end - n_begin);
+                      (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
+        return;
+    }
+    if (k > LONG_K) {
+        long_k_product(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
+        return;
+    }
+    if (wdt == 0) {
+        /* f32 weights need no widening: tiles read them in place */
+        block_product(out + n_begin, ldo, x, ldx, m, (const float *)w->data + (size_t)n_begin * k,
+                      0, (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
         return;
     }
     int panel_rows = panel_rows_for(k);
-    v16 *spill = (v16 *)(scratch + (((size_t)panel_rows * (size_t)k + 15) & ~(size_t)15));
-    int kblock = k > LONG_K ? K_BLOCK : k;
     for (int n0 = n_begin; n0 < n_end; n0 += panel_rows) {
         int pn = n_end - n0 < panel_rows ? n_end - n0 : panel_rows;
         const char *src = (const char *)w->data + (size_t)n0 * (size_t)k * esize;
@@ -201,7 +260,7 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
             v16_store(scratch + i, v16_load_any(src, wdt, i));
         if (i < total)
             v16_store_n(scratch + i, v16_load_any_n(src, wdt, i, (int)(total - i)), (int)(total - i));
-        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k, kblock, spill,
+        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k,
                       bias ? bias + n0 : NULL, accumulate, pn);
     }
 }

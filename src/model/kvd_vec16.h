@@ -40,6 +40,11 @@ V16_INLINE v16 v16_load_n(const float *p, int n)
 {
     return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
 }
+/* The first n of p, the other lanes set to fill. */
+V16_INLINE v16 v16_load_n_or(const float *p, int n, float fill)
+{
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1u), p);
+}
 V16_INLINE void v16_store(float *p, v16 a) { _mm512_storeu_ps(p, a); }
 V16_INLINE void v16_store_n(float *p, v16 a, int n)
 {
@@ -151,6 +156,7 @@ V16_INLINE v16 v16_zero(void) { V16_MAP(0.0f); }
 V16_INLINE v16 v16_set1(float a) { V16_MAP(a); }
 V16_INLINE v16 v16_load(const float *p) { V16_MAP(p[i]); }
 V16_INLINE v16 v16_load_n(const float *p, int n) { V16_MAP(i < n ? p[i] : 0.0f); }
+V16_INLINE v16 v16_load_n_or(const float *p, int n, float fill) { V16_MAP(i < n ? p[i] : fill); }
 V16_INLINE void v16_store(float *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
 V16_INLINE void v16_store_n(float *p, v16 a, int n) { memcpy(p, a.f, (size_t)n * sizeof(float)); }
 V16_INLINE v16 v16_load_bf16(const uint16_t *p) { V16_MAP(kvd_bf16_to_f32(p[i])); }

@@ -39,6 +39,7 @@
 /* Progress is reported in steps of this fraction and copies are chunked so that a
  * single huge embedding still reports smoothly. */
 #define PROGRESS_STEP_PERCENT 5
+#define PROGRESS_MIN_BYTES ((uint64_t)64 << 20)
 #define COPY_CHUNK_BYTES ((size_t)16 << 20)
 
 typedef struct model_impl {
@@ -509,7 +510,8 @@ typedef struct progress {
 static void progress_advance(progress *p, uint64_t bytes, int tensors_done)
 {
     p->done_bytes += bytes;
-    if (!p->enabled || p->total_bytes == 0)
+    /* Small checkpoints load in milliseconds: progress lines would only be noise. */
+    if (!p->enabled || p->total_bytes < PROGRESS_MIN_BYTES)
         return;
     int percent = (int)(p->done_bytes * 100 / p->total_bytes);
     if (percent < p->next_percent || percent >= 100)

@@ -32,7 +32,7 @@
 #define CHECK(cond)                                                                             \
     do {                                                                                        \
         if (!(cond)) {                                                                          \
-            fprintf(stderr, "fuzz_chat_template: check failed: %s (line %d)\n", #cond, __LINE__); \
+            fprintf(stderr, "fuzz_chat_template: ERROR: check failed: %s (line %d)\n", #cond, __LINE__); \
             abort();                                                                            \
         }                                                                                       \
     } while (0)

@@ -30,7 +30,7 @@
 #define CHECK(cond)                                                                            \
     do {                                                                                       \
         if (!(cond)) {                                                                         \
-            fprintf(stderr, "fuzz_request_json: check failed: %s (line %d)\n", #cond, __LINE__); \
+            fprintf(stderr, "fuzz_request_json: ERROR: check failed: %s (line %d)\n", #cond, __LINE__); \
             abort();                                                                           \
         }                                                                                      \
     } while (0)
@@ -101,7 +101,7 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
     CHECK(p->n >= 1 && p->n <= KVD_MAX_N);
     kvd_error err = {0};
     if (kvd_sampling_params_check(&p->sampling, &err) != 0) {
-        fprintf(stderr, "fuzz_request_json: accepted params fail the sampler's check: %s\n", err.msg);
+        fprintf(stderr, "fuzz_request_json: ERROR: accepted params fail the sampler's check: %s\n", err.msg);
         abort();
     }
     CHECK(p->num_stop >= 0 && p->num_stop <= KVD_MAX_STOP_STRINGS);

@@ -38,7 +38,7 @@ replay() {
     echo ""
   else
     # A target's own check message, else the sanitizer's verdict.
-    grep -m1 -E '^fuzz_[a-z_]+: [a-z]|runtime error|ERROR: (AddressSanitizer|LeakSanitizer)' \
+    grep -m1 -E '^fuzz_[a-z_]+: |runtime error|ERROR: (AddressSanitizer|LeakSanitizer)' \
       "$out/logs/replay.log" || grep -m1 -E 'SUMMARY|ERROR' "$out/logs/replay.log" || echo "exit status non-zero"
   fi
 }
@@ -78,7 +78,12 @@ for t in "${targets[@]}"; do
   printf '  %-20s %12s execs  cov %6s  corpus %6s  new findings %s\n' "$t" "${execs:-0}" "${cov:-?}" \
     "$corpus" "$(printf '%s' "$found" | grep -c . || true)"
   for f in $found; do
-    printf '      %s: %s\n' "$f" "$(replay "$bin" "$f")"
+    why=$(replay "$bin" "$f")
+    # Fork mode keeps only the children's lines naming an ERROR; they tell what a
+    # finding that depends on earlier inputs (or on timing) was.
+    [ -n "$why" ] || why="does not reproduce alone; the run logged: $(grep 'ERROR:' "$log" |
+      grep -v 'deadly signal' | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
+    printf '      %s: %s\n' "$f" "$why"
     status=1
   done
   if [ -z "$execs" ]; then
