@@ -159,7 +159,8 @@ static void load_model(uv_work_t *work)
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;
         return;
     }
-    kvd_model_load_options opts = {.progress = true};
+    /* Small checkpoints load in milliseconds: progress lines would only be noise. */
+    kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20};
     app->model = kvd_model_load(cfg->model, &opts, &app->load_err);
     if (!app->model) {
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;

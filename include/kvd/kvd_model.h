@@ -100,6 +100,7 @@ typedef struct kvd_model {
 
 typedef struct kvd_model_load_options {
     bool progress;             /* print bytes/tensors progress to stderr */
+    uint64_t progress_min_bytes; /* ... only for checkpoints at least this large */
 } kvd_model_load_options;
 
 /* Loads the checkpoint in dir. Returns NULL on any problem with a one-line message

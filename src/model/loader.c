@@ -39,7 +39,6 @@
 /* Progress is reported in steps of this fraction and copies are chunked so that a
  * single huge embedding still reports smoothly. */
 #define PROGRESS_STEP_PERCENT 5
-#define PROGRESS_MIN_BYTES ((uint64_t)64 << 20)
 #define COPY_CHUNK_BYTES ((size_t)16 << 20)
 
 typedef struct model_impl {
@@ -502,6 +501,7 @@ typedef struct progress {
     bool enabled;
     const char *dir;
     uint64_t total_bytes;
+    uint64_t min_bytes;
     uint64_t done_bytes;
     int total_tensors;
     int next_percent;
@@ -510,8 +510,7 @@ typedef struct progress {
 static void progress_advance(progress *p, uint64_t bytes, int tensors_done)
 {
     p->done_bytes += bytes;
-    /* Small checkpoints load in milliseconds: progress lines would only be noise. */
-    if (!p->enabled || p->total_bytes < PROGRESS_MIN_BYTES)
+    if (!p->enabled || p->total_bytes == 0 || p->total_bytes < p->min_bytes)
         return;
     int percent = (int)(p->done_bytes * 100 / p->total_bytes);
     if (percent < p->next_percent || percent >= 100)
@@ -620,6 +619,7 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
         goto fail;
     }
     progress prog = {.enabled = opts && opts->progress, .dir = dir, .total_bytes = source_bytes,
+                     .min_bytes = opts ? opts->progress_min_bytes : 0,
                      .total_tensors = st.num_wanted, .next_percent = PROGRESS_STEP_PERCENT};
     copy_tensors(&st, impl->arena, &prog);
     if (model->config.tie_word_embeddings)
