@@ -107,9 +107,10 @@ def test_unknown_paths_and_methods():
     status, body = daemon.get("/nope.js")
     assert status == 404, status
     check_error(json.loads(body), code="not_found")
-    status, _, body = daemon.request("POST", "/kv", b"{}")
-    assert status == 404, status
-    check_error(json.loads(body), code="not_found")
+    # The pages are GET-only resources like every other route: a wrong method is 405.
+    status, head, body = daemon.request("POST", "/kv", b"{}")
+    assert status == 405 and head["allow"] == "GET", (status, head)
+    check_error(json.loads(body))
 
 
 def test_kv_needs_the_key():
