@@ -914,6 +914,10 @@ int kvd_http_respond(kvd_http_request *req, int status, const char *content_type
         conn_close(conn);
         rc = KVD_ENOMEM;
     } else {
+        /* A response to HEAD announces the body's length but never carries it, or a
+         * client reusing the connection would read the body as the next response. */
+        if (strcmp(req->method, "HEAD") == 0)
+            len = 0;
         rc = conn_write3(conn, head.data, head.len, body, len, NULL, 0, true);
     }
     kvd_sbuf_deinit(&head);

@@ -196,7 +196,7 @@ static void check_batch_invariance(kvd_isa isa, kvd_dtype dtype, int n, int k)
     float *alone = malloc((size_t)ROWS * n * sizeof(float));
     float *batch = malloc((size_t)ROWS * n * sizeof(float));
     size_t scratch_floats = kvd_matmul_scratch_floats(k);
-    float *scratch = aligned_alloc(64, scratch_floats * sizeof(float));
+    float *scratch = aligned_alloc(64, (scratch_floats * sizeof(float) + 63) & ~(size_t)63);
     fill(x, (size_t)ROWS * k, &s, 1.0f);
     fill(bias, (size_t)n, &s, 1.0f);
     for (int r = 0; r < ROWS; r++)

@@ -324,6 +324,20 @@ def test_pipelining_and_chunked_and_continue():
         raw.close()
 
 
+def test_head_response_has_no_body():
+    # A HEAD answer announces a length but sends no body: the next response on the
+    # same connection must start right after its header.
+    raw = daemon.raw()
+    try:
+        raw.send(http_request("HEAD", "/health") + http_request("GET", "/health"))
+        head = raw.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405 ") and b"Content-Length: " in head, head
+        status, _, body = raw.read_response()
+        assert status == 200 and json.loads(body) == {"status": "ok"}, (status, body)
+    finally:
+        raw.close()
+
+
 def test_kv_view_and_pages():
     status, body = daemon.get("/v1/kv")
     assert status == 200
