@@ -245,7 +245,7 @@ void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_bloc
     }
 }
 
-#if defined(KVD_VEC_SCALAR)
+#if defined(KVD_VEC_SCALAR) && !defined(KVD_VEC_STANDIN_AVX512)
 /* The public entry points, built once (with the scalar build), pick an ISA per call. */
 #include <omp.h>
 #include <stdlib.h>

@@ -21,6 +21,10 @@
 #if defined(KVD_VEC_AVX512)
 #include <immintrin.h>
 #define KVD_VEC_FN(name) name##_avx512
+#elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512)
+/* Not x86: the _avx512 entry points exist for the dispatcher to link, built from the
+ * scalar code (never called: kvd_isa_supported() says no). */
+#define KVD_VEC_FN(name) name##_avx512
 #elif defined(KVD_VEC_SCALAR)
 #define KVD_VEC_FN(name) name##_scalar
 #else

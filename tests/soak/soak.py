@@ -246,7 +246,8 @@ def load():
                  "--turns", "4", "--requests", "0", "--duration", str(int(opts.seconds)),
                  "--prompt-tokens", "24:64", "--max-tokens", "16:48", "--ignore-eos", "--seed", "7",
                  "--timeout", "300", "--json", bench_json, "--no-progress"]
-    bench = subprocess.Popen(bench_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    bench = subprocess.Popen(bench_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=soaklib.die_with_parent)
     threads = [threading.Thread(target=f, daemon=True) for f in (checker, disconnecter, malformer, rss_sampler)]
     for t in threads:
         t.start()

@@ -79,6 +79,16 @@ def sanitized(build):
     return ""
 
 
+def die_with_parent():
+    """Runs in the child before exec: the daemon gets SIGKILL if this test process
+    dies (a meson timeout, a crash of the harness), so no daemon outlives its test."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def sanitizer_env():
     env = dict(os.environ)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=1")
@@ -113,8 +123,15 @@ class Daemon:
         cmd = [kvd_path(self.build), "--model", self.model, "--port", "0",
                "--threads", str(self.threads)] + self.args
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=sanitizer_env())
+                                     stderr=subprocess.STDOUT, env=sanitizer_env(), preexec_fn=die_with_parent)
         threading.Thread(target=self._reader, daemon=True).start()
+        try:
+            return self._wait_ready(ready_timeout)
+        except BaseException:
+            self.kill()  # a daemon that never became ready must not outlive the test
+            raise
+
+    def _wait_ready(self, ready_timeout):
         # The first address line ("bound to" while loading, or "listening on") gives the
         # port; readiness is judged by /health itself, not by the wording of a banner.
         line = self.wait_for_line(BANNER, 60)

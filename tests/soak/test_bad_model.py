@@ -174,7 +174,7 @@ def run_case(name, damage, must_name):
         cmd = [soaklib.kvd_path(build), "--model", d, "--port", "0", "--threads", "1", "--log-level", "error"]
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=soaklib.sanitizer_env(), timeout=120)
+                               env=soaklib.sanitizer_env(), timeout=120, preexec_fn=soaklib.die_with_parent)
         except subprocess.TimeoutExpired:
             raise Failure("%s: kvd still running after 120 s" % name)
         out = p.stdout.decode("utf-8", "replace")
@@ -213,7 +213,7 @@ def check_not_a_model():
         for target, why in ((os.path.join(tmp, "absent"), "absent"), (tmp, "empty directory")):
             p = subprocess.run([soaklib.kvd_path(build), "--model", target, "--port", "0", "--log-level", "error"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=soaklib.sanitizer_env(), timeout=120)
+                               env=soaklib.sanitizer_env(), timeout=120, preexec_fn=soaklib.die_with_parent)
             out = p.stdout.decode("utf-8", "replace")
             lines = [l for l in out.splitlines() if l.strip() and not re.search(soaklib.BANNER, l)]
             check(p.returncode > 0 and len(lines) == 1 and lines[0].startswith("kvd: ") and target in lines[0],
