@@ -15,15 +15,16 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvd_lines import LineLog  # noqa: E402
 
 SOURCE_ROOT = os.environ.get("KVD_SOURCE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 BUILD_ROOT = os.environ.get("KVD_BUILD_ROOT", os.path.join(SOURCE_ROOT, "build"))
@@ -61,18 +62,16 @@ def _die_with_parent():
         pass
 
 
-class Daemon:
+class Daemon(LineLog):
     """One kvd process. Use as a context manager; extra arguments go to kvd."""
 
     def __init__(self, *args, model=None, wait_ready=True):
         self.args = [str(a) for a in args]
         self.model = model or tiny_model()
         self.wait_ready = wait_ready
-        self.lines = []
+        LineLog.__init__(self)
         self.port = None
         self.proc = None
-        self._cond = threading.Condition()
-        self._eof = False
 
     def __enter__(self):
         self.start()
@@ -93,43 +92,13 @@ class Daemon:
         cmd = [KVD, "--model", self.model, "--port", "0", "--threads", "1"] + self.args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
-        threading.Thread(target=self._reader, daemon=True).start()
+        self.follow_output()
         # "bound to" comes as soon as the port is bound (503 while loading); "listening
         # on" once the model is loaded and requests are served.
         line = self.wait_for_line(r"^kvd: bound to http://\S+:\d+", 30)
         self.port = int(re.search(r"http://\S+:(\d+)", line).group(1))
         if self.wait_ready:
             self.wait_for_line(r"^kvd: listening on http://\S+:%d " % self.port, 60)
-
-    def _reader(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_for_line(self, pattern, timeout):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if rx.search(line):
-                        return line
-                if self._eof:
-                    raise AssertionError("kvd exited (%s) before %r; output:\n%s" %
-                                         (self.proc.returncode, pattern, "\n".join(self.lines)))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError("no line %r within %ss; output:\n%s" % (pattern, timeout, "\n".join(self.lines)))
-                self._cond.wait(min(left, 0.2))
-
-    def output(self):
-        with self._cond:
-            return "\n".join(self.lines)
 
     def kill(self):
         if self.proc and self.proc.poll() is None:

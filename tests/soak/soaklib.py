@@ -18,9 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
+from kvd_lines import LineLog  # noqa: E402
 
 SOURCE_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
@@ -96,20 +98,20 @@ def sanitizer_env():
     return env
 
 
-class Daemon:
+class Daemon(LineLog):
     """One kvd process on 127.0.0.1:<ephemeral>. stop() sends SIGTERM and returns the
     exit status; kill() is the last resort of a failed test."""
+
+    line_failure = Failure
 
     def __init__(self, build, *args, model=None, threads=1):
         self.build = build
         self.model = model or tiny_model(build)
         self.args = [str(a) for a in args]
         self.threads = threads
-        self.lines = []
+        LineLog.__init__(self)
         self.port = None
         self.proc = None
-        self._cond = threading.Condition()
-        self._eof = False
 
     def __enter__(self):
         self.start()
@@ -124,7 +126,7 @@ class Daemon:
                "--threads", str(self.threads)] + self.args
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=sanitizer_env(), preexec_fn=die_with_parent)
-        threading.Thread(target=self._reader, daemon=True).start()
+        self.follow_output()
         try:
             return self._wait_ready(ready_timeout)
         except BaseException:
@@ -153,40 +155,6 @@ class Daemon:
     @property
     def pid(self):
         return self.proc.pid
-
-    def _reader(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_for_line(self, pattern, timeout):
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if rx.search(line):
-                        return line
-                if self._eof:
-                    raise Failure("kvd exited (status %s) before printing %r:\n%s" %
-                                  (self.proc.poll(), pattern, self.output_tail()))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Failure("kvd printed no %r within %d s:\n%s" % (pattern, timeout, self.output_tail()))
-                self._cond.wait(min(left, 0.2))
-
-    def output(self):
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def output_tail(self, n=40):
-        with self._cond:
-            return "\n".join(self.lines[-n:])
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None

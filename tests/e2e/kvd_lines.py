@@ -1,0 +1,57 @@
+"""kvd_lines.py - a child process's output lines, collected on a reader thread.
+
+The base of the end-to-end harness's Daemon (kvd_e2e.py) and of the soak harness's
+(tests/soak/soaklib.py): both wait for banner lines and show the output on failure.
+"""
+import re
+import threading
+import time
+
+
+class LineLog:
+    """Mixin: self.proc's stdout lines in self.lines; wait_for_line() blocks on them."""
+
+    line_failure = AssertionError  # exception raised when a line never comes
+
+    def __init__(self):
+        self.lines = []
+        self._cond = threading.Condition()
+        self._eof = False
+
+    def follow_output(self):
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for_line(self, pattern, timeout):
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if rx.search(line):
+                        return line
+                if self._eof:
+                    raise self.line_failure("kvd exited (status %s) before printing %r; output:\n%s" %
+                                            (self.proc.poll(), pattern, "\n".join(self.lines)))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.line_failure("kvd printed no %r within %s s; output:\n%s" %
+                                            (pattern, timeout, "\n".join(self.lines)))
+                self._cond.wait(min(left, 0.2))
+
+    def output(self):
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def output_tail(self, n=40):
+        with self._cond:
+            return "\n".join(self.lines[-n:])
