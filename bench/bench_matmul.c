@@ -56,27 +56,6 @@ typedef struct bench_case {
     int n, k;
 } bench_case;
 
-typedef struct kvd_runner {
-    kvd_isa isa;
-    int threads;
-    float *scratch; /* (threads, per_thread) */
-    size_t per_thread;
-} kvd_runner;
-
-static void kvd_run(const kvd_runner *r, float *out, const float *x, int m, const kvd_matrix *w)
-{
-    int n = w->rows;
-#pragma omp parallel num_threads(r->threads)
-    {
-        int nth = omp_get_num_threads();
-        int ith = omp_get_thread_num();
-        int begin = (int)((int64_t)n * ith / nth);
-        int end = (int)((int64_t)n * (ith + 1) / nth);
-        kvd_matmul_cols(r->isa, out, n, x, w->cols, m, w, NULL, false, begin, end,
-                        r->scratch + r->per_thread * (size_t)ith);
-    }
-}
-
 /* Best time of repeated runs lasting at least min_seconds in total (at least 2 runs). */
 #define TIME_BEST(best, min_seconds, stmt)                                                     \
     do {                                                                                       \
@@ -144,7 +123,6 @@ int main(int argc, char **argv)
     };
     int num_cases = small_only ? 3 : 4;
     uint64_t seed = 0x9e3779b97f4a7c15ull;
-    kvd_runner runner = {.isa = isa, .threads = threads};
     int max_rows = 1;
     for (int i = 0; i < num_rows; i++) {
         if (rows[i] < 1) {
@@ -161,9 +139,8 @@ int main(int argc, char **argv)
         float *x = aligned_alloc(64, (size_t)max_rows * bc->k * 4);
         float *out_kvd = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
         float *out_blas = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
-        runner.per_thread = (kvd_matmul_scratch_floats(bc->k) + 15) & ~(size_t)15;
-        runner.scratch = aligned_alloc(64, runner.per_thread * (size_t)threads * 4);
-        if (!wb || !wf || !x || !out_kvd || !out_blas || !runner.scratch) {
+        void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(KVD_DTYPE_BF16, bc->n, bc->k));
+        if (!wb || !wf || !x || !out_kvd || !out_blas || !packed) {
             fprintf(stderr, "bench_matmul: out of memory\n");
             return 1;
         }
@@ -174,12 +151,14 @@ int main(int argc, char **argv)
         }
         for (size_t i = 0; i < (size_t)max_rows * bc->k; i++)
             x[i] = rng_uniform(&seed);
-        kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = bc->n, .cols = bc->k, .data = wb};
+        kvd_matrix_pack(packed, KVD_DTYPE_BF16, bc->n, bc->k, wb, 0, kvd_matrix_panels(bc->n));
+        kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = bc->n, .cols = bc->k, .data = packed};
         for (int ri = 0; ri < num_rows; ri++) {
             int m = rows[ri];
             double flops = 2.0 * m * bc->n * bc->k;
             double t_kvd, t_blas;
-            TIME_BEST(t_kvd, min_seconds, kvd_run(&runner, out_kvd, x, m, &w));
+            TIME_BEST(t_kvd, min_seconds,
+                      kvd_matmul(isa, out_kvd, bc->n, x, bc->k, m, &w, NULL, false, threads));
             TIME_BEST(t_blas, min_seconds,
                       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, bc->n, bc->k, 1.0f,
                                   x, bc->k, wf, bc->k, 0.0f, out_blas, bc->n));
@@ -194,11 +173,11 @@ int main(int argc, char **argv)
             fflush(stdout);
         }
         free(wb);
+        free(packed);
         free(wf);
         free(x);
         free(out_kvd);
         free(out_blas);
-        free(runner.scratch);
     }
     return 0;
 }

@@ -274,9 +274,23 @@ static void assert_matrix(const kvd_matrix *m, kvd_dtype dtype, int rows, int co
     assert_int_equal((uintptr_t)m->data % 64, 0);
 }
 
+/* Bytes the loader holds for a matrix: packed in panels (kvd_model.h). */
 static size_t matrix_bytes(const kvd_matrix *m)
 {
-    return (size_t)m->rows * (size_t)m->cols * kvd_dtype_size(m->dtype);
+    return kvd_matrix_packed_bytes(m->dtype, m->rows, m->cols);
+}
+
+/* The file's value of element i of a row-major tensor of dtype name `dtype`. */
+static float file_value(const char *dtype, const uint8_t *data, size_t i)
+{
+    float v;
+    if (strcmp(dtype, "F32") == 0) {
+        memcpy(&v, data + 4 * i, 4);
+        return v;
+    }
+    uint16_t h;
+    memcpy(&h, data + 2 * i, 2);
+    return strcmp(dtype, "BF16") == 0 ? kvd_bf16_to_f32(h) : kvd_f16_to_f32(h);
 }
 
 /* ---------- setup ---------- */
@@ -441,8 +455,19 @@ static void check_values_match_file(const kvd_model *m, const char *dir)
     for (size_t i = 0; i < sizeof matrices / sizeof matrices[0]; i++) {
         file_tensor t = read_tensor(path, matrices[i].name);
         assert_string_equal(t.dtype, kvd_st_dtype_name(matrices[i].matrix->dtype));
-        assert_int_equal(t.bytes, matrix_bytes(matrices[i].matrix));
-        assert_memory_equal(t.data, matrices[i].matrix->data, t.bytes);
+        const kvd_matrix *mx = matrices[i].matrix;
+        assert_int_equal(t.bytes, (size_t)mx->rows * mx->cols * kvd_dtype_size(mx->dtype));
+        float *row = malloc((size_t)mx->cols * sizeof(float));
+        assert_non_null(row);
+        for (int r = 0; r < mx->rows; r++) {
+            kvd_matrix_row(row, mx, r);
+            for (int k = 0; k < mx->cols; k++) {
+                float want = file_value(t.dtype, t.data, (size_t)r * mx->cols + k);
+                if (memcmp(&row[k], &want, sizeof want) != 0)
+                    fail_msg("%s[%d][%d]: loaded %g, file %g", matrices[i].name, r, k, row[k], want);
+            }
+        }
+        free(row);
         free(t.file_bytes);
     }
     struct {
@@ -457,14 +482,7 @@ static void check_values_match_file(const kvd_model *m, const char *dir)
     for (size_t i = 0; i < sizeof vectors / sizeof vectors[0]; i++) {
         file_tensor t = read_tensor(path, vectors[i].name);
         for (int k = 0; k < vectors[i].n; k++) {
-            float want;
-            if (strcmp(t.dtype, "F32") == 0) {
-                memcpy(&want, t.data + 4 * k, 4);
-            } else {
-                uint16_t h;
-                memcpy(&h, t.data + 2 * k, 2);
-                want = strcmp(t.dtype, "BF16") == 0 ? kvd_bf16_to_f32(h) : kvd_f16_to_f32(h);
-            }
+            float want = file_value(t.dtype, t.data, (size_t)k);
             if (vectors[i].values[k] != want)
                 fail_msg("%s[%d]: loaded %g, file %g", vectors[i].name, k, vectors[i].values[k],
                          want);
@@ -492,17 +510,29 @@ static void test_dtypes_hold_the_same_values(void **state)
          &fx->f16->layers[0].gate_proj},
     };
     for (size_t p = 0; p < 2; p++) {
-        const float *f32 = pairs[p][0]->data;
-        const uint16_t *bf16 = pairs[p][1]->data, *f16 = pairs[p][2]->data;
-        size_t n = (size_t)pairs[p][0]->rows * (size_t)pairs[p][0]->cols;
+        int rows = pairs[p][0]->rows, cols = pairs[p][0]->cols;
+        size_t n = (size_t)rows * (size_t)cols;
+        float *f32 = malloc((size_t)cols * sizeof(float)), *bf16 = malloc((size_t)cols * sizeof(float));
+        float *f16 = malloc((size_t)cols * sizeof(float));
+        assert_true(f32 && bf16 && f16);
         double sum = 0, sum_sq = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (bf16[i] != kvd_f32_to_bf16(f32[i]) || f16[i] != kvd_f32_to_f16(f32[i]))
-                fail_msg("matrix %zu element %zu: f32 %a, bf16 0x%04x, f16 0x%04x", p, i,
-                         (double)f32[i], bf16[i], f16[i]);
-            sum += f32[i];
-            sum_sq += (double)f32[i] * f32[i];
+        for (int r = 0; r < rows; r++) {
+            kvd_matrix_row(f32, pairs[p][0], r);
+            kvd_matrix_row(bf16, pairs[p][1], r);
+            kvd_matrix_row(f16, pairs[p][2], r);
+            for (int i = 0; i < cols; i++) {
+                float want_bf16 = kvd_bf16_to_f32(kvd_f32_to_bf16(f32[i]));
+                float want_f16 = kvd_f16_to_f32(kvd_f32_to_f16(f32[i]));
+                if (memcmp(&bf16[i], &want_bf16, 4) != 0 || memcmp(&f16[i], &want_f16, 4) != 0)
+                    fail_msg("matrix %zu [%d][%d]: f32 %a, bf16 %a, f16 %a", p, r, i,
+                             (double)f32[i], (double)bf16[i], (double)f16[i]);
+                sum += f32[i];
+                sum_sq += (double)f32[i] * f32[i];
+            }
         }
+        free(f32);
+        free(bf16);
+        free(f16);
         double mean = sum / (double)n, std = sqrt(sum_sq / (double)n - mean * mean);
         /* embeddings: N(0, 0.05); gate_proj: N(0, 1/sqrt(64) = 0.125) */
         double want_std = p == 0 ? 0.05 : 0.125;

@@ -10,9 +10,9 @@
  * Determinism contract: an output element depends only on its own inputs. A matrix
  * product row is computed the same way whatever the number of rows (m), the row's
  * position among them, the column range a thread was given or the thread count:
- * out[i][j] = bias[j] + hsum(acc) where acc is one 16-lane vector accumulated with
- * fused multiply-adds over k = 0, 16, 32, ... and hsum adds lanes (i, i+8), then
- * (i, i+4), (i, i+2), (i, i+1). Threads split output columns, never k.
+ * out[i][j] is one float accumulator that starts at (accumulate ? out[i][j] : 0)
+ * + bias[j] and takes fmaf(x[i][k], W[j][k], acc) for k = 0, 1, 2, ... in order.
+ * Threads split output columns, never k.
  *
  * Kernels take the output first and never allocate; the *_cols forms compute a
  * column range so a caller's threads can share one product.
@@ -38,24 +38,20 @@ bool kvd_isa_supported(kvd_isa isa);
 /* "scalar", "avx512". */
 const char *kvd_isa_name(kvd_isa isa);
 
-/* Floats of per-thread scratch kvd_matmul_cols needs for inner dimension k. */
-size_t kvd_matmul_scratch_floats(int k);
-
-/* out[m][ldo] (columns [n_begin, n_end)) = x[m][ldx] * W^T + bias, where W is
- * w (rows = n output features, cols = k) and bias (n floats) may be NULL. With
- * accumulate, the product is added to what out holds (out += x W^T + bias), for
- * residual connections. scratch: kvd_matmul_scratch_floats(w->cols) floats, 64-byte
- * aligned, private to the calling thread. The result is independent of m, of the
- * column range and of the thread that runs it (see the contract above). */
+/* out[m][ldo] (columns [n_begin, n_end)) = x[m][ldx] * W^T + bias, where W is the
+ * packed matrix w (rows = n output features, cols = k) and bias (n floats) may be
+ * NULL. With accumulate, the product is added to what out holds (out += x W^T + bias),
+ * for residual connections. Only columns [n_begin, n_end) of out are read or written.
+ * The result is independent of m, of the column range and of the thread that runs it
+ * (see the contract above); ranges on multiples of KVD_PANEL_ROWS waste no work. */
 void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
-                     int n_end, float *scratch);
+                     int n_end);
 
 /* The whole product with num_threads OpenMP threads splitting the columns
- * (num_threads <= 0: all cores). Allocates its scratch; for tests, tools and benches.
- * Returns 0 or KVD_ENOMEM. */
-int kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
-               const kvd_matrix *w, const float *bias, bool accumulate, int num_threads);
+ * (num_threads <= 0: all cores). For tests, tools and benches. */
+void kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+                const kvd_matrix *w, const float *bias, bool accumulate, int num_threads);
 
 /* out[n] = x[n] * rsqrt(mean(x^2) + eps) * weight[n] (sum of squares in the 16-lane
  * tree order). out may equal x. */
@@ -74,9 +70,6 @@ void kvd_rope_angles(float *cos_sin, int pos, const float *inv_freq, int head_di
 
 /* gate[n] = silu(gate[n]) * up[n], silu(g) = g / (1 + exp(-g)). */
 void kvd_swiglu(kvd_isa isa, float *gate, const float *up, int n);
-
-/* out[cols] = row `row` of w widened to float (embedding lookup). */
-void kvd_matrix_row(float *out, const kvd_matrix *w, int row);
 
 /* exp(x) lane by lane with the kernels' own polynomial (for tests). */
 void kvd_exp(kvd_isa isa, float *out, const float *x, int n);

@@ -62,14 +62,35 @@ typedef struct kvd_generation_defaults {
     bool do_sample;
 } kvd_generation_defaults;
 
-/* A weight matrix, row-major (rows = out_features, cols = in_features), stored in
- * the checkpoint's dtype. */
+/* A weight matrix W (rows = out_features n, cols = in_features k) in the checkpoint's
+ * dtype, stored in panels so that a matrix product reads it as one contiguous stream
+ * and widens 32 weights with two instructions:
+ * - rows are grouped by KVD_PANEL_ROWS (the last panel padded with zero rows);
+ * - panel p holds, for k = 0 .. cols-1 in order, the 32 weights W[32p + j][k];
+ * - f32 and f16 store those 32 in order j = 0..31; bf16 stores 16 32-bit words, word j
+ *   holding W[32p + j][k] in its low half and W[32p + 16 + j][k] in its high half, so
+ *   that a shift and a mask turn one 64-byte load into two float vectors.
+ * kvd_matrix_pack builds it from the checkpoint's row-major tensor. */
+#define KVD_PANEL_ROWS 32
 typedef struct kvd_matrix {
     kvd_dtype dtype;
     int rows;
     int cols;
-    const void *data; /* rows * cols elements of dtype, 64-byte aligned */
+    const void *data; /* kvd_matrix_packed_bytes(dtype, rows, cols), 64-byte aligned */
 } kvd_matrix;
+
+/* Bytes of a packed rows x cols matrix of dtype (a whole number of 64-byte lines). */
+size_t kvd_matrix_packed_bytes(kvd_dtype dtype, int rows, int cols);
+/* Packs a row-major rows x cols tensor of dtype (src: any alignment, e.g. straight from
+ * a safetensors mapping) into panels [panel_begin, panel_end) of dst, which holds
+ * kvd_matrix_packed_bytes(...) bytes (panels are independent, so a large matrix can be
+ * packed in pieces). */
+void kvd_matrix_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
+                     int panel_begin, int panel_end);
+/* Panels of a matrix with `rows` rows. */
+int kvd_matrix_panels(int rows);
+/* out[cols] = row `row` of w widened to float (embedding lookup, tests). */
+void kvd_matrix_row(float *out, const kvd_matrix *w, int row);
 
 typedef struct kvd_layer_weights {
     kvd_matrix q_proj;         /* (num_heads*head_dim, hidden) */

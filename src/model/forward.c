@@ -63,8 +63,6 @@ struct kvd_forward_ctx {
     kvd_attention_query *queries; /* (max_seqs) */
     attn_item *items;    /* (max_items) */
     int max_items;
-    float *matmul_scratch; /* (num_threads, matmul_stride) */
-    size_t matmul_stride;
     float *attn_scratch;   /* (num_threads, attn_stride) */
     size_t attn_stride;
     kvd_team *team;
@@ -96,7 +94,6 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->logit_tokens);
     free(ctx->queries);
     free(ctx->items);
-    free(ctx->matmul_scratch);
     free(ctx->attn_scratch);
     kvd_team_destroy(ctx->team);
     free(ctx);
@@ -187,11 +184,6 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
                                        1.0f / sqrtf((float)c->head_dim)};
     size_t T = (size_t)max_tokens;
     ctx->max_items = c->num_kv_heads * (max_tokens / ATTN_ITEM_ROWS + max_seqs);
-    /* the scratch a product needs is not monotonic in k: take the largest of the three */
-    size_t mm = kvd_matmul_scratch_floats(hidden);
-    mm = kvd_matmul_scratch_floats(q_dim) > mm ? kvd_matmul_scratch_floats(q_dim) : mm;
-    mm = kvd_matmul_scratch_floats(inter) > mm ? kvd_matmul_scratch_floats(inter) : mm;
-    ctx->matmul_stride = (mm + 15) & ~(size_t)15;
     ctx->attn_stride = (kvd_attention_scratch_floats(&ctx->shape) + 15) & ~(size_t)15;
     ctx->inv_freq = alloc_floats((size_t)c->head_dim / 2);
     ctx->x = alloc_floats(T * hidden);
@@ -209,13 +201,12 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->logit_tokens = malloc((size_t)(max_logit_rows > 0 ? max_logit_rows : 1) * sizeof(int));
     ctx->queries = malloc((size_t)max_seqs * sizeof(kvd_attention_query));
     ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
-    ctx->matmul_scratch = alloc_floats(ctx->matmul_stride * ctx->num_threads);
     ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
     ctx->team = kvd_team_create(ctx->num_threads);
     if (!ctx->team ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
-        !ctx->matmul_scratch || !ctx->attn_scratch) {
+        !ctx->attn_scratch) {
         kvd_forward_destroy(ctx);
         kvd_error_set(err, KVD_ENOMEM, "forward: out of memory for %d-token scratch buffers "
                       "or %d threads", max_tokens, num_threads);
@@ -287,12 +278,12 @@ static int plan_batch(kvd_forward_ctx *ctx, const kvd_forward_batch *b, int *num
     return rows;
 }
 
-/* [begin, end) of n split over nth threads, boundaries on multiples of 16 when n allows. */
+/* [begin, end) of n output columns split over nth threads in whole weight panels. */
 static void split(int n, int ith, int nth, int *begin, int *end)
 {
-    int units = (n + 15) / 16;
-    *begin = (int)((int64_t)units * ith / nth) * 16;
-    *end = (int)((int64_t)units * (ith + 1) / nth) * 16;
+    int units = (n + KVD_PANEL_ROWS - 1) / KVD_PANEL_ROWS;
+    *begin = (int)((int64_t)units * ith / nth) * KVD_PANEL_ROWS;
+    *end = (int)((int64_t)units * (ith + 1) / nth) * KVD_PANEL_ROWS;
     *begin = *begin < n ? *begin : n;
     *end = *end < n ? *end : n;
 }
@@ -352,7 +343,6 @@ static void forward_body(void *arg, int ith, int nth)
     const kvd_isa isa = ctx->isa;
     const float eps = c->rms_norm_eps;
     kvd_team *team = ctx->team;
-    float *mm_scratch = ctx->matmul_scratch + ctx->matmul_stride * (size_t)ith;
     float *at_scratch = ctx->attn_scratch + ctx->attn_stride * (size_t)ith;
     int r0, r1, a, b;
     split_rows(M, ith, nth, &r0, &r1);
@@ -367,10 +357,10 @@ static void forward_body(void *arg, int ith, int nth)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
         kvd_team_barrier(team);
         split(QD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b);
         split(KD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b, mm_scratch);
-        kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b);
+        kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b);
         if (ith == 0)
             kvd_team_reset_counter(team);
         kvd_team_barrier(team);
@@ -389,19 +379,19 @@ static void forward_body(void *arg, int ith, int nth)
         }
         kvd_team_barrier(team);
         split(H, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b);
         kvd_team_barrier(team);
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
         kvd_team_barrier(team);
         split(I, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b, mm_scratch);
-        kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b);
+        kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b);
         for (int t = 0; t < M && a < b; t++)
             kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
         kvd_team_barrier(team);
         split(H, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b, mm_scratch);
+        kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b);
         kvd_team_barrier(team);
     }
     if (rows > 0) {
@@ -413,7 +403,7 @@ static void forward_body(void *arg, int ith, int nth)
         kvd_team_barrier(team);
         split(ctx->vocab, ith, nth, &a, &b);
         kvd_matmul_cols(isa, batch->logits, ctx->vocab, ctx->final_rows, H, rows, &model->lm_head,
-                        NULL, false, a, b, mm_scratch);
+                        NULL, false, a, b);
     }
 }
 

@@ -43,44 +43,32 @@ const char *kvd_isa_name(kvd_isa isa)
     return isa == KVD_ISA_AVX512 ? "avx512" : "scalar";
 }
 
-size_t kvd_matmul_scratch_floats(int k)
-{
-    size_t a = kvd_matmul_scratch_floats_avx512(k);
-    size_t b = kvd_matmul_scratch_floats_scalar(k);
-    return a > b ? a : b;
-}
-
 void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
-                     int n_end, float *scratch)
+                     int n_end)
 {
     if (isa == KVD_ISA_AVX512)
-        kvd_matmul_cols_avx512(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
+        kvd_matmul_cols_avx512(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else
-        kvd_matmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
+        kvd_matmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
 }
 
-int kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
-               const kvd_matrix *w, const float *bias, bool accumulate, int num_threads)
+void kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+                const kvd_matrix *w, const float *bias, bool accumulate, int num_threads)
 {
     if (num_threads <= 0)
         num_threads = omp_get_num_procs();
-    size_t per_thread = (kvd_matmul_scratch_floats(w->cols) + 15) & ~(size_t)15;
-    float *scratch = aligned_alloc(64, per_thread * (size_t)num_threads * sizeof(float));
-    if (!scratch)
-        return KVD_ENOMEM;
-    int n = w->rows;
+    int panels = kvd_matrix_panels(w->rows);
 #pragma omp parallel num_threads(num_threads)
     {
+        /* whole panels per thread: a panel split between threads is computed twice */
         int nth = omp_get_num_threads();
         int ith = omp_get_thread_num();
-        int begin = (int)((int64_t)n * ith / nth);
-        int end = (int)((int64_t)n * (ith + 1) / nth);
-        kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, begin, end,
-                        scratch + per_thread * (size_t)ith);
+        int begin = (int)((int64_t)panels * ith / nth) * KVD_PANEL_ROWS;
+        int end = (int)((int64_t)panels * (ith + 1) / nth) * KVD_PANEL_ROWS;
+        kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, begin,
+                        end < w->rows ? end : w->rows);
     }
-    free(scratch);
-    return 0;
 }
 
 void kvd_rmsnorm(kvd_isa isa, float *out, const float *x, const float *weight, int n, float eps)
@@ -129,24 +117,6 @@ void kvd_exp(kvd_isa isa, float *out, const float *x, int n)
         kvd_exp_avx512(out, x, n);
     else
         kvd_exp_scalar(out, x, n);
-}
-
-void kvd_matrix_row(float *out, const kvd_matrix *w, int row)
-{
-    size_t base = (size_t)row * (size_t)w->cols;
-    switch (w->dtype) {
-    case KVD_DTYPE_F32:
-        memcpy(out, (const float *)w->data + base, (size_t)w->cols * sizeof(float));
-        break;
-    case KVD_DTYPE_F16:
-        for (int i = 0; i < w->cols; i++)
-            out[i] = kvd_f16_to_f32(((const uint16_t *)w->data)[base + i]);
-        break;
-    case KVD_DTYPE_BF16:
-        for (int i = 0; i < w->cols; i++)
-            out[i] = kvd_bf16_to_f32(((const uint16_t *)w->data)[base + i]);
-        break;
-    }
 }
 
 int kvd_argmax(const float *x, int n)

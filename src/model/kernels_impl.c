@@ -3,17 +3,21 @@
  * Compiled twice (see kvd_vec16.h): the AVX-512 build and the scalar build define
  * the same functions with the suffixes _avx512 and _scalar; kernels.c dispatches.
  *
- * Matrix product out = x W^T: every output element is one 16-lane accumulator
- * advanced by FMAs over k in order, reduced by the fixed tree of v16_hsum, plus the
- * bias. Only the blocking around that changes with the shape, never the operations
- * of an element, which is what makes a row's result independent of the batch:
- * - few rows (decode): weights stream from memory once, widened in registers;
- *   a tile is up to 3 rows by 6..8 columns of accumulators.
- * - four rows or more (prefill): a panel of weight rows is widened once into
- *   per-thread scratch and reused by every 4-row tile; a tile is 4 rows by 6 columns
- *   (24 accumulators + 6 weight vectors + 1 input vector = 31 of the 32 registers).
- *   Long inputs (k > LONG_K) go in slices so the tile's weights stay in L1, the
- *   accumulators parked in scratch between slices (exact, so still the same result).
+ * Matrix product out = x W^T over packed weights (kvd_matrix in kvd_model.h): one
+ * float lane per output element, which starts from its init value (0, or what out
+ * holds when accumulating, plus the bias) and takes one fused multiply-add per input
+ * k, in order, with x[r][k] broadcast against 32 widened weights of a panel. Nothing
+ * about an element's operations depends on the blocking around it, and a partial
+ * sum parked in out between slices of k is exact, which is what makes a row's result
+ * independent of the batch, the column range and the thread. The blocking:
+ * - up to MAX_TILE_ROWS rows (decode, small batches): one tile holds all rows and
+ *   streams its panels' weights from memory once over the whole of k, with software
+ *   prefetch ahead of each stream; few rows take several panels at a time so that
+ *   enough independent accumulators (and memory streams) are in flight.
+ * - more rows (prefill, big batches): chunks of rows; per slice of K_SLICE inputs,
+ *   each panel's slice (16 KB of bf16, in L1) is run by every row tile of the chunk
+ *   (tiles of up to 12 rows x 32 columns: 24 accumulators + 2 weight vectors + 1
+ *   broadcast of the 32 registers), the chunk's x slice staying in L2.
  */
 #include "kvd_vec16.h"
 
@@ -23,245 +27,211 @@
 
 #include "kernels_internal.h"
 
-/* Weight rows widened per panel: 512 KB of floats, half of a Zen 5 core's L2; every
- * panel rereads all of x, so wider panels mean less traffic (measured best of 64K,
- * 96K, 128K floats). */
-#define PANEL_FLOATS ((size_t)128 * 1024)
-#define TILE_ROWS 4
-#define PREFETCH_BYTES 32768
-#define TILE_COLS 6
-/* Past LONG_K inputs (down_proj's 4864) see long_k_product; LONG_K_ROWS and K_BLOCK
- * measured best among 16..64 rows and 256..2432 inputs (+25% on 896x4864 over one
- * full-k pass per tile: ~165 against ~130 GFLOP/s per core). */
-#define LONG_K 2048
-#define LONG_K_ROWS 32
-#define K_BLOCK 1024
+#define PANEL KVD_PANEL_ROWS
+#define MAX_TILE_ROWS 12
+/* Inputs per slice when many rows share a panel: the slice of a panel stays in L1
+ * (256 x 64 B of 16-bit weights) while the chunk's row tiles run against it. */
+#define K_SLICE 256
+/* x floats a chunk of rows may hold per slice (the rows' slice stays in L2). */
+#define CHUNK_FLOATS ((size_t)96 * 1024)
+/* How far ahead (bytes) each weight stream of a streaming tile is prefetched. */
+#define PREFETCH_BYTES 2048
 
-/* One tile: R rows of x by C consecutive weight rows over inputs [k0, k1). The
- * accumulators start at zero when k0 == 0, else from spill (R*C vectors); when k1 < k
- * they are saved back to spill, otherwise reduced into out. Saving and reloading a
- * vector is exact, so slicing k changes no result. R and C are compile-time constants
- * at every call site so the accumulators live in registers. */
-V16_INLINE void tile(float *out, int ldo, const float *x, int ldx, const void *w, int wdt,
-                     size_t wld, int k0, int k1, int k, v16 *spill, const float *bias,
-                     bool accumulate, int R, int C)
+/* Lanes of the 16 output columns starting at col that fall in [n_begin, n_end). */
+static uint32_t column_mask(int col, int n_begin, int n_end)
 {
-    v16 acc[TILE_ROWS][8];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++)
-            acc[r][c] = k0 == 0 ? v16_zero() : spill[c * R + r];
-    int kk = k0;
-    for (; kk + 16 <= k1; kk += 16) {
-        if (R < TILE_ROWS && (kk & 31) == 0) {
-            /* Few rows stream the weights from memory once: ask for them ~32 KB ahead
-             * (two 8-row groups of a 896-wide bf16 matrix), one line per row per 32 k.
-             * The hardware prefetcher alone reached ~75% of this. */
-#pragma GCC unroll 8
-            for (int c = 0; c < C; c++)
-                v16_prefetch((const char *)w + ((size_t)c * wld + (size_t)kk) * (wdt == 0 ? 4 : 2) +
-                             PREFETCH_BYTES);
-        }
-        v16 wv[8];
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++)
-            wv[c] = v16_load_any(w, wdt, (size_t)c * wld + (size_t)kk);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            v16 xv = v16_load(x + (size_t)r * ldx + kk);
-#pragma GCC unroll 8
-            for (int c = 0; c < C; c++)
-                acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
-        }
-    }
-    if (kk < k1) {
-        int n = k1 - kk;
-        v16 wv[8];
-#pragma GCC unroll 8
-        for (int c = 0; c < C; c++)
-            wv[c] = v16_load_any_n(w, wdt, (size_t)c * wld + (size_t)kk, n);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            v16 xv = v16_load_n(x + (size_t)r * ldx + kk, n);
-#pragma GCC unroll 8
-            for (int c = 0; c < C; c++)
-                acc[r][c] = v16_fma(xv, wv[c], acc[r][c]);
-        }
-    }
-    if (k1 < k) {
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
-            for (int c = 0; c < C; c++)
-                spill[c * R + r] = acc[r][c];
-        return;
-    }
-    /* Reduce four accumulators at a time (same tree as v16_hsum), in (r, c) order. */
-    float sums[TILE_ROWS * 8];
-    int i = 0;
-#pragma GCC unroll 8
-    for (; i + 4 <= R * C; i += 4)
-        v16_hsum4(acc[i / C][i % C], acc[(i + 1) / C][(i + 1) % C], acc[(i + 2) / C][(i + 2) % C],
-                  acc[(i + 3) / C][(i + 3) % C], sums + i);
-#pragma GCC unroll 8
-    for (; i < R * C; i++)
-        sums[i] = v16_hsum(acc[i / C][i % C]);
-#pragma GCC unroll 8
+    uint32_t mask = 0;
+    for (int i = 0; i < 16; i++)
+        if (col + i >= n_begin && col + i < n_end)
+            mask |= 1u << i;
+    return mask;
+}
+
+/* One tile: R rows of x against P consecutive panels (32*P output columns starting
+ * at out/bias column 0) over inputs [k0, k1). When k0 == 0 the accumulators start
+ * from out (accumulate) or 0, plus bias; otherwise from the partial sums a previous
+ * slice left in out. masks[2P] say which columns this call owns; only those are read
+ * and written. R and P are compile-time constants at every call site so the
+ * accumulators live in registers. */
+V16_INLINE void panel_tile(float *out, int ldo, const float *x, int ldx, const char *w,
+                           size_t panel_bytes, int wdt, int k0, int k1, const uint32_t *masks,
+                           const float *bias, bool accumulate, bool stream, int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+#pragma GCC unroll 12
     for (int r = 0; r < R; r++) {
 #pragma GCC unroll 8
-        for (int c = 0; c < C; c++) {
-            float v = sums[r * C + c];
-            if (bias)
-                v += bias[c];
-            float *o = out + (size_t)r * ldo + c;
-            *o = accumulate ? *o + v : v;
+        for (int h = 0; h < 2 * P; h++) {
+            float *o = out + (size_t)r * ldo + 16 * h;
+            if (k0 > 0 || accumulate)
+                acc[r][h] = v16_load_mask(o, masks[h]);
+            else
+                acc[r][h] = v16_zero();
+            if (k0 == 0 && bias)
+                acc[r][h] = v16_add(acc[r][h], v16_load_mask(bias + 16 * h, masks[h]));
         }
     }
-}
-
-/* R rows of x starting at X against ncols weight rows, written at O: tiles of C
- * columns, then single columns for the remainder. */
-#define COLS_LOOP(O, X, R, C)                                                                  \
-    do {                                                                                       \
-        int c0_ = 0;                                                                           \
-        for (; c0_ + (C) <= ncols; c0_ += (C))                                                 \
-            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
-                 wld, 0, k, k, NULL, bias ? bias + c0_ : NULL, accumulate, (R), (C));          \
-        for (; c0_ < ncols; c0_++)                                                             \
-            tile((O) + c0_, ldo, (X), ldx, (const char *)w + (size_t)c0_ * wld * esize, wdt,   \
-                 wld, 0, k, k, NULL, bias ? bias + c0_ : NULL, accumulate, (R), 1);            \
-    } while (0)
-
-/* All m rows against ncols weight rows starting at w (row stride wld), full k. */
-static void block_product(float *out, int ldo, const float *x, int ldx, int m, const void *w,
-                          int wdt, size_t wld, int k, const float *bias, bool accumulate,
-                          int ncols)
-{
-    size_t esize = wdt == 0 ? 4 : 2;
-    int r0 = 0;
-    for (; r0 + TILE_ROWS <= m; r0 += TILE_ROWS)
-        COLS_LOOP(out + (size_t)r0 * ldo, x + (size_t)r0 * ldx, TILE_ROWS, TILE_COLS);
-    float *o = out + (size_t)r0 * ldo;
-    const float *xr = x + (size_t)r0 * ldx;
-    switch (m - r0) {
-    case 3: COLS_LOOP(o, xr, 3, 6); break;
-    case 2: COLS_LOOP(o, xr, 2, 8); break;
-    case 1: COLS_LOOP(o, xr, 1, 8); break;
-    default: break;
+    size_t step = wdt == 0 ? 128 : 64; /* bytes of one (panel, k) */
+#pragma GCC unroll 2
+    for (int kk = k0; kk < k1; kk++) {
+        if (stream) {
+#pragma GCC unroll 4
+            for (int q = 0; q < P; q++) {
+                const char *ahead = w + (size_t)q * panel_bytes + (size_t)kk * step + PREFETCH_BYTES;
+                v16_prefetch(ahead);
+                if (step > 64)
+                    v16_prefetch(ahead + 64);
+            }
+        }
+        v16 wlo[4], whi[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < P; q++)
+            v16_load_panel(w + (size_t)q * panel_bytes, wdt, (size_t)kk, &wlo[q], &whi[q]);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; r++) {
+            v16 xb = v16_set1(x[(size_t)r * ldx + kk]);
+#pragma GCC unroll 4
+            for (int q = 0; q < P; q++) {
+                acc[r][2 * q] = v16_fma(xb, wlo[q], acc[r][2 * q]);
+                acc[r][2 * q + 1] = v16_fma(xb, whi[q], acc[r][2 * q + 1]);
+            }
+        }
     }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int h = 0; h < 2 * P; h++)
+            v16_store_mask(out + (size_t)r * ldo + 16 * h, acc[r][h], masks[h]);
 }
 
-/* One slice [k0, k1) of R rows (1..4) against C (TILE_COLS or 1) weight rows. */
-static void long_k_tile(float *out, int ldo, const float *x, int ldx, const void *w, int wdt, int k,
-                        int k0, int k1, v16 *spill, const float *bias, bool accumulate, int R,
-                        int C)
+typedef struct product {
+    float *out;
+    int ldo;
+    const float *x;
+    int ldx;
+    const kvd_matrix *w;
+    const float *bias;
+    bool accumulate;
+    int n_begin, n_end;
+    size_t panel_bytes;
+} product;
+
+/* Rows [r0, r0 + R) against panels [p, p + P) over inputs [k0, k1). */
+static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int k1, bool stream)
 {
-#define LONG_K_TILE(R_, C_)                                                                    \
-    tile(out, ldo, x, ldx, w, wdt, (size_t)k, k0, k1, k, spill, bias, accumulate, R_, C_)
-    if (C == TILE_COLS) {
+    uint32_t masks[8];
+    for (int h = 0; h < 2 * P; h++)
+        masks[h] = column_mask(p * PANEL + 16 * h, pr->n_begin, pr->n_end);
+    int col = p * PANEL;
+    float *out = pr->out + (size_t)r0 * pr->ldo + col;
+    const float *x = pr->x + (size_t)r0 * pr->ldx;
+    const char *w = (const char *)pr->w->data + (size_t)p * pr->panel_bytes;
+    const float *bias = pr->bias ? pr->bias + col : NULL;
+    int wdt = (int)pr->w->dtype, ldo = pr->ldo, ldx = pr->ldx;
+    size_t pb = pr->panel_bytes;
+    bool acc = pr->accumulate;
+#define TILE(R_, P_)                                                                            \
+    case R_:                                                                                   \
+        panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, stream, R_, P_);    \
+        break
+    if (P == 4) {
         switch (R) {
-        case 4: LONG_K_TILE(4, TILE_COLS); break;
-        case 3: LONG_K_TILE(3, TILE_COLS); break;
-        case 2: LONG_K_TILE(2, TILE_COLS); break;
-        default: LONG_K_TILE(1, TILE_COLS); break;
+            TILE(1, 4);
+            TILE(2, 4);
+        default: break;
+        }
+    } else if (P == 2) {
+        switch (R) {
+            TILE(1, 2);
+            TILE(2, 2);
+            TILE(3, 2);
+            TILE(4, 2);
+            TILE(5, 2);
+            TILE(6, 2);
+        default: break;
         }
     } else {
         switch (R) {
-        case 4: LONG_K_TILE(4, 1); break;
-        case 3: LONG_K_TILE(3, 1); break;
-        case 2: LONG_K_TILE(2, 1); break;
-        default: LONG_K_TILE(1, 1); break;
+            TILE(1, 1);
+            TILE(2, 1);
+            TILE(3, 1);
+            TILE(4, 1);
+            TILE(5, 1);
+            TILE(6, 1);
+            TILE(7, 1);
+            TILE(8, 1);
+            TILE(9, 1);
+            TILE(10, 1);
+            TILE(11, 1);
+            TILE(12, 1);
+        default: break;
         }
     }
-#undef LONG_K_TILE
+#undef TILE
 }
 
-/* Long inputs (k > LONG_K): four x rows no longer fit in L1 next to the weights, and
- * streaming both from L2 costs a third of the FMA rate. So, per chunk of LONG_K_ROWS
- * rows (their x stays in L2), each group of TILE_COLS weight rows is walked in slices
- * of K_BLOCK inputs; within a slice every 4-row tile of the chunk runs against it (the
- * slice's weights stay in L1, widened in registers: widening once into scratch cost
- * more, as it is redone per chunk), its accumulators parked in scratch between slices. */
-static void long_k_product(float *out, int ldo, const float *x, int ldx, int m,
-                           const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
-                           int n_end, float *scratch)
+/* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panel p,
+ * inputs [k0, k1): the panel's slice stays in L1 for all of them. */
+static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int k0, int k1)
 {
-    int k = w->cols, wdt = (int)w->dtype;
-    size_t esize = wdt == 0 ? 4 : 2;
-    v16 *spill = (v16 *)scratch;
-    for (int rc = 0; rc < m; rc += LONG_K_ROWS) {
-        int rows = m - rc < LONG_K_ROWS ? m - rc : LONG_K_ROWS;
-        for (int c0 = n_begin; c0 < n_end;) {
-            int C = n_end - c0 >= TILE_COLS ? TILE_COLS : 1;
-            const char *src = (const char *)w->data + (size_t)c0 * (size_t)k * esize;
-            for (int k0 = 0; k0 < k; k0 += K_BLOCK) {
-                int k1 = k - k0 > K_BLOCK ? k0 + K_BLOCK : k;
-                for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
-                    int R = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;
-                    long_k_tile(out + (size_t)(rc + r0) * ldo + c0, ldo, x + (size_t)(rc + r0) * ldx,
-                                ldx, src, wdt, k, k0, k1, spill + (size_t)(r0 / TILE_ROWS) * TILE_ROWS * TILE_COLS,
-                                bias ? bias + c0 : NULL, accumulate, R, C);
-                }
-            }
-            c0 += C;
-        }
+    for (int t = t0; t < t1; t++) {
+        int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
+        /* the first tile brings the slice in from memory: prefetch ahead of it */
+        run_tile(pr, r0, r1 - r0, p, 1, k0, k1, t == t0);
     }
 }
 
-/* Weight rows widened per panel (at least one tile's worth). */
-static int panel_rows_for(int k)
+/* Panels a tile of R rows takes at once: enough accumulators in flight for few rows
+ * (an FMA chain per accumulator), never more registers than there are. */
+static int panels_per_tile(int R)
 {
-    int rows = (int)(PANEL_FLOATS / (size_t)k);
-    rows -= rows % TILE_COLS;
-    return rows > TILE_COLS ? rows : TILE_COLS;
-}
-
-size_t KVD_VEC_FN(kvd_matmul_scratch_floats)(int k)
-{
-    if (k > LONG_K) /* the parked accumulators of a chunk's tiles */
-        return (size_t)LONG_K_ROWS * TILE_COLS * 16;
-    return (size_t)panel_rows_for(k) * (size_t)k;
+    return R <= 2 ? 4 : R <= 6 ? 2 : 1;
 }
 
 void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
                                  const kvd_matrix *w, const float *bias, bool accumulate,
-                                 int n_begin, int n_end, float *scratch)
+                                 int n_begin, int n_end)
 {
-    int k = w->cols;
-    int wdt = (int)w->dtype;
-    size_t esize = wdt == 0 ? 4 : 2;
     if (n_end <= n_begin || m <= 0)
         return;
-    if (m < TILE_ROWS) {
-        /* Few rows: each widened weight is used m times at most, stream it. */
-        block_product(out + n_begin, ldo, x, ldx, m,
-                      (const char *)w->data + (size_t)n_begin * (size_t)k * esize, wdt,
-                      (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
+    int k = w->cols;
+    product pr = {out, ldo, x, ldx, w, bias, accumulate, n_begin, n_end,
+                  (size_t)PANEL * (size_t)k * kvd_dtype_size(w->dtype)};
+    int p_begin = n_begin / PANEL, p_end = (n_end + PANEL - 1) / PANEL;
+    if (m <= MAX_TILE_ROWS) {
+        /* every weight is used by this one tile only: stream it once over all of k */
+        int P = panels_per_tile(m);
+        for (int p = p_begin; p < p_end;) {
+            int np = P;
+            while (np > p_end - p)
+                np /= 2;
+            run_tile(&pr, 0, m, p, np, 0, k, true);
+            p += np;
+        }
         return;
     }
-    if (k > LONG_K) {
-        long_k_product(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end, scratch);
-        return;
-    }
-    if (wdt == 0) {
-        /* f32 weights need no widening: tiles read them in place */
-        block_product(out + n_begin, ldo, x, ldx, m, (const float *)w->data + (size_t)n_begin * k,
-                      0, (size_t)k, k, bias ? bias + n_begin : NULL, accumulate, n_end - n_begin);
-        return;
-    }
-    int panel_rows = panel_rows_for(k);
-    for (int n0 = n_begin; n0 < n_end; n0 += panel_rows) {
-        int pn = n_end - n0 < panel_rows ? n_end - n0 : panel_rows;
-        const char *src = (const char *)w->data + (size_t)n0 * (size_t)k * esize;
-        size_t total = (size_t)pn * (size_t)k;
-        size_t i = 0;
-        for (; i + 16 <= total; i += 16)
-            v16_store(scratch + i, v16_load_any(src, wdt, i));
-        if (i < total)
-            v16_store_n(scratch + i, v16_load_any_n(src, wdt, i, (int)(total - i)), (int)(total - i));
-        block_product(out + n0, ldo, x, ldx, m, scratch, 0, (size_t)k, k,
-                      bias ? bias + n0 : NULL, accumulate, pn);
+    /* Row tiles as even as MAX_TILE_ROWS allows (R and R-1 rows), in chunks of whole
+     * tiles. When a few tiles' worth of whole x rows fit CHUNK_FLOATS (short k), a chunk
+     * takes each panel once, slice by slice: its weights come from memory once per
+     * chunk and its outputs stay in L1. Otherwise (long k) a chunk's x fits only slice
+     * by slice: every panel runs against one slice before the next, weights rereading
+     * from L2/L3 and partial sums parking in out. */
+    int tiles = (m + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
+    int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
+    bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
+    int chunk_tiles = panel_outer ? whole_rows / MAX_TILE_ROWS
+                                  : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * MAX_TILE_ROWS));
+    for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+        int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
+        if (panel_outer) {
+            for (int p = p_begin; p < p_end; p++)
+                for (int k0 = 0; k0 < k; k0 += K_SLICE)
+                    chunk_slice(&pr, m, tiles, t0, t1, p, k0, k - k0 < K_SLICE ? k : k0 + K_SLICE);
+        } else {
+            for (int k0 = 0; k0 < k; k0 += K_SLICE)
+                for (int p = p_begin; p < p_end; p++)
+                    chunk_slice(&pr, m, tiles, t0, t1, p, k0, k - k0 < K_SLICE ? k : k0 + K_SLICE);
+        }
     }
 }
 

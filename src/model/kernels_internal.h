@@ -13,10 +13,9 @@
 #include "kvd/kvd_model.h"
 
 #define KVD_DECLARE_KERNELS(sfx)                                                               \
-    size_t kvd_matmul_scratch_floats_##sfx(int k);                                             \
     void kvd_matmul_cols_##sfx(float *out, int ldo, const float *x, int ldx, int m,            \
                                const kvd_matrix *w, const float *bias, bool accumulate,        \
-                               int n_begin, int n_end, float *scratch);                        \
+                               int n_begin, int n_end);                                        \
     void kvd_rmsnorm_##sfx(float *out, const float *x, const float *weight, int n, float eps);  \
     void kvd_rope_##sfx(float *vec, int num_heads, int head_dim, const float *cos_sin);        \
     void kvd_swiglu_##sfx(float *gate, const float *up, int n);                                \

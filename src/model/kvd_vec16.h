@@ -54,6 +54,25 @@ V16_INLINE void v16_store_n(float *p, v16 a, int n)
 {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), a);
 }
+/* Lanes whose bit is set in mask; the others read as 0 / are left alone, and never
+ * fault, so p may point past the end of the array for masked-off lanes. */
+V16_INLINE v16 v16_load_mask(const float *p, uint32_t mask)
+{
+    return _mm512_maskz_loadu_ps((__mmask16)mask, p);
+}
+V16_INLINE void v16_store_mask(float *p, v16 a, uint32_t mask)
+{
+    _mm512_mask_storeu_ps(p, (__mmask16)mask, a);
+}
+/* The 32 weights of one (panel, k) of a packed matrix (kvd_model.h), widened: rows
+ * 0..15 of the panel in *lo, 16..31 in *hi. bf16 words hold row j in the low half and
+ * row j+16 in the high half, so a shift and a mask do the widening. */
+V16_INLINE void v16_load_panel_bf16(const void *p, v16 *lo, v16 *hi)
+{
+    __m512i words = _mm512_load_si512(p);
+    *lo = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+    *hi = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xffff0000u)));
+}
 V16_INLINE v16 v16_from_bf16_bits(__m256i h)
 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -163,6 +182,27 @@ V16_INLINE v16 v16_load_n(const float *p, int n) { V16_MAP(i < n ? p[i] : 0.0f);
 V16_INLINE v16 v16_load_n_or(const float *p, int n, float fill) { V16_MAP(i < n ? p[i] : fill); }
 V16_INLINE void v16_store(float *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
 V16_INLINE void v16_store_n(float *p, v16 a, int n) { memcpy(p, a.f, (size_t)n * sizeof(float)); }
+V16_INLINE v16 v16_load_mask(const float *p, uint32_t mask)
+{
+    V16_MAP((mask >> i) & 1u ? p[i] : 0.0f);
+}
+V16_INLINE void v16_store_mask(float *p, v16 a, uint32_t mask)
+{
+    for (int i = 0; i < 16; i++)
+        if ((mask >> i) & 1u)
+            p[i] = a.f[i];
+}
+V16_INLINE void v16_load_panel_bf16(const void *p, v16 *lo, v16 *hi)
+{
+    for (int i = 0; i < 16; i++) {
+        uint32_t word, low, high;
+        memcpy(&word, (const char *)p + 4 * i, sizeof word);
+        low = word << 16;
+        high = word & 0xffff0000u;
+        memcpy(&lo->f[i], &low, sizeof low);
+        memcpy(&hi->f[i], &high, sizeof high);
+    }
+}
 V16_INLINE v16 v16_load_bf16(const uint16_t *p) { V16_MAP(kvd_bf16_to_f32(p[i])); }
 V16_INLINE v16 v16_load_bf16_n(const uint16_t *p, int n)
 {
@@ -253,6 +293,21 @@ V16_INLINE v16 v16_exp(v16 x)
     p = v16_fma(p, v16_mul(r, r), r);
     p = v16_add(p, v16_set1(1.0f));
     return v16_scale_pow2(p, n);
+}
+
+/* The 32 weights of (panel, k) of a packed matrix of any dtype, widened (see
+ * v16_load_panel_bf16); panel points at the panel's first weight. */
+V16_INLINE void v16_load_panel(const void *panel, int dtype, size_t k, v16 *lo, v16 *hi)
+{
+    if (dtype == 2) {
+        v16_load_panel_bf16((const uint16_t *)panel + k * 32, lo, hi);
+    } else if (dtype == 1) {
+        *lo = v16_load_f16((const uint16_t *)panel + k * 32);
+        *hi = v16_load_f16((const uint16_t *)panel + k * 32 + 16);
+    } else {
+        *lo = v16_load((const float *)panel + k * 32);
+        *hi = v16_load((const float *)panel + k * 32 + 16);
+    }
 }
 
 /* Loads 16 (or the first n, rest zero) weights of any dtype widened to float. */

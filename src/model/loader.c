@@ -452,7 +452,7 @@ static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
                                      "not supported",
                                      w->file->path, w->name, t->dtype_name, first_matrix->name,
                                      first_matrix->tensor->dtype_name);
-            bytes = (size_t)t->numel * kvd_dtype_size(t->dtype);
+            bytes = kvd_matrix_packed_bytes(t->dtype, w->rows, w->cols);
         } else {
             bytes = (size_t)t->numel * sizeof(float);
         }
@@ -542,12 +542,16 @@ static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
         const uint8_t *src = kvd_st_tensor_data(w->file, t);
         uint8_t *dst = arena + w->arena_offset;
         if (w->cols > 0) {
-            size_t bytes = (size_t)(t->end - t->begin);
-            for (size_t done = 0; done < bytes;) {
-                size_t n = bytes - done < COPY_CHUNK_BYTES ? bytes - done : COPY_CHUNK_BYTES;
-                memcpy(dst + done, src + done, n);
-                done += n;
-                progress_advance(p, n, i + (done == bytes));
+            /* packed a few panels at a time so a huge embedding still reports smoothly */
+            size_t panel_bytes = (size_t)KVD_PANEL_ROWS * (size_t)w->cols * kvd_dtype_size(t->dtype);
+            int panels = kvd_matrix_panels(w->rows);
+            int step = (int)(COPY_CHUNK_BYTES / panel_bytes) + 1;
+            for (int p0 = 0; p0 < panels; p0 += step) {
+                int p1 = panels - p0 < step ? panels : p0 + step;
+                kvd_matrix_pack(dst, t->dtype, w->rows, w->cols, src, p0, p1);
+                uint64_t done = (uint64_t)(t->end - t->begin) * (uint64_t)p1 / (uint64_t)panels;
+                uint64_t before = (uint64_t)(t->end - t->begin) * (uint64_t)p0 / (uint64_t)panels;
+                progress_advance(p, done - before, i + (p1 == panels));
             }
             *w->matrix = (kvd_matrix){.dtype = t->dtype, .rows = w->rows, .cols = w->cols,
                                       .data = dst};
