@@ -35,17 +35,29 @@ void kvd_matrix_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void 
                      int panel_begin, int panel_end)
 {
     size_t esize = kvd_dtype_size(dtype);
+    size_t row_bytes = (size_t)cols * esize;
     const uint8_t *in = src;
-    uint8_t *out = dst;
+    uint8_t *out = (uint8_t *)dst + (size_t)panel_begin * KVD_PANEL_ROWS * row_bytes;
     for (int p = panel_begin; p < panel_end; p++) {
+        /* the panel's 32 rows in packed order (bf16: j and j+16 side by side); padding
+         * rows read from a zero element */
+        static const uint8_t zero[4];
+        const uint8_t *row[KVD_PANEL_ROWS];
+        size_t row_step[KVD_PANEL_ROWS];
+        for (int slot = 0; slot < KVD_PANEL_ROWS; slot++) {
+            int j = dtype == KVD_DTYPE_BF16 ? (slot % 2) * 16 + slot / 2 : slot;
+            int r = p * KVD_PANEL_ROWS + j;
+            row[slot] = r < rows ? in + (size_t)r * row_bytes : zero;
+            row_step[slot] = r < rows ? esize : 0;
+        }
         for (int k = 0; k < cols; k++) {
-            for (int j = 0; j < KVD_PANEL_ROWS; j++) {
-                int row = p * KVD_PANEL_ROWS + j;
-                uint8_t *o = out + packed_index(dtype, cols, row, k) * esize;
-                if (row < rows)
-                    memcpy(o, in + ((size_t)row * (size_t)cols + (size_t)k) * esize, esize);
+            for (int slot = 0; slot < KVD_PANEL_ROWS; slot++) {
+                if (esize == 2) /* constant sizes: the copies become plain moves */
+                    memcpy(out, row[slot], 2);
                 else
-                    memset(o, 0, esize);
+                    memcpy(out, row[slot], 4);
+                row[slot] += row_step[slot];
+                out += esize;
             }
         }
     }
