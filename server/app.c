@@ -349,6 +349,7 @@ int kvd_app_init(kvd_app *app, uv_loop_t *loop, const kvd_server_config *cfg, kv
     limits.max_body_bytes = (size_t)cfg->max_body_bytes;
     limits.header_timeout_ms = cfg->header_timeout_ms;
     limits.idle_timeout_ms = cfg->idle_timeout_ms;
+    limits.body_timeout_ms = cfg->body_timeout_ms;
     limits.max_connections = cfg->max_connections;
     limits.max_write_queue_bytes = (size_t)cfg->max_write_queue_bytes;
     limits.socket_send_buffer = (size_t)cfg->socket_send_buffer_bytes;

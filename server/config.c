@@ -57,6 +57,7 @@ static const knob knobs[] = {
     {"max_header_bytes", KNOB_U64, OFF(max_header_bytes), 0, 1024, 1 << 24, "BYTES", "largest request line plus headers (431 above)"},
     {"header_timeout_ms", KNOB_U64, OFF(header_timeout_ms), 0, 1, 86400000, "MS", "time allowed from connect (or a request's first byte) to the end of its headers"},
     {"idle_timeout_ms", KNOB_U64, OFF(idle_timeout_ms), 0, 1, 86400000, "MS", "idle keep-alive connections (and stalled bodies) are closed after this"},
+    {"body_timeout_ms", KNOB_U64, OFF(body_timeout_ms), 0, 1, 86400000, "MS", "time allowed from the end of a request's headers to the end of its body, however steadily it arrives"},
     {"max_connections", KNOB_INT, OFF(max_connections), 0, 1, 1 << 20, "N", "open connections; more are answered 503 and closed"},
     {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
     {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning"},
@@ -85,6 +86,7 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->max_header_bytes = 32u << 10;
     cfg->header_timeout_ms = 10000;
     cfg->idle_timeout_ms = 60000;
+    cfg->body_timeout_ms = 30000;
     cfg->max_connections = 1024;
     cfg->max_write_queue_bytes = 1u << 20;
     cfg->drain_timeout_s = 30;

@@ -36,6 +36,7 @@ typedef struct kvd_server_config {
     uint64_t max_header_bytes;
     uint64_t header_timeout_ms;
     uint64_t idle_timeout_ms;
+    uint64_t body_timeout_ms;
     int max_connections;
     uint64_t max_write_queue_bytes;
     uint64_t socket_send_buffer_bytes; /* 0 = kernel autotuning */

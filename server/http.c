@@ -2,12 +2,14 @@
  *
  * Each connection moves through phases: HEAD (from accept or a message's first byte
  * until its headers are complete, under the header timer), BODY (under the idle
- * timer, reset by every read), APP (the application holds the request; no timer,
- * reading continues so a disconnect is noticed at once and cancels the request),
- * FLUSH (the application finished; the response's last write is in flight), IDLE
- * (keep-alive, waiting for the next request under the idle timer) and LINGER (a
- * closing response was sent: half-close, discard input briefly, then close, so the
- * peer reads our answer instead of a reset caused by bytes it sent that we never read).
+ * timer, reset by every read, and the body deadline, fixed when the headers end:
+ * reads never move it, so trickling a body cannot hold a connection open), APP (the
+ * application holds the request; no timer, reading continues so a disconnect is
+ * noticed at once and cancels the request), FLUSH (the application finished; the
+ * response's last write is in flight), IDLE (keep-alive, waiting for the next request
+ * under the idle timer) and LINGER (a closing response was sent: half-close, discard
+ * input briefly, then close, so the peer reads our answer instead of a reset caused by
+ * bytes it sent that we never read).
  *
  * Input is appended to a per-connection buffer and parsed from there; llhttp pauses
  * at the end of every message, so bytes of pipelined requests wait in the buffer
@@ -82,6 +84,7 @@ typedef struct http_conn {
     kvd_sbuf in;        /* received bytes; [in_off, in.len) not parsed yet */
     size_t in_off;
     kvd_http_request req;
+    uint64_t body_deadline_ms; /* uv_now() by which the body must be complete */
     size_t write_pending;
     int reject_status;  /* set by a parser callback that refuses the request */
     char reject_msg[160];
@@ -122,6 +125,7 @@ kvd_http_limits kvd_http_limits_default(void)
         .max_body_bytes = 4 * 1024 * 1024,
         .header_timeout_ms = 10000,
         .idle_timeout_ms = 60000,
+        .body_timeout_ms = 30000,
         .max_connections = 1024,
         .max_write_queue_bytes = 1024 * 1024,
     };
@@ -537,6 +541,27 @@ static int on_header_value_complete(llhttp_t *parser)
     return 0;
 }
 
+/* While a body arrives, the timer fires at whichever comes first: the idle limit
+ * (restarted by each read) or the body deadline (never moved). */
+static void conn_arm_body_timer(http_conn *conn)
+{
+    const kvd_http_limits *limits = &conn->srv->limits;
+    uint64_t wait = limits->idle_timeout_ms;
+    if (limits->body_timeout_ms) {
+        uint64_t now = uv_now(conn->srv->loop);
+        /* At least 1 ms: a deadline already past must still fire (0 would disarm). */
+        uint64_t left = conn->body_deadline_ms > now ? conn->body_deadline_ms - now : 1;
+        if (wait == 0 || left < wait)
+            wait = left;
+    }
+    conn_arm_timer(conn, wait);
+}
+
+static bool body_deadline_passed(const http_conn *conn)
+{
+    return conn->srv->limits.body_timeout_ms && uv_now(conn->srv->loop) >= conn->body_deadline_ms;
+}
+
 static int on_headers_complete(llhttp_t *parser)
 {
     http_conn *conn = parser_conn(parser);
@@ -559,7 +584,8 @@ static int on_headers_complete(llhttp_t *parser)
             return refuse(conn, 500, "connection lost");
     }
     conn->phase = PHASE_BODY;
-    conn_arm_timer(conn, limits->idle_timeout_ms);
+    conn->body_deadline_ms = uv_now(conn->srv->loop) + limits->body_timeout_ms;
+    conn_arm_body_timer(conn);
     return 0;
 }
 
@@ -628,7 +654,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     }
     switch (conn->phase) {
     case PHASE_BODY:
-        conn_arm_timer(conn, conn->srv->limits.idle_timeout_ms);
+        conn_arm_body_timer(conn);
         conn_process_input(conn);
         break;
     case PHASE_HEAD:
@@ -668,8 +694,12 @@ static void on_timer(uv_timer_t *timer)
         conn_reject(conn, 408, msg);
         break;
     case PHASE_BODY:
-        snprintf(msg, sizeof msg, "request body stalled for %llu ms",
-                 (unsigned long long)conn->srv->limits.idle_timeout_ms);
+        if (body_deadline_passed(conn))
+            snprintf(msg, sizeof msg, "request body not complete within %llu ms after its headers",
+                     (unsigned long long)conn->srv->limits.body_timeout_ms);
+        else
+            snprintf(msg, sizeof msg, "request body stalled for %llu ms",
+                     (unsigned long long)conn->srv->limits.idle_timeout_ms);
         conn_reject(conn, 408, msg);
         break;
     case PHASE_IDLE:

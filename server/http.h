@@ -5,8 +5,8 @@
  * or later, with one whole response or a chunked stream. Requests on one connection
  * are handed over one at a time: the parser pauses after each message and resumes
  * once its response has been written, so pipelined requests are answered in order.
- * The layer enforces the transport limits itself (header and body size, header and
- * idle timeouts, connection count, per-connection write queue) and answers
+ * The layer enforces the transport limits itself (header and body size, header, body
+ * and idle timeouts, connection count, per-connection write queue) and answers
  * Expect: 100-continue. Its own error responses (400, 408, 413, 431, 503) carry a
  * JSON body {"error": {"message", "type", "param", "code"}}.
  *
@@ -33,12 +33,13 @@ typedef struct kvd_http_limits {
     size_t max_body_bytes;        /* over it (Content-Length or as a chunked body grows): 413 */
     uint64_t header_timeout_ms;   /* from accept or a request's first byte to its last header: 408 */
     uint64_t idle_timeout_ms;     /* silence while idle between requests or inside a body */
+    uint64_t body_timeout_ms;     /* from the end of a request's headers to its body's end: 408; 0 = none */
     int max_connections;          /* more are answered 503 and closed */
     size_t max_write_queue_bytes; /* bytes queued unsent on one connection before it is cut */
     size_t socket_send_buffer;    /* SO_SNDBUF of accepted sockets; 0 = the kernel's autotuning */
 } kvd_http_limits;
 
-/* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 1024 connections,
+/* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 30 s, 1024 connections,
  * 1 MiB write queue, kernel send buffers left to autotuning. */
 kvd_http_limits kvd_http_limits_default(void);
 

@@ -9,6 +9,8 @@
  * accumulate text and logprobs until every choice has finished. A client that goes
  * away cancels its engine request; the job lingers until the engine confirms each
  * choice finished, so its blocks are known to be free before the job is.
+ * GET /v1/kv is a job too: the engine's KV snapshot waits for the running step to
+ * end, so it is taken (and its JSON document built) on a libuv worker as well.
  * The embedded web pages (web.h: a chat page at /, the KV view at /kv) are served
  * here too, without authentication: they are static files that hold no secret and
  * reach the model only through the API routes below.
@@ -21,7 +23,6 @@
 #include <cjson/cJSON.h>
 
 #include "app.h"
-#include "web.h"
 #include "web.h"
 
 enum route_id {
@@ -76,9 +77,13 @@ struct kvd_job {
     int32_t *prompt;
     int num_prompt;
     uv_work_t work;
-    bool tokenizing;
+    bool working;            /* on a libuv worker; its after-callback frees the job */
     int work_rc;
     kvd_error work_err;
+    uint8_t *kv_states;      /* GET /v1/kv: the snapshot the worker took */
+    int kv_num_blocks;
+    char *kv_tables;
+    kvd_engine_stats kv_stats;
     uint64_t engine_id;      /* 0 until submitted */
     choice_state *choices;
     int num_choices;
@@ -206,13 +211,17 @@ static kvd_job *job_create(kvd_app *app, kvd_http_request *req, enum route_id ro
     job->route = route_id;
     job->path = route_id == ROUTE_CHAT ? "/v1/chat/completions"
                 : route_id == ROUTE_COMPLETIONS ? "/v1/completions"
+                : route_id == ROUTE_KV          ? "/v1/kv"
                                                  : "/tokenize";
     job->created = (long long)time(NULL);
     job->arrival_ns = kvd_http_arrival_ns(req);
     job->status = 200;
     kvd_oai_request_init(&job->oai);
-    snprintf(job->id, sizeof job->id, "%s%016" PRIx64 "%08" PRIx32, route_id == ROUTE_CHAT ? "chatcmpl-" : "cmpl-",
-             kvd_app_random(app), (uint32_t)kvd_app_random(app));
+    if (route_id == ROUTE_KV)
+        snprintf(job->id, sizeof job->id, "-"); /* its response has no id; logged like other such routes */
+    else
+        snprintf(job->id, sizeof job->id, "%s%016" PRIx64 "%08" PRIx32, route_id == ROUTE_CHAT ? "chatcmpl-" : "cmpl-",
+                 kvd_app_random(app), (uint32_t)kvd_app_random(app));
     job->next = app->live_jobs;
     if (app->live_jobs)
         app->live_jobs->prev = job;
@@ -247,6 +256,8 @@ static void job_free(kvd_job *job)
     }
     free(job->choices);
     free(job->prompt);
+    free(job->kv_states);
+    free(job->kv_tables);
     kvd_oai_request_deinit(&job->oai);
     free(job);
     app->num_jobs--;
@@ -779,7 +790,7 @@ static void after_tokenize(uv_work_t *work, int status)
 {
     kvd_job *job = work->data;
     kvd_app *app = job->app;
-    job->tokenizing = false;
+    job->working = false;
     if (job->aborted || !job->req || app->state == KVD_APP_STOPPING || status < 0) {
         if (job->aborted)
             job_log(job, "POST");
@@ -799,10 +810,10 @@ static void after_tokenize(uv_work_t *work, int status)
 static void job_start_tokenizing(kvd_job *job)
 {
     job->work.data = job;
-    job->tokenizing = true;
+    job->working = true;
     int rc = uv_queue_work(job->app->loop, &job->work, tokenize_work, after_tokenize);
     if (rc < 0) {
-        job->tokenizing = false;
+        job->working = false;
         job_fail(job, 500, "cannot queue tokenization", NULL, NULL, NULL);
     }
 }
@@ -993,25 +1004,59 @@ static void handle_metrics(kvd_app *app, kvd_http_request *req)
     kvd_sbuf_deinit(&out);
 }
 
+/* Runs on a libuv worker: the snapshot waits for the engine's running step (tens of
+ * milliseconds on a big model), which on the loop would stall every other connection.
+ * The engine, model and configuration it reads are fixed once the model is loaded.
+ * The document is built back on the loop: cJSON's parser writes a process-wide error
+ * pointer, so it must not run on two threads at once. */
+static void kv_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    kvd_app *app = job->app;
+    job->work_rc = kvd_engine_kv_snapshot(app->engine, &job->kv_states, &job->kv_num_blocks,
+                                          &job->kv_tables);
+    if (job->work_rc == 0)
+        kvd_app_engine_stats(app, &job->kv_stats);
+}
+
+static void after_kv(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    kvd_app *app = job->app;
+    job->working = false;
+    if (job->aborted || !job->req || app->state == KVD_APP_STOPPING || status < 0) {
+        if (job->aborted)
+            job_log(job, "GET");
+        job_free(job);
+        return;
+    }
+    kvd_http_request *req = job->req;
+    job->req = NULL;
+    kvd_http_set_user(req, NULL);
+    cJSON *root = job->work_rc != 0 ? NULL
+                                    : kvd_web_kv_json(app->cfg.block_size, job->kv_states,
+                                                      job->kv_num_blocks, job->kv_tables, &job->kv_stats);
+    if (!root)
+        send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
+    else
+        respond_json(app, req, 200, root, NULL);
+    job_free(job);
+}
+
 static void handle_kv(kvd_app *app, kvd_http_request *req)
 {
-    uint8_t *states = NULL;
-    int num_blocks = 0;
-    char *tables = NULL;
-    if (kvd_engine_kv_snapshot(app->engine, &states, &num_blocks, &tables) != 0) {
+    kvd_job *job = job_create(app, req, ROUTE_KV);
+    if (!job) {
         send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    kvd_engine_stats st;
-    kvd_app_engine_stats(app, &st);
-    cJSON *root = kvd_web_kv_json(app->cfg.block_size, states, num_blocks, tables, &st);
-    free(states);
-    free(tables);
-    if (!root) {
-        send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
-        return;
+    job->work.data = job;
+    job->working = true;
+    int rc = uv_queue_work(app->loop, &job->work, kv_work, after_kv);
+    if (rc < 0) {
+        job->working = false;
+        job_fail(job, 500, "cannot queue the KV snapshot", NULL, NULL, NULL);
     }
-    respond_json(app, req, 200, root, NULL);
 }
 
 static bool authorized(const kvd_app *app, const kvd_http_request *req)
@@ -1130,8 +1175,8 @@ void kvd_openai_on_abort(kvd_http_request *req, void *arg)
     job->status = 499; /* nginx's "client closed request": logged, never sent */
     if (job->engine_id && app->engine)
         kvd_engine_cancel(app->engine, job->engine_id);
-    /* A tokenizing job is freed by after_tokenize; a submitted one when the engine
-     * reports every choice finished or cancelled. */
+    /* A job on a worker (tokenizing, KV snapshot) is freed by its after-callback; a
+     * submitted one when the engine reports every choice finished or cancelled. */
 }
 
 void kvd_openai_cancel_all(kvd_app *app)
@@ -1146,7 +1191,7 @@ void kvd_openai_free_all(kvd_app *app)
     kvd_job *job = app->live_jobs;
     while (job) {
         kvd_job *next = job->next;
-        if (!job->tokenizing) {
+        if (!job->working) {
             job->req = NULL;
             job_free(job);
         }

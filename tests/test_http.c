@@ -3,7 +3,8 @@
  * Each test starts the HTTP layer on 127.0.0.1 with an ephemeral port and its own
  * libuv loop on the main thread, and a blocking client on a second thread that
  * speaks raw bytes: keep-alive, pipelining in order, chunked bodies, 100-continue,
- * every limit (413, 431, 408, 503), malformed input, streams, disconnects that
+ * every limit (413, 431, 408 for headers, stalled and trickled bodies, 503), malformed
+ * input, streams, disconnects that
  * abort, and the write-queue cap for a client that never reads. Waits are for
  * events, never for durations (a receive timeout only keeps a bug from hanging the
  * suite), and every test ends with a loop that closes with no handle left.
@@ -11,6 +12,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -587,6 +589,78 @@ static void test_idle_timeout(void **state)
     run(&h, &limits, client_idle_timeout);
 }
 
+static void client_body_timeout(harness *h)
+{
+    client *c = client_open(h);
+    response r;
+    /* Bodies sent promptly are served, on a keep-alive connection whose second request
+     * starts well after the first one's deadline: the deadline is per request. */
+    send_str(c, "POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    CHECK(read_response(c, &r));
+    CHECK_INT(r.status, 200);
+    CHECK_STR(r.body, "POST /first? tag=- body=hello");
+    struct timespec past_deadline = {0, 600 * 1000000L};
+    nanosleep(&past_deadline, NULL);
+    send_str(c, "POST /second HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    send_str(c, "3\r\nabc\r\n");
+    send_str(c, "2\r\nde\r\n0\r\n\r\n");
+    CHECK(read_response(c, &r));
+    CHECK_INT(r.status, 200);
+    CHECK_STR(r.body, "POST /second? tag=- body=abcde");
+    /* One byte per 25 ms: the idle timer (60 s) is re-armed long before it could fire,
+     * and the 400 bytes would take 10 s, far past the 300 ms deadline. The client stops
+     * as soon as the server answers. */
+    send_str(c, "POST /trickle HTTP/1.1\r\nHost: t\r\nContent-Length: 400\r\n\r\n");
+    struct pollfd answered = {.fd = c->fd, .events = POLLIN};
+    int sent = 0;
+    while (sent < 400 && poll(&answered, 1, 25) == 0) {
+        send_str(c, "x");
+        sent++;
+    }
+    CHECK(sent < 400);
+    CHECK(read_response(c, &r));
+    CHECK_INT(r.status, 408);
+    CHECK(has_header(&r, "Connection: close"));
+    CHECK_STR(r.body, "{\"error\":{\"message\":\"request body not complete within 300 ms after its headers\","
+                      "\"type\":\"invalid_request_error\",\"param\":null,\"code\":408}}");
+    CHECK(reads_eof(c));
+    client_close(c);
+}
+
+static void test_body_timeout(void **state)
+{
+    (void)state;
+    harness h;
+    kvd_http_limits limits = test_limits();
+    limits.body_timeout_ms = 300;
+    run(&h, &limits, client_body_timeout);
+    assert_int_equal(h.requests, 2); /* the trickled request never reached the application */
+    assert_int_equal(h.aborts, 0);
+}
+
+static void client_body_stalled(harness *h)
+{
+    client *c = client_open(h);
+    send_str(c, "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc"); /* and then nothing */
+    response r;
+    CHECK(read_response(c, &r));
+    CHECK_INT(r.status, 408);
+    CHECK(strstr(r.body, "request body stalled for 50 ms"));
+    CHECK(reads_eof(c));
+    client_close(c);
+}
+
+static void test_body_stalled(void **state)
+{
+    (void)state;
+    harness h;
+    kvd_http_limits limits = test_limits();
+    limits.idle_timeout_ms = 50; /* the sooner of the two limits decides */
+    limits.body_timeout_ms = 60000;
+    run(&h, &limits, client_body_stalled);
+    assert_int_equal(h.requests, 0);
+}
+
 static void client_max_connections(harness *h)
 {
     client *a = client_open(h), *b = client_open(h);
@@ -764,6 +838,8 @@ int main(void)
         cmocka_unit_test(test_header_too_large),
         cmocka_unit_test(test_header_timeout),
         cmocka_unit_test(test_idle_timeout),
+        cmocka_unit_test(test_body_timeout),
+        cmocka_unit_test(test_body_stalled),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_stream),
         cmocka_unit_test(test_disconnect_aborts),

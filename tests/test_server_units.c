@@ -103,6 +103,7 @@ static void test_config_defaults_and_json(void **state)
     assert_int_equal(cfg.max_body_bytes, 4 << 20);
     assert_int_equal(cfg.header_timeout_ms, 10000);
     assert_int_equal(cfg.idle_timeout_ms, 60000);
+    assert_int_equal(cfg.body_timeout_ms, 30000);
     assert_int_equal(cfg.max_connections, 1024);
     assert_int_equal(cfg.drain_timeout_s, 30);
     assert_true(cfg.enable_prefix_cache);
@@ -110,6 +111,7 @@ static void test_config_defaults_and_json(void **state)
     const char *json = "{\"host\": \"0.0.0.0\", \"port\": 9001, \"kv_cache_mb\": 64, \"kv_dtype\": \"bf16\","
                        " \"max_num_seqs\": 8, \"max_batched_tokens\": 256, \"max_queue\": 3,"
                        " \"max_body_bytes\": 65536, \"header_timeout_ms\": 500, \"idle_timeout_ms\": 700,"
+                       " \"body_timeout_ms\": 900,"
                        " \"max_connections\": 5, \"drain_timeout_s\": 2, \"api_key\": \"k1\", \"threads\": 2,"
                        " \"enable_prefix_cache\": false, \"log_level\": \"debug\", \"block_size\": 32,"
                        " \"model\": \"/tmp/m\"}";
@@ -125,6 +127,7 @@ static void test_config_defaults_and_json(void **state)
     assert_int_equal(cfg.max_body_bytes, 65536);
     assert_int_equal(cfg.header_timeout_ms, 500);
     assert_int_equal(cfg.idle_timeout_ms, 700);
+    assert_int_equal(cfg.body_timeout_ms, 900);
     assert_int_equal(cfg.max_connections, 5);
     assert_int_equal(cfg.drain_timeout_s, 2);
     assert_string_equal(cfg.api_key, "k1");
@@ -163,6 +166,7 @@ static void test_config_json_errors(void **state)
     assert_json_fails("[1, 2]", "c.json: must hold a JSON object");
     assert_json_fails("{\"port\": ", "c.json: not valid JSON");
     assert_json_fails("{\"max_connections\": 0}", "key \"max_connections\"");
+    assert_json_fails("{\"body_timeout_ms\": 0}", "key \"body_timeout_ms\": must be an integer in 1..86400000");
 }
 
 static int parse_args(kvd_server_config *cfg, kvd_error *err, bool *help, ...)
@@ -211,7 +215,7 @@ static void test_config_flags(void **state)
 
     assert_int_equal(parse_args(&cfg, &err, &help, "--api-key", "s3", "--threads", "4", "--block-size", "8",
                                 "--host", "::1", "--log-level", "error", "--kv-dtype", "bf16",
-                                "--max-num-seqs", "3", "--max-batched-tokens", "100", NULL),
+                                "--max-num-seqs", "3", "--max-batched-tokens", "100", "--body-timeout-ms=1500", NULL),
                      0);
     assert_string_equal(cfg.api_key, "s3");
     assert_int_equal(cfg.threads, 4);
@@ -221,6 +225,7 @@ static void test_config_flags(void **state)
     assert_int_equal(cfg.kv_dtype, KVD_DTYPE_BF16);
     assert_int_equal(cfg.max_num_seqs, 3);
     assert_int_equal(cfg.max_batched_tokens, 100);
+    assert_int_equal(cfg.body_timeout_ms, 1500);
 
     assert_int_equal(parse_args(&cfg, &err, &help, "--port", "x", NULL), KVD_EINVAL);
     assert_string_equal(err.msg, "--port: \"x\" is not an integer");
@@ -230,6 +235,8 @@ static void test_config_flags(void **state)
     assert_string_equal(err.msg, "--kv-dtype: \"f8\" is not one of f16, bf16, f32");
     assert_int_equal(parse_args(&cfg, &err, &help, "--port", NULL), KVD_EINVAL);
     assert_string_equal(err.msg, "--port: needs a value");
+    assert_int_equal(parse_args(&cfg, &err, &help, "--body-timeout-ms", "soon", NULL), KVD_EINVAL);
+    assert_string_equal(err.msg, "--body-timeout-ms: \"soon\" is not an integer");
     assert_int_equal(parse_args(&cfg, &err, &help, "--config", "/nonexistent/kvd.json", NULL), KVD_EIO);
     assert_non_null(strstr(err.msg, "/nonexistent/kvd.json"));
     assert_int_equal(parse_args(&cfg, &err, &help, "--port", "1", "--help", NULL), 0);
@@ -268,7 +275,7 @@ static void test_config_help_lists_every_flag(void **state)
         "--kv-dtype f16|bf16|f32", "--max-num-seqs N", "--max-batched-tokens N", "--max-queue N",
         "--api-key KEY", "--threads N", "--no-prefix-cache", "--log-level debug|info|warn|error",
         "--max-body-bytes BYTES", "--header-timeout-ms MS", "--idle-timeout-ms MS", "--max-connections N",
-        "--drain-timeout-s S", "--kv-cache-bytes BYTES",
+        "--drain-timeout-s S", "--kv-cache-bytes BYTES", "--body-timeout-ms MS",
     };
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strstr(text, flags[i]))
@@ -276,6 +283,9 @@ static void test_config_help_lists_every_flag(void **state)
     assert_non_null(strstr(text, "[default 8000]"));
     assert_non_null(strstr(text, "[default \"127.0.0.1\"]"));
     assert_non_null(strstr(text, "[default 512]")); /* kv_cache_mb */
+    const char *body_timeout = strstr(text, "--body-timeout-ms MS");
+    const char *default_30s = strstr(body_timeout, "[default 30000]");
+    assert_true(default_30s && default_30s < strchr(body_timeout, '\n')); /* on its own line */
     free(text);
 }
 

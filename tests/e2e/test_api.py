@@ -346,6 +346,31 @@ def test_kv_view_and_pages():
     assert set(kv["states"]) <= set("0123")
     assert isinstance(kv["sequences"], list)
     assert kv["stats"]["blocks_total"] == 512, kv["stats"]
+    # The snapshot is taken on a worker thread; pipelined requests are still answered
+    # in order, and the document keeps its exact framing: compact JSON, keys in this
+    # order, no header beyond the ordinary ones.
+    raw = daemon.raw()
+    try:
+        raw.send(http_request("GET", "/v1/kv") + http_request("GET", "/health") +
+                 http_request("GET", "/v1/kv", headers={"Connection": "close"}))
+        for last in (False, True):
+            head = raw.read_until(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert head == (b"HTTP/1.1 200 OK\r\nServer: kvd\r\nContent-Type: application/json\r\n"
+                            b"Connection: %s\r\nContent-Length: %d\r\n\r\n"
+                            % (b"close" if last else b"keep-alive", length)), head
+            body = raw.read_exact(length)
+            assert body.startswith(b'{"block_size":16,"num_blocks":512,"states":"'), body[:60]
+            doc = json.loads(body)
+            assert list(doc) == ["block_size", "num_blocks", "states", "sequences", "stats"], list(doc)
+            assert b" " not in body and b"\n" not in body, body[-200:]
+            if not last:
+                status, _, health = raw.read_response()
+                assert status == 200 and json.loads(health) == {"status": "ok"}, (status, health)
+        assert raw.at_eof()
+    finally:
+        raw.close()
+    assert "kvd: request - GET /v1/kv 200 " in daemon.output()
     # The embedded pages: served without a key, with their own headers.
     for path, kind in [("/", "text/html"), ("/kv", "text/html")]:
         status, head, page = daemon.request("GET", path)

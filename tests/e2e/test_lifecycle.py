@@ -1,6 +1,7 @@
 """test_lifecycle.py - kvd's start and stop: configuration errors (exit 2), --help,
 load failures (exit 1), SIGTERM/SIGINT drains that let in-flight streams finish
-(exit 0), the drain grace period, and /health answering 503 while draining.
+(exit 0), the drain grace period, /health answering 503 while draining, and KV
+snapshots (taken on a worker thread) whose clients leave or that a drain overtakes.
 """
 
 import json
@@ -13,7 +14,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kvd_e2e import KVD, SOURCE_ROOT, Daemon, check_error, parse_sse, run_tests, tiny_model  # noqa: E402
+from kvd_e2e import (KVD, SOURCE_ROOT, Daemon, check_error, http_request, parse_sse, run_tests,  # noqa: E402
+                     tiny_model, wait_until)
 
 
 def run_kvd(*args, timeout=30):
@@ -26,8 +28,8 @@ def test_help_lists_flags_with_defaults():
     for flag in ["--model DIR", "--config FILE", "--host ADDR", "--port N", "--block-size N", "--kv-cache-mb MIB",
                  "--kv-dtype f16|bf16|f32", "--max-num-seqs N", "--max-batched-tokens N", "--max-queue N",
                  "--api-key KEY", "--threads N", "--no-prefix-cache", "--log-level debug|info|warn|error",
-                 "--max-body-bytes", "--header-timeout-ms", "--idle-timeout-ms", "--max-connections",
-                 "--drain-timeout-s"]:
+                 "--max-body-bytes", "--header-timeout-ms", "--idle-timeout-ms", "--body-timeout-ms",
+                 "--max-connections", "--drain-timeout-s"]:
         assert flag in out.stdout, flag
     assert "[default 8000]" in out.stdout and '[default "127.0.0.1"]' in out.stdout
 
@@ -162,6 +164,67 @@ def test_drain_timeout_cuts_off_and_exits_0():
         assert "drain timeout after 1 s: cancelling 1 request(s)" in out, out
         assert "kvd: stopped" in out
         c.close()
+
+
+def _kv_log_statuses(d):
+    return re.findall(r"^kvd: request - GET /v1/kv (\d+) ", d.output(), re.M)
+
+
+def test_kv_snapshot_clients_leave_and_drain():
+    # GET /v1/kv is a job on a libuv worker, and the snapshot waits for the engine's
+    # running step. Clients that send it and leave at once usually go before it is
+    # answered (the job must then be freed, not answered); a drain must wait for the
+    # snapshot in flight and still exit 0. A job leaked by either path would hold the
+    # drain until its timeout.
+    with Daemon("--kv-cache-mb", "4", "--drain-timeout-s", "20") as d:
+        c = d.conn()
+        body = {"prompt": "Keep the engine stepping", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        r.fp.readline()
+        leavers = 20
+        for _ in range(leavers):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            s.sendall(http_request("GET", "/v1/kv"))
+            s.shutdown(socket.SHUT_WR)
+            s.close()
+        # Each is logged exactly once: answered (200) or abandoned (499).
+        wait_until(lambda: len(_kv_log_statuses(d)) >= leavers, 30, "a log line per /v1/kv request")
+        assert set(_kv_log_statuses(d)) <= {"200", "499"}, _kv_log_statuses(d)
+        status, raw = d.get("/v1/kv")
+        assert status == 200
+        kv = json.loads(raw)
+        assert len(kv["sequences"]) == 1, kv["sequences"]  # the stream, still generating
+        c.close()  # cancels it, so that the drain below waits for snapshots only
+        wait_until(lambda: d.metrics()["kvd:num_requests_running"] == 0, 30, "the cancelled stream to end")
+        # Snapshots pipelined on one connection, SIGTERM once the first is answered.
+        # Whichever is in flight then is answered whole (Connection: close), or, when
+        # none is, the drain ends at once; a request read after the drain began is
+        # refused with 503. Either way the connection ends and kvd exits 0.
+        pipelined = d.raw()
+        pipelined.send(http_request("GET", "/v1/kv") * 5)
+        answers = []
+        while True:
+            try:
+                status, head, doc = pipelined.read_response()
+            except EOFError:
+                break
+            answers.append((status, head["connection"]))
+            if status == 200:
+                assert json.loads(doc)["num_blocks"] == kv["num_blocks"], doc[:200]
+            else:
+                assert status == 503 and check_error(json.loads(doc), None, "draining"), (status, doc)
+            if len(answers) == 1:
+                d.signal(signal.SIGTERM)
+        pipelined.close()
+        assert answers[0] == (200, "keep-alive"), answers
+        assert all(answer == (200, "keep-alive") for answer in answers[:-1]) and len(answers) <= 5, answers
+        assert d.wait_exit(30) == 0
+        out = d.output()
+        assert "drain timeout" not in out, out
+        assert len(_kv_log_statuses(d)) == leavers + 1 + len(answers), (_kv_log_statuses(d), answers)
+        assert "kvd: stopped" in out
 
 
 def test_sigint_when_idle_and_second_signal():

@@ -1,5 +1,6 @@
 """test_limits.py - kvd's limits and refusals end to end: body and header sizes,
-timeouts, connection cap, API key, queue full (429), malformed HTTP and garbage.
+timeouts (headers, a trickled body), connection cap, API key, queue full (429),
+malformed HTTP and garbage.
 
 Each group runs its own daemon with the flags or config file that make the limit
 small enough to hit. Waits are for events (a response, a closed socket), bounded by
@@ -9,6 +10,7 @@ generous socket timeouts; nothing asserts a duration.
 import json
 import os
 import random
+import select
 import socket
 import sys
 import tempfile
@@ -71,6 +73,40 @@ def test_body_and_header_limits_from_config_file():
             assert d.get("/health")[0] == 200
     finally:
         os.unlink(path)
+
+
+def test_trickled_body_408():
+    # A byte every 50 ms keeps re-arming the idle timer (60 s by default), so only the
+    # body deadline, counted from the end of the headers, can end this request: the
+    # whole body would take 15 s at that pace.
+    with Daemon("--kv-cache-mb", "2", "--body-timeout-ms", "400") as d:
+        body = json.dumps({"prompt": "x" * 300}).encode()
+        head = (b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        raw = d.raw()
+        raw.send(head)
+        sent = 0
+        while sent < len(body) and not select.select([raw.sock], [], [], 0.05)[0]:
+            raw.send(body[sent:sent + 1])
+            sent += 1
+        assert sent < len(body), "the whole body was accepted at one byte per 50 ms"
+        status, headers, resp = raw.read_response()
+        assert status == 408 and headers["connection"] == "close", (status, headers)
+        err = check_error(json.loads(resp))
+        assert err["message"] == "request body not complete within 400 ms after its headers", err
+        assert err["code"] == 408, err
+        assert raw.at_eof()
+        raw.close()
+        # The same body sent promptly, in one write or two, is well within the deadline.
+        for parts in ([head + body], [head, body]):
+            raw = d.raw()
+            for part in parts:
+                raw.send(part)
+            status, headers, resp = raw.read_response()
+            assert status == 200, (status, resp)
+            assert json.loads(resp)["count"] > 0, resp
+            raw.close()
+        assert d.get("/health")[0] == 200
 
 
 def test_malformed_http_and_garbage():
