@@ -9,7 +9,10 @@
  * plus the largest difference between the two results as a sanity check.
  *
  * Usage: bench_matmul [--threads N] [--min-seconds S] [--shapes all|small] [--rows 1,16,512]
- *                     [--isa avx512|scalar] [--cpu-time]
+ *                     [--isa avx512|scalar] [--cpu-time] [--cold]
+ * --cold cycles kvd's runs through enough copies of the weights (>= 256 MB) that each
+ * run streams them from memory, as a model's layers do; without it small shapes are
+ * timed from cache.
  * --cpu-time (with --threads 1) times with the thread's CPU clock instead of the wall
  * clock: on a shared machine it measures the kernels, not the neighbours.
  * OPENBLAS_CORETYPE=SkylakeX makes OpenBLAS 0.3.21 use its AVX-512 kernels on Zen 5.
@@ -75,7 +78,7 @@ int main(int argc, char **argv)
 {
     int threads = 2;
     double min_seconds = 0.5;
-    bool small_only = false;
+    bool small_only = false, cold = false;
     kvd_isa isa = kvd_isa_detect();
     clockid_t bench_clock = CLOCK_MONOTONIC;
     int rows[MAX_ROW_COUNTS] = {1, 16, 512};
@@ -91,13 +94,15 @@ int main(int argc, char **argv)
             num_rows = 0;
             for (char *p = argv[++i]; *p && num_rows < MAX_ROW_COUNTS; p += strspn(p, ","))
                 rows[num_rows++] = (int)strtol(p, &p, 10);
+        } else if (strcmp(argv[i], "--cold") == 0) {
+            cold = true;
         } else if (strcmp(argv[i], "--cpu-time") == 0) {
             bench_clock = CLOCK_THREAD_CPUTIME_ID;
         } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
             isa = strcmp(argv[++i], "scalar") == 0 ? KVD_ISA_SCALAR : KVD_ISA_AVX512;
         } else {
             fprintf(stderr, "usage: %s [--threads N] [--min-seconds S] [--shapes all|small] "
-                            "[--rows M,M,...] [--isa avx512|scalar] [--cpu-time]\n", argv[0]);
+                            "[--rows M,M,...] [--isa avx512|scalar] [--cpu-time] [--cold]\n", argv[0]);
             return 1;
         }
     }
@@ -139,7 +144,9 @@ int main(int argc, char **argv)
         float *x = aligned_alloc(64, (size_t)max_rows * bc->k * 4);
         float *out_kvd = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
         float *out_blas = aligned_alloc(64, (size_t)max_rows * bc->n * 4);
-        void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(KVD_DTYPE_BF16, bc->n, bc->k));
+        size_t packed_bytes = kvd_matrix_packed_bytes(KVD_DTYPE_BF16, bc->n, bc->k);
+        int copies = cold ? (int)(((size_t)256 << 20) / packed_bytes) + 1 : 1;
+        char *packed = aligned_alloc(64, packed_bytes * (size_t)copies);
         if (!wb || !wf || !x || !out_kvd || !out_blas || !packed) {
             fprintf(stderr, "bench_matmul: out of memory\n");
             return 1;
@@ -151,14 +158,18 @@ int main(int argc, char **argv)
         }
         for (size_t i = 0; i < (size_t)max_rows * bc->k; i++)
             x[i] = rng_uniform(&seed);
-        kvd_matrix_pack(packed, KVD_DTYPE_BF16, bc->n, bc->k, wb, 0, kvd_matrix_panels(bc->n));
+        for (int c = 0; c < copies; c++)
+            kvd_matrix_pack(packed + (size_t)c * packed_bytes, KVD_DTYPE_BF16, bc->n, bc->k, wb, 0,
+                            kvd_matrix_panels(bc->n));
         kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = bc->n, .cols = bc->k, .data = packed};
+        int run = 0;
         for (int ri = 0; ri < num_rows; ri++) {
             int m = rows[ri];
             double flops = 2.0 * m * bc->n * bc->k;
             double t_kvd, t_blas;
             TIME_BEST(t_kvd, min_seconds,
-                      kvd_matmul(isa, out_kvd, bc->n, x, bc->k, m, &w, NULL, false, threads));
+                      (w.data = packed + (size_t)(run++ % copies) * packed_bytes,
+                       kvd_matmul(isa, out_kvd, bc->n, x, bc->k, m, &w, NULL, false, threads)));
             TIME_BEST(t_blas, min_seconds,
                       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, bc->n, bc->k, 1.0f,
                                   x, bc->k, wf, bc->k, 0.0f, out_blas, bc->n));

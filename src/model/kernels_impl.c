@@ -45,7 +45,7 @@
 /* x floats a chunk of rows may hold per slice (the rows' slice stays in L2). */
 #define CHUNK_FLOATS ((size_t)96 * 1024)
 /* How far ahead (bytes) each weight stream of a streaming tile is prefetched. */
-#define PREFETCH_BYTES 2048
+#define PREFETCH_BYTES 1024
 
 /* Lanes of the 16 output columns starting at col that fall in [n_begin, n_end). */
 static uint32_t column_mask(int col, int n_begin, int n_end)
@@ -57,6 +57,15 @@ static uint32_t column_mask(int col, int n_begin, int n_end)
     return mask;
 }
 
+/* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
+ * past kk's in each panel, on one input of every `every` (phase `phase`), into L1 or
+ * only L2. every = 0: none. */
+typedef struct prefetch_plan {
+    size_t ahead;
+    int every, phase;
+    bool l2_only;
+} prefetch_plan;
+
 /* One tile: R rows of x against P consecutive panels (32*P output columns starting
  * at out/bias column 0) over inputs [k0, k1). When k0 == 0 the accumulators start
  * from out (accumulate) or 0, plus bias; otherwise from the partial sums a previous
@@ -65,7 +74,7 @@ static uint32_t column_mask(int col, int n_begin, int n_end)
  * accumulators live in registers. */
 V16_INLINE void panel_tile(float *out, int ldo, const float *x, int ldx, const char *w,
                            size_t panel_bytes, int wdt, int k0, int k1, const uint32_t *masks,
-                           const float *bias, bool accumulate, bool stream, int R, int P)
+                           const float *bias, bool accumulate, prefetch_plan pf, int R, int P)
 {
     v16 acc[MAX_TILE_ROWS][8];
 KVD_UNROLL(12)
@@ -82,17 +91,23 @@ KVD_UNROLL(8)
         }
     }
     size_t step = wdt == 0 ? 128 : 64; /* bytes of one (panel, k) */
+    int countdown = pf.every ? pf.phase : -1;
 KVD_UNROLL(2)
     for (int kk = k0; kk < k1; kk++) {
-        if (stream) {
+        if (countdown == 0) {
+            countdown = pf.every;
 KVD_UNROLL(4)
             for (int q = 0; q < P; q++) {
-                const char *ahead = w + (size_t)q * panel_bytes + (size_t)kk * step + PREFETCH_BYTES;
-                v16_prefetch(ahead);
+                const char *ahead = w + (size_t)q * panel_bytes + (size_t)kk * step + pf.ahead;
+                if (pf.l2_only)
+                    v16_prefetch_l2(ahead);
+                else
+                    v16_prefetch(ahead);
                 if (step > 64)
-                    v16_prefetch(ahead + 64);
+                    pf.l2_only ? v16_prefetch_l2(ahead + 64) : v16_prefetch(ahead + 64);
             }
         }
+        countdown--;
         v16 wlo[4], whi[4];
 KVD_UNROLL(4)
         for (int q = 0; q < P; q++)
@@ -127,7 +142,7 @@ typedef struct product {
 } product;
 
 /* Rows [r0, r0 + R) against panels [p, p + P) over inputs [k0, k1). */
-static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int k1, bool stream)
+static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int k1, prefetch_plan pf)
 {
     uint32_t masks[8];
     for (int h = 0; h < 2 * P; h++)
@@ -141,12 +156,12 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
     size_t pb = pr->panel_bytes;
     bool acc = pr->accumulate;
 #if !defined(KVD_VEC_AVX512)
-    panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, stream, R, P);
+    panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, pf, R, P);
     return;
 #endif
 #define TILE(R_, P_)                                                                            \
     case R_:                                                                                   \
-        panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, stream, R_, P_);    \
+        panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, pf, R_, P_);        \
         break
     if (P == 4) {
         switch (R) {
@@ -185,13 +200,17 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
 }
 
 /* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panel p,
- * inputs [k0, k1): the panel's slice stays in L1 for all of them. */
-static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int k0, int k1)
+ * inputs [k0, k1): the panel's slice stays in L1 for all of them. Meanwhile the
+ * weights that run next (`next` bytes past this slice's start) are prefetched into L2,
+ * each tile taking its share of the lines so that memory stays busy for the whole
+ * slice instead of bursting while the first tile runs. */
+static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int k0, int k1,
+                        size_t next)
 {
     for (int t = t0; t < t1; t++) {
         int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
-        /* the first tile brings the slice in from memory: prefetch ahead of it */
-        run_tile(pr, r0, r1 - r0, p, 1, k0, k1, t == t0);
+        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true};
+        run_tile(pr, r0, r1 - r0, p, 1, k0, k1, pf);
     }
 }
 
@@ -219,7 +238,7 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
             int np = P;
             while (np > p_end - p)
                 np /= 2;
-            run_tile(&pr, 0, m, p, np, 0, k, true);
+            run_tile(&pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false});
             p += np;
         }
         return;
@@ -235,16 +254,18 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
     bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
     int chunk_tiles = panel_outer ? whole_rows / MAX_TILE_ROWS
                                   : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * MAX_TILE_ROWS));
+    size_t step = pr.panel_bytes / (size_t)k; /* bytes of one (panel, k) */
+    int slices = (k + K_SLICE - 1) / K_SLICE, panels = p_end - p_begin;
     for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
         int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
-        if (panel_outer) {
-            for (int p = p_begin; p < p_end; p++)
-                for (int k0 = 0; k0 < k; k0 += K_SLICE)
-                    chunk_slice(&pr, m, tiles, t0, t1, p, k0, k - k0 < K_SLICE ? k : k0 + K_SLICE);
-        } else {
-            for (int k0 = 0; k0 < k; k0 += K_SLICE)
-                for (int p = p_begin; p < p_end; p++)
-                    chunk_slice(&pr, m, tiles, t0, t1, p, k0, k - k0 < K_SLICE ? k : k0 + K_SLICE);
+        for (int i = 0; i < slices * panels; i++) {
+            int p = p_begin + (panel_outer ? i / slices : i % panels);
+            int k0 = (panel_outer ? i % slices : i / panels) * K_SLICE;
+            int k1 = k - k0 < K_SLICE ? k : k0 + K_SLICE;
+            /* what runs next: the panel's next slice (or, after its last, the next
+             * panel's first: the bytes that follow), or the next panel's same slice */
+            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr.panel_bytes;
+            chunk_slice(&pr, m, tiles, t0, t1, p, k0, k1, next);
         }
     }
 }

@@ -162,6 +162,7 @@ V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
 V16_INLINE float v16_hmax(v16 a) { return _mm512_reduce_max_ps(a); }
 V16_INLINE float v16_lane0(v16 a) { return _mm512_cvtss_f32(a); }
 V16_INLINE void v16_prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
+V16_INLINE void v16_prefetch_l2(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T1); }
 
 #else /* KVD_VEC_SCALAR */
 
@@ -270,6 +271,7 @@ V16_INLINE float v16_hmax(v16 a)
 }
 V16_INLINE float v16_lane0(v16 a) { return a.f[0]; }
 V16_INLINE void v16_prefetch(const void *p) { __builtin_prefetch(p); }
+V16_INLINE void v16_prefetch_l2(const void *p) { __builtin_prefetch(p, 0, 2); }
 
 #undef V16_MAP
 #endif
