@@ -169,16 +169,31 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
         }
         memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
         int last = q->first_pos + r1 - 1;
+        size_t row_bytes = (size_t)hd * esize;
         for (int t0 = 0; t0 <= last; t0 += TILE) {
             int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
             for (int j = 0; j < nt; j++) {
                 int pos = t0 + j;
                 int32_t block = blocks[pos / bs];
-                size_t offset = ((size_t)kv_head * bs + (size_t)(pos % bs)) * hd * esize;
+                size_t offset = ((size_t)kv_head * bs + (size_t)(pos % bs)) * row_bytes;
                 widen_row(kt + (size_t)j * hd_pad,
                           (const char *)kvd_kv_block_keys(pool, block, layer) + offset, dtype, hd);
                 widen_row(vt + (size_t)j * hd_pad,
                           (const char *)kvd_kv_block_values(pool, block, layer) + offset, dtype, hd);
+                /* The cache's rows come from memory (a step touches every sequence's
+                 * whole context once): ask for the next tile's while this one is
+                 * folded, or every row waits for DRAM. */
+                int ahead = pos + TILE;
+                if (ahead <= last) {
+                    int32_t next = blocks[ahead / bs];
+                    size_t at = ((size_t)kv_head * bs + (size_t)(ahead % bs)) * row_bytes;
+                    const char *kn = (const char *)kvd_kv_block_keys(pool, next, layer) + at;
+                    const char *vn = (const char *)kvd_kv_block_values(pool, next, layer) + at;
+                    for (size_t b = 0; b < row_bytes; b += 64) {
+                        v16_prefetch(kn + b);
+                        v16_prefetch(vn + b);
+                    }
+                }
             }
             for (int i = r0; i < r1; i++) {
                 int pos = q->first_pos + i;
