@@ -171,11 +171,67 @@ static double generate(bench *b, int32_t *ids, int n, int steps, bool cache)
     return dt;
 }
 
+/* Decode of `n` sequences together (each after its own 32-token prompt), one token
+ * each per step: the forward pass of a continuous batch without the engine around it. */
+static int batched_decode(bench *b, int n, int steps, double step_bytes)
+{
+    enum { PROMPT = 32 };
+    kvd_block_table *tables = calloc((size_t)n, sizeof *tables);
+    kvd_forward_seq *seqs = calloc((size_t)n, sizeof *seqs);
+    int32_t *ids = malloc((size_t)n * (PROMPT + 1) * sizeof(int32_t));
+    int32_t *tokens = malloc((size_t)n * sizeof(int32_t));
+    if (!tables || !seqs || !ids || !tokens)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        int32_t *own = ids + (size_t)i * (PROMPT + 1);
+        kvd_block_table_init(&tables[i]);
+        make_prompt(own, PROMPT, 100 + (uint64_t)i);
+        if (forward_step(b, &tables[i], own, 0, PROMPT) != 0)
+            return -1;
+        tokens[i] = kvd_argmax(b->logits, b->vocab);
+    }
+    kvd_error err = {0};
+    double t0 = now_seconds(), c0 = cpu_seconds(), best = 1e30;
+    for (int k = 0; k < steps; k++) {
+        for (int i = 0; i < n; i++) {
+            if (tables[i].num_tokens < PROMPT + k + 1 &&
+                kvd_block_table_append(b->pool, &tables[i], PROMPT + k + 1 - tables[i].num_tokens, &err) != 0) {
+                fprintf(stderr, "bench_model: %s\n", err.msg);
+                return -1;
+            }
+            seqs[i] = (kvd_forward_seq){&tables[i], PROMPT + k, 1, i, KVD_LOGITS_LAST};
+        }
+        kvd_forward_batch fb = {tokens, n, seqs, n, b->logits};
+        double s0 = now_seconds();
+        if (kvd_forward(b->ctx, &fb, &err) != 0) {
+            fprintf(stderr, "bench_model: %s\n", err.msg);
+            return -1;
+        }
+        double ds = now_seconds() - s0;
+        best = ds < best ? ds : best;
+        for (int i = 0; i < n; i++)
+            tokens[i] = kvd_argmax(b->logits + (size_t)i * b->vocab, b->vocab);
+    }
+    double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
+    /* 2 flops per weight per row (the lm_head included: every row needs its logits) */
+    double flops = 2.0 * step_bytes / kvd_dtype_size(b->model->lm_head.dtype) * n;
+    printf("batched decode: %d sequences x %d steps in %.1f ms = %.1f tokens/s (step mean %.2f ms, "
+           "best %.2f ms = %.0f GFLOP/s); used %.2f cores\n", n, steps, dt * 1e3, n * steps / dt,
+           dt / steps * 1e3, best * 1e3, flops / best / 1e9, cpu / dt);
+    for (int i = 0; i < n; i++)
+        kvd_block_table_deinit(b->pool, &tables[i]);
+    free(tables);
+    free(seqs);
+    free(ids);
+    free(tokens);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = "models/bench-0.5b";
     const char *plot_data = NULL;
-    int threads = 2, prompt_tokens = 512, decode_tokens = 128;
+    int threads = 2, prompt_tokens = 512, decode_tokens = 128, batch = 1;
     int experiments[MAX_EXPERIMENTS] = {32, 128, 512}, num_experiments = 3;
     kvd_dtype kv_dtype = KVD_DTYPE_F16;
     for (int i = 1; i < argc; i += 2) {
@@ -188,6 +244,8 @@ int main(int argc, char **argv)
             prompt_tokens = atoi(v);
         } else if (strcmp(a, "--decode-tokens") == 0 && v) {
             decode_tokens = atoi(v);
+        } else if (strcmp(a, "--batch") == 0 && v) {
+            batch = atoi(v);
         } else if (strcmp(a, "--plot-data") == 0 && v) {
             plot_data = v;
         } else if (strcmp(a, "--kv-dtype") == 0 && v && kvd_dtype_parse(v, &kv_dtype) == 0) {
@@ -198,13 +256,14 @@ int main(int argc, char **argv)
                     experiments[num_experiments++] = (int)strtol(p, &p, 10);
         } else {
             fprintf(stderr, "usage: %s [--model DIR] [--threads N] [--prompt-tokens P] "
-                            "[--decode-tokens D] [--experiment N,N,...|none] [--kv-dtype f16|bf16|f32] "
-                            "[--plot-data FILE]\n", argv[0]);
+                            "[--decode-tokens D] [--batch N] [--experiment N,N,...|none] "
+                            "[--kv-dtype f16|bf16|f32] [--plot-data FILE]\n", argv[0]);
             return 1;
         }
     }
-    if (threads < 1 || prompt_tokens < 1 || decode_tokens < 1) {
-        fprintf(stderr, "bench_model: --threads, --prompt-tokens and --decode-tokens must be >= 1\n");
+    if (threads < 1 || prompt_tokens < 1 || decode_tokens < 1 || batch < 1 || batch > 256) {
+        fprintf(stderr, "bench_model: --threads, --prompt-tokens and --decode-tokens must be >= 1, "
+                        "--batch 1..256\n");
         return 1;
     }
     int max_experiment = 0;
@@ -234,11 +293,14 @@ int main(int argc, char **argv)
     longest = longest > 32 + decode_tokens ? longest : 32 + decode_tokens;
     kvd_kv_config kv = {
         .num_layers = c->num_layers, .num_kv_heads = c->num_kv_heads, .head_dim = c->head_dim,
-        .block_size = 16, .dtype = kv_dtype, .num_blocks = (size_t)(2 * longest / 16 + 8),
+        .block_size = 16, .dtype = kv_dtype,
+        .num_blocks = (size_t)(2 * longest / 16 + 8) + (size_t)batch * ((32 + decode_tokens) / 16 + 2),
     };
     b.pool = kvd_kv_pool_create(&kv, &err);
-    b.ctx = b.pool ? kvd_forward_create(b.model, b.pool, longest, 1, 1, threads, &err) : NULL;
-    b.logits = malloc((size_t)b.vocab * sizeof(float));
+    b.ctx = b.pool ? kvd_forward_create(b.model, b.pool, longest > batch ? longest : batch, batch,
+                                        batch, threads, &err)
+                   : NULL;
+    b.logits = malloc((size_t)batch * (size_t)b.vocab * sizeof(float));
     int32_t *ids = malloc((size_t)(longest + 1) * sizeof(int32_t));
     int32_t *ids2 = malloc((size_t)(longest + 1) * sizeof(int32_t));
     if (!b.ctx || !b.logits || !ids || !ids2) {
@@ -312,6 +374,8 @@ int main(int argc, char **argv)
         kvd_block_table_deinit(b.pool, &table);
     }
     fflush(stdout);
+    if (batch > 1 && batched_decode(&b, batch, decode_tokens, step_bytes) != 0)
+        return 1;
 
     FILE *plot = NULL;
     if (plot_data && num_experiments > 0) {

@@ -17,7 +17,8 @@
  * - more rows (prefill, big batches): chunks of rows; per slice of K_SLICE inputs,
  *   each panel's slice (16 KB of bf16, in L1) is run by every row tile of the chunk
  *   (tiles of up to 12 rows x 32 columns: 24 accumulators + 2 weight vectors + 1
- *   broadcast of the 32 registers), the chunk's x slice staying in L2.
+ *   broadcast of the 32 registers; up to SMALL_BATCH_ROWS rows, 6 rows x 64 columns),
+ *   the chunk's x slice staying in L2.
  */
 #include "kvd_vec16.h"
 
@@ -39,6 +40,8 @@
 
 #define PANEL KVD_PANEL_ROWS
 #define MAX_TILE_ROWS 12
+/* Up to this many rows, batched tiles take two panels at a time (see kvd_matmul_cols). */
+#define SMALL_BATCH_ROWS 48
 /* Inputs per slice when many rows share a panel: the slice of a panel stays in L1
  * (256 x 64 B of 16-bit weights) while the chunk's row tiles run against it. */
 #define K_SLICE 256
@@ -199,18 +202,18 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
 #undef TILE
 }
 
-/* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panel p,
- * inputs [k0, k1): the panel's slice stays in L1 for all of them. Meanwhile the
+/* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panels
+ * [p, p + P), inputs [k0, k1): the panels' slice stays in L1 for all of them. Meanwhile the
  * weights that run next (`next` bytes past this slice's start) are prefetched into L2,
  * each tile taking its share of the lines so that memory stays busy for the whole
  * slice instead of bursting while the first tile runs. */
-static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int k0, int k1,
-                        size_t next)
+static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int P, int k0,
+                        int k1, size_t next)
 {
     for (int t = t0; t < t1; t++) {
         int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
         prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true};
-        run_tile(pr, r0, r1 - r0, p, 1, k0, k1, pf);
+        run_tile(pr, r0, r1 - r0, p, P, k0, k1, pf);
     }
 }
 
@@ -243,29 +246,32 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
         }
         return;
     }
-    /* Row tiles as even as MAX_TILE_ROWS allows (R and R-1 rows), in chunks of whole
+    /* Row tiles as even as tile_rows allows (R and R-1 rows), in chunks of whole
      * tiles. When a few tiles' worth of whole x rows fit CHUNK_FLOATS (short k), a chunk
      * takes each panel once, slice by slice: its weights come from memory once per
      * chunk and its outputs stay in L1. Otherwise (long k) a chunk's x fits only slice
      * by slice: every panel runs against one slice before the next, weights rereading
      * from L2/L3 and partial sums parking in out. */
-    int tiles = (m + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
+    /* Small batches (decode of a few dozen sequences) run faster as tiles of up to 6
+     * rows over two panels (measured: 16 sequences ~15% faster per step); prefill-sized
+     * ones as 12 rows over one panel, which needs fewer widening operations per FMA. */
+    int tile_rows = m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS, P = m <= SMALL_BATCH_ROWS ? 2 : 1;
+    int tiles = (m + tile_rows - 1) / tile_rows;
     int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
     bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
-    int chunk_tiles = panel_outer ? whole_rows / MAX_TILE_ROWS
-                                  : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * MAX_TILE_ROWS));
+    int chunk_tiles = panel_outer ? whole_rows / tile_rows
+                                  : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * tile_rows));
     size_t step = pr.panel_bytes / (size_t)k; /* bytes of one (panel, k) */
-    int slices = (k + K_SLICE - 1) / K_SLICE, panels = p_end - p_begin;
+    int slices = (k + K_SLICE - 1) / K_SLICE, groups = (p_end - p_begin + P - 1) / P;
     for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
         int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
-        for (int i = 0; i < slices * panels; i++) {
-            int p = p_begin + (panel_outer ? i / slices : i % panels);
-            int k0 = (panel_outer ? i % slices : i / panels) * K_SLICE;
+        for (int i = 0; i < slices * groups; i++) {
+            int p = p_begin + P * (panel_outer ? i / slices : i % groups);
+            int np = p_end - p < P ? p_end - p : P;
+            int k0 = (panel_outer ? i % slices : i / groups) * K_SLICE;
             int k1 = k - k0 < K_SLICE ? k : k0 + K_SLICE;
-            /* what runs next: the panel's next slice (or, after its last, the next
-             * panel's first: the bytes that follow), or the next panel's same slice */
-            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr.panel_bytes;
-            chunk_slice(&pr, m, tiles, t0, t1, p, k0, k1, next);
+            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr.panel_bytes * (size_t)np;
+            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next);
         }
     }
 }
