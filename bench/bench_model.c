@@ -2,10 +2,12 @@
  * and the machine's memory bandwidth that bounds decoding.
  *
  * On a checkpoint (the qwen2.5-0.5b preset of kvd-mkmodel for the documented figures):
- * - memory bandwidth: a streaming read of 1 GiB with the bench's threads (best of 5);
- *   the decode bound is bandwidth / bytes of weights one decode step reads.
+ * - memory bandwidth: streaming reads of 1 GiB with the bench's threads (best over a few
+ *   access patterns, see memory_bandwidth); the decode bound is bandwidth / bytes of
+ *   weights one decode step reads.
  * - prefill: one forward step over a P-token prompt (default 512), best of 3.
  * - decode: tokens/s of greedy decoding of one sequence after a short prompt.
+ * - with --batch N (N > 1): N sequences decoding together, one forward per step.
  * - the tutorial's experiment: wall time to generate N tokens (32, 128, 512) after an
  *   8-token prompt, with the paged KV cache and without any cache (every step
  *   recomputes the whole sequence), and the speedup; --plot-data writes the table
@@ -13,8 +15,8 @@
  * Greedy ids of the two modes are compared: they must be identical.
  *
  * Usage: bench_model [--model DIR] [--threads N] [--prompt-tokens P] [--decode-tokens D]
- *                    [--experiment 32,128,512 | --experiment none] [--kv-dtype f16|bf16|f32]
- *                    [--plot-data FILE]
+ *                    [--batch N] [--experiment 32,128,512 | --experiment none]
+ *                    [--kv-dtype f16|bf16|f32] [--plot-data FILE]
  */
 #include <omp.h>
 #include <stdbool.h>
