@@ -786,17 +786,25 @@ static void tokenize_work(uv_work_t *work)
     job->num_prompt = job->work_rc > 0 ? job->work_rc : 0;
 }
 
+/* A job's work came back from a libuv worker. Returns false (and frees the job) when
+ * there is nobody left to answer: the client went away, or the server is stopping. */
+static bool job_back_from_worker(kvd_job *job, int status, const char *method)
+{
+    job->working = false;
+    if (job->aborted || !job->req || job->app->state == KVD_APP_STOPPING || status < 0) {
+        if (job->aborted)
+            job_log(job, method);
+        job_free(job);
+        return false;
+    }
+    return true;
+}
+
 static void after_tokenize(uv_work_t *work, int status)
 {
     kvd_job *job = work->data;
-    kvd_app *app = job->app;
-    job->working = false;
-    if (job->aborted || !job->req || app->state == KVD_APP_STOPPING || status < 0) {
-        if (job->aborted)
-            job_log(job, "POST");
-        job_free(job);
+    if (!job_back_from_worker(job, status, "POST"))
         return;
-    }
     if (job->work_rc < 0) {
         job_fail(job, 500, job->work_err.msg[0] ? job->work_err.msg : "tokenization failed", NULL, NULL, NULL);
         return;
@@ -807,15 +815,21 @@ static void after_tokenize(uv_work_t *work, int status)
         job_submit(job);
 }
 
-static void job_start_tokenizing(kvd_job *job)
+/* Hands the job to a libuv worker; `after` runs back on the loop (and must start with
+ * job_back_from_worker). */
+static void job_start_work(kvd_job *job, uv_work_cb work, uv_after_work_cb after, const char *failure)
 {
     job->work.data = job;
     job->working = true;
-    int rc = uv_queue_work(job->app->loop, &job->work, tokenize_work, after_tokenize);
-    if (rc < 0) {
+    if (uv_queue_work(job->app->loop, &job->work, work, after) < 0) {
         job->working = false;
-        job_fail(job, 500, "cannot queue tokenization", NULL, NULL, NULL);
+        job_fail(job, 500, failure, NULL, NULL, NULL);
     }
+}
+
+static void job_start_tokenizing(kvd_job *job)
+{
+    job_start_work(job, tokenize_work, after_tokenize, "cannot queue tokenization");
 }
 
 /* ---- routes ---- */
@@ -1023,13 +1037,8 @@ static void after_kv(uv_work_t *work, int status)
 {
     kvd_job *job = work->data;
     kvd_app *app = job->app;
-    job->working = false;
-    if (job->aborted || !job->req || app->state == KVD_APP_STOPPING || status < 0) {
-        if (job->aborted)
-            job_log(job, "GET");
-        job_free(job);
+    if (!job_back_from_worker(job, status, "GET"))
         return;
-    }
     kvd_http_request *req = job->req;
     job->req = NULL;
     kvd_http_set_user(req, NULL);
@@ -1050,13 +1059,7 @@ static void handle_kv(kvd_app *app, kvd_http_request *req)
         send_error(app, req, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    job->work.data = job;
-    job->working = true;
-    int rc = uv_queue_work(app->loop, &job->work, kv_work, after_kv);
-    if (rc < 0) {
-        job->working = false;
-        job_fail(job, 500, "cannot queue the KV snapshot", NULL, NULL, NULL);
-    }
+    job_start_work(job, kv_work, after_kv, "cannot queue the KV snapshot");
 }
 
 static bool authorized(const kvd_app *app, const kvd_http_request *req)

@@ -151,13 +151,21 @@ def test_sigterm_drains_in_flight_stream():
         assert "received SIGTERM" in d.output()
 
 
+def _start_long_stream(d, prompt):
+    """Opens a streamed completion that runs for thousands of tokens (the engine keeps
+    stepping) and waits for its first line; returns the connection."""
+    c = d.conn()
+    body = {"prompt": prompt, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200
+    r.fp.readline()
+    return c
+
+
 def test_drain_timeout_cuts_off_and_exits_0():
     with Daemon("--kv-cache-mb", "4", "--drain-timeout-s", "1") as d:
-        c = d.conn()
-        body = {"prompt": "Too long to finish", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        r.fp.readline()
+        c = _start_long_stream(d, "Too long to finish")
         d.signal(signal.SIGTERM)
         assert d.wait_exit(30) == 0
         out = d.output()
@@ -177,12 +185,7 @@ def test_kv_snapshot_clients_leave_and_drain():
     # snapshot in flight and still exit 0. A job leaked by either path would hold the
     # drain until its timeout.
     with Daemon("--kv-cache-mb", "4", "--drain-timeout-s", "20") as d:
-        c = d.conn()
-        body = {"prompt": "Keep the engine stepping", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        assert r.status == 200
-        r.fp.readline()
+        c = _start_long_stream(d, "Keep the engine stepping")
         leavers = 20
         for _ in range(leavers):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
@@ -233,11 +236,7 @@ def test_sigint_when_idle_and_second_signal():
         assert d.wait_exit(20) == 0
         assert "received SIGINT" in d.output()
     with Daemon("--kv-cache-mb", "2", "--drain-timeout-s", "60") as d:
-        c = d.conn()
-        c.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 4000, "ignore_eos": True,
-                                                              "stream": True}),
-                  headers={"Content-Type": "application/json"})
-        c.getresponse().fp.readline()
+        c = _start_long_stream(d, "x")
         d.signal(signal.SIGTERM)
         d.wait_for_line("draining", 10)
         d.signal(signal.SIGTERM)  # a second signal stops at once
