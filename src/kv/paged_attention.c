@@ -131,6 +131,22 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     }
 }
 
+/* Prefetches the K and V rows of positions [begin, end) of one KV head. */
+static void prefetch_rows(const kvd_kv_pool *pool, const int32_t *blocks, int layer, int kv_head,
+                          int bs, size_t row_bytes, int begin, int end)
+{
+    for (int pos = begin; pos < end; pos++) {
+        int32_t block = blocks[pos / bs];
+        size_t at = ((size_t)kv_head * bs + (size_t)(pos % bs)) * row_bytes;
+        const char *k = (const char *)kvd_kv_block_keys(pool, block, layer) + at;
+        const char *v = (const char *)kvd_kv_block_values(pool, block, layer) + at;
+        for (size_t b = 0; b < row_bytes; b += 64) {
+            v16_prefetch(k + b);
+            v16_prefetch(v + b);
+        }
+    }
+}
+
 size_t KVD_VEC_FN(kvd_attention_scratch_floats)(const kvd_attention_shape *shape)
 {
     size_t hd_pad = (size_t)round16(shape->head_dim);
@@ -170,6 +186,7 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
         memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
         int last = q->first_pos + r1 - 1;
         size_t row_bytes = (size_t)hd * esize;
+        prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, 0, last < TILE ? last + 1 : TILE);
         for (int t0 = 0; t0 <= last; t0 += TILE) {
             int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
             for (int j = 0; j < nt; j++) {
@@ -183,17 +200,8 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 /* The cache's rows come from memory (a step touches every sequence's
                  * whole context once): ask for the next tile's while this one is
                  * folded, or every row waits for DRAM. */
-                int ahead = pos + TILE;
-                if (ahead <= last) {
-                    int32_t next = blocks[ahead / bs];
-                    size_t at = ((size_t)kv_head * bs + (size_t)(ahead % bs)) * row_bytes;
-                    const char *kn = (const char *)kvd_kv_block_keys(pool, next, layer) + at;
-                    const char *vn = (const char *)kvd_kv_block_values(pool, next, layer) + at;
-                    for (size_t b = 0; b < row_bytes; b += 64) {
-                        v16_prefetch(kn + b);
-                        v16_prefetch(vn + b);
-                    }
-                }
+                if (pos + TILE <= last)
+                    prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, pos + TILE, pos + TILE + 1);
             }
             for (int i = r0; i < r1; i++) {
                 int pos = q->first_pos + i;
