@@ -102,12 +102,8 @@ KVD_UNROLL(2)
 KVD_UNROLL(4)
             for (int q = 0; q < P; q++) {
                 const char *ahead = w + (size_t)q * panel_bytes + (size_t)kk * step + pf.ahead;
-                if (pf.l2_only)
-                    v16_prefetch_l2(ahead);
-                else
-                    v16_prefetch(ahead);
-                if (step > 64)
-                    pf.l2_only ? v16_prefetch_l2(ahead + 64) : v16_prefetch(ahead + 64);
+                for (size_t line = 0; line < step; line += 64) /* 1 line, 2 for f32 */
+                    pf.l2_only ? v16_prefetch_l2(ahead + line) : v16_prefetch(ahead + line);
             }
         }
         countdown--;
