@@ -261,7 +261,10 @@ async function kvPage(context, port) {
   // Two choices of one request share their prompt's blocks.
   const prompt = 'Paged attention keeps the KV cache in fixed-size blocks; ' +
     'each sequence maps logical blocks to physical ones through its block table. Continue.';
-  const done = streamChat(port, { messages: [{ role: 'user', content: prompt }], max_tokens: 2000, n: 2,
+  // Long enough (two choices of 3,000 tokens, ~3 s on one core) that the page's 400 ms
+  // polls and the checks below see it running on a slow or busy machine; with the
+  // packed-panel kernels 2,000 tokens ended too soon once, on a loaded machine.
+  const done = streamChat(port, { messages: [{ role: 'user', content: prompt }], max_tokens: 3000, n: 2,
     temperature: 0.9, seed: 7 });
   await page.waitForFunction(() => {
     const g = document.getElementById('block-grid').dataset;
