@@ -10,7 +10,6 @@ runs every test_* function of a module, each isolated, and closes with the line
 Every daemon is stopped when its `with` block ends, whatever happened inside.
 """
 
-import ctypes
 import http.client
 import json
 import os
@@ -24,7 +23,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kvd_lines import LineLog  # noqa: E402
+from kvd_lines import LineLog, die_with_parent  # noqa: E402
 
 SOURCE_ROOT = os.environ.get("KVD_SOURCE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 BUILD_ROOT = os.environ.get("KVD_BUILD_ROOT", os.path.join(SOURCE_ROOT, "build"))
@@ -51,17 +50,6 @@ def tiny_model():
     return out
 
 
-def _die_with_parent():
-    """Runs in the child before exec: the kernel kills the daemon when this test
-    process dies, even by SIGKILL (a test runner's timeout), so no server outlives
-    its test."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class Daemon(LineLog):
     """One kvd process. Use as a context manager; extra arguments go to kvd."""
 
@@ -81,9 +69,8 @@ class Daemon(LineLog):
         self.kill()
         # A sanitizer build (meson -Db_sanitize=...) reports into the same stream.
         if exc_type is None:
-            out = self.output()
-            for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
-                assert marker not in out, "sanitizer report from kvd:\n" + out
+            report = self.sanitizer_report()
+            assert report is None, "sanitizer report from kvd:\n" + report
         return False
 
     def start(self):
@@ -91,7 +78,7 @@ class Daemon(LineLog):
         # teams on busy cores spend their time waiting for each other.
         cmd = [KVD, "--model", self.model, "--port", "0", "--threads", "1"] + self.args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         self.follow_output()
         # "bound to" comes as soon as the port is bound (503 while loading); "listening
         # on" once the model is loaded and requests are served.
@@ -99,11 +86,6 @@ class Daemon(LineLog):
         self.port = int(re.search(r"http://\S+:(\d+)", line).group(1))
         if self.wait_ready:
             self.wait_for_line(r"^kvd: listening on http://\S+:%d " % self.port, 60)
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
     def signal(self, sig):
         self.proc.send_signal(sig)

@@ -1,11 +1,29 @@
-"""kvd_lines.py - a child process's output lines, collected on a reader thread.
+"""kvd_lines.py - what the two daemon harnesses share: a child process's output lines,
+collected on a reader thread, and the child's lifetime.
 
 The base of the end-to-end harness's Daemon (kvd_e2e.py) and of the soak harness's
-(tests/soak/soaklib.py): both wait for banner lines and show the output on failure.
+(tests/soak/soaklib.py): both wait for banner lines, show the output on failure, look
+for sanitizer reports and never let a daemon outlive its test.
 """
+import ctypes
 import re
+import signal
 import threading
 import time
+
+# Lines a sanitizer build of kvd prints when it finds something.
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "SUMMARY: UndefinedBehaviorSanitizer", "SUMMARY: AddressSanitizer")
+
+
+def die_with_parent():
+    """Runs in the child before exec (Popen's preexec_fn): the kernel kills the daemon
+    when the test process dies, even by SIGKILL (a test runner's timeout), so no daemon
+    outlives its test."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class LineLog:
@@ -51,6 +69,16 @@ class LineLog:
     def output(self):
         with self._cond:
             return "\n".join(self.lines)
+
+    def sanitizer_report(self):
+        """The whole output if it holds a sanitizer report, else None."""
+        out = self.output()
+        return out if any(marker in out for marker in SANITIZER_MARKERS) else None
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def output_tail(self, n=40):
         with self._cond:

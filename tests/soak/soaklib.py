@@ -22,11 +22,9 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
-from kvd_lines import LineLog  # noqa: E402
+from kvd_lines import SANITIZER_MARKERS, LineLog, die_with_parent  # noqa: E402,F401 (re-exported to the soak tests)
 
 SOURCE_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
-                     "SUMMARY: UndefinedBehaviorSanitizer", "SUMMARY: AddressSanitizer")
 SKIP = 77
 # The daemon's address lines: "kvd: bound to http://HOST:PORT, loading ..." and
 # "kvd: listening on http://HOST:PORT ..." (IPv6 hosts in brackets).
@@ -79,16 +77,6 @@ def sanitized(build):
     except (OSError, ValueError):
         pass
     return ""
-
-
-def die_with_parent():
-    """Runs in the child before exec: the daemon gets SIGKILL if this test process
-    dies (a meson timeout, a crash of the harness), so no daemon outlives its test."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def sanitizer_env():
@@ -173,18 +161,6 @@ class Daemon(LineLog):
             while not self._eof and time.monotonic() < end:
                 self._cond.wait(0.1)
         return status
-
-    def kill(self):
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def sanitizer_report(self):
-        out = self.output()
-        for marker in SANITIZER_MARKERS:
-            if marker in out:
-                return out
-        return None
 
     def check_clean_exit(self, status):
         report = self.sanitizer_report()
