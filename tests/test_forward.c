@@ -26,6 +26,8 @@
 #include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "test_files.h"
+
 #include "kvd/kvd_forward.h"
 #include "kvd/kvd_kernels.h"
 #include "kvd/kvd_kv.h"
@@ -55,28 +57,6 @@ static int g_vocab;
 
 /* ---- fixtures ---------------------------------------------------------------------- */
 
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) {
-        buf[n] = 0;
-        if (len)
-            *len = (size_t)n;
-    }
-    return buf;
-}
-
 static int setup(void **state)
 {
     (void)state;
@@ -96,7 +76,7 @@ static int setup(void **state)
     g_vocab = g_model->config.vocab_size;
     char path[4096];
     snprintf(path, sizeof path, "%s/tests/reference/golden_tiny.json", src);
-    char *text = read_file(path, NULL);
+    char *text = test_read_file(path, NULL);
     g_golden = text ? cJSON_Parse(text) : NULL;
     free(text);
     if (!g_golden) {
@@ -144,7 +124,7 @@ static float *reference_logits(int i)
             fail_msg("could not run the reference: %s", cmd);
     }
     size_t len = 0;
-    float *ref = (float *)read_file(path, &len);
+    float *ref = (float *)test_read_file(path, &len);
     assert_non_null(ref);
     assert_int_equal(len, (size_t)(g_prompts[i].n + DECODE_STEPS) * g_vocab * sizeof(float));
     return ref;

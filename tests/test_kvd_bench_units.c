@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "test_files.h"
+
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -254,17 +256,9 @@ static void test_words_are_single_qwen_tokens(void **state)
     (void)state;
     const char *path = getenv("KVD_TOKENIZER_JSON");
     assert_non_null(path);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = malloc((size_t)size);
-    assert_non_null(text);
-    assert_int_equal(fread(text, 1, (size_t)size, f), (size_t)size);
-    fclose(f);
-    cJSON *root = cJSON_ParseWithLength(text, (size_t)size);
+    size_t size;
+    char *text = test_must_read_file(path, &size);
+    cJSON *root = cJSON_ParseWithLength(text, size);
     free(text);
     const cJSON *vocab =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "model"), "vocab");

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "test_files.h"
+
 #include <cjson/cJSON.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -90,22 +92,6 @@ static void remove_tree(const char *dir)
     nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)size + 1);
-    assert_non_null(buf);
-    assert_int_equal(fread(buf, 1, (size_t)size, f), (size_t)size);
-    buf[size] = '\0';
-    fclose(f);
-    *len = (size_t)size;
-    return buf;
-}
-
 static void write_file(const char *path, const void *data, size_t len)
 {
     unlink(path); /* it may be a symlink into the pristine fixture */
@@ -141,7 +127,7 @@ static void edit_text_file(const char *dir, const char *file, const char *old, c
     char path[PATH_MAX];
     fmt_path(path, sizeof path, "%s/%s", dir, file);
     size_t len;
-    char *text = read_file(path, &len);
+    char *text = test_must_read_file(path, &len);
     char *at = strstr(text, old);
     if (!at)
         fail_msg("%s: \"%s\" not found", path, old);
@@ -163,7 +149,7 @@ static void edit_header(const char *dir, const char *file, const char *old, cons
     char path[PATH_MAX];
     fmt_path(path, sizeof path, "%s/%s", dir, file);
     size_t len;
-    char *bytes = read_file(path, &len);
+    char *bytes = test_must_read_file(path, &len);
     uint64_t header_len = 0;
     for (int i = 7; i >= 0; i--)
         header_len = header_len << 8 | (uint8_t)bytes[i];
@@ -194,7 +180,7 @@ static void truncate_copy(const char *src, const char *dir, const char *file, si
     char path[PATH_MAX];
     fmt_path(path, sizeof path, "%s/%s", src, file);
     size_t len;
-    char *bytes = read_file(path, &len);
+    char *bytes = test_must_read_file(path, &len);
     assert_true(keep <= len);
     fmt_path(path, sizeof path, "%s/%s", dir, file);
     write_file(path, bytes, keep);
@@ -244,7 +230,7 @@ static file_tensor read_tensor(const char *path, const char *name)
 {
     file_tensor t = {0};
     size_t len;
-    t.file_bytes = read_file(path, &len);
+    t.file_bytes = test_must_read_file(path, &len);
     uint64_t header_len = 0;
     for (int i = 7; i >= 0; i--)
         header_len = header_len << 8 | (uint8_t)t.file_bytes[i];
@@ -593,7 +579,7 @@ static void test_progress_lines(void **state)
     assert_non_null(m);
     kvd_model_destroy(m);
     size_t len;
-    char *log = read_file(log_path, &len);
+    char *log = test_must_read_file(log_path, &len);
     assert_non_null(strstr(log, "kvd: loading"));
     assert_non_null(strstr(log, "tensors)"));
     assert_non_null(strstr(log, "kvd: loaded"));
@@ -662,7 +648,7 @@ static void test_header_length_beyond_file(void **state)
     clone_dir(fx->bf16_dir, "huge-length", dir);
     fmt_path(path, sizeof path, "%s/model.safetensors", fx->bf16_dir);
     size_t len;
-    char *bytes = read_file(path, &len);
+    char *bytes = test_must_read_file(path, &len);
     uint64_t huge = (uint64_t)1 << 40;
     for (int i = 0; i < 8; i++)
         bytes[i] = (char)(huge >> (8 * i));

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "test_files.h"
+
 #include <cjson/cJSON.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -57,21 +59,6 @@ static const char *env_or_fail(const char *name)
         fail();
     }
     return v;
-}
-
-static char *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    rewind(f);
-    char *buf = malloc((size_t)size + 1);
-    *len = fread(buf, 1, (size_t)size, f);
-    buf[*len] = '\0';
-    fclose(f);
-    return buf;
 }
 
 static bytes from_hex(const char *hex)
@@ -147,7 +134,7 @@ static int setup(void **state)
         return -1;
     }
     size_t len = 0;
-    char *text = read_all(tok_path, &len);
+    char *text = test_read_file(tok_path, &len);
     if (!text)
         return -1;
     fx->tokenizer_json = cJSON_ParseWithLength(text, len);
@@ -155,7 +142,7 @@ static int setup(void **state)
 
     char golden_path[4096];
     snprintf(golden_path, sizeof golden_path, "%s/tests/oracle/golden.json", env_or_fail("KVD_SOURCE_ROOT"));
-    text = read_all(golden_path, &len);
+    text = test_read_file(golden_path, &len);
     if (!text) {
         print_error("cannot read %s\n", golden_path);
         return -1;

@@ -15,6 +15,8 @@
 
 #include <cmocka.h>
 
+#include "test_files.h"
+
 #include "web.h"
 
 static char *read_source_file(const char *rel, size_t *len)
@@ -22,18 +24,7 @@ static char *read_source_file(const char *rel, size_t *len)
     const char *root = getenv("KVD_SOURCE_ROOT");
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", root ? root : ".", rel);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        fail_msg("cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *data = malloc((size_t)n + 1);
-    assert_non_null(data);
-    assert_int_equal(fread(data, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *len = (size_t)n;
-    return data;
+    return test_must_read_file(path, len);
 }
 
 static void test_pages_embedded_verbatim(void **state)
