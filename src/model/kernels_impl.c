@@ -53,11 +53,12 @@
 /* Lanes of the 16 output columns starting at col that fall in [n_begin, n_end). */
 static uint32_t column_mask(int col, int n_begin, int n_end)
 {
-    uint32_t mask = 0;
-    for (int i = 0; i < 16; i++)
-        if (col + i >= n_begin && col + i < n_end)
-            mask |= 1u << i;
-    return mask;
+    int lo = n_begin - col, hi = n_end - col; /* the range in lane numbers */
+    lo = lo < 0 ? 0 : lo;
+    hi = hi > 16 ? 16 : hi;
+    if (hi <= lo)
+        return 0;
+    return (uint32_t)((1u << hi) - 1u) & ~(uint32_t)((1u << lo) - 1u);
 }
 
 /* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
