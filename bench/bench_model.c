@@ -182,8 +182,10 @@ static int batched_decode(bench *b, int n, int steps, double step_bytes)
     kvd_forward_seq *seqs = calloc((size_t)n, sizeof *seqs);
     int32_t *ids = malloc((size_t)n * (PROMPT + 1) * sizeof(int32_t));
     int32_t *tokens = malloc((size_t)n * sizeof(int32_t));
-    if (!tables || !seqs || !ids || !tokens)
+    if (!tables || !seqs || !ids || !tokens) {
+        fprintf(stderr, "bench_model: out of memory for %d sequences\n", n);
         return -1;
+    }
     for (int i = 0; i < n; i++) {
         int32_t *own = ids + (size_t)i * (PROMPT + 1);
         kvd_block_table_init(&tables[i]);
