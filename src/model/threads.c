@@ -145,11 +145,6 @@ void kvd_team_destroy(kvd_team *t)
     free(t);
 }
 
-int kvd_team_size(const kvd_team *t)
-{
-    return t->size;
-}
-
 void kvd_team_run(kvd_team *t, int nth, kvd_team_fn fn, void *arg)
 {
     if (nth > t->size)

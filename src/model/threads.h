@@ -24,7 +24,6 @@ typedef void (*kvd_team_fn)(void *arg, int ith, int nth);
  * created. */
 kvd_team *kvd_team_create(int n);
 void kvd_team_destroy(kvd_team *team);
-int kvd_team_size(const kvd_team *team);
 
 /* Runs fn(arg, ith, nth) on the first nth threads (1 <= nth <= size); returns when all
  * have finished. */
