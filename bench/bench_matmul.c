@@ -99,7 +99,9 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--cpu-time") == 0) {
             bench_clock = CLOCK_THREAD_CPUTIME_ID;
         } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
-            isa = strcmp(argv[++i], "scalar") == 0 ? KVD_ISA_SCALAR : KVD_ISA_AVX512;
+            isa = strcmp(argv[++i], "scalar") == 0   ? KVD_ISA_SCALAR
+                  : strcmp(argv[i], "avx512amx") == 0 ? KVD_ISA_AVX512_AMX
+                                                      : KVD_ISA_AVX512;
         } else {
             fprintf(stderr, "usage: %s [--threads N] [--min-seconds S] [--shapes all|small] "
                             "[--rows M,M,...] [--isa avx512|scalar] [--cpu-time] [--cold]\n", argv[0]);

@@ -4,7 +4,7 @@
  * (1) Reference: tests/reference/qwen2_ref.py computes in float64; its logits for the
  *     prompts of golden_tiny.json (every prompt position + 16 greedy steps) live in
  *     $KVD_BUILD_ROOT/fixtures/ref (scripts/fixtures.sh; generated here if missing).
- *     With an f32 KV cache every logit must satisfy |c - r| <= 1e-4 * max(1, |r|)
+ *     With an f32 KV cache every logit must satisfy |c - r| <= 5e-3 * max(1, |r|)
  *     and the greedy ids must be identical; the committed golden_tiny.json (top-8 and
  *     16 fixed ids per row) is checked the same way.
  * (2) Block sizes 1/16/64, a prefix-cache hit and the no-cache recompute mode give
@@ -36,12 +36,19 @@
 #define DECODE_STEPS 16
 #define MAX_PROMPTS 8
 #define MAX_IDS 64
-#define REF_TOLERANCE 1e-4
+/* Relative to max(1, |reference logit|). Products over bf16 weights round their input
+ * to bf16, in the reference too, and where the C float32 value and the reference's
+ * float64 value fall on the two sides of a rounding boundary, that input differs by one
+ * bf16 ulp (2^-8 relative); such flips, not float32 arithmetic (~1e-5), set the bound:
+ * measured 1.8e-3 over all logits of the 4 prompts, bound 5e-3. An indexing, masking or
+ * position bug moves logits by O(1). */
+#define REF_TOLERANCE 5e-3
 /* Largest |logit difference| a 16-bit KV cache may cause vs f32 on the tiny fixture,
- * teacher-forced over the 4 golden prompts + 24 steps: measured 1.5e-3 (f16) and
- * 1.4e-2 (bf16) (docs/benchmarks.md); the bounds leave a 2x margin. */
-#define F16_KV_TOLERANCE 3e-3
-#define BF16_KV_TOLERANCE 3e-2
+ * teacher-forced over the 4 golden prompts + 24 steps: measured 1.7e-2 (f16) and
+ * 3.0e-2 (bf16) (docs/benchmarks.md; bf16 rounding of the projections' inputs
+ * amplifies what the cache's rounding moves); the bounds leave a 2x margin. */
+#define F16_KV_TOLERANCE 4e-2
+#define BF16_KV_TOLERANCE 6e-2
 
 typedef struct golden_prompt {
     int32_t ids[MAX_IDS];

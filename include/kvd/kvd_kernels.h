@@ -2,16 +2,25 @@
  * checkpoint-dtype weights, RMSNorm, rotary embeddings, SwiGLU, embedding rows.
  *
  * Activations and accumulators are float32; weights stay in their stored dtype
- * (f32, f16, bf16) and are widened in registers. Each kernel exists for two ISAs:
- * AVX-512 (F/BW/VL + FMA + F16C, chosen at run time when the CPU has it) and a
- * portable scalar build of the same source. Both compute every output element with
- * one defined sequence of IEEE operations, so their results are bit-identical.
+ * (f32, f16, bf16). Each kernel exists for AVX-512 (F/BW/VL + FMA + F16C, chosen at run
+ * time when the CPU has it; the matrix product also for AVX-512 with AMX tiles) and a
+ * portable scalar build of the same source. All builds compute every output element
+ * with one defined sequence of IEEE operations, so their results are bit-identical.
  *
  * Determinism contract: an output element depends only on its own inputs. A matrix
  * product row is computed the same way whatever the number of rows (m), the row's
  * position among them, the column range a thread was given or the thread count:
  * out[i][j] is one float accumulator that starts at (accumulate ? out[i][j] : 0)
- * + bias[j] and takes fmaf(x[i][k], W[j][k], acc) for k = 0, 1, 2, ... in order.
+ * + bias[j], then
+ * - f32 and f16 weights: takes fmaf(x[i][k], W[j][k], acc) for k = 0, 1, 2, ... in order;
+ * - bf16 weights: x[i] is rounded to bf16 (nearest even, subnormals to zero), as
+ *   PyTorch and llama.cpp run bf16 checkpoints, and the inputs go in blocks of 32 (the
+ *   last padded with zeros), in order. For each block, an even chain e = fmaf(x[2p],
+ *   W[j][2p], e) and an odd chain o = fmaf(x[2p+1], W[j][2p+1], o), p over the block's
+ *   16 pairs, start from zero, and acc = acc + (e + o); subnormal inputs read as zero
+ *   and subnormal results flush to zero. That is what AMX's TDPBF16PS computes
+ *   (measured bit for bit), so CPUs with AMX run these products on tiles, 16 rows x 16
+ *   columns x 32 inputs an instruction; the other builds emulate it with FMAs.
  * Threads split output columns, never k.
  *
  * Kernels take the output first and never allocate; the *_cols forms compute a
@@ -27,15 +36,18 @@
 #include "kvd/kvd_model.h"
 
 typedef enum kvd_isa {
-    KVD_ISA_SCALAR = 0, /* portable C, any x86-64 (or other) CPU */
-    KVD_ISA_AVX512 = 1, /* AVX-512 F/BW/VL with FMA and F16C */
+    KVD_ISA_SCALAR = 0,      /* portable C, any x86-64 (or other) CPU */
+    KVD_ISA_AVX512 = 1,      /* AVX-512 F/BW/VL with FMA and F16C */
+    KVD_ISA_AVX512_AMX = 2,  /* ... and AMX-BF16 tiles with AVX512_BF16 (Sapphire Rapids on) */
 } kvd_isa;
 
-/* The best ISA this CPU runs; KVD_ISA=scalar in the environment forces the fallback. */
+/* The best ISA this CPU runs; KVD_ISA=scalar or KVD_ISA=avx512 in the environment
+ * forces a lesser one. */
 kvd_isa kvd_isa_detect(void);
-/* True when the CPU can run isa. */
+/* True when the CPU can run isa (for AMX, asks Linux for the tile state once per
+ * process, arch_prctl(ARCH_REQ_XCOMP_PERM), as any AMX user must). */
 bool kvd_isa_supported(kvd_isa isa);
-/* "scalar", "avx512". */
+/* "scalar", "avx512", "avx512amx". */
 const char *kvd_isa_name(kvd_isa isa);
 
 /* out[m][ldo] (columns [n_begin, n_end)) = x[m][ldx] * W^T + bias, where W is the

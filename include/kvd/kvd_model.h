@@ -63,13 +63,16 @@ typedef struct kvd_generation_defaults {
 } kvd_generation_defaults;
 
 /* A weight matrix W (rows = out_features n, cols = in_features k) in the checkpoint's
- * dtype, stored in panels so that a matrix product reads it as one contiguous stream
- * and widens 32 weights with two instructions:
+ * dtype, stored in panels so that a matrix product reads it as one contiguous stream:
  * - rows are grouped by KVD_PANEL_ROWS (the last panel padded with zero rows);
- * - panel p holds, for k = 0 .. cols-1 in order, the 32 weights W[32p + j][k];
- * - f32 and f16 store those 32 in order j = 0..31; bf16 stores 16 32-bit words, word j
- *   holding W[32p + j][k] in its low half and W[32p + 16 + j][k] in its high half, so
- *   that a shift and a mask turn one 64-byte load into two float vectors.
+ * - f32 and f16: panel p holds, for k = 0 .. cols-1 in order, the 32 weights
+ *   W[32p + j][k], j = 0..31;
+ * - bf16: panel p holds, for each pair of inputs (2i, 2i+1) in order, 32 32-bit words,
+ *   word j holding W[32p + j][2i] in its low half and W[32p + j][2i+1] in its high
+ *   half: 16 pairs of one half-panel at a stride of 128 bytes are an AMX B tile
+ *   (TDPBF16PS, which the bf16 products are defined by, kvd_kernels.h). The inputs
+ *   are padded with zeros to a multiple of 32, and subnormal weights are stored as
+ *   zero (the instruction reads them so).
  * kvd_matrix_pack builds it from the checkpoint's row-major tensor. */
 #define KVD_PANEL_ROWS 32
 typedef struct kvd_matrix {

@@ -7,6 +7,9 @@
  */
 #include "kvd/kvd_kernels.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -16,6 +19,22 @@
 #include "kvd/kvd_error.h"
 #include "kvd/kvd_half.h"
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KVD_ARCH_REQ_XCOMP_PERM 0x1023 /* arch_prctl: ask for a dynamic xstate feature */
+#define KVD_XFEATURE_XTILEDATA 18
+static bool amx_permitted(void)
+{
+    return syscall(SYS_arch_prctl, KVD_ARCH_REQ_XCOMP_PERM, KVD_XFEATURE_XTILEDATA) == 0;
+}
+#else
+static bool amx_permitted(void)
+{
+    return false;
+}
+#endif
+
 bool kvd_isa_supported(kvd_isa isa)
 {
     if (isa == KVD_ISA_SCALAR)
@@ -23,8 +42,20 @@ bool kvd_isa_supported(kvd_isa isa)
 #if defined(__x86_64__) || defined(__i386__)
     /* F16C is not asked for: every AVX-512 CPU has it, and clang 14 cannot query it. */
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+    if (isa == KVD_ISA_AVX512 || !avx512)
+        return avx512;
+    /* AMX-BF16 and AMX-TILE: CPUID leaf 7 EDX bits 22 and 24; AVX512_BF16 (the bf16
+     * rounding of x): leaf 7 subleaf 1 EAX bit 5. The kernel hands out the tile state
+     * only on request: the first ask (per process) is made here, and refused
+     * permission means no AMX. */
+    unsigned eax, ebx, ecx, edx, eax1;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx >> 22 & 1u) || !(edx >> 24 & 1u))
+        return false;
+    if (!__get_cpuid_count(7, 1, &eax1, &ebx, &ecx, &edx) || !(eax1 >> 5 & 1u))
+        return false;
+    return amx_permitted();
 #else
     return false;
 #endif
@@ -35,19 +66,26 @@ kvd_isa kvd_isa_detect(void)
     const char *forced = getenv("KVD_ISA");
     if (forced && strcmp(forced, "scalar") == 0)
         return KVD_ISA_SCALAR;
-    return kvd_isa_supported(KVD_ISA_AVX512) ? KVD_ISA_AVX512 : KVD_ISA_SCALAR;
+    if (forced && strcmp(forced, "avx512") == 0 && kvd_isa_supported(KVD_ISA_AVX512))
+        return KVD_ISA_AVX512;
+    for (int isa = KVD_ISA_AVX512_AMX; isa > KVD_ISA_SCALAR; isa--)
+        if (kvd_isa_supported((kvd_isa)isa))
+            return (kvd_isa)isa;
+    return KVD_ISA_SCALAR;
 }
 
 const char *kvd_isa_name(kvd_isa isa)
 {
-    return isa == KVD_ISA_AVX512 ? "avx512" : "scalar";
+    return isa == KVD_ISA_AVX512_AMX ? "avx512amx" : isa == KVD_ISA_AVX512 ? "avx512" : "scalar";
 }
 
 void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
                      int n_end)
 {
-    if (isa == KVD_ISA_AVX512)
+    if (isa == KVD_ISA_AVX512_AMX)
+        kvd_matmul_cols_avx512amx(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
+    else if (isa == KVD_ISA_AVX512)
         kvd_matmul_cols_avx512(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else
         kvd_matmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
@@ -73,7 +111,7 @@ void kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m
 
 void kvd_rmsnorm(kvd_isa isa, float *out, const float *x, const float *weight, int n, float eps)
 {
-    if (isa == KVD_ISA_AVX512)
+    if (isa >= KVD_ISA_AVX512)
         kvd_rmsnorm_avx512(out, x, weight, n, eps);
     else
         kvd_rmsnorm_scalar(out, x, weight, n, eps);
@@ -81,7 +119,7 @@ void kvd_rmsnorm(kvd_isa isa, float *out, const float *x, const float *weight, i
 
 void kvd_rope(kvd_isa isa, float *vec, int num_heads, int head_dim, const float *cos_sin)
 {
-    if (isa == KVD_ISA_AVX512)
+    if (isa >= KVD_ISA_AVX512)
         kvd_rope_avx512(vec, num_heads, head_dim, cos_sin);
     else
         kvd_rope_scalar(vec, num_heads, head_dim, cos_sin);
@@ -105,7 +143,7 @@ void kvd_rope_angles(float *cos_sin, int pos, const float *inv_freq, int head_di
 
 void kvd_swiglu(kvd_isa isa, float *gate, const float *up, int n)
 {
-    if (isa == KVD_ISA_AVX512)
+    if (isa >= KVD_ISA_AVX512)
         kvd_swiglu_avx512(gate, up, n);
     else
         kvd_swiglu_scalar(gate, up, n);
@@ -113,7 +151,7 @@ void kvd_swiglu(kvd_isa isa, float *gate, const float *up, int n)
 
 void kvd_exp(kvd_isa isa, float *out, const float *x, int n)
 {
-    if (isa == KVD_ISA_AVX512)
+    if (isa >= KVD_ISA_AVX512)
         kvd_exp_avx512(out, x, n);
     else
         kvd_exp_scalar(out, x, n);

@@ -12,15 +12,22 @@
 #ifndef KVD_VEC16_H
 #define KVD_VEC16_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "kvd/kvd_half.h"
 
-#if defined(KVD_VEC_AVX512)
+#if defined(KVD_VEC_AVX512) && defined(KVD_VEC_AMX)
+/* AVX-512 with AMX tiles (and AVX512_BF16): the product kernel only */
+#include <immintrin.h>
+#define KVD_VEC_FN(name) name##_avx512amx
+#elif defined(KVD_VEC_AVX512)
 #include <immintrin.h>
 #define KVD_VEC_FN(name) name##_avx512
+#elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512AMX)
+#define KVD_VEC_FN(name) name##_avx512amx
 #elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512)
 /* Not x86: the _avx512 entry points exist for the dispatcher to link, built from the
  * scalar code (never called: kvd_isa_supported() says no). */
@@ -63,15 +70,6 @@ V16_INLINE v16 v16_load_mask(const float *p, uint32_t mask)
 V16_INLINE void v16_store_mask(float *p, v16 a, uint32_t mask)
 {
     _mm512_mask_storeu_ps(p, (__mmask16)mask, a);
-}
-/* The 32 weights of one (panel, k) of a packed matrix (kvd_model.h), widened: rows
- * 0..15 of the panel in *lo, 16..31 in *hi. bf16 words hold row j in the low half and
- * row j+16 in the high half, so a shift and a mask do the widening. */
-V16_INLINE void v16_load_panel_bf16(const void *p, v16 *lo, v16 *hi)
-{
-    __m512i words = _mm512_load_si512(p);
-    *lo = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-    *hi = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xffff0000u)));
 }
 V16_INLINE v16 v16_from_bf16_bits(__m256i h)
 {
@@ -164,6 +162,59 @@ V16_INLINE float v16_lane0(v16 a) { return _mm512_cvtss_f32(a); }
 V16_INLINE void v16_prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
 V16_INLINE void v16_prefetch_l2(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T1); }
 
+/* ---- bf16 products (kvd_kernels.h): words, halves and flushed arithmetic ----
+ * A "words" vector holds 16 32-bit words, each a pair of bf16 (the even-numbered
+ * element in the low half), in the bits of a v16. The flushed operations read
+ * subnormal inputs as zero and flush subnormal results to zero, as AMX does; on
+ * AVX-512 they are plain FMAs and adds run between v16_flush_begin and v16_flush_end,
+ * which set and restore MXCSR's DAZ and FTZ. */
+V16_INLINE v16 v16_load_words(const void *p) { return _mm512_load_ps((const float *)p); }
+V16_INLINE void v16_store_words(uint32_t *p, v16 a) { _mm512_storeu_si512(p, _mm512_castps_si512(a)); }
+V16_INLINE v16 v16_set1_word(uint32_t w) { return _mm512_castsi512_ps(_mm512_set1_epi32((int)w)); }
+/* The low (even) or high (odd) bf16 of each word, as a float. */
+V16_INLINE v16 v16_bf16_low(v16 words)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(words), 16));
+}
+V16_INLINE v16 v16_bf16_high(v16 words)
+{
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(words), _mm512_set1_epi32((int)0xffff0000u)));
+}
+typedef unsigned v16_flush_state;
+V16_INLINE v16_flush_state v16_flush_begin(void)
+{
+    v16_flush_state saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u); /* FTZ | DAZ */
+    return saved;
+}
+V16_INLINE void v16_flush_end(v16_flush_state saved) { _mm_setcsr(saved); }
+V16_INLINE v16 v16_fma_flush(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+V16_INLINE v16 v16_add_flush(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+/* Words of the bf16 pairs (lo[0], lo[1]), ..., (hi[14], hi[15]), each rounded as
+ * VCVTNE2PS2BF16 rounds: nearest even, NaN made quiet, subnormals to a zero of their
+ * sign. */
+#if defined(KVD_VEC_AMX)
+V16_INLINE v16 v16_bf16_pairs(v16 lo, v16 hi)
+{
+    return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+#else
+V16_INLINE __m256i v16_to_bf16_bits_daz(v16 a)
+{
+    __m512i bits = _mm512_castps_si512(a);
+    __mmask16 subnormal = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000));
+    bits = _mm512_mask_and_epi32(bits, subnormal, bits, _mm512_set1_epi32((int)0x80000000u));
+    return v16_to_bf16_bits(_mm512_castsi512_ps(bits));
+}
+V16_INLINE v16 v16_bf16_pairs(v16 lo, v16 hi)
+{
+    /* elements 0..15 then 16..31 in order are already the pairs (2i, 2i+1) */
+    return _mm512_castsi512_ps(_mm512_inserti64x4(
+        _mm512_castsi256_si512(v16_to_bf16_bits_daz(lo)), v16_to_bf16_bits_daz(hi), 1));
+}
+#endif
+
 #else /* KVD_VEC_SCALAR */
 
 typedef struct v16 {
@@ -192,17 +243,6 @@ V16_INLINE void v16_store_mask(float *p, v16 a, uint32_t mask)
     for (int i = 0; i < 16; i++)
         if ((mask >> i) & 1u)
             p[i] = a.f[i];
-}
-V16_INLINE void v16_load_panel_bf16(const void *p, v16 *lo, v16 *hi)
-{
-    for (int i = 0; i < 16; i++) {
-        uint32_t word, low, high;
-        memcpy(&word, (const char *)p + 4 * i, sizeof word);
-        low = word << 16;
-        high = word & 0xffff0000u;
-        memcpy(&lo->f[i], &low, sizeof low);
-        memcpy(&hi->f[i], &high, sizeof high);
-    }
 }
 V16_INLINE v16 v16_load_bf16(const uint16_t *p) { V16_MAP(kvd_bf16_to_f32(p[i])); }
 V16_INLINE v16 v16_load_bf16_n(const uint16_t *p, int n)
@@ -273,6 +313,62 @@ V16_INLINE float v16_lane0(v16 a) { return a.f[0]; }
 V16_INLINE void v16_prefetch(const void *p) { __builtin_prefetch(p); }
 V16_INLINE void v16_prefetch_l2(const void *p) { __builtin_prefetch(p, 0, 2); }
 
+/* bf16 products: see the AVX-512 section. */
+V16_INLINE v16 v16_load_words(const void *p)
+{
+    v16 r;
+    memcpy(r.f, p, sizeof r.f);
+    return r;
+}
+V16_INLINE void v16_store_words(uint32_t *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
+V16_INLINE v16 v16_set1_word(uint32_t w)
+{
+    float f;
+    memcpy(&f, &w, sizeof f);
+    V16_MAP(f);
+}
+V16_INLINE float v16_word_half(float word, int high)
+{
+    uint32_t bits;
+    memcpy(&bits, &word, sizeof bits);
+    bits = high ? bits & 0xffff0000u : bits << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+V16_INLINE v16 v16_bf16_low(v16 words) { V16_MAP(v16_word_half(words.f[i], 0)); }
+V16_INLINE v16 v16_bf16_high(v16 words) { V16_MAP(v16_word_half(words.f[i], 1)); }
+typedef int v16_flush_state;
+V16_INLINE v16_flush_state v16_flush_begin(void) { return 0; }
+V16_INLINE void v16_flush_end(v16_flush_state s) { (void)s; }
+V16_INLINE float v16_flush_subnormal(float a)
+{
+    return fabsf(a) < FLT_MIN ? copysignf(0.0f, a) : a;
+}
+V16_INLINE v16 v16_fma_flush(v16 a, v16 b, v16 c)
+{
+    V16_MAP(v16_flush_subnormal(fmaf(v16_flush_subnormal(a.f[i]), v16_flush_subnormal(b.f[i]),
+                                     v16_flush_subnormal(c.f[i]))));
+}
+V16_INLINE v16 v16_add_flush(v16 a, v16 b)
+{
+    V16_MAP(v16_flush_subnormal(v16_flush_subnormal(a.f[i]) + v16_flush_subnormal(b.f[i])));
+}
+V16_INLINE uint16_t v16_bf16_daz(float f)
+{
+    return kvd_f32_to_bf16(v16_flush_subnormal(f));
+}
+V16_INLINE v16 v16_bf16_pairs(v16 lo, v16 hi)
+{
+    v16 r;
+    for (int i = 0; i < 16; i++) {
+        const float *src = i < 8 ? &lo.f[2 * i] : &hi.f[2 * i - 16];
+        uint32_t word = (uint32_t)v16_bf16_daz(src[0]) | (uint32_t)v16_bf16_daz(src[1]) << 16;
+        memcpy(&r.f[i], &word, sizeof word);
+    }
+    return r;
+}
+
 #undef V16_MAP
 #endif
 
@@ -297,13 +393,12 @@ V16_INLINE v16 v16_exp(v16 x)
     return v16_scale_pow2(p, n);
 }
 
-/* The 32 weights of (panel, k) of a packed matrix of any dtype, widened (see
- * v16_load_panel_bf16); panel points at the panel's first weight. */
+/* The 32 weights of (panel, k) of a packed f32 or f16 matrix, widened: rows 0..15 of
+ * the panel in *lo, 16..31 in *hi; panel points at the panel's first weight. (bf16
+ * matrices are read as words of pairs, v16_load_words.) */
 V16_INLINE void v16_load_panel(const void *panel, int dtype, size_t k, v16 *lo, v16 *hi)
 {
-    if (dtype == 2) {
-        v16_load_panel_bf16((const uint16_t *)panel + k * 32, lo, hi);
-    } else if (dtype == 1) {
+    if (dtype == 1) {
         *lo = v16_load_f16((const uint16_t *)panel + k * 32);
         *hi = v16_load_f16((const uint16_t *)panel + k * 32 + 16);
     } else {

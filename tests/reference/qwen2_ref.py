@@ -15,9 +15,13 @@ sharded checkpoints through model.safetensors.index.json.
 
 Precision: weights are widened exactly to float64 and EVERY computation (norms, matmuls,
 RoPE angles, softmax) is done in float64; only the written logits are rounded to
-float32. The result is therefore the exact-arithmetic answer for the stored weights to
-about 1e-12 relative, and a correct float32 implementation should agree with it to
-about 1e-5 relative. Greedy ties resolve to the lowest id (numpy.argmax).
+float32. One rounding is part of the model's definition rather than of its arithmetic:
+a projection whose weight is stored as BF16 multiplies its input rounded to bf16, as
+bf16 checkpoints run in PyTorch, llama.cpp and kvd (round to nearest even, subnormals
+to zero, from the float32 value). The result is therefore the exact-arithmetic answer
+for the stored weights and rounded inputs to about 1e-12 relative, and a correct
+float32 implementation should agree with it to about 1e-5 relative. Greedy ties
+resolve to the lowest id (numpy.argmax).
 
 Needs only /usr/bin/python3 and Debian's python3-numpy.
 
@@ -43,8 +47,34 @@ import numpy as np
 SUPPORTED_ARCHITECTURE = "Qwen2ForCausalLM"
 
 
+def round_to_bf16(x):
+    """x (float64) as float32, then rounded to bf16 (nearest even, subnormals to zero)."""
+    u = np.uint64
+    bits = np.atleast_1d(np.asarray(x, dtype=np.float32)).view(np.uint32).astype(u)
+    subnormal = (bits & u(0x7F800000)) == 0
+    bits = np.where(subnormal, bits & u(0x80000000), bits)
+    nan = (bits & u(0x7FFFFFFF)) > u(0x7F800000)
+    rounded = (bits + u(0x7FFF) + ((bits >> u(16)) & u(1))) & u(0xFFFF0000)
+    rounded = np.where(nan, (bits | u(0x00400000)) & u(0xFFFF0000), rounded)
+    out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+    return out.reshape(np.shape(x))
+
+
+class Weight:
+    """A stored tensor widened to float64, and whether it was stored as BF16."""
+
+    def __init__(self, values, bf16):
+        self.values = values
+        self.bf16 = bf16
+
+
+def linear(x, weight):
+    """x @ W^T, the input rounded to bf16 first when W is stored in bf16."""
+    return (round_to_bf16(x) if weight.bf16 else x) @ weight.values.T
+
+
 def read_safetensors(path, wanted=None):
-    """Returns {name: float64 ndarray} for the tensors of one safetensors file.
+    """Returns {name: Weight} for the tensors of one safetensors file.
 
     wanted: optional set of names to read (others are skipped)."""
     with open(path, "rb") as f:
@@ -72,7 +102,7 @@ def read_safetensors(path, wanted=None):
             values = np.frombuffer(raw, dtype="<f4")
         else:
             raise ValueError(f"{path}: tensor {name}: unsupported dtype {dtype}")
-        tensors[name] = values.astype(np.float64).reshape(info["shape"])
+        tensors[name] = Weight(values.astype(np.float64).reshape(info["shape"]), dtype == "BF16")
     return tensors
 
 
@@ -124,11 +154,13 @@ class Qwen2Reference:
         for i in range(self.num_layers):
             names += [f"model.layers.{i}.{suffix}" for suffix in per_layer]
         w = read_checkpoint(model_dir, set(names))
-        self.embed = w["model.embed_tokens.weight"]           # (vocab, hidden)
-        self.final_norm = w["model.norm.weight"]              # (hidden)
-        self.lm_head = self.embed if self.tied else w["lm_head.weight"]
+        self.embed = w["model.embed_tokens.weight"].values    # (vocab, hidden)
+        self.final_norm = w["model.norm.weight"].values       # (hidden)
+        self.lm_head = w["model.embed_tokens.weight" if self.tied else "lm_head.weight"]
+        # projections stay Weights (linear() needs their dtype); vectors become arrays
         self.layers = [
-            {suffix: w[f"model.layers.{i}.{suffix}"] for suffix in per_layer}
+            {suffix: w[f"model.layers.{i}.{suffix}"] if suffix.endswith("proj.weight")
+             else w[f"model.layers.{i}.{suffix}"].values for suffix in per_layer}
             for i in range(self.num_layers)
         ]
         half = self.head_dim // 2
@@ -149,9 +181,9 @@ class Qwen2Reference:
 
     def attention(self, h, layer):
         T = h.shape[0]
-        q = (h @ layer["self_attn.q_proj.weight"].T + layer["self_attn.q_proj.bias"])
-        k = (h @ layer["self_attn.k_proj.weight"].T + layer["self_attn.k_proj.bias"])
-        v = (h @ layer["self_attn.v_proj.weight"].T + layer["self_attn.v_proj.bias"])
+        q = linear(h, layer["self_attn.q_proj.weight"]) + layer["self_attn.q_proj.bias"]
+        k = linear(h, layer["self_attn.k_proj.weight"]) + layer["self_attn.k_proj.bias"]
+        v = linear(h, layer["self_attn.v_proj.weight"]) + layer["self_attn.v_proj.bias"]
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -169,13 +201,13 @@ class Qwen2Reference:
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             out[:, head, :] = probs @ v[:, kv, :]
-        return out.reshape(T, self.num_heads * self.head_dim) @ layer["self_attn.o_proj.weight"].T
+        return linear(out.reshape(T, self.num_heads * self.head_dim), layer["self_attn.o_proj.weight"])
 
     def mlp(self, h, layer):
-        gate = h @ layer["mlp.gate_proj.weight"].T
-        up = h @ layer["mlp.up_proj.weight"].T
+        gate = linear(h, layer["mlp.gate_proj.weight"])
+        up = linear(h, layer["mlp.up_proj.weight"])
         silu = gate / (1.0 + np.exp(-gate))
-        return (silu * up) @ layer["mlp.down_proj.weight"].T
+        return linear(silu * up, layer["mlp.down_proj.weight"])
 
     def forward(self, ids, last_only=False):
         """Logits (float64) for every position of ids, or only the last one."""
@@ -188,7 +220,7 @@ class Qwen2Reference:
             x = x + self.mlp(self.rms_norm(x, layer["post_attention_layernorm.weight"]), layer)
         if last_only:
             x = x[-1:]
-        return self.rms_norm(x, self.final_norm) @ self.lm_head.T
+        return linear(self.rms_norm(x, self.final_norm), self.lm_head)
 
     def greedy(self, prompt_ids, decode_steps):
         """Returns (rows of logits (len(prompt) + steps, vocab) float64, greedy ids)."""

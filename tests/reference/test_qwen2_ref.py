@@ -75,11 +75,31 @@ class ReferenceTest(unittest.TestCase):
     def test_single_token_attention_returns_value(self):
         layer = self.model.layers[0]
         h = self.model.rms_norm(self.model.embed[[IDS[0]]], layer["input_layernorm.weight"])
-        v = h @ layer["self_attn.v_proj.weight"].T + layer["self_attn.v_proj.bias"]
+        v = qwen2_ref.linear(h, layer["self_attn.v_proj.weight"]) + layer["self_attn.v_proj.bias"]
         group = self.model.num_heads // self.model.num_kv_heads
         v_per_query_head = np.repeat(v.reshape(self.model.num_kv_heads, -1), group, axis=0)
-        want = v_per_query_head.reshape(1, -1) @ layer["self_attn.o_proj.weight"].T
+        want = qwen2_ref.linear(v_per_query_head.reshape(1, -1), layer["self_attn.o_proj.weight"])
         np.testing.assert_allclose(self.model.attention(h, layer), want, rtol=1e-12, atol=1e-14)
+
+    def test_bf16_rounding_of_projection_inputs(self):
+        r = qwen2_ref.round_to_bf16
+        one = 1.0
+        # nearest, ties to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7
+        self.assertEqual(r(one + 2.0**-8), one)
+        self.assertEqual(r(one + 3 * 2.0**-8), one + 2 * 2.0**-7)
+        self.assertEqual(r(one + 2.0**-8 + 2.0**-20), one + 2.0**-7)
+        self.assertEqual(r(-3.0), -3.0)
+        # subnormals flush to a zero of their sign; the smallest normal stays
+        self.assertEqual(r(2.0**-130), 0.0)
+        self.assertTrue(np.signbit(r(-(2.0**-130))))
+        self.assertEqual(r(2.0**-126), 2.0**-126)
+        self.assertTrue(np.isnan(r(np.nan)))
+        self.assertEqual(r(np.inf), np.inf)
+        # only a bf16 weight rounds its input
+        x = np.array([[one + 2.0**-8]])
+        w = np.array([[1.0]])
+        self.assertEqual(qwen2_ref.linear(x, qwen2_ref.Weight(w, True))[0, 0], one)
+        self.assertEqual(qwen2_ref.linear(x, qwen2_ref.Weight(w, False))[0, 0], one + 2.0**-8)
 
     def test_sharded_checkpoint_gives_identical_logits(self):
         sharded = qwen2_ref.Qwen2Reference(make("sharded", "--shards", "3"))

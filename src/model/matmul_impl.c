@@ -1,0 +1,610 @@
+/* matmul_impl.c - the matrix product out = x W^T over packed weights.
+ *
+ * Compiled three times (see kvd_vec16.h): AVX-512 with AMX tiles (_avx512amx), AVX-512
+ * (_avx512) and the scalar build (_scalar); all compute the same bits and kernels.c
+ * dispatches.
+ *
+ * Over packed weights (kvd_matrix in kvd_model.h), one float accumulator per output
+ * element starts from its init value (0, or what out holds when accumulating, plus the
+ * bias). f32 and f16 weights: it takes one fused multiply-add per input k, in order,
+ * with x[r][k] broadcast against 32 widened weights of a panel. bf16 weights follow
+ * AMX's TDPBF16PS (kvd_kernels.h): x rounded to bf16, and per block of 32 inputs two
+ * chains of FMAs from zero (even and odd inputs) whose sum is added to the accumulator.
+ * The AMX build runs them on tiles (amx_product below); the others emulate them with
+ * FMAs in the tiles of panel_tile_bf16. Nothing about an element's operations depends on
+ * the blocking around it, and a partial sum parked in out between slices of k is exact,
+ * which is what makes a row's result independent of the batch, the column range and
+ * the thread. The blocking of the vector tiles:
+ * - up to MAX_TILE_ROWS rows (decode, small batches): one tile holds all rows and
+ *   streams its panels' weights from memory once over the whole of k, with software
+ *   prefetch ahead of each stream; few rows take several panels at a time so that
+ *   enough independent accumulators (and memory streams) are in flight.
+ * - more rows (prefill, big batches): chunks of rows; per slice of K_SLICE inputs,
+ *   each panel's slice (16 KB of bf16, in L1) is run by every row tile of the chunk
+ *   (tiles of up to 12 rows x 32 columns: 24 accumulators + 2 weight vectors + 1
+ *   broadcast of the 32 registers; up to SMALL_BATCH_ROWS rows, 6 rows x 64 columns),
+ *   the chunk's x slice staying in L2.
+ * bf16 tiles carry three accumulators per output vector (the sum and the two chains),
+ * so they hold at most 4 rows x 32 columns or 1 row x 128.
+ */
+#include "kvd_vec16.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels_internal.h"
+#include "kvd/kvd_kernels.h"
+
+/* The AVX-512 build unrolls the tiles completely so that accumulators stay in
+ * registers; the scalar build (a fallback, and a witness in tests) keeps loops rolled,
+ * which keeps its compile time under a minute with sanitizers (unrolled: over 8 minutes). */
+#if defined(KVD_VEC_AVX512)
+#define KVD_PRAGMA(x) _Pragma(#x)
+#define KVD_UNROLL(n) KVD_PRAGMA(GCC unroll n)
+#else
+#define KVD_UNROLL(n)
+#endif
+
+#define PANEL KVD_PANEL_ROWS
+#define MAX_TILE_ROWS 12
+/* Up to this many rows, batched tiles take two panels at a time (see kvd_matmul_cols). */
+#define SMALL_BATCH_ROWS 48
+/* Inputs per slice when many rows share a panel: the slice of a panel stays in L1
+ * (256 x 64 B of 16-bit weights) while the chunk's row tiles run against it. */
+#define K_SLICE 256
+/* x floats a chunk of rows may hold per slice (the rows' slice stays in L2). */
+#define CHUNK_FLOATS ((size_t)96 * 1024)
+/* How far ahead (bytes) each weight stream of a streaming tile is prefetched. */
+#define PREFETCH_BYTES 1024
+
+/* Lanes of the 16 output columns starting at col that fall in [n_begin, n_end). */
+static uint32_t column_mask(int col, int n_begin, int n_end)
+{
+    int lo = n_begin - col, hi = n_end - col; /* the range in lane numbers */
+    lo = lo < 0 ? 0 : lo;
+    hi = hi > 16 ? 16 : hi;
+    if (hi <= lo)
+        return 0;
+    return (uint32_t)((1u << hi) - 1u) & ~(uint32_t)((1u << lo) - 1u);
+}
+
+/* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
+ * past kk's in each panel, on one input of every `every` (phase `phase`), into L1 or
+ * only L2. every = 0: none. */
+typedef struct prefetch_plan {
+    size_t ahead;
+    int every, phase;
+    bool l2_only;
+} prefetch_plan;
+
+/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs: words[r * stride + i] holds inputs
+ * k0+2i and k0+2i+1; inputs at or past k (the padding of the last block) are zero.
+ * k0 and n are multiples of 32. */
+static void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
+                                int k0, int n, int k)
+{
+    for (int r = 0; r < R; r++) {
+        const float *row = x + (size_t)r * ldx;
+        for (int i = k0; i < k0 + n; i += 32) {
+            int lo_n = k - i, hi_n = k - i - 16;
+            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
+            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
+            v16 lo = v16_load_n(row + i, lo_n);
+            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
+            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2, v16_bf16_pairs(lo, hi));
+        }
+    }
+}
+
+/* The accumulators of a tile of R rows x 2P half-panels: from out (k0 > 0: the partial
+ * sums a previous slice left there; accumulate: what out held) or 0, plus bias when
+ * k0 == 0. masks[2P] say which columns the call owns; only those are read. */
+V16_INLINE void tile_start(v16 acc[][8], const float *out, int ldo, int k0, const uint32_t *masks,
+                           const float *bias, bool accumulate, int R, int P)
+{
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++) {
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++) {
+            const float *o = out + (size_t)r * ldo + 16 * h;
+            if (k0 > 0 || accumulate)
+                acc[r][h] = v16_load_mask(o, masks[h]);
+            else
+                acc[r][h] = v16_zero();
+            if (k0 == 0 && bias)
+                acc[r][h] = v16_add(acc[r][h], v16_load_mask(bias + 16 * h, masks[h]));
+        }
+    }
+}
+
+V16_INLINE void tile_finish(float *out, int ldo, v16 acc[][8], const uint32_t *masks, int R, int P)
+{
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            v16_store_mask(out + (size_t)r * ldo + 16 * h, acc[r][h], masks[h]);
+}
+
+/* Prefetch of the `lines` 64-byte lines at `ahead` bytes past offset in each of the P
+ * panels, on one call of every pf.every (countdown). */
+V16_INLINE void tile_prefetch(const char *w, size_t panel_bytes, size_t offset, int lines,
+                              prefetch_plan pf, int *countdown, int P)
+{
+    if (*countdown == 0) {
+        *countdown = pf.every;
+KVD_UNROLL(4)
+        for (int q = 0; q < P; q++) {
+            const char *ahead = w + (size_t)q * panel_bytes + offset + pf.ahead;
+            for (int line = 0; line < lines; line++)
+                pf.l2_only ? v16_prefetch_l2(ahead + 64 * line) : v16_prefetch(ahead + 64 * line);
+        }
+    }
+    (*countdown)--;
+}
+
+/* One f32/f16 tile: R rows of x against P consecutive panels (32*P output columns
+ * starting at out/bias column 0) over inputs [k0, k1). R and P are compile-time
+ * constants at every call site so the accumulators live in registers. */
+V16_INLINE void panel_tile(float *out, int ldo, const float *x, int ldx, const char *w,
+                           size_t panel_bytes, int wdt, int k0, int k1, const uint32_t *masks,
+                           const float *bias, bool accumulate, prefetch_plan pf, int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+    size_t step = wdt == KVD_DTYPE_F32 ? 128 : 64; /* bytes of one (panel, k) */
+    int countdown = pf.every ? pf.phase : -1;
+KVD_UNROLL(2)
+    for (int kk = k0; kk < k1; kk++) {
+        tile_prefetch(w, panel_bytes, (size_t)kk * step, (int)(step / 64), pf, &countdown, P);
+        v16 wlo[4], whi[4];
+KVD_UNROLL(4)
+        for (int q = 0; q < P; q++)
+            v16_load_panel(w + (size_t)q * panel_bytes, wdt, (size_t)kk, &wlo[q], &whi[q]);
+KVD_UNROLL(12)
+        for (int r = 0; r < R; r++) {
+            v16 xb = v16_set1(x[(size_t)r * ldx + kk]);
+KVD_UNROLL(4)
+            for (int q = 0; q < P; q++) {
+                acc[r][2 * q] = v16_fma(xb, wlo[q], acc[r][2 * q]);
+                acc[r][2 * q + 1] = v16_fma(xb, whi[q], acc[r][2 * q + 1]);
+            }
+        }
+    }
+    tile_finish(out, ldo, acc, masks, R, P);
+}
+
+/* One bf16 tile, TDPBF16PS emulated: as panel_tile, over inputs [k0, k1) that are whole
+ * blocks of 32 (k: the matrix's real inputs, past which x reads as zero). Per block,
+ * each output vector runs an even and an odd chain of 16 FMAs from zero, then adds
+ * their sum to its accumulator, all with subnormals flushed (v16_flush_begin). */
+V16_INLINE void panel_tile_bf16(float *out, int ldo, const float *x, int ldx, const char *w,
+                                size_t panel_bytes, int k, int k0, int k1, const uint32_t *masks,
+                                const float *bias, bool accumulate, prefetch_plan pf, int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+    uint32_t pairs[MAX_TILE_ROWS][K_SLICE / 2] __attribute__((aligned(64)));
+    int countdown = pf.every ? pf.phase : -1;
+    v16_flush_state flush = v16_flush_begin();
+    for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
+        int s1 = k1 - s0 < K_SLICE ? k1 : s0 + K_SLICE;
+        round_to_bf16_pairs(&pairs[0][0], K_SLICE / 2, x, ldx, R, s0, s1 - s0, k);
+        for (int b0 = s0; b0 < s1; b0 += 32) {
+            v16 even[4][8], odd[4][8];
+KVD_UNROLL(4)
+            for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    even[r][h] = odd[r][h] = v16_zero();
+KVD_UNROLL(2)
+            for (int kk = b0; kk < b0 + 32; kk += 2) {
+                /* a pair of inputs is 128 bytes of a panel: 32 words, one per row */
+                tile_prefetch(w, panel_bytes, (size_t)kk * 64, 2, pf, &countdown, P);
+                v16 words[4][2];
+KVD_UNROLL(4)
+                for (int q = 0; q < P; q++) {
+                    words[q][0] = v16_load_words(w + (size_t)q * panel_bytes + (size_t)kk * 64);
+                    words[q][1] = v16_load_words(w + (size_t)q * panel_bytes + (size_t)kk * 64 + 64);
+                }
+KVD_UNROLL(4)
+                for (int r = 0; r < R; r++) {
+                    v16 xw = v16_set1_word(pairs[r][(kk - s0) / 2]);
+                    v16 xe = v16_bf16_low(xw), xo = v16_bf16_high(xw);
+KVD_UNROLL(8)
+                    for (int h = 0; h < 2 * P; h++) {
+                        v16 wh = words[h / 2][h % 2];
+                        even[r][h] = v16_fma_flush(xe, v16_bf16_low(wh), even[r][h]);
+                        odd[r][h] = v16_fma_flush(xo, v16_bf16_high(wh), odd[r][h]);
+                    }
+                }
+            }
+KVD_UNROLL(4)
+            for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    acc[r][h] = v16_add_flush(acc[r][h], v16_add_flush(even[r][h], odd[r][h]));
+        }
+    }
+    v16_flush_end(flush);
+    tile_finish(out, ldo, acc, masks, R, P);
+}
+
+typedef struct product {
+    float *out;
+    int ldo;
+    const float *x;
+    int ldx;
+    const kvd_matrix *w;
+    const float *bias;
+    bool accumulate;
+    int n_begin, n_end;
+    size_t panel_bytes;
+} product;
+
+/* Rows [r0, r0 + R) against panels [p, p + P) over inputs [k0, k1). */
+static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int k1, prefetch_plan pf)
+{
+    uint32_t masks[8];
+    for (int h = 0; h < 2 * P; h++)
+        masks[h] = column_mask(p * PANEL + 16 * h, pr->n_begin, pr->n_end);
+    int col = p * PANEL;
+    float *out = pr->out + (size_t)r0 * pr->ldo + col;
+    const float *x = pr->x + (size_t)r0 * pr->ldx;
+    const char *w = (const char *)pr->w->data + (size_t)p * pr->panel_bytes;
+    const float *bias = pr->bias ? pr->bias + col : NULL;
+    int wdt = (int)pr->w->dtype, ldo = pr->ldo, ldx = pr->ldx, k = pr->w->cols;
+    size_t pb = pr->panel_bytes;
+    bool acc = pr->accumulate;
+    if (wdt == KVD_DTYPE_BF16) {
+#if !defined(KVD_VEC_AVX512)
+        panel_tile_bf16(out, ldo, x, ldx, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
+        return;
+#endif
+#define TILE(R_, P_)                                                                            \
+    case R_ * 8 + P_:                                                                          \
+        panel_tile_bf16(out, ldo, x, ldx, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_);     \
+        break
+        switch (R * 8 + P) {
+            TILE(1, 4);
+            TILE(1, 2);
+            TILE(2, 2);
+            TILE(1, 1);
+            TILE(2, 1);
+            TILE(3, 1);
+            TILE(4, 1);
+        default: break;
+        }
+#undef TILE
+        return;
+    }
+#if !defined(KVD_VEC_AVX512)
+    panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, pf, R, P);
+    return;
+#endif
+#define TILE(R_, P_)                                                                            \
+    case R_:                                                                                   \
+        panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, pf, R_, P_);        \
+        break
+    if (P == 4) {
+        switch (R) {
+            TILE(1, 4);
+            TILE(2, 4);
+        default: break;
+        }
+    } else if (P == 2) {
+        switch (R) {
+            TILE(1, 2);
+            TILE(2, 2);
+            TILE(3, 2);
+            TILE(4, 2);
+            TILE(5, 2);
+            TILE(6, 2);
+        default: break;
+        }
+    } else {
+        switch (R) {
+            TILE(1, 1);
+            TILE(2, 1);
+            TILE(3, 1);
+            TILE(4, 1);
+            TILE(5, 1);
+            TILE(6, 1);
+            TILE(7, 1);
+            TILE(8, 1);
+            TILE(9, 1);
+            TILE(10, 1);
+            TILE(11, 1);
+            TILE(12, 1);
+        default: break;
+        }
+    }
+#undef TILE
+}
+
+/* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panels
+ * [p, p + P), inputs [k0, k1): the panels' slice stays in L1 for all of them. Meanwhile the
+ * weights that run next (`next` bytes past this slice's start) are prefetched into L2,
+ * each tile taking its share of the lines so that memory stays busy for the whole
+ * slice instead of bursting while the first tile runs. */
+static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int P, int k0,
+                        int k1, size_t next)
+{
+    for (int t = t0; t < t1; t++) {
+        int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
+        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true};
+        run_tile(pr, r0, r1 - r0, p, P, k0, k1, pf);
+    }
+}
+
+/* How a product is blocked: tiles of up to stream_rows rows stream their weights over
+ * the whole of k (panels_for(R) panels at a time); more rows run in chunks of tiles of
+ * up to tile_rows rows over tile_panels panels. */
+typedef struct blocking {
+    int stream_rows, tile_rows, tile_panels;
+    int panels_for[MAX_TILE_ROWS + 1];
+} blocking;
+
+/* Panels a tile takes at once: enough accumulators in flight for few rows (an FMA
+ * chain per accumulator), never more registers than there are. Small batches (decode
+ * of a few dozen sequences) run faster as tiles of up to 6 rows over two panels
+ * (measured: 16 sequences ~15% faster per step); prefill-sized ones as 12 rows over one
+ * panel, which needs fewer widening operations per FMA. bf16 tiles hold three
+ * accumulators per output vector: at most 4 rows x 1 panel, 2 x 2 or 1 x 4. */
+static blocking blocking_for(kvd_dtype dtype, int m)
+{
+    blocking b;
+    bool bf16 = dtype == KVD_DTYPE_BF16;
+    b.stream_rows = bf16 ? 4 : MAX_TILE_ROWS;
+    b.tile_rows = bf16 ? 4 : m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS;
+    b.tile_panels = bf16 ? 1 : m <= SMALL_BATCH_ROWS ? 2 : 1;
+    for (int r = 0; r <= MAX_TILE_ROWS; r++)
+        b.panels_for[r] = bf16 ? (r <= 1 ? 4 : r == 2 ? 2 : 1) : (r <= 2 ? 4 : r <= 6 ? 2 : 1);
+    return b;
+}
+
+/* The vector tiles over the whole product (see the top of the file). */
+static void tiled_product(const product *pr, int m, int p_begin, int p_end)
+{
+    const kvd_matrix *w = pr->w;
+    /* bf16 runs whole blocks of 32 inputs, the padding reading as zero */
+    int k = w->dtype == KVD_DTYPE_BF16 ? (w->cols + 31) / 32 * 32 : w->cols;
+    blocking bl = blocking_for(w->dtype, m);
+    if (m <= bl.stream_rows) {
+        /* every weight is used by this one tile only: stream it once over all of k */
+        int P = bl.panels_for[m];
+        for (int p = p_begin; p < p_end;) {
+            int np = P;
+            while (np > p_end - p)
+                np /= 2;
+            run_tile(pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false});
+            p += np;
+        }
+        return;
+    }
+    /* Row tiles as even as tile_rows allows (R and R-1 rows), in chunks of whole
+     * tiles. When a few tiles' worth of whole x rows fit CHUNK_FLOATS (short k), a chunk
+     * takes each panel once, slice by slice: its weights come from memory once per
+     * chunk and its outputs stay in L1. Otherwise (long k) a chunk's x fits only slice
+     * by slice: every panel runs against one slice before the next, weights rereading
+     * from L2/L3 and partial sums parking in out. */
+    int tile_rows = bl.tile_rows, P = bl.tile_panels;
+    int tiles = (m + tile_rows - 1) / tile_rows;
+    int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
+    bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
+    int chunk_tiles = panel_outer ? whole_rows / tile_rows
+                                  : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * tile_rows));
+    size_t step = (size_t)PANEL * kvd_dtype_size(w->dtype); /* bytes of one (panel, k) */
+    int slices = (k + K_SLICE - 1) / K_SLICE, groups = (p_end - p_begin + P - 1) / P;
+    for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
+        int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
+        for (int i = 0; i < slices * groups; i++) {
+            int p = p_begin + P * (panel_outer ? i / slices : i % groups);
+            int np = p_end - p < P ? p_end - p : P;
+            int k0 = (panel_outer ? i % slices : i / groups) * K_SLICE;
+            int k1 = k - k0 < K_SLICE ? k : k0 + K_SLICE;
+            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr->panel_bytes * (size_t)np;
+            chunk_slice(pr, m, tiles, t0, t1, p, np, k0, k1, next);
+        }
+    }
+}
+
+#if defined(KVD_VEC_AMX)
+/* ---- AMX: bf16 products on tiles ----------------------------------------------------
+ * Eight tiles of 16 rows x 64 bytes: C tiles 0..3 (row group g of 16, half-panel h at
+ * 2g + h) hold float accumulators, A tiles 4 and 5 the two row groups' x as bf16, B
+ * tiles 6 and 7 a block's 16 weight pairs of the panel's two halves, which the panel
+ * layout gives at a stride of 128 bytes. One TDPBF16PS runs a block of 32 inputs for
+ * 16 rows x 16 columns (8192 multiply-adds). x is rounded to bf16 a slice at a time
+ * into a buffer on the stack; each panel then runs against the slice for every pair of
+ * row groups, its slice of weights loaded from memory once per chunk of rows. */
+#define AMX_X_WORDS (16 * 1024) /* 64 KB: a chunk of rows x a slice of inputs, as bf16 */
+#define AMX_CHUNK_ROWS 128
+/* Up to this many rows, the FMA tiles stream the weights faster than tiles do (measured:
+ * one row ~47 GB/s against ~38 GB/s); from 3 rows on, the tiles win. The bits are the same. */
+#define AMX_MIN_ROWS 3
+/* How far ahead (bytes) the weights of a panel are prefetched: 2 blocks (measured best
+ * of 2, 4 and 8 KB). */
+#define AMX_PREFETCH_BYTES 4096
+
+typedef struct amx_tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tile_config;
+
+static void amx_configure(void)
+{
+    amx_tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Where one C tile's 16 x 16 accumulators come from and go to: out itself when all of
+ * its rows exist and its columns are owned (stride ldo), else a staging copy. */
+typedef struct amx_c_tile {
+    float *out;
+    int rows;
+    uint32_t mask;
+    float stage[16 * 16] __attribute__((aligned(64)));
+} amx_c_tile;
+
+static bool amx_direct(const amx_c_tile *c)
+{
+    return c->rows == 16 && c->mask == 0xffffu;
+}
+
+/* The tile's accumulators before a slice, in out (direct) or staged: when the slice is
+ * the first, the init value (what out held when accumulating, else 0, plus bias). */
+static void amx_c_prepare(amx_c_tile *c, int ldo, const float *bias, bool first, bool accumulate)
+{
+    bool staged = !amx_direct(c);
+    if (!first && !staged)
+        return;
+    v16 b = first && bias ? v16_load_mask(bias, c->mask) : v16_zero();
+    for (int r = 0; r < 16; r++) {
+        float *o = c->out + (size_t)r * ldo;
+        v16 v = v16_zero();
+        if (r < c->rows) {
+            v = !first || accumulate ? v16_load_mask(o, c->mask) : v16_zero();
+            if (first && bias)
+                v = v16_add(v, b);
+        }
+        if (staged)
+            v16_store(c->stage + 16 * r, v);
+        else
+            v16_store(o, v);
+    }
+}
+
+static void amx_c_unstage(const amx_c_tile *c, int ldo)
+{
+    if (amx_direct(c))
+        return;
+    for (int r = 0; r < c->rows; r++)
+        v16_store_mask(c->out + (size_t)r * ldo, v16_load(c->stage + 16 * r), c->mask);
+}
+
+static float *amx_c_base(amx_c_tile *c)
+{
+    return amx_direct(c) ? c->out : c->stage;
+}
+
+static long amx_c_stride(const amx_c_tile *c, int ldo)
+{
+    return amx_direct(c) ? (long)ldo * 4 : 64;
+}
+
+#define AMX_C_LOAD(t, c, ldo) _tile_loadd(t, amx_c_base(c), amx_c_stride(c, ldo))
+#define AMX_C_STORE(t, c, ldo) _tile_stored(t, amx_c_base(c), amx_c_stride(c, ldo))
+
+/* Rows [g0 * 16, g0 * 16 + 16 * groups) (groups 1 or 2) of the chunk against panel p over
+ * the slice [s0, s1) of inputs, whose bf16 x is xs (stride words a row). */
+static void amx_panel(const product *pr, int r0, int rows, int g0, int groups, int p,
+                      const uint32_t *xs, size_t stride, int s0, int s1)
+{
+    amx_c_tile c[4];
+    int ldo = pr->ldo, col = p * PANEL;
+    for (int g = 0; g < groups; g++) {
+        for (int h = 0; h < 2; h++) {
+            amx_c_tile *t = &c[2 * g + h];
+            int first_row = (g0 + g) * 16;
+            t->out = pr->out + (size_t)(r0 + first_row) * ldo + col + 16 * h;
+            t->rows = rows - first_row < 16 ? rows - first_row : 16;
+            t->mask = column_mask(col + 16 * h, pr->n_begin, pr->n_end);
+            amx_c_prepare(t, ldo, pr->bias ? pr->bias + col + 16 * h : NULL, s0 == 0,
+                          pr->accumulate);
+        }
+    }
+    AMX_C_LOAD(0, &c[0], ldo);
+    AMX_C_LOAD(1, &c[1], ldo);
+    const char *w = (const char *)pr->w->data + (size_t)p * pr->panel_bytes;
+    const uint32_t *x0 = xs + (size_t)g0 * 16 * stride;
+    int xstride = (int)(stride * 4);
+    if (groups == 2) {
+        AMX_C_LOAD(2, &c[2], ldo);
+        AMX_C_LOAD(3, &c[3], ldo);
+        const uint32_t *x1 = x0 + 16 * stride;
+        for (int b = s0; b < s1; b += 32) {
+            const char *wb = w + (size_t)b * 64;
+            _tile_loadd(4, x0 + (b - s0) / 2, xstride);
+            _tile_loadd(6, wb, 128);
+            _tile_loadd(7, wb + 64, 128);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, x1 + (b - s0) / 2, xstride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        AMX_C_STORE(2, &c[2], ldo);
+        AMX_C_STORE(3, &c[3], ldo);
+    } else {
+        for (int b = s0; b < s1; b += 32) {
+            const char *wb = w + (size_t)b * 64;
+            for (int line = 0; line < 32; line++)
+                _mm_prefetch(wb + AMX_PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+            _tile_loadd(4, x0 + (b - s0) / 2, xstride);
+            _tile_loadd(6, wb, 128);
+            _tile_loadd(7, wb + 64, 128);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    AMX_C_STORE(0, &c[0], ldo);
+    AMX_C_STORE(1, &c[1], ldo);
+    for (int t = 0; t < 2 * groups; t++)
+        amx_c_unstage(&c[t], ldo);
+}
+
+static void amx_product(const product *pr, int m, int p_begin, int p_end)
+{
+    uint32_t xs[AMX_X_WORDS] __attribute__((aligned(64)));
+    int k = pr->w->cols, kpad = (k + 31) / 32 * 32;
+    amx_configure();
+    for (int r0 = 0; r0 < m; r0 += AMX_CHUNK_ROWS) {
+        int rows = m - r0 < AMX_CHUNK_ROWS ? m - r0 : AMX_CHUNK_ROWS;
+        int groups = (rows + 15) / 16;
+        /* the longest slice of whole blocks whose bf16 x fits the buffer */
+        int slice = (int)(AMX_X_WORDS * 2 / (size_t)(groups * 16)) / 32 * 32;
+        slice = slice < kpad ? slice : kpad;
+        size_t stride = (size_t)slice / 2;
+        for (int s0 = 0; s0 < kpad; s0 += slice) {
+            int s1 = kpad - s0 < slice ? kpad : s0 + slice;
+            round_to_bf16_pairs(xs, stride, pr->x + (size_t)r0 * pr->ldx, pr->ldx, rows, s0,
+                                s1 - s0, k);
+            /* the rows past m of the last group multiply as zeros and are not stored */
+            memset(xs + (size_t)rows * stride, 0, (size_t)(groups * 16 - rows) * stride * 4);
+            for (int p = p_begin; p < p_end; p++)
+                for (int g = 0; g < groups; g += 2)
+                    amx_panel(pr, r0, rows, g, groups - g < 2 ? 1 : 2, p, xs, stride, s0, s1);
+        }
+    }
+    _tile_release();
+}
+#endif
+
+
+void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
+                                 const kvd_matrix *w, const float *bias, bool accumulate,
+                                 int n_begin, int n_end)
+{
+    if (n_end <= n_begin || m <= 0)
+        return;
+    product pr = {out, ldo, x, ldx, w, bias, accumulate, n_begin, n_end,
+                  kvd_matrix_packed_bytes(w->dtype, PANEL, w->cols)};
+    int p_begin = n_begin / PANEL, p_end = (n_end + PANEL - 1) / PANEL;
+#if defined(KVD_VEC_AMX)
+    if (w->dtype == KVD_DTYPE_BF16 && m >= AMX_MIN_ROWS) {
+        amx_product(&pr, m, p_begin, p_end);
+        return;
+    }
+#endif
+    tiled_product(&pr, m, p_begin, p_end);
+}
