@@ -7,9 +7,10 @@
  * |computed - exact| <= gamma(n) * (sum_k |x_k w_k| + |bias| + |out before|) with
  * gamma(n) = n u / (1 - n u), u = 2^-24 (Higham, "Accuracy and Stability of Numerical
  * Algorithms", 3.1); the exact value is computed in double from the same widened
- * weights. Over bf16 weights the product is defined on x rounded to bf16 (kvd_kernels.h)
- * and takes the same k + 1 rounded steps (two FMAs per pair of inputs), so the exact
- * value uses the rounded x and the bound is the same. Element-wise kernels get a few ulps, stated where used. Attention is
+ * weights. Over bf16 weights the product is defined on x rounded to bf16 (kvd_kernels.h),
+ * so the exact value uses the rounded x; each product then passes through at most 16
+ * FMAs of its block's chain, the chains' sum and one addition per block, no more than
+ * k + 1 rounded steps when k >= 2 (k = 1: two), so the same bound holds. Element-wise kernels get a few ulps, stated where used. Attention is
  * checked against a dense double softmax within 2e-6 relative to the output's scale.
  */
 #include <setjmp.h>

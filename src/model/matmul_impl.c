@@ -24,8 +24,8 @@
  *   (tiles of up to 12 rows x 32 columns: 24 accumulators + 2 weight vectors + 1
  *   broadcast of the 32 registers; up to SMALL_BATCH_ROWS rows, 6 rows x 64 columns),
  *   the chunk's x slice staying in L2.
- * bf16 tiles carry three accumulators per output vector (the sum and the two chains),
- * so they hold at most 4 rows x 32 columns or 1 row x 128.
+ * bf16 tiles carry two registers per output vector (the sum and one chain at a time),
+ * so they hold at most 6 rows x 32 columns, 3 x 64 or 1 x 128.
  */
 #include "kvd_vec16.h"
 
@@ -78,25 +78,6 @@ typedef struct prefetch_plan {
     int every, phase;
     bool l2_only;
 } prefetch_plan;
-
-/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs: words[r * stride + i] holds inputs
- * k0+2i and k0+2i+1; inputs at or past k (the padding of the last block) are zero.
- * k0 and n are multiples of 32. */
-static void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
-                                int k0, int n, int k)
-{
-    for (int r = 0; r < R; r++) {
-        const float *row = x + (size_t)r * ldx;
-        for (int i = k0; i < k0 + n; i += 32) {
-            int lo_n = k - i, hi_n = k - i - 16;
-            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
-            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
-            v16 lo = v16_load_n(row + i, lo_n);
-            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
-            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2, v16_bf16_pairs(lo, hi));
-        }
-    }
-}
 
 /* The accumulators of a tile of R rows x 2P half-panels: from out (k0 > 0: the partial
  * sums a previous slice left there; accumulate: what out held) or 0, plus bias when
@@ -176,59 +157,121 @@ KVD_UNROLL(4)
     tile_finish(out, ldo, acc, masks, R, P);
 }
 
+/* x[r][k0 .. k0+n) for r < R rounded to bf16 and split by parity, as floats:
+ * halves[r * stride + 32 * (i / 16) + j] is input k0 + i + 2j (j < 16) for the even ones
+ * of each block of 32 and k0 + i + 2(j - 16) + 1 (j >= 16) for the odd ones, so that a
+ * tile broadcasts them straight from memory. Padding past k is zero. */
+static void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx, int R,
+                                 int k0, int n, int k)
+{
+    for (int r = 0; r < R; r++) {
+        const float *row = x + (size_t)r * ldx;
+        float *dst = halves + (size_t)r * stride;
+        for (int i = k0; i < k0 + n; i += 32) {
+            int lo_n = k - i, hi_n = k - i - 16;
+            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
+            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
+            v16 lo = v16_load_n(row + i, lo_n);
+            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
+            v16 words = v16_bf16_pairs(lo, hi);
+            v16_store(dst + (i - k0), v16_bf16_low(words));
+            v16_store(dst + (i - k0) + 16, v16_bf16_high(words));
+        }
+    }
+}
+
+/* One parity's chains of a block (see panel_tile_bf16): chain[r][h] = 16 flushed FMAs
+ * from zero over the block's even (parity 0) or odd inputs, x from xs (the block's
+ * rounded halves, row stride xs_stride), weights from the panels' words at byte `at`. */
+V16_INLINE void bf16_chains(v16 chain[][8], const float *xs, size_t xs_stride, const char *w,
+                            size_t panel_bytes, size_t at, int parity, prefetch_plan pf,
+                            int *countdown, int R, int P)
+{
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            chain[r][h] = v16_zero();
+KVD_UNROLL(2)
+    for (int pair = 0; pair < 16; pair++, at += 128) {
+        /* a pair of inputs is 128 bytes of a panel: 32 words, one per row */
+        if (parity == 0)
+            tile_prefetch(w, panel_bytes, at, 2, pf, countdown, P);
+        v16 wv[4][2];
+KVD_UNROLL(4)
+        for (int q = 0; q < P; q++) {
+            for (int half = 0; half < 2; half++) {
+                v16 words = v16_load_words(w + (size_t)q * panel_bytes + at + 64 * half);
+                wv[q][half] = parity ? v16_bf16_high(words) : v16_bf16_low(words);
+            }
+        }
+KVD_UNROLL(12)
+        for (int r = 0; r < R; r++) {
+            v16 xb = v16_set1(xs[(size_t)r * xs_stride + 16 * parity + pair]);
+KVD_UNROLL(8)
+            for (int h = 0; h < 2 * P; h++)
+                chain[r][h] = v16_fma_flush(xb, wv[h / 2][h % 2], chain[r][h]);
+        }
+    }
+}
+
 /* One bf16 tile, TDPBF16PS emulated: as panel_tile, over inputs [k0, k1) that are whole
  * blocks of 32 (k: the matrix's real inputs, past which x reads as zero). Per block,
- * each output vector runs an even and an odd chain of 16 FMAs from zero, then adds
- * their sum to its accumulator, all with subnormals flushed (v16_flush_begin). */
-V16_INLINE void panel_tile_bf16(float *out, int ldo, const float *x, int ldx, const char *w,
-                                size_t panel_bytes, int k, int k0, int k1, const uint32_t *masks,
-                                const float *bias, bool accumulate, prefetch_plan pf, int R, int P)
+ * each output vector runs its even chain of 16 FMAs from zero, parks it on the stack,
+ * runs its odd chain, then adds their sum to its accumulator, all with subnormals
+ * flushed (v16_flush_begin). Only the chains live in registers (the accumulators and
+ * the parked chains are touched once a block, on the stack), so a bf16 tile holds as
+ * many rows and panels as an f32 one. */
+V16_INLINE void panel_tile_bf16(float *out, int ldo, const float *x, int ldx, const float *pre,
+                                size_t pre_stride, const char *w, size_t panel_bytes, int k, int k0,
+                                int k1, const uint32_t *masks, const float *bias, bool accumulate,
+                                prefetch_plan pf, int R, int P)
 {
-    v16 acc[MAX_TILE_ROWS][8];
-    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
-    uint32_t pairs[MAX_TILE_ROWS][K_SLICE / 2] __attribute__((aligned(64)));
+    float halves[MAX_TILE_ROWS][K_SLICE] __attribute__((aligned(64)));
+    float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
+    float parked[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
+    {
+        v16 acc[MAX_TILE_ROWS][8];
+        tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+KVD_UNROLL(12)
+        for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+            for (int h = 0; h < 2 * P; h++)
+                v16_store(sums[r][h], acc[r][h]);
+    }
     int countdown = pf.every ? pf.phase : -1;
     v16_flush_state flush = v16_flush_begin();
     for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
         int s1 = k1 - s0 < K_SLICE ? k1 : s0 + K_SLICE;
-        round_to_bf16_pairs(&pairs[0][0], K_SLICE / 2, x, ldx, R, s0, s1 - s0, k);
-        for (int b0 = s0; b0 < s1; b0 += 32) {
-            v16 even[4][8], odd[4][8];
-KVD_UNROLL(4)
+        const float *xs = pre ? pre + (s0 - k0) : &halves[0][0];
+        size_t xs_stride = pre ? pre_stride : K_SLICE;
+        if (!pre)
+            round_to_bf16_halves(&halves[0][0], K_SLICE, x, ldx, R, s0, s1 - s0, k);
+        for (int b0 = s0; b0 < s1; b0 += 32, xs += 32) {
+            v16 chain[MAX_TILE_ROWS][8];
+            size_t at = (size_t)b0 * 64;
+            bf16_chains(chain, xs, xs_stride, w, panel_bytes, at, 0, pf, &countdown, R, P);
+KVD_UNROLL(12)
             for (int r = 0; r < R; r++)
 KVD_UNROLL(8)
                 for (int h = 0; h < 2 * P; h++)
-                    even[r][h] = odd[r][h] = v16_zero();
-KVD_UNROLL(2)
-            for (int kk = b0; kk < b0 + 32; kk += 2) {
-                /* a pair of inputs is 128 bytes of a panel: 32 words, one per row */
-                tile_prefetch(w, panel_bytes, (size_t)kk * 64, 2, pf, &countdown, P);
-                v16 words[4][2];
-KVD_UNROLL(4)
-                for (int q = 0; q < P; q++) {
-                    words[q][0] = v16_load_words(w + (size_t)q * panel_bytes + (size_t)kk * 64);
-                    words[q][1] = v16_load_words(w + (size_t)q * panel_bytes + (size_t)kk * 64 + 64);
-                }
-KVD_UNROLL(4)
-                for (int r = 0; r < R; r++) {
-                    v16 xw = v16_set1_word(pairs[r][(kk - s0) / 2]);
-                    v16 xe = v16_bf16_low(xw), xo = v16_bf16_high(xw);
-KVD_UNROLL(8)
-                    for (int h = 0; h < 2 * P; h++) {
-                        v16 wh = words[h / 2][h % 2];
-                        even[r][h] = v16_fma_flush(xe, v16_bf16_low(wh), even[r][h]);
-                        odd[r][h] = v16_fma_flush(xo, v16_bf16_high(wh), odd[r][h]);
-                    }
-                }
-            }
-KVD_UNROLL(4)
+                    v16_store(parked[r][h], chain[r][h]);
+            bf16_chains(chain, xs, xs_stride, w, panel_bytes, at, 1, pf, &countdown, R, P);
+KVD_UNROLL(12)
             for (int r = 0; r < R; r++)
 KVD_UNROLL(8)
                 for (int h = 0; h < 2 * P; h++)
-                    acc[r][h] = v16_add_flush(acc[r][h], v16_add_flush(even[r][h], odd[r][h]));
+                    v16_store(sums[r][h], v16_add_flush(v16_load(sums[r][h]),
+                                                        v16_add_flush(v16_load(parked[r][h]), chain[r][h])));
         }
     }
     v16_flush_end(flush);
+    v16 acc[MAX_TILE_ROWS][8];
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            acc[r][h] = v16_load(sums[r][h]);
     tile_finish(out, ldo, acc, masks, R, P);
 }
 
@@ -242,6 +285,12 @@ typedef struct product {
     bool accumulate;
     int n_begin, n_end;
     size_t panel_bytes;
+    /* bf16: x's rows from halves_r0 and inputs from halves_k0, already rounded and split
+     * (round_to_bf16_halves, row stride halves_stride), so that tiles sharing them do not
+     * each round them again; NULL: every tile rounds its own */
+    const float *halves;
+    size_t halves_stride;
+    int halves_r0, halves_k0;
 } product;
 
 /* Rows [r0, r0 + R) against panels [p, p + P) over inputs [k0, k1). */
@@ -259,22 +308,39 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
     size_t pb = pr->panel_bytes;
     bool acc = pr->accumulate;
     if (wdt == KVD_DTYPE_BF16) {
+        const float *pre = NULL;
+        size_t ps = pr->halves_stride;
+        if (pr->halves)
+            pre = pr->halves + (size_t)(r0 - pr->halves_r0) * ps + (size_t)(k0 - pr->halves_k0);
 #if !defined(KVD_VEC_AVX512)
-        panel_tile_bf16(out, ldo, x, ldx, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
+        panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
         return;
 #endif
 #define TILE(R_, P_)                                                                            \
     case R_ * 8 + P_:                                                                          \
-        panel_tile_bf16(out, ldo, x, ldx, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_);     \
+        panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_); \
         break
         switch (R * 8 + P) {
             TILE(1, 4);
+            TILE(2, 4);
             TILE(1, 2);
             TILE(2, 2);
+            TILE(3, 2);
+            TILE(4, 2);
+            TILE(5, 2);
+            TILE(6, 2);
             TILE(1, 1);
             TILE(2, 1);
             TILE(3, 1);
             TILE(4, 1);
+            TILE(5, 1);
+            TILE(6, 1);
+            TILE(7, 1);
+            TILE(8, 1);
+            TILE(9, 1);
+            TILE(10, 1);
+            TILE(11, 1);
+            TILE(12, 1);
         default: break;
         }
 #undef TILE
@@ -351,35 +417,50 @@ typedef struct blocking {
  * chain per accumulator), never more registers than there are. Small batches (decode
  * of a few dozen sequences) run faster as tiles of up to 6 rows over two panels
  * (measured: 16 sequences ~15% faster per step); prefill-sized ones as 12 rows over one
- * panel, which needs fewer widening operations per FMA. bf16 tiles hold three
- * accumulators per output vector: at most 4 rows x 1 panel, 2 x 2 or 1 x 4. */
+ * panel, which needs fewer widening operations per FMA. bf16 tiles hold two registers
+ * per output vector: at most 6 rows x 1 panel, 3 x 2 or 1 x 4. */
 static blocking blocking_for(kvd_dtype dtype, int m)
 {
+    (void)dtype;
     blocking b;
-    bool bf16 = dtype == KVD_DTYPE_BF16;
-    b.stream_rows = bf16 ? 4 : MAX_TILE_ROWS;
-    b.tile_rows = bf16 ? 4 : m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS;
-    b.tile_panels = bf16 ? 1 : m <= SMALL_BATCH_ROWS ? 2 : 1;
+    b.stream_rows = MAX_TILE_ROWS;
+    b.tile_rows = m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS;
+    b.tile_panels = m <= SMALL_BATCH_ROWS ? 2 : 1;
     for (int r = 0; r <= MAX_TILE_ROWS; r++)
-        b.panels_for[r] = bf16 ? (r <= 1 ? 4 : r == 2 ? 2 : 1) : (r <= 2 ? 4 : r <= 6 ? 2 : 1);
+        b.panels_for[r] = r <= 2 ? 4 : r <= 6 ? 2 : 1;
     return b;
 }
 
-/* The vector tiles over the whole product (see the top of the file). */
-static void tiled_product(const product *pr, int m, int p_begin, int p_end)
+/* Rounds rows [r0, r1) of x, inputs [k0, k1), into buf for the tiles that share them. */
+static void share_halves(product *pr, float *buf, int r0, int r1, int k0, int k1)
 {
-    const kvd_matrix *w = pr->w;
+    round_to_bf16_halves(buf, (size_t)(k1 - k0), pr->x + (size_t)r0 * pr->ldx, pr->ldx, r1 - r0,
+                         k0, k1 - k0, pr->w->cols);
+    pr->halves = buf;
+    pr->halves_stride = (size_t)(k1 - k0);
+    pr->halves_r0 = r0;
+    pr->halves_k0 = k0;
+}
+
+/* The vector tiles over the whole product (see the top of the file). buf (CHUNK_FLOATS
+ * floats, bf16 only, or NULL) holds x rounded once for all the tiles that read it. */
+static void tiled_product(const product *product_in, int m, int p_begin, int p_end, float *buf)
+{
+    product pr = *product_in;
+    const kvd_matrix *w = pr.w;
     /* bf16 runs whole blocks of 32 inputs, the padding reading as zero */
     int k = w->dtype == KVD_DTYPE_BF16 ? (w->cols + 31) / 32 * 32 : w->cols;
     blocking bl = blocking_for(w->dtype, m);
     if (m <= bl.stream_rows) {
         /* every weight is used by this one tile only: stream it once over all of k */
+        if (buf && (size_t)m * (size_t)k <= CHUNK_FLOATS)
+            share_halves(&pr, buf, 0, m, 0, k);
         int P = bl.panels_for[m];
         for (int p = p_begin; p < p_end;) {
             int np = P;
             while (np > p_end - p)
                 np /= 2;
-            run_tile(pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false});
+            run_tile(&pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false});
             p += np;
         }
         return;
@@ -389,7 +470,8 @@ static void tiled_product(const product *pr, int m, int p_begin, int p_end)
      * takes each panel once, slice by slice: its weights come from memory once per
      * chunk and its outputs stay in L1. Otherwise (long k) a chunk's x fits only slice
      * by slice: every panel runs against one slice before the next, weights rereading
-     * from L2/L3 and partial sums parking in out. */
+     * from L2/L3 and partial sums parking in out. Either way a chunk's x (bf16: rounded
+     * into buf) is at most CHUNK_FLOATS. */
     int tile_rows = bl.tile_rows, P = bl.tile_panels;
     int tiles = (m + tile_rows - 1) / tile_rows;
     int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
@@ -400,15 +482,29 @@ static void tiled_product(const product *pr, int m, int p_begin, int p_end)
     int slices = (k + K_SLICE - 1) / K_SLICE, groups = (p_end - p_begin + P - 1) / P;
     for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
         int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
+        int r0 = (int)((int64_t)m * t0 / tiles), r1 = (int)((int64_t)m * t1 / tiles);
+        if (buf && panel_outer)
+            share_halves(&pr, buf, r0, r1, 0, k);
         for (int i = 0; i < slices * groups; i++) {
             int p = p_begin + P * (panel_outer ? i / slices : i % groups);
             int np = p_end - p < P ? p_end - p : P;
             int k0 = (panel_outer ? i % slices : i / groups) * K_SLICE;
             int k1 = k - k0 < K_SLICE ? k : k0 + K_SLICE;
-            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr->panel_bytes * (size_t)np;
-            chunk_slice(pr, m, tiles, t0, t1, p, np, k0, k1, next);
+            if (buf && !panel_outer && i % groups == 0)
+                share_halves(&pr, buf, r0, r1, k0, k1);
+            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr.panel_bytes * (size_t)np;
+            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next);
         }
     }
+}
+
+/* The bf16 products the vector tiles run, with the buffer that rounds x once: on the
+ * stack (CHUNK_FLOATS floats), which keeps the kernels free of allocation. */
+static __attribute__((noinline)) void tiled_product_bf16(const product *pr, int m, int p_begin,
+                                                          int p_end)
+{
+    float buf[CHUNK_FLOATS] __attribute__((aligned(64)));
+    tiled_product(pr, m, p_begin, p_end, buf);
 }
 
 #if defined(KVD_VEC_AMX)
@@ -434,6 +530,25 @@ typedef struct amx_tile_config {
     uint16_t colsb[16];
     uint8_t rows[16];
 } amx_tile_config;
+
+/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs: words[r * stride + i] holds inputs
+ * k0+2i and k0+2i+1; inputs at or past k (the padding of the last block) are zero.
+ * k0 and n are multiples of 32. */
+static void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
+                                int k0, int n, int k)
+{
+    for (int r = 0; r < R; r++) {
+        const float *row = x + (size_t)r * ldx;
+        for (int i = k0; i < k0 + n; i += 32) {
+            int lo_n = k - i, hi_n = k - i - 16;
+            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
+            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
+            v16 lo = v16_load_n(row + i, lo_n);
+            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
+            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2, v16_bf16_pairs(lo, hi));
+        }
+    }
+}
 
 static void amx_configure(void)
 {
@@ -598,7 +713,7 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
     if (n_end <= n_begin || m <= 0)
         return;
     product pr = {out, ldo, x, ldx, w, bias, accumulate, n_begin, n_end,
-                  kvd_matrix_packed_bytes(w->dtype, PANEL, w->cols)};
+                  kvd_matrix_packed_bytes(w->dtype, PANEL, w->cols), NULL, 0, 0, 0};
     int p_begin = n_begin / PANEL, p_end = (n_end + PANEL - 1) / PANEL;
 #if defined(KVD_VEC_AMX)
     if (w->dtype == KVD_DTYPE_BF16 && m >= AMX_MIN_ROWS) {
@@ -606,5 +721,8 @@ void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, i
         return;
     }
 #endif
-    tiled_product(&pr, m, p_begin, p_end);
+    if (w->dtype == KVD_DTYPE_BF16)
+        tiled_product_bf16(&pr, m, p_begin, p_end);
+    else
+        tiled_product(&pr, m, p_begin, p_end, NULL);
 }
