@@ -66,6 +66,8 @@ struct kvd_engine {
     bool started;
     pthread_t thread;
     pthread_mutex_t step_lock;      /* held around each step on the engine thread */
+    int step_waiters;               /* threads waiting for step_lock (under lock) */
+    pthread_cond_t step_waiters_cond; /* signalled when one of them got it */
 
     void (*notify)(void *arg);
     void *notify_arg;
@@ -173,6 +175,7 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
     pthread_mutex_init(&e->lock, NULL);
     pthread_mutex_init(&e->step_lock, NULL);
     pthread_cond_init(&e->work_cond, NULL);
+    pthread_cond_init(&e->step_waiters_cond, NULL);
     pthread_cond_init(&e->event_cond, NULL);
 
     kvd_kv_config kv = {
@@ -582,6 +585,11 @@ static void *engine_main(void *arg)
     bool keep_going = false; /* sequences remain and the last step made progress */
     for (;;) {
         pthread_mutex_lock(&e->lock);
+        /* Mutexes are not fair: relocking step_lock right after a step would starve a
+         * snapshot waiting for it (seen: /v1/kv unanswered for 30 s beside a stream once
+         * steps took a few ms). Between steps, waiters go first. */
+        while (e->step_waiters > 0)
+            pthread_cond_wait(&e->step_waiters_cond, &e->lock);
         while (!e->stopping && !keep_going && !has_input(e))
             pthread_cond_wait(&e->work_cond, &e->lock);
         bool stop = e->stopping;
@@ -668,6 +676,7 @@ void kvd_engine_destroy(kvd_engine *e)
     free(e->cancel_ids);
     free(e->shared_cancels);
     pthread_cond_destroy(&e->work_cond);
+    pthread_cond_destroy(&e->step_waiters_cond);
     pthread_cond_destroy(&e->event_cond);
     pthread_mutex_destroy(&e->step_lock);
     pthread_mutex_destroy(&e->lock);
@@ -874,7 +883,14 @@ static void tb_printf(text_buf *tb, const char *fmt, ...)
  * the only stepping thread and the lock is free. */
 static void lock_steps(kvd_engine *e)
 {
+    pthread_mutex_lock(&e->lock);
+    e->step_waiters++;
+    pthread_mutex_unlock(&e->lock);
     pthread_mutex_lock(&e->step_lock);
+    pthread_mutex_lock(&e->lock);
+    e->step_waiters--;
+    pthread_cond_broadcast(&e->step_waiters_cond);
+    pthread_mutex_unlock(&e->lock);
 }
 
 static void unlock_steps(kvd_engine *e)
