@@ -17,6 +17,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kvd/kvd_kernels.h"
+
 /* ---- job map ---- */
 
 static size_t slot_of(uint64_t key, size_t cap)
@@ -229,6 +231,8 @@ static void print_banner(kvd_app *app)
             "%zu bytes of weights",
             app->model_name, app->cfg.model, mc->num_layers, mc->hidden_size, mc->num_heads, mc->num_kv_heads,
             mc->vocab_size, mc->max_position_embeddings, app->model->weight_bytes);
+    /* the forward pass detects the same (kvd_forward_create) */
+    kvd_log(&app->log, KVD_LOG_ALWAYS, "kernels %s", kvd_isa_name(kvd_isa_detect()));
     kvd_log(&app->log, KVD_LOG_ALWAYS,
             "KV pool: %" PRId64 " blocks of %d tokens, %zu bytes (%zu per block, %s), prefix cache %s",
             st.kv.blocks_total, app->cfg.block_size, st.kv.pool_bytes, st.kv.block_bytes,
