@@ -157,10 +157,22 @@ KVD_UNROLL(4)
     tile_finish(out, ldo, acc, masks, R, P);
 }
 
+/* The 32 inputs row[i .. i+32) rounded to bf16, as 16 words of pairs (2j, 2j+1); inputs
+ * at or past k (the padding of the last block) are zero. */
+V16_INLINE v16 bf16_block_words(const float *row, int i, int k)
+{
+    int lo_n = k - i, hi_n = k - i - 16;
+    lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
+    hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
+    v16 lo = v16_load_n(row + i, lo_n);
+    v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
+    return v16_bf16_pairs(lo, hi);
+}
+
 /* x[r][k0 .. k0+n) for r < R rounded to bf16 and split by parity, as floats:
  * halves[r * stride + 32 * (i / 16) + j] is input k0 + i + 2j (j < 16) for the even ones
  * of each block of 32 and k0 + i + 2(j - 16) + 1 (j >= 16) for the odd ones, so that a
- * tile broadcasts them straight from memory. Padding past k is zero. */
+ * tile broadcasts them straight from memory. k0 and n are multiples of 32. */
 static void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx, int R,
                                  int k0, int n, int k)
 {
@@ -168,12 +180,7 @@ static void round_to_bf16_halves(float *halves, size_t stride, const float *x, i
         const float *row = x + (size_t)r * ldx;
         float *dst = halves + (size_t)r * stride;
         for (int i = k0; i < k0 + n; i += 32) {
-            int lo_n = k - i, hi_n = k - i - 16;
-            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
-            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
-            v16 lo = v16_load_n(row + i, lo_n);
-            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
-            v16 words = v16_bf16_pairs(lo, hi);
+            v16 words = bf16_block_words(row, i, k);
             v16_store(dst + (i - k0), v16_bf16_low(words));
             v16_store(dst + (i - k0) + 16, v16_bf16_high(words));
         }
@@ -293,6 +300,12 @@ typedef struct product {
     int halves_r0, halves_k0;
 } product;
 
+/* The tile shapes (rows, panels) the blockings use (blocking_for): the AVX-512 build
+ * instantiates each kernel once per shape, with R and P constants. */
+#define TILE_SHAPES(X)                                                                         \
+    X(1, 4) X(2, 4) X(1, 2) X(2, 2) X(3, 2) X(4, 2) X(5, 2) X(6, 2) X(1, 1) X(2, 1) X(3, 1)  \
+        X(4, 1) X(5, 1) X(6, 1) X(7, 1) X(8, 1) X(9, 1) X(10, 1) X(11, 1) X(12, 1)
+
 /* Rows [r0, r0 + R) against panels [p, p + P) over inputs [k0, k1). */
 static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int k1, prefetch_plan pf)
 {
@@ -316,34 +329,15 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
         panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
         return;
 #endif
-#define TILE(R_, P_)                                                                            \
+#define BF16_TILE(R_, P_)                                                                       \
     case R_ * 8 + P_:                                                                          \
         panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_); \
-        break
+        break;
         switch (R * 8 + P) {
-            TILE(1, 4);
-            TILE(2, 4);
-            TILE(1, 2);
-            TILE(2, 2);
-            TILE(3, 2);
-            TILE(4, 2);
-            TILE(5, 2);
-            TILE(6, 2);
-            TILE(1, 1);
-            TILE(2, 1);
-            TILE(3, 1);
-            TILE(4, 1);
-            TILE(5, 1);
-            TILE(6, 1);
-            TILE(7, 1);
-            TILE(8, 1);
-            TILE(9, 1);
-            TILE(10, 1);
-            TILE(11, 1);
-            TILE(12, 1);
+            TILE_SHAPES(BF16_TILE)
         default: break;
         }
-#undef TILE
+#undef BF16_TILE
         return;
     }
 #if !defined(KVD_VEC_AVX512)
@@ -351,41 +345,12 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
     return;
 #endif
 #define TILE(R_, P_)                                                                            \
-    case R_:                                                                                   \
+    case R_ * 8 + P_:                                                                          \
         panel_tile(out, ldo, x, ldx, w, pb, wdt, k0, k1, masks, bias, acc, pf, R_, P_);        \
-        break
-    if (P == 4) {
-        switch (R) {
-            TILE(1, 4);
-            TILE(2, 4);
-        default: break;
-        }
-    } else if (P == 2) {
-        switch (R) {
-            TILE(1, 2);
-            TILE(2, 2);
-            TILE(3, 2);
-            TILE(4, 2);
-            TILE(5, 2);
-            TILE(6, 2);
-        default: break;
-        }
-    } else {
-        switch (R) {
-            TILE(1, 1);
-            TILE(2, 1);
-            TILE(3, 1);
-            TILE(4, 1);
-            TILE(5, 1);
-            TILE(6, 1);
-            TILE(7, 1);
-            TILE(8, 1);
-            TILE(9, 1);
-            TILE(10, 1);
-            TILE(11, 1);
-            TILE(12, 1);
-        default: break;
-        }
+        break;
+    switch (R * 8 + P) {
+        TILE_SHAPES(TILE)
+    default: break;
     }
 #undef TILE
 }
@@ -531,23 +496,22 @@ typedef struct amx_tile_config {
     uint8_t rows[16];
 } amx_tile_config;
 
-/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs: words[r * stride + i] holds inputs
- * k0+2i and k0+2i+1; inputs at or past k (the padding of the last block) are zero.
- * k0 and n are multiples of 32. */
+/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs, the layout of an A tile: words[r *
+ * stride + i] holds inputs k0+2i and k0+2i+1 (bf16_block_words). */
 static void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
                                 int k0, int n, int k)
 {
-    for (int r = 0; r < R; r++) {
-        const float *row = x + (size_t)r * ldx;
-        for (int i = k0; i < k0 + n; i += 32) {
-            int lo_n = k - i, hi_n = k - i - 16;
-            lo_n = lo_n < 0 ? 0 : lo_n > 16 ? 16 : lo_n;
-            hi_n = hi_n < 0 ? 0 : hi_n > 16 ? 16 : hi_n;
-            v16 lo = v16_load_n(row + i, lo_n);
-            v16 hi = hi_n > 0 ? v16_load_n(row + i + 16, hi_n) : v16_zero();
-            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2, v16_bf16_pairs(lo, hi));
-        }
-    }
+    for (int r = 0; r < R; r++)
+        for (int i = k0; i < k0 + n; i += 32)
+            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2,
+                            bf16_block_words(x + (size_t)r * ldx, i, k));
+}
+
+/* The 2 KB (32 lines) of a block's weights AMX_PREFETCH_BYTES ahead of wb. */
+static inline void amx_prefetch_block(const char *wb)
+{
+    for (int line = 0; line < 32; line++)
+        _mm_prefetch(wb + AMX_PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
 }
 
 static void amx_configure(void)
@@ -649,6 +613,7 @@ static void amx_panel(const product *pr, int r0, int rows, int g0, int groups, i
         const uint32_t *x1 = x0 + 16 * stride;
         for (int b = s0; b < s1; b += 32) {
             const char *wb = w + (size_t)b * 64;
+            amx_prefetch_block(wb);
             _tile_loadd(4, x0 + (b - s0) / 2, xstride);
             _tile_loadd(6, wb, 128);
             _tile_loadd(7, wb + 64, 128);
@@ -663,8 +628,7 @@ static void amx_panel(const product *pr, int r0, int rows, int g0, int groups, i
     } else {
         for (int b = s0; b < s1; b += 32) {
             const char *wb = w + (size_t)b * 64;
-            for (int line = 0; line < 32; line++)
-                _mm_prefetch(wb + AMX_PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+            amx_prefetch_block(wb);
             _tile_loadd(4, x0 + (b - s0) / 2, xstride);
             _tile_loadd(6, wb, 128);
             _tile_loadd(7, wb + 64, 128);
