@@ -1,9 +1,11 @@
 /* kernels.c - run-time ISA selection and the ISA-independent kernel helpers.
  *
- * The vector kernels are built twice (kernels_impl.c with and without AVX-512);
- * this file, built for the baseline ISA, picks one per call from the kvd_isa the
- * caller holds (the forward pass detects it once at creation). Nothing here keeps
- * state: the CPU check reads what libgcc recorded at start-up.
+ * The vector kernels are built twice (kernels_impl.c and matmul_impl.c with and without
+ * AVX-512), the matrix product a third time with AMX tiles; this file, built for the
+ * baseline ISA, picks one per call from the kvd_isa the caller holds (the forward pass
+ * detects it once at creation). Nothing here keeps state: the CPU checks read CPUID (and
+ * what libgcc recorded at start-up); for AMX they also ask Linux for the tile state,
+ * which Linux records per process.
  */
 #include "kvd/kvd_kernels.h"
 
@@ -13,6 +15,10 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <string.h>
 
 #include "kernels_internal.h"
@@ -20,8 +26,6 @@
 #include "kvd/kvd_half.h"
 
 #if defined(__x86_64__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
 #define KVD_ARCH_REQ_XCOMP_PERM 0x1023 /* arch_prctl: ask for a dynamic xstate feature */
 #define KVD_XFEATURE_XTILEDATA 18
 static bool amx_permitted(void)

@@ -1,8 +1,9 @@
 /* kvd_vec16.h - the 16-lane float vector the compute kernels are written against.
  *
- * The kernels (kernels_impl.c, paged_attention.c) are compiled twice: once with
- * KVD_VEC_AVX512 (AVX-512 F/BW/VL + FMA + F16C intrinsics) and once with
- * KVD_VEC_SCALAR (a plain struct of 16 floats, built for the baseline ISA). Every
+ * The kernels (kernels_impl.c, matmul_impl.c, paged_attention.c) are compiled twice:
+ * once with KVD_VEC_AVX512 (AVX-512 F/BW/VL + FMA + F16C intrinsics) and once with
+ * KVD_VEC_SCALAR (a plain struct of 16 floats, built for the baseline ISA);
+ * matmul_impl.c a third time with KVD_VEC_AVX512 and KVD_VEC_AMX (AMX tiles). Every
  * operation here is defined lane by lane with IEEE single precision and explicit
  * fused multiply-adds, and the horizontal reductions use one fixed pairwise tree,
  * so both builds compute bit-identical results: the scalar build is the portable
