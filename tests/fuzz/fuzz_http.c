@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -320,6 +321,32 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
+/* connect(), waiting out an interruption: libFuzzer's SIGALRM (its timeout clock) can
+ * land in the middle of it (seen: "connect: Interrupted system call" failing a CI run),
+ * and the connection then completes on its own; poll for it and read its outcome. */
+static int connect_waiting(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    if (connect(fd, addr, len) == 0)
+        return 0;
+    if (errno != EINTR)
+        return -1;
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    int rc;
+    do
+        rc = poll(&p, 1, 10000);
+    while (rc < 0 && errno == EINTR);
+    if (rc <= 0) {
+        errno = rc == 0 ? ETIMEDOUT : errno;
+        return -1;
+    }
+    int err = 0;
+    socklen_t err_len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &err_len) != 0)
+        return -1;
+    errno = err;
+    return err == 0 ? 0 : -1;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
@@ -342,7 +369,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     CHECK(bind(c.fd, (struct sockaddr *)&from, sizeof from) == 0);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fz->port)};
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(c.fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+    if (connect_waiting(c.fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         fprintf(stderr, "fuzz_http: ERROR: connect: %s\n", strerror(errno));
         abort();
     }
