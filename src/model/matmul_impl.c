@@ -24,8 +24,9 @@
  *   (tiles of up to 12 rows x 32 columns: 24 accumulators + 2 weight vectors + 1
  *   broadcast of the 32 registers; up to SMALL_BATCH_ROWS rows, 6 rows x 64 columns),
  *   the chunk's x slice staying in L2.
- * bf16 tiles carry two registers per output vector (the sum and one chain at a time),
- * so they hold at most 6 rows x 32 columns, 3 x 64 or 1 x 128.
+ * bf16 tiles take the same shapes: only their chains (one parity at a time) live in
+ * registers, the sums and the parked even chains on the stack, touched once a block;
+ * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk.
  */
 #include "kvd_vec16.h"
 
@@ -49,12 +50,13 @@
 
 #define PANEL KVD_PANEL_ROWS
 #define MAX_TILE_ROWS 12
-/* Up to this many rows, batched tiles take two panels at a time (see kvd_matmul_cols). */
+/* Up to this many rows, batched tiles take two panels at a time (see blocking_for). */
 #define SMALL_BATCH_ROWS 48
 /* Inputs per slice when many rows share a panel: the slice of a panel stays in L1
  * (256 x 64 B of 16-bit weights) while the chunk's row tiles run against it. */
 #define K_SLICE 256
-/* x floats a chunk of rows may hold per slice (the rows' slice stays in L2). */
+/* x floats a chunk of rows may hold per slice (the rows' slice stays in L2); also the
+ * size of the stack buffer that holds a chunk's x rounded to bf16. */
 #define CHUNK_FLOATS ((size_t)96 * 1024)
 /* How far ahead (bytes) each weight stream of a streaming tile is prefetched. */
 #define PREFETCH_BYTES 1024
