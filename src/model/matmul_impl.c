@@ -612,31 +612,24 @@ static void amx_panel(const product *pr, int r0, int rows, int g0, int groups, i
     if (groups == 2) {
         AMX_C_LOAD(2, &c[2], ldo);
         AMX_C_LOAD(3, &c[3], ldo);
-        const uint32_t *x1 = x0 + 16 * stride;
-        for (int b = s0; b < s1; b += 32) {
-            const char *wb = w + (size_t)b * 64;
-            amx_prefetch_block(wb);
-            _tile_loadd(4, x0 + (b - s0) / 2, xstride);
-            _tile_loadd(6, wb, 128);
-            _tile_loadd(7, wb + 64, 128);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_loadd(5, x1 + (b - s0) / 2, xstride);
+    }
+    for (int b = s0; b < s1; b += 32) {
+        const char *wb = w + (size_t)b * 64;
+        amx_prefetch_block(wb);
+        _tile_loadd(4, x0 + (b - s0) / 2, xstride);
+        _tile_loadd(6, wb, 128);
+        _tile_loadd(7, wb + 64, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (groups == 2) {
+            _tile_loadd(5, x0 + 16 * stride + (b - s0) / 2, xstride);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
+    }
+    if (groups == 2) {
         AMX_C_STORE(2, &c[2], ldo);
         AMX_C_STORE(3, &c[3], ldo);
-    } else {
-        for (int b = s0; b < s1; b += 32) {
-            const char *wb = w + (size_t)b * 64;
-            amx_prefetch_block(wb);
-            _tile_loadd(4, x0 + (b - s0) / 2, xstride);
-            _tile_loadd(6, wb, 128);
-            _tile_loadd(7, wb + 64, 128);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-        }
     }
     AMX_C_STORE(0, &c[0], ldo);
     AMX_C_STORE(1, &c[1], ldo);
