@@ -104,7 +104,7 @@ int main(int argc, char **argv)
                                                       : KVD_ISA_AVX512;
         } else {
             fprintf(stderr, "usage: %s [--threads N] [--min-seconds S] [--shapes all|small] "
-                            "[--rows M,M,...] [--isa avx512|scalar] [--cpu-time] [--cold]\n", argv[0]);
+                            "[--rows M,M,...] [--isa avx512amx|avx512|scalar] [--cpu-time] [--cold]\n", argv[0]);
             return 1;
         }
     }

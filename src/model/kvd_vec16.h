@@ -171,7 +171,6 @@ V16_INLINE void v16_prefetch_l2(const void *p) { _mm_prefetch((const char *)p, _
  * which set and restore MXCSR's DAZ and FTZ. */
 V16_INLINE v16 v16_load_words(const void *p) { return _mm512_load_ps((const float *)p); }
 V16_INLINE void v16_store_words(uint32_t *p, v16 a) { _mm512_storeu_si512(p, _mm512_castps_si512(a)); }
-V16_INLINE v16 v16_set1_word(uint32_t w) { return _mm512_castsi512_ps(_mm512_set1_epi32((int)w)); }
 /* The low (even) or high (odd) bf16 of each word, as a float. */
 V16_INLINE v16 v16_bf16_low(v16 words)
 {
@@ -322,12 +321,6 @@ V16_INLINE v16 v16_load_words(const void *p)
     return r;
 }
 V16_INLINE void v16_store_words(uint32_t *p, v16 a) { memcpy(p, a.f, sizeof a.f); }
-V16_INLINE v16 v16_set1_word(uint32_t w)
-{
-    float f;
-    memcpy(&f, &w, sizeof f);
-    V16_MAP(f);
-}
 V16_INLINE float v16_word_half(float word, int high)
 {
     uint32_t bits;

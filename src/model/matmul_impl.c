@@ -50,7 +50,7 @@
 
 #define PANEL KVD_PANEL_ROWS
 #define MAX_TILE_ROWS 12
-/* Up to this many rows, batched tiles take two panels at a time (see blocking_for). */
+/* Up to this many rows, batched tiles take two panels at a time (see tiled_product). */
 #define SMALL_BATCH_ROWS 48
 /* Inputs per slice when many rows share a panel: the slice of a panel stays in L1
  * (256 x 64 B of 16-bit weights) while the chunk's row tiles run against it. */
@@ -302,7 +302,7 @@ typedef struct product {
     int halves_r0, halves_k0;
 } product;
 
-/* The tile shapes (rows, panels) the blockings use (blocking_for): the AVX-512 build
+/* The tile shapes (rows, panels) tiled_product uses: the AVX-512 build
  * instantiates each kernel once per shape, with R and P constants. */
 #define TILE_SHAPES(X)                                                                         \
     X(1, 4) X(2, 4) X(1, 2) X(2, 2) X(3, 2) X(4, 2) X(5, 2) X(6, 2) X(1, 1) X(2, 1) X(3, 1)  \
@@ -372,30 +372,11 @@ static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int
     }
 }
 
-/* How a product is blocked: tiles of up to stream_rows rows stream their weights over
- * the whole of k (panels_for(R) panels at a time); more rows run in chunks of tiles of
- * up to tile_rows rows over tile_panels panels. */
-typedef struct blocking {
-    int stream_rows, tile_rows, tile_panels;
-    int panels_for[MAX_TILE_ROWS + 1];
-} blocking;
-
-/* Panels a tile takes at once: enough accumulators in flight for few rows (an FMA
- * chain per accumulator), never more registers than there are. Small batches (decode
- * of a few dozen sequences) run faster as tiles of up to 6 rows over two panels
- * (measured: 16 sequences ~15% faster per step); prefill-sized ones as 12 rows over one
- * panel, which needs fewer widening operations per FMA. bf16 tiles hold two registers
- * per output vector: at most 6 rows x 1 panel, 3 x 2 or 1 x 4. */
-static blocking blocking_for(kvd_dtype dtype, int m)
+/* Panels a tile of R rows takes at once: enough accumulators in flight for few rows
+ * (an FMA chain per accumulator), never more registers than there are. */
+static int panels_per_tile(int R)
 {
-    (void)dtype;
-    blocking b;
-    b.stream_rows = MAX_TILE_ROWS;
-    b.tile_rows = m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS;
-    b.tile_panels = m <= SMALL_BATCH_ROWS ? 2 : 1;
-    for (int r = 0; r <= MAX_TILE_ROWS; r++)
-        b.panels_for[r] = r <= 2 ? 4 : r <= 6 ? 2 : 1;
-    return b;
+    return R <= 2 ? 4 : R <= 6 ? 2 : 1;
 }
 
 /* Rounds rows [r0, r1) of x, inputs [k0, k1), into buf for the tiles that share them. */
@@ -417,12 +398,11 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
     const kvd_matrix *w = pr.w;
     /* bf16 runs whole blocks of 32 inputs, the padding reading as zero */
     int k = w->dtype == KVD_DTYPE_BF16 ? (w->cols + 31) / 32 * 32 : w->cols;
-    blocking bl = blocking_for(w->dtype, m);
-    if (m <= bl.stream_rows) {
+    if (m <= MAX_TILE_ROWS) {
         /* every weight is used by this one tile only: stream it once over all of k */
         if (buf && (size_t)m * (size_t)k <= CHUNK_FLOATS)
             share_halves(&pr, buf, 0, m, 0, k);
-        int P = bl.panels_for[m];
+        int P = panels_per_tile(m);
         for (int p = p_begin; p < p_end;) {
             int np = P;
             while (np > p_end - p)
@@ -439,7 +419,10 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
      * by slice: every panel runs against one slice before the next, weights rereading
      * from L2/L3 and partial sums parking in out. Either way a chunk's x (bf16: rounded
      * into buf) is at most CHUNK_FLOATS. */
-    int tile_rows = bl.tile_rows, P = bl.tile_panels;
+    /* Small batches (decode of a few dozen sequences) run faster as tiles of up to 6
+     * rows over two panels (measured: 16 sequences ~15% faster per step); prefill-sized
+     * ones as 12 rows over one panel, which needs fewer widening operations per FMA. */
+    int tile_rows = m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS, P = m <= SMALL_BATCH_ROWS ? 2 : 1;
     int tiles = (m + tile_rows - 1) / tile_rows;
     int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
     bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
@@ -663,7 +646,6 @@ static void amx_product(const product *pr, int m, int p_begin, int p_end)
     _tile_release();
 }
 #endif
-
 
 void KVD_VEC_FN(kvd_matmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
                                  const kvd_matrix *w, const float *bias, bool accumulate,
