@@ -169,7 +169,7 @@ static int store_text(kvd_server_config *cfg, const knob *k, const char *text, c
         }
         return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not true or false", where, text);
     case KNOB_DTYPE:
-        if (kvd_dtype_parse(text, (kvd_dtype *)base) != 0)
+        if (kvd_dtype_parse(text, (kvd_dtype *)base) != 0 || kvd_dtype_is_quantized(*(kvd_dtype *)base))
             return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32", where, text);
         return 0;
     case KNOB_LOGLEVEL:

@@ -158,7 +158,7 @@ static int parse_options(int argc, char **argv, gen_options *o)
                 return fail("--block-size: expected a power of two in 1..256, got \"%s\"", optarg);
             break;
         case OPT_KV_DTYPE:
-            if (kvd_dtype_parse(optarg, &o->kv_dtype) != 0)
+            if (kvd_dtype_parse(optarg, &o->kv_dtype) != 0 || kvd_dtype_is_quantized(o->kv_dtype))
                 return fail("--kv-dtype: expected f16, bf16 or f32, got \"%s\"", optarg);
             break;
         case OPT_THREADS:

@@ -17,17 +17,39 @@
 
 #include "kvd/kvd_error.h"
 
+/* Element types of weights and KV. The quantized ones are ggml's block formats (the same
+ * bytes as in a GGUF file, described in ggml-common.h): a row of n values is n / block
+ * values' blocks, each block a scale (and for some a minimum) plus packed integers.
+ * Their arithmetic lives in kvd_quant.h. */
 typedef enum kvd_dtype {
     KVD_DTYPE_F32 = 0,
     KVD_DTYPE_F16 = 1,
     KVD_DTYPE_BF16 = 2,
+    KVD_DTYPE_Q8_0 = 3,  /* 32 values: f16 scale, 32 x int8 */
+    KVD_DTYPE_Q4_0 = 4,  /* 32 values: f16 scale, 32 x 4-bit (offset 8) */
+    KVD_DTYPE_Q5_0 = 5,  /* 32 values: f16 scale, high bits, 32 x 4-bit (offset 16) */
+    KVD_DTYPE_Q4_K = 6,  /* 256 values: super-block f16 scale/min, 8 x 6-bit scales/mins */
+    KVD_DTYPE_Q5_K = 7,  /* 256 values: as Q4_K plus one high bit per value */
+    KVD_DTYPE_Q6_K = 8,  /* 256 values: 16 x int8 scales, 6-bit values (offset 32) */
+    KVD_DTYPE_Q8_K = 9,  /* 256 values: f32 scale, 256 x int8, 16 block sums */
 } kvd_dtype;
+#define KVD_DTYPE_COUNT 10
 
-/* Bytes per element of dtype (4 or 2). */
+/* Bytes per element of the float types (4 or 2); 0 for block-quantized types. */
 size_t kvd_dtype_size(kvd_dtype dtype);
-/* "f32", "f16", "bf16". */
+/* Values per block: 1 for the float types, 32 or 256 for the quantized ones. */
+int kvd_dtype_block_values(kvd_dtype dtype);
+/* Bytes per block (element size for the float types). */
+size_t kvd_dtype_block_bytes(kvd_dtype dtype);
+/* True for the ggml block formats. */
+bool kvd_dtype_is_quantized(kvd_dtype dtype);
+/* Bytes of one row of cols values as a file stores it; 0 when cols is not a whole
+ * number of blocks. */
+size_t kvd_dtype_row_bytes(kvd_dtype dtype, int64_t cols);
+/* "f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q8_k". */
 const char *kvd_dtype_name(kvd_dtype dtype);
-/* Parses "f32"/"float32"/"F32", "f16"/"float16"/"F16", "bf16"/"bfloat16"/"BF16". Returns 0 or KVD_EINVAL. */
+/* Parses "f32"/"float32"/"F32", "f16"/"float16"/"F16", "bf16"/"bfloat16"/"BF16" and the
+ * quantized names above (any case). Returns 0 or KVD_EINVAL. */
 int kvd_dtype_parse(const char *name, kvd_dtype *out);
 
 #define KVD_MAX_EOS_IDS 8
@@ -118,7 +140,9 @@ typedef struct kvd_model {
     const float *final_norm;   /* (hidden) model.norm.weight */
     kvd_layer_weights *layers; /* [num_layers] */
     size_t weight_bytes;       /* bytes of weights held (matrices + vectors) */
-    char *dir;                 /* checkpoint directory as given */
+    char *dir;                 /* checkpoint directory (or GGUF file) as given */
+    char *chat_template;       /* a GGUF's tokenizer.chat_template; NULL for a Hugging Face
+                                * directory (its template is in tokenizer_config.json) */
     void *impl;                /* loader-private: arena and bookkeeping */
 } kvd_model;
 

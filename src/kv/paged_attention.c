@@ -263,6 +263,8 @@ void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_bloc
                 v16_store_bf16_n((uint16_t *)(kdst + at), v16_load_n(ks + d, n), n);
                 v16_store_bf16_n((uint16_t *)(vdst + at), v16_load_n(vs + d, n), n);
                 break;
+            default: /* the pool refuses other dtypes (kvd_kv_pool_create) */
+                break;
             }
         }
     }

@@ -657,5 +657,6 @@ void kvd_model_destroy(kvd_model *model)
     free(impl);
     free(model->layers);
     free(model->dir);
+    free(model->chat_template);
     free(model);
 }

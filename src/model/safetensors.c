@@ -40,8 +40,8 @@ const char *kvd_st_dtype_name(kvd_dtype dtype)
     case KVD_DTYPE_F32: return "F32";
     case KVD_DTYPE_F16: return "F16";
     case KVD_DTYPE_BF16: return "BF16";
+    default: return "?"; /* block formats have no safetensors name */
     }
-    return "?";
 }
 
 const char *kvd_st_printable(char *buf, size_t cap, const char *s)

@@ -1,0 +1,31 @@
+/* kvd_quant.h - ggml's block-quantized formats: reading them back to floats and making
+ * them from floats. The formats are the ones a GGUF file stores (ggml-common.h), so a
+ * file means the same numbers in kvd as in llama.cpp.
+ *
+ * Pure functions over caller-owned memory: any thread, no allocation. The matrix
+ * products over quantized weights (activations quantized per block, integer dot
+ * products) are kvd_matmul_cols in kvd_kernels.h, dispatched on the matrix's dtype;
+ * kvd_matrix_pack / kvd_matrix_packed_bytes / kvd_matrix_row (kvd_model.h) take a
+ * quantized tensor in its file layout (row-major, each row kvd_dtype_row_bytes()).
+ */
+#ifndef KVD_QUANT_H
+#define KVD_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvd/kvd_error.h"
+#include "kvd/kvd_model.h"
+
+/* dst[n] = the values of n consecutive elements of type dtype at src (any dtype, float
+ * or quantized; n a whole number of blocks). Returns 0, or KVD_EINVAL when n is not a
+ * whole number of blocks. */
+int kvd_dequantize_row(kvd_dtype dtype, const void *src, float *dst, int64_t n);
+
+/* dst (kvd_dtype_row_bytes(dtype, n) bytes) = src[n] quantized to dtype, rounding as
+ * llama.cpp's reference quantizer (quantize_row_*_ref) does, so that kvd's --quantize and
+ * llama-quantize (without an importance matrix) give the same bytes. Returns 0, or
+ * KVD_EINVAL (n not a whole number of blocks) / KVD_EUNSUPPORTED (no quantizer for dtype). */
+int kvd_quantize_row(kvd_dtype dtype, const float *src, void *dst, int64_t n);
+
+#endif
