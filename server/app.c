@@ -357,7 +357,7 @@ int kvd_app_init(kvd_app *app, uv_loop_t *loop, const kvd_server_config *cfg, kv
     limits.max_connections = cfg->max_connections;
     limits.max_write_queue_bytes = (size_t)cfg->max_write_queue_bytes;
     limits.socket_send_buffer = (size_t)cfg->socket_send_buffer_bytes;
-    kvd_http_handlers handlers = {kvd_openai_on_request, kvd_openai_on_abort, app};
+    kvd_http_handlers handlers = {.on_request = kvd_openai_on_request, .on_abort = kvd_openai_on_abort, .arg = app};
     app->http = kvd_http_server_create(loop, &limits, &handlers, err);
     if (!app->http)
         return err ? err->code : KVD_EINVAL;
