@@ -128,7 +128,6 @@ static void after_load(uv_work_t *work, int status)
     kvd_served_model *m = &d->jobs.model;
     m->engine = d->engine;
     m->tok = d->tok;
-    m->block_size = d->cfg.block_size;
     m->defaults = kvd_request_params_default(d->model);
     int tok_vocab = kvd_tokenizer_vocab_size(d->tok);
     int model_vocab = d->model->config.vocab_size;

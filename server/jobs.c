@@ -58,10 +58,6 @@ struct kvd_job {
     kvd_error work_err;
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
-    uint8_t *kv_states;      /* GET /v1/kv: the snapshot the worker took */
-    int kv_num_blocks;
-    char *kv_tables;
-    kvd_engine_stats kv_stats;
     uint64_t engine_id;      /* 0 until submitted */
     job_choice *choices;
     int num_choices;
@@ -305,8 +301,6 @@ static void job_free(kvd_job *job)
     free(job->choices);
     free(job->prompt);
     free(job->answer);
-    free(job->kv_states);
-    free(job->kv_tables);
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -758,16 +752,18 @@ void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *bod
 }
 
 /* Runs on a libuv worker: the snapshot waits for the engine's running step (tens of
- * milliseconds on a big model), which on the loop would stall every other connection.
- * The document is built back on the loop: cJSON's parser writes a process-wide error
- * pointer, so it must not run on two threads at once. */
+ * milliseconds on a big model), which on the loop would stall every other connection,
+ * and the document grows with the pool. */
 static void kv_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
-    kvd_engine *engine = job->jobs->model.engine;
-    job->work_rc = kvd_engine_kv_snapshot(engine, &job->kv_states, &job->kv_num_blocks, &job->kv_tables);
-    if (job->work_rc == 0)
-        kvd_engine_stats_get(engine, &job->kv_stats);
+    kvd_kv_snapshot snap;
+    job->work_rc = kvd_engine_kv_snapshot(job->jobs->model.engine, &snap);
+    cJSON *root = job->work_rc == 0 ? kvd_web_kv_json(&snap) : NULL;
+    kvd_kv_snapshot_deinit(&snap);
+    job->answer = root ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    job->answer_len = job->answer ? strlen(job->answer) : 0;
 }
 
 static void after_kv(uv_work_t *work, int status)
@@ -775,17 +771,10 @@ static void after_kv(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
-    cJSON *root = job->work_rc != 0 ? NULL
-                                    : kvd_web_kv_json(job->jobs->model.block_size, job->kv_states,
-                                                      job->kv_num_blocks, job->kv_tables, &job->kv_stats);
-    char *text = root ? cJSON_PrintUnformatted(root) : NULL;
-    cJSON_Delete(root);
-    if (!text) {
+    if (!job->answer)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
-        return;
-    }
-    job_answer(job, "application/json", text, strlen(text));
-    free(text);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
 }
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)

@@ -24,9 +24,9 @@ fuzz_target() {
 # --- model: safetensors header and config.json parsers ---
 cjson_flags=($(pkg-config --cflags --libs libcjson))
 fuzz_target fuzz_safetensors tests/fuzz/fuzz_safetensors.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 fuzz_target fuzz_config tests/fuzz/fuzz_config.c src/model/config.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 # --- end model ---
 
 # --- tokenizer (owner: tok): encode/decode/stream of arbitrary bytes ---
