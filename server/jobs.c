@@ -69,7 +69,7 @@ struct kvd_job {
     bool aborted;
     bool failed;
     int fail_status;
-    char error[256];
+    char error[400];
     int status;
 };
 
@@ -470,6 +470,29 @@ static void job_complete(kvd_job *job)
     }
 }
 
+static size_t job_held_bytes(const kvd_job *job)
+{
+    size_t total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+/* Gives up on a whole response: frees what it holds and cancels the rest; the error
+ * is answered once the engine confirms every choice ended. */
+static void job_stop(kvd_job *job, int status, const char *message)
+{
+    job->failed = true;
+    job->fail_status = status;
+    snprintf(job->error, sizeof job->error, "%s", message);
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_oai_choice_init(&job->choices[i].out);
+    }
+    if (job->engine_id && job->jobs->model.engine)
+        kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
+}
+
 static void handle_event(kvd_job *job, const kvd_event *ev)
 {
     kvd_jobs *jobs = job->jobs;
@@ -500,14 +523,21 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
         kvd_sbuf_deinit(&sse);
     } else if (job->req && !job->failed) {
         if (kvd_oai_choice_add(&job->resp, &ch->out, ev) != 0) {
-            job->failed = true;
-            job->fail_status = 500;
-            snprintf(job->error, sizeof job->error, "out of memory");
+            job_stop(job, 500, "out of memory");
+        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
+                     "\"stream\": true",
+                     jobs->max_response_bytes);
+            job_stop(job, 400, msg);
         }
     }
     if (ev->finish != KVD_FINISH_NONE) {
         ch->done = true;
         ch->out.finish = ev->finish;
+        if (job->failed) /* job_stop freed the buffers; nothing more is kept */
+            kvd_oai_choice_deinit(&ch->out);
         job->num_done++;
         jobs->metrics->finished[ev->finish]++;
         if (ev->finish == KVD_FINISH_ERROR && !job->failed) {
@@ -647,6 +677,33 @@ static void job_start_tokenizing(kvd_job *job)
 
 /* ---- starting jobs ---- */
 
+/* A whole response is held in memory until its last choice ends, so its size is
+ * bounded: requests whose answer would be larger than max_response_bytes are refused
+ * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
+ * token and each alternative, of every token of every choice; a chat entry prints
+ * as 60-90 bytes) or one byte per token without logprobs, and one that outgrows the
+ * bound anyway is stopped when it does (handle_event). Streams are bounded by the
+ * connection's write queue instead. */
+#define KVD_LOGPROB_ENTRY_BYTES 64
+
+static bool refuse_large_response(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes;
+    const kvd_request_params *p = &job->oai.params;
+    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * KVD_LOGPROB_ENTRY_BYTES : 1;
+    uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
+    if (!limit || estimate <= limit)
+        return false;
+    char msg[400];
+    snprintf(msg, sizeof msg,
+             "the response would hold about %" PRIu64 " bytes (n %d x max_tokens %d x %" PRIu64
+             " bytes per token%s), above max_response_bytes %" PRIu64
+             "; lower n, max_tokens or top_logprobs, or set \"stream\": true",
+             estimate, p->n, p->max_tokens, per_token, job->oai.logprobs ? " with logprobs" : "", limit);
+    job_fail(job, 400, msg, job->oai.logprobs ? "top_logprobs" : "max_tokens", "response_too_large", NULL);
+    return true;
+}
+
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
 {
     kvd_job *job = job_create(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
@@ -662,6 +719,8 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
         return;
     }
+    if (!job->oai.stream && refuse_large_response(job))
+        return;
     job->resp = (kvd_oai_response){
         .id = job->id,
         .created = (long long)time(NULL),
