@@ -23,6 +23,10 @@
 #include "router.h"
 #include "util.h"
 
+/* Exit status when the shutdown cut responses it had accepted (drain timeout, second
+ * signal): the log names each, with the bytes written. */
+#define KVD_EXIT_RESPONSES_CUT 3
+
 typedef struct kvd_daemon {
     uv_loop_t *loop;
     kvd_server_config cfg;
@@ -30,6 +34,7 @@ typedef struct kvd_daemon {
     char model_name[256];
     const char *model_names[1];
     int exit_code;
+    int responses_cut;  /* by the shutdown, not by their clients */
     int bound_port;
     int signals_seen;
 

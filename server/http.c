@@ -30,6 +30,9 @@
 #include "http.h"
 
 #include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <ctype.h>
@@ -47,6 +50,8 @@ enum conn_phase {
     PHASE_LINGER,
 };
 
+/* How often a half-closed connection is checked for a reset while its answer is made. */
+#define PROBE_MS 100
 /* How long a closing connection keeps discarding input before it closes. */
 #define LINGER_MS 2000
 /* Pipelined input kept while a request is with the application. */
@@ -90,6 +95,7 @@ struct kvd_http_request {
 typedef struct http_conn {
     uv_tcp_t tcp;
     uv_timer_t timer;
+    uv_timer_t probe;   /* a half-closed peer: still there to read the answer? */
     uv_shutdown_t shutdown;
     kvd_http_server *srv;
     struct http_conn *prev, *next;
@@ -167,7 +173,7 @@ kvd_http_limits kvd_http_limits_default(void)
         .max_connections = 1024,
         .max_write_queue_bytes = 1024 * 1024,
         .send_timeout_ms = 30000,
-        .max_buffered_body_bytes = 256u << 20,
+        .max_buffered_body_bytes = 64u << 20,
         .json_posts = true,
     };
     return l;
@@ -316,6 +322,7 @@ static void conn_close(http_conn *conn)
     uv_read_stop((uv_stream_t *)&conn->tcp);
     uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&conn->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&conn->probe, on_handle_closed);
 }
 
 static void on_timer(uv_timer_t *timer);
@@ -980,6 +987,49 @@ static int on_message_complete(llhttp_t *parser)
 
 /* ---- reading ---- */
 
+/* Has the peer's kernel reset the connection (it closed its socket entirely)? */
+static bool peer_reset(http_conn *conn)
+{
+    uv_os_fd_t fd;
+    if (uv_fileno((uv_handle_t *)&conn->tcp, &fd) != 0)
+        return true;
+    int error = 0;
+    socklen_t len = sizeof error;
+    struct tcp_info info;
+    socklen_t info_len = sizeof info;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error != 0)
+        return true;
+    return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) == 0 && info.tcpi_state == TCP_CLOSE;
+}
+
+static void on_probe(uv_timer_t *timer)
+{
+    http_conn *conn = timer->data;
+    if (conn->closing || conn->phase != PHASE_APP)
+        return;
+    if (peer_reset(conn)) {
+        conn_close(conn); /* on_abort: nobody will read the answer */
+        return;
+    }
+    uv_timer_start(&conn->probe, on_probe, PROBE_MS, 0);
+}
+
+/* The end of input arrived while the application holds the request: a half-close
+ * (the peer still reads) or a full close (nobody will). TCP tells them apart only when
+ * we send: a closed socket answers with a reset. Before any byte of the answer, the
+ * probe is an interim 100 Continue, which every HTTP/1.1 client must accept before the
+ * final response (RFC 9110 15.2); then the socket is checked every PROBE_MS until the
+ * application answers, so a client that left cancels its request as before. */
+static void conn_probe_peer(http_conn *conn)
+{
+    kvd_http_request *req = &conn->req;
+    if (req->http10 || req->streaming)
+        return; /* no 1xx for HTTP/1.0; a stream's own writes find out */
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    if (conn_write3(conn, cont, sizeof cont - 1, NULL, 0, NULL, 0, false) == 0)
+        uv_timer_start(&conn->probe, on_probe, PROBE_MS, 0);
+}
+
 static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
 {
     (void)suggested;
@@ -1003,6 +1053,8 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
             conn->close_after = true;
             uv_read_stop(stream);
             conn->reading = false;
+            if (conn->phase == PHASE_APP)
+                conn_probe_peer(conn);
         } else {
             conn_close(conn);
         }
@@ -1114,10 +1166,12 @@ static void on_connection(uv_stream_t *listener, int status)
     conn->req.method = "";
     uv_tcp_init(srv->loop, &conn->tcp);
     uv_timer_init(srv->loop, &conn->timer);
+    uv_timer_init(srv->loop, &conn->probe);
+    conn->probe.data = conn;
     conn->tcp.data = conn;
     conn->timer.data = conn;
     conn->shutdown.data = conn;
-    conn->open_handles = 2;
+    conn->open_handles = 3;
     conn->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = conn;

@@ -61,7 +61,7 @@ typedef struct kvd_http_limits {
 
 /* 32 KiB headers, 100 header lines, 4 MiB bodies, 10 s, 60 s, 30 s, 1024 connections,
  * 1 MiB write queue, kernel send buffers left to autotuning, 30 s send timeout,
- * 256 MiB of buffered bodies, default host list, no cross-origin, JSON posts. */
+ * 64 MiB of buffered bodies, default host list, no cross-origin, JSON posts. */
 kvd_http_limits kvd_http_limits_default(void);
 
 typedef struct kvd_http_server kvd_http_server;

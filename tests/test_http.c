@@ -52,6 +52,7 @@ struct harness {
     int cuts;
     kvd_http_cut last_cut;
     int idles;
+    size_t buffered_at_end;  /* kvd_http_server_buffered_body_bytes when the client finished */
     jmp_buf client_jmp;  /* CHECK failures in the client thread land here */
     char failure[512];
 };
@@ -197,6 +198,7 @@ static void on_idle(void *arg)
 static void on_client_done(uv_async_t *async)
 {
     harness *h = async->data;
+    h->buffered_at_end = kvd_http_server_buffered_body_bytes(h->srv);
     kvd_http_server_close(h->srv);
     uv_close((uv_handle_t *)&h->done, NULL);
     uv_close((uv_handle_t *)&h->slow_timer, NULL);
@@ -787,14 +789,13 @@ static void client_disconnect(harness *h)
 {
     client *c = client_open(h);
     send_str(c, "GET /hold HTTP/1.1\r\nHost: t\r\n\r\n");
-    /* A reset (not a FIN, which is a half-close: see test_half_close) once the
-     * application holds the request. */
+    /* Once the application holds the request. The FIN alone could be a half-close
+     * (test_half_close); the server's 100 Continue probe meets the closed socket's
+     * reset, and that aborts the request. */
     while (atomic_load(&h->requests_seen) < 1) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }
-    struct linger hard = {.l_onoff = 1, .l_linger = 0};
-    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &hard, sizeof hard);
     client_close(c);
     wait_flag(&h->aborted_flag);
     CHECK(atomic_load(&h->aborted_flag));
@@ -1074,6 +1075,8 @@ static void client_half_close(harness *h)
     shutdown(c->fd, SHUT_WR); /* done sending; still reading */
     response r;
     CHECK(read_response(c, &r));
+    if (r.status == 100) /* the probe, when the end of input came before the answer */
+        CHECK(read_response(c, &r));
     CHECK_INT(r.status, 200);
     CHECK_STR(r.body, "GET /slow? tag=- body=");
     CHECK(has_header(&r, "Connection: close"));
@@ -1167,7 +1170,7 @@ static void test_buffered_body_cap(void **state)
     limits.max_buffered_body_bytes = 1500;
     run(&h, &limits, client_buffered_cap);
     assert_int_equal(h.requests, 2);
-    assert_int_equal(kvd_http_server_buffered_body_bytes(h.srv), 0);
+    assert_int_equal(h.buffered_at_end, 0);
 }
 
 /* ---- Host, Origin, CORS, content types ---- */
