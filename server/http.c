@@ -442,12 +442,13 @@ static void format_head(kvd_sbuf *sb, const kvd_http_request *req, int status, c
         kvd_sbuf_puts(sb, extra_headers);
 }
 
-/* OpenAI's error type for a status, as the application's own errors use them. */
-static const char *error_type(int status)
+const char *kvd_http_error_type(int status)
 {
     switch (status) {
     case 401: return "authentication_error";
     case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 429: return "rate_limit_error";
     case 503: return "service_unavailable";
     default: return status >= 500 ? "server_error" : "invalid_request_error";
     }
@@ -482,7 +483,7 @@ static void json_error_body(kvd_sbuf *sb, int status, const char *message, const
         else
             kvd_sbuf_append(sb, p, 1);
     }
-    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", error_type(status),
+    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", kvd_http_error_type(status),
                     code && code[0] ? code : error_code(status));
 }
 
