@@ -37,6 +37,9 @@ typedef struct kvd_daemon {
     uv_async_t engine_async;
     uv_signal_t sigint, sigterm;
     uv_timer_t drain_timer;
+    uv_prepare_t loop_prepare;  /* the loop's CPU time per iteration (metrics) */
+    double loop_cpu;
+    bool loop_cpu_seen;
     uv_work_t load_work;
     bool load_pending;
 

@@ -420,29 +420,37 @@ static void stream_write(kvd_job *job, kvd_sbuf *sse)
     kvd_sbuf_reset(sse);
 }
 
-static void respond_whole(kvd_job *job)
+/* Runs on a libuv worker: the whole body grows with n x max_tokens (tens of MB with
+ * logprobs). The job is done with the engine, so only this thread touches it. */
+static void whole_body_work(uv_work_t *work)
 {
+    kvd_job *job = work->data;
     kvd_oai_usage usage = job_usage(job);
     kvd_oai_choice *outs = malloc((size_t)job->num_choices * sizeof *outs);
     if (!outs) {
-        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        job->work_rc = KVD_ENOMEM;
         return;
     }
-    for (int i = 0; i < job->num_choices; i++) {
+    for (int i = 0; i < job->num_choices; i++)
         outs[i] = job->choices[i].out;
+    job->answer = kvd_oai_whole_body(&job->resp, outs, job->num_choices, &usage, &job->answer_len);
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&outs[i]);
         kvd_oai_choice_init(&job->choices[i].out);
     }
-    size_t len = 0;
-    char *body = kvd_oai_whole_body(&job->resp, outs, job->num_choices, &usage, &len);
-    for (int i = 0; i < job->num_choices; i++)
-        kvd_oai_choice_deinit(&outs[i]);
     free(outs);
-    if (!body) {
-        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    job->work_rc = job->answer ? 0 : KVD_ENOMEM;
+}
+
+static void after_whole_body(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
         return;
-    }
-    job_answer(job, "application/json", body, len);
-    free(body);
+    if (job->work_rc < 0)
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
 }
 
 static void job_complete(kvd_job *job)
@@ -466,7 +474,7 @@ static void job_complete(kvd_job *job)
     } else if (job->failed) {
         job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
     } else {
-        respond_whole(job);
+        job_start_work(job, whole_body_work, after_whole_body, "cannot queue the response");
     }
 }
 

@@ -72,5 +72,78 @@ def test_response_that_outgrows_the_bound_is_stopped():
         wait_until(lambda: d.metrics().get("kvd:num_requests_running", 0) == 0, 30, "no running request")
 
 
+# ---- defect 5: no answer that grows with the input is built on the loop thread ----
+
+def _loop_metrics(d):
+    m = d.metrics()
+    return (m["kvd:event_loop_iteration_cpu_seconds_count"],
+            m['kvd:event_loop_iteration_cpu_seconds_bucket{le="0.25"}'],
+            m["kvd:event_loop_iteration_cpu_max_seconds"])
+
+
+def test_large_answers_do_not_stall_the_loop():
+    # On main, one n=16 x 300-token logprobs answer (8 MB) built on the loop froze a
+    # running stream for 2.7 s, three 4 MB /tokenize answers for 3.2 s. Here the
+    # daemon's loop never spends a quarter second on one iteration, and the stream's
+    # gaps stay far below a second (the bound leaves room for a loaded machine).
+    with Daemon("--max-body-bytes", str(3 << 20)) as d:
+        words = ("alpha beta gamma delta river stone cloud lamp " * 50000)[: 2 << 20]
+        heavy = [("/tokenize", {"prompt": words}), ("/tokenize", {"prompt": words[::-1]}),
+                 ("/v1/chat/completions", dict({"messages": [{"role": "user", "content": "x"}], "n": 16,
+                                                "max_tokens": 300, "logprobs": True, "top_logprobs": 20},
+                                               **GREEDY))]
+        bodies = [(path, json.dumps(body).encode()) for path, body in heavy]
+        gaps, measuring, done = [], threading.Event(), threading.Event()
+        started = threading.Event()
+
+        def stream():
+            c = d.conn(300)
+            body = dict({"prompt": "hello", "max_tokens": 4000, "stream": True}, **GREEDY)
+            c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            last = None
+            while not done.is_set():
+                line = r.fp.readline()
+                if not line:
+                    break
+                if line.startswith(b"data: "):
+                    now = time.monotonic()
+                    started.set()
+                    if last is not None and measuring.is_set():
+                        gaps.append(now - last)
+                    last = now
+            c.close()
+
+        statuses = []
+
+        def send(path, body):
+            c = d.conn(300)
+            c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            while r.read(65536):
+                pass
+            statuses.append(r.status)
+            c.close()
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert started.wait(60), "the stream never started"
+        before = _loop_metrics(d)
+        measuring.set()
+        senders = [threading.Thread(target=send, args=b, daemon=True) for b in bodies]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(300)
+        measuring.clear()
+        after = _loop_metrics(d)
+        done.set()
+        assert statuses == [200, 200, 200], statuses
+        assert gaps, "no stream events while the answers were built"
+        assert max(gaps) < 1.5, "stream stalled %.2f s" % max(gaps)
+        slow = (after[0] - before[0]) - (after[1] - before[1])
+        assert slow == 0 and after[2] < 0.25, (before, after)
+
+
 if __name__ == "__main__":
     run_tests(globals())
