@@ -11,11 +11,13 @@
  */
 #include "daemon.h"
 
+#include <arpa/inet.h>
 #include <inttypes.h>
 #include <malloc.h>
+#include <netdb.h>
 #include <stdlib.h>
-#include <time.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kvd/kvd_kernels.h"
@@ -238,9 +240,17 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     d->jobs.on_idle = on_jobs_idle;
     d->jobs.max_response_bytes = cfg->max_response_bytes;
     d->jobs.on_idle_arg = d;
-    d->model_names[0] = d->model_name;
+    int num_names = 0;
+    d->model_names[num_names++] = d->model_name;
+    snprintf(d->model_aliases, sizeof d->model_aliases, "%s", cfg->served_model_name);
+    for (char *p = strchr(d->model_aliases, ','); p && num_names < 8; p = strchr(p, ',')) {
+        *p++ = '\0';
+        p += strspn(p, " ");
+        if (*p && *p != ',')
+            d->model_names[num_names++] = p;
+    }
     d->router = (kvd_router){.cfg = &d->cfg, .state = KVD_SERVE_LOADING, .jobs = &d->jobs,
-                             .model_names = d->model_names, .num_model_names = 1};
+                             .model_names = d->model_names, .num_model_names = num_names};
 
     kvd_http_limits limits = kvd_http_limits_default();
     limits.max_header_bytes = (size_t)cfg->max_header_bytes;
@@ -273,9 +283,39 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     return 0;
 }
 
+/* Listens on cfg.host: an address literal as it is, a host name ("localhost") on
+ * the first of its addresses that can be bound. Resolving blocks, which is fine
+ * before anything is served. */
+static int listen_on_host(kvd_daemon *d, kvd_error *err)
+{
+    const char *host = d->cfg.host;
+    unsigned char probe[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, host, probe) == 1 || inet_pton(AF_INET6, host, probe) == 1)
+        return kvd_http_server_listen(d->http, host, d->cfg.port, &d->bound_port, err);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG};
+    struct addrinfo *found = NULL;
+    int gai = getaddrinfo(host, NULL, &hints, &found);
+    if (gai != 0)
+        return kvd_error_set(err, KVD_EINVAL, "host: cannot resolve \"%s\": %s", host, gai_strerror(gai));
+    int rc = kvd_error_set(err, KVD_EINVAL, "host: \"%s\" has no IPv4 or IPv6 address", host);
+    for (struct addrinfo *ai = found; ai; ai = ai->ai_next) {
+        char literal[INET6_ADDRSTRLEN];
+        const void *addr = ai->ai_family == AF_INET ? (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr
+                           : ai->ai_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                                                       : NULL;
+        if (!addr || !inet_ntop(ai->ai_family, addr, literal, sizeof literal))
+            continue;
+        rc = kvd_http_server_listen(d->http, literal, d->cfg.port, &d->bound_port, err);
+        if (rc == 0)
+            break;
+    }
+    freeaddrinfo(found);
+    return rc;
+}
+
 int kvd_daemon_start(kvd_daemon *d, kvd_error *err)
 {
-    int rc = kvd_http_server_listen(d->http, d->cfg.host, d->cfg.port, &d->bound_port, err);
+    int rc = listen_on_host(d, err);
     if (rc < 0) {
         daemon_shutdown(d);
         return rc;

@@ -27,8 +27,9 @@ typedef struct kvd_daemon {
     uv_loop_t *loop;
     kvd_server_config cfg;
     kvd_logger log;
-    char model_name[256];
-    const char *model_names[1];
+    char model_name[256];          /* the served name */
+    char model_aliases[256];       /* served_model_name split in place at its commas */
+    const char *model_names[8];    /* the served name, then its aliases */
     int exit_code;
     int bound_port;
     int signals_seen;

@@ -9,8 +9,10 @@ defect (a stalled loop), and there the bound is seconds where the fix gives
 milliseconds.
 """
 
+import http.client
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -143,6 +145,77 @@ def test_large_answers_do_not_stall_the_loop():
         assert max(gaps) < 1.5, "stream stalled %.2f s" % max(gaps)
         slow = (after[0] - before[0]) - (after[1] - before[1])
         assert slow == 0 and after[2] < 0.25, (before, after)
+
+
+# ---- defect 11: /version, /v1/models/{id}, the model name, host names ----
+
+def _project_version():
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "meson.build")) as f:
+        return re.search(r"version\s*:\s*'([^']+)'", f.read()).group(1)
+
+
+def test_version_and_model_routes():
+    with Daemon("--served-model-name", "tiny-a, alias-b") as d:
+        status, body = d.get("/version")
+        assert status == 200 and json.loads(body) == {"version": _project_version()}, (status, body)
+        status, body = d.get("/v1/models")
+        listed = json.loads(body)["data"]
+        assert [m["id"] for m in listed] == ["tiny-a"], listed
+        assert "/" not in json.dumps(listed), listed  # no filesystem path
+        for name in ("tiny-a", "alias-b"):
+            status, body = d.get("/v1/models/" + name)
+            model = json.loads(body)
+            assert status == 200 and model["id"] == name and model["object"] == "model", (status, body)
+        status, body = d.get("/v1/models/gpt-4o")
+        check_error(json.loads(body), "model", "model_not_found")
+        assert status == 404, status
+        chat = dict({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, **GREEDY)
+        for name in ("tiny-a", "alias-b", None):
+            body = dict(chat, model=name) if name else chat
+            status, resp = d.post("/v1/chat/completions", body)
+            assert status == 200 and resp["model"] == "tiny-a", (name, status, resp)
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                           ("/tokenize", {"prompt": "x"})):
+            status, resp = d.post(path, dict(body, model="gpt-4o"))
+            err = check_error(resp, "model", "model_not_found")
+            assert status == 404 and "gpt-4o" in err["message"] and "tiny-a" in err["message"], (path, resp)
+            assert err["type"] == "not_found_error", err
+
+
+def test_host_names():
+    with Daemon("--host", "localhost", wait_ready=True) as d:
+        c = http.client.HTTPConnection("localhost", d.port, timeout=30)
+        c.request("GET", "/health")
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+        c.close()
+        assert re.search(r"listening on http://localhost:%d " % d.port, d.output()), d.output_tail()
+    proc = subprocess.run([KVD, "--model", tiny_model(), "--port", "0", "--host", "no-such-host.invalid"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout)
+    assert 'cannot resolve "no-such-host.invalid"' in proc.stdout, proc.stdout
+
+
+# ---- the knob table drives flags, files, --help and the docs ----
+
+def test_knob_table_drives_config_file_and_docs():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    listing = subprocess.run([KVD, "--print-knobs", "json"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    defaults = json.loads(listing.stdout)
+    with open(os.path.join(root, "configs", "default.json")) as f:
+        shipped = json.load(f)
+    # The shipped file names a model directory; every other value is the default.
+    assert shipped.pop("model") and defaults.pop("model") == "", shipped
+    assert shipped == defaults, "configs/default.json differs from kvd --print-knobs json: %r" % (
+        set(shipped.items()) ^ set(defaults.items()))
+    table = subprocess.run([KVD, "--print-knobs", "md"], capture_output=True, text=True, timeout=60).stdout
+    with open(os.path.join(root, "docs", "operations.md")) as f:
+        docs = f.read()
+    assert table in docs, "docs/operations.md's knob table differs from kvd --print-knobs md"
+    help_text = subprocess.run([KVD, "--help"], capture_output=True, text=True, timeout=60).stdout
+    for key in defaults:
+        assert "--" + key.replace("_", "-") in help_text, key
 
 
 if __name__ == "__main__":
