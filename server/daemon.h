@@ -23,6 +23,8 @@
 #include "router.h"
 #include "util.h"
 
+typedef struct kvd_loader kvd_loader;
+
 typedef struct kvd_daemon {
     uv_loop_t *loop;
     kvd_server_config cfg;
@@ -41,10 +43,10 @@ typedef struct kvd_daemon {
     uv_prepare_t loop_prepare;  /* the loop's CPU time per iteration (metrics) */
     double loop_cpu;
     bool loop_cpu_seen;
-    uv_work_t load_work;
-    bool load_pending;
+    uv_async_t load_async;      /* the loader thread is done */
+    kvd_loader *loader;         /* NULL once taken or abandoned */
 
-    /* Set by the loader; read-only afterwards. */
+    /* From the loader; read-only afterwards. */
     kvd_model *model;
     kvd_tokenizer *tok;
     kvd_engine *engine;

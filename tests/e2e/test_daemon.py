@@ -218,5 +218,58 @@ def test_knob_table_drives_config_file_and_docs():
         assert "--" + key.replace("_", "-") in help_text, key
 
 
+# ---- defect 15: signals while loading, a second quick SIGTERM, a symlink loop ----
+
+def test_sigterm_while_the_loader_is_blocked():
+    # tokenizer.json is a FIFO nobody writes: the loader blocks in open() for ever.
+    # On main the daemon answered 503 and ignored SIGTERM until killed.
+    tiny = tiny_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in os.listdir(tiny):
+            if name != "tokenizer.json":
+                os.symlink(os.path.join(tiny, name), os.path.join(tmp, name))
+        os.mkfifo(os.path.join(tmp, "tokenizer.json"))
+        with Daemon(model=tmp, wait_ready=False) as d:
+            status, body = d.get("/health")
+            assert status == 503 and json.loads(body)["error"]["code"] == "loading", (status, body)
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit(30) == 0, d.output_tail()
+            d.wait_for_line("stopping without waiting for the model loader", 10)
+
+
+def test_second_quick_sigterm_still_exits_cleanly():
+    # Two SIGTERMs back to back (a supervisor and a process-group kill, say): the
+    # second lands while the first one's shutdown runs. On main that second signal
+    # found the default action restored and killed the daemon (exit -15 / 143).
+    for attempt in range(4):
+        with Daemon() as d:
+            d.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.001 * attempt)
+            d.proc.send_signal(signal.SIGTERM)
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.wait_exit(30) == 0, (attempt, d.proc.returncode, d.output_tail())
+    # The same with a stream in flight: the second signal stops at once, still cleanly.
+    with Daemon("--drain-timeout-s", "60") as d:
+        c = d.conn(60)
+        c.request("POST", "/v1/completions", body=json.dumps(dict(
+            {"prompt": "x", "max_tokens": 4000, "stream": True}, **GREEDY)),
+            headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200 and r.read(6) == b"data: "
+        for _ in range(3):
+            d.proc.send_signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0, (d.proc.returncode, d.output_tail())
+        c.close()
+
+
+def test_symlink_loop_model_path():
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = os.path.join(tmp, "model")
+        os.symlink(loop, loop)
+        proc = subprocess.run([KVD, "--model", loop, "--port", "0"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (proc.returncode, proc.stderr)
+        assert "is a symbolic link loop" in proc.stderr, proc.stderr
+
+
 if __name__ == "__main__":
     run_tests(globals())
