@@ -685,6 +685,25 @@ static void job_start_tokenizing(kvd_job *job)
 
 /* ---- starting jobs ---- */
 
+/* A new job for req, or NULL after answering 500. */
+static kvd_job *job_begin(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind kind)
+{
+    kvd_job *job = job_create(jobs, req, kind);
+    if (!job)
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    return job;
+}
+
+/* Answers a refused body (400 naming param, or 500) and frees the job; false when
+ * rc is 0. */
+static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const char *param)
+{
+    if (rc == 0)
+        return false;
+    job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err->msg, param, NULL, NULL);
+    return true;
+}
+
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
  * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
@@ -714,19 +733,15 @@ static bool refuse_large_response(kvd_job *job)
 
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse(&job->oai, route, body, &jobs->model.defaults, &jobs->model.info, param, sizeof param,
                            &err);
-    if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     if (!job->oai.stream && refuse_large_response(job))
         return;
     job->resp = (kvd_oai_response){
@@ -752,18 +767,14 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
 
 void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_TOKENIZE);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_TOKENIZE);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse_tokenize(&job->oai, body, param, sizeof param, &err);
-    if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     job_start_tokenizing(job);
 }
 
@@ -802,19 +813,15 @@ static void after_detokenize(uv_work_t *work, int status)
 
 void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_DETOKENIZE);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_DETOKENIZE);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse_detokenize(body, &jobs->model.info, &job->prompt, &job->num_prompt, param, sizeof param,
                                       &err);
-    if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     job_start_work(job, detokenize_work, after_detokenize, "cannot queue detokenization");
 }
 
@@ -846,11 +853,9 @@ static void after_kv(uv_work_t *work, int status)
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_KV);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_KV);
+    if (!job)
         return;
-    }
     job_start_work(job, kv_work, after_kv, "cannot queue the KV snapshot");
 }
 
