@@ -10,7 +10,8 @@ for as long as the building takes; one that hands it to workers does not, and th
 stream's gap is then the engine's step time (which grows with the batch).
 
   python3 bench/loop_stall.py --kvd build/server/kvd --model build/fixtures/tiny \\
-      [--tokenize 4] [--logprobs 4] [--max-tokens 1500] [--window 90]
+      [--tokenize 4] [--logprobs 4] [--max-tokens 1500] [--window 90] \\
+      [--daemon-args "--max-response-bytes 67108864"]
 
 Python 3 stdlib only; loopback only; stops by itself after --window seconds.
 """
@@ -106,9 +107,11 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=1500)
     ap.add_argument("--window", type=float, default=90.0, help="seconds to measure at most")
     ap.add_argument("--threads", default="0")
+    ap.add_argument("--daemon-args", default="", help="more kvd flags, e.g. \"--max-response-bytes 67108864\"")
     args = ap.parse_args()
 
-    d = Daemon(args.kvd, args.model, ["--threads", args.threads, "--max-body-bytes", str(5 << 20)])
+    d = Daemon(args.kvd, args.model,
+               ["--threads", args.threads, "--max-body-bytes", str(5 << 20)] + args.daemon_args.split())
     rng = random.Random(7)
     stop = threading.Event()
     health_ms, gap_ms = [], []

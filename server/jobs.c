@@ -706,18 +706,21 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
- * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
- * token and each alternative, of every token of every choice; a chat entry prints
- * as 60-90 bytes) or one byte per token without logprobs, and one that outgrows the
- * bound anyway is stopped when it does (handle_event). Streams are bounded by the
- * connection's write queue instead. */
-#define KVD_LOGPROB_ENTRY_BYTES 64
+ * before any work, counting per logprob entry (the sampled token and each alternative,
+ * of every token of every choice) what one prints as on average: 80 bytes in chat's
+ * shape (n=16 x 4000 x 21 entries made a 109 MB body), 32 in completions' (an entry of
+ * three parallel arrays and a map), or one byte per token without logprobs. One that
+ * outgrows the bound anyway is stopped when it does (handle_event). Streams are
+ * bounded by the connection's write queue instead. */
+#define KVD_CHAT_LOGPROB_ENTRY_BYTES 80
+#define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
 
 static bool refuse_large_response(kvd_job *job)
 {
     uint64_t limit = job->jobs->max_response_bytes;
     const kvd_request_params *p = &job->oai.params;
-    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * KVD_LOGPROB_ENTRY_BYTES : 1;
+    uint64_t entry = job->kind == KVD_JOB_CHAT ? KVD_CHAT_LOGPROB_ENTRY_BYTES : KVD_COMPLETION_LOGPROB_ENTRY_BYTES;
+    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * entry : 1;
     uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
     if (!limit || estimate <= limit)
         return false;
