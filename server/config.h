@@ -41,6 +41,10 @@ typedef struct kvd_server_config {
     uint64_t max_write_queue_bytes;
     uint64_t max_response_bytes;     /* a whole (non-streamed) response held in memory */
     uint64_t socket_send_buffer_bytes; /* 0 = kernel autotuning */
+    uint64_t send_timeout_ms;        /* 0 = none */
+    uint64_t max_buffered_body_bytes;
+    char allowed_hosts[1024];        /* "" = loopback names on a loopback bind, else any */
+    char allowed_origins[2048];      /* "" = none but the daemon's own pages */
     int drain_timeout_s;
     char api_key[512];               /* "" = no authentication */
     int threads;                     /* compute threads, 0 = all cores */

@@ -189,21 +189,37 @@ static void handle_with_body(kvd_router *r, kvd_http_request *req, enum route_id
     cJSON_Delete(body);
 }
 
+static const route *find_route(const char *path)
+{
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+        if (strcmp(routes[i].path, path) == 0 ||
+            (routes[i].id == ROUTE_MODEL && strncmp(path, MODEL_PREFIX, strlen(MODEL_PREFIX)) == 0 &&
+             path[strlen(MODEL_PREFIX)]))
+            return &routes[i];
+    return NULL;
+}
+
+bool kvd_router_on_headers(const kvd_http_request *req, kvd_http_refusal *refusal, void *arg)
+{
+    const kvd_router *r = arg;
+    const route *found = find_route(kvd_http_path(req));
+    if (!found || !found->needs_auth || strcmp(found->method, kvd_http_method(req)) != 0 || authorized(r, req))
+        return false;
+    /* Before the body: an unauthorized client gets no 100 Continue and buffers nothing. */
+    refusal->status = 401;
+    refusal->message = "Incorrect or missing API key: send Authorization: Bearer <key>";
+    refusal->code = "invalid_api_key";
+    refusal->extra_headers = "WWW-Authenticate: Bearer\r\n";
+    return true;
+}
+
 void kvd_router_on_request(kvd_http_request *req, void *arg)
 {
     kvd_router *r = arg;
     kvd_jobs *jobs = r->jobs;
     const char *path = kvd_http_path(req);
     const char *method = kvd_http_method(req);
-    const route *found = NULL;
-    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
-        if (strcmp(routes[i].path, path) == 0 ||
-            (routes[i].id == ROUTE_MODEL && strncmp(path, MODEL_PREFIX, strlen(MODEL_PREFIX)) == 0 &&
-             path[strlen(MODEL_PREFIX)])) {
-            found = &routes[i];
-            break;
-        }
-    }
+    const route *found = find_route(path);
     /* The daemon's own pages (server/web/): static, so no API key and no model needed. */
     const kvd_web_asset *asset = found ? NULL : kvd_web_find(path);
     if (asset) {
