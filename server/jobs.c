@@ -707,12 +707,12 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
  * before any work, counting per logprob entry (the sampled token and each alternative,
- * of every token of every choice) what one prints as on average: 80 bytes in chat's
- * shape (n=16 x 4000 x 21 entries made a 109 MB body), 32 in completions' (an entry of
- * three parallel arrays and a map), or one byte per token without logprobs. One that
- * outgrows the bound anyway is stopped when it does (handle_event). Streams are
- * bounded by the connection's write queue instead. */
-#define KVD_CHAT_LOGPROB_ENTRY_BYTES 80
+ * of every token of every choice) a little more than one prints as on average: chat
+ * entries came to 81-83 bytes (n=16 x 4000 x 21 entries made a 109 MB body), so 88;
+ * completions' (items of three parallel arrays and a map) 32; one byte per token
+ * without logprobs. One that outgrows the bound anyway is stopped when it does
+ * (handle_event). Streams are bounded by the connection's write queue instead. */
+#define KVD_CHAT_LOGPROB_ENTRY_BYTES 88
 #define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
 
 static bool refuse_large_response(kvd_job *job)
