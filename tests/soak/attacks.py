@@ -93,12 +93,18 @@ def attack_pipeline(route, body, timeout_s):
         for _ in range(16):
             s = connect(d.port, 4096)
             s.setblocking(False)
-            try:
-                for _ in range(64):
-                    s.send(one)
-            except BlockingIOError:
-                pass
             hogs.append(s)
+        # Each hog pipelines as long as the daemon takes its requests (it stops reading
+        # while an answer is queued, so the hog's own send buffer fills), never reading.
+        pending = {s: 0 for s in hogs}
+        stop_at = time.monotonic() + 3
+        while time.monotonic() < stop_at:
+            for s in hogs:
+                try:
+                    pending[s] += s.send(one[pending[s] % len(one):] if pending[s] % len(one) else one)
+                except (BlockingIOError, ConnectionError):
+                    pass
+            time.sleep(0.01)
         time.sleep(1)
         refused_early = health_status(d) != 200
         # How long until a new client is served again (the hogs' slots freed)?
@@ -108,16 +114,28 @@ def attack_pipeline(route, body, timeout_s):
                 served_after = time.monotonic() - start
                 break
             time.sleep(0.25)
-        conns = d.metrics()["kvd:http_connections"]
+        # And until every hog is gone (the metrics request itself is the one left)?
+        all_gone_after = None
+        while time.monotonic() - start < timeout_s + 60:
+            try:
+                if d.metrics()["kvd:http_connections"] <= 1:
+                    all_gone_after = time.monotonic() - start
+                    break
+            except (AssertionError, OSError):
+                pass  # a slot still taken
+            time.sleep(0.25)
         peak = sampler.done()
+        cuts = len(re.findall(r"response cut \(client not reading", d.output()))
+        answers = len(re.findall(r" %s 200 " % route, d.output()))
         for s in hogs:
             s.close()
         time.sleep(1)
         after = rss_kb(pid)
-        cuts = len(re.findall(r"response cut", d.output()))
+        never = "never (%d s)"
         report("pipeline " + route, before, peak, after, blocked_at_1s=refused_early,
-               new_client_served_after_s="%.1f" % served_after if served_after else "never (%d s)" % (timeout_s + 30),
-               open_connections=conns, cut_lines=cuts)
+               new_client_served_after_s="%.1f" % served_after if served_after else never % (timeout_s + 30),
+               all_hogs_cut_after_s="%.1f" % all_gone_after if all_gone_after else never % (timeout_s + 60),
+               answers_queued=answers, cut_lines=cuts)
 
 
 def attack_stalled_bodies(with_key):
@@ -147,13 +165,14 @@ def attack_stalled_bodies(with_key):
                     time.sleep(0.005)
                 except (BrokenPipeError, ConnectionResetError):
                     break
+            socks.append(s)
+        time.sleep(1)
+        for s in socks:
             try:
                 first = s.recv(16)
                 refused += first.startswith(b"HTTP/1.1 4") or first.startswith(b"HTTP/1.1 5")
             except (BlockingIOError, ConnectionResetError):
                 pass
-            socks.append(s)
-        time.sleep(1)
         peak = sampler.done()
         served = health_status(d)
         for s in socks:
