@@ -115,7 +115,6 @@ typedef struct http_conn {
     bool value_open;
     const char *value_span_end;
     bool value_gap;
-    const char *exec_end;
     uint64_t bytes_queued;  /* all bytes ever queued; minus libuv's queue: taken by the kernel */
     uint64_t send_mark;     /* taken by the kernel when the send timer was armed */
     uint64_t resp_start;    /* bytes_queued when the current response began */
@@ -193,7 +192,6 @@ const char *kvd_http_status_text(int status)
     case 408: return "Request Timeout";
     case 411: return "Length Required";
     case 413: return "Payload Too Large";
-    case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
     case 417: return "Expectation Failed";
     case 422: return "Unprocessable Entity";
@@ -1349,9 +1347,9 @@ void kvd_http_server_close(kvd_http_server *srv)
     if (!uv_is_closing((uv_handle_t *)&srv->idle_notify))
         uv_close((uv_handle_t *)&srv->idle_notify, NULL);
     for (http_conn *conn = srv->conns; conn; conn = conn->next) {
-        /* A written answer whose FIN is out: let the linger end it (the peer's EOF, or
+        /* An answer wholly with the kernel: let the linger end it (the peer's EOF, or
          * LINGER_MS), so the peer reads the answer instead of a reset. */
-        if (conn->phase == PHASE_LINGER && conn->shut_done)
+        if (conn->phase == PHASE_LINGER && !conn->busy)
             continue;
         conn->by_server = true;
         conn_close(conn);
