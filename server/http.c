@@ -116,7 +116,8 @@ typedef struct http_conn {
     const char *value_span_end;
     bool value_gap;
     uint64_t bytes_queued;  /* all bytes ever queued; minus libuv's queue: taken by the kernel */
-    uint64_t send_mark;     /* taken by the kernel when the send timer was armed */
+    uint64_t send_mark;     /* taken by the kernel at the last check that saw progress */
+    uint64_t send_mark_ms;  /* uv_now() of that check */
     uint64_t resp_start;    /* bytes_queued when the current response began */
     uint64_t resp_meant;    /* its whole length once known */
     int resp_status;
@@ -316,6 +317,12 @@ static void conn_close(http_conn *conn)
         return;
     conn->closing = true;
     conn->taken_at_close = conn_bytes_taken(conn);
+    if (conn->counted) {
+        /* A closing connection holds no slot: the next client must not get 503 while
+         * the close callbacks are still to run. */
+        conn->counted = false;
+        conn->srv->num_counted--;
+    }
     uv_timer_stop(&conn->timer);
     uv_read_stop((uv_stream_t *)&conn->tcp);
     uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
@@ -357,6 +364,14 @@ static void on_write(uv_write_t *uvreq, int status)
     }
 }
 
+/* The send timer checks four times per send_timeout_ms, so a peer that stopped
+ * taking bytes is cut between 1 and 1.25 times that after the last byte it took. */
+static uint64_t send_check_ms(const http_conn *conn)
+{
+    uint64_t every = conn->srv->limits.send_timeout_ms / 4;
+    return every ? every : 1;
+}
+
 /* While a response is being written, the timer watches the peer take our bytes. */
 static void conn_arm_send_timer(http_conn *conn)
 {
@@ -364,7 +379,8 @@ static void conn_arm_send_timer(http_conn *conn)
         (conn->phase != PHASE_APP && conn->phase != PHASE_FLUSH) || uv_is_active((uv_handle_t *)&conn->timer))
         return;
     conn->send_mark = conn_bytes_taken(conn);
-    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
+    conn->send_mark_ms = uv_now(conn->srv->loop);
+    uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
 }
 
 /* Queues the concatenation of up to three byte ranges as one write. */
@@ -1099,16 +1115,20 @@ static void conn_resume_reading(http_conn *conn)
         conn_close(conn);
 }
 
-/* Re-arms the send timer when the peer took bytes since it was armed. */
+/* Re-arms the send timer unless the peer has taken no byte for send_timeout_ms. */
 static bool conn_send_progressed(http_conn *conn)
 {
     if (!conn->srv->limits.send_timeout_ms)
         return false;
+    uint64_t now = uv_now(conn->srv->loop);
     uint64_t taken = conn_bytes_taken(conn);
-    if (taken == conn->send_mark)
+    if (taken != conn->send_mark) {
+        conn->send_mark = taken;
+        conn->send_mark_ms = now;
+    } else if (now - conn->send_mark_ms >= conn->srv->limits.send_timeout_ms) {
         return false;
-    conn->send_mark = taken;
-    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
+    }
+    uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
     return true;
 }
 
