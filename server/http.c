@@ -32,6 +32,8 @@
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -118,6 +120,7 @@ typedef struct http_conn {
     uint64_t bytes_queued;  /* all bytes ever queued; minus libuv's queue: taken by the kernel */
     uint64_t send_mark;     /* taken by the kernel at the last check that saw progress */
     uint64_t send_mark_ms;  /* uv_now() of that check */
+    uint64_t idle_since_ms; /* IDLE: when the last answer was handed to the kernel */
     uint64_t resp_start;    /* bytes_queued when the current response began */
     uint64_t resp_meant;    /* its whole length once known */
     int resp_status;
@@ -268,6 +271,24 @@ static uint64_t conn_bytes_taken(const http_conn *conn)
     return conn->bytes_queued - uv_stream_get_write_queue_size((const uv_stream_t *)&conn->tcp);
 }
 
+/* Bytes the kernel holds for the peer, not yet acknowledged (several MiB with
+ * autotuned buffers: a peer that never reads leaves them there). */
+static uint64_t kernel_unacked(const http_conn *conn)
+{
+    uv_os_fd_t fd;
+    int n = 0;
+    if (uv_fileno((const uv_handle_t *)&conn->tcp, &fd) != 0 || ioctl(fd, SIOCOUTQ, &n) != 0 || n < 0)
+        return 0;
+    return (uint64_t)n;
+}
+
+/* What the peer has taken: the progress the send timer watches. */
+static uint64_t conn_bytes_acked(const http_conn *conn)
+{
+    uint64_t taken = conn_bytes_taken(conn), held = kernel_unacked(conn);
+    return held < taken ? taken - held : 0;
+}
+
 static void conn_free(http_conn *conn)
 {
     kvd_http_server *srv = conn->srv;
@@ -378,7 +399,7 @@ static void conn_arm_send_timer(http_conn *conn)
     if (conn->closing || !conn->srv->limits.send_timeout_ms ||
         (conn->phase != PHASE_APP && conn->phase != PHASE_FLUSH) || uv_is_active((uv_handle_t *)&conn->timer))
         return;
-    conn->send_mark = conn_bytes_taken(conn);
+    conn->send_mark = conn_bytes_acked(conn);
     conn->send_mark_ms = uv_now(conn->srv->loop);
     uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
 }
@@ -574,7 +595,16 @@ static void conn_response_done(http_conn *conn)
     }
     request_reset(&conn->req);
     conn->phase = PHASE_IDLE;
-    conn_arm_timer(conn, srv->limits.idle_timeout_ms);
+    conn->idle_since_ms = uv_now(srv->loop);
+    if (srv->limits.send_timeout_ms && kernel_unacked(conn) > 0) {
+        /* The answer is with the kernel but not with the peer: keep watching it, so a
+         * peer that pipelined and stopped reading cannot hold its slot as "idle". */
+        conn->send_mark = conn_bytes_acked(conn);
+        conn->send_mark_ms = conn->idle_since_ms;
+        conn_arm_timer(conn, send_check_ms(conn));
+    } else {
+        conn_arm_timer(conn, srv->limits.idle_timeout_ms);
+    }
     conn_resume_reading(conn);
     conn_process_input(conn);
 }
@@ -1121,7 +1151,7 @@ static bool conn_send_progressed(http_conn *conn)
     if (!conn->srv->limits.send_timeout_ms)
         return false;
     uint64_t now = uv_now(conn->srv->loop);
-    uint64_t taken = conn_bytes_taken(conn);
+    uint64_t taken = conn_bytes_acked(conn);
     if (taken != conn->send_mark) {
         conn->send_mark = taken;
         conn->send_mark_ms = now;
@@ -1156,12 +1186,22 @@ static void on_timer(uv_timer_t *timer)
             break; /* an HTTP/1.0 stream still being written */
         conn_close(conn);
         break;
-    case PHASE_IDLE:
-        conn_close(conn);
+    case PHASE_IDLE: {
+        if (conn->srv->limits.send_timeout_ms && kernel_unacked(conn) > 0) {
+            if (!conn_send_progressed(conn))
+                conn_close(conn); /* our last answer has sat unread for send_timeout_ms */
+            break;
+        }
+        uint64_t idle_for = uv_now(conn->srv->loop) - conn->idle_since_ms;
+        if (idle_for >= conn->srv->limits.idle_timeout_ms)
+            conn_close(conn);
+        else
+            conn_arm_timer(conn, conn->srv->limits.idle_timeout_ms - idle_for);
         break;
+    }
     case PHASE_APP:
     case PHASE_FLUSH:
-        if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0)
+        if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0 && kernel_unacked(conn) == 0)
             break; /* nothing waits; the next write re-arms */
         if (!conn_send_progressed(conn))
             conn_close(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
