@@ -127,6 +127,7 @@ typedef struct http_conn {
     bool busy;              /* a dispatched request whose response is not fully taken */
     bool by_server;         /* closed by kvd_http_server_close */
     bool shut_done;         /* LINGER: our FIN is sent (every queued byte went first) */
+    bool reset_on_close;    /* cut for not reading: close with a reset (conn_cut) */
     uint64_t taken_at_close;
     int open_handles;
     bool closing;
@@ -346,12 +347,22 @@ static void conn_close(http_conn *conn)
     }
     uv_timer_stop(&conn->timer);
     uv_read_stop((uv_stream_t *)&conn->tcp);
-    uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
+    /* A peer cut for not reading gets a reset: a plain close would leave the kernel
+     * delivering what it holds for it, and holding the memory, for minutes. */
+    if (!conn->reset_on_close || uv_tcp_close_reset(&conn->tcp, on_handle_closed) != 0)
+        uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&conn->timer, on_handle_closed);
     uv_close((uv_handle_t *)&conn->probe, on_handle_closed);
 }
 
 static void on_timer(uv_timer_t *timer);
+
+/* Closes a connection whose peer does not read what we send. */
+static void conn_cut(http_conn *conn)
+{
+    conn->reset_on_close = true;
+    conn_close(conn);
+}
 
 static void conn_arm_timer(http_conn *conn, uint64_t ms)
 {
@@ -1182,14 +1193,15 @@ static void on_timer(uv_timer_t *timer)
         conn_reject(conn, 408, msg);
         break;
     case PHASE_LINGER:
-        if (!conn->shut_done && conn_send_progressed(conn))
-            break; /* an HTTP/1.0 stream still being written */
-        conn_close(conn);
+        if (conn->shut_done)
+            conn_close(conn);
+        else if (!conn_send_progressed(conn))
+            conn_cut(conn); /* an HTTP/1.0 stream its peer stopped reading */
         break;
     case PHASE_IDLE: {
         if (conn->srv->limits.send_timeout_ms && kernel_unacked(conn) > 0) {
             if (!conn_send_progressed(conn))
-                conn_close(conn); /* our last answer has sat unread for send_timeout_ms */
+                conn_cut(conn); /* our last answer has sat unread for send_timeout_ms */
             break;
         }
         uint64_t idle_for = uv_now(conn->srv->loop) - conn->idle_since_ms;
@@ -1204,7 +1216,7 @@ static void on_timer(uv_timer_t *timer)
         if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0 && kernel_unacked(conn) == 0)
             break; /* nothing waits; the next write re-arms */
         if (!conn_send_progressed(conn))
-            conn_close(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
+            conn_cut(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
         break;
     }
 }
@@ -1575,7 +1587,7 @@ int kvd_http_stream_write(kvd_http_request *req, const char *data, size_t len)
     if (len == 0 || req->head_only)
         return 0; /* an empty chunk would end the body; HEAD has none */
     if (conn->write_pending + len > conn->srv->limits.max_write_queue_bytes) {
-        conn_close(conn);
+        conn_cut(conn);
         return KVD_EBUSY;
     }
     if (!req->chunked)
