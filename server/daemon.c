@@ -353,7 +353,8 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     d->log.level = cfg->log_level;
     kvd_config_model_name(cfg, d->model_name, sizeof d->model_name);
     kvd_metrics_init(&d->metrics);
-    kvd_jobs_init(&d->jobs, loop, &d->log, &d->metrics, d->model_name);
+    if (kvd_jobs_init(&d->jobs, loop, &d->log, &d->metrics, d->model_name) != 0)
+        return kvd_error_set(err, KVD_ENOMEM, "out of memory");
     d->jobs.on_idle = on_jobs_idle;
     d->jobs.max_response_bytes = cfg->max_response_bytes;
     d->jobs.on_idle_arg = d;
