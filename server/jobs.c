@@ -562,6 +562,32 @@ void kvd_jobs_on_events(kvd_jobs *jobs, kvd_event *events)
 
 /* ---- generation: submission ---- */
 
+/* echo (completions): every choice's text starts with the prompt's, as vLLM does: the
+ * prompt as sent, or its ids decoded. Streams get it as each choice's first chunk. */
+static void job_echo_prompt(kvd_job *job)
+{
+    size_t len = job->oai.prompt_len;
+    char *decoded = NULL;
+    const char *text = job->oai.prompt_text;
+    if (!text) {
+        decoded = kvd_tokenizer_decode(job->jobs->model.tok, job->prompt, (size_t)job->num_prompt, false, &len, NULL);
+        text = decoded ? decoded : "";
+        len = decoded ? len : 0;
+    }
+    kvd_sbuf sse = {0};
+    for (int i = 0; i < job->num_choices; i++) {
+        if (job->oai.stream) {
+            kvd_event ev = {.choice = i, .text = (char *)text, .text_len = len, .prompt_tokens = job->num_prompt};
+            kvd_oai_sse_event(&job->resp, &job->choices[i].text_offset, &ev, &sse);
+        } else {
+            kvd_sbuf_append(&job->choices[i].out.text, text, len);
+        }
+    }
+    stream_write(job, &sse);
+    kvd_sbuf_deinit(&sse);
+    free(decoded);
+}
+
 static void job_submit(kvd_job *job)
 {
     kvd_jobs *jobs = job->jobs;
@@ -622,6 +648,8 @@ static void job_submit(kvd_job *job)
             kvd_sbuf_deinit(&sse);
         }
     }
+    if (job->oai.echo)
+        job_echo_prompt(job);
 }
 
 /* ---- tokenization on a worker ---- */
@@ -716,6 +744,8 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
     int rc = kvd_oai_parse(&job->oai, route, body, &jobs->model.defaults, &jobs->model.info, param, sizeof param,
                            &err);
     if (rc) {
+        /* The log says which field was refused (unsupported ones included). */
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
         job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
         return;
     }
@@ -730,6 +760,7 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         .top_logprobs = job->oai.top_logprobs,
         .tokens_as_ids = job->oai.tokens_as_ids,
         .include_usage = job->oai.include_usage,
+        .continuous_usage = job->oai.continuous_usage,
         .tok = jobs->model.tok,
     };
     if (job->oai.prompt_ids) {
@@ -753,6 +784,7 @@ void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
     kvd_error err = {0};
     int rc = kvd_oai_parse_tokenize(&job->oai, body, param, sizeof param, &err);
     if (rc) {
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
         job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
         return;
     }
@@ -804,6 +836,7 @@ void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *bod
     int rc = kvd_oai_parse_detokenize(body, &jobs->model.info, &job->prompt, &job->num_prompt, param, sizeof param,
                                       &err);
     if (rc) {
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
         job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
         return;
     }

@@ -60,6 +60,16 @@ static cJSON *parse_body(kvd_router *r, kvd_http_request *req)
         kvd_jobs_send_error(r->jobs, req, 400, "the request body must be a JSON object", NULL, "invalid_json", NULL);
         return NULL;
     }
+    char field[128];
+    if (kvd_oai_find_nul(body, len, field, sizeof field)) {
+        /* cJSON strings end at a NUL: refuse rather than cut the text silently. */
+        cJSON_Delete(root);
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s: a string holds a NUL character (\\u0000), which kvd does not accept", field);
+        kvd_log(r->jobs->log, KVD_LOG_WARN, "refused %s %s: %s", kvd_http_method(req), kvd_http_path(req), msg);
+        kvd_jobs_send_error(r->jobs, req, 400, msg, field, NULL, NULL);
+        return NULL;
+    }
     return root;
 }
 

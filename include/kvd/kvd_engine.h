@@ -52,7 +52,9 @@ typedef struct kvd_engine_config {
 kvd_engine_config kvd_engine_config_default(void);
 
 #define KVD_MAX_STOP_STRINGS 16
-#define KVD_MAX_STOP_TOKEN_IDS 64
+/* A request's stop ids in all: a client's (the server takes up to 64) plus a chat
+ * template's turn-ending ids. */
+#define KVD_MAX_STOP_TOKEN_IDS 128
 #define KVD_MAX_N 16
 
 /* Choice i of a request samples from kvd_rng_seed_stream(sampling.seed, i), so choices
