@@ -459,6 +459,24 @@ static void test_stop_string_across_tokens(void **state)
     assert_same_output(&full.ch[0], r, 0);
 }
 
+/* The first k >= from of r whose token is new there, whose text ends on a clean
+ * boundary and adds at least min_bytes; -1 if none. */
+static int find_clean_new_token(const fixture *f, const choice_out *r, int from, size_t min_bytes)
+{
+    for (int t = from; t < r->num_tokens; t++) {
+        bool seen = false;
+        for (int u = 0; u < t; u++)
+            seen |= r->tokens[u] == r->tokens[t];
+        size_t len = 0;
+        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
+        bool clean = text && len == r->text_after[t - 1] && r->text_after[t] - r->text_after[t - 1] >= min_bytes;
+        free(text);
+        if (!seen && clean)
+            return t;
+    }
+    return -1;
+}
+
 static void test_stop_ids_eos_and_ignore_eos(void **state)
 {
     fixture *f = *state;
@@ -469,18 +487,7 @@ static void test_stop_ids_eos_and_ignore_eos(void **state)
     run_one(f, prompt, 25, &p, &ref);
     const choice_out *r = &ref.ch[0];
     assert_int_equal(r->num_tokens, 30);
-    /* The first k >= 3 whose token is new there and whose text boundary is clean. */
-    int k = -1;
-    for (int t = 3; t < r->num_tokens && k < 0; t++) {
-        bool seen = false;
-        for (int u = 0; u < t; u++)
-            seen |= r->tokens[u] == r->tokens[t];
-        size_t len = 0;
-        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
-        if (!seen && text && len == r->text_after[t - 1])
-            k = t;
-        free(text);
-    }
+    int k = find_clean_new_token(f, r, 3, 0);
     assert_true(k >= 3);
 
     /* A stop token id: the token ends the choice, its text is left out. */
@@ -774,24 +781,6 @@ static void test_logit_bias_exact(void **state)
     assert_non_null(strstr(err.msg, "min_tokens"));
     assert_false(kvd_engine_busy(e));
     kvd_engine_destroy(e);
-}
-
-/* The first k >= from of r whose token is new there, whose text ends on a clean
- * boundary and adds at least min_bytes; -1 if none. */
-static int find_clean_new_token(const fixture *f, const choice_out *r, int from, size_t min_bytes)
-{
-    for (int t = from; t < r->num_tokens; t++) {
-        bool seen = false;
-        for (int u = 0; u < t; u++)
-            seen |= r->tokens[u] == r->tokens[t];
-        size_t len = 0;
-        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
-        bool clean = text && len == r->text_after[t - 1] && r->text_after[t] - r->text_after[t - 1] >= min_bytes;
-        free(text);
-        if (!seen && clean)
-            return t;
-    }
-    return -1;
 }
 
 /* min_tokens: with the model's EOS set to the greedy run's k-th token, the run stops

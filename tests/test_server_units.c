@@ -565,48 +565,45 @@ static void test_parse_request_features(void **state)
     expect_error(KVD_OAI_COMPLETIONS, json, "stop_token_ids", "at most 64 ids");
 }
 
+/* /tokenize's parse of json into r (initialised here); returns its code. */
+static int parse_tokenize(kvd_oai_request *r, const char *json, char *param, size_t cap)
+{
+    kvd_oai_request_init(r);
+    cJSON *body = cJSON_Parse(json);
+    assert_non_null(body);
+    kvd_error err = {0};
+    int rc = kvd_oai_parse_tokenize(r, body, param, cap, &err);
+    cJSON_Delete(body);
+    return rc;
+}
+
 static void test_parse_tokenize_fields(void **state)
 {
     (void)state;
-    const char *cases[][2] = {
-        {"{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}", "<|im_start|>assistant\n"},
-        {"{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"add_generation_prompt\": false}", NULL},
-    };
-    for (int i = 0; i < 2; i++) {
-        kvd_oai_request r;
-        kvd_oai_request_init(&r);
-        cJSON *body = cJSON_Parse(cases[i][0]);
-        char param[128];
-        kvd_error err = {0};
-        assert_int_equal(kvd_oai_parse_tokenize(&r, body, param, sizeof param, &err), 0);
-        const char *text = r.chat.text.data;
-        const char *tail = "Hi<|im_end|>\n";
-        size_t n = strlen(text), t = strlen(tail);
-        if (cases[i][1]) {
-            assert_string_equal(text + n - strlen(cases[i][1]), cases[i][1]);
-        } else {
-            assert_true(n >= t);
-            assert_string_equal(text + n - t, tail);
-            assert_int_equal(r.chat.text.len, n);
-            assert_int_equal(r.chat.specials[r.chat.num_specials - 1].marker, KVD_CHAT_IM_END);
-        }
-        cJSON_Delete(body);
-        kvd_oai_request_deinit(&r);
-    }
+    kvd_oai_request r;
+    char param[128];
+    const char *user_turn = "Hi<|im_end|>\n", *generation = "<|im_start|>assistant\n";
+    assert_int_equal(parse_tokenize(&r, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}", param,
+                                    sizeof param), 0);
+    size_t n = r.chat.text.len;
+    assert_string_equal(r.chat.text.data + n - strlen(generation), generation);
+    kvd_oai_request_deinit(&r);
+    assert_int_equal(parse_tokenize(&r, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], "
+                                        "\"add_generation_prompt\": false}", param, sizeof param), 0);
+    n = r.chat.text.len;
+    assert_int_equal(strlen(r.chat.text.data), n);
+    assert_string_equal(r.chat.text.data + n - strlen(user_turn), user_turn);
+    assert_int_equal(r.chat.specials[r.chat.num_specials - 1].marker, KVD_CHAT_IM_END);
+    kvd_oai_request_deinit(&r);
+
     static const char *const refused[][2] = {
         {"{\"prompt\": \"x\", \"add_generation_prompt\": true}", "add_generation_prompt"},
         {"{\"prompt\": \"x\", \"continue_final_message\": true}", "continue_final_message"},
         {"{\"prompt\": \"x\", \"add_special_tokens\": 1}", "add_special_tokens"},
     };
     for (int i = 0; i < 3; i++) {
-        kvd_oai_request r;
-        kvd_oai_request_init(&r);
-        cJSON *body = cJSON_Parse(refused[i][0]);
-        char param[128];
-        kvd_error err = {0};
-        assert_int_equal(kvd_oai_parse_tokenize(&r, body, param, sizeof param, &err), KVD_EINVAL);
+        assert_int_equal(parse_tokenize(&r, refused[i][0], param, sizeof param), KVD_EINVAL);
         assert_string_equal(param, refused[i][1]);
-        cJSON_Delete(body);
         kvd_oai_request_deinit(&r);
     }
 }
