@@ -94,7 +94,8 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
         req->min_tokens_ids = malloc((size_t)(params->num_stop_token_ids + num_eos + 1) * sizeof *req->min_tokens_ids);
         if (!req->min_tokens_ids)
             goto nomem;
-        memcpy(req->min_tokens_ids, params->stop_token_ids, (size_t)params->num_stop_token_ids * sizeof(int32_t));
+        if (params->num_stop_token_ids > 0) /* else stop_token_ids may be NULL */
+            memcpy(req->min_tokens_ids, params->stop_token_ids, (size_t)params->num_stop_token_ids * sizeof(int32_t));
         memcpy(req->min_tokens_ids + params->num_stop_token_ids, mcfg->eos_token_ids, (size_t)num_eos * sizeof(int32_t));
         sp->min_tokens_stop_ids = req->min_tokens_ids;
         sp->num_min_tokens_stop_ids = params->num_stop_token_ids + num_eos;
