@@ -80,7 +80,8 @@ int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, s
 /* True when the JSON text holds a NUL character (a \u0000 escape) in some string, with
  * the top-level field holding it in field_name (cap bytes). cJSON strings end at the
  * first NUL, so such a prompt, message or stop string would be cut without a word:
- * the router refuses the body instead. json must already have parsed as an object. */
+ * the body parse (jobs.c, on a worker) refuses the body instead. json must already
+ * have parsed as an object. */
 bool kvd_oai_find_nul(const char *json, size_t len, char *field_name, size_t cap);
 
 /* POST /detokenize: "tokens", ids below info->vocab_size, into a malloc'ed array. */

@@ -85,14 +85,15 @@ def _loop_metrics(d):
 
 def test_large_answers_do_not_stall_the_loop():
     # On main, one n=16 x 300-token logprobs answer (8 MB) built on the loop froze a
-    # running stream for 2.7 s, three 4 MB /tokenize answers for 3.2 s. Here the
-    # daemon's loop never spends a quarter second on one iteration, and the stream's
-    # gaps stay far below a second (the bound leaves room for a loaded machine).
+    # running stream for 2.7 s, three 4 MB /tokenize answers for 3.2 s. Here (2 MB
+    # prompts and a 4 MB answer, small enough for a sanitizer build) the daemon's loop
+    # never spends a quarter second of CPU on one iteration, and the stream never
+    # stops for long (the client-side bound is loose: a loaded machine's, not ours).
     with Daemon("--max-body-bytes", str(3 << 20)) as d:
         words = ("alpha beta gamma delta river stone cloud lamp " * 50000)[: 2 << 20]
         heavy = [("/tokenize", {"prompt": words}), ("/tokenize", {"prompt": words[::-1]}),
                  ("/v1/chat/completions", dict({"messages": [{"role": "user", "content": "x"}], "n": 16,
-                                                "max_tokens": 300, "logprobs": True, "top_logprobs": 20},
+                                                "max_tokens": 150, "logprobs": True, "top_logprobs": 20},
                                                **GREEDY))]
         bodies = [(path, json.dumps(body).encode()) for path, body in heavy]
         gaps, measuring, done = [], threading.Event(), threading.Event()
@@ -119,7 +120,7 @@ def test_large_answers_do_not_stall_the_loop():
         statuses = []
 
         def send(path, body):
-            c = d.conn(300)
+            c = d.conn(900)
             c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
             r = c.getresponse()
             while r.read(65536):
@@ -136,15 +137,19 @@ def test_large_answers_do_not_stall_the_loop():
         for t in senders:
             t.start()
         for t in senders:
-            t.join(300)
+            t.join(900)
         measuring.clear()
         after = _loop_metrics(d)
         done.set()
         assert statuses == [200, 200, 200], statuses
-        assert gaps, "no stream events while the answers were built"
-        assert max(gaps) < 1.5, "stream stalled %.2f s" % max(gaps)
+        # The daemon's own measure first: CPU time of the loop thread per iteration,
+        # which a busy machine does not inflate.
         slow = (after[0] - before[0]) - (after[1] - before[1])
         assert slow == 0 and after[2] < 0.25, (before, after)
+        # What a client sees also depends on the machine (seconds under a sanitizer
+        # at load 20): only a gross stall is refused here.
+        assert gaps, "no stream events while the answers were built"
+        assert max(gaps) < 10, "stream stalled %.2f s" % max(gaps)
 
 
 # ---- defect 11: /version, /v1/models/{id}, the model name, host names ----
@@ -248,7 +253,11 @@ def test_second_quick_sigterm_still_exits_cleanly():
             d.proc.send_signal(signal.SIGTERM)
             d.proc.send_signal(signal.SIGTERM)
             assert d.wait_exit(30) == 0, (attempt, d.proc.returncode, d.output_tail())
-    # The same with a stream in flight: the second signal stops at once, still cleanly.
+    # With a stream in flight a second signal the daemon sees means "stop now"
+    # (documented, exit 3: it cut the stream); signals sent back to back may also
+    # merge into one in the kernel, and then the stream drains (exit 0, or 3 if the
+    # drain timeout cut it on a slow machine). Either way the daemon exits by itself,
+    # never killed by a signal.
     with Daemon("--drain-timeout-s", "60") as d:
         c = d.conn(60)
         c.request("POST", "/v1/completions", body=json.dumps(dict(
@@ -258,7 +267,8 @@ def test_second_quick_sigterm_still_exits_cleanly():
         assert r.status == 200 and r.read(6) == b"data: "
         for _ in range(3):
             d.proc.send_signal(signal.SIGTERM)
-        assert d.wait_exit(30) == 0, (d.proc.returncode, d.output_tail())
+        status = d.wait_exit(120)
+        assert status in (0, 3), (status, d.output_tail())
         c.close()
 
 
