@@ -61,6 +61,8 @@ struct kvd_job {
     char *raw;               /* KVD_JOB_BODY: a copy of the request body, [raw_len] */
     size_t raw_len;
     cJSON *body;             /* KVD_JOB_BODY: raw parsed (NULL: not JSON) */
+    bool body_has_nul;       /* KVD_JOB_BODY: a string holds a NUL, in the field nul_field */
+    char nul_field[128];
     kvd_jobs_body_cb then;
     void *then_arg;
     int then_tag;
@@ -585,6 +587,32 @@ void kvd_jobs_on_events(kvd_jobs *jobs, kvd_event *events)
 
 /* ---- generation: submission ---- */
 
+/* echo (completions): every choice's text starts with the prompt's, as vLLM does: the
+ * prompt as sent, or its ids decoded. Streams get it as each choice's first chunk. */
+static void job_echo_prompt(kvd_job *job)
+{
+    size_t len = job->oai.prompt_len;
+    char *decoded = NULL;
+    const char *text = job->oai.prompt_text;
+    if (!text) {
+        decoded = kvd_tokenizer_decode(job->jobs->model.tok, job->prompt, (size_t)job->num_prompt, false, &len, NULL);
+        text = decoded ? decoded : "";
+        len = decoded ? len : 0;
+    }
+    kvd_sbuf sse = {0};
+    for (int i = 0; i < job->num_choices; i++) {
+        if (job->oai.stream) {
+            kvd_event ev = {.choice = i, .text = (char *)text, .text_len = len, .prompt_tokens = job->num_prompt};
+            kvd_oai_sse_event(&job->resp, &job->choices[i].text_offset, &ev, &sse);
+        } else {
+            kvd_sbuf_append(&job->choices[i].out.text, text, len);
+        }
+    }
+    stream_write(job, &sse);
+    kvd_sbuf_deinit(&sse);
+    free(decoded);
+}
+
 static void job_submit(kvd_job *job)
 {
     kvd_jobs *jobs = job->jobs;
@@ -645,6 +673,8 @@ static void job_submit(kvd_job *job)
             kvd_sbuf_deinit(&sse);
         }
     }
+    if (job->oai.echo)
+        job_echo_prompt(job);
 }
 
 /* ---- tokenization on a worker ---- */
@@ -706,6 +736,8 @@ static void body_work(uv_work_t *work)
     uv_mutex_lock(&job->jobs->parse_lock);
     job->body = cJSON_ParseWithLength(job->raw, job->raw_len);
     uv_mutex_unlock(&job->jobs->parse_lock);
+    if (cJSON_IsObject(job->body))
+        job->body_has_nul = kvd_oai_find_nul(job->raw, job->raw_len, job->nul_field, sizeof job->nul_field);
     free(job->raw);
     job->raw = NULL;
 }
@@ -724,6 +756,15 @@ static void after_body(uv_work_t *work, int status)
     }
     if (!cJSON_IsObject(job->body)) {
         job_fail(job, 400, "the request body must be a JSON object", NULL, "invalid_json", NULL);
+        return;
+    }
+    if (job->body_has_nul) {
+        /* cJSON strings end at a NUL: refuse rather than cut the text silently. */
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s: a string holds a NUL character (\\u0000), which kvd does not accept",
+                 job->nul_field);
+        kvd_log(job->jobs->log, KVD_LOG_WARN, "refused %s %s: %s", job->method, job->path, msg);
+        job_fail(job, 400, msg, job->nul_field, NULL, NULL);
         return;
     }
     kvd_http_request *req = job->req;
@@ -779,6 +820,8 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 {
     if (rc == 0)
         return false;
+    /* The log says which field was refused (unsupported ones included). */
+    kvd_log(job->jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err->msg);
     job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err->msg, param, NULL, NULL);
     return true;
 }
@@ -835,6 +878,7 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         .top_logprobs = job->oai.top_logprobs,
         .tokens_as_ids = job->oai.tokens_as_ids,
         .include_usage = job->oai.include_usage,
+        .continuous_usage = job->oai.continuous_usage,
         .tok = jobs->model.tok,
     };
     if (job->oai.prompt_ids) {

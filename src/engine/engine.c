@@ -172,7 +172,9 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
                                 cfg.num_threads, err);
     if (!e->fwd)
         goto fail;
-    e->sampler = kvd_sampler_create(e->vocab_size);
+    /* Rows past the tokenizer are padding without text: never sample them. */
+    const int tok_ids = kvd_tokenizer_vocab_size(tok);
+    e->sampler = kvd_sampler_create(e->vocab_size, tok_ids < e->vocab_size ? tok_ids : e->vocab_size);
     /* Slabs for a few steps of every running sequence; stop strings up to 256 bytes fit. */
     e->events = eng_event_pool_create(4 * cfg.max_num_seqs + 64, kvd_tokenizer_max_token_bytes(tok) + 64 + 256);
     e->batch_tokens = malloc((size_t)cfg.max_batched_tokens * sizeof *e->batch_tokens);
@@ -693,7 +695,7 @@ static int check_request(const kvd_engine *e, const int32_t *prompt, int num_pro
         return kvd_error_set(err, KVD_EINVAL, "request: stop: %d strings, at most %d", p->num_stop,
                              KVD_MAX_STOP_STRINGS);
     for (int i = 0; i < p->num_stop; i++)
-        if (!p->stop[i] || !p->stop[i][0])
+        if (!p->stop[i] || (p->stop_len ? p->stop_len[i] == 0 : !p->stop[i][0]))
             return kvd_error_set(err, KVD_EINVAL, "request: stop string %d is empty", i);
     if (p->num_stop_token_ids < 0 || p->num_stop_token_ids > KVD_MAX_STOP_TOKEN_IDS ||
         (p->num_stop_token_ids > 0 && !p->stop_token_ids))
@@ -703,7 +705,17 @@ static int check_request(const kvd_engine *e, const int32_t *prompt, int num_pro
         if (p->stop_token_ids[i] < 0 || p->stop_token_ids[i] >= e->vocab_size)
             return kvd_error_set(err, KVD_EINVAL, "request: stop_token_ids[%d] = %d is outside the vocabulary (%d)", i,
                                  p->stop_token_ids[i], e->vocab_size);
-    return kvd_sampling_params_check(&p->sampling, err);
+    int rc = kvd_sampling_params_check(&p->sampling, err);
+    if (rc < 0)
+        return rc;
+    for (int i = 0; i < p->sampling.num_logit_bias; i++)
+        if (p->sampling.logit_bias[i].token < 0 || p->sampling.logit_bias[i].token >= e->vocab_size)
+            return kvd_error_set(err, KVD_EINVAL, "request: logit_bias token %d is outside the vocabulary (%d)",
+                                 p->sampling.logit_bias[i].token, e->vocab_size);
+    if (p->sampling.min_tokens > p->max_tokens)
+        return kvd_error_set(err, KVD_EINVAL, "request: min_tokens %d must not exceed max_tokens %d",
+                             p->sampling.min_tokens, p->max_tokens);
+    return 0;
 }
 
 int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, const kvd_request_params *params,
@@ -732,7 +744,7 @@ int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, 
         return kvd_error_set(err, KVD_EBUSY, "engine: queue full (%d requests waiting, max_queue %d)", queued,
                              e->cfg.max_queue);
 
-    eng_request *req = eng_request_create(prompt, num_prompt, params, (int)max_tokens, e->tok, err);
+    eng_request *req = eng_request_create(prompt, num_prompt, params, (int)max_tokens, e->tok, &e->model->config, err);
     if (!req)
         return KVD_ENOMEM;
 
