@@ -11,7 +11,9 @@ docs/deploy.md:
 - losing a replica (SIGKILL): sessions on the others never move, the lost replica's
   sessions move and continue, and a stream in flight on it ends promptly (no hang);
 - draining a replica (SIGTERM): no client sees a failure, new work goes elsewhere;
-- X-Request-ID: the balancer's id reaches the replica's log and comes back.
+- X-Request-ID: the balancer's id reaches the replica's log and comes back;
+- the Prometheus scrape config passes `promtool check config` and the affinity recording
+  rules compute what they say (`promtool test rules`).
 Exits 77 (skipped) when haproxy is not installed.
 """
 
@@ -295,6 +297,15 @@ def test_request_id_reaches_the_replica_log():
             rid = head.get("x-request-id")
             assert status == 200 and rid, head
             ds[0].wait_for_line(r"request_id=%s\b" % rid, 10)
+
+
+def test_prometheus_config_and_affinity_rules():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: scripts/deps.sh installs Debian's prometheus package"
+    for cmd in (["check", "config", os.path.join(SOURCE_ROOT, "configs", "prometheus.yml")],
+                ["test", "rules", os.path.join(SOURCE_ROOT, "tests", "e2e", "prometheus_rules_test.yml")]):
+        p = subprocess.run([promtool] + cmd, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
 
 
 if __name__ == "__main__":
