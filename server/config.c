@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "kvd/kvd_engine.h"
+
 enum knob_kind {
     KNOB_STR,      /* char[cap] */
     KNOB_INT,      /* int */
@@ -72,16 +74,18 @@ static const knob knobs[] = {
 
 void kvd_config_defaults(kvd_server_config *cfg)
 {
+    /* The engine's knobs default to what the engine itself defaults to. */
+    const kvd_engine_config engine = KVD_ENGINE_CONFIG_DEFAULT;
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
     cfg->port = 8000;
-    cfg->block_size = 16;
-    cfg->kv_cache_bytes = 512ull << 20;
-    cfg->kv_num_blocks = 0;
-    cfg->kv_dtype = KVD_DTYPE_F16;
-    cfg->max_num_seqs = 64;
-    cfg->max_batched_tokens = 512;
-    cfg->max_queue = 256;
+    cfg->block_size = engine.block_size;
+    cfg->kv_cache_bytes = engine.kv_cache_bytes;
+    cfg->kv_num_blocks = engine.kv_num_blocks;
+    cfg->kv_dtype = engine.kv_dtype;
+    cfg->max_num_seqs = engine.max_num_seqs;
+    cfg->max_batched_tokens = engine.max_batched_tokens;
+    cfg->max_queue = engine.max_queue;
     cfg->max_body_bytes = 4ull << 20;
     cfg->max_header_bytes = 32u << 10;
     cfg->header_timeout_ms = 10000;
@@ -90,8 +94,8 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->max_connections = 1024;
     cfg->max_write_queue_bytes = 1u << 20;
     cfg->drain_timeout_s = 30;
-    cfg->threads = 0;
-    cfg->enable_prefix_cache = true;
+    cfg->threads = engine.num_threads;
+    cfg->enable_prefix_cache = engine.enable_prefix_cache;
     cfg->log_level = KVD_LOG_INFO;
 }
 

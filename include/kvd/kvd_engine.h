@@ -40,6 +40,15 @@ typedef struct kvd_engine_config {
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
 } kvd_engine_config;
 
+/* The one place the engine's defaults are written down: kvd_engine_config_default()
+ * and the daemon's configuration (server/config.c) both start from it. */
+#define KVD_ENGINE_CONFIG_DEFAULT                                                                  \
+    {                                                                                              \
+        .block_size = 16, .kv_dtype = KVD_DTYPE_F16, .kv_cache_bytes = (size_t)512 << 20,          \
+        .kv_num_blocks = 0, .enable_prefix_cache = true, .max_num_seqs = 64,                       \
+        .max_batched_tokens = 512, .max_queue = 256, .num_threads = 0, .watermark = 0.01f,         \
+    }
+
 kvd_engine_config kvd_engine_config_default(void);
 
 #define KVD_MAX_STOP_STRINGS 16
@@ -72,9 +81,16 @@ typedef enum kvd_finish_reason {
     KVD_FINISH_LENGTH,    /* max_tokens or the context limit */
     KVD_FINISH_CANCELLED, /* kvd_engine_cancel */
     KVD_FINISH_ERROR,
+    KVD_FINISH_COUNT,
 } kvd_finish_reason;
 
-const char *kvd_finish_reason_name(kvd_finish_reason reason); /* "stop", "length", ... */
+/* The one name table: what OpenAI responses, the log and /metrics say ("abort" for a
+ * cancelled choice, as vLLM reports it). */
+static inline const char *kvd_finish_reason_name(kvd_finish_reason reason)
+{
+    static const char *const names[KVD_FINISH_COUNT] = {"none", "stop", "length", "abort", "error"};
+    return (unsigned)reason < KVD_FINISH_COUNT ? names[reason] : "unknown";
+}
 
 typedef struct kvd_token_logprob {
     int32_t token;

@@ -84,18 +84,7 @@ static uint64_t now_ns(void)
 
 kvd_engine_config kvd_engine_config_default(void)
 {
-    kvd_engine_config cfg = {
-        .block_size = 16,
-        .kv_dtype = KVD_DTYPE_F16,
-        .kv_cache_bytes = (size_t)512 << 20,
-        .kv_num_blocks = 0,
-        .enable_prefix_cache = true,
-        .max_num_seqs = 64,
-        .max_batched_tokens = 512,
-        .max_queue = 1024,
-        .num_threads = 0,
-        .watermark = 0.01f,
-    };
+    kvd_engine_config cfg = KVD_ENGINE_CONFIG_DEFAULT;
     return cfg;
 }
 
@@ -117,18 +106,6 @@ kvd_request_params kvd_request_params_default(const kvd_model *model)
     p.ignore_eos = false;
     p.skip_special_tokens = true;
     return p;
-}
-
-const char *kvd_finish_reason_name(kvd_finish_reason reason)
-{
-    switch (reason) {
-    case KVD_FINISH_NONE: return "none";
-    case KVD_FINISH_STOP: return "stop";
-    case KVD_FINISH_LENGTH: return "length";
-    case KVD_FINISH_CANCELLED: return "cancelled";
-    case KVD_FINISH_ERROR: return "error";
-    }
-    return "unknown";
 }
 
 /* ---- creation ------------------------------------------------------------------ */
