@@ -328,6 +328,13 @@ static void format_head(kvd_sbuf *sb, int status, const char *content_type, bool
         kvd_sbuf_puts(sb, extra_headers);
 }
 
+static void append_request_id(kvd_sbuf *sb, const kvd_http_request *req)
+{
+    const char *id = kvd_http_request_id(req);
+    if (id)
+        kvd_sbuf_printf(sb, "X-Request-ID: %s\r\n", id);
+}
+
 static void json_error_body(kvd_sbuf *sb, int status, const char *message)
 {
     const char *type = status >= 500 ? "server_error" : "invalid_request_error";
@@ -892,6 +899,19 @@ const char *kvd_http_header(const kvd_http_request *req, const char *name)
     return NULL;
 }
 
+const char *kvd_http_request_id(const kvd_http_request *req)
+{
+    const char *id = kvd_http_header(req, "x-request-id");
+    if (!id || !*id)
+        return NULL;
+    size_t n = 0;
+    for (; id[n]; n++) {
+        if (n == 128 || (unsigned char)id[n] <= 0x20 || (unsigned char)id[n] >= 0x7f)
+            return NULL;
+    }
+    return id;
+}
+
 const char *kvd_http_body(const kvd_http_request *req, size_t *len)
 {
     if (len)
@@ -937,6 +957,7 @@ int kvd_http_respond(kvd_http_request *req, int status, const char *content_type
     kvd_sbuf head;
     kvd_sbuf_init(&head);
     format_head(&head, status, content_type, keep, extra_headers);
+    append_request_id(&head, req);
     kvd_sbuf_printf(&head, "Content-Length: %zu\r\n\r\n", len);
     conn->phase = PHASE_FLUSH;
     int rc;
@@ -970,6 +991,7 @@ int kvd_http_stream_begin(kvd_http_request *req, int status, const char *content
     kvd_sbuf head;
     kvd_sbuf_init(&head);
     format_head(&head, status, content_type, keep, extra_headers);
+    append_request_id(&head, req);
     kvd_sbuf_puts(&head, "Cache-Control: no-cache\r\n");
     if (req->chunked)
         kvd_sbuf_puts(&head, "Transfer-Encoding: chunked\r\n");
