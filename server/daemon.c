@@ -128,7 +128,6 @@ static void after_load(uv_work_t *work, int status)
     kvd_served_model *m = &d->jobs.model;
     m->engine = d->engine;
     m->tok = d->tok;
-    m->block_size = d->cfg.block_size;
     m->defaults = kvd_request_params_default(d->model);
     int tok_vocab = kvd_tokenizer_vocab_size(d->tok);
     int model_vocab = d->model->config.vocab_size;
@@ -216,6 +215,7 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     kvd_metrics_init(&d->metrics);
     kvd_jobs_init(&d->jobs, loop, &d->log, &d->metrics, d->model_name);
     d->jobs.on_idle = on_jobs_idle;
+    d->jobs.max_response_bytes = cfg->max_response_bytes;
     d->jobs.on_idle_arg = d;
     d->model_names[0] = d->model_name;
     d->router = (kvd_router){.cfg = &d->cfg, .state = KVD_SERVE_LOADING, .jobs = &d->jobs,

@@ -59,10 +59,6 @@ struct kvd_job {
     kvd_error work_err;
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
-    uint8_t *kv_states;      /* GET /v1/kv: the snapshot the worker took */
-    int kv_num_blocks;
-    char *kv_tables;
-    kvd_engine_stats kv_stats;
     uint64_t engine_id;      /* 0 until submitted */
     job_choice *choices;
     int num_choices;
@@ -74,7 +70,7 @@ struct kvd_job {
     bool aborted;
     bool failed;
     int fail_status;
-    char error[256];
+    char error[400];
     int status;
 };
 
@@ -312,8 +308,6 @@ static void job_free(kvd_job *job)
     free(job->choices);
     free(job->prompt);
     free(job->answer);
-    free(job->kv_states);
-    free(job->kv_tables);
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -483,6 +477,29 @@ static void job_complete(kvd_job *job)
     }
 }
 
+static size_t job_held_bytes(const kvd_job *job)
+{
+    size_t total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+/* Gives up on a whole response: frees what it holds and cancels the rest; the error
+ * is answered once the engine confirms every choice ended. */
+static void job_stop(kvd_job *job, int status, const char *message)
+{
+    job->failed = true;
+    job->fail_status = status;
+    snprintf(job->error, sizeof job->error, "%s", message);
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_oai_choice_init(&job->choices[i].out);
+    }
+    if (job->engine_id && job->jobs->model.engine)
+        kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
+}
+
 static void handle_event(kvd_job *job, const kvd_event *ev)
 {
     kvd_jobs *jobs = job->jobs;
@@ -513,14 +530,21 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
         kvd_sbuf_deinit(&sse);
     } else if (job->req && !job->failed) {
         if (kvd_oai_choice_add(&job->resp, &ch->out, ev) != 0) {
-            job->failed = true;
-            job->fail_status = 500;
-            snprintf(job->error, sizeof job->error, "out of memory");
+            job_stop(job, 500, "out of memory");
+        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
+                     "\"stream\": true",
+                     jobs->max_response_bytes);
+            job_stop(job, 400, msg);
         }
     }
     if (ev->finish != KVD_FINISH_NONE) {
         ch->done = true;
         ch->out.finish = ev->finish;
+        if (job->failed) /* job_stop freed the buffers; nothing more is kept */
+            kvd_oai_choice_deinit(&ch->out);
         job->num_done++;
         jobs->metrics->finished[ev->finish]++;
         if (ev->finish == KVD_FINISH_ERROR && !job->failed) {
@@ -660,6 +684,33 @@ static void job_start_tokenizing(kvd_job *job)
 
 /* ---- starting jobs ---- */
 
+/* A whole response is held in memory until its last choice ends, so its size is
+ * bounded: requests whose answer would be larger than max_response_bytes are refused
+ * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
+ * token and each alternative, of every token of every choice; a chat entry prints
+ * as 60-90 bytes) or one byte per token without logprobs, and one that outgrows the
+ * bound anyway is stopped when it does (handle_event). Streams are bounded by the
+ * connection's write queue instead. */
+#define KVD_LOGPROB_ENTRY_BYTES 64
+
+static bool refuse_large_response(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes;
+    const kvd_request_params *p = &job->oai.params;
+    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * KVD_LOGPROB_ENTRY_BYTES : 1;
+    uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
+    if (!limit || estimate <= limit)
+        return false;
+    char msg[400];
+    snprintf(msg, sizeof msg,
+             "the response would hold about %" PRIu64 " bytes (n %d x max_tokens %d x %" PRIu64
+             " bytes per token%s), above max_response_bytes %" PRIu64
+             "; lower n, max_tokens or top_logprobs, or set \"stream\": true",
+             estimate, p->n, p->max_tokens, per_token, job->oai.logprobs ? " with logprobs" : "", limit);
+    job_fail(job, 400, msg, job->oai.logprobs ? "top_logprobs" : "max_tokens", "response_too_large", NULL);
+    return true;
+}
+
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
 {
     kvd_job *job = job_create(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
@@ -675,6 +726,8 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
         return;
     }
+    if (!job->oai.stream && refuse_large_response(job))
+        return;
     job->resp = (kvd_oai_response){
         .id = job->id,
         .created = (long long)time(NULL),
@@ -765,16 +818,18 @@ void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *bod
 }
 
 /* Runs on a libuv worker: the snapshot waits for the engine's running step (tens of
- * milliseconds on a big model), which on the loop would stall every other connection.
- * The document is built back on the loop: cJSON's parser writes a process-wide error
- * pointer, so it must not run on two threads at once. */
+ * milliseconds on a big model), which on the loop would stall every other connection,
+ * and the document grows with the pool. */
 static void kv_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
-    kvd_engine *engine = job->jobs->model.engine;
-    job->work_rc = kvd_engine_kv_snapshot(engine, &job->kv_states, &job->kv_num_blocks, &job->kv_tables);
-    if (job->work_rc == 0)
-        kvd_engine_stats_get(engine, &job->kv_stats);
+    kvd_kv_snapshot snap;
+    job->work_rc = kvd_engine_kv_snapshot(job->jobs->model.engine, &snap);
+    cJSON *root = job->work_rc == 0 ? kvd_web_kv_json(&snap) : NULL;
+    kvd_kv_snapshot_deinit(&snap);
+    job->answer = root ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    job->answer_len = job->answer ? strlen(job->answer) : 0;
 }
 
 static void after_kv(uv_work_t *work, int status)
@@ -782,17 +837,10 @@ static void after_kv(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
-    cJSON *root = job->work_rc != 0 ? NULL
-                                    : kvd_web_kv_json(job->jobs->model.block_size, job->kv_states,
-                                                      job->kv_num_blocks, job->kv_tables, &job->kv_stats);
-    char *text = root ? cJSON_PrintUnformatted(root) : NULL;
-    cJSON_Delete(root);
-    if (!text) {
+    if (!job->answer)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
-        return;
-    }
-    job_answer(job, "application/json", text, strlen(text));
-    free(text);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
 }
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)

@@ -48,7 +48,6 @@ typedef struct kvd_served_model {
     const kvd_tokenizer *tok;
     kvd_request_params defaults;   /* the model's generation defaults */
     kvd_oai_model_info info;
-    int block_size;                /* of the KV pool (the /v1/kv document) */
 } kvd_served_model;
 
 typedef struct kvd_jobs {

@@ -179,15 +179,34 @@ bool kvd_engine_busy(kvd_engine *engine);
 
 void kvd_engine_stats_get(kvd_engine *engine, kvd_engine_stats *out);
 
-/* Snapshot of the KV pool for the /v1/kv view: per-block states (see
- * kvd_kv_block_states), malloc'ed, caller frees; and each running sequence's block
- * table as a JSON text (malloc'ed):
- *   {"block_size":16,"sequences":[{"request_id":7,"choice":0,"num_tokens":40,
- *    "num_computed":39,"blocks":[3,4,9]}, ...]}
- * With the engine thread started this waits for the current step to end (one step,
- * tens of milliseconds at most), so call it where a short wait is acceptable.
- * Returns 0 or KVD_ENOMEM. */
-int kvd_engine_kv_snapshot(kvd_engine *engine, uint8_t **states, int *num_blocks, char **tables_json);
+/* One running sequence of a KV snapshot. */
+typedef struct kvd_kv_seq_view {
+    uint64_t request_id;
+    int choice;
+    int num_tokens;
+    int num_computed;
+    int num_blocks;
+    const int32_t *blocks;     /* [num_blocks] physical ids, inside the snapshot's block_ids */
+} kvd_kv_seq_view;
+
+/* The KV pool at one step boundary, for the /v1/kv view. Owned by the caller
+ * (kvd_kv_snapshot_deinit); any thread may read it. */
+typedef struct kvd_kv_snapshot {
+    int block_size;
+    int num_blocks;            /* the pool's size */
+    uint8_t *states;           /* [num_blocks], see kvd_kv_block_states */
+    int num_seqs;
+    kvd_kv_seq_view *seqs;     /* [num_seqs], the running sequences */
+    int32_t *block_ids;        /* every sequence's table, back to back */
+    kvd_engine_stats stats;    /* taken in the same pause */
+} kvd_kv_snapshot;
+
+/* Fills *out (overwritten; deinit it afterwards either way). With the engine thread
+ * started this waits for the current step to end (one step, tens of milliseconds at
+ * most), so call it where a short wait is acceptable (a worker thread). Returns 0 or
+ * KVD_ENOMEM. */
+int kvd_engine_kv_snapshot(kvd_engine *engine, kvd_kv_snapshot *out);
+void kvd_kv_snapshot_deinit(kvd_kv_snapshot *snap);
 
 /* Debug check (tests): runs kvd_kv_check_invariants over the pool with every live
  * sequence's block table, between steps. Returns 0 or KVD_ESTATE with err set. */

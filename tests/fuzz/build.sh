@@ -24,9 +24,9 @@ fuzz_target() {
 # --- model: safetensors header and config.json parsers ---
 cjson_flags=($(pkg-config --cflags --libs libcjson))
 fuzz_target fuzz_safetensors tests/fuzz/fuzz_safetensors.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 fuzz_target fuzz_config tests/fuzz/fuzz_config.c src/model/config.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 # --- end model ---
 
 # --- tokenizer (owner: tok): encode/decode/stream of arbitrary bytes ---
@@ -44,10 +44,10 @@ fuzz_target fuzz_tokenizer tests/fuzz/fuzz_tokenizer.c src/tokenizer/load.c src/
 mkdir -p "$out/obj"
 llhttp_objs=()
 for src in /usr/share/llhttp/api.c /usr/share/llhttp/http.c /usr/share/llhttp/llhttp.c; do
-  obj="$out/obj/llhttp_$(basename "$src" .c).o"
+  obj="$out/obj/llhttp_strict_$(basename "$src" .c).o"
   llhttp_objs+=("$obj")
   [ "$obj" -nt "$src" ] && continue
-  "$cc" -std=c17 -g -O1 -w -fsanitize=fuzzer-no-link,address,undefined -I/usr/share/include/llhttp \
+  "$cc" -std=c17 -g -O1 -w -DLLHTTP_STRICT_MODE=1 -fsanitize=fuzzer-no-link,address,undefined -I/usr/share/include/llhttp \
     -c "$src" -o "$obj"
 done
 uv_flags=($(pkg-config --cflags --libs libuv))
