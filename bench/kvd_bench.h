@@ -37,6 +37,7 @@ typedef struct kvd_bench_options {
     kvd_bench_range prompt_tokens; /* words per prompt (per new user message in chat) */
     kvd_bench_range max_tokens;
     int ignore_eos;
+    int session_header;  /* send X-Session-ID: kvd-bench-<seed>-<session> (balancer affinity) */
     uint64_t seed;
     double duration_s;   /* hard limit on the whole run */
     double timeout_s;    /* per request */

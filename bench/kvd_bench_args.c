@@ -54,6 +54,8 @@ void kvd_bench_usage(FILE *out)
         "                         Qwen token (default 128)\n"
         "  --max-tokens A[:B]     max_tokens per request (default 64)\n"
         "  --ignore-eos           send \"ignore_eos\": true so answers have max_tokens tokens\n"
+        "  --session-header       send X-Session-ID: kvd-bench-SEED-SESSION with every turn, the\n"
+        "                         key a load balancer keeps a conversation on one replica by\n"
         "  --temperature T        sampling temperature (default 0)\n"
         "  --seed N               workload seed: same seed, same prompts and arrivals\n"
         "                         (default 0)\n"
@@ -143,11 +145,14 @@ int kvd_bench_parse_args(kvd_bench_options *opt, int argc, char **argv, kvd_erro
         memcpy(flag, arg, flag_len);
         flag[flag_len] = '\0';
 
-        if (!strcmp(flag, "--ignore-eos") || !strcmp(flag, "--no-progress")) {
+        if (!strcmp(flag, "--ignore-eos") || !strcmp(flag, "--no-progress") ||
+            !strcmp(flag, "--session-header")) {
             if (eq)
                 return kvd_error_set(err, KVD_EINVAL, "%s takes no value", flag);
             if (!strcmp(flag, "--ignore-eos"))
                 opt->ignore_eos = 1;
+            else if (!strcmp(flag, "--session-header"))
+                opt->session_header = 1;
             else
                 opt->progress = 0;
             continue;

@@ -13,6 +13,7 @@
 #include "kvd_bench.h"
 
 #include <cjson/cJSON.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <llhttp.h>
@@ -425,6 +426,8 @@ static int build_request(bench_exchange *ex, const char *method, const char *rou
                                    method, run->url->base_path, route, run->url->host_header);
     if (rc == 0 && run->opt->api_key[0])
         rc = kvd_sbuf_printf(req, "Authorization: Bearer %s\r\n", run->opt->api_key);
+    if (rc == 0 && run->opt->session_header && ex->session)
+        rc = kvd_sbuf_printf(req, "X-Session-ID: kvd-bench-%" PRIu64 "-%ld\r\n", run->opt->seed, ex->session->index);
     if (rc == 0 && body)
         rc = kvd_sbuf_printf(req,
                                    "Accept: text/event-stream\r\nContent-Type: application/json"

@@ -340,6 +340,7 @@ static int add_config(cJSON *root, const kvd_bench_options *opt, const char *mod
         !cJSON_AddNumberToObject(root, "turns", (double)opt->turns) ||
         !cJSON_AddNumberToObject(root, "seed", (double)opt->seed) ||
         !cJSON_AddBoolToObject(root, "ignore_eos", opt->ignore_eos) ||
+        !cJSON_AddBoolToObject(root, "session_header", opt->session_header) ||
         !cJSON_AddNumberToObject(root, "temperature", opt->temperature) ||
         !cJSON_AddNumberToObject(root, "timeout_s", opt->timeout_s) ||
         !cJSON_AddNumberToObject(root, "duration_limit_s", opt->duration_s))

@@ -13,6 +13,7 @@ packages=(
   prometheus  # promtool: tests/e2e checks /metrics with `promtool check metrics`
   chromium  # tests/browser drives it with Playwright
   gnuplot-nox  # bench/plot_kv_speedup.gp draws docs/kv_speedup.png
+  haproxy  # configs/haproxy.cfg: the load balancer of scripts/cluster.sh and tests/e2e/test_cluster.py
 )
 missing=()
 for p in "${packages[@]}"; do

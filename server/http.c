@@ -484,6 +484,9 @@ static void format_head(kvd_sbuf *sb, const kvd_http_request *req, int status, c
     kvd_sbuf_puts(sb, keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
     if (req->cors)
         kvd_sbuf_printf(sb, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n", kvd_http_header(req, "origin"));
+    const char *request_id = kvd_http_request_id(req);
+    if (request_id)
+        kvd_sbuf_printf(sb, "X-Request-ID: %s\r\n", request_id);
     if (extra_headers)
         kvd_sbuf_puts(sb, extra_headers);
 }
@@ -1472,6 +1475,19 @@ const char *kvd_http_path(const kvd_http_request *req)
 const char *kvd_http_query(const kvd_http_request *req)
 {
     return req->query ? req->query : "";
+}
+
+const char *kvd_http_request_id(const kvd_http_request *req)
+{
+    const char *id = kvd_http_header(req, "x-request-id");
+    if (!id || !*id)
+        return NULL;
+    size_t n = 0;
+    for (; id[n]; n++) {
+        if (n == 128 || (unsigned char)id[n] <= 0x20 || (unsigned char)id[n] >= 0x7f)
+            return NULL;
+    }
+    return id;
 }
 
 const char *kvd_http_header(const kvd_http_request *req, const char *name)

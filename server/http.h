@@ -143,6 +143,10 @@ const char *kvd_http_path(const kvd_http_request *req);    /* URL path, without 
 const char *kvd_http_query(const kvd_http_request *req);   /* after '?', or "" */
 /* Value of the first header named name (case-insensitive), or NULL. */
 const char *kvd_http_header(const kvd_http_request *req, const char *name);
+/* The request's X-Request-ID (set by a load balancer or the client) when it is 1-128
+ * visible ASCII characters, so it can go into a log line and the response as it is;
+ * NULL otherwise. Every response to the request echoes it. */
+const char *kvd_http_request_id(const kvd_http_request *req);
 /* The decoded body (NUL-terminated for convenience; may contain NULs). */
 const char *kvd_http_body(const kvd_http_request *req, size_t *len);
 /* uv_hrtime() when the request's last byte arrived. */

@@ -50,6 +50,7 @@ struct kvd_job {
     const char *method;      /* for the log line, after req is gone */
     const char *path;        /* likewise (static) */
     char id[64];
+    char request_id[129];    /* the request's X-Request-ID, "" when it had none */
     kvd_oai_request oai;
     kvd_oai_response resp;
     int32_t *prompt;         /* tokens (generation, tokenize) or ids to decode (detokenize) */
@@ -219,7 +220,8 @@ static double ms_between(uint64_t from_ns, uint64_t to_ns)
 }
 
 static void log_request(const kvd_jobs *jobs, const char *id, const char *method, const char *path, int status,
-                        int prompt, int cached, int completion, uint64_t arrival_ns, uint64_t first_ns)
+                        int prompt, int cached, int completion, uint64_t arrival_ns, uint64_t first_ns,
+                        const char *request_id)
 {
     uint64_t now = uv_hrtime();
     char ttft[32];
@@ -228,15 +230,17 @@ static void log_request(const kvd_jobs *jobs, const char *id, const char *method
     else
         snprintf(ttft, sizeof ttft, "-");
     kvd_log(jobs->log, KVD_LOG_INFO,
-            "request %s %s %s %d prompt_tokens=%d cached_tokens=%d completion_tokens=%d ttft=%s total=%.1fms", id,
-            method, path, status, prompt, cached, completion, ttft, ms_between(arrival_ns, now));
+            "request %s %s %s %d prompt_tokens=%d cached_tokens=%d completion_tokens=%d ttft=%s total=%.1fms"
+            " request_id=%s", id, method, path, status, prompt, cached, completion, ttft, ms_between(arrival_ns, now),
+            request_id && *request_id ? request_id : "-");
 }
 
 void kvd_jobs_respond(kvd_jobs *jobs, kvd_http_request *req, int status, const char *content_type,
                       const char *extra_headers, const char *body, size_t len)
 {
     jobs->metrics->http_requests++;
-    log_request(jobs, "-", kvd_http_method(req), kvd_http_path(req), status, 0, 0, 0, kvd_http_arrival_ns(req), 0);
+    log_request(jobs, "-", kvd_http_method(req), kvd_http_path(req), status, 0, 0, 0, kvd_http_arrival_ns(req), 0,
+                kvd_http_request_id(req));
     kvd_http_respond(req, status, content_type, extra_headers, body, len);
 }
 
@@ -276,6 +280,9 @@ static kvd_job *job_create(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind k
     job->path = job_paths[kind];
     job->arrival_ns = kvd_http_arrival_ns(req);
     job->status = 200;
+    const char *request_id = kvd_http_request_id(req);
+    if (request_id) /* kept: the job is logged after its request is answered and gone */
+        snprintf(job->request_id, sizeof job->request_id, "%s", request_id);
     kvd_oai_request_init(&job->oai);
     if (kind == KVD_JOB_CHAT || kind == KVD_JOB_COMPLETION)
         snprintf(job->id, sizeof job->id, "%s%016" PRIx64 "%08" PRIx32, kind == KVD_JOB_CHAT ? "chatcmpl-" : "cmpl-",
@@ -352,7 +359,7 @@ static int job_completion_tokens(const kvd_job *job)
 static void job_log(kvd_job *job)
 {
     log_request(job->jobs, job->id, job->method, job->path, job->status, job->prompt_tokens,
-                job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns);
+                job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns, job->request_id);
 }
 
 /* Takes the job's request to answer it: counted, logged, detached from the job. */

@@ -56,6 +56,7 @@ class State:
         self.prompts = []
         self.histories_checked = 0
         self.unauthorized = 0
+        self.session_ids = []  # X-Session-ID of each POST, in arrival order (None: absent)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -150,6 +151,7 @@ class Handler(BaseHTTPRequestHandler):
                         "\n".join(sorted(state.prompts)).encode()).hexdigest(),
                     "histories_checked": state.histories_checked,
                     "unauthorized": state.unauthorized,
+                    "session_ids": state.session_ids,
                 }
                 if parse_qs(url.query).get("reset"):
                     state.reset()
@@ -176,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.posts += 1
             number = state.posts
+            state.session_ids.append(self.headers.get("X-Session-ID"))
             state.inflight += 1
             state.max_inflight = max(state.max_inflight, state.inflight)
         self.counted = True

@@ -218,6 +218,22 @@ class MultiTurn(Base):
             self.assertLessEqual(t["median_ttft_ms"], t["p99_ttft_ms"])
         self.assertIn("Turn 3 (3 requests):", text)
 
+    def test_session_header_names_each_session(self):
+        out, _ = run_bench(self.server.url, "--turns", "3", "--requests", "9",
+                           "--concurrency", "3", "--prompt-tokens", "3", "--max-tokens", "2",
+                           "--ignore-eos", "--seed", "5", "--session-header")
+        self.assert_clean(out, 9)
+        self.assertTrue(out["session_header"])
+        ids = self.server.stats()["session_ids"]
+        # Every turn of session s carries the same id; no two sessions share one.
+        self.assertEqual(sorted(ids), sorted(["kvd-bench-5-%d" % s for s in range(3)] * 3))
+
+    def test_no_session_header_by_default(self):
+        out, _ = run_bench(self.server.url, "--turns", "2", "--requests", "2",
+                           "--prompt-tokens", "3", "--max-tokens", "2")
+        self.assert_clean(out, 2)
+        self.assertEqual(self.server.stats()["session_ids"], [None, None])
+
     def test_last_session_is_shorter(self):
         out, _ = run_bench(self.server.url, "--turns", "3", "--requests", "7",
                            "--concurrency", "3", "--max-tokens", "2", "--prompt-tokens", "3")
