@@ -531,8 +531,21 @@ static void reference_attention(const attn_case *c, int n, int layer, const floa
     free(sc);
 }
 
-static void round_to(kvd_dtype dtype, float *x, size_t n)
+/* What the cache gives back for x (rows of head_dim values): the dtype's rounding, or
+ * for int8 each row's f16 scale d = max|x| / 127 and round(x / d) * d (kvd_attention.h). */
+static void round_to(kvd_dtype dtype, float *x, size_t n, int head_dim)
 {
+    if (dtype == KVD_DTYPE_I8) {
+        for (size_t r = 0; r < n; r += (size_t)head_dim) {
+            float amax = 0;
+            for (int t = 0; t < head_dim; t++)
+                amax = fmaxf(amax, fabsf(x[r + t]));
+            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / 127.0f));
+            for (int t = 0; t < head_dim; t++)
+                x[r + t] = d > 0 ? fminf(fmaxf(nearbyintf(x[r + t] / d), -127.0f), 127.0f) * d : 0.0f;
+        }
+        return;
+    }
     for (size_t i = 0; i < n; i++)
         x[i] = dtype == KVD_DTYPE_F16 ? kvd_f16_to_f32(kvd_f32_to_f16(x[i]))
              : dtype == KVD_DTYPE_BF16 ? kvd_bf16_to_f32(kvd_f32_to_bf16(x[i])) : x[i];
@@ -542,7 +555,7 @@ static void test_paged_attention(void **state)
 {
     (void)state;
     static const attn_case cases[] = {{2, 2, 14, 64}, {1, 1, 2, 24}, {1, 2, 2, 16}};
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         const attn_case *c = &cases[ci];
         enum { N = 100 };
@@ -558,13 +571,13 @@ static void test_paged_attention(void **state)
         float *first = malloc((size_t)N * qrow * sizeof(float));
         float *out = malloc((size_t)N * qrow * sizeof(float));
         double *ref = malloc((size_t)N * qrow * sizeof(double));
-        for (int d = 0; d < 3; d++) {
+        for (int d = 0; d < 4; d++) {
             float *kr = malloc((size_t)c->layers * N * row * sizeof(float));
             float *vr = malloc((size_t)c->layers * N * row * sizeof(float));
             memcpy(kr, k, (size_t)c->layers * N * row * sizeof(float));
             memcpy(vr, v, (size_t)c->layers * N * row * sizeof(float));
-            round_to(dtypes[d], kr, (size_t)c->layers * N * row);
-            round_to(dtypes[d], vr, (size_t)c->layers * N * row);
+            round_to(dtypes[d], kr, (size_t)c->layers * N * row, c->head_dim);
+            round_to(dtypes[d], vr, (size_t)c->layers * N * row, c->head_dim);
             int layer = c->layers - 1;
             reference_attention(c, N, layer, q, 0, N, kr, vr, ref);
             static const int block_sizes[] = {1, 2, 16, 64, 256};
