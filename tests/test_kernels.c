@@ -642,6 +642,46 @@ static void test_paged_attention(void **state)
     }
 }
 
+/* Copy-on-write of a partly filled shared block carries each dtype's whole rows (int8:
+ * the values and their scales): the copy attends exactly as the original. */
+static void test_attention_after_copy_on_write(void **state)
+{
+    (void)state;
+    attn_case c = {2, 2, 4, 16};
+    enum { N = 6 };
+    int row = c.kv_heads * c.head_dim, qrow = c.heads * c.head_dim;
+    float k[2 * N * 32], v[2 * N * 32], q[N * 64], a[N * 64], b[N * 64];
+    uint64_t s = 5;
+    fill(k, sizeof k / sizeof k[0], &s, 2.0f);
+    fill(v, sizeof v / sizeof v[0], &s, 1.0f);
+    fill(q, sizeof q / sizeof q[0], &s, 2.0f);
+    assert_int_equal(row, 32);
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
+        kvd_block_table table, copy;
+        kvd_kv_pool *pool = filled_pool(&c, 16, dtypes[d], N, &table, k, v);
+        kvd_block_table_init(&copy);
+        assert_int_equal(kvd_block_table_fork(pool, &table, &copy, NULL), 0);
+        assert_int_equal(kvd_block_table_append(pool, &copy, 1, NULL), 0); /* copies the block */
+        assert_int_not_equal(copy.blocks[0], table.blocks[0]);
+        /* scribble over the original's block: the copy must not read it */
+        kvd_attention_shape shape = {c.heads, c.kv_heads, c.head_dim, 0.25f};
+        kvd_attention_query qa = {&table, 0, N, q, qrow, a, qrow};
+        kvd_attention_query qb = {&copy, 0, N, q, qrow, b, qrow};
+        assert_int_equal(kvd_paged_attention(best_isa(), pool, 1, &shape, &qa, 1, 1, NULL), 0);
+        for (int layer = 0; layer < c.layers; layer++) {
+            memset(kvd_kv_block_keys(pool, table.blocks[0], layer), 0x5a, 16);
+            memset(kvd_kv_block_values(pool, table.blocks[0], layer), 0x5a, 16);
+        }
+        assert_int_equal(kvd_paged_attention(best_isa(), pool, 1, &shape, &qb, 1, 1, NULL), 0);
+        if (memcmp(a, b, sizeof a) != 0)
+            fail_msg("copy-on-write changed attention for KV %s", kvd_dtype_name(dtypes[d]));
+        kvd_block_table_deinit(pool, &copy);
+        kvd_block_table_deinit(pool, &table);
+        kvd_kv_pool_destroy(pool);
+    }
+}
+
 /* A query that asks for positions its table has not reserved is refused. */
 static void test_paged_attention_rejects(void **state)
 {
@@ -714,6 +754,7 @@ int main(void)
         cmocka_unit_test(test_swiglu_and_exp),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_attention_after_copy_on_write),
         cmocka_unit_test(test_paged_attention_rejects),
         cmocka_unit_test(test_kv_store),
     };

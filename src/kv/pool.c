@@ -442,6 +442,16 @@ static void block_copy(kvd_kv_pool *pool, int32_t dst, int32_t src, int slots)
                         (size_t)(h % heads_per_slice) * head_stride;
         memcpy(to + offset, from + offset, copied);
     }
+    if (pool->cfg.dtype == KVD_DTYPE_I8) {
+        /* the rows' scales follow each slice's values (kvd_kv.h): copied whole, the
+         * unwritten slots' are overwritten with their rows */
+        size_t scales_at = head_stride * (size_t)heads_per_slice;
+        size_t scale_bytes = (size_t)heads_per_slice * (size_t)pool->block_size * sizeof(uint16_t);
+        for (int s = 0; s < pool->cfg.num_layers * 2; s++) {
+            size_t offset = (size_t)s * pool->slice_bytes + scales_at;
+            memcpy(to + offset, from + offset, scale_bytes);
+        }
+    }
 }
 
 /* ---- block tables ------------------------------------------------------------------- */
