@@ -49,6 +49,7 @@
  * amplifies what the cache's rounding moves); the bounds leave a 2x margin. */
 #define F16_KV_TOLERANCE 4e-2
 #define BF16_KV_TOLERANCE 6e-2
+#define I8_KV_TOLERANCE 1e-1
 
 typedef struct golden_prompt {
     int32_t ids[MAX_IDS];
@@ -301,10 +302,10 @@ static void test_block_sizes_and_kv_dtypes(void **state)
             fail_msg("block size %d changes the logits", block_sizes[b]);
         free_runner(&r);
     }
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F16, KVD_DTYPE_BF16};
-    static const double bounds[] = {F16_KV_TOLERANCE, BF16_KV_TOLERANCE};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    static const double bounds[] = {F16_KV_TOLERANCE, BF16_KV_TOLERANCE, I8_KV_TOLERANCE};
     runner f32 = make_runner(16, KVD_DTYPE_F32, false, 2);
-    for (int d = 0; d < 2; d++) {
+    for (int d = 0; d < 3; d++) {
         double worst = 0;
         int checked = 0, total = 0;
         for (int b = 0; b < 2; b++) {

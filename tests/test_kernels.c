@@ -531,8 +531,21 @@ static void reference_attention(const attn_case *c, int n, int layer, const floa
     free(sc);
 }
 
-static void round_to(kvd_dtype dtype, float *x, size_t n)
+/* What the cache gives back for x (rows of head_dim values): the dtype's rounding, or
+ * for int8 each row's f16 scale d = max|x| / 127 and round(x / d) * d (kvd_attention.h). */
+static void round_to(kvd_dtype dtype, float *x, size_t n, int head_dim)
 {
+    if (dtype == KVD_DTYPE_I8) {
+        for (size_t r = 0; r < n; r += (size_t)head_dim) {
+            float amax = 0;
+            for (int t = 0; t < head_dim; t++)
+                amax = fmaxf(amax, fabsf(x[r + t]));
+            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / 127.0f));
+            for (int t = 0; t < head_dim; t++)
+                x[r + t] = d > 0 ? fminf(fmaxf(nearbyintf(x[r + t] / d), -127.0f), 127.0f) * d : 0.0f;
+        }
+        return;
+    }
     for (size_t i = 0; i < n; i++)
         x[i] = dtype == KVD_DTYPE_F16 ? kvd_f16_to_f32(kvd_f32_to_f16(x[i]))
              : dtype == KVD_DTYPE_BF16 ? kvd_bf16_to_f32(kvd_f32_to_bf16(x[i])) : x[i];
@@ -542,7 +555,7 @@ static void test_paged_attention(void **state)
 {
     (void)state;
     static const attn_case cases[] = {{2, 2, 14, 64}, {1, 1, 2, 24}, {1, 2, 2, 16}};
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         const attn_case *c = &cases[ci];
         enum { N = 100 };
@@ -558,13 +571,13 @@ static void test_paged_attention(void **state)
         float *first = malloc((size_t)N * qrow * sizeof(float));
         float *out = malloc((size_t)N * qrow * sizeof(float));
         double *ref = malloc((size_t)N * qrow * sizeof(double));
-        for (int d = 0; d < 3; d++) {
+        for (int d = 0; d < 4; d++) {
             float *kr = malloc((size_t)c->layers * N * row * sizeof(float));
             float *vr = malloc((size_t)c->layers * N * row * sizeof(float));
             memcpy(kr, k, (size_t)c->layers * N * row * sizeof(float));
             memcpy(vr, v, (size_t)c->layers * N * row * sizeof(float));
-            round_to(dtypes[d], kr, (size_t)c->layers * N * row);
-            round_to(dtypes[d], vr, (size_t)c->layers * N * row);
+            round_to(dtypes[d], kr, (size_t)c->layers * N * row, c->head_dim);
+            round_to(dtypes[d], vr, (size_t)c->layers * N * row, c->head_dim);
             int layer = c->layers - 1;
             reference_attention(c, N, layer, q, 0, N, kr, vr, ref);
             static const int block_sizes[] = {1, 2, 16, 64, 256};
@@ -626,6 +639,46 @@ static void test_paged_attention(void **state)
         free(first);
         free(out);
         free(ref);
+    }
+}
+
+/* Copy-on-write of a partly filled shared block carries each dtype's whole rows (int8:
+ * the values and their scales): the copy attends exactly as the original. */
+static void test_attention_after_copy_on_write(void **state)
+{
+    (void)state;
+    attn_case c = {2, 2, 4, 16};
+    enum { N = 6 };
+    int row = c.kv_heads * c.head_dim, qrow = c.heads * c.head_dim;
+    float k[2 * N * 32], v[2 * N * 32], q[N * 64], a[N * 64], b[N * 64];
+    uint64_t s = 5;
+    fill(k, sizeof k / sizeof k[0], &s, 2.0f);
+    fill(v, sizeof v / sizeof v[0], &s, 1.0f);
+    fill(q, sizeof q / sizeof q[0], &s, 2.0f);
+    assert_int_equal(row, 32);
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
+        kvd_block_table table, copy;
+        kvd_kv_pool *pool = filled_pool(&c, 16, dtypes[d], N, &table, k, v);
+        kvd_block_table_init(&copy);
+        assert_int_equal(kvd_block_table_fork(pool, &table, &copy, NULL), 0);
+        assert_int_equal(kvd_block_table_append(pool, &copy, 1, NULL), 0); /* copies the block */
+        assert_int_not_equal(copy.blocks[0], table.blocks[0]);
+        /* scribble over the original's block: the copy must not read it */
+        kvd_attention_shape shape = {c.heads, c.kv_heads, c.head_dim, 0.25f};
+        kvd_attention_query qa = {&table, 0, N, q, qrow, a, qrow};
+        kvd_attention_query qb = {&copy, 0, N, q, qrow, b, qrow};
+        assert_int_equal(kvd_paged_attention(best_isa(), pool, 1, &shape, &qa, 1, 1, NULL), 0);
+        for (int layer = 0; layer < c.layers; layer++) {
+            memset(kvd_kv_block_keys(pool, table.blocks[0], layer), 0x5a, 16);
+            memset(kvd_kv_block_values(pool, table.blocks[0], layer), 0x5a, 16);
+        }
+        assert_int_equal(kvd_paged_attention(best_isa(), pool, 1, &shape, &qb, 1, 1, NULL), 0);
+        if (memcmp(a, b, sizeof a) != 0)
+            fail_msg("copy-on-write changed attention for KV %s", kvd_dtype_name(dtypes[d]));
+        kvd_block_table_deinit(pool, &copy);
+        kvd_block_table_deinit(pool, &table);
+        kvd_kv_pool_destroy(pool);
     }
 }
 
@@ -701,6 +754,7 @@ int main(void)
         cmocka_unit_test(test_swiglu_and_exp),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_attention_after_copy_on_write),
         cmocka_unit_test(test_paged_attention_rejects),
         cmocka_unit_test(test_kv_store),
     };

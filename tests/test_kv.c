@@ -138,6 +138,10 @@ static void test_block_bytes_and_pool_sizing(void **state)
     assert_int_equal(kvd_kv_block_bytes(&cfg), 16 * 12288);
     cfg.dtype = KVD_DTYPE_F32;
     assert_int_equal(kvd_kv_block_bytes(&cfg), 16 * 24576);
+    /* int8: per layer and K or V, 2 heads x 16 tokens x (64 values + a 2-byte scale) =
+     * 2112 bytes: 1.94x the tokens of f16 in the same bytes */
+    cfg.dtype = KVD_DTYPE_I8;
+    assert_int_equal(kvd_kv_block_bytes(&cfg), 2 * 24 * 2112);
     cfg.dtype = KVD_DTYPE_F16;
 
     /* 1 GiB budget: floor(2^30 / 196608) = 5461 blocks, reported exactly. */

@@ -601,7 +601,7 @@ static int parse_options(int argc, char **argv, options *o)
             }
             break;
         case 'd':
-            if (kvd_dtype_parse(optarg, &o->dtype) != 0) {
+            if (kvd_dtype_parse(optarg, &o->dtype) != 0 || kvd_dtype_size(o->dtype) < 2) {
                 fprintf(stderr, "kvd-mkmodel: unknown --dtype \"%s\" (bf16, f16, f32)\n", optarg);
                 return -1;
             }

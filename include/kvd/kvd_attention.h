@@ -6,6 +6,12 @@
  * rounding to the pool's dtype, then runs attention, so a token attends to its own
  * rounded K/V exactly as later steps will see them.
  *
+ * int8 pages: a row x of head_dim values (one head's K or V of one token) is stored
+ * once, when written, as the f16 scale d = f16(max|x| / 127) and q_i = round(x_i / d)
+ * (nearest even, clamped to +-127; all zero when d is 0), never re-quantized.
+ * Attention reads q_i * d (one float multiply) tile by tile from the page: no
+ * dequantized copy of the cache exists.
+ *
  * Determinism: the keys of a query at position p are visited in logical position
  * order in fixed tiles of KVD_ATTENTION_TILE positions ([0, 32), [32, 64), ...)
  * whatever the block size, whether blocks came from the prefix cache, how many

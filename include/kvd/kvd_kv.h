@@ -28,7 +28,7 @@ typedef struct kvd_kv_config {
     int num_kv_heads;
     int head_dim;
     int block_size;           /* tokens per block: a power of two in 1..256 (default 16) */
-    kvd_dtype dtype;          /* element type of K and V: F16 (default), BF16 or F32 */
+    kvd_dtype dtype;          /* element type of K and V: F16 (default), BF16, F32 or I8 */
     size_t num_blocks;        /* if non-zero, the pool holds exactly this many blocks */
     size_t cache_bytes;       /* otherwise: as many blocks as fit in these bytes */
     bool enable_prefix_cache;
@@ -80,7 +80,10 @@ void kvd_kv_pool_destroy(kvd_kv_pool *pool);
 const kvd_kv_config *kvd_kv_pool_config(const kvd_kv_pool *pool);
 
 /* Storage of one block for one layer: [num_kv_heads][block_size][head_dim] elements of
- * the pool's dtype, keys and values separately. */
+ * the pool's dtype, keys and values separately. An int8 pool follows the values with
+ * [num_kv_heads][block_size] f16 scales, one per row of head_dim values (a row's value
+ * is scale * int8; see kvd_attention.h), so a page is still one self-contained piece
+ * of memory: copy-on-write and the prefix cache move it as any other. */
 void *kvd_kv_block_keys(const kvd_kv_pool *pool, int32_t block, int layer);
 void *kvd_kv_block_values(const kvd_kv_pool *pool, int32_t block, int layer);
 

@@ -32,10 +32,11 @@ typedef enum kvd_dtype {
     KVD_DTYPE_Q5_K = 7,  /* 256 values: as Q4_K plus one high bit per value */
     KVD_DTYPE_Q6_K = 8,  /* 256 values: 16 x int8 scales, 6-bit values (offset 32) */
     KVD_DTYPE_Q8_K = 9,  /* 256 values: f32 scale, 256 x int8, 16 block sums */
+    KVD_DTYPE_I8 = 10,   /* int8 (KV pages: each row of head_dim values with an f16 scale) */
 } kvd_dtype;
-#define KVD_DTYPE_COUNT 10
+#define KVD_DTYPE_COUNT 11
 
-/* Bytes per element of the float types (4 or 2); 0 for block-quantized types. */
+/* Bytes per element of the float types (4 or 2) and int8 (1); 0 for block-quantized types. */
 size_t kvd_dtype_size(kvd_dtype dtype);
 /* Values per block: 1 for the float types, 32 or 256 for the quantized ones. */
 int kvd_dtype_block_values(kvd_dtype dtype);
@@ -46,7 +47,7 @@ bool kvd_dtype_is_quantized(kvd_dtype dtype);
 /* Bytes of one row of cols values as a file stores it; 0 when cols is not a whole
  * number of blocks. */
 size_t kvd_dtype_row_bytes(kvd_dtype dtype, int64_t cols);
-/* "f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q8_k". */
+/* "f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q8_k", "int8". */
 const char *kvd_dtype_name(kvd_dtype dtype);
 /* Parses "f32"/"float32"/"F32", "f16"/"float16"/"F16", "bf16"/"bfloat16"/"BF16" and the
  * quantized names above (any case). Returns 0 or KVD_EINVAL. */

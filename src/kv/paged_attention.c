@@ -40,6 +40,40 @@ V16_INLINE void widen_row(float *dst, const void *src, int dtype, int n)
         v16_store_n(dst + i, v16_load_any_n(src, dtype, (size_t)i, n - i), n - i);
 }
 
+/* One int8 row of n values at src with its f16 scale, as floats q_i * d at dst. */
+V16_INLINE void widen_row_i8(float *dst, const int8_t *src, uint16_t scale_bits, int n)
+{
+    v16 d = v16_set1(kvd_f16_to_f32(scale_bits));
+    for (int i = 0; i < n; i += 16) {
+        int m = n - i < 16 ? n - i : 16;
+        v16_store_n(dst + i, v16_mul(v16_load_i8_n(src + i, m), d), m);
+    }
+}
+
+/* x[n] as an int8 row: q at dst, its f16 scale returned (kvd_attention.h). The row's
+ * max |x| is order-free, and each q_i is one division and one rounding: every build
+ * writes the same bytes. */
+V16_INLINE uint16_t quantize_row_i8(int8_t *dst, const float *x, int n)
+{
+    v16 amax = v16_zero();
+    for (int i = 0; i < n; i += 16) {
+        int m = n - i < 16 ? n - i : 16;
+        v16 v = v16_load_n(x + i, m);
+        amax = v16_max(amax, v16_max(v, v16_sub(v16_zero(), v)));
+    }
+    uint16_t scale_bits = kvd_f32_to_f16(v16_hmax(amax) / 127.0f);
+    float d = kvd_f16_to_f32(scale_bits);
+    for (int i = 0; i < n; i += 16) {
+        int m = n - i < 16 ? n - i : 16;
+        float q[16];
+        v16 r = d > 0.0f ? v16_round(v16_div(v16_load_n(x + i, m), v16_set1(d))) : v16_zero();
+        v16_store(q, v16_min(v16_max(r, v16_set1(-127.0f)), v16_set1(127.0f)));
+        for (int j = 0; j < m; j++)
+            dst[i + j] = (int8_t)q[j];
+    }
+    return scale_bits;
+}
+
 V16_INLINE float dot(const float *a, const float *b, int n)
 {
     v16 acc = v16_zero();
@@ -186,17 +220,28 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
         memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
         int last = q->first_pos + r1 - 1;
         size_t row_bytes = (size_t)hd * esize;
+        /* int8 pages: each row's f16 scale, after all the block's values (kvd_kv.h) */
+        size_t scales_at = (size_t)shape->num_kv_heads * bs * row_bytes;
         prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, 0, last < TILE ? last + 1 : TILE);
         for (int t0 = 0; t0 <= last; t0 += TILE) {
             int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
             for (int j = 0; j < nt; j++) {
                 int pos = t0 + j;
                 int32_t block = blocks[pos / bs];
-                size_t offset = ((size_t)kv_head * bs + (size_t)(pos % bs)) * row_bytes;
-                widen_row(kt + (size_t)j * hd_pad,
-                          (const char *)kvd_kv_block_keys(pool, block, layer) + offset, dtype, hd);
-                widen_row(vt + (size_t)j * hd_pad,
-                          (const char *)kvd_kv_block_values(pool, block, layer) + offset, dtype, hd);
+                size_t slot = (size_t)kv_head * bs + (size_t)(pos % bs);
+                size_t offset = slot * row_bytes;
+                const char *kb = kvd_kv_block_keys(pool, block, layer);
+                const char *vb = kvd_kv_block_values(pool, block, layer);
+                if (cfg->dtype == KVD_DTYPE_I8) {
+                    uint16_t ks, vs;
+                    memcpy(&ks, kb + scales_at + slot * sizeof ks, sizeof ks);
+                    memcpy(&vs, vb + scales_at + slot * sizeof vs, sizeof vs);
+                    widen_row_i8(kt + (size_t)j * hd_pad, (const int8_t *)(kb + offset), ks, hd);
+                    widen_row_i8(vt + (size_t)j * hd_pad, (const int8_t *)(vb + offset), vs, hd);
+                } else {
+                    widen_row(kt + (size_t)j * hd_pad, kb + offset, dtype, hd);
+                    widen_row(vt + (size_t)j * hd_pad, vb + offset, dtype, hd);
+                }
                 /* The cache's rows come from memory (a step touches every sequence's
                  * whole context once): ask for the next tile's while this one is
                  * folded, or every row waits for DRAM. */
@@ -244,9 +289,18 @@ void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_bloc
     char *kdst = kvd_kv_block_keys(pool, block, layer);
     char *vdst = kvd_kv_block_values(pool, block, layer);
     for (int h = 0; h < cfg->num_kv_heads; h++) {
-        size_t offset = ((size_t)h * bs + (size_t)(pos % bs)) * hd * esize;
+        size_t slot = (size_t)h * bs + (size_t)(pos % bs);
+        size_t offset = slot * hd * esize;
         const float *ks = k + (size_t)h * hd;
         const float *vs = v + (size_t)h * hd;
+        if (cfg->dtype == KVD_DTYPE_I8) {
+            size_t scales_at = (size_t)cfg->num_kv_heads * bs * hd; /* kvd_kv.h's page layout */
+            uint16_t kscale = quantize_row_i8((int8_t *)(kdst + offset), ks, hd);
+            uint16_t vscale = quantize_row_i8((int8_t *)(vdst + offset), vs, hd);
+            memcpy(kdst + scales_at + slot * sizeof kscale, &kscale, sizeof kscale);
+            memcpy(vdst + scales_at + slot * sizeof vscale, &vscale, sizeof vscale);
+            continue;
+        }
         for (int d = 0; d < hd; d += 16) {
             int n = hd - d < 16 ? hd - d : 16;
             size_t at = offset + (size_t)d * esize;

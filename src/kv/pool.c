@@ -105,8 +105,10 @@ static bool is_power_of_two(int x)
 
 static size_t slice_bytes_of(const kvd_kv_config *cfg)
 {
-    size_t raw = (size_t)cfg->num_kv_heads * (size_t)cfg->block_size * (size_t)cfg->head_dim *
-                 kvd_dtype_size(cfg->dtype);
+    size_t rows = (size_t)cfg->num_kv_heads * (size_t)cfg->block_size;
+    size_t raw = rows * (size_t)cfg->head_dim * kvd_dtype_size(cfg->dtype);
+    if (cfg->dtype == KVD_DTYPE_I8)
+        raw += rows * sizeof(uint16_t); /* each row's f16 scale, after the values */
     return (raw + KV_SLICE_ALIGN - 1) / KV_SLICE_ALIGN * KV_SLICE_ALIGN;
 }
 
@@ -125,8 +127,9 @@ static int validate_config(const kvd_kv_config *cfg, kvd_error *err)
         return kvd_error_set(err, KVD_EINVAL,
                              "kv config: block_size %d is not a power of two in 1..%d",
                              cfg->block_size, KV_MAX_BLOCK_SIZE);
-    if (cfg->dtype != KVD_DTYPE_F16 && cfg->dtype != KVD_DTYPE_BF16 && cfg->dtype != KVD_DTYPE_F32)
-        return kvd_error_set(err, KVD_EINVAL, "kv config: dtype %d is not f16, bf16 or f32",
+    if (cfg->dtype != KVD_DTYPE_F16 && cfg->dtype != KVD_DTYPE_BF16 && cfg->dtype != KVD_DTYPE_F32 &&
+        cfg->dtype != KVD_DTYPE_I8)
+        return kvd_error_set(err, KVD_EINVAL, "kv config: dtype %d is not f16, bf16, f32 or int8",
                              (int)cfg->dtype);
     return 0;
 }
@@ -438,6 +441,16 @@ static void block_copy(kvd_kv_pool *pool, int32_t dst, int32_t src, int slots)
         size_t offset = (size_t)(h / heads_per_slice) * pool->slice_bytes +
                         (size_t)(h % heads_per_slice) * head_stride;
         memcpy(to + offset, from + offset, copied);
+    }
+    if (pool->cfg.dtype == KVD_DTYPE_I8) {
+        /* the rows' scales follow each slice's values (kvd_kv.h): copied whole, the
+         * unwritten slots' are overwritten with their rows */
+        size_t scales_at = head_stride * (size_t)heads_per_slice;
+        size_t scale_bytes = (size_t)heads_per_slice * (size_t)pool->block_size * sizeof(uint16_t);
+        for (int s = 0; s < pool->cfg.num_layers * 2; s++) {
+            size_t offset = (size_t)s * pool->slice_bytes + scales_at;
+            memcpy(to + offset, from + offset, scale_bytes);
+        }
     }
 }
 

@@ -113,6 +113,12 @@ V16_INLINE void v16_store_f16_n(uint16_t *p, v16 a, int n)
     __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1u), h);
 }
+/* 16 (or the first n, rest zero) int8 widened to float (exact). */
+V16_INLINE v16 v16_load_i8_n(const int8_t *p, int n)
+{
+    __m128i b = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1u), p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
 V16_INLINE v16 v16_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
 V16_INLINE v16 v16_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
 V16_INLINE v16 v16_sub(v16 a, v16 b) { return _mm512_sub_ps(a, b); }
@@ -264,6 +270,7 @@ V16_INLINE void v16_store_f16_n(uint16_t *p, v16 a, int n)
     for (int i = 0; i < n; i++)
         p[i] = kvd_f32_to_f16(a.f[i]);
 }
+V16_INLINE v16 v16_load_i8_n(const int8_t *p, int n) { V16_MAP(i < n ? (float)p[i] : 0.0f); }
 V16_INLINE v16 v16_fma(v16 a, v16 b, v16 c) { V16_MAP(fmaf(a.f[i], b.f[i], c.f[i])); }
 V16_INLINE v16 v16_add(v16 a, v16 b) { V16_MAP(a.f[i] + b.f[i]); }
 V16_INLINE v16 v16_sub(v16 a, v16 b) { V16_MAP(a.f[i] - b.f[i]); }
