@@ -153,13 +153,18 @@ static int take_string(cursor *c, kvd_gguf_str *s, const char *what)
     return 0;
 }
 
-/* Keys and tensor names become NUL-terminated copies: no NUL inside, bounded length. */
+/* Keys and tensor names become NUL-terminated copies: bounded length, no control bytes
+ * (they end up in one-line messages as they are). */
 static int copy_name(cursor *c, const kvd_gguf_str *s, char **out, const char *what)
 {
     char shown[80];
-    if (s->len == 0 || s->len > KVD_GGUF_MAX_NAME || memchr(s->ptr, '\0', s->len))
+    bool control = false;
+    for (uint64_t i = 0; i < s->len && i <= KVD_GGUF_MAX_NAME; i++)
+        control |= (unsigned char)s->ptr[i] < 0x20 || s->ptr[i] == 0x7f;
+    if (s->len == 0 || s->len > KVD_GGUF_MAX_NAME || control)
         return kvd_error_set(c->err, KVD_EFORMAT,
-                             "%s: %s \"%s\" is empty, longer than %d bytes or holds a NUL byte",
+                             "%s: %s \"%s\" is empty, longer than %d bytes or holds a control "
+                             "byte",
                              c->path, what, kvd_gguf_printable(shown, sizeof shown, s->ptr, s->len),
                              KVD_GGUF_MAX_NAME);
     *out = malloc(s->len + 1);
