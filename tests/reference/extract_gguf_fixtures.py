@@ -96,8 +96,20 @@ def main():
         index.append({"file": out_name, "source": file, "tensor": name, "type": ttype,
                       "shape": g["shape"], "dequant_f32_sha256": g["dequant_f32_sha256"],
                       "first16": g["first16"]})
+    # The tiny files' source is kvd's own tiny fixture: checksums of every quantized
+    # tensor (embeddings too) for the quantizer test, which rebuilds them from it.
+    requantize = []
+    for file in FILES:
+        if not file.startswith("tiny-"):
+            continue
+        for name, g in sorted(golden["files"][file]["tensors"].items()):
+            if g["type"] not in ("F32", "F16", "BF16"):
+                requantize.append({"source": file, "tensor": name, "type": g["type"],
+                                   "shape": g["shape"],
+                                   "dequant_f32_sha256": g["dequant_f32_sha256"]})
     with open(os.path.join(dest, "index.json"), "w") as f:
-        json.dump({"made_by": golden["made_by"], "tensors": index}, f, indent=1)
+        json.dump({"made_by": golden["made_by"], "tensors": index, "requantize": requantize},
+                  f, indent=1)
         f.write("\n")
 
 
