@@ -42,6 +42,12 @@ void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *
                     int panel_begin, int panel_end);
 void kvd_quant_matrix_row(float *out, const kvd_matrix *w, int row);
 
+/* *out = src (a packed matrix of any dtype) quantized to dtype row by row with
+ * kvd_quantize_row, packed; out->data is the caller's to free(). Returns 0, KVD_EINVAL
+ * (dtype not quantized, rows not whole blocks or wider than KVD_QUANT_MAX_COLS) or
+ * KVD_ENOMEM, with err set and *out untouched. */
+int kvd_quant_matrix_create(kvd_matrix *out, kvd_dtype dtype, const kvd_matrix *src, kvd_error *err);
+
 /* kvd_matmul_cols for a quantized w (kvd_matmul_cols dispatches here): the AVX-512 VNNI
  * build when isa is AVX-512 or better and the CPU has VNNI, else the scalar build; both
  * give the same bits (see kvd_kernels.h). */

@@ -12,6 +12,7 @@
  * Only Q4_K/Q5_K grow (the 6-bit scales and mins spread to bytes, +2.8% / +2.3%), so a
  * product reads them with one widening load.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "kvd/kvd_quant.h"
@@ -158,8 +159,9 @@ size_t kvd_quant_packed_bytes(kvd_dtype dtype, int rows, int cols)
     return (groups * group_bytes(dtype, cols) + 63) / 64 * 64;
 }
 
-void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
-                    int panel_begin, int panel_end)
+/* Packs panels [panel_begin, panel_end); row r is read at src + (r - src_first_row) rows. */
+static void pack_panels(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
+                        int src_first_row, int panel_begin, int panel_end)
 {
     size_t row_bytes = kvd_dtype_row_bytes(dtype, cols);
     size_t block_bytes = kvd_dtype_block_bytes(dtype);
@@ -174,7 +176,7 @@ void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *
             int r = g * KVD_QGROUP_ROWS + c;
             if (r >= rows)
                 break;
-            const uint8_t *row = (const uint8_t *)src + (size_t)r * row_bytes;
+            const uint8_t *row = (const uint8_t *)src + (size_t)(r - src_first_row) * row_bytes;
             for (int blk = 0; blk < blocks; blk++) {
                 kvd_qblock_decode(dtype, row + (size_t)blk * block_bytes, &b);
                 kvd_qtile_put(dtype, group + (size_t)blk * tile_bytes, c, &b);
@@ -183,6 +185,12 @@ void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *
     }
     /* a padding row's zero bytes decode as code 0; for the offset types that is not
      * value 0, but padding rows are never read back or stored to outputs */
+}
+
+void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
+                    int panel_begin, int panel_end)
+{
+    pack_panels(dst, dtype, rows, cols, src, 0, panel_begin, panel_end);
 }
 
 void kvd_quant_matrix_row(float *out, const kvd_matrix *w, int row)
@@ -198,4 +206,39 @@ void kvd_quant_matrix_row(float *out, const kvd_matrix *w, int row)
         kvd_qblock_encode(w->dtype, &b, block);
         kvd_dequantize_row(w->dtype, block, out + (size_t)blk * per_block, per_block);
     }
+}
+
+int kvd_quant_matrix_create(kvd_matrix *out, kvd_dtype dtype, const kvd_matrix *src, kvd_error *err)
+{
+    if (!kvd_dtype_is_quantized(dtype) || src->cols % kvd_dtype_block_values(dtype) != 0 ||
+        src->cols > KVD_QUANT_MAX_COLS) {
+        kvd_error_set(err, KVD_EINVAL, "cannot quantize a %d x %d matrix to %s (rows must be "
+                      "whole %d-value blocks, at most %d wide)", src->rows, src->cols,
+                      kvd_dtype_name(dtype), kvd_dtype_block_values(dtype), KVD_QUANT_MAX_COLS);
+        return KVD_EINVAL;
+    }
+    size_t row_bytes = kvd_dtype_row_bytes(dtype, src->cols);
+    void *data = aligned_alloc(64, kvd_quant_packed_bytes(dtype, src->rows, src->cols));
+    uint8_t *panel = malloc(row_bytes * KVD_PANEL_ROWS);
+    float *row = malloc((size_t)src->cols * sizeof(float));
+    if (!data || !panel || !row) {
+        free(data);
+        free(panel);
+        free(row);
+        kvd_error_set(err, KVD_ENOMEM, "out of memory quantizing a %d x %d matrix", src->rows, src->cols);
+        return KVD_ENOMEM;
+    }
+    for (int p = 0; p < kvd_matrix_panels(src->rows); p++) {
+        int first = p * KVD_PANEL_ROWS;
+        int n = src->rows - first < KVD_PANEL_ROWS ? src->rows - first : KVD_PANEL_ROWS;
+        for (int r = 0; r < n; r++) {
+            kvd_matrix_row(row, src, first + r);
+            kvd_quantize_row(dtype, row, panel + (size_t)r * row_bytes, src->cols);
+        }
+        pack_panels(data, dtype, src->rows, src->cols, panel, first, p, p + 1);
+    }
+    free(panel);
+    free(row);
+    *out = (kvd_matrix){.dtype = dtype, .rows = src->rows, .cols = src->cols, .data = data};
+    return 0;
 }
