@@ -79,6 +79,7 @@ typedef struct kvd_gguf_kv {
     kvd_gguf_type elem_type; /* arrays: the element type */
     uint64_t count;          /* arrays: the element count */
     const uint8_t *data;     /* the value's bytes (arrays: the first element) */
+    uint64_t size;           /* bytes from data to the value's end */
 } kvd_gguf_kv;
 
 typedef struct kvd_gguf_tensor {
@@ -203,13 +204,15 @@ void kvd_gguf_write_string_array(kvd_gguf_writer *w, const char *key, const char
                                  const size_t *lens, uint64_t n);
 void kvd_gguf_write_i32_array(kvd_gguf_writer *w, const char *key, const int32_t *values,
                               uint64_t n);
+/* A key/value of a parsed file, copied as it is. */
+void kvd_gguf_write_kv_copy(kvd_gguf_writer *w, const kvd_gguf_kv *kv);
 /* Declares a tensor of ggml_type with extents ne[ndim] (ne[0] = columns) holding bytes
  * bytes; returns its offset in the data section (each tensor starts aligned). */
 uint64_t kvd_gguf_write_tensor_info(kvd_gguf_writer *w, const char *name, uint32_t ggml_type,
                                     int ndim, const uint64_t *ne, uint64_t bytes);
 /* The complete header (version 3), padded so the data section starts aligned: *out points
  * into w (valid until deinit), *len its length. The caller writes the data section after it,
- * each tensor at the offset write_tensor_info gave, zero bytes between.
+ * each tensor at the offset write_tensor_info gave, zero bytes between. Call it once.
  * Returns 0 or KVD_ENOMEM. */
 int kvd_gguf_writer_finish(kvd_gguf_writer *w, const uint8_t **out, size_t *len,
                            kvd_error *err);

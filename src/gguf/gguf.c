@@ -205,7 +205,9 @@ static int parse_kv(cursor *c, kvd_gguf_kv *kv)
     if (type != KVD_GGUF_ARRAY) {
         kv->data = c->p;
         kv->count = 1;
-        return skip_value(c, type, kv->key);
+        rc = skip_value(c, type, kv->key);
+        kv->size = (uint64_t)(c->p - kv->data);
+        return rc;
     }
     uint32_t elem = 0;
     uint64_t count = 0;
@@ -229,9 +231,11 @@ static int parse_kv(cursor *c, kvd_gguf_kv *kv)
         for (uint64_t i = 0; i < count; i++)
             if ((rc = skip_value(c, elem, kv->key)) < 0)
                 return rc;
-        return 0;
+    } else if ((rc = take(c, NULL, (size_t)(count * min_size), kv->key)) < 0) {
+        return rc;
     }
-    return take(c, NULL, (size_t)(count * min_size), kv->key);
+    kv->size = (uint64_t)(c->p - kv->data);
+    return 0;
 }
 
 static int parse_tensor_info(cursor *c, kvd_gguf_tensor *t)
@@ -861,6 +865,16 @@ void kvd_gguf_write_i32_array(kvd_gguf_writer *w, const char *key, const int32_t
     put_u32(w, KVD_GGUF_INT32);
     put_u64(w, n);
     put_h(w, values, (size_t)n * 4);
+}
+
+void kvd_gguf_write_kv_copy(kvd_gguf_writer *w, const kvd_gguf_kv *kv)
+{
+    put_key(w, kv->key, kv->type);
+    if (kv->type == KVD_GGUF_ARRAY) {
+        put_u32(w, kv->elem_type);
+        put_u64(w, kv->count);
+    }
+    put_h(w, kv->data, (size_t)kv->size);
 }
 
 uint64_t kvd_gguf_write_tensor_info(kvd_gguf_writer *w, const char *name, uint32_t ggml_type,
