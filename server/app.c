@@ -160,7 +160,8 @@ static void load_model(uv_work_t *work)
         return;
     }
     /* Small checkpoints load in milliseconds: progress lines would only be noise. */
-    kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20};
+    kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20,
+                                   .quantize = cfg->quantize[0] ? cfg->quantize : NULL};
     app->model = kvd_model_load(cfg->model, &opts, &app->load_err);
     if (!app->model) {
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;

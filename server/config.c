@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "kvd/kvd_gguf.h"
+
 enum knob_kind {
     KNOB_STR,      /* char[cap] */
     KNOB_INT,      /* int */
@@ -50,6 +52,7 @@ static const knob knobs[] = {
     {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},
     {"kv_num_blocks", KNOB_U64, OFF(kv_num_blocks), 0, 0, 1LL << 31, "N", "exact KV pool size in blocks; 0: from the byte budget"},
     {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32", "element type of cached keys and values"},
+    {"quantize", KNOB_STR, OFF(quantize), CAP(quantize), 0, 0, "TYPE", "convert the weights to this type while loading (q8_0, q4_0, q4_k_m, ...; as kvd-quantize --type); empty: as stored"},
     {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
     {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
     {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded"},
@@ -356,6 +359,9 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
         return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
     if (cfg->host[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "host: empty");
+    if (cfg->quantize[0] && !kvd_gguf_mix_find(cfg->quantize))
+        return kvd_error_set(err, KVD_EINVAL, "quantize: \"%s\" is not one of %s", cfg->quantize,
+                             kvd_gguf_mix_names());
     if (cfg->block_size & (cfg->block_size - 1))
         return kvd_error_set(err, KVD_EINVAL, "block_size: %d is not a power of two", cfg->block_size);
     if (cfg->kv_cache_bytes == 0 && cfg->kv_num_blocks == 0)

@@ -354,6 +354,44 @@ static void test_chat_template_key(void **state)
     free(n);
 }
 
+/* --quantize at load: llama-quantize's type per matrix for the tiny shape (64-wide rows:
+ * the k-quants fall back), and an unknown name refused. */
+static void test_quantize_at_load(void **state)
+{
+    (void)state;
+    kvd_error err = {0};
+    kvd_model_load_options opts = {.quantize = "q4_k_m"};
+    kvd_model *m = kvd_model_load(getenv("KVD_TINY_MODEL"), &opts, &err);
+    if (!m)
+        fail_msg("%s", err.msg);
+    assert_int_equal(m->embed_tokens.dtype, KVD_DTYPE_Q8_0); /* tied output: Q6_K -> Q8_0 */
+    assert_int_equal(m->layers[0].q_proj.dtype, KVD_DTYPE_Q5_0); /* Q4_K -> Q5_0 */
+    assert_int_equal(m->layers[0].v_proj.dtype, KVD_DTYPE_Q5_0);
+    assert_int_equal(m->layers[1].v_proj.dtype, KVD_DTYPE_Q8_0); /* use_more_bits(1, 2) */
+    assert_int_equal(m->layers[1].down_proj.dtype, KVD_DTYPE_Q8_0);
+    assert_int_equal(m->layers[1].up_proj.dtype, KVD_DTYPE_Q5_0);
+    assert_ptr_equal(m->lm_head.data, m->embed_tokens.data);
+    kvd_model_destroy(m);
+    opts.quantize = "q3_k";
+    assert_null(kvd_model_load(getenv("KVD_TINY_MODEL"), &opts, &err));
+    assert_int_equal(err.code, KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "q3_k"));
+    /* the mix itself at a 256-wide shape: no fallback */
+    const kvd_gguf_mix *mix = kvd_gguf_mix_find("Q4_K_M");
+    assert_non_null(mix);
+    assert_int_equal(kvd_gguf_mix_type(mix, "blk.0.attn_v.weight", 256, 24, true), KVD_DTYPE_Q6_K);
+    assert_int_equal(kvd_gguf_mix_type(mix, "blk.4.attn_v.weight", 256, 24, true), KVD_DTYPE_Q4_K);
+    assert_int_equal(kvd_gguf_mix_type(mix, "blk.5.attn_v.weight", 256, 24, true), KVD_DTYPE_Q6_K);
+    assert_int_equal(kvd_gguf_mix_type(mix, "blk.21.ffn_down.weight", 256, 24, true), KVD_DTYPE_Q6_K);
+    assert_int_equal(kvd_gguf_mix_type(mix, "token_embd.weight", 256, 24, false), KVD_DTYPE_Q4_K);
+    assert_int_equal(kvd_gguf_mix_type(mix, "token_embd.weight", 896, 24, true), KVD_DTYPE_Q8_0);
+    assert_int_equal(kvd_gguf_mix_type(mix, "output.weight", 3584, 28, false), KVD_DTYPE_Q6_K);
+    assert_int_equal(kvd_gguf_mix_type(kvd_gguf_mix_find("q8_0"), "output.weight", 896, 24, false),
+                     KVD_DTYPE_Q8_0);
+    assert_int_equal(kvd_gguf_mix_type(kvd_gguf_mix_find("bf16"), "output.weight", 896, 24, false),
+                     KVD_DTYPE_BF16);
+}
+
 /* ---- damaged files ---- */
 
 static void test_truncated(void **state)
@@ -588,6 +626,7 @@ int main(void)
         cmocka_unit_test(test_gguf_equals_safetensors),
         cmocka_unit_test(test_directory_with_one_gguf),
         cmocka_unit_test(test_chat_template_key),
+        cmocka_unit_test(test_quantize_at_load),
         cmocka_unit_test(test_truncated),
         cmocka_unit_test(test_bad_magic_and_version),
         cmocka_unit_test(test_huge_counts_and_lengths),

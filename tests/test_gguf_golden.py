@@ -8,6 +8,7 @@ files) as Q8_0, Q4_0 and Q4_K_M GGUFs. Against llama.cpp's own numbers
   tests/reference/ggml_ref.py, written from the format description, reading the file with
   this script's own GGUF walk) to llama.cpp's float32 sha256: the files hold llama.cpp's
   values, so what follows runs on llama.cpp's weights;
+- kvd-gen --quantize T on the safetensors fixture gives the same ids as the file;
 - kvd-gen's greedy ids (f32 KV cache, 32 tokens) equal llama-server's for the four
   prompts, except at near-ties: teacher-forced on llama.cpp's ids (gguf_tool), kvd's
   logit of llama.cpp's pick must be within NEAR_TIE of kvd's best at every step, and the
@@ -149,6 +150,13 @@ def main():
                     failures.append(f"{fname} {prompt!r}: llama.cpp's pick is {worst:.4f} below kvd's best")
                 if not same and not ties:
                     failures.append(f"{fname} {prompt!r}: greedy ids differ without a near-tie")
+                # --quantize at load: the safetensors fixture converted while loading runs
+                # exactly as the file kvd-quantize wrote
+                out = subprocess.run([gen, "--model", tiny, "--quantize", kind, "--prompt", prompt,
+                                      "--max-tokens", str(len(ref_ids)), "--kv-dtype", "f32",
+                                      "--ignore-eos", "--json"], check=True, capture_output=True)
+                if json.loads(out.stdout.decode("utf-8", "replace"))["ids"] != ids:
+                    failures.append(f"{kind} {prompt!r}: --quantize at load differs from the file")
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

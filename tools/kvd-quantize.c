@@ -4,12 +4,8 @@
  *
  * IN is a Hugging Face checkpoint directory (config.json, model.safetensors or shards,
  * tokenizer.json, tokenizer_config.json) or a qwen2 GGUF file. T is f32, f16, bf16, q8_0,
- * q4_0, q5_0, q4_k, q5_k, q6_k or llama.cpp's mixes q4_k_m / q5_k_m. Which tensor gets
- * which type follows llama-quantize (without an importance matrix): 1-D tensors stay F32;
- * the output matrix (the embedding when tied) becomes Q6_K in every quantized mix except
- * Q8_0; q4_k_m/q5_k_m give Q6_K to attn_v and ffn_down of the layers llama.cpp's
- * use_more_bits picks; a k-quant whose row width is not a multiple of 256 falls back
- * (Q4_K -> Q5_0, Q5_K -> Q5_1 is not read by kvd so Q5_K -> Q8_0, Q6_K -> Q8_0). The
+ * q4_0, q5_0, q4_k, q5_k, q6_k or llama.cpp's mixes q4_k_m / q5_k_m. 1-D tensors stay F32;
+ * which type each matrix gets is llama-quantize's choice (kvd_gguf_mix_type). The
  * quantizers are llama.cpp's reference ones (kvd_quantize_row), so the values equal
  * llama-quantize's. The file carries the keys llama.cpp's qwen2 loader reads, the
  * tokenizer (tokenizer.ggml.*, as llama.cpp's converter writes it) and the chat template
@@ -26,27 +22,9 @@
 #include <sys/stat.h>
 
 #include "kvd/kvd_gguf.h"
-#include "kvd/kvd_half.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_quant.h"
 #include "kvd/kvd_safetensors.h"
-
-/* --type: the default matrix type, the output matrix's, and llama.cpp's ftype number. */
-typedef struct target {
-    const char *name;
-    kvd_dtype base;
-    bool k_mix;      /* q4_k_m / q5_k_m: Q6_K for some attn_v / ffn_down */
-    uint32_t ftype;  /* general.file_type (llama_ftype) */
-} target;
-
-static const target targets[] = {
-    {"f32", KVD_DTYPE_F32, false, 0},    {"f16", KVD_DTYPE_F16, false, 1},
-    {"bf16", KVD_DTYPE_BF16, false, 32}, {"q8_0", KVD_DTYPE_Q8_0, false, 7},
-    {"q4_0", KVD_DTYPE_Q4_0, false, 2},  {"q5_0", KVD_DTYPE_Q5_0, false, 8},
-    {"q4_k", KVD_DTYPE_Q4_K, false, 14}, {"q5_k", KVD_DTYPE_Q5_K, false, 16},
-    {"q6_k", KVD_DTYPE_Q6_K, false, 18}, {"q4_k_m", KVD_DTYPE_Q4_K, true, 15},
-    {"q5_k_m", KVD_DTYPE_Q5_K, true, 17},
-};
 
 /* One tensor to write: its source (a float or block row-major tensor) and its type. */
 typedef struct out_tensor {
@@ -115,49 +93,6 @@ static cJSON *read_json(const char *dir, const char *file, bool required)
     if (!root)
         die("%s: not valid JSON", path);
     return root;
-}
-
-/* llama.cpp's use_more_bits: the first and last eighth of the layers and every third
- * between them get more bits. */
-static bool use_more_bits(int i, int n)
-{
-    return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
-}
-
-/* The fallback for widths that are not whole super-blocks (llama.cpp's, for the types kvd
- * reads: Q5_K's own fallback Q5_1 is not one of them, so Q8_0). */
-static kvd_dtype fit_width(kvd_dtype t, int64_t cols)
-{
-    if (cols % kvd_dtype_block_values(t) == 0)
-        return t;
-    switch (t) {
-    case KVD_DTYPE_Q4_K: return cols % 32 == 0 ? KVD_DTYPE_Q5_0 : KVD_DTYPE_F16;
-    case KVD_DTYPE_Q5_K:
-    case KVD_DTYPE_Q6_K: return cols % 32 == 0 ? KVD_DTYPE_Q8_0 : KVD_DTYPE_F16;
-    default: return KVD_DTYPE_F16;
-    }
-}
-
-/* llama_tensor_get_type for the mixes above. */
-static kvd_dtype choose_type(const target *t, const char *name, int64_t cols, int layer,
-                             int num_layers, bool tied)
-{
-    kvd_dtype type = t->base;
-    if (!kvd_dtype_is_quantized(type))
-        return type;
-    bool is_output = strcmp(name, "output.weight") == 0 ||
-                     (tied && strcmp(name, "token_embd.weight") == 0);
-    if (is_output) {
-        if (cols % kvd_dtype_block_values(type) != 0)
-            type = KVD_DTYPE_Q8_0;
-        else if (type != KVD_DTYPE_Q8_0)
-            type = KVD_DTYPE_Q6_K;
-    } else if (t->k_mix && layer >= 0 &&
-               (strstr(name, ".attn_v.weight") || strstr(name, ".ffn_down.weight")) &&
-               use_more_bits(layer, num_layers)) {
-        type = KVD_DTYPE_Q6_K;
-    }
-    return fit_width(type, cols);
 }
 
 /* ---- sources ---- */
@@ -355,7 +290,7 @@ static void write_hparams(kvd_gguf_writer *w, const kvd_model_config *c, const c
 
 /* ---- tensors ---- */
 
-static int plan(source *s, const target *tg, out_tensor **out, int *count)
+static int plan(source *s, const kvd_gguf_mix *tg, out_tensor **out, int *count)
 {
     const kvd_model_config *c = &s->cfg;
     int max = 3 + 12 * c->num_layers, n = 0;
@@ -409,8 +344,8 @@ static int plan(source *s, const target *tg, out_tensor **out, int *count)
             t->matrix = ndim == 2;
             t->rows = t->matrix ? shape[0] : 1;
             t->cols = shape[1];
-            t->dtype = t->matrix ? choose_type(tg, t->name, t->cols, i < c->num_layers ? i : -1,
-                                               c->num_layers, c->tie_word_embeddings)
+            t->dtype = t->matrix ? kvd_gguf_mix_type(tg, t->name, t->cols, c->num_layers,
+                                                     c->tie_word_embeddings)
                                  : KVD_DTYPE_F32;
             n++;
         }
@@ -432,22 +367,9 @@ static int write_tensor(FILE *f, const out_tensor *t, float *row, uint8_t *packe
                 return -1;
             continue;
         }
-        if (kvd_dequantize_row(t->src_dtype, in, row, t->cols) < 0)
+        if (kvd_dequantize_row(t->src_dtype, in, row, t->cols) < 0 ||
+            kvd_row_encode(t->dtype, row, packed, t->cols) < 0)
             return -1;
-        if (kvd_dtype_is_quantized(t->dtype)) {
-            if (kvd_quantize_row(t->dtype, row, packed, t->cols) < 0)
-                return -1;
-        } else {
-            for (int64_t c = 0; c < t->cols; c++) {
-                if (t->dtype == KVD_DTYPE_F32) {
-                    memcpy(packed + 4 * c, &row[c], 4);
-                } else {
-                    uint16_t h = t->dtype == KVD_DTYPE_BF16 ? kvd_f32_to_bf16(row[c])
-                                                            : kvd_f32_to_f16(row[c]);
-                    memcpy(packed + 2 * c, &h, 2);
-                }
-            }
-        }
         if (fwrite(packed, 1, dst_row, f) != dst_row)
             return -1;
     }
@@ -480,14 +402,11 @@ int main(int argc, char **argv)
         else
             in = out = NULL, i = argc;
     }
-    const target *tg = NULL;
-    for (size_t i = 0; type && i < sizeof targets / sizeof *targets; i++)
-        if (strcasecmp(type, targets[i].name) == 0)
-            tg = &targets[i];
+    const kvd_gguf_mix *tg = kvd_gguf_mix_find(type);
     if (!in || !out || !tg) {
         fprintf(stderr, "usage: kvd-quantize IN OUT.gguf --type T\n"
                         "  IN: a Hugging Face Qwen2 checkpoint directory or a qwen2 GGUF file\n"
-                        "  T: f32 f16 bf16 q8_0 q4_0 q5_0 q4_k q5_k q6_k q4_k_m q5_k_m\n");
+                        "  T: %s\n", kvd_gguf_mix_names());
         return 2;
     }
     source s = {.dir = in};

@@ -178,6 +178,30 @@ int kvd_gguf_resolve(const char *path, char *out, size_t cap, kvd_error *err);
  * blk.N.attn_q.bias, ... Returns 0, or KVD_EINVAL for a name Qwen2 does not have. */
 int kvd_gguf_qwen2_name(const char *hf_name, char *out, size_t cap);
 
+/* ---- tensor types for a target (kvd-quantize --type, --quantize at load) ---- */
+
+/* A target: the default matrix type, whether it is a k-quant mix (q4_k_m, q5_k_m), and
+ * llama.cpp's general.file_type number for it. */
+typedef struct kvd_gguf_mix {
+    const char *name;
+    kvd_dtype base;
+    bool k_mix;
+    uint32_t ftype;
+} kvd_gguf_mix;
+
+/* The target called name (any case): f32 f16 bf16 q8_0 q4_0 q5_0 q4_k q5_k q6_k q4_k_m
+ * q5_k_m; NULL for another name. */
+const kvd_gguf_mix *kvd_gguf_mix_find(const char *name);
+/* The names above, space-separated, for usage messages. */
+const char *kvd_gguf_mix_names(void);
+/* The type of the matrix gguf_name (cols wide) under mix, as llama-quantize chooses it
+ * without an importance matrix: the output matrix (the embedding when tied) is Q6_K in
+ * every quantized target but Q8_0; q4_k_m/q5_k_m give Q6_K to the attn_v and ffn_down of
+ * the layers llama.cpp's use_more_bits picks; a k-quant row not a whole number of 256
+ * falls back (Q4_K -> Q5_0, Q5_K and Q6_K -> Q8_0), rows not of 32 to F16. */
+kvd_dtype kvd_gguf_mix_type(const kvd_gguf_mix *mix, const char *gguf_name, int64_t cols,
+                            int num_layers, bool tied);
+
 /* ---- writing ---- */
 
 typedef struct kvd_gguf_writer {

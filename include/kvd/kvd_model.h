@@ -150,7 +150,13 @@ typedef struct kvd_model {
 typedef struct kvd_model_load_options {
     bool progress;             /* print bytes/tensors progress to stderr */
     uint64_t progress_min_bytes; /* ... only for checkpoints at least this large */
+    const char *quantize;      /* NULL, or a target of kvd_gguf_mix_find (q8_0, q4_k_m, ...):
+                                * matrices are converted to its types while loading */
 } kvd_model_load_options;
+
+/* dst (kvd_dtype_row_bytes(dtype, n) bytes) = src[n] stored as dtype: float types rounded
+ * to nearest even, quantized ones by kvd_quantize_row. Returns 0 or KVD_EINVAL. */
+int kvd_row_encode(kvd_dtype dtype, const float *src, void *dst, int64_t n);
 
 /* Loads the checkpoint in dir. Returns NULL on any problem with a one-line message
  * in err naming the file and the key or tensor (missing file, truncated or corrupt

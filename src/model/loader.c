@@ -21,6 +21,7 @@
  */
 #include "kvd/kvd_half.h"
 #include "kvd/kvd_model.h"
+#include "kvd/kvd_quant.h"
 #include "kvd/kvd_safetensors.h"
 #include "gguf_model.h"
 
@@ -71,6 +72,7 @@ typedef struct wanted_tensor {
     kvd_matrix *matrix;     /* destination of a matrix */
     const float **vector;   /* destination of a vector */
     tensor_source src;
+    kvd_dtype dtype;        /* what the arena holds: the source's, or --quantize's choice */
     size_t arena_offset;
 } wanted_tensor;
 
@@ -80,6 +82,7 @@ typedef struct load_state {
     kvd_st_file *files;     /* [num_files] */
     int num_files;
     kvd_gguf_file gguf;     /* a GGUF model's file (map == NULL otherwise) */
+    const kvd_gguf_mix *quantize; /* --quantize's target, or NULL */
     wanted_tensor *wanted;  /* [num_wanted] */
     int num_wanted;
 } load_state;
@@ -502,7 +505,21 @@ static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
                                  "%s: tensor %s has shape %s but %s implies %s",
                                  t->file_path, w->name, have, st->config_name, want);
         }
-        size_t bytes = is_matrix ? kvd_matrix_packed_bytes(t->dtype, w->rows, w->cols)
+        w->dtype = t->dtype;
+        if (is_matrix && st->quantize) {
+            char gguf_name[sizeof w->name];
+            if (kvd_gguf_qwen2_name(w->name, gguf_name, sizeof gguf_name) < 0)
+                memcpy(gguf_name, w->name, sizeof gguf_name); /* already the GGUF's name */
+            w->dtype = kvd_gguf_mix_type(st->quantize, gguf_name, w->cols,
+                                         model->config.num_layers,
+                                         model->config.tie_word_embeddings);
+        }
+        if (is_matrix && kvd_dtype_is_quantized(w->dtype) && w->cols > KVD_QUANT_MAX_COLS)
+            return kvd_error_set(err, KVD_EUNSUPPORTED,
+                                 "%s: tensor %s: %d inputs per row is more than the %d the "
+                                 "quantized products take",
+                                 t->file_path, w->name, w->cols, KVD_QUANT_MAX_COLS);
+        size_t bytes = is_matrix ? kvd_matrix_packed_bytes(w->dtype, w->rows, w->cols)
                                  : (size_t)t->numel * sizeof(float);
         w->arena_offset = offset;
         offset += (bytes + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
@@ -582,14 +599,69 @@ static void convert_to_f32(float *out, const uint8_t *src, const tensor_source *
     }
 }
 
-static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
+int kvd_row_encode(kvd_dtype dtype, const float *src, void *dst, int64_t n)
+{
+    if (kvd_dtype_is_quantized(dtype))
+        return kvd_quantize_row(dtype, src, dst, n) < 0 ? KVD_EINVAL : 0;
+    uint8_t *out = dst;
+    for (int64_t i = 0; i < n; i++) {
+        if (dtype == KVD_DTYPE_F32) {
+            memcpy(out + 4 * i, &src[i], 4);
+        } else {
+            uint16_t h = dtype == KVD_DTYPE_BF16 ? kvd_f32_to_bf16(src[i]) : kvd_f32_to_f16(src[i]);
+            memcpy(out + 2 * i, &h, 2);
+        }
+    }
+    return dtype == KVD_DTYPE_F32 || dtype == KVD_DTYPE_F16 || dtype == KVD_DTYPE_BF16 ? 0
+                                                                                    : KVD_EINVAL;
+}
+
+/* Packs w converted to w->dtype: each panel's rows are read as float, encoded (quantized
+ * by llama.cpp's reference quantizers) into scratch rows and packed; packed panels are
+ * independent, so panel p goes to its own place. Returns KVD_ENOMEM or 0. */
+static int convert_matrix(const wanted_tensor *w, uint8_t *dst, progress *p, int tensors_done)
+{
+    const tensor_source *t = &w->src;
+    size_t src_row = kvd_dtype_row_bytes(t->dtype, w->cols);
+    size_t dst_row = kvd_dtype_row_bytes(w->dtype, w->cols);
+    size_t panel_bytes = kvd_matrix_packed_bytes(w->dtype, KVD_PANEL_ROWS, w->cols);
+    float *row = malloc((size_t)w->cols * sizeof *row);
+    uint8_t *scratch = malloc(dst_row * KVD_PANEL_ROWS);
+    if (!row || !scratch) {
+        free(row);
+        free(scratch);
+        return KVD_ENOMEM;
+    }
+    int panels = kvd_matrix_panels(w->rows);
+    for (int pn = 0; pn < panels; pn++) {
+        int first = pn * KVD_PANEL_ROWS;
+        int n = w->rows - first < KVD_PANEL_ROWS ? w->rows - first : KVD_PANEL_ROWS;
+        for (int r = 0; r < n; r++) {
+            kvd_dequantize_row(t->dtype, t->data + (size_t)(first + r) * src_row, row, w->cols);
+            kvd_row_encode(w->dtype, row, scratch + (size_t)r * dst_row, w->cols);
+        }
+        kvd_matrix_pack(dst + (size_t)pn * panel_bytes, w->dtype, n, w->cols, scratch, 0, 1);
+        progress_advance(p, src_row * (uint64_t)n, tensors_done + (pn + 1 == panels));
+    }
+    free(row);
+    free(scratch);
+    return 0;
+}
+
+static int copy_tensors(load_state *st, uint8_t *arena, progress *p, kvd_error *err)
 {
     for (int i = 0; i < st->num_wanted; i++) {
         const wanted_tensor *w = &st->wanted[i];
         const tensor_source *t = &w->src;
         const uint8_t *src = t->data;
         uint8_t *dst = arena + w->arena_offset;
-        if (w->cols > 0) {
+        if (w->cols > 0 && w->dtype != t->dtype) {
+            if (convert_matrix(w, dst, p, i) < 0)
+                return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory converting %s",
+                                     st->dir, w->name);
+            *w->matrix = (kvd_matrix){.dtype = w->dtype, .rows = w->rows, .cols = w->cols,
+                                      .data = dst};
+        } else if (w->cols > 0) {
             /* packed a few panels at a time so a huge embedding still reports smoothly */
             size_t panel_bytes = (size_t)KVD_PANEL_ROWS * kvd_dtype_row_bytes(t->dtype, w->cols);
             int panels = kvd_matrix_panels(w->rows);
@@ -609,6 +681,7 @@ static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
             progress_advance(p, t->bytes, i + 1);
         }
     }
+    return 0;
 }
 
 static void close_files(load_state *st)
@@ -649,6 +722,11 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
     bool is_gguf = rc == 1;
     if (rc < 0)
         goto fail;
+    if (opts && opts->quantize && !(st.quantize = kvd_gguf_mix_find(opts->quantize))) {
+        kvd_error_set(err, KVD_EINVAL, "--quantize %s: not a known type (%s)", opts->quantize,
+                      kvd_gguf_mix_names());
+        goto fail;
+    }
     if (is_gguf) {
         st.config_name = "the GGUF's qwen2.* keys";
         model->generation = neutral_generation;
@@ -688,7 +766,8 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
     progress prog = {.enabled = opts && opts->progress, .dir = dir, .total_bytes = source_bytes,
                      .min_bytes = opts ? opts->progress_min_bytes : 0,
                      .total_tensors = st.num_wanted, .next_percent = PROGRESS_STEP_PERCENT};
-    copy_tensors(&st, impl->arena, &prog);
+    if ((rc = copy_tensors(&st, impl->arena, &prog, err)) < 0)
+        goto fail;
     if (model->config.tie_word_embeddings)
         model->lm_head = model->embed_tokens;
     /* Weights never change after loading: a stray write should fault, not corrupt. */
