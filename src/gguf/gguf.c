@@ -662,6 +662,10 @@ void kvd_gguf_file_close(kvd_gguf_file *f)
 
 bool kvd_gguf_is_gguf_file(const char *path)
 {
+    /* only regular files: opening a FIFO or a device to peek would block or consume it */
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+        return false;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return false;
