@@ -8,6 +8,7 @@ files) as Q8_0, Q4_0 and Q4_K_M GGUFs. Against llama.cpp's own numbers
   tests/reference/ggml_ref.py, written from the format description, reading the file with
   this script's own GGUF walk) to llama.cpp's float32 sha256: the files hold llama.cpp's
   values, so what follows runs on llama.cpp's weights;
+- the BF16 GGUF of the fixture (KVD_TINY_GGUF) requantized gives the same tensors;
 - kvd-gen --quantize T on the safetensors fixture gives the same ids as the file;
 - kvd-gen's greedy ids (f32 KV cache, 32 tokens) equal llama-server's for the four
   prompts, except at near-ties: teacher-forced on llama.cpp's ids (gguf_tool), kvd's
@@ -119,6 +120,14 @@ def main():
                 elif dequant_sha256(t, raw) != w["dequant_f32_sha256"]:
                     failures.append(f"{fname} {name}: dequantized values differ from llama.cpp's")
             print(f"{fname}: {len(want['tensors'])} tensors, types and sha256 checked")
+            # GGUF in: the BF16 GGUF of the same fixture requantized gives the same tensors
+            gguf_in = os.environ.get("KVD_TINY_GGUF")
+            if gguf_in and os.path.isfile(gguf_in):
+                again = os.path.join(tmp, "from-gguf-" + fname)
+                subprocess.run([quantize, gguf_in, again, "--type", kind], check=True,
+                               stderr=subprocess.DEVNULL)
+                if read_gguf_tensors(again) != have:
+                    failures.append(f"{fname}: requantized from the BF16 GGUF, tensors differ")
 
             for prompt in golden["prompts"]:
                 ref_ids = want["greedy_ids"][prompt]
