@@ -238,6 +238,7 @@ int main(int argc, char **argv)
     int threads = 2, prompt_tokens = 512, decode_tokens = 128, batch = 1;
     int experiments[MAX_EXPERIMENTS] = {32, 128, 512}, num_experiments = 3;
     kvd_dtype kv_dtype = KVD_DTYPE_F16;
+    kvd_model_load_options load_opts = {0};
     for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--model") == 0 && v) {
@@ -252,6 +253,8 @@ int main(int argc, char **argv)
             batch = atoi(v);
         } else if (strcmp(a, "--plot-data") == 0 && v) {
             plot_data = v;
+        } else if (strcmp(a, "--quantize") == 0 && v) {
+            load_opts.quantize = v;
         } else if (strcmp(a, "--kv-dtype") == 0 && v && kvd_dtype_parse(v, &kv_dtype) == 0) {
         } else if (strcmp(a, "--experiment") == 0 && v) {
             num_experiments = 0;
@@ -261,7 +264,7 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: %s [--model DIR] [--threads N] [--prompt-tokens P] "
                             "[--decode-tokens D] [--batch N] [--experiment N,N,...|none] "
-                            "[--kv-dtype f16|bf16|f32] [--plot-data FILE]\n", argv[0]);
+                            "[--kv-dtype f16|bf16|f32] [--plot-data FILE] [--quantize T]\n", argv[0]);
             return 1;
         }
     }
@@ -283,13 +286,15 @@ int main(int argc, char **argv)
     kvd_error err = {0};
     bench b = {0};
     double t_load = now_seconds();
-    b.model = kvd_model_load(dir, NULL, &err);
+    b.model = kvd_model_load(dir, &load_opts, &err);
     if (!b.model) {
         fprintf(stderr, "bench_model: %s (generate it: kvd-mkmodel --preset qwen2.5-0.5b --out %s "
                         "--tokenizer third_party/qwen-tokenizer/tokenizer.json)\n", err.msg, dir);
         return 1;
     }
     t_load = now_seconds() - t_load;
+    struct rusage after_load;
+    getrusage(RUSAGE_SELF, &after_load); /* peak RSS so far: the loaded weights plus the load's own */
     const kvd_model_config *c = &b.model->config;
     b.vocab = c->vocab_size;
     int longest = prompt_tokens > PROMPT_FOR_EXPERIMENT + max_experiment
@@ -319,11 +324,15 @@ int main(int argc, char **argv)
         const kvd_matrix *ms[] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->o_proj,
                                   &w->gate_proj, &w->up_proj, &w->down_proj};
         for (int i = 0; i < 7; i++)
-            step_bytes += (double)ms[i]->rows * ms[i]->cols * kvd_dtype_size(ms[i]->dtype);
+            step_bytes += (double)ms[i]->rows * kvd_dtype_row_bytes(ms[i]->dtype, ms[i]->cols);
     }
-    step_bytes += (double)b.model->lm_head.rows * b.model->lm_head.cols * kvd_dtype_size(b.model->lm_head.dtype);
-    printf("model %s: %d layers, hidden %d, weights %s, %.3f GB read per decode step; loaded in %.1f s\n",
-           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->lm_head.dtype), step_bytes / 1e9, t_load);
+    step_bytes += (double)b.model->lm_head.rows *
+                  kvd_dtype_row_bytes(b.model->lm_head.dtype, b.model->lm_head.cols);
+    printf("model %s: %d layers, hidden %d, weights %s (lm_head %s), %.3f GB read per decode step; "
+           "loaded in %.1f s, %.2f GB of weights, peak RSS %.2f GB\n",
+           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->layers[0].q_proj.dtype),
+           kvd_dtype_name(b.model->lm_head.dtype), step_bytes / 1e9, t_load,
+           (double)b.model->weight_bytes / 1e9, (double)after_load.ru_maxrss * 1024 / 1e9);
     printf("kernels %s, %d threads, KV %s block 16\n", kvd_isa_name(kvd_isa_detect()), threads,
            kvd_dtype_name(kv_dtype));
     printf("memory bandwidth (streaming read, %d threads): %.1f GB/s -> decode bound %.1f tokens/s\n",

@@ -18,6 +18,7 @@
 
 #include "http.h"
 #include "kvd/kvd_engine.h"
+#include "kvd/kvd_gguf.h"
 
 enum knob_kind {
     KNOB_STR,      /* char[cap] */
@@ -46,13 +47,14 @@ typedef struct knob {
 static const knob knobs[] = {
     {"host", KNOB_STR, OFF(host), CAP(host), 0, 0, "ADDR", "address to listen on: an IPv4 or IPv6 literal, or a host name (localhost)"},
     {"port", KNOB_INT, OFF(port), 0, 0, 65535, "N", "TCP port; 0 picks a free one (printed in the banner)"},
-    {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "DIR", "checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
+    {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "PATH", "checkpoint directory (config.json, *.safetensors, tokenizer.json) or GGUF file"},
     {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; more names after commas are aliases requests may use; empty: the model directory's name"},
     {"block_size", KNOB_INT, OFF(block_size), 0, 1, 256, "N", "tokens per KV block (power of two)"},
     {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
     {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},
     {"kv_num_blocks", KNOB_U64, OFF(kv_num_blocks), 0, 0, 1LL << 31, "N", "exact KV pool size in blocks; 0: from the byte budget"},
-    {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32", "element type of cached keys and values"},
+    {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32|int8", "element type of cached keys and values (int8: 8-bit pages with a scale per token and head, 1.94x the tokens of f16)"},
+    {"quantize", KNOB_STR, OFF(quantize), CAP(quantize), 0, 0, "TYPE", "convert the weights to this type while loading (q8_0, q4_0, q4_k_m, ...; as kvd-quantize --type); empty: as stored"},
     {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
     {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
     {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded (the engine's own default)"},
@@ -184,7 +186,7 @@ static int store_text(kvd_server_config *cfg, const knob *k, const char *text, c
         return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not true or false", where, text);
     case KNOB_DTYPE:
         if (kvd_dtype_parse(text, (kvd_dtype *)base) != 0 || kvd_dtype_is_quantized(*(kvd_dtype *)base))
-            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32", where, text);
+            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32, int8", where, text);
         return 0;
     case KNOB_LOGLEVEL:
         if (kvd_log_level_parse(text, (kvd_log_level *)base) != 0)
@@ -368,13 +370,16 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
     struct stat st;
     if (stat(cfg->model, &st) != 0 && errno == ELOOP)
         return kvd_error_set(err, KVD_EINVAL, "model: %s is a symbolic link loop (%s)", cfg->model, strerror(ELOOP));
-    if (stat(cfg->model, &st) != 0 || !S_ISDIR(st.st_mode))
-        return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
+    if (stat(cfg->model, &st) != 0 || (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)))
+        return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory or a file", cfg->model);
     if (cfg->host[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "host: empty");
     if (cfg->max_buffered_body_bytes < cfg->max_body_bytes)
         return kvd_error_set(err, KVD_EINVAL, "max_buffered_body_bytes: %" PRIu64 " is below max_body_bytes (%" PRIu64 ")",
                              cfg->max_buffered_body_bytes, cfg->max_body_bytes);
+    if (cfg->quantize[0] && !kvd_gguf_mix_find(cfg->quantize))
+        return kvd_error_set(err, KVD_EINVAL, "quantize: \"%s\" is not one of %s", cfg->quantize,
+                             kvd_gguf_mix_names());
     if (cfg->block_size & (cfg->block_size - 1))
         return kvd_error_set(err, KVD_EINVAL, "block_size: %d is not a power of two", cfg->block_size);
     if (cfg->kv_cache_bytes == 0 && cfg->kv_num_blocks == 0)
@@ -427,7 +432,7 @@ void kvd_config_print_help(FILE *out, const char *prog)
     kvd_server_config defaults;
     kvd_config_defaults(&defaults);
     fprintf(out,
-            "usage: %s --model DIR [--config FILE] [flags]\n"
+            "usage: %s --model DIR|FILE.gguf [--config FILE] [flags]\n"
             "\n"
             "kvd serves a Qwen2-family model over an OpenAI-compatible HTTP API.\n"
             "Flags override the config file; each flag is also a key of the file\n"

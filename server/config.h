@@ -29,6 +29,7 @@ typedef struct kvd_server_config {
     uint64_t kv_cache_bytes;
     uint64_t kv_num_blocks;          /* non-zero: exact pool size, overrides kv_cache_bytes */
     kvd_dtype kv_dtype;
+    char quantize[16];               /* "" or a kvd-quantize type: matrices converted at load */
     int max_num_seqs;
     int max_batched_tokens;
     int max_queue;

@@ -99,15 +99,14 @@ static void loader_free_results(kvd_loader *l)
 static void load_model(kvd_loader *l)
 {
     const kvd_server_config *cfg = &l->cfg;
-    char path[KVD_CONFIG_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/tokenizer.json", cfg->model);
-    l->tok = kvd_tokenizer_load(path, &l->err);
+    l->tok = kvd_tokenizer_load_model(cfg->model, &l->err);
     if (!l->tok) {
         l->rc = l->err.code ? l->err.code : KVD_EIO;
         return;
     }
     /* Small checkpoints load in milliseconds: progress lines would only be noise. */
-    kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20};
+    kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20,
+                                   .quantize = cfg->quantize[0] ? cfg->quantize : NULL};
     l->model = kvd_model_load(cfg->model, &opts, &l->err);
     if (!l->model) {
         l->rc = l->err.code ? l->err.code : KVD_EIO;

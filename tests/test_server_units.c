@@ -254,7 +254,7 @@ static void test_config_validate(void **state)
     assert_string_equal(err.msg, "model: not set (use --model DIR or the \"model\" key)");
     snprintf(cfg.model, sizeof cfg.model, "/nonexistent-model-dir");
     assert_int_equal(kvd_config_validate(&cfg, &err), KVD_EINVAL);
-    assert_string_equal(err.msg, "model: /nonexistent-model-dir is not a directory");
+    assert_string_equal(err.msg, "model: /nonexistent-model-dir is not a directory or a file");
     snprintf(cfg.model, sizeof cfg.model, "/tmp");
     assert_int_equal(kvd_config_validate(&cfg, &err), 0);
     cfg.block_size = 24;

@@ -41,6 +41,7 @@ typedef struct gen_options {
     bool no_kv_cache;
     int block_size;
     kvd_dtype kv_dtype;
+    const char *quantize; /* --quantize: matrices converted at load, or NULL */
     int threads;
     bool json;
     bool tokenize_only;
@@ -57,9 +58,10 @@ static double now_ms(void)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kvd-gen --model DIR --prompt TEXT [--max-tokens N] [--temperature T]\n"
+            "usage: kvd-gen --model DIR|FILE.gguf --prompt TEXT [--max-tokens N] [--temperature T]\n"
             "               [--top-p P] [--top-k K] [--seed S] [--no-kv-cache] [--block-size N]\n"
             "               [--kv-dtype f16|bf16|f32] [--threads N] [--ignore-eos] [--json]\n"
+            "               [--quantize q8_0|q4_0|q4_k_m|...]\n"
             "       kvd-gen --model DIR --tokenize --prompt TEXT\n"
             "Defaults: --max-tokens 32, --temperature 0 (greedy), --top-p 1, --top-k 0, --seed 0,\n"
             "--block-size 16, --kv-dtype f16, --threads 0 (all cores). Stops at the model's EOS\n"
@@ -109,7 +111,7 @@ static int parse_options(int argc, char **argv, gen_options *o)
     o->sampling = kvd_sampling_params_default();
     o->sampling.logprobs = -1;
     enum { OPT_TEMP = 256, OPT_TOP_P, OPT_TOP_K, OPT_SEED, OPT_NO_KV, OPT_BLOCK, OPT_KV_DTYPE,
-           OPT_THREADS, OPT_JSON, OPT_TOKENIZE, OPT_IGNORE_EOS };
+           OPT_THREADS, OPT_JSON, OPT_TOKENIZE, OPT_IGNORE_EOS, OPT_QUANTIZE };
     static const struct option longopts[] = {
         {"model", required_argument, NULL, 'm'},       {"prompt", required_argument, NULL, 'p'},
         {"max-tokens", required_argument, NULL, 'n'},  {"temperature", required_argument, NULL, OPT_TEMP},
@@ -119,6 +121,7 @@ static int parse_options(int argc, char **argv, gen_options *o)
         {"kv-dtype", required_argument, NULL, OPT_KV_DTYPE},
         {"threads", required_argument, NULL, OPT_THREADS}, {"json", no_argument, NULL, OPT_JSON},
         {"tokenize", no_argument, NULL, OPT_TOKENIZE}, {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
+        {"quantize", required_argument, NULL, OPT_QUANTIZE},
         {"help", no_argument, NULL, 'h'},              {NULL, 0, NULL, 0},
     };
     opterr = 0;
@@ -168,6 +171,7 @@ static int parse_options(int argc, char **argv, gen_options *o)
         case OPT_JSON: o->json = true; break;
         case OPT_TOKENIZE: o->tokenize_only = true; break;
         case OPT_IGNORE_EOS: o->ignore_eos = true; break;
+        case OPT_QUANTIZE: o->quantize = optarg; break;
         case 'h': usage(stdout); return 2;
         default:
             return fail("unknown or incomplete option \"%s\" (try --help)", argv[optind - 1]);
@@ -260,9 +264,7 @@ static cJSON *id_array(const int32_t *ids, int n)
 static int run(const gen_options *o, gen_state *g)
 {
     kvd_error err = {0};
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/tokenizer.json", o->model_dir);
-    g->tok = kvd_tokenizer_load(path, &err);
+    g->tok = kvd_tokenizer_load_model(o->model_dir, &err);
     if (!g->tok)
         return fail("%s", err.msg);
     int n = kvd_tokenizer_encode(g->tok, o->prompt, strlen(o->prompt), true, &g->prompt_ids);
@@ -274,7 +276,8 @@ static int run(const gen_options *o, gen_state *g)
     if (n == 0)
         return fail("the prompt is empty");
 
-    g->model = kvd_model_load(o->model_dir, NULL, &err);
+    kvd_model_load_options load = {.quantize = o->quantize};
+    g->model = kvd_model_load(o->model_dir, &load, &err);
     if (!g->model)
         return fail("%s", err.msg);
     const kvd_model_config *c = &g->model->config;

@@ -52,10 +52,13 @@ typedef struct preset {
     bool tie_word_embeddings;
 } preset;
 
-/* qwen2.5-0.5b: the published Qwen2.5-0.5B-Instruct config.json, value for value. */
+/* qwen2.5-*: the published Qwen2.5-{0.5B,1.5B,7B}-Instruct config.json, value for value
+ * (7B is untied, with 152,064 embedding rows: more than the tokenizer's ids). */
 static const preset presets[] = {
     {"tiny", 151936, 64, 128, 2, 4, 2, 4096, 2, 1000000.0, 1e-6, true},
     {"qwen2.5-0.5b", 151936, 896, 4864, 24, 14, 2, 32768, 21, 1000000.0, 1e-6, true},
+    {"qwen2.5-1.5b", 151936, 1536, 8960, 28, 12, 2, 32768, 21, 1000000.0, 1e-6, true},
+    {"qwen2.5-7b", 152064, 3584, 18944, 28, 28, 4, 32768, 28, 1000000.0, 1e-6, false},
 };
 
 /* Published generation_config.json of Qwen2.5-0.5B-Instruct (used for every preset). */
@@ -570,7 +573,7 @@ static int write_checkpoint(const options *o)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kvd-mkmodel --out DIR --preset tiny|qwen2.5-0.5b --tokenizer FILE\n"
+            "usage: kvd-mkmodel --out DIR --preset tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-7b --tokenizer FILE\n"
             "                   [--dtype bf16|f16|f32] [--seed N] [--shards K]\n"
             "Writes a Qwen2 checkpoint directory with seeded random weights (bf16 by default,\n"
             "seed 1, one model.safetensors unless K > 1).\n");
@@ -596,7 +599,7 @@ static int parse_options(int argc, char **argv, options *o)
                 if (strcmp(optarg, presets[i].name) == 0)
                     o->preset = &presets[i];
             if (!o->preset) {
-                fprintf(stderr, "kvd-mkmodel: unknown --preset \"%s\" (tiny, qwen2.5-0.5b)\n", optarg);
+                fprintf(stderr, "kvd-mkmodel: unknown --preset \"%s\" (tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)\n", optarg);
                 return -1;
             }
             break;

@@ -21,6 +21,20 @@
  *   and subnormal results flush to zero. That is what AMX's TDPBF16PS computes
  *   (measured bit for bit), so CPUs with AMX run these products on tiles, 16 rows x 16
  *   columns x 32 inputs an instruction; the other builds emulate it with FMAs.
+ * - quantized weights (ggml blocks, kvd_quant.h): x[i] is quantized block by block as
+ *   llama.cpp quantizes activations: Q8_0 (32 inputs, scale amax/127 rounded to fp16,
+ *   codes roundf) for Q8_0, Q4_0 and Q5_0 weights; Q8_K (256 inputs, float scale
+ *   max/-127, codes nearest-even) for Q4_K, Q5_K, Q6_K and Q8_K. For each weight block b,
+ *   in k order, with dx = the activation block's scale and integer codes w, x:
+ *   Q8_0/Q4_0/Q5_0/Q8_K: s = sum w*x (w the signed integer, code - offset);
+ *   Q6_K: s = sum over the 16 sub-blocks of scale_sub * sum (code-32)*x;
+ *   then acc = fmaf(d_w * dx, (float)s, acc);
+ *   Q4_K/Q5_K: s = sum over the 8 sub-blocks of scale_sub * sum code*x and
+ *   mn = sum of min_sub * (sum of the sub-block's x codes), then
+ *   acc = fmaf(d_w * dx, (float)s, acc), acc = fmaf(-(dmin_w * dx), (float)mn, acc).
+ *   The sums are exact 32-bit integers, d_w and dmin_w the block's fp16 scales (Q8_K
+ *   weights: float). The AVX-512 VNNI build (VPDPBUSD over the packed layout) and the
+ *   scalar build compute exactly this; CPUs without VNNI run the scalar build.
  * Threads split output columns, never k.
  *
  * Kernels take the output first and never allocate; the *_cols forms compute a

@@ -2,7 +2,8 @@
  *
  * kvd_model_load() reads a Hugging Face checkpoint directory (config.json,
  * model.safetensors or sharded model-*-of-*.safetensors + model.safetensors.index.json,
- * optional generation_config.json), checks every tensor's shape against the config
+ * optional generation_config.json) or a qwen2 GGUF file (a path to the file, or a
+ * directory holding one .gguf and no config.json; kvd_gguf.h), checks every tensor's shape against the config
  * and copies the weights into anonymous memory (huge pages where the kernel gives
  * them), so decoding never faults on the file mapping. The kvd_model owns all of its
  * memory; kvd_model_destroy() frees it. The tokenizer is loaded separately
@@ -150,7 +151,13 @@ typedef struct kvd_model {
 typedef struct kvd_model_load_options {
     bool progress;             /* print bytes/tensors progress to stderr */
     uint64_t progress_min_bytes; /* ... only for checkpoints at least this large */
+    const char *quantize;      /* NULL, or a target of kvd_gguf_mix_find (q8_0, q4_k_m, ...):
+                                * matrices are converted to its types while loading */
 } kvd_model_load_options;
+
+/* dst (kvd_dtype_row_bytes(dtype, n) bytes) = src[n] stored as dtype: float types rounded
+ * to nearest even, quantized ones by kvd_quantize_row. Returns 0 or KVD_EINVAL. */
+int kvd_row_encode(kvd_dtype dtype, const float *src, void *dst, int64_t n);
 
 /* Loads the checkpoint in dir. Returns NULL on any problem with a one-line message
  * in err naming the file and the key or tensor (missing file, truncated or corrupt

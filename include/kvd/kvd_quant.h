@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "kvd/kvd_error.h"
+#include "kvd/kvd_kernels.h"
 #include "kvd/kvd_model.h"
 
 /* dst[n] = the values of n consecutive elements of type dtype at src (any dtype, float
@@ -27,5 +28,33 @@ int kvd_dequantize_row(kvd_dtype dtype, const void *src, float *dst, int64_t n);
  * llama-quantize (without an importance matrix) give the same bytes. Returns 0, or
  * KVD_EINVAL (n not a whole number of blocks) / KVD_EUNSUPPORTED (no quantizer for dtype). */
 int kvd_quantize_row(kvd_dtype dtype, const float *src, void *dst, int64_t n);
+
+/* The widest quantized matrix (inputs per row) the products take: a row of activations
+ * is quantized into a fixed stack buffer. Loaders reject wider quantized tensors. */
+#define KVD_QUANT_MAX_COLS 65536
+
+/* The packed layout of quantized matrices (groups of 16 rows, one tile per ggml block,
+ * arranged for VPDPBUSD: src/quant/quant_internal.h). kvd_matrix_packed_bytes,
+ * kvd_matrix_pack and kvd_matrix_row call these for quantized dtypes; the arguments
+ * are theirs (src: the file's row-major blocks, each row kvd_dtype_row_bytes()). */
+size_t kvd_quant_packed_bytes(kvd_dtype dtype, int rows, int cols);
+void kvd_quant_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
+                    int panel_begin, int panel_end);
+void kvd_quant_matrix_row(float *out, const kvd_matrix *w, int row);
+
+/* *out = src (a packed matrix of any dtype) quantized to dtype row by row with
+ * kvd_quantize_row, packed; out->data is the caller's to free(). Returns 0, KVD_EINVAL
+ * (dtype not quantized, rows not whole blocks or wider than KVD_QUANT_MAX_COLS) or
+ * KVD_ENOMEM, with err set and *out untouched. */
+int kvd_quant_matrix_create(kvd_matrix *out, kvd_dtype dtype, const kvd_matrix *src, kvd_error *err);
+
+/* kvd_matmul_cols for a quantized w (kvd_matmul_cols dispatches here): the AVX-512 VNNI
+ * build when isa is AVX-512 or better and the CPU has VNNI, else the scalar build; both
+ * give the same bits (see kvd_kernels.h). */
+void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
+                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                      int n_end);
+/* True when this CPU runs the VNNI build (AVX-512 F/BW/VL + AVX512_VNNI). */
+bool kvd_quant_vnni_supported(void);
 
 #endif

@@ -24,6 +24,7 @@
 #include "kernels_internal.h"
 #include "kvd/kvd_error.h"
 #include "kvd/kvd_half.h"
+#include "kvd/kvd_quant.h"
 
 #if defined(__x86_64__) && defined(__linux__)
 #define KVD_ARCH_REQ_XCOMP_PERM 0x1023 /* arch_prctl: ask for a dynamic xstate feature */
@@ -87,7 +88,9 @@ void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, 
                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
                      int n_end)
 {
-    if (isa == KVD_ISA_AVX512_AMX)
+    if (kvd_dtype_is_quantized(w->dtype))
+        kvd_qmatmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
+    else if (isa == KVD_ISA_AVX512_AMX)
         kvd_matmul_cols_avx512amx(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else if (isa == KVD_ISA_AVX512)
         kvd_matmul_cols_avx512(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);

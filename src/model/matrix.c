@@ -9,6 +9,7 @@
 
 #include "kvd/kvd_half.h"
 #include "kvd/kvd_model.h"
+#include "kvd/kvd_quant.h"
 
 int kvd_matrix_panels(int rows)
 {
@@ -23,6 +24,8 @@ static size_t packed_cols(kvd_dtype dtype, int cols)
 
 size_t kvd_matrix_packed_bytes(kvd_dtype dtype, int rows, int cols)
 {
+    if (kvd_dtype_is_quantized(dtype))
+        return kvd_quant_packed_bytes(dtype, rows, cols);
     return (size_t)kvd_matrix_panels(rows) * KVD_PANEL_ROWS * packed_cols(dtype, cols) *
            kvd_dtype_size(dtype);
 }
@@ -49,6 +52,10 @@ static uint16_t bf16_flush_subnormal(uint16_t h)
 void kvd_matrix_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void *src,
                      int panel_begin, int panel_end)
 {
+    if (kvd_dtype_is_quantized(dtype)) {
+        kvd_quant_pack(dst, dtype, rows, cols, src, panel_begin, panel_end);
+        return;
+    }
     size_t esize = kvd_dtype_size(dtype);
     size_t row_bytes = (size_t)cols * esize;
     size_t panel_bytes = KVD_PANEL_ROWS * packed_cols(dtype, cols) * esize;
@@ -96,6 +103,10 @@ void kvd_matrix_pack(void *dst, kvd_dtype dtype, int rows, int cols, const void 
 
 void kvd_matrix_row(float *out, const kvd_matrix *w, int row)
 {
+    if (kvd_dtype_is_quantized(w->dtype)) {
+        kvd_quant_matrix_row(out, w, row);
+        return;
+    }
     size_t esize = kvd_dtype_size(w->dtype);
     const uint8_t *data = w->data;
     for (int k = 0; k < w->cols; k++) {

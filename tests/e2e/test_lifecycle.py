@@ -250,5 +250,28 @@ def test_sigint_when_idle_and_second_signal():
         c.close()
 
 
+def test_serves_a_gguf_file():
+    """--model FILE.gguf (the tiny fixture written as a BF16 GGUF by
+    tests/reference/gguf_from_hf.py) answers as the safetensors checkpoint does, and the
+    quantize knob converts weights at load."""
+    gguf = os.environ.get("KVD_TINY_GGUF")
+    if not gguf or not os.path.isfile(gguf):
+        print("test_serves_a_gguf_file: KVD_TINY_GGUF not built (scripts/fixtures.sh): skipped")
+        return
+    # A GGUF has no generation_config.json: neutral defaults, so the request sets the
+    # repetition penalty the safetensors directory would otherwise default to.
+    req = {"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0,
+           "repetition_penalty": 1.0}
+    answers = []
+    for model, extra in [(tiny_model(), []), (gguf, []), (tiny_model(), ["--quantize", "q8_0"])]:
+        with Daemon(*extra, model=model) as d:
+            status, body = d.post("/v1/completions", req)
+            assert status == 200, body
+            answers.append(body["choices"][0]["text"])
+    assert answers[0] == answers[1]
+    assert answers[2]  # a q8_0 model answers (its text may differ from bf16's)
+
+
 if __name__ == "__main__":
     run_tests(globals())
+

@@ -1,0 +1,109 @@
+/* quant_tool - the C side of tests/test_quant_golden.py: runs kvd's block codecs and
+ * packed products on files so the Python test can hold them against llama.cpp's
+ * checksums and the numpy reference (tests/reference/ggml_ref.py).
+ *
+ *   quant_tool dequant TYPE IN OUT        IN: raw blocks, OUT: float32 values
+ *   quant_tool quantize TYPE IN OUT       IN: float32 values, OUT: raw blocks
+ *   quant_tool rows TYPE ROWS COLS IN OUT packs IN, writes every row via kvd_matrix_row
+ *   quant_tool matmul TYPE ROWS COLS IN X M OUT   out[M][ROWS] = x[M][COLS] W^T (scalar
+ *                                         and best ISA; exits 1 if they differ in a bit)
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvd/kvd_kernels.h"
+#include "kvd/kvd_quant.h"
+
+static void *read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        perror(path);
+        exit(2);
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *buf = malloc((size_t)n + 1);
+    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        fprintf(stderr, "%s: read failed\n", path);
+        exit(2);
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void write_all(const char *path, const void *buf, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(buf, 1, len, f) != len || fclose(f) != 0) {
+        fprintf(stderr, "%s: write failed\n", path);
+        exit(2);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 5) {
+        fprintf(stderr, "usage: see the header of tests/quant_tool.c\n");
+        return 2;
+    }
+    kvd_dtype dtype;
+    if (kvd_dtype_parse(argv[2], &dtype) != 0) {
+        fprintf(stderr, "unknown type %s\n", argv[2]);
+        return 2;
+    }
+    size_t len;
+    if (strcmp(argv[1], "dequant") == 0) {
+        void *in = read_all(argv[3], &len);
+        size_t block = kvd_dtype_block_bytes(dtype);
+        int64_t n = (int64_t)(len / block) * kvd_dtype_block_values(dtype);
+        float *out = malloc((size_t)n * sizeof(float) + 1);
+        if (len % block || kvd_dequantize_row(dtype, in, out, n) != 0)
+            return fprintf(stderr, "dequantize failed\n"), 1;
+        write_all(argv[4], out, (size_t)n * sizeof(float));
+        return 0;
+    }
+    if (strcmp(argv[1], "quantize") == 0) {
+        float *in = read_all(argv[3], &len);
+        int64_t n = (int64_t)(len / sizeof(float));
+        size_t bytes = kvd_dtype_row_bytes(dtype, n);
+        void *out = malloc(bytes + 1);
+        if (kvd_quantize_row(dtype, in, out, n) != 0)
+            return fprintf(stderr, "quantize failed\n"), 1;
+        write_all(argv[4], out, bytes);
+        return 0;
+    }
+    if (argc < 7)
+        return 2;
+    int rows = atoi(argv[3]), cols = atoi(argv[4]);
+    void *src = read_all(argv[5], &len);
+    if (len != kvd_dtype_row_bytes(dtype, cols) * (size_t)rows)
+        return fprintf(stderr, "size mismatch\n"), 1;
+    size_t packed_bytes = kvd_matrix_packed_bytes(dtype, rows, cols);
+    void *packed = aligned_alloc(64, packed_bytes);
+    kvd_matrix_pack(packed, dtype, rows, cols, src, 0, kvd_matrix_panels(rows));
+    kvd_matrix w = {.dtype = dtype, .rows = rows, .cols = cols, .data = packed};
+    if (strcmp(argv[1], "rows") == 0) {
+        float *out = malloc((size_t)rows * cols * sizeof(float));
+        for (int r = 0; r < rows; r++)
+            kvd_matrix_row(out + (size_t)r * cols, &w, r);
+        write_all(argv[6], out, (size_t)rows * cols * sizeof(float));
+        return 0;
+    }
+    if (strcmp(argv[1], "matmul") == 0 && argc >= 9) {
+        float *x = read_all(argv[6], &len);
+        int m = atoi(argv[7]);
+        float *out = calloc((size_t)m * rows, sizeof(float));
+        float *out2 = calloc((size_t)m * rows, sizeof(float));
+        kvd_matmul(KVD_ISA_SCALAR, out, rows, x, cols, m, &w, NULL, false, 1);
+        kvd_matmul(kvd_isa_detect(), out2, rows, x, cols, m, &w, NULL, false, 2);
+        if (memcmp(out, out2, (size_t)m * rows * sizeof(float)) != 0)
+            return fprintf(stderr, "scalar and %s differ\n", kvd_isa_name(kvd_isa_detect())), 1;
+        write_all(argv[8], out, (size_t)m * rows * sizeof(float));
+        return 0;
+    }
+    return 2;
+}

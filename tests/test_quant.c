@@ -1,0 +1,197 @@
+/* test_quant.c - quantized weights in kvd's own terms: codecs' contracts, the packed
+ * layout, and the products' determinism (scalar == AVX-512 VNNI bit for bit, the same
+ * bits whatever the batch, the column range or the threads). Agreement with llama.cpp
+ * and with the numpy oracle is test_quant_golden.py's. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <math.h>
+
+#include "kvd/kvd_kernels.h"
+#include "kvd/kvd_quant.h"
+
+static const kvd_dtype qtypes[] = {KVD_DTYPE_Q8_0, KVD_DTYPE_Q4_0, KVD_DTYPE_Q5_0, KVD_DTYPE_Q4_K,
+                                   KVD_DTYPE_Q5_K, KVD_DTYPE_Q6_K, KVD_DTYPE_Q8_K};
+#define NTYPES (int)(sizeof qtypes / sizeof qtypes[0])
+
+static float rnd(uint64_t *s)
+{
+    *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((*s >> 40) & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
+}
+
+typedef struct qmatrix {
+    kvd_matrix m;
+    float *values; /* dequantized, rows x cols */
+    void *raw;
+} qmatrix;
+
+static qmatrix make_qmatrix(kvd_dtype dtype, int rows, int cols, uint64_t *s)
+{
+    qmatrix q;
+    float *src = malloc((size_t)rows * cols * sizeof(float));
+    for (int i = 0; i < rows * cols; i++)
+        src[i] = rnd(s) * (i % 37 == 0 ? 4.0f : 1.0f);
+    size_t row_bytes = kvd_dtype_row_bytes(dtype, cols);
+    q.raw = malloc(row_bytes * rows);
+    q.values = malloc((size_t)rows * cols * sizeof(float));
+    for (int r = 0; r < rows; r++) {
+        assert_int_equal(kvd_quantize_row(dtype, src + (size_t)r * cols,
+                                          (uint8_t *)q.raw + r * row_bytes, cols), 0);
+        assert_int_equal(kvd_dequantize_row(dtype, (uint8_t *)q.raw + r * row_bytes,
+                                            q.values + (size_t)r * cols, cols), 0);
+    }
+    void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(dtype, rows, cols));
+    kvd_matrix_pack(packed, dtype, rows, cols, q.raw, 0, kvd_matrix_panels(rows));
+    q.m = (kvd_matrix){.dtype = dtype, .rows = rows, .cols = cols, .data = packed};
+    free(src);
+    return q;
+}
+
+static void free_qmatrix(qmatrix *q)
+{
+    free((void *)q->m.data);
+    free(q->values);
+    free(q->raw);
+}
+
+static int cols_for(kvd_dtype dtype)
+{
+    return kvd_dtype_block_values(dtype) == 256 ? 768 : 160;
+}
+
+static void test_codec_contract(void **state)
+{
+    (void)state;
+    float x[256], y[256];
+    uint8_t buf[512];
+    uint64_t s = 1;
+    for (int i = 0; i < 256; i++)
+        x[i] = rnd(&s);
+    assert_int_equal(kvd_quantize_row(KVD_DTYPE_Q8_0, x, buf, 33), KVD_EINVAL);
+    assert_int_equal(kvd_quantize_row(KVD_DTYPE_Q4_K, x, buf, 32), KVD_EINVAL);
+    assert_int_equal(kvd_quantize_row(KVD_DTYPE_BF16, x, buf, 32), KVD_EUNSUPPORTED);
+    assert_int_equal(kvd_dequantize_row(KVD_DTYPE_Q6_K, buf, y, 100), KVD_EINVAL);
+    /* float types pass through */
+    uint16_t h[2] = {0x3f80, 0xc000};
+    assert_int_equal(kvd_dequantize_row(KVD_DTYPE_BF16, h, y, 2), 0);
+    assert_true(y[0] == 1.0f && y[1] == -2.0f);
+    /* per type: a round trip's error stays within the format's step */
+    static const float max_rel[] = {0.01f, 0.15f, 0.07f, 0.15f, 0.07f, 0.04f, 0.01f};
+    for (int t = 0; t < NTYPES; t++) {
+        assert_int_equal(kvd_quantize_row(qtypes[t], x, buf, 256), 0);
+        assert_int_equal(kvd_dequantize_row(qtypes[t], buf, y, 256), 0);
+        for (int i = 0; i < 256; i++)
+            if (fabsf(y[i] - x[i]) > max_rel[t])
+                fail_msg("%s: x[%d] %g -> %g", kvd_dtype_name(qtypes[t]), i, x[i], y[i]);
+        /* zeros stay zeros */
+        float z[256] = {0};
+        assert_int_equal(kvd_quantize_row(qtypes[t], z, buf, 256), 0);
+        assert_int_equal(kvd_dequantize_row(qtypes[t], buf, y, 256), 0);
+        for (int i = 0; i < 256; i++)
+            assert_true(y[i] == 0.0f);
+    }
+}
+
+static void test_matrix_row(void **state)
+{
+    (void)state;
+    uint64_t s = 5;
+    for (int t = 0; t < NTYPES; t++) {
+        int cols = cols_for(qtypes[t]);
+        qmatrix q = make_qmatrix(qtypes[t], 45, cols, &s);
+        float *row = malloc(cols * sizeof(float));
+        for (int r = 0; r < 45; r++) {
+            kvd_matrix_row(row, &q.m, r);
+            assert_memory_equal(row, q.values + (size_t)r * cols, cols * sizeof(float));
+        }
+        free(row);
+        free_qmatrix(&q);
+    }
+}
+
+/* The product of every type: close to the float product of the dequantized weights,
+ * the same bits in both builds, for any m, column range and thread count. */
+static void test_products_deterministic(void **state)
+{
+    (void)state;
+    bool vnni = kvd_quant_vnni_supported();
+    if (!vnni)
+        print_message("no AVX512_VNNI on this CPU: the scalar build only\n");
+    uint64_t s = 9;
+    const int rows = 77, m = 16;
+    for (int t = 0; t < NTYPES; t++) {
+        kvd_dtype dtype = qtypes[t];
+        int cols = cols_for(dtype);
+        qmatrix q = make_qmatrix(dtype, rows, cols, &s);
+        float *x = malloc((size_t)m * cols * sizeof(float));
+        float bias[77];
+        for (int i = 0; i < m * cols; i++)
+            x[i] = rnd(&s) * (i % 53 == 0 ? 20.0f : 1.0f);
+        for (int j = 0; j < rows; j++)
+            bias[j] = rnd(&s);
+        size_t out_bytes = (size_t)m * rows * sizeof(float);
+        float *ref = malloc(out_bytes), *got = malloc(out_bytes), *one = malloc(rows * sizeof(float));
+        kvd_matmul(KVD_ISA_SCALAR, ref, rows, x, cols, m, &q.m, bias, false, 1);
+        /* accuracy against the dequantized weights in double */
+        for (int i = 0; i < m; i++) {
+            for (int j = 0; j < rows; j++) {
+                double exact = bias[j], mag = fabs(bias[j]);
+                for (int k = 0; k < cols; k++) {
+                    exact += (double)x[i * cols + k] * q.values[(size_t)j * cols + k];
+                    mag += fabs((double)x[i * cols + k] * q.values[(size_t)j * cols + k]);
+                }
+                /* activations quantized to 8 bits: error a few 1/127 steps of the terms */
+                if (fabs(ref[i * rows + j] - exact) > 0.02 * mag)
+                    fail_msg("%s [%d][%d]: %g vs %g (mag %g)", kvd_dtype_name(dtype), i, j,
+                             ref[i * rows + j], exact, mag);
+            }
+        }
+        /* the VNNI build, two threads */
+        if (vnni) {
+            kvd_matmul(KVD_ISA_AVX512, got, rows, x, cols, m, &q.m, bias, false, 2);
+            if (memcmp(ref, got, out_bytes) != 0)
+                fail_msg("%s: scalar and avx512 differ", kvd_dtype_name(dtype));
+        }
+        for (int isa = KVD_ISA_SCALAR; isa <= (vnni ? KVD_ISA_AVX512 : KVD_ISA_SCALAR); isa++) {
+            /* one row at a time: the same bits as in the batch of 16 */
+            for (int i = 0; i < m; i++) {
+                kvd_matmul_cols((kvd_isa)isa, one, rows, x + (size_t)i * cols, cols, 1, &q.m, bias,
+                                false, 0, rows);
+                if (memcmp(one, ref + (size_t)i * rows, rows * sizeof(float)) != 0)
+                    fail_msg("%s isa %d: row %d alone differs from the batch", kvd_dtype_name(dtype),
+                             isa, i);
+            }
+            /* odd column ranges, accumulate on top of what out holds */
+            memset(got, 0, out_bytes);
+            for (int a = 0; a < rows;) {
+                int b = a + 1 + (int)((rnd(&s) + 1.0f) * 20);
+                b = b > rows ? rows : b;
+                kvd_matmul_cols((kvd_isa)isa, got, rows, x, cols, m, &q.m, bias, true, a, b);
+                a = b;
+            }
+            if (memcmp(ref, got, out_bytes) != 0)
+                fail_msg("%s isa %d: column ranges change the result", kvd_dtype_name(dtype), isa);
+        }
+        free(x);
+        free(ref);
+        free(got);
+        free(one);
+        free_qmatrix(&q);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_codec_contract),
+        cmocka_unit_test(test_matrix_row),
+        cmocka_unit_test(test_products_deterministic),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
