@@ -160,9 +160,7 @@ int main(int argc, char **argv)
                 err.msg, model_dir);
         return 1;
     }
-    char path[4096];
-    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
-    kvd_tokenizer *tok = kvd_tokenizer_load(path, &err);
+    kvd_tokenizer *tok = kvd_tokenizer_load_model(model_dir, &err);
     if (!tok) {
         fprintf(stderr, "bench_engine: %s\n", err.msg);
         return 1;

@@ -7,6 +7,12 @@ tok=third_party/qwen-tokenizer/tokenizer.json
 if [ -x "$dir/tools/kvd-mkmodel" ] && [ ! -f "$dir/fixtures/tiny/model.safetensors" ]; then
   "$dir/tools/kvd-mkmodel" --out "$dir/fixtures/tiny" --preset tiny --seed 1 --tokenizer "$tok"
 fi
+# The tiny fixture as a BF16 GGUF written independently of kvd (owner: gguf): what the GGUF
+# loader and tokenizer tests read.
+if [ -f "$dir/fixtures/tiny/model.safetensors" ] && [ ! -f "$dir/fixtures/tiny-bf16.gguf" ]; then
+  /usr/bin/python3 tests/reference/gguf_from_hf.py --model "$dir/fixtures/tiny" \
+    --out "$dir/fixtures/tiny-bf16.gguf" --type bf16
+fi
 # Reference logits of the tiny fixture for test_forward (owner: fwd): the numpy float64
 # reference run on each prompt of tests/reference/golden_tiny.json, 16 greedy steps.
 if [ -f "$dir/fixtures/tiny/model.safetensors" ] && [ ! -f "$dir/fixtures/ref/prompt3.bin.json" ]; then

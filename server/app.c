@@ -154,9 +154,7 @@ static void load_model(uv_work_t *work)
 {
     kvd_app *app = work->data;
     const kvd_server_config *cfg = &app->cfg;
-    char path[KVD_CONFIG_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/tokenizer.json", cfg->model);
-    app->tok = kvd_tokenizer_load(path, &app->load_err);
+    app->tok = kvd_tokenizer_load_model(cfg->model, &app->load_err);
     if (!app->tok) {
         app->load_rc = app->load_err.code ? app->load_err.code : KVD_EIO;
         return;

@@ -43,7 +43,7 @@ typedef struct knob {
 static const knob knobs[] = {
     {"host", KNOB_STR, OFF(host), CAP(host), 0, 0, "ADDR", "address to listen on (IPv4 or IPv6 literal)"},
     {"port", KNOB_INT, OFF(port), 0, 0, 65535, "N", "TCP port; 0 picks a free one (printed in the banner)"},
-    {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "DIR", "checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
+    {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "PATH", "checkpoint directory (config.json, *.safetensors, tokenizer.json) or GGUF file"},
     {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; empty: the model directory's name"},
     {"block_size", KNOB_INT, OFF(block_size), 0, 1, 256, "N", "tokens per KV block (power of two)"},
     {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
@@ -352,7 +352,7 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
     if (cfg->model[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "model: not set (use --model DIR or the \"model\" key)");
     struct stat st;
-    if (stat(cfg->model, &st) != 0 || !S_ISDIR(st.st_mode))
+    if (stat(cfg->model, &st) != 0 || (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)))
         return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
     if (cfg->host[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "host: empty");
@@ -396,7 +396,7 @@ void kvd_config_print_help(FILE *out, const char *prog)
     kvd_server_config defaults;
     kvd_config_defaults(&defaults);
     fprintf(out,
-            "usage: %s --model DIR [--config FILE] [flags]\n"
+            "usage: %s --model DIR|FILE.gguf [--config FILE] [flags]\n"
             "\n"
             "kvd serves a Qwen2-family model over an OpenAI-compatible HTTP API.\n"
             "Flags override the config file; each flag is also a key of the file\n"

@@ -8,7 +8,8 @@
  * split across tokens, tie-breaking of merges in a hand-made tokenizer, load errors and
  * concurrent encoders sharing one merge cache.
  *
- * Environment (set by tests/meson.build): KVD_TOKENIZER_JSON, KVD_SOURCE_ROOT, KVD_BUILD_ROOT.
+ * Environment (set by tests/meson.build): KVD_TOKENIZER_JSON, KVD_TINY_GGUF, KVD_SOURCE_ROOT,
+ * KVD_BUILD_ROOT.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -861,6 +862,51 @@ static void test_concurrent_encoders(void **state)
     kvd_tokenizer_destroy(local.tok);
 }
 
+/* ---- the tokenizer of a GGUF file (tokenizer.ggml.*) ---- */
+
+/* KVD_TINY_GGUF is the tiny fixture written by tests/reference/gguf_from_hf.py, whose
+ * tokenizer keys are byte for byte llama.cpp's (see that script): the same ids as
+ * tokenizer.json on the whole oracle corpus, the same bytes and flags for every id. */
+static void test_gguf_tokenizer_matches_json(void **state)
+{
+    fixture *fx = *state;
+    kvd_error err = {0};
+    const char *gguf = env_or_fail("KVD_TINY_GGUF");
+    kvd_tokenizer *tok = kvd_tokenizer_load(gguf, &err);
+    if (!tok)
+        print_error("%s\n", err.msg);
+    assert_non_null(tok);
+    assert_int_equal(kvd_tokenizer_vocab_size(tok), kvd_tokenizer_vocab_size(fx->tok));
+    assert_int_equal(kvd_tokenizer_max_token_bytes(tok), kvd_tokenizer_max_token_bytes(fx->tok));
+    size_t failures = 0;
+    for (int32_t id = 0; id < kvd_tokenizer_vocab_size(tok); id++) {
+        size_t a_len, b_len;
+        char *a = kvd_tokenizer_decode(tok, &id, 1, false, &a_len, NULL);
+        char *b = kvd_tokenizer_decode(fx->tok, &id, 1, false, &b_len, NULL);
+        bool same = a && b && a_len == b_len && memcmp(a, b, a_len) == 0 &&
+                    kvd_tokenizer_is_special(tok, id) == kvd_tokenizer_is_special(fx->tok, id);
+        if (!same && failures++ < 5)
+            print_error("id %d differs between the GGUF and tokenizer.json\n", id);
+        free(a);
+        free(b);
+    }
+    for (size_t i = 0; i < fx->num_cases; i++) {
+        const golden_case *g = &fx->cases[i];
+        failures += !ids_match(tok, g->text, true, g->ids, g->num_ids, g->cat);
+        failures += !ids_match(tok, g->text, false, g->ids_no_special, g->num_ids_no_special, g->cat);
+    }
+    assert_int_equal(failures, 0);
+    assert_false(kvd_tokenizer_is_special(tok, ID_TOOL_CALL));
+    assert_true(kvd_tokenizer_is_special(tok, ID_IM_END));
+    kvd_tokenizer_destroy(tok);
+
+    /* The --model spelling: the file itself */
+    tok = kvd_tokenizer_load_model(gguf, &err);
+    assert_non_null(tok);
+    assert_int_equal(kvd_tokenizer_vocab_size(tok), kvd_tokenizer_vocab_size(fx->tok));
+    kvd_tokenizer_destroy(tok);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -884,6 +930,7 @@ int main(void)
         cmocka_unit_test(test_merge_rank_order_and_ties),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_concurrent_encoders),
+        cmocka_unit_test(test_gguf_tokenizer_matches_json),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -57,7 +57,7 @@ static double now_ms(void)
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kvd-gen --model DIR --prompt TEXT [--max-tokens N] [--temperature T]\n"
+            "usage: kvd-gen --model DIR|FILE.gguf --prompt TEXT [--max-tokens N] [--temperature T]\n"
             "               [--top-p P] [--top-k K] [--seed S] [--no-kv-cache] [--block-size N]\n"
             "               [--kv-dtype f16|bf16|f32] [--threads N] [--ignore-eos] [--json]\n"
             "       kvd-gen --model DIR --tokenize --prompt TEXT\n"
@@ -260,9 +260,7 @@ static cJSON *id_array(const int32_t *ids, int n)
 static int run(const gen_options *o, gen_state *g)
 {
     kvd_error err = {0};
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/tokenizer.json", o->model_dir);
-    g->tok = kvd_tokenizer_load(path, &err);
+    g->tok = kvd_tokenizer_load_model(o->model_dir, &err);
     if (!g->tok)
         return fail("%s", err.msg);
     int n = kvd_tokenizer_encode(g->tok, o->prompt, strlen(o->prompt), true, &g->prompt_ids);

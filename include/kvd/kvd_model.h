@@ -2,7 +2,8 @@
  *
  * kvd_model_load() reads a Hugging Face checkpoint directory (config.json,
  * model.safetensors or sharded model-*-of-*.safetensors + model.safetensors.index.json,
- * optional generation_config.json), checks every tensor's shape against the config
+ * optional generation_config.json) or a qwen2 GGUF file (a path to the file, or a
+ * directory holding one .gguf and no config.json; kvd_gguf.h), checks every tensor's shape against the config
  * and copies the weights into anonymous memory (huge pages where the kernel gives
  * them), so decoding never faults on the file mapping. The kvd_model owns all of its
  * memory; kvd_model_destroy() frees it. The tokenizer is loaded separately

@@ -20,8 +20,16 @@
 
 typedef struct kvd_tokenizer kvd_tokenizer;
 
-/* Loads tokenizer.json at path. NULL with err set on a missing/malformed file. */
+/* Loads tokenizer.json at path, or the tokenizer.ggml.* keys of a GGUF file at path (the
+ * file starts with GGUF's magic). NULL with err set on a missing/malformed file. */
 kvd_tokenizer *kvd_tokenizer_load(const char *path, kvd_error *err);
+/* The tokenizer of a --model argument: a GGUF file, a directory holding one .gguf, or a
+ * Hugging Face checkpoint directory (its tokenizer.json); see kvd_gguf_resolve. A GGUF's
+ * tokenizer (model gpt2, pre-tokenizer qwen2) gives the same ids as tokenizer.json; GGUF
+ * token types do not carry Hugging Face's special flag (llama.cpp's converter marks every
+ * added token CONTROL), so the added tokens Qwen2's tokenizer_config.json declares
+ * non-special (<tool_call>, <think>, <|fim_prefix|> ...) are read as non-special. */
+kvd_tokenizer *kvd_tokenizer_load_model(const char *model, kvd_error *err);
 void kvd_tokenizer_destroy(kvd_tokenizer *tok);
 
 /* Number of ids (vocabulary plus added tokens): one past the largest id. */

@@ -12,13 +12,17 @@
  * streams all weights), then made read-only, and the file mappings are dropped: after
  * loading, decoding never touches the files and never page-faults on them.
  *
- * All weight matrices must share one dtype (real checkpoints do, and the kernels are
- * chosen per model); tensors the model does not use, and lm_head.weight when the
- * embeddings are tied, are ignored. Assumes a little-endian host, as the format does.
+ * A GGUF file (--model FILE.gguf, or a directory holding one .gguf and no config.json)
+ * goes the same way: the config from its qwen2.* keys (gguf_model.c), its tensors under
+ * llama.cpp's names, copied out of the file mapping into the arena like safetensors.
+ * Weight matrices may mix dtypes (a quantized GGUF does): each product dispatches on its
+ * matrix's dtype. Tensors the model does not use, and lm_head.weight when the embeddings
+ * are tied, are ignored. Assumes a little-endian host, as both formats do.
  */
 #include "kvd/kvd_half.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_safetensors.h"
+#include "gguf_model.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -46,25 +50,48 @@ typedef struct model_impl {
     size_t arena_size;
 } model_impl;
 
+/* Where a tensor was found, in either file format: shape rows first (a GGUF's extents
+ * reversed), dtype and bytes within a file mapping. */
+typedef struct tensor_source {
+    const char *file_path;
+    const uint8_t *data;
+    bool supported;         /* dtype is one kvd computes with */
+    kvd_dtype dtype;
+    const char *dtype_name; /* as the file names it */
+    int ndim;
+    int64_t shape[KVD_ST_MAX_DIMS];
+    uint64_t numel, bytes;
+} tensor_source;
+
 /* A tensor the config says must exist, where it was found and where it goes. */
 typedef struct wanted_tensor {
-    char name[96];
+    char name[96];          /* the Hugging Face name; a GGUF's own name once found there */
     int rows;               /* matrix rows, or vector length */
     int cols;               /* matrix cols; 0 marks a vector (stored as float32) */
     kvd_matrix *matrix;     /* destination of a matrix */
     const float **vector;   /* destination of a vector */
-    const kvd_st_file *file;
-    const kvd_st_tensor *tensor;
+    tensor_source src;
     size_t arena_offset;
 } wanted_tensor;
 
 typedef struct load_state {
     const char *dir;
+    const char *config_name; /* what the shapes are checked against, for messages */
     kvd_st_file *files;     /* [num_files] */
     int num_files;
+    kvd_gguf_file gguf;     /* a GGUF model's file (map == NULL otherwise) */
     wanted_tensor *wanted;  /* [num_wanted] */
     int num_wanted;
 } load_state;
+
+static void source_from_safetensors(wanted_tensor *w, const kvd_st_file *f, const kvd_st_tensor *t)
+{
+    w->src = (tensor_source){.file_path = f->path, .data = kvd_st_tensor_data(f, t),
+                             .supported = t->supported, .dtype = t->dtype,
+                             .dtype_name = t->dtype_name, .ndim = t->ndim, .numel = t->numel,
+                             .bytes = t->end - t->begin};
+    memcpy(w->src.shape, t->shape, sizeof w->src.shape);
+}
 
 static int join_path(char *out, size_t cap, const char *dir, const char *file, kvd_error *err)
 {
@@ -167,13 +194,15 @@ static int gen_eos_ids(const cJSON *root, kvd_model_config *cfg, const char *pat
     return 0;
 }
 
+static const kvd_generation_defaults neutral_generation = {
+    .temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .min_p = 0.0f, .repetition_penalty = 1.0f,
+    .do_sample = false};
+
 /* Reads the optional generation_config.json: sampling defaults and extra eos ids. */
 static int load_generation_config(kvd_model *model, kvd_error *err)
 {
     kvd_generation_defaults *gen = &model->generation;
-    *gen = (kvd_generation_defaults){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0,
-                                     .min_p = 0.0f, .repetition_penalty = 1.0f,
-                                     .do_sample = false};
+    *gen = neutral_generation;
     char path[PATH_MAX];
     int rc = join_path(path, sizeof path, model->dir, "generation_config.json", err);
     if (rc < 0)
@@ -288,18 +317,48 @@ static int locate_sharded(load_state *st, const char *index_path, const char *te
                                index_path, w->name);
             goto done;
         }
-        if ((rc = find_or_open_file(st, file_name->valuestring, &w->file, err)) < 0)
+        const kvd_st_file *file;
+        if ((rc = find_or_open_file(st, file_name->valuestring, &file, err)) < 0)
             goto done;
-        w->tensor = kvd_st_header_find(&w->file->header, w->name);
-        if (!w->tensor) {
+        const kvd_st_tensor *t = kvd_st_header_find(&file->header, w->name);
+        if (!t) {
             rc = kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s (the index puts it there)",
-                               w->file->path, w->name);
+                               file->path, w->name);
             goto done;
         }
+        source_from_safetensors(w, file, t);
     }
 done:
     cJSON_Delete(root);
     return rc;
+}
+
+/* Finds every wanted tensor in the GGUF file under its llama.cpp name (which replaces the
+ * Hugging Face name in messages); shapes are rows first, the reverse of GGUF's extents. */
+static int locate_gguf(load_state *st, kvd_error *err)
+{
+    const kvd_gguf *g = &st->gguf.gguf;
+    for (int i = 0; i < st->num_wanted; i++) {
+        wanted_tensor *w = &st->wanted[i];
+        char name[sizeof w->name];
+        if (kvd_gguf_qwen2_name(w->name, name, sizeof name) < 0)
+            return kvd_error_set(err, KVD_EINVAL, "%s: no GGUF name for %s", st->gguf.path,
+                                 w->name);
+        memcpy(w->name, name, sizeof name);
+        const kvd_gguf_tensor *t = kvd_gguf_find_tensor(g, name);
+        if (!t)
+            return kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s", st->gguf.path, name);
+        const char *type_name = kvd_gguf_ggml_type_name(t->ggml_type);
+        w->src = (tensor_source){.file_path = st->gguf.path, .data = kvd_gguf_tensor_data(g, t),
+                                 .supported = t->supported, .dtype = t->dtype,
+                                 .dtype_name = type_name ? type_name : "?", .ndim = t->ndim,
+                                 .numel = 1, .bytes = t->bytes};
+        for (int d = 0; d < t->ndim; d++) {
+            w->src.shape[d] = (int64_t)t->ne[t->ndim - 1 - d];
+            w->src.numel *= t->ne[d];
+        }
+    }
+    return 0;
 }
 
 /* Maps the checkpoint's safetensors file(s) and finds every wanted tensor. */
@@ -337,10 +396,10 @@ static int locate_tensors(load_state *st, kvd_error *err)
     st->num_files = 1;
     for (int i = 0; i < st->num_wanted; i++) {
         wanted_tensor *w = &st->wanted[i];
-        w->file = &st->files[0];
-        w->tensor = kvd_st_header_find(&st->files[0].header, w->name);
-        if (!w->tensor)
+        const kvd_st_tensor *t = kvd_st_header_find(&st->files[0].header, w->name);
+        if (!t)
             return kvd_error_set(err, KVD_EFORMAT, "%s: missing tensor %s", single_path, w->name);
+        source_from_safetensors(w, &st->files[0], t);
     }
     return 0;
 }
@@ -402,7 +461,7 @@ static int list_wanted(load_state *st, kvd_model *model, kvd_error *err)
     return 0;
 }
 
-static void format_shape(char *out, size_t cap, const kvd_st_tensor *t)
+static void format_shape(char *out, size_t cap, const tensor_source *t)
 {
     size_t used = (size_t)snprintf(out, cap, "[");
     for (int d = 0; d < t->ndim && used < cap; d++)
@@ -413,22 +472,23 @@ static void format_shape(char *out, size_t cap, const kvd_st_tensor *t)
 }
 
 /* Checks dtype and shape of every wanted tensor and plans the arena layout.
- * Returns the arena bytes needed in *arena_bytes. */
+ * Returns the arena bytes needed in *arena_bytes. Matrices may differ in dtype (a
+ * quantized GGUF mixes types; each product dispatches on its matrix's dtype). */
 static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
                           uint64_t *source_bytes, kvd_error *err)
 {
-    const wanted_tensor *first_matrix = NULL;
     size_t offset = 0;
     uint64_t source = 0;
     model->weight_bytes = 0;
     for (int i = 0; i < st->num_wanted; i++) {
         wanted_tensor *w = &st->wanted[i];
-        const kvd_st_tensor *t = w->tensor;
-        if (!t->supported)
-            return kvd_error_set(err, KVD_EUNSUPPORTED,
-                                 "%s: tensor %s has dtype %s; kvd reads BF16, F16 or F32",
-                                 w->file->path, w->name, t->dtype_name);
+        const tensor_source *t = &w->src;
         bool is_matrix = w->cols > 0;
+        if (!t->supported || (!is_matrix && kvd_dtype_is_quantized(t->dtype)))
+            return kvd_error_set(err, KVD_EUNSUPPORTED,
+                                 "%s: tensor %s has dtype %s, which kvd does not read%s",
+                                 t->file_path, w->name, t->dtype_name,
+                                 is_matrix ? "" : " for a vector (F32, F16 or BF16)");
         bool shape_ok = is_matrix ? t->ndim == 2 && t->shape[0] == w->rows && t->shape[1] == w->cols
                                   : t->ndim == 1 && t->shape[0] == w->rows;
         if (!shape_ok) {
@@ -439,26 +499,14 @@ static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
             else
                 snprintf(want, sizeof want, "[%d]", w->rows);
             return kvd_error_set(err, KVD_EFORMAT,
-                                 "%s: tensor %s has shape %s but config.json implies %s",
-                                 w->file->path, w->name, have, want);
+                                 "%s: tensor %s has shape %s but %s implies %s",
+                                 t->file_path, w->name, have, st->config_name, want);
         }
-        size_t bytes;
-        if (is_matrix) {
-            if (!first_matrix)
-                first_matrix = w;
-            else if (t->dtype != first_matrix->tensor->dtype)
-                return kvd_error_set(err, KVD_EUNSUPPORTED,
-                                     "%s: tensor %s is %s but %s is %s: mixed weight dtypes are "
-                                     "not supported",
-                                     w->file->path, w->name, t->dtype_name, first_matrix->name,
-                                     first_matrix->tensor->dtype_name);
-            bytes = kvd_matrix_packed_bytes(t->dtype, w->rows, w->cols);
-        } else {
-            bytes = (size_t)t->numel * sizeof(float);
-        }
+        size_t bytes = is_matrix ? kvd_matrix_packed_bytes(t->dtype, w->rows, w->cols)
+                                 : (size_t)t->numel * sizeof(float);
         w->arena_offset = offset;
         offset += (bytes + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
-        source += t->end - t->begin;
+        source += t->bytes;
         model->weight_bytes += bytes;
     }
     *arena_bytes = offset;
@@ -521,7 +569,7 @@ static void progress_advance(progress *p, uint64_t bytes, int tensors_done)
     p->next_percent = (percent / PROGRESS_STEP_PERCENT + 1) * PROGRESS_STEP_PERCENT;
 }
 
-static void convert_to_f32(float *out, const uint8_t *src, const kvd_st_tensor *t)
+static void convert_to_f32(float *out, const uint8_t *src, const tensor_source *t)
 {
     for (uint64_t i = 0; i < t->numel; i++) {
         if (t->dtype == KVD_DTYPE_F32) {
@@ -538,19 +586,19 @@ static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
 {
     for (int i = 0; i < st->num_wanted; i++) {
         const wanted_tensor *w = &st->wanted[i];
-        const kvd_st_tensor *t = w->tensor;
-        const uint8_t *src = kvd_st_tensor_data(w->file, t);
+        const tensor_source *t = &w->src;
+        const uint8_t *src = t->data;
         uint8_t *dst = arena + w->arena_offset;
         if (w->cols > 0) {
             /* packed a few panels at a time so a huge embedding still reports smoothly */
-            size_t panel_bytes = (size_t)KVD_PANEL_ROWS * (size_t)w->cols * kvd_dtype_size(t->dtype);
+            size_t panel_bytes = (size_t)KVD_PANEL_ROWS * kvd_dtype_row_bytes(t->dtype, w->cols);
             int panels = kvd_matrix_panels(w->rows);
             int step = (int)(COPY_CHUNK_BYTES / panel_bytes) + 1;
             for (int p0 = 0; p0 < panels; p0 += step) {
                 int p1 = panels - p0 < step ? panels : p0 + step;
                 kvd_matrix_pack(dst, t->dtype, w->rows, w->cols, src, p0, p1);
-                uint64_t done = (uint64_t)(t->end - t->begin) * (uint64_t)p1 / (uint64_t)panels;
-                uint64_t before = (uint64_t)(t->end - t->begin) * (uint64_t)p0 / (uint64_t)panels;
+                uint64_t done = t->bytes * (uint64_t)p1 / (uint64_t)panels;
+                uint64_t before = t->bytes * (uint64_t)p0 / (uint64_t)panels;
                 progress_advance(p, done - before, i + (p1 == panels));
             }
             *w->matrix = (kvd_matrix){.dtype = t->dtype, .rows = w->rows, .cols = w->cols,
@@ -558,7 +606,7 @@ static void copy_tensors(load_state *st, uint8_t *arena, progress *p)
         } else {
             convert_to_f32((float *)(void *)dst, src, t);
             *w->vector = (const float *)(const void *)dst;
-            progress_advance(p, t->end - t->begin, i + 1);
+            progress_advance(p, t->bytes, i + 1);
         }
     }
 }
@@ -570,6 +618,7 @@ static void close_files(load_state *st)
     free(st->files);
     st->files = NULL;
     st->num_files = 0;
+    kvd_gguf_file_close(&st->gguf);
 }
 
 kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, kvd_error *err)
@@ -596,14 +645,27 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
     char config_path[PATH_MAX];
     char *text = NULL;
     size_t len;
-    int rc;
-    if ((rc = join_path(config_path, sizeof config_path, dir, "config.json", err)) < 0 ||
-        (rc = read_text_file(config_path, &text, &len, NULL, err)) < 0)
+    int rc = kvd_gguf_resolve(dir, config_path, sizeof config_path, err);
+    bool is_gguf = rc == 1;
+    if (rc < 0)
         goto fail;
-    rc = kvd_model_config_parse(text, len, config_path, &model->config, err);
-    free(text);
-    if (rc < 0 || (rc = load_generation_config(model, err)) < 0)
-        goto fail;
+    if (is_gguf) {
+        st.config_name = "the GGUF's qwen2.* keys";
+        model->generation = neutral_generation;
+        if ((rc = kvd_gguf_file_open(&st.gguf, config_path, err)) < 0 ||
+            (rc = kvd_gguf_model_config(&st.gguf.gguf, config_path, &model->config,
+                                        &model->chat_template, err)) < 0)
+            goto fail;
+    } else {
+        st.config_name = "config.json";
+        if ((rc = join_path(config_path, sizeof config_path, dir, "config.json", err)) < 0 ||
+            (rc = read_text_file(config_path, &text, &len, NULL, err)) < 0)
+            goto fail;
+        rc = kvd_model_config_parse(text, len, config_path, &model->config, err);
+        free(text);
+        if (rc < 0 || (rc = load_generation_config(model, err)) < 0)
+            goto fail;
+    }
 
     model->layers = calloc((size_t)model->config.num_layers, sizeof *model->layers);
     if (!model->layers) {
@@ -612,7 +674,8 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
     }
     size_t arena_bytes = 0;
     uint64_t source_bytes = 0;
-    if ((rc = list_wanted(&st, model, err)) < 0 || (rc = locate_tensors(&st, err)) < 0 ||
+    if ((rc = list_wanted(&st, model, err)) < 0 ||
+        (rc = is_gguf ? locate_gguf(&st, err) : locate_tensors(&st, err)) < 0 ||
         (rc = check_and_plan(&st, model, &arena_bytes, &source_bytes, err)) < 0)
         goto fail;
 
@@ -630,13 +693,14 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
         model->lm_head = model->embed_tokens;
     /* Weights never change after loading: a stray write should fault, not corrupt. */
     mprotect(impl->arena, impl->arena_size, PROT_READ);
-    int num_files = st.num_files;
+    int num_files = is_gguf ? 1 : st.num_files;
     close_files(&st);
     free(st.wanted);
     if (prog.enabled)
         fprintf(stderr, "kvd: loaded %s: %d tensors from %d file%s, %.2f GB of %s weights in %.2f s\n",
                 dir, prog.total_tensors, num_files, num_files == 1 ? "" : "s",
-                (double)model->weight_bytes / 1e9, kvd_dtype_name(model->embed_tokens.dtype),
+                (double)model->weight_bytes / 1e9,
+                is_gguf ? "GGUF" : kvd_dtype_name(model->embed_tokens.dtype),
                 now_seconds() - start);
     return model;
 

@@ -11,6 +11,8 @@
  */
 #include "tok_internal.h"
 
+#include "kvd/kvd_gguf.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
@@ -516,12 +518,30 @@ static int load_root(loader *ld, const cJSON *root)
     return KVD_OK;
 }
 
+kvd_tokenizer *tok_load_json_root(const cJSON *root, const char *path, kvd_error *err)
+{
+    loader ld = {.path = path, .err = err};
+    tok_byte_level_inverse(ld.unicode_to_byte);
+    ld.tok = calloc(1, sizeof *ld.tok);
+    int rc = ld.tok ? load_root(&ld, root) : kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", path);
+    free(ld.blob);
+    free(ld.start);
+    free(ld.len);
+    if (rc < 0) {
+        kvd_tokenizer_destroy(ld.tok);
+        return NULL;
+    }
+    return ld.tok;
+}
+
 kvd_tokenizer *kvd_tokenizer_load(const char *path, kvd_error *err)
 {
     if (!path) {
         kvd_error_set(err, KVD_EINVAL, "tokenizer: no path given");
         return NULL;
     }
+    if (kvd_gguf_is_gguf_file(path))
+        return tok_load_gguf(path, err);
     char *text = NULL;
     size_t len = 0;
     if (read_file(path, &text, &len, err) < 0)
@@ -535,19 +555,26 @@ kvd_tokenizer *kvd_tokenizer_load(const char *path, kvd_error *err)
         return NULL;
     }
     free(text);
-    loader ld = {.path = path, .err = err};
-    tok_byte_level_inverse(ld.unicode_to_byte);
-    ld.tok = calloc(1, sizeof *ld.tok);
-    int rc = ld.tok ? load_root(&ld, root) : kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", path);
+    kvd_tokenizer *tok = tok_load_json_root(root, path, err);
     cJSON_Delete(root);
-    free(ld.blob);
-    free(ld.start);
-    free(ld.len);
-    if (rc < 0) {
-        kvd_tokenizer_destroy(ld.tok);
+    return tok;
+}
+
+kvd_tokenizer *kvd_tokenizer_load_model(const char *model, kvd_error *err)
+{
+    if (!model) {
+        kvd_error_set(err, KVD_EINVAL, "tokenizer: no model path given");
         return NULL;
     }
-    return ld.tok;
+    char path[PATH_MAX];
+    int rc = kvd_gguf_resolve(model, path, sizeof path, err);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0 && (size_t)snprintf(path, sizeof path, "%s/tokenizer.json", model) >= sizeof path) {
+        kvd_error_set(err, KVD_EINVAL, "%s: path too long", model);
+        return NULL;
+    }
+    return rc == 1 ? tok_load_gguf(path, err) : kvd_tokenizer_load(path, err);
 }
 
 void kvd_tokenizer_destroy(kvd_tokenizer *tok)

@@ -134,6 +134,14 @@ void tok_bpe_scratch_free(tok_bpe_scratch *s);
 int tok_bpe_piece(const kvd_tokenizer *tok, const unsigned char *piece, size_t len,
                   tok_bpe_scratch *scratch, tok_ids *out);
 
+/* ---- load.c, load_gguf.c: building a tokenizer ---- */
+
+struct cJSON;
+/* Builds a tokenizer from a parsed tokenizer.json tree (path names it in messages). */
+kvd_tokenizer *tok_load_json_root(const struct cJSON *root, const char *path, kvd_error *err);
+/* Builds a tokenizer from a GGUF file's tokenizer.ggml.* keys. */
+kvd_tokenizer *tok_load_gguf(const char *path, kvd_error *err);
+
 /* ---- encode.c ---- */
 
 /* NFC of the valid UTF-8 s[0..len): returns 0 with *out = s when NFC changes nothing,

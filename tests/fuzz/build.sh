@@ -29,12 +29,17 @@ fuzz_target fuzz_config tests/fuzz/fuzz_config.c src/model/config.c src/model/sa
   src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
 # --- end model ---
 
+# --- gguf (owner: gguf): the GGUF parser ---
+fuzz_target fuzz_gguf tests/fuzz/fuzz_gguf.c src/gguf/gguf.c src/util/error.c src/util/dtype.c -lm
+# --- end gguf ---
+
 # --- tokenizer (owner: tok): encode/decode/stream of arbitrary bytes ---
 # Run from the source root so the target finds third_party/qwen-tokenizer/tokenizer.json
 # (or set KVD_TOKENIZER_JSON): build-fuzz/fuzz_tokenizer -max_total_time=60 tests/fuzz/corpus/tokenizer
 tok_flags=($(pkg-config --cflags --libs libcjson libpcre2-8 libutf8proc))
 fuzz_target fuzz_tokenizer tests/fuzz/fuzz_tokenizer.c src/tokenizer/load.c src/tokenizer/encode.c \
   src/tokenizer/bpe.c src/tokenizer/decode.c src/tokenizer/utf8.c src/util/error.c \
+  src/tokenizer/load_gguf.c src/gguf/gguf.c src/util/dtype.c \
   "${tok_flags[@]}" -lpthread
 # --- end tokenizer ---
 
@@ -55,7 +60,7 @@ fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/uti
   "${llhttp_objs[@]}" -Iserver -I/usr/share/include/llhttp "${uv_flags[@]}" "${cjson_flags[@]}"
 # chat.c encodes with the tokenizer, so both JSON targets link it.
 tok_srcs=(src/tokenizer/load.c src/tokenizer/encode.c src/tokenizer/bpe.c src/tokenizer/decode.c
-          src/tokenizer/utf8.c)
+          src/tokenizer/utf8.c src/tokenizer/load_gguf.c src/gguf/gguf.c src/util/dtype.c)
 fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai.c server/chat.c server/util.c \
   src/engine/sampler.c src/engine/sampler_vocab.c "${tok_srcs[@]}" src/util/error.c -Iserver \
   "${tok_flags[@]}" -lpthread -lm
