@@ -231,6 +231,14 @@ static int batched_decode(bench *b, int n, int steps, double step_bytes)
     return 0;
 }
 
+/* Bytes of a matrix's weights as stored (a quantized one in whole blocks). */
+static double matrix_bytes(const kvd_matrix *m)
+{
+    if (kvd_dtype_is_quantized(m->dtype))
+        return (double)m->rows * (double)kvd_dtype_row_bytes(m->dtype, m->cols);
+    return (double)m->rows * m->cols * kvd_dtype_size(m->dtype);
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = "models/bench-0.5b";
@@ -319,11 +327,13 @@ int main(int argc, char **argv)
         const kvd_matrix *ms[] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->o_proj,
                                   &w->gate_proj, &w->up_proj, &w->down_proj};
         for (int i = 0; i < 7; i++)
-            step_bytes += (double)ms[i]->rows * ms[i]->cols * kvd_dtype_size(ms[i]->dtype);
+            step_bytes += matrix_bytes(ms[i]);
     }
-    step_bytes += (double)b.model->lm_head.rows * b.model->lm_head.cols * kvd_dtype_size(b.model->lm_head.dtype);
-    printf("model %s: %d layers, hidden %d, weights %s, %.3f GB read per decode step; loaded in %.1f s\n",
-           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->lm_head.dtype), step_bytes / 1e9, t_load);
+    step_bytes += matrix_bytes(&b.model->lm_head);
+    printf("model %s: %d layers, hidden %d, weights %s (lm_head) / %s (ffn_down 0), %.3f GB read per "
+           "decode step; loaded in %.1f s\n", dir, c->num_layers, c->hidden_size,
+           kvd_dtype_name(b.model->lm_head.dtype), kvd_dtype_name(b.model->layers[0].down_proj.dtype),
+           step_bytes / 1e9, t_load);
     printf("kernels %s, %d threads, KV %s block 16\n", kvd_isa_name(kvd_isa_detect()), threads,
            kvd_dtype_name(kv_dtype));
     printf("memory bandwidth (streaming read, %d threads): %.1f GB/s -> decode bound %.1f tokens/s\n",

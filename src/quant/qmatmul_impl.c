@@ -139,6 +139,11 @@ static void group_product_scalar(float *out, int ldo, int first_row, int rows, c
             out[(size_t)r * ldo + g * GROUP + c] = acc[r][c];
 }
 
+static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
+{
+    kvd_qact_quantize(dtype, x, k, out);
+}
+
 static void tile_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
@@ -389,6 +394,74 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, float *o
     acc_store(acc, R, 1, out, ldo, col0, masks);
 }
 
+/* kvd_qact_quantize's rounding, 16 lanes at a time (the same operations, so the same
+ * codes and scales): Q8_0 blocks take amax/127, x*(1/d) rounded half away from zero and
+ * the scale rounded to fp16; Q8_K blocks take -127/(the first value of largest
+ * magnitude), codes rounded to nearest even by ggml's 1.5*2^23 addition, clamped to 127. */
+static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
+{
+    const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+    if (kvd_qtype_is_k(dtype)) {
+        for (int b = 0; b < k / 256; b++) {
+            const float *xb = x + 256 * b;
+            __m512 amaxv = _mm512_setzero_ps();
+            for (int v = 0; v < 16; v++)
+                amaxv = _mm512_max_ps(amaxv, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * v)));
+            float amax = _mm512_reduce_max_ps(amaxv);
+            int8_t *q = out->q + 256 * b;
+            if (amax == 0) {
+                out->d[b] = 0;
+                memset(q, 0, 256);
+                for (int g = 0; g < 16; g++)
+                    out->sum[16 * b + g] = 0;
+                continue;
+            }
+            float max = 0;
+            for (int v = 0; v < 16; v++) {
+                __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(xb + 16 * v)),
+                                                 _mm512_set1_ps(amax), _CMP_EQ_OQ);
+                if (m) {
+                    max = xb[16 * v + __builtin_ctz(m)];
+                    break;
+                }
+            }
+            float iscale = -127.f / max;
+            const __m512i magic_mask = _mm512_set1_epi32(0x007fffff);
+            for (int v = 0; v < 16; v++) {
+                __m512 shifted = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(xb + 16 * v)),
+                                               _mm512_set1_ps(12582912.f));
+                __m512i qi = _mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(shifted), magic_mask),
+                                              _mm512_set1_epi32(0x00400000));
+                qi = _mm512_min_epi32(qi, _mm512_set1_epi32(127));
+                _mm_storeu_si128((__m128i *)(q + 16 * v), _mm512_cvtepi32_epi8(qi));
+                out->sum[16 * b + v] = _mm512_reduce_add_epi32(qi);
+            }
+            out->d[b] = 1 / iscale;
+        }
+        return;
+    }
+    for (int b = 0; b < k / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0),
+                                                        _mm512_abs_ps(v1)));
+        float d = amax / 127;
+        float id = d != 0 ? 1.0f / d : 0.0f;
+        out->d[b] = kvd_f16_to_f32(kvd_f32_to_f16(d));
+        __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+        for (int h = 0; h < 2; h++) {
+            __m512 y = _mm512_mul_ps(h ? v1 : v0, _mm512_set1_ps(id));
+            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), half, _CMP_GE_OQ);
+            /* halves and above go away from zero: t + copysign(1, y) */
+            t = _mm512_mask_add_ps(t, up, t, _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), _mm512_castps_si512(sign_bit)))));
+            __m512i qi = _mm512_cvtps_epi32(t);
+            _mm_storeu_si128((__m128i *)(out->q + 32 * b + 16 * h), _mm512_cvtepi32_epi8(qi));
+            out->sum[2 * b + h] = _mm512_reduce_add_epi32(qi);
+        }
+    }
+}
+
 /* The kernels instantiated per type and shape (constant arguments unroll them). */
 #define K32_CASES(DT, NAME)                                                                    \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
@@ -507,7 +580,7 @@ void QSFX(kvd_qmatmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
         int rows = m - r0 < tile_rows ? m - r0 : tile_rows;
         for (int r = 0; r < rows; r++) {
             kvd_qact qa = act_row(&a, r, k);
-            kvd_qact_quantize(w->dtype, x + (size_t)(r0 + r) * ldx, k, &qa);
+            act_quantize(w->dtype, x + (size_t)(r0 + r) * ldx, k, &qa);
             if (!kvd_qtype_is_k(w->dtype))
                 for (int b = 0; b < k / 32; b++)
                     a.corr[(size_t)r * (k / 32) + b] = offset * (qa.sum[2 * b] + qa.sum[2 * b + 1]);
