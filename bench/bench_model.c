@@ -234,9 +234,7 @@ static int batched_decode(bench *b, int n, int steps, double step_bytes)
 /* Bytes of a matrix's weights as stored (a quantized one in whole blocks). */
 static double matrix_bytes(const kvd_matrix *m)
 {
-    if (kvd_dtype_is_quantized(m->dtype))
-        return (double)m->rows * (double)kvd_dtype_row_bytes(m->dtype, m->cols);
-    return (double)m->rows * m->cols * kvd_dtype_size(m->dtype);
+    return (double)m->rows * (double)kvd_dtype_row_bytes(m->dtype, m->cols);
 }
 
 int main(int argc, char **argv)

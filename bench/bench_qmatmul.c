@@ -80,8 +80,7 @@ static kvd_dtype recipe_dtype(const char *recipe, int layer, int which)
 /* A rows x cols matrix of dtype with random values, packed. */
 static kvd_matrix make_matrix(kvd_dtype dtype, int rows, int cols, uint64_t *seed)
 {
-    size_t row_bytes = kvd_dtype_is_quantized(dtype) ? kvd_dtype_row_bytes(dtype, cols)
-                                                     : (size_t)cols * kvd_dtype_size(dtype);
+    size_t row_bytes = kvd_dtype_row_bytes(dtype, cols);
     size_t packed_bytes = kvd_matrix_packed_bytes(dtype, rows, cols);
     uint8_t *packed = aligned_alloc(64, packed_bytes);
     int panel_rows = KVD_PANEL_ROWS;
@@ -117,8 +116,7 @@ static kvd_matrix make_matrix(kvd_dtype dtype, int rows, int cols, uint64_t *see
 
 static size_t weight_bytes(const kvd_matrix *w)
 {
-    return kvd_dtype_is_quantized(w->dtype) ? kvd_dtype_row_bytes(w->dtype, w->cols) * (size_t)w->rows
-                                            : (size_t)w->rows * w->cols * 2;
+    return kvd_dtype_row_bytes(w->dtype, w->cols) * (size_t)w->rows;
 }
 
 /* Streaming read bandwidth with `threads` threads over 1 GiB (best of 3). */

@@ -163,7 +163,7 @@ static void tile_product(float *out, int ldo, int rows, const act_tile *a, const
  * load and each activation broadcast; their block sums are RB x GB int32 registers and
  * their accumulators as many float registers. */
 #define RB 6
-#define GB 2
+#define GB 4 /* 4 only for one row (decode: more independent streams and sums per broadcast) */
 _Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -248,10 +248,13 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
     const bool five = dtype == KVD_DTYPE_Q5_0;
     const size_t d_at = dtype == KVD_DTYPE_Q8_0 ? 512 : five ? 320 : 256;
     for (int b = 0; b < blocks; b++) {
+        /* codes carry the offset: the sums start from -(offset x the block's activation sum) */
         __m512i s[RB][GB];
-        for (int r = 0; r < R; r++)
+        for (int r = 0; r < R; r++) {
+            __m512i start = _mm512_set1_epi32(-x->corr[r][b]);
             for (int g = 0; g < G; g++)
-                s[r][g] = _mm512_setzero_si512();
+                s[r][g] = start;
+        }
         for (int g = 0; g < G; g++)
             _mm_prefetch((const char *)tiles[g] + (size_t)(b + 6) * tile_bytes, _MM_HINT_T0);
         if (dtype == KVD_DTYPE_Q8_0) {
@@ -288,10 +291,8 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
         for (int g = 0; g < G; g++) {
             __m512 dw = load_f16x16(tiles[g] + (size_t)b * tile_bytes + d_at);
             for (int r = 0; r < R; r++) {
-                /* codes carry the offset: take offset x the block's activation sum back */
-                __m512i exact = _mm512_sub_epi32(s[r][g], _mm512_set1_epi32(x->corr[r][b]));
                 __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b]));
-                acc[r][g] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), acc[r][g]);
+                acc[r][g] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s[r][g]), acc[r][g]);
             }
         }
     }
@@ -305,7 +306,7 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, float *o
                                     __mmask16 mask)
 {
     __m512 acc[RB][GB];
-    __mmask16 masks[GB] = {mask, 0};
+    __mmask16 masks[GB] = {mask, 0, 0, 0};
     acc_init(acc, R, 1, out, ldo, bias, accumulate, col0, masks);
     for (int b = 0; b < blocks; b++) {
         const uint8_t *t = tiles + (size_t)b * tile_bytes;
@@ -468,7 +469,9 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
                      const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
                      bool accumulate, int col0, const __mmask16 mask[GB])                      \
     {                                                                                          \
-        if (G == 2) {                                                                          \
+        if (G == 4) {                                                                          \
+            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+        } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
             case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
             case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
@@ -531,10 +534,13 @@ static void tile_product(float *out, int ldo, int rows, const act_tile *a, const
     size_t group_bytes = (size_t)blocks * tile_bytes;
     int g_end = (n_end + GROUP - 1) / GROUP;
     for (int g = n_begin / GROUP; g < g_end;) {
-        int G = kvd_qtype_is_k(dtype) || g + 1 >= g_end ? 1 : 2;
-        __mmask16 mask[GB] = {group_mask(g, n_begin, n_end), G == 2 ? group_mask(g + 1, n_begin, n_end) : 0};
-        const uint8_t *tiles[GB] = {(const uint8_t *)w->data + (size_t)g * group_bytes,
-                                    (const uint8_t *)w->data + (size_t)(g + G - 1) * group_bytes};
+        int G = kvd_qtype_is_k(dtype) ? 1 : rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end ? 2 : 1;
+        __mmask16 mask[GB];
+        const uint8_t *tiles[GB];
+        for (int i = 0; i < GB; i++) {
+            mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
+            tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
+        }
         for (int r0 = 0; r0 < rows; r0 += RB) {
             int R = rows - r0 < RB ? rows - r0 : RB;
             rows_view x;
