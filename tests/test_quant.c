@@ -173,6 +173,10 @@ static void test_products_deterministic(void **state)
                     fail_msg("%s isa %d: row %d alone differs from the batch", kvd_dtype_name(dtype),
                              isa, i);
             }
+            /* three rows (the K types' two-group shape) */
+            kvd_matmul_cols((kvd_isa)isa, got, rows, x + 5 * cols, cols, 3, &q.m, bias, false, 0, rows);
+            if (memcmp(got, ref + 5 * rows, 3 * rows * sizeof(float)) != 0)
+                fail_msg("%s isa %d: rows 5-7 as a batch of 3 differ", kvd_dtype_name(dtype), isa);
             /* odd column ranges, accumulate on top of what out holds */
             memset(got, 0, out_bytes);
             for (int a = 0; a < rows;) {

@@ -299,100 +299,118 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
     acc_store(acc, R, G, out, ldo, col0, mask);
 }
 
-/* K-quant weights (one group): R rows over all 256-input blocks. */
-static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, float *out, int ldo,
-                                    const rows_view *x, const uint8_t *tiles, int blocks,
+/* K-quant weights: R rows x G groups over all 256-input blocks. */
+static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const int G, float *out,
+                                    int ldo, const rows_view *x, const uint8_t *tiles[GB], int blocks,
                                     size_t tile_bytes, const float *bias, bool accumulate, int col0,
-                                    __mmask16 mask)
+                                    const __mmask16 mask[GB])
 {
     __m512 acc[RB][GB];
-    __mmask16 masks[GB] = {mask, 0, 0, 0};
-    acc_init(acc, R, 1, out, ldo, bias, accumulate, col0, masks);
+    acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
     for (int b = 0; b < blocks; b++) {
-        const uint8_t *t = tiles + (size_t)b * tile_bytes;
-        _mm_prefetch((const char *)t + 2 * tile_bytes, _MM_HINT_T0);
+        const uint8_t *t[GB];
+        for (int g = 0; g < G; g++) {
+            t[g] = tiles[g] + (size_t)b * tile_bytes;
+            _mm_prefetch((const char *)t[g] + 2 * tile_bytes, _MM_HINT_T0);
+        }
         int xb = 256 * b;
-        __m512i isum[RB], msum[RB];
+        __m512i isum[RB][GB], msum[RB][GB];
         for (int r = 0; r < R; r++)
-            isum[r] = msum[r] = _mm512_setzero_si512();
+            for (int g = 0; g < G; g++)
+                isum[r][g] = msum[r][g] = _mm512_setzero_si512();
         if (dtype == KVD_DTYPE_Q4_K || dtype == KVD_DTYPE_Q5_K) {
             const bool five = dtype == KVD_DTYPE_Q5_K;
-            const uint8_t *sc = t + 2048 + (five ? 512 : 0);
-            const uint8_t *mn = sc + 128;
+            const size_t sc_at = 2048 + (five ? 512 : 0), mn_at = sc_at + 128;
             for (int sub = 0; sub < 8; sub++) {
-                __m512i dot[RB];
-                for (int r = 0; r < R; r++)
-                    dot[r] = _mm512_setzero_si512();
-                __m512i hv = five ? _mm512_loadu_si512(t + 2048 + 64 * sub) : _mm512_setzero_si512();
-                for (int q = 0; q < 4; q++) {
-                    __m512i lo, hi;
-                    unpack_n4(_mm512_loadu_si512(t + 256 * sub + 64 * q), five, hv, q, &lo, &hi);
+                for (int g = 0; g < G; g++) {
+                    __m512i dot[RB];
+                    for (int r = 0; r < R; r++)
+                        dot[r] = _mm512_setzero_si512();
+                    __m512i hv = five ? _mm512_loadu_si512(t[g] + 2048 + 64 * sub) : _mm512_setzero_si512();
+                    for (int q = 0; q < 4; q++) {
+                        __m512i lo, hi;
+                        unpack_n4(_mm512_loadu_si512(t[g] + 256 * sub + 64 * q), five, hv, q, &lo, &hi);
+                        for (int r = 0; r < R; r++) {
+                            const int8_t *xr = x->q[r] + xb + 32 * sub + 8 * q;
+                            dot[r] = _mm512_dpbusd_epi32(dot[r], lo, bcast4(xr));
+                            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, bcast4(xr + 4));
+                        }
+                    }
+                    __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + sc_at + 16 * sub)));
+                    __m512i mnv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + mn_at + 16 * sub)));
                     for (int r = 0; r < R; r++) {
-                        const int8_t *xr = x->q[r] + xb + 32 * sub + 8 * q;
-                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, bcast4(xr));
-                        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, bcast4(xr + 4));
+                        isum[r][g] = _mm512_add_epi32(isum[r][g], _mm512_mullo_epi32(dot[r], scv));
+                        int32_t xs = x->sum[r][xb / 16 + 2 * sub] + x->sum[r][xb / 16 + 2 * sub + 1];
+                        msum[r][g] = _mm512_add_epi32(msum[r][g], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xs)));
                     }
                 }
-                __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * sub)));
-                __m512i mnv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mn + 16 * sub)));
-                for (int r = 0; r < R; r++) {
-                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(dot[r], scv));
-                    int32_t xs = x->sum[r][xb / 16 + 2 * sub] + x->sum[r][xb / 16 + 2 * sub + 1];
-                    msum[r] = _mm512_add_epi32(msum[r], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xs)));
-                }
             }
-            __m512 dw = load_f16x16(mn + 128), dmin = load_f16x16(mn + 160);
-            for (int r = 0; r < R; r++) {
-                __m512 dx = _mm512_set1_ps(x->d[r][b]);
-                __m512 mscale = _mm512_castsi512_ps(_mm512_xor_si512(
-                    _mm512_castps_si512(_mm512_mul_ps(dmin, dx)), _mm512_set1_epi32(INT32_MIN)));
-                acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(isum[r]), acc[r][0]);
-                acc[r][0] = _mm512_fmadd_ps(mscale, _mm512_cvtepi32_ps(msum[r]), acc[r][0]);
+            for (int g = 0; g < G; g++) {
+                __m512 dw = load_f16x16(t[g] + mn_at + 128), dmin = load_f16x16(t[g] + mn_at + 160);
+                for (int r = 0; r < R; r++) {
+                    __m512 dx = _mm512_set1_ps(x->d[r][b]);
+                    __m512 mscale = _mm512_castsi512_ps(_mm512_xor_si512(
+                        _mm512_castps_si512(_mm512_mul_ps(dmin, dx)), _mm512_set1_epi32(INT32_MIN)));
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+                    acc[r][g] = _mm512_fmadd_ps(mscale, _mm512_cvtepi32_ps(msum[r][g]), acc[r][g]);
+                }
             }
         } else if (dtype == KVD_DTYPE_Q6_K) {
             const __m512i top2 = _mm512_set1_epi8(0x30);
             for (int sub = 0; sub < 16; sub++) {
-                __m512i hv = _mm512_loadu_si512(t + 2048 + 64 * sub);
-                __m512i v0 = _mm512_loadu_si512(t + 128 * sub);
-                __m512i v1 = _mm512_loadu_si512(t + 128 * sub + 64);
-                __m512i w0 = _mm512_or_si512(nib_lo(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
-                __m512i w1 = _mm512_or_si512(nib_hi(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
-                __m512i w2 = _mm512_or_si512(nib_lo(v1), _mm512_and_si512(hv, top2));
-                __m512i w3 = _mm512_or_si512(nib_hi(v1), _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
-                __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t + 3072 + 16 * sub)));
-                for (int r = 0; r < R; r++) {
-                    const int8_t *xr = x->q[r] + xb + 16 * sub;
-                    __m512i dot = _mm512_set1_epi32(-32 * x->sum[r][xb / 16 + sub]);
-                    dot = _mm512_dpbusd_epi32(dot, w0, bcast4(xr));
-                    dot = _mm512_dpbusd_epi32(dot, w1, bcast4(xr + 4));
-                    dot = _mm512_dpbusd_epi32(dot, w2, bcast4(xr + 8));
-                    dot = _mm512_dpbusd_epi32(dot, w3, bcast4(xr + 12));
-                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(dot, scv));
+                for (int g = 0; g < G; g++) {
+                    __m512i hv = _mm512_loadu_si512(t[g] + 2048 + 64 * sub);
+                    __m512i v0 = _mm512_loadu_si512(t[g] + 128 * sub);
+                    __m512i v1 = _mm512_loadu_si512(t[g] + 128 * sub + 64);
+                    __m512i w0 = _mm512_or_si512(nib_lo(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
+                    __m512i w1 = _mm512_or_si512(nib_hi(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
+                    __m512i w2 = _mm512_or_si512(nib_lo(v1), _mm512_and_si512(hv, top2));
+                    __m512i w3 = _mm512_or_si512(nib_hi(v1), _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
+                    __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + 3072 + 16 * sub)));
+                    for (int r = 0; r < R; r++) {
+                        const int8_t *xr = x->q[r] + xb + 16 * sub;
+                        __m512i dot = _mm512_set1_epi32(-32 * x->sum[r][xb / 16 + sub]);
+                        dot = _mm512_dpbusd_epi32(dot, w0, bcast4(xr));
+                        dot = _mm512_dpbusd_epi32(dot, w1, bcast4(xr + 4));
+                        dot = _mm512_dpbusd_epi32(dot, w2, bcast4(xr + 8));
+                        dot = _mm512_dpbusd_epi32(dot, w3, bcast4(xr + 12));
+                        isum[r][g] = _mm512_add_epi32(isum[r][g], _mm512_mullo_epi32(dot, scv));
+                    }
                 }
             }
-            __m512 dw = load_f16x16(t + 3328);
-            for (int r = 0; r < R; r++)
-                acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
-                                            _mm512_cvtepi32_ps(isum[r]), acc[r][0]);
+            for (int g = 0; g < G; g++) {
+                __m512 dw = load_f16x16(t[g] + 3328);
+                for (int r = 0; r < R; r++)
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
+                                                _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+            }
         } else { /* Q8_K */
             for (int r = 0; r < R; r++) {
                 int32_t xs = 0;
                 for (int gi = 0; gi < 16; gi++)
                     xs += x->sum[r][xb / 16 + gi];
-                isum[r] = _mm512_set1_epi32(-128 * xs);
+                for (int g = 0; g < G; g++)
+                    isum[r][g] = _mm512_set1_epi32(-128 * xs);
             }
             for (int j = 0; j < 64; j++) {
-                __m512i wv = _mm512_loadu_si512(t + 64 * j);
-                for (int r = 0; r < R; r++)
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], wv, bcast4(x->q[r] + xb + 4 * j));
+                __m512i wv[GB];
+                for (int g = 0; g < G; g++)
+                    wv[g] = _mm512_loadu_si512(t[g] + 64 * j);
+                for (int r = 0; r < R; r++) {
+                    __m512i bx = bcast4(x->q[r] + xb + 4 * j);
+                    for (int g = 0; g < G; g++)
+                        isum[r][g] = _mm512_dpbusd_epi32(isum[r][g], wv[g], bx);
+                }
             }
-            __m512 dw = _mm512_loadu_ps((const float *)(t + 4096));
-            for (int r = 0; r < R; r++)
-                acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
-                                            _mm512_cvtepi32_ps(isum[r]), acc[r][0]);
+            for (int g = 0; g < G; g++) {
+                __m512 dw = _mm512_loadu_ps((const float *)(t[g] + 4096));
+                for (int r = 0; r < R; r++)
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
+                                                _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+            }
         }
     }
-    acc_store(acc, R, 1, out, ldo, col0, masks);
+    acc_store(acc, R, G, out, ldo, col0, mask);
 }
 
 /* kvd_qact_quantize's rounding, 16 lanes at a time (the same operations, so the same
@@ -496,17 +514,27 @@ K32_CASES(KVD_DTYPE_Q4_0, kernel_q4_0)
 K32_CASES(KVD_DTYPE_Q5_0, kernel_q5_0)
 
 #define K256_CASES(DT, NAME)                                                                   \
-    static void NAME(int R, float *out, int ldo, const rows_view *x, const uint8_t *tiles,     \
-                     int blocks, size_t tile_bytes, const float *bias, bool accumulate,        \
-                     int col0, __mmask16 mask)                                                 \
+    static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
+                     const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
+                     bool accumulate, int col0, const __mmask16 mask[GB])                      \
     {                                                                                          \
-        switch (R) {                                                                           \
-        case 1: kernel256(DT, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-        case 2: kernel256(DT, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-        case 3: kernel256(DT, 3, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-        case 4: kernel256(DT, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-        case 5: kernel256(DT, 5, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-        default: kernel256(DT, 6, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+        if (G == 4) {                                                                          \
+            kernel256(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+        } else if (G == 2) {                                                                   \
+            switch (R) {                                                                       \
+            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel256(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (R) {                                                                       \
+            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel256(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
         }                                                                                      \
     }
 K256_CASES(KVD_DTYPE_Q4_K, kernel_q4_k)
@@ -534,7 +562,9 @@ static void tile_product(float *out, int ldo, int rows, const act_tile *a, const
     size_t group_bytes = (size_t)blocks * tile_bytes;
     int g_end = (n_end + GROUP - 1) / GROUP;
     for (int g = n_begin / GROUP; g < g_end;) {
-        int G = kvd_qtype_is_k(dtype) ? 1 : rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end ? 2 : 1;
+        /* one row: 4 groups (more streams, and sums per broadcast); K types take 2 groups
+         * only up to 3 rows (their per-sub-block sums fill the registers) */
+        int G = rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end && (!kvd_qtype_is_k(dtype) || rows <= 3) ? 2 : 1;
         __mmask16 mask[GB];
         const uint8_t *tiles[GB];
         for (int i = 0; i < GB; i++) {
@@ -557,10 +587,10 @@ static void tile_product(float *out, int ldo, int rows, const act_tile *a, const
             case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
             case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
             case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q4_K: kernel_q4_k(R, o, ldo, &x, tiles[0], blocks, tile_bytes, bias, accumulate, col0, mask[0]); break;
-            case KVD_DTYPE_Q5_K: kernel_q5_k(R, o, ldo, &x, tiles[0], blocks, tile_bytes, bias, accumulate, col0, mask[0]); break;
-            case KVD_DTYPE_Q6_K: kernel_q6_k(R, o, ldo, &x, tiles[0], blocks, tile_bytes, bias, accumulate, col0, mask[0]); break;
-            case KVD_DTYPE_Q8_K: kernel_q8_k(R, o, ldo, &x, tiles[0], blocks, tile_bytes, bias, accumulate, col0, mask[0]); break;
+            case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
             default: break;
             }
         }
