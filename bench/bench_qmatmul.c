@@ -81,34 +81,28 @@ static kvd_dtype recipe_dtype(const char *recipe, int layer, int which)
 static kvd_matrix make_matrix(kvd_dtype dtype, int rows, int cols, uint64_t *seed)
 {
     size_t row_bytes = kvd_dtype_row_bytes(dtype, cols);
-    size_t packed_bytes = kvd_matrix_packed_bytes(dtype, rows, cols);
-    uint8_t *packed = aligned_alloc(64, packed_bytes);
-    int panel_rows = KVD_PANEL_ROWS;
-    uint8_t *raw = malloc(row_bytes * panel_rows);
+    uint8_t *packed = aligned_alloc(64, kvd_matrix_packed_bytes(dtype, rows, cols));
+    uint8_t *raw = malloc(row_bytes * rows);
     float *row = malloc((size_t)cols * sizeof(float));
     if (!packed || !raw || !row) {
         fprintf(stderr, "bench_qmatmul: out of memory\n");
         exit(1);
     }
     float scale = 1.0f / sqrtf((float)cols);
-    for (int p = 0; p < kvd_matrix_panels(rows); p++) {
-        int n = rows - p * panel_rows < panel_rows ? rows - p * panel_rows : panel_rows;
-        for (int r = 0; r < n; r++) {
-            for (int k = 0; k < cols; k++)
-                row[k] = rnd(seed) * scale;
-            uint8_t *dst = raw + (size_t)r * row_bytes;
-            if (kvd_dtype_is_quantized(dtype)) {
-                kvd_quantize_row(dtype, row, dst, cols);
-            } else {
-                for (int k = 0; k < cols; k++) {
-                    uint16_t h = kvd_f32_to_bf16(row[k]);
-                    memcpy(dst + 2 * k, &h, 2);
-                }
+    for (int r = 0; r < rows; r++) {
+        for (int k = 0; k < cols; k++)
+            row[k] = rnd(seed) * scale;
+        uint8_t *dst = raw + (size_t)r * row_bytes;
+        if (kvd_dtype_is_quantized(dtype)) {
+            kvd_quantize_row(dtype, row, dst, cols);
+        } else {
+            for (int k = 0; k < cols; k++) {
+                uint16_t h = kvd_f32_to_bf16(row[k]);
+                memcpy(dst + 2 * k, &h, 2);
             }
         }
-        /* pack panel p from a buffer holding only its rows */
-        kvd_matrix_pack(packed, dtype, rows, cols, raw - (size_t)p * panel_rows * row_bytes, p, p + 1);
     }
+    kvd_matrix_pack(packed, dtype, rows, cols, raw, 0, kvd_matrix_panels(rows));
     free(raw);
     free(row);
     return (kvd_matrix){.dtype = dtype, .rows = rows, .cols = cols, .data = packed};
