@@ -168,6 +168,18 @@ _Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* How far ahead (bytes) a 32-value type's weight streams are prefetched when few rows
+ * run (decode: the weights come from memory once); the K types prefetch their next tile. */
+#define PREFETCH_BYTES 1024
+
+/* Prefetches the lines of [p, p + bytes) (p's line included). */
+static ALWAYS_INLINE void prefetch_lines(const char *p, size_t bytes)
+{
+    const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63);
+    for (; line < p + bytes; line += 64)
+        _mm_prefetch(line, _MM_HINT_T0);
+}
+
 static ALWAYS_INLINE __m512i nib_lo(__m512i v)
 {
     return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
@@ -255,8 +267,9 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
             for (int g = 0; g < G; g++)
                 s[r][g] = start;
         }
-        for (int g = 0; g < G; g++)
-            _mm_prefetch((const char *)tiles[g] + (size_t)(b + 6) * tile_bytes, _MM_HINT_T0);
+        if (R <= 2) /* streaming from memory: every line of each stream, PREFETCH_BYTES ahead */
+            for (int g = 0; g < G; g++)
+                prefetch_lines((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES, tile_bytes);
         if (dtype == KVD_DTYPE_Q8_0) {
             for (int j = 0; j < 8; j++) {
                 __m512i wv[GB];
@@ -311,7 +324,8 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
         const uint8_t *t[GB];
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
-            _mm_prefetch((const char *)t[g] + 2 * tile_bytes, _MM_HINT_T0);
+            if (R <= 2)
+                prefetch_lines((const char *)t[g] + tile_bytes, tile_bytes);
         }
         int xb = 256 * b;
         __m512i isum[RB][GB], msum[RB][GB];
