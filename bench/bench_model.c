@@ -175,7 +175,7 @@ static double generate(bench *b, int32_t *ids, int n, int steps, bool cache)
 
 /* Decode of `n` sequences together (each after its own 32-token prompt), one token
  * each per step: the forward pass of a continuous batch without the engine around it. */
-static int batched_decode(bench *b, int n, int steps, double step_bytes)
+static int batched_decode(bench *b, int n, int steps, double step_params)
 {
     enum { PROMPT = 32 };
     kvd_block_table *tables = calloc((size_t)n, sizeof *tables);
@@ -218,7 +218,7 @@ static int batched_decode(bench *b, int n, int steps, double step_bytes)
     }
     double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
     /* 2 flops per weight per row (the lm_head included: every row needs its logits) */
-    double flops = 2.0 * step_bytes / kvd_dtype_size(b->model->lm_head.dtype) * n;
+    double flops = 2.0 * step_params * n;
     printf("batched decode: %d sequences x %d steps in %.1f ms = %.1f tokens/s (step mean %.2f ms, "
            "best %.2f ms = %.0f GFLOP/s); used %.2f cores\n", n, steps, dt * 1e3, n * steps / dt,
            dt / steps * 1e3, best * 1e3, flops / best / 1e9, cpu / dt);
@@ -229,6 +229,12 @@ static int batched_decode(bench *b, int n, int steps, double step_bytes)
     free(ids);
     free(tokens);
     return 0;
+}
+
+/* Bytes of a matrix's weights as stored (a quantized one in whole blocks). */
+static double matrix_bytes(const kvd_matrix *m)
+{
+    return (double)m->rows * (double)kvd_dtype_row_bytes(m->dtype, m->cols);
 }
 
 int main(int argc, char **argv)
@@ -318,20 +324,22 @@ int main(int argc, char **argv)
     }
 
     /* Bytes one decode step streams: every layer matrix and the lm_head, plus vectors. */
-    double step_bytes = 0;
+    double step_bytes = 0, step_params = 0;
     for (int l = 0; l < c->num_layers; l++) {
         const kvd_layer_weights *w = &b.model->layers[l];
         const kvd_matrix *ms[] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->o_proj,
                                   &w->gate_proj, &w->up_proj, &w->down_proj};
-        for (int i = 0; i < 7; i++)
-            step_bytes += (double)ms[i]->rows * kvd_dtype_row_bytes(ms[i]->dtype, ms[i]->cols);
+        for (int i = 0; i < 7; i++) {
+            step_bytes += matrix_bytes(ms[i]);
+            step_params += (double)ms[i]->rows * ms[i]->cols;
+        }
     }
-    step_bytes += (double)b.model->lm_head.rows *
-                  kvd_dtype_row_bytes(b.model->lm_head.dtype, b.model->lm_head.cols);
-    printf("model %s: %d layers, hidden %d, weights %s (lm_head %s), %.3f GB read per decode step; "
-           "loaded in %.1f s, %.2f GB of weights, peak RSS %.2f GB\n",
-           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->layers[0].q_proj.dtype),
-           kvd_dtype_name(b.model->lm_head.dtype), step_bytes / 1e9, t_load,
+    step_bytes += matrix_bytes(&b.model->lm_head);
+    step_params += (double)b.model->lm_head.rows * b.model->lm_head.cols;
+    printf("model %s: %d layers, hidden %d, weights %s (lm_head) / %s (ffn_down 0), %.3f GB read per "
+           "decode step; loaded in %.1f s, %.2f GB of weights, peak RSS %.2f GB\n",
+           dir, c->num_layers, c->hidden_size, kvd_dtype_name(b.model->lm_head.dtype),
+           kvd_dtype_name(b.model->layers[0].down_proj.dtype), step_bytes / 1e9, t_load,
            (double)b.model->weight_bytes / 1e9, (double)after_load.ru_maxrss * 1024 / 1e9);
     printf("kernels %s, %d threads, KV %s block 16\n", kvd_isa_name(kvd_isa_detect()), threads,
            kvd_dtype_name(kv_dtype));
@@ -387,7 +395,7 @@ int main(int argc, char **argv)
         kvd_block_table_deinit(b.pool, &table);
     }
     fflush(stdout);
-    if (batch > 1 && batched_decode(&b, batch, decode_tokens, step_bytes) != 0)
+    if (batch > 1 && batched_decode(&b, batch, decode_tokens, step_params) != 0)
         return 1;
 
     FILE *plot = NULL;

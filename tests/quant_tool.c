@@ -7,12 +7,16 @@
  *   quant_tool rows TYPE ROWS COLS IN OUT packs IN, writes every row via kvd_matrix_row
  *   quant_tool matmul TYPE ROWS COLS IN X M OUT   out[M][ROWS] = x[M][COLS] W^T (scalar
  *                                         and best ISA; exits 1 if they differ in a bit)
+ *   quant_tool logits MODEL IDS OUT       loads MODEL (directory or GGUF), writes the logits
+ *                                         of every position of the comma-separated IDS
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvd/kvd_forward.h"
 #include "kvd/kvd_kernels.h"
+#include "kvd/kvd_kv.h"
 #include "kvd/kvd_quant.h"
 
 static void *read_all(const char *path, size_t *len)
@@ -44,12 +48,48 @@ static void write_all(const char *path, const void *buf, size_t len)
     }
 }
 
+static int logits(const char *model_path, const char *ids_arg, const char *out_path)
+{
+    kvd_error err = {0};
+    kvd_model *model = kvd_model_load(model_path, NULL, &err);
+    if (!model)
+        return fprintf(stderr, "%s\n", err.msg), 1;
+    int32_t ids[512];
+    int n = 0;
+    for (const char *p = ids_arg; *p && n < 512; p += strspn(p, ","))
+        ids[n++] = (int32_t)strtol(p, (char **)&p, 10);
+    const kvd_model_config *c = &model->config;
+    kvd_kv_config kv = {.num_layers = c->num_layers, .num_kv_heads = c->num_kv_heads,
+                        .head_dim = c->head_dim, .block_size = 16, .dtype = KVD_DTYPE_F32,
+                        .num_blocks = (size_t)n / 16 + 2};
+    kvd_kv_pool *pool = kvd_kv_pool_create(&kv, &err);
+    kvd_forward_ctx *ctx = pool ? kvd_forward_create(model, pool, n, 1, n, 2, &err) : NULL;
+    float *out = malloc((size_t)n * c->vocab_size * sizeof(float));
+    kvd_block_table table;
+    kvd_block_table_init(&table);
+    if (!ctx || !out || kvd_block_table_append(pool, &table, n, &err) != 0)
+        return fprintf(stderr, "%s\n", err.msg), 1;
+    kvd_forward_seq seq = {&table, 0, n, 0, KVD_LOGITS_ALL};
+    kvd_forward_batch batch = {ids, n, &seq, 1, out};
+    if (kvd_forward(ctx, &batch, &err) != 0)
+        return fprintf(stderr, "%s\n", err.msg), 1;
+    write_all(out_path, out, (size_t)n * c->vocab_size * sizeof(float));
+    kvd_block_table_deinit(pool, &table);
+    kvd_forward_destroy(ctx);
+    kvd_kv_pool_destroy(pool);
+    kvd_model_destroy(model);
+    free(out);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 5) {
         fprintf(stderr, "usage: see the header of tests/quant_tool.c\n");
         return 2;
     }
+    if (strcmp(argv[1], "logits") == 0)
+        return logits(argv[2], argv[3], argv[4]);
     kvd_dtype dtype;
     if (kvd_dtype_parse(argv[2], &dtype) != 0) {
         fprintf(stderr, "unknown type %s\n", argv[2]);

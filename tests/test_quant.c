@@ -135,6 +135,12 @@ static void test_products_deterministic(void **state)
             x[i] = rnd(&s) * (i % 53 == 0 ? 20.0f : 1.0f);
         for (int j = 0; j < rows; j++)
             bias[j] = rnd(&s);
+        /* row 0: rounding ties (with amax 127 the Q8_0 scale is 1, so k + 0.5 is a tie),
+         * and the largest magnitude twice with both signs (the first one's sign sets the
+         * Q8_K scale); row 1: all zero */
+        for (int k = 0; k < cols; k++)
+            x[k] = k % 32 == 0 ? -127.0f : k % 32 == 1 ? 127.0f : (float)(k % 7) - 3.5f;
+        memset(x + cols, 0, cols * sizeof(float));
         size_t out_bytes = (size_t)m * rows * sizeof(float);
         float *ref = malloc(out_bytes), *got = malloc(out_bytes), *one = malloc(rows * sizeof(float));
         kvd_matmul(KVD_ISA_SCALAR, ref, rows, x, cols, m, &q.m, bias, false, 1);
@@ -167,6 +173,10 @@ static void test_products_deterministic(void **state)
                     fail_msg("%s isa %d: row %d alone differs from the batch", kvd_dtype_name(dtype),
                              isa, i);
             }
+            /* three rows (the K types' two-group shape) */
+            kvd_matmul_cols((kvd_isa)isa, got, rows, x + 5 * cols, cols, 3, &q.m, bias, false, 0, rows);
+            if (memcmp(got, ref + 5 * rows, 3 * rows * sizeof(float)) != 0)
+                fail_msg("%s isa %d: rows 5-7 as a batch of 3 differ", kvd_dtype_name(dtype), isa);
             /* odd column ranges, accumulate on top of what out holds */
             memset(got, 0, out_bytes);
             for (int a = 0; a < rows;) {

@@ -2,11 +2,14 @@
  * them from floats. The formats are the ones a GGUF file stores (ggml-common.h), so a
  * file means the same numbers in kvd as in llama.cpp.
  *
- * Pure functions over caller-owned memory: any thread, no allocation. The matrix
- * products over quantized weights (activations quantized per block, integer dot
- * products) are kvd_matmul_cols in kvd_kernels.h, dispatched on the matrix's dtype;
- * kvd_matrix_pack / kvd_matrix_packed_bytes / kvd_matrix_row (kvd_model.h) take a
- * quantized tensor in its file layout (row-major, each row kvd_dtype_row_bytes()).
+ * Pure functions over caller-owned memory, any thread; only kvd_quant_matrix_create
+ * allocates (the caller frees). The matrix products over quantized weights (activations
+ * quantized per block, integer dot products; their operations are defined in
+ * kvd_kernels.h) are kvd_matmul_cols, dispatched on the matrix's dtype to
+ * kvd_qmatmul_cols; kvd_matrix_pack / kvd_matrix_packed_bytes / kvd_matrix_row
+ * (kvd_model.h) take a quantized tensor in its file layout (row-major, each row
+ * kvd_dtype_row_bytes()) and call the packing functions below. A product keeps its
+ * quantized activations on the stack (about 100 KB).
  */
 #ifndef KVD_QUANT_H
 #define KVD_QUANT_H

@@ -303,10 +303,12 @@ static int step_threads(const kvd_forward_ctx *ctx, int tokens, int logit_rows)
 {
     const kvd_model *m = ctx->model;
     double layer_params = (double)ctx->hidden * (2.0 * ctx->q_dim + 2.0 * ctx->kv_dim + 3.0 * ctx->inter);
-    double bytes = layer_params * m->config.num_layers * kvd_dtype_size(m->layers[0].q_proj.dtype);
+    /* bytes per weight, quantized blocks included (every dtype's rows hold 256-value blocks) */
+    double bytes = layer_params * m->config.num_layers *
+                   (double)kvd_dtype_row_bytes(m->layers[0].q_proj.dtype, 256) / 256;
     double flops = 2.0 * tokens * layer_params * m->config.num_layers;
     if (logit_rows > 0) {
-        bytes += (double)ctx->vocab * ctx->hidden * kvd_dtype_size(m->lm_head.dtype);
+        bytes += (double)ctx->vocab * kvd_dtype_row_bytes(m->lm_head.dtype, ctx->hidden);
         flops += 2.0 * logit_rows * (double)ctx->vocab * ctx->hidden;
     }
     double micros = bytes / 20e3 + flops / 100e3;

@@ -30,15 +30,18 @@
 #endif
 
 #define GROUP KVD_QGROUP_ROWS
-#define ROW_TILE 8
-/* Quantized activations a row tile may hold: codes (k), scales (k/32) and sums (k/16);
- * 88 KB of stack, one row of up to KVD_QUANT_MAX_COLS inputs. */
+/* Most rows whose quantized activations are held at a time (fewer when k is large). */
+#define ROW_TILE 64
+/* Quantized activations a row tile may hold: codes (k), scales and offset corrections
+ * (k/32 each) and sums (k/16): 96 KB of stack, one row of up to KVD_QUANT_MAX_COLS
+ * inputs, 64 rows of 896. */
 #define ACT_CODES ((size_t)KVD_QUANT_MAX_COLS)
 
 typedef struct act_tile {
     int8_t q[ACT_CODES];
     float d[ACT_CODES / 32];
     int32_t sum[ACT_CODES / 16];
+    int32_t corr[ACT_CODES / 32]; /* Q8_0 family: the weights' code offset x a block's code sum */
 } act_tile;
 
 static kvd_qact act_row(act_tile *a, int r, int k)
@@ -93,8 +96,9 @@ static void block_sums(kvd_dtype dtype, const kvd_qblock *w, const int8_t *xq, c
 }
 
 /* Rows [0, rows) of the tile against output columns [c0, c1) of group g. */
-static void group_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
-                          const float *bias, bool accumulate, int g, int c0, int c1)
+static void group_product_scalar(float *out, int ldo, int first_row, int rows, const act_tile *a,
+                                 const kvd_matrix *w, const float *bias, bool accumulate, int g,
+                                 int c0, int c1)
 {
     kvd_dtype dtype = w->dtype;
     int k = w->cols, per_block = kvd_dtype_block_values(dtype);
@@ -102,7 +106,7 @@ static void group_product(float *out, int ldo, int rows, const act_tile *a, cons
     int act_block = kvd_qtype_is_k(dtype) ? 256 : 32;
     size_t tile_bytes = kvd_qtile_bytes(dtype);
     const uint8_t *tiles = (const uint8_t *)w->data + (size_t)g * blocks * tile_bytes;
-    float acc[ROW_TILE][GROUP];
+    float acc[8][GROUP];
     for (int r = 0; r < rows; r++) {
         for (int c = c0; c < c1; c++) {
             int j = g * GROUP + c;
@@ -115,7 +119,7 @@ static void group_product(float *out, int ldo, int rows, const act_tile *a, cons
         for (int c = c0; c < c1; c++)
             kvd_qtile_get(dtype, tiles + (size_t)b * tile_bytes, c, &wb[c]);
         for (int r = 0; r < rows; r++) {
-            kvd_qact x = act_row((act_tile *)a, r, k);
+            kvd_qact x = act_row((act_tile *)a, first_row + r, k);
             const int8_t *xq = x.q + (size_t)b * per_block;
             const int32_t *xsum = x.sum + (size_t)b * per_block / 16;
             float dx = x.d[(size_t)b * per_block / act_block];
@@ -135,222 +139,477 @@ static void group_product(float *out, int ldo, int rows, const act_tile *a, cons
             out[(size_t)r * ldo + g * GROUP + c] = acc[r][c];
 }
 
+static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
+{
+    kvd_qact_quantize(dtype, x, k, out);
+}
+
+static void tile_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
+                         const float *bias, bool accumulate, int n_begin, int n_end)
+{
+    for (int g = n_begin / GROUP; g * GROUP < n_end; g++) {
+        int c0 = g * GROUP < n_begin ? n_begin - g * GROUP : 0;
+        int c1 = (g + 1) * GROUP > n_end ? n_end - g * GROUP : GROUP;
+        for (int r0 = 0; r0 < rows; r0 += 8) {
+            int n = rows - r0 < 8 ? rows - r0 : 8;
+            group_product_scalar(out + (size_t)r0 * ldo, ldo, r0, n, a, w, bias, accumulate, g, c0, c1);
+        }
+    }
+}
+
 #else /* KVD_QVEC_VNNI */
 
-static inline __m512i nib_lo(__m512i v)
+/* Register blocking: up to RB rows x GB groups of 16 columns share each weight vector
+ * load and each activation broadcast; their block sums are RB x GB int32 registers and
+ * their accumulators as many float registers. */
+#define RB 6
+#define GB 4 /* 4 only for one row (decode: more independent streams and sums per broadcast) */
+_Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* How far ahead (bytes) a 32-value type's weight streams are prefetched when few rows
+ * run (decode: the weights come from memory once); the K types prefetch their next tile. */
+#define PREFETCH_BYTES 1024
+
+/* Prefetches the lines of [p, p + bytes) (p's line included). */
+static ALWAYS_INLINE void prefetch_lines(const char *p, size_t bytes)
+{
+    const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63);
+    for (; line < p + bytes; line += 64)
+        _mm_prefetch(line, _MM_HINT_T0);
+}
+
+static ALWAYS_INLINE __m512i nib_lo(__m512i v)
 {
     return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
 }
 
-static inline __m512i nib_hi(__m512i v)
+static ALWAYS_INLINE __m512i nib_hi(__m512i v)
 {
     return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
 }
 
-static inline __m512i bcast4(const int8_t *p)
+/* 4 activation codes as a broadcast dword (VPDPBUSD's signed operand). */
+static ALWAYS_INLINE __m512i bcast4(const int8_t *p)
 {
     int32_t v;
     memcpy(&v, p, sizeof v);
     return _mm512_set1_epi32(v);
 }
 
-static inline __m512 load_f16x16(const uint8_t *p)
+static ALWAYS_INLINE __m512 load_f16x16(const uint8_t *p)
 {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-static inline __m512i dp(__m512i acc, __m512i w, const int8_t *x)
+/* Nibble codes of N4 vector t (inputs 8t..8t+7) with the fifth bits of the 32-input vector
+ * hv merged in when five: bit t of a byte goes to bit 4 of the low code, bit 4+t to bit 4
+ * of the high one (16-bit shifts, but the bit kept comes from the same byte). */
+static ALWAYS_INLINE void unpack_n4(__m512i v, bool five, __m512i hv, int t, __m512i *lo, __m512i *hi)
 {
-    return _mm512_dpbusd_epi32(acc, w, bcast4(x));
-}
-
-/* Lane c's sum over 32 inputs of N4 vectors v[0..3] (codes with their high bits merged
- * in lo[]/hi[] by the caller) against x. */
-static inline __m512i dot32_n4(const __m512i lo[4], const __m512i hi[4], const int8_t *x)
-{
-    __m512i s = _mm512_setzero_si512();
-    for (int t = 0; t < 4; t++) {
-        s = dp(s, lo[t], x + 8 * t);
-        s = dp(s, hi[t], x + 8 * t + 4);
+    *lo = nib_lo(v);
+    *hi = nib_hi(v);
+    if (five) {
+        const __m512i bit4 = _mm512_set1_epi8(0x10);
+        __m512i l5 = _mm512_and_si512(_mm512_sll_epi16(hv, _mm_cvtsi32_si128(4 - t)), bit4);
+        __m512i h5 = _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(t)), bit4);
+        *lo = _mm512_or_si512(*lo, l5);
+        *hi = _mm512_or_si512(*hi, h5);
     }
-    return s;
 }
 
-/* Splits 4 N4 vectors at p into low/high nibble codes, merging the fifth bits of the
- * 32-input vector h when given. */
-static inline void unpack32(const uint8_t *p, const uint8_t *h, __m512i lo[4], __m512i hi[4])
+typedef struct rows_view {
+    const int8_t *q[RB];    /* each row's activation codes */
+    const float *d[RB];     /* each row's block scales */
+    const int32_t *sum[RB]; /* each row's sums per 16 codes */
+    const int32_t *corr[RB]; /* Q8_0 family: offset x the codes' sum, per block of 32 */
+} rows_view;
+
+/* Accumulators of R rows x G groups from out (accumulate) and bias, lanes outside mask 0. */
+static ALWAYS_INLINE void acc_init(__m512 acc[RB][GB], const int R, const int G, float *out, int ldo,
+                                   const float *bias, bool accumulate, int col0,
+                                   const __mmask16 mask[GB])
 {
-    __m512i hv = h ? _mm512_loadu_si512(h) : _mm512_setzero_si512();
-    const __m512i bit4 = _mm512_set1_epi8(0x10);
-    for (int t = 0; t < 4; t++) {
-        __m512i v = _mm512_loadu_si512(p + 64 * t);
-        lo[t] = nib_lo(v);
-        hi[t] = nib_hi(v);
-        if (h) {
-            /* bit t of a byte to bit 4 (left shift 4-t), bit 4+t to bit 4 (right shift t):
-             * 16-bit shifts, but the bit kept comes from the same byte */
-            __m512i l5 = _mm512_and_si512(_mm512_sll_epi16(hv, _mm_cvtsi32_si128(4 - t)), bit4);
-            __m512i h5 = _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(t)), bit4);
-            lo[t] = _mm512_or_si512(lo[t], l5);
-            hi[t] = _mm512_or_si512(hi[t], h5);
+    for (int g = 0; g < G; g++) {
+        __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[g], bias + col0 + 16 * g) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            __m512 v = accumulate ? _mm512_maskz_loadu_ps(mask[g], out + (size_t)r * ldo + col0 + 16 * g)
+                                  : _mm512_setzero_ps();
+            acc[r][g] = bias ? _mm512_add_ps(v, bv) : v;
         }
     }
 }
 
-static void group_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
-                          const float *bias, bool accumulate, int g, int c0, int c1)
+static ALWAYS_INLINE void acc_store(__m512 acc[RB][GB], const int R, const int G, float *out, int ldo,
+                                    int col0, const __mmask16 mask[GB])
+{
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < R; r++)
+            _mm512_mask_storeu_ps(out + (size_t)r * ldo + col0 + 16 * g, mask[g], acc[r][g]);
+}
+
+/* Q8_0 / Q4_0 / Q5_0 weights: R rows x G groups over all blocks. */
+static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int G, float *out, int ldo,
+                                   const rows_view *x, const uint8_t *tiles[GB], int blocks,
+                                   size_t tile_bytes, const float *bias, bool accumulate, int col0,
+                                   const __mmask16 mask[GB])
+{
+    __m512 acc[RB][GB];
+    acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
+    const bool five = dtype == KVD_DTYPE_Q5_0;
+    const size_t d_at = dtype == KVD_DTYPE_Q8_0 ? 512 : five ? 320 : 256;
+    for (int b = 0; b < blocks; b++) {
+        /* codes carry the offset: the sums start from -(offset x the block's activation sum) */
+        __m512i s[RB][GB];
+        for (int r = 0; r < R; r++) {
+            __m512i start = _mm512_set1_epi32(-x->corr[r][b]);
+            for (int g = 0; g < G; g++)
+                s[r][g] = start;
+        }
+        if (R <= 2) /* streaming from memory: every line of each stream, PREFETCH_BYTES ahead */
+            for (int g = 0; g < G; g++)
+                prefetch_lines((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES, tile_bytes);
+        if (dtype == KVD_DTYPE_Q8_0) {
+            for (int j = 0; j < 8; j++) {
+                __m512i wv[GB];
+                for (int g = 0; g < G; g++)
+                    wv[g] = _mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 64 * j);
+                for (int r = 0; r < R; r++) {
+                    __m512i bx = bcast4(x->q[r] + 32 * b + 4 * j);
+                    for (int g = 0; g < G; g++)
+                        s[r][g] = _mm512_dpbusd_epi32(s[r][g], wv[g], bx);
+                }
+            }
+        } else {
+            __m512i hv[GB];
+            for (int g = 0; g < G; g++)
+                hv[g] = five ? _mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 256)
+                             : _mm512_setzero_si512();
+            for (int t = 0; t < 4; t++) {
+                __m512i lo[GB], hi[GB];
+                for (int g = 0; g < G; g++)
+                    unpack_n4(_mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 64 * t), five,
+                              hv[g], t, &lo[g], &hi[g]);
+                for (int r = 0; r < R; r++) {
+                    __m512i b0 = bcast4(x->q[r] + 32 * b + 8 * t);
+                    __m512i b1 = bcast4(x->q[r] + 32 * b + 8 * t + 4);
+                    for (int g = 0; g < G; g++) {
+                        s[r][g] = _mm512_dpbusd_epi32(s[r][g], lo[g], b0);
+                        s[r][g] = _mm512_dpbusd_epi32(s[r][g], hi[g], b1);
+                    }
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 dw = load_f16x16(tiles[g] + (size_t)b * tile_bytes + d_at);
+            for (int r = 0; r < R; r++) {
+                __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b]));
+                acc[r][g] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s[r][g]), acc[r][g]);
+            }
+        }
+    }
+    acc_store(acc, R, G, out, ldo, col0, mask);
+}
+
+/* K-quant weights: R rows x G groups over all 256-input blocks. */
+static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const int G, float *out,
+                                    int ldo, const rows_view *x, const uint8_t *tiles[GB], int blocks,
+                                    size_t tile_bytes, const float *bias, bool accumulate, int col0,
+                                    const __mmask16 mask[GB])
+{
+    __m512 acc[RB][GB];
+    acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *t[GB];
+        for (int g = 0; g < G; g++) {
+            t[g] = tiles[g] + (size_t)b * tile_bytes;
+            if (R <= 2)
+                prefetch_lines((const char *)t[g] + tile_bytes, tile_bytes);
+        }
+        int xb = 256 * b;
+        __m512i isum[RB][GB], msum[RB][GB];
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < G; g++)
+                isum[r][g] = msum[r][g] = _mm512_setzero_si512();
+        if (dtype == KVD_DTYPE_Q4_K || dtype == KVD_DTYPE_Q5_K) {
+            const bool five = dtype == KVD_DTYPE_Q5_K;
+            const size_t sc_at = 2048 + (five ? 512 : 0), mn_at = sc_at + 128;
+            for (int sub = 0; sub < 8; sub++) {
+                for (int g = 0; g < G; g++) {
+                    __m512i dot[RB];
+                    for (int r = 0; r < R; r++)
+                        dot[r] = _mm512_setzero_si512();
+                    __m512i hv = five ? _mm512_loadu_si512(t[g] + 2048 + 64 * sub) : _mm512_setzero_si512();
+                    for (int q = 0; q < 4; q++) {
+                        __m512i lo, hi;
+                        unpack_n4(_mm512_loadu_si512(t[g] + 256 * sub + 64 * q), five, hv, q, &lo, &hi);
+                        for (int r = 0; r < R; r++) {
+                            const int8_t *xr = x->q[r] + xb + 32 * sub + 8 * q;
+                            dot[r] = _mm512_dpbusd_epi32(dot[r], lo, bcast4(xr));
+                            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, bcast4(xr + 4));
+                        }
+                    }
+                    __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + sc_at + 16 * sub)));
+                    __m512i mnv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + mn_at + 16 * sub)));
+                    for (int r = 0; r < R; r++) {
+                        isum[r][g] = _mm512_add_epi32(isum[r][g], _mm512_mullo_epi32(dot[r], scv));
+                        int32_t xs = x->sum[r][xb / 16 + 2 * sub] + x->sum[r][xb / 16 + 2 * sub + 1];
+                        msum[r][g] = _mm512_add_epi32(msum[r][g], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xs)));
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                __m512 dw = load_f16x16(t[g] + mn_at + 128), dmin = load_f16x16(t[g] + mn_at + 160);
+                for (int r = 0; r < R; r++) {
+                    __m512 dx = _mm512_set1_ps(x->d[r][b]);
+                    __m512 mscale = _mm512_castsi512_ps(_mm512_xor_si512(
+                        _mm512_castps_si512(_mm512_mul_ps(dmin, dx)), _mm512_set1_epi32(INT32_MIN)));
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+                    acc[r][g] = _mm512_fmadd_ps(mscale, _mm512_cvtepi32_ps(msum[r][g]), acc[r][g]);
+                }
+            }
+        } else if (dtype == KVD_DTYPE_Q6_K) {
+            const __m512i top2 = _mm512_set1_epi8(0x30);
+            for (int sub = 0; sub < 16; sub++) {
+                for (int g = 0; g < G; g++) {
+                    __m512i hv = _mm512_loadu_si512(t[g] + 2048 + 64 * sub);
+                    __m512i v0 = _mm512_loadu_si512(t[g] + 128 * sub);
+                    __m512i v1 = _mm512_loadu_si512(t[g] + 128 * sub + 64);
+                    __m512i w0 = _mm512_or_si512(nib_lo(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
+                    __m512i w1 = _mm512_or_si512(nib_hi(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
+                    __m512i w2 = _mm512_or_si512(nib_lo(v1), _mm512_and_si512(hv, top2));
+                    __m512i w3 = _mm512_or_si512(nib_hi(v1), _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
+                    __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + 3072 + 16 * sub)));
+                    for (int r = 0; r < R; r++) {
+                        const int8_t *xr = x->q[r] + xb + 16 * sub;
+                        __m512i dot = _mm512_set1_epi32(-32 * x->sum[r][xb / 16 + sub]);
+                        dot = _mm512_dpbusd_epi32(dot, w0, bcast4(xr));
+                        dot = _mm512_dpbusd_epi32(dot, w1, bcast4(xr + 4));
+                        dot = _mm512_dpbusd_epi32(dot, w2, bcast4(xr + 8));
+                        dot = _mm512_dpbusd_epi32(dot, w3, bcast4(xr + 12));
+                        isum[r][g] = _mm512_add_epi32(isum[r][g], _mm512_mullo_epi32(dot, scv));
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                __m512 dw = load_f16x16(t[g] + 3328);
+                for (int r = 0; r < R; r++)
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
+                                                _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+            }
+        } else { /* Q8_K */
+            for (int r = 0; r < R; r++) {
+                int32_t xs = 0;
+                for (int gi = 0; gi < 16; gi++)
+                    xs += x->sum[r][xb / 16 + gi];
+                for (int g = 0; g < G; g++)
+                    isum[r][g] = _mm512_set1_epi32(-128 * xs);
+            }
+            for (int j = 0; j < 64; j++) {
+                __m512i wv[GB];
+                for (int g = 0; g < G; g++)
+                    wv[g] = _mm512_loadu_si512(t[g] + 64 * j);
+                for (int r = 0; r < R; r++) {
+                    __m512i bx = bcast4(x->q[r] + xb + 4 * j);
+                    for (int g = 0; g < G; g++)
+                        isum[r][g] = _mm512_dpbusd_epi32(isum[r][g], wv[g], bx);
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                __m512 dw = _mm512_loadu_ps((const float *)(t[g] + 4096));
+                for (int r = 0; r < R; r++)
+                    acc[r][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(x->d[r][b])),
+                                                _mm512_cvtepi32_ps(isum[r][g]), acc[r][g]);
+            }
+        }
+    }
+    acc_store(acc, R, G, out, ldo, col0, mask);
+}
+
+/* kvd_qact_quantize's rounding, 16 lanes at a time (the same operations, so the same
+ * codes and scales): Q8_0 blocks take amax/127, x*(1/d) rounded half away from zero and
+ * the scale rounded to fp16; Q8_K blocks take -127/(the first value of largest
+ * magnitude), codes rounded to nearest even by ggml's 1.5*2^23 addition, clamped to 127. */
+static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
+{
+    const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+    if (kvd_qtype_is_k(dtype)) {
+        for (int b = 0; b < k / 256; b++) {
+            const float *xb = x + 256 * b;
+            __m512 amaxv = _mm512_setzero_ps();
+            for (int v = 0; v < 16; v++)
+                amaxv = _mm512_max_ps(amaxv, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * v)));
+            float amax = _mm512_reduce_max_ps(amaxv);
+            int8_t *q = out->q + 256 * b;
+            if (amax == 0) {
+                out->d[b] = 0;
+                memset(q, 0, 256);
+                for (int g = 0; g < 16; g++)
+                    out->sum[16 * b + g] = 0;
+                continue;
+            }
+            float max = 0;
+            for (int v = 0; v < 16; v++) {
+                __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(xb + 16 * v)),
+                                                 _mm512_set1_ps(amax), _CMP_EQ_OQ);
+                if (m) {
+                    max = xb[16 * v + __builtin_ctz(m)];
+                    break;
+                }
+            }
+            float iscale = -127.f / max;
+            const __m512i magic_mask = _mm512_set1_epi32(0x007fffff);
+            for (int v = 0; v < 16; v++) {
+                __m512 shifted = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(xb + 16 * v)),
+                                               _mm512_set1_ps(12582912.f));
+                __m512i qi = _mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(shifted), magic_mask),
+                                              _mm512_set1_epi32(0x00400000));
+                qi = _mm512_min_epi32(qi, _mm512_set1_epi32(127));
+                _mm_storeu_si128((__m128i *)(q + 16 * v), _mm512_cvtepi32_epi8(qi));
+                out->sum[16 * b + v] = _mm512_reduce_add_epi32(qi);
+            }
+            out->d[b] = 1 / iscale;
+        }
+        return;
+    }
+    for (int b = 0; b < k / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0),
+                                                        _mm512_abs_ps(v1)));
+        float d = amax / 127;
+        float id = d != 0 ? 1.0f / d : 0.0f;
+        out->d[b] = kvd_f16_to_f32(kvd_f32_to_f16(d));
+        __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+        for (int h = 0; h < 2; h++) {
+            __m512 y = _mm512_mul_ps(h ? v1 : v0, _mm512_set1_ps(id));
+            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), half, _CMP_GE_OQ);
+            /* halves and above go away from zero: t + copysign(1, y) */
+            t = _mm512_mask_add_ps(t, up, t, _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), _mm512_castps_si512(sign_bit)))));
+            __m512i qi = _mm512_cvtps_epi32(t);
+            _mm_storeu_si128((__m128i *)(out->q + 32 * b + 16 * h), _mm512_cvtepi32_epi8(qi));
+            out->sum[2 * b + h] = _mm512_reduce_add_epi32(qi);
+        }
+    }
+}
+
+/* The kernels instantiated per type and shape (constant arguments unroll them). */
+#define K32_CASES(DT, NAME)                                                                    \
+    static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
+                     const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
+                     bool accumulate, int col0, const __mmask16 mask[GB])                      \
+    {                                                                                          \
+        if (G == 4) {                                                                          \
+            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+        } else if (G == 2) {                                                                   \
+            switch (R) {                                                                       \
+            case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 3: kernel32(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 4: kernel32(DT, 4, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 5: kernel32(DT, 5, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel32(DT, 6, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (R) {                                                                       \
+            case 1: kernel32(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel32(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 3: kernel32(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 4: kernel32(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 5: kernel32(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel32(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
+        }                                                                                      \
+    }
+K32_CASES(KVD_DTYPE_Q8_0, kernel_q8_0)
+K32_CASES(KVD_DTYPE_Q4_0, kernel_q4_0)
+K32_CASES(KVD_DTYPE_Q5_0, kernel_q5_0)
+
+#define K256_CASES(DT, NAME)                                                                   \
+    static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
+                     const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
+                     bool accumulate, int col0, const __mmask16 mask[GB])                      \
+    {                                                                                          \
+        if (G == 4) {                                                                          \
+            kernel256(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+        } else if (G == 2) {                                                                   \
+            switch (R) {                                                                       \
+            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel256(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (R) {                                                                       \
+            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            default: kernel256(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            }                                                                                  \
+        }                                                                                      \
+    }
+K256_CASES(KVD_DTYPE_Q4_K, kernel_q4_k)
+K256_CASES(KVD_DTYPE_Q5_K, kernel_q5_k)
+K256_CASES(KVD_DTYPE_Q6_K, kernel_q6_k)
+K256_CASES(KVD_DTYPE_Q8_K, kernel_q8_k)
+
+static __mmask16 group_mask(int g, int n_begin, int n_end)
+{
+    int c0 = g * GROUP < n_begin ? n_begin - g * GROUP : 0;
+    int c1 = (g + 1) * GROUP > n_end ? n_end - g * GROUP : GROUP;
+    return (__mmask16)(((1u << (c1 - c0)) - 1u) << c0);
+}
+
+/* All rows of the activation tile against columns [n_begin, n_end): groups in pairs,
+ * rows in fours; a group pair's weights (at most a few hundred KB) stay in L2 while
+ * the tile's rows run against them. */
+static void tile_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
+                         const float *bias, bool accumulate, int n_begin, int n_end)
 {
     kvd_dtype dtype = w->dtype;
     int k = w->cols, per_block = kvd_dtype_block_values(dtype);
     int blocks = k / per_block;
-    int act_block = kvd_qtype_is_k(dtype) ? 256 : 32;
     size_t tile_bytes = kvd_qtile_bytes(dtype);
-    const uint8_t *tiles = (const uint8_t *)w->data + (size_t)g * blocks * tile_bytes;
-    __mmask16 mask = (__mmask16)(((1u << (c1 - c0)) - 1u) << c0);
-    __m512 acc[ROW_TILE];
-    __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + g * GROUP) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) {
-        __m512 v = accumulate ? _mm512_maskz_loadu_ps(mask, out + (size_t)r * ldo + g * GROUP)
-                              : _mm512_setzero_ps();
-        acc[r] = bias ? _mm512_add_ps(v, bv) : v;
+    size_t group_bytes = (size_t)blocks * tile_bytes;
+    int g_end = (n_end + GROUP - 1) / GROUP;
+    for (int g = n_begin / GROUP; g < g_end;) {
+        /* one row: 4 groups (more streams, and sums per broadcast); K types take 2 groups
+         * only up to 3 rows (their per-sub-block sums fill the registers) */
+        int G = rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end && (!kvd_qtype_is_k(dtype) || rows <= 3) ? 2 : 1;
+        __mmask16 mask[GB];
+        const uint8_t *tiles[GB];
+        for (int i = 0; i < GB; i++) {
+            mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
+            tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
+        }
+        for (int r0 = 0; r0 < rows; r0 += RB) {
+            int R = rows - r0 < RB ? rows - r0 : RB;
+            rows_view x;
+            for (int r = 0; r < R; r++) {
+                kvd_qact qa = act_row((act_tile *)a, r0 + r, k);
+                x.q[r] = qa.q;
+                x.d[r] = qa.d;
+                x.sum[r] = qa.sum;
+                x.corr[r] = a->corr + (size_t)(r0 + r) * (k / 32);
+            }
+            float *o = out + (size_t)r0 * ldo;
+            int col0 = g * GROUP;
+            switch (dtype) {
+            case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            default: break;
+            }
+        }
+        g += G;
     }
-    const int8_t *xq[ROW_TILE];
-    const int32_t *xs[ROW_TILE];
-    const float *xd[ROW_TILE];
-    for (int r = 0; r < rows; r++) {
-        kvd_qact x = act_row((act_tile *)a, r, k);
-        xq[r] = x.q;
-        xs[r] = x.sum;
-        xd[r] = x.d;
-    }
-    for (int b = 0; b < blocks; b++) {
-        const uint8_t *t = tiles + (size_t)b * tile_bytes;
-        _mm_prefetch((const char *)t + 4 * tile_bytes, _MM_HINT_T0);
-        _mm_prefetch((const char *)t + 4 * tile_bytes + 64, _MM_HINT_T0);
-        int xb = b * per_block;
-        switch (dtype) {
-        case KVD_DTYPE_Q8_0: {
-            __m512i wv[8];
-            for (int v = 0; v < 8; v++)
-                wv[v] = _mm512_loadu_si512(t + 64 * v);
-            __m512 dw = load_f16x16(t + 512);
-            for (int r = 0; r < rows; r++) {
-                __m512i s = _mm512_setzero_si512();
-                for (int v = 0; v < 8; v++)
-                    s = dp(s, wv[v], xq[r] + xb + 4 * v);
-                /* codes are q + 128: take 128 x the block's activation sum back */
-                int32_t xsum = xs[r][xb / 16] + xs[r][xb / 16 + 1];
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * xsum));
-                __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(xd[r][b]));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r]);
-            }
-            break;
-        }
-        case KVD_DTYPE_Q4_0:
-        case KVD_DTYPE_Q5_0: {
-            bool five = dtype == KVD_DTYPE_Q5_0;
-            int offset = five ? 16 : 8;
-            __m512i lo[4], hi[4];
-            unpack32(t, five ? t + 256 : NULL, lo, hi);
-            __m512 dw = load_f16x16(t + (five ? 320 : 256));
-            for (int r = 0; r < rows; r++) {
-                __m512i s = dot32_n4(lo, hi, xq[r] + xb);
-                int32_t xsum = xs[r][xb / 16] + xs[r][xb / 16 + 1];
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(offset * xsum));
-                __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(xd[r][b]));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r]);
-            }
-            break;
-        }
-        case KVD_DTYPE_Q4_K:
-        case KVD_DTYPE_Q5_K: {
-            bool five = dtype == KVD_DTYPE_Q5_K;
-            const uint8_t *sc = t + 2048 + (five ? 512 : 0);
-            const uint8_t *mn = sc + 128;
-            __m512 dw = load_f16x16(mn + 128);
-            __m512 dmin = load_f16x16(mn + 160);
-            __m512i isum[ROW_TILE], msum[ROW_TILE];
-            for (int r = 0; r < rows; r++)
-                isum[r] = msum[r] = _mm512_setzero_si512();
-            for (int sub = 0; sub < 8; sub++) {
-                __m512i lo[4], hi[4];
-                unpack32(t + 256 * sub, five ? t + 2048 + 64 * sub : NULL, lo, hi);
-                __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * sub)));
-                __m512i mnv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mn + 16 * sub)));
-                for (int r = 0; r < rows; r++) {
-                    const int8_t *x = xq[r] + xb + 32 * sub;
-                    __m512i dot = dot32_n4(lo, hi, x);
-                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(dot, scv));
-                    int32_t xsum = xs[r][xb / 16 + 2 * sub] + xs[r][xb / 16 + 2 * sub + 1];
-                    msum[r] = _mm512_add_epi32(msum[r], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xsum)));
-                }
-            }
-            for (int r = 0; r < rows; r++) {
-                __m512 dx = _mm512_set1_ps(xd[r][b]);
-                __m512 scale = _mm512_mul_ps(dw, dx);
-                __m512 mscale = _mm512_castsi512_ps(_mm512_xor_si512(
-                    _mm512_castps_si512(_mm512_mul_ps(dmin, dx)), _mm512_set1_epi32(INT32_MIN)));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum[r]), acc[r]);
-                acc[r] = _mm512_fmadd_ps(mscale, _mm512_cvtepi32_ps(msum[r]), acc[r]);
-            }
-            break;
-        }
-        case KVD_DTYPE_Q6_K: {
-            const uint8_t *qh = t + 2048;
-            const uint8_t *sc = t + 3072;
-            __m512 dw = load_f16x16(t + 3328);
-            __m512i isum[ROW_TILE];
-            for (int r = 0; r < rows; r++)
-                isum[r] = _mm512_setzero_si512();
-            const __m512i top2 = _mm512_set1_epi8(0x30);
-            for (int sub = 0; sub < 16; sub++) {
-                __m512i hv = _mm512_loadu_si512(qh + 64 * sub);
-                __m512i v0 = _mm512_loadu_si512(t + 128 * sub);
-                __m512i v1 = _mm512_loadu_si512(t + 128 * sub + 64);
-                __m512i lo0 = _mm512_or_si512(nib_lo(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
-                __m512i hi0 = _mm512_or_si512(nib_hi(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
-                __m512i lo1 = _mm512_or_si512(nib_lo(v1), _mm512_and_si512(hv, top2));
-                __m512i hi1 = _mm512_or_si512(nib_hi(v1), _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
-                __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16 * sub)));
-                for (int r = 0; r < rows; r++) {
-                    const int8_t *x = xq[r] + xb + 16 * sub;
-                    __m512i dot = _mm512_setzero_si512();
-                    dot = dp(dot, lo0, x);
-                    dot = dp(dot, hi0, x + 4);
-                    dot = dp(dot, lo1, x + 8);
-                    dot = dp(dot, hi1, x + 12);
-                    dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(32 * xs[r][xb / 16 + sub]));
-                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(dot, scv));
-                }
-            }
-            for (int r = 0; r < rows; r++) {
-                __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(xd[r][b]));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum[r]), acc[r]);
-            }
-            break;
-        }
-        case KVD_DTYPE_Q8_K: {
-            __m512 dw = _mm512_loadu_ps((const float *)(t + 4096));
-            for (int r = 0; r < rows; r++) {
-                __m512i s = _mm512_setzero_si512();
-                int32_t xsum = 0;
-                for (int v = 0; v < 64; v++)
-                    s = dp(s, _mm512_loadu_si512(t + 64 * v), xq[r] + xb + 4 * v);
-                for (int gi = 0; gi < 16; gi++)
-                    xsum += xs[r][xb / 16 + gi];
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * xsum));
-                __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(xd[r][b]));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r]);
-            }
-            break;
-        }
-        default:
-            break;
-        }
-        (void)act_block;
-    }
-    for (int r = 0; r < rows; r++)
-        _mm512_mask_storeu_ps(out + (size_t)r * ldo + g * GROUP, mask, acc[r]);
 }
 
 #endif
@@ -362,6 +621,7 @@ void QSFX(kvd_qmatmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
     if (n_begin >= n_end || m <= 0)
         return;
     int k = w->cols;
+    int offset = w->dtype == KVD_DTYPE_Q8_0 ? 128 : w->dtype == KVD_DTYPE_Q4_0 ? 8 : 16;
     /* rows per activation tile: as many as the buffer holds, up to ROW_TILE */
     int tile_rows = (int)(ACT_CODES / (size_t)k);
     tile_rows = tile_rows > ROW_TILE ? ROW_TILE : tile_rows < 1 ? 1 : tile_rows;
@@ -370,12 +630,11 @@ void QSFX(kvd_qmatmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
         int rows = m - r0 < tile_rows ? m - r0 : tile_rows;
         for (int r = 0; r < rows; r++) {
             kvd_qact qa = act_row(&a, r, k);
-            kvd_qact_quantize(w->dtype, x + (size_t)(r0 + r) * ldx, k, &qa);
+            act_quantize(w->dtype, x + (size_t)(r0 + r) * ldx, k, &qa);
+            if (!kvd_qtype_is_k(w->dtype))
+                for (int b = 0; b < k / 32; b++)
+                    a.corr[(size_t)r * (k / 32) + b] = offset * (qa.sum[2 * b] + qa.sum[2 * b + 1]);
         }
-        for (int g = n_begin / GROUP; g * GROUP < n_end; g++) {
-            int c0 = g * GROUP < n_begin ? n_begin - g * GROUP : 0;
-            int c1 = (g + 1) * GROUP > n_end ? n_end - g * GROUP : GROUP;
-            group_product(out + (size_t)r0 * ldo, ldo, rows, &a, w, bias, accumulate, g, c0, c1);
-        }
+        tile_product(out + (size_t)r0 * ldo, ldo, rows, &a, w, bias, accumulate, n_begin, n_end);
     }
 }

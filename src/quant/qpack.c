@@ -111,25 +111,44 @@ void kvd_qtile_put(kvd_dtype dtype, uint8_t *tile, int c, const kvd_qblock *b)
 
 void kvd_qtile_get(kvd_dtype dtype, const uint8_t *tile, int c, kvd_qblock *b)
 {
+    /* the inverse of kvd_qtile_put, vector by vector (the scalar product reads every
+     * weight through here) */
     tile_shape s = shape_of(dtype);
     const uint8_t *high = tile + s.code_bytes;
     const uint8_t *sc = high + s.high_bytes;
     const uint8_t *d = sc + s.sc_bytes * (s.has_min ? 2 : 1);
     memset(b, 0, sizeof *b);
-    for (int k = 0; k < s.values; k++) {
-        int hn, shift;
-        size_t at = code_byte(&s, c, k, &hn);
-        if (!s.nibbles) {
-            b->code[k] = tile[at];
-            continue;
+    const uint8_t *lane = tile + 4 * c;
+    if (!s.nibbles) {
+        for (int t = 0; t < s.values / 4; t++)
+            memcpy(b->code + 4 * t, lane + 64 * t, 4);
+    } else {
+        for (int t = 0; t < s.values / 8; t++) {
+            for (int i = 0; i < 4; i++) {
+                uint8_t byte = lane[64 * t + i];
+                b->code[8 * t + i] = byte & 0xF;
+                b->code[8 * t + 4 + i] = byte >> 4;
+            }
         }
-        uint8_t code = (uint8_t)(tile[at] >> (4 * hn) & 0xF);
-        if (s.high_bytes) {
-            size_t hb = high_byte(dtype, c, k, &shift);
-            unsigned width_mask = dtype == KVD_DTYPE_Q6_K ? 3u : 1u;
-            code |= (uint8_t)(((high[hb] >> shift) & width_mask) << 4);
+    }
+    if (dtype == KVD_DTYPE_Q5_0 || dtype == KVD_DTYPE_Q5_K) {
+        for (int g = 0; g < s.values / 32; g++) {
+            for (int i = 0; i < 4; i++) {
+                unsigned byte = high[64 * g + 4 * c + i];
+                for (int t = 0; t < 4; t++) {
+                    b->code[32 * g + 8 * t + i] |= (uint8_t)((byte >> t & 1u) << 4);
+                    b->code[32 * g + 8 * t + 4 + i] |= (uint8_t)((byte >> (4 + t) & 1u) << 4);
+                }
+            }
         }
-        b->code[k] = code;
+    } else if (dtype == KVD_DTYPE_Q6_K) {
+        for (int u = 0; u < 16; u++) {
+            for (int i = 0; i < 4; i++) {
+                unsigned byte = high[64 * u + 4 * c + i];
+                for (int q = 0; q < 4; q++)
+                    b->code[16 * u + 4 * q + i] |= (uint8_t)((byte >> (2 * q) & 3u) << 4);
+            }
+        }
     }
     int subs = s.sc_bytes / KVD_QGROUP_ROWS;
     for (int j = 0; j < subs; j++) {
