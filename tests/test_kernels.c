@@ -10,8 +10,9 @@
  * weights. Over bf16 weights the product is defined on x rounded to bf16 (kvd_kernels.h),
  * so the exact value uses the rounded x; each product then passes through at most 16
  * FMAs of its block's chain, the chains' sum and one addition per block (TDPBF16PS
- * semantics), or one rounded add per input (VDPBF16PS semantics), no more than k + 1
- * rounded steps when k >= 2 (k = 1: two), so the same bound holds. Element-wise kernels get a few ulps, stated where used. Attention is
+ * semantics), or at most 64 adds of its block's chain and one addition per block
+ * (VDPBF16PS semantics), no more than k + 1 rounded steps when k >= 2 (k = 1: two), so
+ * the same bound holds. Element-wise kernels get a few ulps, stated where used. Attention is
  * checked against a dense double softmax within 2e-6 relative to the output's scale.
  */
 #include <setjmp.h>
@@ -357,27 +358,29 @@ static void test_scalar_matches_avx512(void **state)
 }
 
 /* Which bf16 semantics each ISA computes, on one output worked out by hand from the
- * definitions in kvd_kernels.h: u = 2^-23 (an ulp of 1), acc = 1 + u, x = (1, 1),
- * W = (u, u/2).
- * - VDPBF16PS, odd input first: 1 + u + u/2 is a tie, to even: 1 + 2u; + u: 1 + 3u.
- *   (Even input first would give 1 + 2u, then + u/2, a tie: 1 + 2u.)
- * - TDPBF16PS: the block's chains give u and u/2, their sum 3u/2 exactly, and
- *   1 + u + 3u/2 = 1 + 2.5u is a tie, to even: 1 + 2u. */
+ * definitions in kvd_kernels.h: u = 2^-23 (an ulp of 1), x = (1, 1, 1, 1), W = (u, 1,
+ * u, u/2), no bias.
+ * - VDPBF16PS: the block's chain from zero takes the odd input first: 1, then 1 + u
+ *   (exact), then 1 + u + u/2, a tie, to even: 1 + 2u, then 1 + 3u. (Even input first:
+ *   1 + 2u, then + u/2, a tie: 1 + 2u.)
+ * - TDPBF16PS: the even chain gives u + u = 2u, the odd one 1 + u/2, a tie: 1; their
+ *   sum 1 + 2u. */
 static void test_bf16_semantics_by_hand(void **state)
 {
     (void)state;
     const float u = 0x1p-23f;
-    uint16_t row[2] = {kvd_f32_to_bf16(u), kvd_f32_to_bf16(u / 2)};
-    void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(KVD_DTYPE_BF16, 1, 2));
+    uint16_t row[4] = {kvd_f32_to_bf16(u), kvd_f32_to_bf16(1.0f), kvd_f32_to_bf16(u),
+                       kvd_f32_to_bf16(u / 2)};
+    void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(KVD_DTYPE_BF16, 1, 4));
     assert_non_null(packed);
-    kvd_matrix_pack(packed, KVD_DTYPE_BF16, 1, 2, row, 0, 1);
-    kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = 1, .cols = 2, .data = packed};
-    float x[2] = {1.0f, 1.0f}, bias = 1.0f + u;
+    kvd_matrix_pack(packed, KVD_DTYPE_BF16, 1, 4, row, 0, 1);
+    kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = 1, .cols = 4, .data = packed};
+    float x[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     for (int isa = 0; isa < KVD_ISA_COUNT; isa++) {
         if (!kvd_isa_supported((kvd_isa)isa))
             continue;
         float out = 0.0f, expected = kvd_isa_vdpbf16((kvd_isa)isa) ? 1.0f + 3 * u : 1.0f + 2 * u;
-        kvd_matmul_cols((kvd_isa)isa, &out, 1, x, 2, 1, &w, &bias, false, 0, 1);
+        kvd_matmul_cols((kvd_isa)isa, &out, 1, x, 4, 1, &w, NULL, false, 0, 1);
         if (out != expected)
             fail_msg("%s: got 1 + %.3g u, expected 1 + %.3g u", kvd_isa_name((kvd_isa)isa),
                      (double)((out - 1.0f) / u), (double)((expected - 1.0f) / u));

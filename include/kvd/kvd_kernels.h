@@ -17,26 +17,32 @@
  * + bias[j], then
  * - f32 and f16 weights: takes fmaf(x[i][k], W[j][k], acc) for k = 0, 1, 2, ... in order;
  * - bf16 weights: x[i] is rounded to bf16 (nearest even, subnormals to zero), as
- *   PyTorch and llama.cpp run bf16 checkpoints, and the inputs go in blocks of 32 (the
- *   last padded with zeros), in order, in one of two ways; in both, subnormal inputs
- *   read as zero and subnormal results flush to zero.
+ *   PyTorch and llama.cpp run bf16 checkpoints, and the inputs go in blocks (the last
+ *   padded with zeros to a multiple of 32), in order, in one of two ways:
  *   - TDPBF16PS semantics (KVD_ISA_AVX512_AMX, KVD_ISA_AVX512, KVD_ISA_SCALAR): for each
- *     block, an even chain e = fmaf(x[2p], W[j][2p], e) and an odd chain o =
+ *     block of 32, an even chain e = fmaf(x[2p], W[j][2p], e) and an odd chain o =
  *     fmaf(x[2p+1], W[j][2p+1], o), p over the block's 16 pairs, start from zero, and
- *     acc = acc + (e + o). That is what AMX's TDPBF16PS computes (measured bit for bit
- *     on a Sapphire Rapids-class Xeon), so CPUs with AMX run these products on tiles,
- *     16 rows x 16 columns x 32 inputs an instruction; CPUs without AVX512_BF16
- *     emulate it with FMAs.
- *   - VDPBF16PS semantics (KVD_ISA_AVX512_BF16, KVD_ISA_SCALAR_VDPBF16): for each pair
- *     p in order, acc = fmaf(x[2p+1], W[j][2p+1], acc), then acc = fmaf(x[2p],
- *     W[j][2p], acc) (the odd input first; each product exact, one rounding per add).
- *     That is what VDPBF16PS computes (Intel's documented order, measured bit for bit
- *     on AMD Zen 5 by bench/probe_bf16 --semantics, and checked on each CPU at start-up
- *     before it is used), 16 columns x 2 inputs an instruction at twice the FMA's
- *     multiply-adds on Zen 5; CPUs with AVX512_BF16 and without AMX run it.
- *   So all CPUs of one kind agree bit for bit, and so do AMX CPUs with CPUs without
- *   AVX512_BF16, but a Zen 4/5 (or Cooper Lake) result differs from a Sapphire Rapids
- *   one in the last bits. Either way the result of a row never depends on the batch.
+ *     acc = acc + (e + o); subnormal inputs read as zero and subnormal results flush to
+ *     zero. That is what AMX's TDPBF16PS computes (measured bit for bit on a Sapphire
+ *     Rapids-class Xeon), so CPUs with AMX run these products on tiles, 16 rows x 16
+ *     columns x 32 inputs an instruction; CPUs without AVX512_BF16 emulate it with FMAs.
+ *   - VDPBF16PS semantics (KVD_ISA_AVX512_BF16, KVD_ISA_SCALAR_VDPBF16): for each block
+ *     of 64, a chain c starts from zero and takes, for each pair p of the block in
+ *     order, c = fmaf(x[2p+1], W[j][2p+1], c) then c = fmaf(x[2p], W[j][2p], c), each
+ *     with subnormal inputs read as zero and a subnormal result flushed to zero; then
+ *     acc = acc + c (plain IEEE). One pair is what VDPBF16PS computes (Intel's
+ *     documented order, measured bit for bit on AMD Zen 5 by bench/probe_bf16
+ *     --semantics, and checked on each CPU at start-up before it is used), 16 columns x
+ *     2 inputs an instruction, twice the FMA's multiply-adds on Zen 5; CPUs with
+ *     AVX512_BF16 and without AMX run it. (The blocks keep the rounding error of the
+ *     long sums at the level of TDPBF16PS's: one chain over all of k tripled the worst
+ *     logit error on the tiny test model.)
+ *   So CPUs agree bit for bit in two groups: all AMX CPUs and the AVX-512 CPUs without
+ *   AVX512_BF16 (and any whose VDPBF16PS failed the start-up check) on one side, the
+ *   AVX512_BF16 CPUs without AMX (AMD Zen 4 and 5, Intel Cooper Lake) on the other;
+ *   the two sides differ in the last bits. Either way a row's result never depends on
+ *   the batch, and the scalar build computes either side (KVD_ISA=scalar,
+ *   KVD_ISA=scalar-vdpbf16).
  * Threads split output columns, never k.
  *
  * Kernels take the output first and never allocate; the *_cols forms compute a

@@ -66,6 +66,9 @@
 #if defined(KVD_VEC_DPBF16)
 #define BF16_VDP 1
 #define BF16_X_INPUTS_PER_FLOAT 2
+/* Inputs per block of the VDPBF16PS semantics (kvd_kernels.h): a divisor of K_SLICE, so
+ * that slices start on block boundaries. */
+#define VDP_BLOCK 64
 #else
 #define BF16_VDP 0
 #define BF16_X_INPUTS_PER_FLOAT 1
@@ -308,19 +311,30 @@ KVD_UNROLL(8)
 
 #if BF16_VDP
 /* One bf16 tile on VDPBF16PS: as panel_tile, over inputs [k0, k1) that are whole blocks
- * of 32 (k: the matrix's real inputs, past which x reads as zero). Each accumulator
- * takes one VDPBF16PS per pair of inputs, in order, from its init value: a pair of
- * inputs is 128 bytes of a panel (32 words, one per output column), against which each
- * row's word of x pairs is broadcast. xs: x as words of pairs (round_to_bf16_pairs, row
- * stride xs_stride, starting at k0), or NULL to round them here. */
+ * of 32 (k: the matrix's real inputs, past which x reads as zero). A pair of inputs is
+ * 128 bytes of a panel (32 words, one per output column), against which each row's word
+ * of x pairs is broadcast. Per block of VDP_BLOCK inputs (kvd_kernels.h), each output
+ * vector's chain takes one VDPBF16PS per pair from zero, in registers, and is then
+ * added to its accumulator, which waits on the stack (touched once a block), so a tile
+ * holds as many rows and panels as an f32 one. xs: x as words of pairs
+ * (round_to_bf16_pairs, row stride xs_stride, starting at k0), or NULL to round them
+ * here. */
 V16_INLINE void panel_tile_vdp(float *out, int ldo, const float *x, int ldx, const float *xs,
                                size_t xs_stride, const char *w, size_t panel_bytes, int k, int k0,
                                int k1, const uint32_t *masks, const float *bias, bool accumulate,
                                prefetch_plan pf, int R, int P)
 {
     float words[MAX_TILE_ROWS][K_SLICE / 2] __attribute__((aligned(64)));
-    v16 acc[MAX_TILE_ROWS][8];
-    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+    float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
+    {
+        v16 acc[MAX_TILE_ROWS][8];
+        tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+KVD_UNROLL(12)
+        for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+            for (int h = 0; h < 2 * P; h++)
+                v16_store(sums[r][h], acc[r][h]);
+    }
     int countdown = pf.every ? pf.phase : -1;
     for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
         int s1 = k1 - s0 < K_SLICE ? k1 : s0 + K_SLICE;
@@ -328,23 +342,43 @@ V16_INLINE void panel_tile_vdp(float *out, int ldo, const float *x, int ldx, con
         size_t xw_stride = xs ? xs_stride : K_SLICE / 2;
         if (!xs)
             round_to_bf16_pairs((uint32_t *)&words[0][0], K_SLICE / 2, x, ldx, R, s0, s1 - s0, k);
-        size_t at = (size_t)s0 * 64;
-KVD_UNROLL(2)
-        for (int pair = 0; pair < (s1 - s0) / 2; pair++, at += 128) {
-            tile_prefetch(w, panel_bytes, at, 2, pf, &countdown, P);
-            v16 wv[8];
-KVD_UNROLL(8)
-            for (int h = 0; h < 2 * P; h++)
-                wv[h] = v16_load_words(w + (size_t)(h / 2) * panel_bytes + at + 64 * (h % 2));
+        for (int b0 = s0; b0 < s1; b0 += VDP_BLOCK, xw += VDP_BLOCK / 2) {
+            int pairs = (s1 - b0 < VDP_BLOCK ? s1 - b0 : VDP_BLOCK) / 2;
+            size_t at = (size_t)b0 * 64;
+            v16 chain[MAX_TILE_ROWS][8];
 KVD_UNROLL(12)
-            for (int r = 0; r < R; r++) {
-                v16 xb = v16_set1(xw[(size_t)r * xw_stride + pair]);
+            for (int r = 0; r < R; r++)
 KVD_UNROLL(8)
                 for (int h = 0; h < 2 * P; h++)
-                    acc[r][h] = v16_dpbf16(acc[r][h], xb, wv[h]);
+                    chain[r][h] = v16_zero();
+KVD_UNROLL(2)
+            for (int pair = 0; pair < pairs; pair++, at += 128) {
+                tile_prefetch(w, panel_bytes, at, 2, pf, &countdown, P);
+                v16 wv[8];
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    wv[h] = v16_load_words(w + (size_t)(h / 2) * panel_bytes + at + 64 * (h % 2));
+KVD_UNROLL(12)
+                for (int r = 0; r < R; r++) {
+                    v16 xb = v16_set1(xw[(size_t)r * xw_stride + pair]);
+KVD_UNROLL(8)
+                    for (int h = 0; h < 2 * P; h++)
+                        chain[r][h] = v16_dpbf16(chain[r][h], xb, wv[h]);
+                }
             }
+KVD_UNROLL(12)
+            for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    v16_store(sums[r][h], v16_add(v16_load(sums[r][h]), chain[r][h]));
         }
     }
+    v16 acc[MAX_TILE_ROWS][8];
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            acc[r][h] = v16_load(sums[r][h]);
     tile_finish(out, ldo, acc, masks, R, P);
 }
 #endif
