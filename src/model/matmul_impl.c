@@ -124,6 +124,33 @@ KVD_UNROLL(8)
             v16_store_mask(out + (size_t)r * ldo + 16 * h, acc[r][h], masks[h]);
 }
 
+/* tile_start and tile_finish for tiles whose accumulators wait on the stack (sums[r][h])
+ * while chains run in registers. */
+V16_INLINE void tile_start_parked(float sums[][8][16], const float *out, int ldo, int k0,
+                                  const uint32_t *masks, const float *bias, bool accumulate,
+                                  int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            v16_store(sums[r][h], acc[r][h]);
+}
+
+V16_INLINE void tile_finish_parked(float *out, int ldo, float sums[][8][16], const uint32_t *masks,
+                                   int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            acc[r][h] = v16_load(sums[r][h]);
+    tile_finish(out, ldo, acc, masks, R, P);
+}
+
 /* Prefetch of the `lines` 64-byte lines at `ahead` bytes past offset in each of the P
  * panels, on one call of every pf.every (countdown). */
 V16_INLINE void tile_prefetch(const char *w, size_t panel_bytes, size_t offset, int lines,
@@ -264,15 +291,7 @@ V16_INLINE void panel_tile_bf16(float *out, int ldo, const float *x, int ldx, co
     float halves[MAX_TILE_ROWS][K_SLICE] __attribute__((aligned(64)));
     float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
     float parked[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
-    {
-        v16 acc[MAX_TILE_ROWS][8];
-        tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
-KVD_UNROLL(12)
-        for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-            for (int h = 0; h < 2 * P; h++)
-                v16_store(sums[r][h], acc[r][h]);
-    }
+    tile_start_parked(sums, out, ldo, k0, masks, bias, accumulate, R, P);
     int countdown = pf.every ? pf.phase : -1;
     v16_flush_state flush = v16_flush_begin();
     for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
@@ -300,13 +319,7 @@ KVD_UNROLL(8)
         }
     }
     v16_flush_end(flush);
-    v16 acc[MAX_TILE_ROWS][8];
-KVD_UNROLL(12)
-    for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-        for (int h = 0; h < 2 * P; h++)
-            acc[r][h] = v16_load(sums[r][h]);
-    tile_finish(out, ldo, acc, masks, R, P);
+    tile_finish_parked(out, ldo, sums, masks, R, P);
 }
 
 #if BF16_VDP
@@ -326,15 +339,7 @@ V16_INLINE void panel_tile_vdp(float *out, int ldo, const float *x, int ldx, con
 {
     float words[MAX_TILE_ROWS][K_SLICE / 2] __attribute__((aligned(64)));
     float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
-    {
-        v16 acc[MAX_TILE_ROWS][8];
-        tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
-KVD_UNROLL(12)
-        for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-            for (int h = 0; h < 2 * P; h++)
-                v16_store(sums[r][h], acc[r][h]);
-    }
+    tile_start_parked(sums, out, ldo, k0, masks, bias, accumulate, R, P);
     int countdown = pf.every ? pf.phase : -1;
     for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
         int s1 = k1 - s0 < K_SLICE ? k1 : s0 + K_SLICE;
@@ -373,13 +378,7 @@ KVD_UNROLL(8)
                     v16_store(sums[r][h], v16_add(v16_load(sums[r][h]), chain[r][h]));
         }
     }
-    v16 acc[MAX_TILE_ROWS][8];
-KVD_UNROLL(12)
-    for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-        for (int h = 0; h < 2 * P; h++)
-            acc[r][h] = v16_load(sums[r][h]);
-    tile_finish(out, ldo, acc, masks, R, P);
+    tile_finish_parked(out, ldo, sums, masks, R, P);
 }
 #endif
 
