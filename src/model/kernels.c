@@ -40,11 +40,12 @@ static bool amx_permitted(void)
 }
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
 /* Whether this CPU's VDPBF16PS computes what kvd_kernels.h says (the scalar emulation,
  * measured on Zen 5): one product of 32 columns x 64 inputs (2 blocks) run by both
  * builds must give the same bits. Columns 0-23 take weights and accumulators of
  * ordinary size, on which a different order or rounding of the pair's two adds shows
- * in about one add in twelve (bench/probe_bf16 --semantics), so within their 768 adds;
+ * in about one add in ten (bench/probe_bf16 --semantics), so within their 768 adds;
  * columns 24-31 take products and accumulators near FLT_MIN, where the flushing of
  * subnormal sums shows. Call only on a CPU with AVX512_BF16. */
 static bool vdpbf16_as_specified(void)
@@ -79,6 +80,7 @@ static bool vdpbf16_as_specified(void)
     kvd_matmul_cols_scalar_vdpbf16(out_emulated, ROWS, x, COLS, 1, &w, NULL, true, 0, ROWS);
     return memcmp(out_hw, out_emulated, sizeof out_hw) == 0;
 }
+#endif
 
 bool kvd_isa_supported(kvd_isa isa)
 {
