@@ -1,8 +1,10 @@
 /* matmul_impl.c - the matrix product out = x W^T over packed weights.
  *
- * Compiled three times (see kvd_vec16.h): AVX-512 with AMX tiles (_avx512amx), AVX-512
- * (_avx512) and the scalar build (_scalar); all compute the same bits and kernels.c
- * dispatches.
+ * Compiled five times (see kvd_vec16.h): AVX-512 with AMX tiles (_avx512amx), AVX-512
+ * (_avx512), the scalar build (_scalar), AVX-512 with VDPBF16PS (_avx512bf16) and its
+ * scalar twin (_scalar_vdpbf16); kernels.c dispatches. All compute the same bits over
+ * f32 and f16 weights; over bf16 weights the first three compute TDPBF16PS's semantics
+ * and the last two VDPBF16PS's (kvd_kernels.h).
  *
  * Over packed weights (kvd_matrix in kvd_model.h), one float accumulator per output
  * element starts from its init value (0, or what out holds when accumulating, plus the
@@ -10,8 +12,10 @@
  * with x[r][k] broadcast against 32 widened weights of a panel. bf16 weights follow
  * AMX's TDPBF16PS (kvd_kernels.h): x rounded to bf16, and per block of 32 inputs two
  * chains of FMAs from zero (even and odd inputs) whose sum is added to the accumulator.
- * The AMX build runs them on tiles (amx_product below); the others emulate them with
- * FMAs in the tiles of panel_tile_bf16. Nothing about an element's operations depends on
+ * The AMX build runs them on tiles (amx_product below); the _avx512 and _scalar builds
+ * emulate them with FMAs in the tiles of panel_tile_bf16. The VDPBF16PS builds run, per
+ * block of 64 inputs, one chain of VDPBF16PS from zero added to the accumulator
+ * (panel_tile_vdp). Nothing about an element's operations depends on
  * the blocking around it, and a partial sum parked in out between slices of k is exact,
  * which is what makes a row's result independent of the batch, the column range and
  * the thread. The blocking of the vector tiles:
@@ -26,7 +30,9 @@
  *   the chunk's x slice staying in L2.
  * bf16 tiles take the same shapes: only their chains (one parity at a time) live in
  * registers, the sums and the parked even chains on the stack, touched once a block;
- * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk.
+ * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk. The
+ * VDPBF16PS tiles (panel_tile_vdp) keep one chain per output vector in registers, the
+ * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch.
  */
 #include "kvd_vec16.h"
 
@@ -212,10 +218,10 @@ V16_INLINE v16 bf16_block_words(const float *row, int i, int k)
 }
 
 /* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs, the layout of an AMX A tile and of
- * VDPBF16PS's broadcasts: words[r *
- * stride + i] holds inputs k0+2i and k0+2i+1 (bf16_block_words). */
-static inline void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
-                                int k0, int n, int k)
+ * VDPBF16PS's broadcasts: words[r * stride + i] holds inputs k0+2i and k0+2i+1
+ * (bf16_block_words). */
+static inline void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx,
+                                       int R, int k0, int n, int k)
 {
     for (int r = 0; r < R; r++)
         for (int i = k0; i < k0 + n; i += 32)
@@ -227,8 +233,8 @@ static inline void round_to_bf16_pairs(uint32_t *words, size_t stride, const flo
  * halves[r * stride + 32 * (i / 16) + j] is input k0 + i + 2j (j < 16) for the even ones
  * of each block of 32 and k0 + i + 2(j - 16) + 1 (j >= 16) for the odd ones, so that a
  * tile broadcasts them straight from memory. k0 and n are multiples of 32. */
-static inline void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx, int R,
-                                 int k0, int n, int k)
+static inline void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx,
+                                        int R, int k0, int n, int k)
 {
     for (int r = 0; r < R; r++) {
         const float *row = x + (size_t)r * ldx;
