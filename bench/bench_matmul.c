@@ -9,7 +9,8 @@
  * plus the largest difference between the two results as a sanity check.
  *
  * Usage: bench_matmul [--threads N] [--min-seconds S] [--shapes all|small] [--rows 1,16,512]
- *                     [--isa avx512|scalar] [--cpu-time] [--cold]
+ *                     [--isa avx512amx|avx512bf16|avx512|scalar|scalar-vdpbf16] [--cpu-time]
+ *                     [--cold]
  * --cold cycles kvd's runs through enough copies of the weights (>= 256 MB) that each
  * run streams them from memory, as a model's layers do; without it small shapes are
  * timed from cache.
@@ -99,12 +100,15 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "--cpu-time") == 0) {
             bench_clock = CLOCK_THREAD_CPUTIME_ID;
         } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
-            isa = strcmp(argv[++i], "scalar") == 0   ? KVD_ISA_SCALAR
-                  : strcmp(argv[i], "avx512amx") == 0 ? KVD_ISA_AVX512_AMX
-                                                      : KVD_ISA_AVX512;
+            isa = KVD_ISA_AVX512;
+            for (int named = 0; named < KVD_ISA_COUNT; named++)
+                if (strcmp(argv[i + 1], kvd_isa_name((kvd_isa)named)) == 0)
+                    isa = (kvd_isa)named;
+            i++;
         } else {
             fprintf(stderr, "usage: %s [--threads N] [--min-seconds S] [--shapes all|small] "
-                            "[--rows M,M,...] [--isa avx512amx|avx512|scalar] [--cpu-time] [--cold]\n", argv[0]);
+                            "[--rows M,M,...] [--isa avx512amx|avx512bf16|avx512|scalar|scalar-vdpbf16] "
+                            "[--cpu-time] [--cold]\n", argv[0]);
             return 1;
         }
     }

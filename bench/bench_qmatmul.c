@@ -179,7 +179,7 @@ int main(int argc, char **argv)
         max_rows = rows[i] > max_rows ? rows[i] : max_rows;
     double bw = bench_clock == CLOCK_MONOTONIC ? bandwidth(threads) : 0;
     printf("isa %s (quantized: %s), %d threads, %s time, streaming read %.1f GB/s\n", kvd_isa_name(isa),
-           isa >= KVD_ISA_AVX512 && kvd_quant_vnni_supported() ? "avx512 vnni" : "scalar", threads,
+           kvd_isa_avx512(isa) && kvd_quant_vnni_supported() ? "avx512 vnni" : "scalar", threads,
            bench_clock == CLOCK_MONOTONIC ? "wall" : "thread CPU", bw * 1e-9);
     printf("%-8s %5s | %10s %9s | %8s %10s %9s\n", "recipe", "M", "step ms", "tok/s", "wGB",
            "bound tok/s", "wGB/s");

@@ -11,7 +11,8 @@
  *     bit-identical logits; 16-bit KV caches give the same greedy ids and logits within
  *     a measured bound (printed; the figures are in docs/benchmarks.md).
  * (3) Batch invariance: a sequence's logits alone == beside others, chunked, with any
- *     thread count (bitwise), and the scalar build == the AVX-512 build (bitwise).
+ *     thread count (bitwise), and the scalar build == the vector builds (bitwise, each
+ *     against the scalar build of its bf16 semantics).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -40,7 +41,10 @@
  * to bf16, in the reference too, and where the C float32 value and the reference's
  * float64 value fall on the two sides of a rounding boundary, that input differs by one
  * bf16 ulp (2^-8 relative); such flips, not float32 arithmetic (~1e-5), set the bound:
- * measured 1.8e-3 over all logits of the 4 prompts, bound 5e-3. An indexing, masking or
+ * measured 1.8e-3 over all logits of the 4 prompts with either bf16 semantics
+ * (kvd_kernels.h: 1.84e-3 TDPBF16PS's, 1.80e-3 VDPBF16PS's), bound 5e-3. (One unblocked
+ * chain of VDPBF16PS over all k, tried first, gave 5.5e-3: hence its blocks of 64
+ * inputs.) An indexing, masking or
  * position bug moves logits by O(1). */
 #define REF_TOLERANCE 5e-3
 /* Largest |logit difference| a 16-bit KV cache may cause vs f32 on the tiny fixture,
@@ -221,10 +225,14 @@ static float top_margin(const float *row)
 
 /* ---- (1) against the numpy reference --------------------------------------------- */
 
-static void test_matches_reference(void **state)
+/* isa: a KVD_ISA name, or NULL for the CPU's default */
+static void check_matches_reference(const char *isa)
 {
-    (void)state;
+    if (isa)
+        setenv("KVD_ISA", isa, 1);
+    const char *ran = kvd_isa_name(kvd_isa_detect());
     runner r = make_runner(16, KVD_DTYPE_F32, false, 2);
+    unsetenv("KVD_ISA");
     double worst = 0;
     for (int i = 0; i < g_num_prompts; i++) {
         const golden_prompt *gp = &g_prompts[i];
@@ -268,8 +276,21 @@ static void test_matches_reference(void **state)
         free(ref);
         free(logits);
     }
-    printf("forward vs float64 reference: worst |c-r|/max(1,|r|) = %.3g over all logits\n", worst);
+    printf("forward (%s) vs float64 reference: worst |c-r|/max(1,|r|) = %.3g over all logits\n",
+           ran, worst);
     free_runner(&r);
+}
+
+/* The CPU's default kernels, and those of the other bf16 semantics where the CPU runs
+ * them (the FMA emulation of TDPBF16PS next to VDPBF16PS, or VDPBF16PS next to AMX): the
+ * same reference and bound hold for both. */
+static void test_matches_reference(void **state)
+{
+    (void)state;
+    check_matches_reference(NULL);
+    kvd_isa other = kvd_isa_vdpbf16(kvd_isa_detect()) ? KVD_ISA_AVX512 : KVD_ISA_AVX512_BF16;
+    if (kvd_isa_supported(other))
+        check_matches_reference(kvd_isa_name(other));
 }
 
 /* ---- (2) block sizes, KV dtypes, prefix cache, recompute --------------------------- */
@@ -498,29 +519,34 @@ static void test_batch_invariance(void **state)
     free(alone);
 }
 
-/* The scalar fallback computes the same bits as the AVX-512 kernels, and as AMX tiles
- * where the CPU has them (the default then), end to end. */
+/* The scalar build computes the same bits as the vector kernels end to end, each ISA
+ * against the scalar build of its bf16 semantics (kvd_kernels.h): the default ISA
+ * (AMX tiles or VDPBF16PS where the CPU has them), then the FMA emulation of
+ * TDPBF16PS. */
 static void test_scalar_matches_avx512(void **state)
 {
     (void)state;
     if (!kvd_isa_supported(KVD_ISA_AVX512))
         skip();
     const golden_prompt *gp = &g_prompts[0];
-    float *a = malloc((size_t)(gp->n + 2) * g_vocab * sizeof(float));
-    float *b = malloc((size_t)(gp->n + 2) * g_vocab * sizeof(float));
+    size_t bytes = (size_t)(gp->n + 2) * g_vocab * sizeof(float);
+    float *a = malloc(bytes);
+    float *b = malloc(bytes);
     int32_t ia[2], ib[2];
-    runner r = make_runner(16, KVD_DTYPE_BF16, false, 2);
-    greedy_cached(&r, gp->ids, gp->n, 2, a, ia);
-    free_runner(&r);
-    static const char *const forced[] = {"scalar", "avx512"};
+    const char *best = kvd_isa_name(kvd_isa_detect());
+    const char *best_witness = kvd_isa_vdpbf16(kvd_isa_detect()) ? "scalar-vdpbf16" : "scalar";
+    const char *const pairs[][2] = {{best, best_witness}, {"avx512", "scalar"}};
     for (int i = 0; i < 2; i++) {
-        setenv("KVD_ISA", forced[i], 1);
-        r = make_runner(16, KVD_DTYPE_BF16, false, 2);
-        unsetenv("KVD_ISA");
-        greedy_cached(&r, gp->ids, gp->n, 2, b, ib);
-        free_runner(&r);
-        if (memcmp(a, b, (size_t)(gp->n + 2) * g_vocab * sizeof(float)) != 0)
-            fail_msg("KVD_ISA=%s changes the logits", forced[i]);
+        for (int side = 0; side < 2; side++) {
+            setenv("KVD_ISA", pairs[i][side], 1);
+            assert_string_equal(kvd_isa_name(kvd_isa_detect()), pairs[i][side]);
+            runner r = make_runner(16, KVD_DTYPE_BF16, false, 2);
+            unsetenv("KVD_ISA");
+            greedy_cached(&r, gp->ids, gp->n, 2, side ? b : a, side ? ib : ia);
+            free_runner(&r);
+        }
+        if (memcmp(a, b, bytes) != 0)
+            fail_msg("KVD_ISA=%s and KVD_ISA=%s give different logits", pairs[i][0], pairs[i][1]);
     }
     free(a);
     free(b);

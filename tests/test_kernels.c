@@ -9,8 +9,10 @@
  * Algorithms", 3.1); the exact value is computed in double from the same widened
  * weights. Over bf16 weights the product is defined on x rounded to bf16 (kvd_kernels.h),
  * so the exact value uses the rounded x; each product then passes through at most 16
- * FMAs of its block's chain, the chains' sum and one addition per block, no more than
- * k + 1 rounded steps when k >= 2 (k = 1: two), so the same bound holds. Element-wise kernels get a few ulps, stated where used. Attention is
+ * FMAs of its block's chain, the chains' sum and one addition per block (TDPBF16PS
+ * semantics), or at most 64 adds of its block's chain and one addition per block
+ * (VDPBF16PS semantics), no more than k + 1 rounded steps when k >= 2 (k = 1: two), so
+ * the same bound holds. Element-wise kernels get a few ulps, stated where used. Attention is
  * checked against a dense double softmax within 2e-6 relative to the output's scale.
  */
 #include <setjmp.h>
@@ -104,9 +106,10 @@ static double gamma_n(int n)
 
 static kvd_isa best_isa(void)
 {
-    for (int isa = KVD_ISA_AVX512_AMX; isa > KVD_ISA_SCALAR; isa--)
-        if (kvd_isa_supported((kvd_isa)isa))
-            return (kvd_isa)isa;
+    static const kvd_isa best_first[] = {KVD_ISA_AVX512_AMX, KVD_ISA_AVX512_BF16, KVD_ISA_AVX512};
+    for (size_t i = 0; i < sizeof best_first / sizeof best_first[0]; i++)
+        if (kvd_isa_supported(best_first[i]))
+            return best_first[i];
     return KVD_ISA_SCALAR;
 }
 
@@ -171,7 +174,7 @@ static void test_matmul_accuracy(void **state)
         {9, 50, 896}, {17, 7, 1000}, {1, 300, 4864}, {6, 13, 4864}, {2, 130, 33},
         {12, 70, 300}, {13, 40, 257}, {30, 100, 520},
     };
-    for (int isa = 0; isa <= KVD_ISA_AVX512_AMX; isa++) {
+    for (int isa = 0; isa < KVD_ISA_COUNT; isa++) {
         if (!kvd_isa_supported((kvd_isa)isa))
             continue;
         for (size_t d = 0; d < 3; d++)
@@ -274,7 +277,7 @@ static void test_matmul_large_batch_invariance(void **state)
 static void test_matmul_batch_invariance(void **state)
 {
     (void)state;
-    for (int isa = 0; isa <= KVD_ISA_AVX512_AMX; isa++) {
+    for (int isa = 0; isa < KVD_ISA_COUNT; isa++) {
         if (!kvd_isa_supported((kvd_isa)isa))
             continue;
         check_batch_invariance((kvd_isa)isa, KVD_DTYPE_BF16, 45, 200);
@@ -285,8 +288,11 @@ static void test_matmul_batch_invariance(void **state)
     check_batch_invariance(best_isa(), KVD_DTYPE_BF16, 70, 4864);
 }
 
-/* The scalar fallback computes the same bits as the AVX-512 kernels (the product also
- * as the AMX one), including where bf16 products meet subnormals. */
+/* The scalar fallback computes the same bits as the AVX-512 kernels, the AMX ones and
+ * the VDPBF16PS ones, each against the scalar build of its bf16 semantics (KVD_ISA_SCALAR
+ * or KVD_ISA_SCALAR_VDPBF16), including where bf16 products meet subnormals. Shapes: 1
+ * row (decode), 7 rows (one streaming tile), 16 (small-batch tiles) and 60 (prefill
+ * tiles of 12 rows). */
 static void test_scalar_matches_avx512(void **state)
 {
     (void)state;
@@ -294,44 +300,92 @@ static void test_scalar_matches_avx512(void **state)
         skip();
     uint64_t s = 4242;
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    static const int rows[] = {1, 7, 16, 60};
+    enum { MAX_M = 60, K = 601, N = 45 };
+    float *x = malloc((size_t)MAX_M * K * sizeof(float));
+    float *witness[2] = {malloc((size_t)MAX_M * N * sizeof(float)),
+                         malloc((size_t)MAX_M * N * sizeof(float))};
+    float *b = malloc((size_t)MAX_M * N * sizeof(float));
+    float bias[N];
     for (int d = 0; d < 3; d++) {
-        /* 7 rows stream in one tile, 14 take the sliced many-tile path; the last case's
-         * x has subnormals and products and sums that underflow */
-        for (int c = 0; c < 3; c++) {
-            int m = c == 0 ? 7 : 14, k = 601, n = 45;
+        /* the last case's x has subnormals and products and sums that underflow */
+        for (int c = 0; c < 5; c++) {
+            int m = rows[c % 4], k = K, n = N;
+            bool tiny = c == 4;
             test_matrix w = make_matrix(dtypes[d], n, k, &s);
-            float x[14 * 601], bias[45], a[14 * 45], b[14 * 45];
-            fill(x, (size_t)m * k, &s, c == 2 ? 0x1p-120f : 1.0f);
-            fill(bias, 45, &s, c == 2 ? 0x1p-125f : 1.0f);
-            for (int i = 0; c == 2 && i < m * k; i += 7)
+            fill(x, (size_t)m * k, &s, tiny ? 0x1p-120f : 1.0f);
+            fill(bias, N, &s, tiny ? 0x1p-125f : 1.0f);
+            for (int i = 0; tiny && i < m * k; i += 7)
                 x[i] = (float)(i % 3) * 0x1p-140f; /* subnormal */
-            kvd_matmul(KVD_ISA_SCALAR, a, n, x, k, m, &w.m, bias, false, 1);
-            for (int isa = KVD_ISA_AVX512; isa <= KVD_ISA_AVX512_AMX; isa++) {
-                if (!kvd_isa_supported((kvd_isa)isa))
+            kvd_matmul(KVD_ISA_SCALAR, witness[0], n, x, k, m, &w.m, bias, false, 1);
+            kvd_matmul(KVD_ISA_SCALAR_VDPBF16, witness[1], n, x, k, m, &w.m, bias, false, 1);
+            size_t bytes = (size_t)m * n * sizeof(float);
+            /* the semantics differ only over bf16 weights, and there visibly */
+            if (dtypes[d] != KVD_DTYPE_BF16)
+                assert_memory_equal(witness[0], witness[1], bytes);
+            else if (!tiny)
+                assert_memory_not_equal(witness[0], witness[1], bytes);
+            for (int isa = KVD_ISA_AVX512; isa < KVD_ISA_COUNT; isa++) {
+                if (!kvd_isa_supported((kvd_isa)isa) || isa == KVD_ISA_SCALAR_VDPBF16)
                     continue;
                 kvd_matmul((kvd_isa)isa, b, n, x, k, m, &w.m, bias, false, 2);
-                if (memcmp(a, b, (size_t)m * n * sizeof(float)) != 0)
-                    fail_msg("%s %s case %d: differs from scalar", kvd_isa_name((kvd_isa)isa),
-                             kvd_dtype_name(dtypes[d]), c);
+                if (memcmp(witness[kvd_isa_vdpbf16((kvd_isa)isa)], b, bytes) != 0)
+                    fail_msg("%s %s m=%d case %d: differs from scalar", kvd_isa_name((kvd_isa)isa),
+                             kvd_dtype_name(dtypes[d]), m, c);
             }
             free_matrix(&w);
         }
     }
-    float x[100], up[100], g1[100], g2[100], w[100], r1[100], r2[100], e1[100], e2[100];
-    fill(x, 100, &s, 30.0f);
+    free(x);
+    free(witness[0]);
+    free(witness[1]);
+    free(b);
+    float v[100], up[100], g1[100], g2[100], w[100], r1[100], r2[100], e1[100], e2[100];
+    fill(v, 100, &s, 30.0f);
     fill(up, 100, &s, 2.0f);
     fill(w, 100, &s, 1.0f);
-    memcpy(g1, x, sizeof x);
-    memcpy(g2, x, sizeof x);
+    memcpy(g1, v, sizeof v);
+    memcpy(g2, v, sizeof v);
     kvd_swiglu(KVD_ISA_SCALAR, g1, up, 100);
     kvd_swiglu(KVD_ISA_AVX512, g2, up, 100);
     assert_memory_equal(g1, g2, sizeof g1);
-    kvd_rmsnorm(KVD_ISA_SCALAR, r1, x, w, 100, 1e-6f);
-    kvd_rmsnorm(KVD_ISA_AVX512, r2, x, w, 100, 1e-6f);
+    kvd_rmsnorm(KVD_ISA_SCALAR, r1, v, w, 100, 1e-6f);
+    kvd_rmsnorm(KVD_ISA_AVX512, r2, v, w, 100, 1e-6f);
     assert_memory_equal(r1, r2, sizeof r1);
-    kvd_exp(KVD_ISA_SCALAR, e1, x, 100);
-    kvd_exp(KVD_ISA_AVX512, e2, x, 100);
+    kvd_exp(KVD_ISA_SCALAR, e1, v, 100);
+    kvd_exp(KVD_ISA_AVX512, e2, v, 100);
     assert_memory_equal(e1, e2, sizeof e1);
+}
+
+/* Which bf16 semantics each ISA computes, on one output worked out by hand from the
+ * definitions in kvd_kernels.h: u = 2^-23 (an ulp of 1), x = (1, 1, 1, 1), W = (u, 1,
+ * u, u/2), no bias.
+ * - VDPBF16PS: the block's chain from zero takes the odd input first: 1, then 1 + u
+ *   (exact), then 1 + u + u/2, a tie, to even: 1 + 2u, then 1 + 3u. (Even input first:
+ *   1 + 2u, then + u/2, a tie: 1 + 2u.)
+ * - TDPBF16PS: the even chain gives u + u = 2u, the odd one 1 + u/2, a tie: 1; their
+ *   sum 1 + 2u. */
+static void test_bf16_semantics_by_hand(void **state)
+{
+    (void)state;
+    const float u = 0x1p-23f;
+    uint16_t row[4] = {kvd_f32_to_bf16(u), kvd_f32_to_bf16(1.0f), kvd_f32_to_bf16(u),
+                       kvd_f32_to_bf16(u / 2)};
+    void *packed = aligned_alloc(64, kvd_matrix_packed_bytes(KVD_DTYPE_BF16, 1, 4));
+    assert_non_null(packed);
+    kvd_matrix_pack(packed, KVD_DTYPE_BF16, 1, 4, row, 0, 1);
+    kvd_matrix w = {.dtype = KVD_DTYPE_BF16, .rows = 1, .cols = 4, .data = packed};
+    float x[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (int isa = 0; isa < KVD_ISA_COUNT; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        float out = 0.0f, expected = kvd_isa_vdpbf16((kvd_isa)isa) ? 1.0f + 3 * u : 1.0f + 2 * u;
+        kvd_matmul_cols((kvd_isa)isa, &out, 1, x, 4, 1, &w, NULL, false, 0, 1);
+        if (out != expected)
+            fail_msg("%s: got 1 + %.3g u, expected 1 + %.3g u", kvd_isa_name((kvd_isa)isa),
+                     (double)((out - 1.0f) / u), (double)((expected - 1.0f) / u));
+    }
+    free(packed);
 }
 
 /* ---- element-wise kernels -------------------------------------------------------- */
@@ -749,6 +803,7 @@ int main(void)
         cmocka_unit_test(test_matmul_batch_invariance),
         cmocka_unit_test(test_matmul_large_batch_invariance),
         cmocka_unit_test(test_scalar_matches_avx512),
+        cmocka_unit_test(test_bf16_semantics_by_hand),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_swiglu_and_exp),

@@ -3,9 +3,12 @@
  *
  * Activations and accumulators are float32; weights stay in their stored dtype
  * (f32, f16, bf16). Each kernel exists for AVX-512 (F/BW/VL + FMA + F16C, chosen at run
- * time when the CPU has it; the matrix product also for AVX-512 with AMX tiles) and a
- * portable scalar build of the same source. All builds compute every output element
- * with one defined sequence of IEEE operations, so their results are bit-identical.
+ * time when the CPU has it; the matrix product also for AVX-512 with AMX tiles and for
+ * AVX-512 with VDPBF16PS) and a portable scalar build of the same source. Every build
+ * computes every output element with one defined sequence of IEEE operations. f32 and
+ * f16 products give the same bits in every build; bf16 products have two semantics
+ * (below), the one of the CPU's fastest exact instruction, and the scalar build can
+ * compute either.
  *
  * Determinism contract: an output element depends only on its own inputs. A matrix
  * product row is computed the same way whatever the number of rows (m), the row's
@@ -14,13 +17,32 @@
  * + bias[j], then
  * - f32 and f16 weights: takes fmaf(x[i][k], W[j][k], acc) for k = 0, 1, 2, ... in order;
  * - bf16 weights: x[i] is rounded to bf16 (nearest even, subnormals to zero), as
- *   PyTorch and llama.cpp run bf16 checkpoints, and the inputs go in blocks of 32 (the
- *   last padded with zeros), in order. For each block, an even chain e = fmaf(x[2p],
- *   W[j][2p], e) and an odd chain o = fmaf(x[2p+1], W[j][2p+1], o), p over the block's
- *   16 pairs, start from zero, and acc = acc + (e + o); subnormal inputs read as zero
- *   and subnormal results flush to zero. That is what AMX's TDPBF16PS computes
- *   (measured bit for bit), so CPUs with AMX run these products on tiles, 16 rows x 16
- *   columns x 32 inputs an instruction; the other builds emulate it with FMAs.
+ *   PyTorch and llama.cpp run bf16 checkpoints, and the inputs go in blocks (the last
+ *   padded with zeros to a multiple of 32), in order, in one of two ways:
+ *   - TDPBF16PS semantics (KVD_ISA_AVX512_AMX, KVD_ISA_AVX512, KVD_ISA_SCALAR): for each
+ *     block of 32, an even chain e = fmaf(x[2p], W[j][2p], e) and an odd chain o =
+ *     fmaf(x[2p+1], W[j][2p+1], o), p over the block's 16 pairs, start from zero, and
+ *     acc = acc + (e + o); subnormal inputs read as zero and subnormal results flush to
+ *     zero. That is what AMX's TDPBF16PS computes (measured bit for bit on a Sapphire
+ *     Rapids-class Xeon), so CPUs with AMX run these products on tiles, 16 rows x 16
+ *     columns x 32 inputs an instruction; CPUs without AVX512_BF16 emulate it with FMAs.
+ *   - VDPBF16PS semantics (KVD_ISA_AVX512_BF16, KVD_ISA_SCALAR_VDPBF16): for each block
+ *     of 64, a chain c starts from zero and takes, for each pair p of the block in
+ *     order, c = fmaf(x[2p+1], W[j][2p+1], c) then c = fmaf(x[2p], W[j][2p], c), each
+ *     with subnormal inputs read as zero and a subnormal result flushed to zero; then
+ *     acc = acc + c (plain IEEE). One pair is what VDPBF16PS computes (Intel's
+ *     documented order, measured bit for bit on AMD Zen 5 by bench/probe_bf16
+ *     --semantics, and checked on each CPU at start-up before it is used), 16 columns x
+ *     2 inputs an instruction, twice the FMA's multiply-adds on Zen 5; CPUs with
+ *     AVX512_BF16 and without AMX run it. (The blocks keep the rounding error of the
+ *     long sums at the level of TDPBF16PS's: one chain over all of k tripled the worst
+ *     logit error on the tiny test model.)
+ *   So CPUs agree bit for bit in two groups: all AMX CPUs and the AVX-512 CPUs without
+ *   AVX512_BF16 (and any whose VDPBF16PS failed the start-up check) on one side, the
+ *   AVX512_BF16 CPUs without AMX (AMD Zen 4 and 5, Intel Cooper Lake) on the other;
+ *   the two sides differ in the last bits. Either way a row's result never depends on
+ *   the batch, and the scalar build computes either side (KVD_ISA=scalar,
+ *   KVD_ISA=scalar-vdpbf16).
  * - quantized weights (ggml blocks, kvd_quant.h): x[i] is quantized block by block as
  *   llama.cpp quantizes activations: Q8_0 (32 inputs, scale amax/127 rounded to fp16,
  *   codes roundf) for Q8_0, Q4_0 and Q5_0 weights; Q8_K (256 inputs, float scale
@@ -53,15 +75,30 @@ typedef enum kvd_isa {
     KVD_ISA_SCALAR = 0,      /* portable C, any x86-64 (or other) CPU */
     KVD_ISA_AVX512 = 1,      /* AVX-512 F/BW/VL with FMA and F16C */
     KVD_ISA_AVX512_AMX = 2,  /* ... and AMX-BF16 tiles with AVX512_BF16 (Sapphire Rapids on) */
+    KVD_ISA_AVX512_BF16 = 3, /* AVX-512 with AVX512_BF16, bf16 products on VDPBF16PS (Zen 4/5) */
+    KVD_ISA_SCALAR_VDPBF16 = 4, /* portable C with VDPBF16PS's bf16 semantics (tests) */
+    KVD_ISA_COUNT
 } kvd_isa;
 
-/* The best ISA this CPU runs; KVD_ISA=scalar or KVD_ISA=avx512 in the environment
- * forces a lesser one. */
+/* The best ISA this CPU runs: AMX, else AVX512_BF16, else AVX-512, else scalar. KVD_ISA
+ * in the environment forces another one the CPU runs: scalar, scalar-vdpbf16, avx512
+ * (the FMA emulation of TDPBF16PS), avx512bf16. */
 kvd_isa kvd_isa_detect(void);
 /* True when the CPU can run isa (for AMX, asks Linux for the tile state once per
- * process, arch_prctl(ARCH_REQ_XCOMP_PERM), as any AMX user must). */
+ * process, arch_prctl(ARCH_REQ_XCOMP_PERM), as any AMX user must; for AVX512_BF16,
+ * checks that VDPBF16PS computes what the scalar emulation does on a known product). */
 bool kvd_isa_supported(kvd_isa isa);
-/* "scalar", "avx512", "avx512amx". */
+/* True when isa's bf16 products have VDPBF16PS's semantics (else TDPBF16PS's). */
+static inline bool kvd_isa_vdpbf16(kvd_isa isa)
+{
+    return isa == KVD_ISA_AVX512_BF16 || isa == KVD_ISA_SCALAR_VDPBF16;
+}
+/* True when isa runs the AVX-512 builds of the element-wise kernels. */
+static inline bool kvd_isa_avx512(kvd_isa isa)
+{
+    return isa == KVD_ISA_AVX512 || isa == KVD_ISA_AVX512_AMX || isa == KVD_ISA_AVX512_BF16;
+}
+/* "scalar", "avx512", "avx512amx", "avx512bf16", "scalar-vdpbf16". */
 const char *kvd_isa_name(kvd_isa isa);
 
 /* out[m][ldo] (columns [n_begin, n_end)) = x[m][ldx] * W^T + bias, where W is the

@@ -346,7 +346,7 @@ void kvd_paged_attention_part(kvd_isa isa, const kvd_kv_pool *pool, int layer,
                               const kvd_attention_shape *shape, const kvd_attention_query *q,
                               int kv_head, int row_begin, int row_end, float *scratch)
 {
-    if (isa >= KVD_ISA_AVX512)
+    if (kvd_isa_avx512(isa))
         kvd_paged_attention_part_avx512(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
     else
         kvd_paged_attention_part_scalar(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
@@ -355,7 +355,7 @@ void kvd_paged_attention_part(kvd_isa isa, const kvd_kv_pool *pool, int layer,
 void kvd_kv_store(kvd_isa isa, const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
                   int pos, const float *k, const float *v)
 {
-    if (isa >= KVD_ISA_AVX512)
+    if (kvd_isa_avx512(isa))
         kvd_kv_store_avx512(pool, layer, table, pos, k, v);
     else
         kvd_kv_store_scalar(pool, layer, table, pos, k, v);

@@ -3,7 +3,8 @@
  * kernels_impl.c and paged_attention.c are compiled once per ISA; each function
  * below exists as name_avx512 and name_scalar with the same contract as the public
  * function in kvd_kernels.h / kvd_attention.h that selects between them. The matrix
- * product (matmul_impl.c) has a third build, name_avx512amx.
+ * product (matmul_impl.c) has three more builds: name_avx512amx (AMX tiles),
+ * name_avx512bf16 (VDPBF16PS) and name_scalar_vdpbf16 (VDPBF16PS's semantics in C).
  */
 #ifndef KVD_KERNELS_INTERNAL_H
 #define KVD_KERNELS_INTERNAL_H
@@ -25,6 +26,8 @@
     void kvd_exp_##sfx(float *out, const float *x, int n);
 
 KVD_DECLARE_MATMUL(avx512amx)
+KVD_DECLARE_MATMUL(avx512bf16)
+KVD_DECLARE_MATMUL(scalar_vdpbf16)
 KVD_DECLARE_KERNELS(avx512)
 KVD_DECLARE_KERNELS(scalar)
 

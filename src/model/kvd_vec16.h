@@ -3,7 +3,8 @@
  * The kernels (kernels_impl.c, matmul_impl.c, paged_attention.c) are compiled twice:
  * once with KVD_VEC_AVX512 (AVX-512 F/BW/VL + FMA + F16C intrinsics) and once with
  * KVD_VEC_SCALAR (a plain struct of 16 floats, built for the baseline ISA);
- * matmul_impl.c a third time with KVD_VEC_AVX512 and KVD_VEC_AMX (AMX tiles). Every
+ * matmul_impl.c also with KVD_VEC_AVX512 and KVD_VEC_AMX (AMX tiles), and with
+ * KVD_VEC_DPBF16 for both ISAs (VDPBF16PS, and its scalar emulation). Every
  * operation here is defined lane by lane with IEEE single precision and explicit
  * fused multiply-adds, and the horizontal reductions use one fixed pairwise tree,
  * so both builds compute bit-identical results: the scalar build is the portable
@@ -24,11 +25,20 @@
 /* AVX-512 with AMX tiles (and AVX512_BF16): the product kernel only */
 #include <immintrin.h>
 #define KVD_VEC_FN(name) name##_avx512amx
+#elif defined(KVD_VEC_AVX512) && defined(KVD_VEC_DPBF16)
+/* AVX-512 with AVX512_BF16: the product kernel only, bf16 products on VDPBF16PS */
+#include <immintrin.h>
+#define KVD_VEC_FN(name) name##_avx512bf16
 #elif defined(KVD_VEC_AVX512)
 #include <immintrin.h>
 #define KVD_VEC_FN(name) name##_avx512
 #elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512AMX)
 #define KVD_VEC_FN(name) name##_avx512amx
+#elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512BF16)
+#define KVD_VEC_FN(name) name##_avx512bf16
+#elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_DPBF16)
+/* the scalar emulation of VDPBF16PS's products (tests, and KVD_ISA=scalar-vdpbf16) */
+#define KVD_VEC_FN(name) name##_scalar_vdpbf16
 #elif defined(KVD_VEC_SCALAR) && defined(KVD_VEC_STANDIN_AVX512)
 /* Not x86: the _avx512 entry points exist for the dispatcher to link, built from the
  * scalar code (never called: kvd_isa_supported() says no). */
@@ -197,10 +207,19 @@ V16_INLINE v16_flush_state v16_flush_begin(void)
 V16_INLINE void v16_flush_end(v16_flush_state saved) { _mm_setcsr(saved); }
 V16_INLINE v16 v16_fma_flush(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
 V16_INLINE v16 v16_add_flush(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+#if defined(KVD_VEC_DPBF16)
+/* VDPBF16PS: per lane, acc + x.odd * w.odd, rounded, + x.even * w.even, rounded, on the
+ * bf16 pairs of the words x and w (v16_dpbf16 in the scalar section says it exactly).
+ * It ignores MXCSR: no v16_flush_begin needed. */
+V16_INLINE v16 v16_dpbf16(v16 acc, v16 x, v16 w)
+{
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(x), (__m512bh)_mm512_castps_si512(w));
+}
+#endif
 /* Words of the bf16 pairs (lo[0], lo[1]), ..., (hi[14], hi[15]), each rounded as
  * VCVTNE2PS2BF16 rounds: nearest even, NaN made quiet, subnormals to a zero of their
  * sign. */
-#if defined(KVD_VEC_AMX)
+#if defined(KVD_VEC_AMX) || defined(KVD_VEC_DPBF16)
 V16_INLINE v16 v16_bf16_pairs(v16 lo, v16 hi)
 {
     return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -354,6 +373,23 @@ V16_INLINE v16 v16_fma_flush(v16 a, v16 b, v16 c)
 V16_INLINE v16 v16_add_flush(v16 a, v16 b)
 {
     V16_MAP(v16_flush_subnormal(v16_flush_subnormal(a.f[i]) + v16_flush_subnormal(b.f[i])));
+}
+/* What VDPBF16PS computes in each lane (measured bit for bit on AMD Zen 5, bench/probe_bf16
+ * --semantics, and Intel's documented order): the odd products first, each product
+ * exact and added with one rounding to nearest even, inputs, the intermediate sum and
+ * the result with subnormals flushed to zero, MXCSR ignored. */
+V16_INLINE v16 v16_dpbf16(v16 acc, v16 x, v16 w)
+{
+    v16 r;
+    for (int i = 0; i < 16; i++) {
+        float odd = fmaf(v16_flush_subnormal(v16_word_half(x.f[i], 1)),
+                         v16_flush_subnormal(v16_word_half(w.f[i], 1)),
+                         v16_flush_subnormal(acc.f[i]));
+        r.f[i] = v16_flush_subnormal(fmaf(v16_flush_subnormal(v16_word_half(x.f[i], 0)),
+                                          v16_flush_subnormal(v16_word_half(w.f[i], 0)),
+                                          v16_flush_subnormal(odd)));
+    }
+    return r;
 }
 V16_INLINE uint16_t v16_bf16_daz(float f)
 {

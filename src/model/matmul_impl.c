@@ -1,8 +1,10 @@
 /* matmul_impl.c - the matrix product out = x W^T over packed weights.
  *
- * Compiled three times (see kvd_vec16.h): AVX-512 with AMX tiles (_avx512amx), AVX-512
- * (_avx512) and the scalar build (_scalar); all compute the same bits and kernels.c
- * dispatches.
+ * Compiled five times (see kvd_vec16.h): AVX-512 with AMX tiles (_avx512amx), AVX-512
+ * (_avx512), the scalar build (_scalar), AVX-512 with VDPBF16PS (_avx512bf16) and its
+ * scalar twin (_scalar_vdpbf16); kernels.c dispatches. All compute the same bits over
+ * f32 and f16 weights; over bf16 weights the first three compute TDPBF16PS's semantics
+ * and the last two VDPBF16PS's (kvd_kernels.h).
  *
  * Over packed weights (kvd_matrix in kvd_model.h), one float accumulator per output
  * element starts from its init value (0, or what out holds when accumulating, plus the
@@ -10,8 +12,10 @@
  * with x[r][k] broadcast against 32 widened weights of a panel. bf16 weights follow
  * AMX's TDPBF16PS (kvd_kernels.h): x rounded to bf16, and per block of 32 inputs two
  * chains of FMAs from zero (even and odd inputs) whose sum is added to the accumulator.
- * The AMX build runs them on tiles (amx_product below); the others emulate them with
- * FMAs in the tiles of panel_tile_bf16. Nothing about an element's operations depends on
+ * The AMX build runs them on tiles (amx_product below); the _avx512 and _scalar builds
+ * emulate them with FMAs in the tiles of panel_tile_bf16. The VDPBF16PS builds run, per
+ * block of 64 inputs, one chain of VDPBF16PS from zero added to the accumulator
+ * (panel_tile_vdp). Nothing about an element's operations depends on
  * the blocking around it, and a partial sum parked in out between slices of k is exact,
  * which is what makes a row's result independent of the batch, the column range and
  * the thread. The blocking of the vector tiles:
@@ -26,7 +30,9 @@
  *   the chunk's x slice staying in L2.
  * bf16 tiles take the same shapes: only their chains (one parity at a time) live in
  * registers, the sums and the parked even chains on the stack, touched once a block;
- * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk.
+ * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk. The
+ * VDPBF16PS tiles (panel_tile_vdp) keep one chain per output vector in registers, the
+ * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch.
  */
 #include "kvd_vec16.h"
 
@@ -60,6 +66,19 @@
 #define CHUNK_FLOATS ((size_t)96 * 1024)
 /* How far ahead (bytes) each weight stream of a streaming tile is prefetched. */
 #define PREFETCH_BYTES 1024
+/* The bf16 products' semantics this build computes: VDPBF16PS's (one instruction per pair
+ * of inputs, x kept as words of bf16 pairs, one word per 2 inputs) or TDPBF16PS's (x kept
+ * as halves, one float per input). */
+#if defined(KVD_VEC_DPBF16)
+#define BF16_VDP 1
+#define BF16_X_INPUTS_PER_FLOAT 2
+/* Inputs per block of the VDPBF16PS semantics (kvd_kernels.h): a divisor of K_SLICE, so
+ * that slices start on block boundaries. */
+#define VDP_BLOCK 64
+#else
+#define BF16_VDP 0
+#define BF16_X_INPUTS_PER_FLOAT 1
+#endif
 
 /* Lanes of the 16 output columns starting at col that fall in [n_begin, n_end). */
 static uint32_t column_mask(int col, int n_begin, int n_end)
@@ -109,6 +128,33 @@ KVD_UNROLL(12)
 KVD_UNROLL(8)
         for (int h = 0; h < 2 * P; h++)
             v16_store_mask(out + (size_t)r * ldo + 16 * h, acc[r][h], masks[h]);
+}
+
+/* tile_start and tile_finish for tiles whose accumulators wait on the stack (sums[r][h])
+ * while chains run in registers. */
+V16_INLINE void tile_start_parked(float sums[][8][16], const float *out, int ldo, int k0,
+                                  const uint32_t *masks, const float *bias, bool accumulate,
+                                  int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+    tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            v16_store(sums[r][h], acc[r][h]);
+}
+
+V16_INLINE void tile_finish_parked(float *out, int ldo, float sums[][8][16], const uint32_t *masks,
+                                   int R, int P)
+{
+    v16 acc[MAX_TILE_ROWS][8];
+KVD_UNROLL(12)
+    for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+        for (int h = 0; h < 2 * P; h++)
+            acc[r][h] = v16_load(sums[r][h]);
+    tile_finish(out, ldo, acc, masks, R, P);
 }
 
 /* Prefetch of the `lines` 64-byte lines at `ahead` bytes past offset in each of the P
@@ -171,12 +217,24 @@ V16_INLINE v16 bf16_block_words(const float *row, int i, int k)
     return v16_bf16_pairs(lo, hi);
 }
 
+/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs, the layout of an AMX A tile and of
+ * VDPBF16PS's broadcasts: words[r * stride + i] holds inputs k0+2i and k0+2i+1
+ * (bf16_block_words). */
+static inline void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx,
+                                       int R, int k0, int n, int k)
+{
+    for (int r = 0; r < R; r++)
+        for (int i = k0; i < k0 + n; i += 32)
+            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2,
+                            bf16_block_words(x + (size_t)r * ldx, i, k));
+}
+
 /* x[r][k0 .. k0+n) for r < R rounded to bf16 and split by parity, as floats:
  * halves[r * stride + 32 * (i / 16) + j] is input k0 + i + 2j (j < 16) for the even ones
  * of each block of 32 and k0 + i + 2(j - 16) + 1 (j >= 16) for the odd ones, so that a
  * tile broadcasts them straight from memory. k0 and n are multiples of 32. */
-static void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx, int R,
-                                 int k0, int n, int k)
+static inline void round_to_bf16_halves(float *halves, size_t stride, const float *x, int ldx,
+                                        int R, int k0, int n, int k)
 {
     for (int r = 0; r < R; r++) {
         const float *row = x + (size_t)r * ldx;
@@ -239,15 +297,7 @@ V16_INLINE void panel_tile_bf16(float *out, int ldo, const float *x, int ldx, co
     float halves[MAX_TILE_ROWS][K_SLICE] __attribute__((aligned(64)));
     float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
     float parked[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
-    {
-        v16 acc[MAX_TILE_ROWS][8];
-        tile_start(acc, out, ldo, k0, masks, bias, accumulate, R, P);
-KVD_UNROLL(12)
-        for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-            for (int h = 0; h < 2 * P; h++)
-                v16_store(sums[r][h], acc[r][h]);
-    }
+    tile_start_parked(sums, out, ldo, k0, masks, bias, accumulate, R, P);
     int countdown = pf.every ? pf.phase : -1;
     v16_flush_state flush = v16_flush_begin();
     for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
@@ -275,14 +325,68 @@ KVD_UNROLL(8)
         }
     }
     v16_flush_end(flush);
-    v16 acc[MAX_TILE_ROWS][8];
-KVD_UNROLL(12)
-    for (int r = 0; r < R; r++)
-KVD_UNROLL(8)
-        for (int h = 0; h < 2 * P; h++)
-            acc[r][h] = v16_load(sums[r][h]);
-    tile_finish(out, ldo, acc, masks, R, P);
+    tile_finish_parked(out, ldo, sums, masks, R, P);
 }
+
+#if BF16_VDP
+/* One bf16 tile on VDPBF16PS: as panel_tile, over inputs [k0, k1) that are whole blocks
+ * of 32 (k: the matrix's real inputs, past which x reads as zero). A pair of inputs is
+ * 128 bytes of a panel (32 words, one per output column), against which each row's word
+ * of x pairs is broadcast. Per block of VDP_BLOCK inputs (kvd_kernels.h), each output
+ * vector's chain takes one VDPBF16PS per pair from zero, in registers, and is then
+ * added to its accumulator, which waits on the stack (touched once a block), so a tile
+ * holds as many rows and panels as an f32 one. xs: x as words of pairs
+ * (round_to_bf16_pairs, row stride xs_stride, starting at k0), or NULL to round them
+ * here. */
+V16_INLINE void panel_tile_vdp(float *out, int ldo, const float *x, int ldx, const float *xs,
+                               size_t xs_stride, const char *w, size_t panel_bytes, int k, int k0,
+                               int k1, const uint32_t *masks, const float *bias, bool accumulate,
+                               prefetch_plan pf, int R, int P)
+{
+    float words[MAX_TILE_ROWS][K_SLICE / 2] __attribute__((aligned(64)));
+    float sums[MAX_TILE_ROWS][8][16] __attribute__((aligned(64)));
+    tile_start_parked(sums, out, ldo, k0, masks, bias, accumulate, R, P);
+    int countdown = pf.every ? pf.phase : -1;
+    for (int s0 = k0; s0 < k1; s0 += K_SLICE) {
+        int s1 = k1 - s0 < K_SLICE ? k1 : s0 + K_SLICE;
+        const float *xw = xs ? xs + (s0 - k0) / 2 : &words[0][0];
+        size_t xw_stride = xs ? xs_stride : K_SLICE / 2;
+        if (!xs)
+            round_to_bf16_pairs((uint32_t *)&words[0][0], K_SLICE / 2, x, ldx, R, s0, s1 - s0, k);
+        for (int b0 = s0; b0 < s1; b0 += VDP_BLOCK, xw += VDP_BLOCK / 2) {
+            int pairs = (s1 - b0 < VDP_BLOCK ? s1 - b0 : VDP_BLOCK) / 2;
+            size_t at = (size_t)b0 * 64;
+            v16 chain[MAX_TILE_ROWS][8];
+KVD_UNROLL(12)
+            for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    chain[r][h] = v16_zero();
+KVD_UNROLL(2)
+            for (int pair = 0; pair < pairs; pair++, at += 128) {
+                tile_prefetch(w, panel_bytes, at, 2, pf, &countdown, P);
+                v16 wv[8];
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    wv[h] = v16_load_words(w + (size_t)(h / 2) * panel_bytes + at + 64 * (h % 2));
+KVD_UNROLL(12)
+                for (int r = 0; r < R; r++) {
+                    v16 xb = v16_set1(xw[(size_t)r * xw_stride + pair]);
+KVD_UNROLL(8)
+                    for (int h = 0; h < 2 * P; h++)
+                        chain[r][h] = v16_dpbf16(chain[r][h], xb, wv[h]);
+                }
+            }
+KVD_UNROLL(12)
+            for (int r = 0; r < R; r++)
+KVD_UNROLL(8)
+                for (int h = 0; h < 2 * P; h++)
+                    v16_store(sums[r][h], v16_add(v16_load(sums[r][h]), chain[r][h]));
+        }
+    }
+    tile_finish_parked(out, ldo, sums, masks, R, P);
+}
+#endif
 
 typedef struct product {
     float *out;
@@ -295,8 +399,9 @@ typedef struct product {
     int n_begin, n_end;
     size_t panel_bytes;
     /* bf16: x's rows from halves_r0 and inputs from halves_k0, already rounded and split
-     * (round_to_bf16_halves, row stride halves_stride), so that tiles sharing them do not
-     * each round them again; NULL: every tile rounds its own */
+     * (round_to_bf16_halves, or round_to_bf16_pairs for VDPBF16PS; row stride
+     * halves_stride), so that tiles sharing them do not each round them again; NULL:
+     * every tile rounds its own */
     const float *halves;
     size_t halves_stride;
     int halves_r0, halves_k0;
@@ -326,20 +431,27 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
         const float *pre = NULL;
         size_t ps = pr->halves_stride;
         if (pr->halves)
-            pre = pr->halves + (size_t)(r0 - pr->halves_r0) * ps + (size_t)(k0 - pr->halves_k0);
+            pre = pr->halves + (size_t)(r0 - pr->halves_r0) * ps +
+                  (size_t)(k0 - pr->halves_k0) / BF16_X_INPUTS_PER_FLOAT;
+#if BF16_VDP
+#define BF16_TILE_FN panel_tile_vdp
+#else
+#define BF16_TILE_FN panel_tile_bf16
+#endif
 #if !defined(KVD_VEC_AVX512)
-        panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
+        BF16_TILE_FN(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R, P);
         return;
 #endif
 #define BF16_TILE(R_, P_)                                                                       \
     case R_ * 8 + P_:                                                                          \
-        panel_tile_bf16(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_); \
+        BF16_TILE_FN(out, ldo, x, ldx, pre, ps, w, pb, k, k0, k1, masks, bias, acc, pf, R_, P_); \
         break;
         switch (R * 8 + P) {
             TILE_SHAPES(BF16_TILE)
         default: break;
         }
 #undef BF16_TILE
+#undef BF16_TILE_FN
         return;
     }
 #if !defined(KVD_VEC_AVX512)
@@ -379,13 +491,19 @@ static int panels_per_tile(int R)
     return R <= 2 ? 4 : R <= 6 ? 2 : 1;
 }
 
-/* Rounds rows [r0, r1) of x, inputs [k0, k1), into buf for the tiles that share them. */
+/* Rounds rows [r0, r1) of x, inputs [k0, k1), into buf for the tiles that share them
+ * (as the build's bf16 tiles read them: pairs or halves). */
 static void share_halves(product *pr, float *buf, int r0, int r1, int k0, int k1)
 {
-    round_to_bf16_halves(buf, (size_t)(k1 - k0), pr->x + (size_t)r0 * pr->ldx, pr->ldx, r1 - r0,
-                         k0, k1 - k0, pr->w->cols);
+    size_t stride = (size_t)(k1 - k0) / BF16_X_INPUTS_PER_FLOAT;
+    const float *x = pr->x + (size_t)r0 * pr->ldx;
+#if BF16_VDP
+    round_to_bf16_pairs((uint32_t *)buf, stride, x, pr->ldx, r1 - r0, k0, k1 - k0, pr->w->cols);
+#else
+    round_to_bf16_halves(buf, stride, x, pr->ldx, r1 - r0, k0, k1 - k0, pr->w->cols);
+#endif
     pr->halves = buf;
-    pr->halves_stride = (size_t)(k1 - k0);
+    pr->halves_stride = stride;
     pr->halves_r0 = r0;
     pr->halves_k0 = k0;
 }
@@ -421,8 +539,11 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
      * into buf) is at most CHUNK_FLOATS. */
     /* Small batches (decode of a few dozen sequences) run faster as tiles of up to 6
      * rows over two panels (measured: 16 sequences ~15% faster per step); prefill-sized
-     * ones as 12 rows over one panel, which needs fewer widening operations per FMA. */
-    int tile_rows = m <= SMALL_BATCH_ROWS ? 6 : MAX_TILE_ROWS, P = m <= SMALL_BATCH_ROWS ? 2 : 1;
+     * ones as 12 rows over one panel, which needs fewer widening operations per FMA.
+     * VDPBF16PS widens nothing: 6 x 2 tiles, with fewer loads per instruction, whatever
+     * the batch (896x896 at 512 rows: 332-352 against 310 GFLOP/s per core). */
+    bool six_by_two = m <= SMALL_BATCH_ROWS || (BF16_VDP && w->dtype == KVD_DTYPE_BF16);
+    int tile_rows = six_by_two ? 6 : MAX_TILE_ROWS, P = six_by_two ? 2 : 1;
     int tiles = (m + tile_rows - 1) / tile_rows;
     int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
     bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
@@ -480,17 +601,6 @@ typedef struct amx_tile_config {
     uint16_t colsb[16];
     uint8_t rows[16];
 } amx_tile_config;
-
-/* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs, the layout of an A tile: words[r *
- * stride + i] holds inputs k0+2i and k0+2i+1 (bf16_block_words). */
-static void round_to_bf16_pairs(uint32_t *words, size_t stride, const float *x, int ldx, int R,
-                                int k0, int n, int k)
-{
-    for (int r = 0; r < R; r++)
-        for (int i = k0; i < k0 + n; i += 32)
-            v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2,
-                            bf16_block_words(x + (size_t)r * ldx, i, k));
-}
 
 /* The 2 KB (32 lines) of a block's weights AMX_PREFETCH_BYTES ahead of wb. */
 static inline void amx_prefetch_block(const char *wb)

@@ -26,7 +26,7 @@ void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx,
                 out[(size_t)i * ldo + j] = NAN;
         return;
     }
-    if (isa >= KVD_ISA_AVX512 && kvd_quant_vnni_supported())
+    if (kvd_isa_avx512(isa) && kvd_quant_vnni_supported())
         kvd_qmatmul_cols_avx512vnni(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else
         kvd_qmatmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
