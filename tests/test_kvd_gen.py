@@ -133,7 +133,7 @@ def main():
 
     for bad in (["--model", "/nonexistent-dir", "--prompt", "x"],
                 ["--model", model, "--prompt", "x", "--block-size", "3"],
-                ["--model", model, "--prompt", "x", "--kv-dtype", "int8"],
+                ["--model", model, "--prompt", "x", "--kv-dtype", "int4"],
                 ["--model", model],
                 ["--model", model, "--prompt", "x", "--max-tokens", "5000"],
                 ["--model", model, "--prompt", "x", "--bogus"]):
