@@ -32,6 +32,8 @@
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -115,15 +117,17 @@ typedef struct http_conn {
     bool value_open;
     const char *value_span_end;
     bool value_gap;
-    const char *exec_end;
     uint64_t bytes_queued;  /* all bytes ever queued; minus libuv's queue: taken by the kernel */
-    uint64_t send_mark;     /* taken by the kernel when the send timer was armed */
+    uint64_t send_mark;     /* taken by the kernel at the last check that saw progress */
+    uint64_t send_mark_ms;  /* uv_now() of that check */
+    uint64_t idle_since_ms; /* IDLE: when the last answer was handed to the kernel */
     uint64_t resp_start;    /* bytes_queued when the current response began */
     uint64_t resp_meant;    /* its whole length once known */
     int resp_status;
     bool busy;              /* a dispatched request whose response is not fully taken */
     bool by_server;         /* closed by kvd_http_server_close */
     bool shut_done;         /* LINGER: our FIN is sent (every queued byte went first) */
+    bool reset_on_close;    /* cut for not reading: close with a reset (conn_cut) */
     uint64_t taken_at_close;
     int open_handles;
     bool closing;
@@ -193,7 +197,6 @@ const char *kvd_http_status_text(int status)
     case 408: return "Request Timeout";
     case 411: return "Length Required";
     case 413: return "Payload Too Large";
-    case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
     case 417: return "Expectation Failed";
     case 422: return "Unprocessable Entity";
@@ -269,6 +272,24 @@ static uint64_t conn_bytes_taken(const http_conn *conn)
     return conn->bytes_queued - uv_stream_get_write_queue_size((const uv_stream_t *)&conn->tcp);
 }
 
+/* Bytes the kernel holds for the peer, not yet acknowledged (several MiB with
+ * autotuned buffers: a peer that never reads leaves them there). */
+static uint64_t kernel_unacked(const http_conn *conn)
+{
+    uv_os_fd_t fd;
+    int n = 0;
+    if (uv_fileno((const uv_handle_t *)&conn->tcp, &fd) != 0 || ioctl(fd, SIOCOUTQ, &n) != 0 || n < 0)
+        return 0;
+    return (uint64_t)n;
+}
+
+/* What the peer has taken: the progress the send timer watches. */
+static uint64_t conn_bytes_acked(const http_conn *conn)
+{
+    uint64_t taken = conn_bytes_taken(conn), held = kernel_unacked(conn);
+    return held < taken ? taken - held : 0;
+}
+
 static void conn_free(http_conn *conn)
 {
     kvd_http_server *srv = conn->srv;
@@ -318,14 +339,30 @@ static void conn_close(http_conn *conn)
         return;
     conn->closing = true;
     conn->taken_at_close = conn_bytes_taken(conn);
+    if (conn->counted) {
+        /* A closing connection holds no slot: the next client must not get 503 while
+         * the close callbacks are still to run. */
+        conn->counted = false;
+        conn->srv->num_counted--;
+    }
     uv_timer_stop(&conn->timer);
     uv_read_stop((uv_stream_t *)&conn->tcp);
-    uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
+    /* A peer cut for not reading gets a reset: a plain close would leave the kernel
+     * delivering what it holds for it, and holding the memory, for minutes. */
+    if (!conn->reset_on_close || uv_tcp_close_reset(&conn->tcp, on_handle_closed) != 0)
+        uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&conn->timer, on_handle_closed);
     uv_close((uv_handle_t *)&conn->probe, on_handle_closed);
 }
 
 static void on_timer(uv_timer_t *timer);
+
+/* Closes a connection whose peer does not read what we send. */
+static void conn_cut(http_conn *conn)
+{
+    conn->reset_on_close = true;
+    conn_close(conn);
+}
 
 static void conn_arm_timer(http_conn *conn, uint64_t ms)
 {
@@ -359,14 +396,23 @@ static void on_write(uv_write_t *uvreq, int status)
     }
 }
 
+/* The send timer checks four times per send_timeout_ms, so a peer that stopped
+ * taking bytes is cut between 1 and 1.25 times that after the last byte it took. */
+static uint64_t send_check_ms(const http_conn *conn)
+{
+    uint64_t every = conn->srv->limits.send_timeout_ms / 4;
+    return every ? every : 1;
+}
+
 /* While a response is being written, the timer watches the peer take our bytes. */
 static void conn_arm_send_timer(http_conn *conn)
 {
     if (conn->closing || !conn->srv->limits.send_timeout_ms ||
         (conn->phase != PHASE_APP && conn->phase != PHASE_FLUSH) || uv_is_active((uv_handle_t *)&conn->timer))
         return;
-    conn->send_mark = conn_bytes_taken(conn);
-    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
+    conn->send_mark = conn_bytes_acked(conn);
+    conn->send_mark_ms = uv_now(conn->srv->loop);
+    uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
 }
 
 /* Queues the concatenation of up to three byte ranges as one write. */
@@ -442,12 +488,13 @@ static void format_head(kvd_sbuf *sb, const kvd_http_request *req, int status, c
         kvd_sbuf_puts(sb, extra_headers);
 }
 
-/* OpenAI's error type for a status, as the application's own errors use them. */
-static const char *error_type(int status)
+const char *kvd_http_error_type(int status)
 {
     switch (status) {
     case 401: return "authentication_error";
     case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 429: return "rate_limit_error";
     case 503: return "service_unavailable";
     default: return status >= 500 ? "server_error" : "invalid_request_error";
     }
@@ -482,7 +529,7 @@ static void json_error_body(kvd_sbuf *sb, int status, const char *message, const
         else
             kvd_sbuf_append(sb, p, 1);
     }
-    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", error_type(status),
+    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", kvd_http_error_type(status),
                     code && code[0] ? code : error_code(status));
 }
 
@@ -559,7 +606,16 @@ static void conn_response_done(http_conn *conn)
     }
     request_reset(&conn->req);
     conn->phase = PHASE_IDLE;
-    conn_arm_timer(conn, srv->limits.idle_timeout_ms);
+    conn->idle_since_ms = uv_now(srv->loop);
+    if (srv->limits.send_timeout_ms && kernel_unacked(conn) > 0) {
+        /* The answer is with the kernel but not with the peer: keep watching it, so a
+         * peer that pipelined and stopped reading cannot hold its slot as "idle". */
+        conn->send_mark = conn_bytes_acked(conn);
+        conn->send_mark_ms = conn->idle_since_ms;
+        conn_arm_timer(conn, send_check_ms(conn));
+    } else {
+        conn_arm_timer(conn, srv->limits.idle_timeout_ms);
+    }
     conn_resume_reading(conn);
     conn_process_input(conn);
 }
@@ -1100,16 +1156,20 @@ static void conn_resume_reading(http_conn *conn)
         conn_close(conn);
 }
 
-/* Re-arms the send timer when the peer took bytes since it was armed. */
+/* Re-arms the send timer unless the peer has taken no byte for send_timeout_ms. */
 static bool conn_send_progressed(http_conn *conn)
 {
     if (!conn->srv->limits.send_timeout_ms)
         return false;
-    uint64_t taken = conn_bytes_taken(conn);
-    if (taken == conn->send_mark)
+    uint64_t now = uv_now(conn->srv->loop);
+    uint64_t taken = conn_bytes_acked(conn);
+    if (taken != conn->send_mark) {
+        conn->send_mark = taken;
+        conn->send_mark_ms = now;
+    } else if (now - conn->send_mark_ms >= conn->srv->limits.send_timeout_ms) {
         return false;
-    conn->send_mark = taken;
-    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
+    }
+    uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
     return true;
 }
 
@@ -1133,19 +1193,30 @@ static void on_timer(uv_timer_t *timer)
         conn_reject(conn, 408, msg);
         break;
     case PHASE_LINGER:
-        if (!conn->shut_done && conn_send_progressed(conn))
-            break; /* an HTTP/1.0 stream still being written */
-        conn_close(conn);
+        if (conn->shut_done)
+            conn_close(conn);
+        else if (!conn_send_progressed(conn))
+            conn_cut(conn); /* an HTTP/1.0 stream its peer stopped reading */
         break;
-    case PHASE_IDLE:
-        conn_close(conn);
+    case PHASE_IDLE: {
+        if (conn->srv->limits.send_timeout_ms && kernel_unacked(conn) > 0) {
+            if (!conn_send_progressed(conn))
+                conn_cut(conn); /* our last answer has sat unread for send_timeout_ms */
+            break;
+        }
+        uint64_t idle_for = uv_now(conn->srv->loop) - conn->idle_since_ms;
+        if (idle_for >= conn->srv->limits.idle_timeout_ms)
+            conn_close(conn);
+        else
+            conn_arm_timer(conn, conn->srv->limits.idle_timeout_ms - idle_for);
         break;
+    }
     case PHASE_APP:
     case PHASE_FLUSH:
-        if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0)
+        if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0 && kernel_unacked(conn) == 0)
             break; /* nothing waits; the next write re-arms */
         if (!conn_send_progressed(conn))
-            conn_close(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
+            conn_cut(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
         break;
     }
 }
@@ -1348,9 +1419,9 @@ void kvd_http_server_close(kvd_http_server *srv)
     if (!uv_is_closing((uv_handle_t *)&srv->idle_notify))
         uv_close((uv_handle_t *)&srv->idle_notify, NULL);
     for (http_conn *conn = srv->conns; conn; conn = conn->next) {
-        /* A written answer whose FIN is out: let the linger end it (the peer's EOF, or
+        /* An answer wholly with the kernel: let the linger end it (the peer's EOF, or
          * LINGER_MS), so the peer reads the answer instead of a reset. */
-        if (conn->phase == PHASE_LINGER && conn->shut_done)
+        if (conn->phase == PHASE_LINGER && !conn->busy)
             continue;
         conn->by_server = true;
         conn_close(conn);
@@ -1516,7 +1587,7 @@ int kvd_http_stream_write(kvd_http_request *req, const char *data, size_t len)
     if (len == 0 || req->head_only)
         return 0; /* an empty chunk would end the body; HEAD has none */
     if (conn->write_pending + len > conn->srv->limits.max_write_queue_bytes) {
-        conn_close(conn);
+        conn_cut(conn);
         return KVD_EBUSY;
     }
     if (!req->chunked)

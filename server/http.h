@@ -175,5 +175,8 @@ size_t kvd_http_write_queue_bytes(const kvd_http_request *req);
 
 /* Reason phrase of a status code ("Not Found"). */
 const char *kvd_http_status_text(int status);
+/* OpenAI's error "type" for a status ("authentication_error" for 401, ...): the one
+ * table for the layer's own errors and the application's. */
+const char *kvd_http_error_type(int status);
 
 #endif

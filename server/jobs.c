@@ -338,7 +338,11 @@ void kvd_jobs_deinit(kvd_jobs *jobs)
         job = next;
     }
     kvd_job_map_deinit(&jobs->map);
-    uv_mutex_destroy(&jobs->parse_lock);
+    /* A job still on a worker may be parsing under the lock (its after-callback frees
+     * it when the caller runs the loop once more): the lock then outlives this call,
+     * and ends with the process. */
+    if (!jobs->live)
+        uv_mutex_destroy(&jobs->parse_lock);
 }
 
 static int job_completion_tokens(const kvd_job *job)

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "http.h"
 #include "kvd/kvd_error.h"
 #include "util.h"
 
@@ -99,18 +100,7 @@ static int append_item(kvd_sbuf *out, cJSON *item)
 
 const char *kvd_oai_error_type(int status)
 {
-    switch (status) {
-    case 401:
-        return "authentication_error";
-    case 404:
-        return "not_found_error";
-    case 429:
-        return "rate_limit_error";
-    case 503:
-        return "service_unavailable";
-    default:
-        return status >= 500 ? "server_error" : "invalid_request_error";
-    }
+    return kvd_http_error_type(status); /* one table, shared with the HTTP layer's own errors */
 }
 
 cJSON *kvd_oai_error_object(int status, const char *message, const char *param, const char *code)

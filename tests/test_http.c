@@ -53,6 +53,7 @@ struct harness {
     kvd_http_cut last_cut;
     int idles;
     size_t buffered_at_end;  /* kvd_http_server_buffered_body_bytes when the client finished */
+    struct client *left_open; /* a client the test closes only after the server has */
     jmp_buf client_jmp;  /* CHECK failures in the client thread land here */
     char failure[512];
 };
@@ -130,6 +131,10 @@ static void on_request(kvd_http_request *req, void *arg)
         memset(body, 'b', len);
         kvd_http_respond(req, 200, "application/octet-stream", NULL, body, len);
         free(body);
+    } else if (strcmp(path, "/mid") == 0) {
+        static char mid[256 * 1024];
+        memset(mid, 'm', sizeof mid);
+        kvd_http_respond(req, 200, "application/octet-stream", NULL, mid, sizeof mid);
     } else if (strcmp(path, "/drain") == 0) {
         kvd_http_server_drain(h->srv);
         h->slow_req = req;
@@ -254,12 +259,13 @@ static void run(harness *h, const kvd_http_limits *limits, client_fn client)
 
 /* ---- client side: blocking sockets ---- */
 
-typedef struct client {
+typedef struct client client;
+struct client {
     harness *h;
     int fd;
     char buf[1 << 18];
     size_t len;
-} client;
+};
 
 typedef struct response {
     int status;
@@ -268,19 +274,27 @@ typedef struct response {
     size_t body_len;
 } response;
 
-static client *client_open(harness *h)
+/* rcvbuf > 0: a receive buffer set before connecting, so the window stays that small. */
+static client *client_open_rcvbuf(harness *h, int rcvbuf)
 {
     client *c = calloc(1, sizeof *c);
     CHECK(c != NULL);
     c->h = h;
     c->fd = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(c->fd >= 0);
+    if (rcvbuf > 0)
+        setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     struct timeval tv = {.tv_sec = 20};
     setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)h->port)};
     inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
     CHECK_INT(connect(c->fd, (struct sockaddr *)&addr, sizeof addr), 0);
     return c;
+}
+
+static client *client_open(harness *h)
+{
+    return client_open_rcvbuf(h, 0);
 }
 
 static void client_close(client *c)
@@ -1066,6 +1080,38 @@ static void test_send_timeout(void **state)
     assert_true(h.last_cut.bytes_meant > (4u << 20));
 }
 
+/* An answer the kernel took whole but the peer never read: the connection looks idle
+ * to libuv, yet the send deadline (on acknowledged bytes) still closes it, long
+ * before the 60 s idle timeout. */
+static void client_idle_unread(harness *h)
+{
+    client *c = client_open_rcvbuf(h, 4096);
+    send_str(c, "GET /mid HTTP/1.1\r\nHost: t\r\n\r\n");
+    struct timespec wait = {1, 0};
+    nanosleep(&wait, NULL);
+    size_t got = 0;
+    char tmp[4096];
+    for (;;) {
+        ssize_t n = recv(c->fd, tmp, sizeof tmp, 0);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    CHECK(got < 256 * 1024); /* cut: the rest of the answer never came */
+    client_close(c);
+}
+
+static void test_send_timeout_idle(void **state)
+{
+    (void)state;
+    harness h;
+    kvd_http_limits limits = test_limits();
+    limits.send_timeout_ms = 200;
+    limits.socket_send_buffer = 1 << 20; /* the kernel takes the whole 256 KiB answer */
+    run(&h, &limits, client_idle_unread);
+    assert_int_equal(h.requests, 1);
+}
+
 /* ---- half-close ---- */
 
 static void client_half_close(harness *h)
@@ -1282,6 +1328,7 @@ static void client_cut_by_close(harness *h)
         nanosleep(&ts, NULL);
     }
     /* Returning closes the server while the 4 MiB answer is still queued. */
+    h->left_open = c;
 }
 
 static void test_cut_reported(void **state)
@@ -1291,6 +1338,7 @@ static void test_cut_reported(void **state)
     kvd_http_limits limits = test_limits();
     limits.socket_send_buffer = 16384;
     run(&h, &limits, client_cut_by_close);
+    client_close(h.left_open);
     assert_int_equal(h.cuts, 1);
     assert_true(h.last_cut.by_server);
     assert_int_equal(h.last_cut.status, 200);
@@ -1321,6 +1369,7 @@ int main(void)
         cmocka_unit_test(test_strict_parsing),
         cmocka_unit_test(test_head),
         cmocka_unit_test(test_send_timeout),
+        cmocka_unit_test(test_send_timeout_idle),
         cmocka_unit_test(test_half_close),
         cmocka_unit_test(test_auth_before_body),
         cmocka_unit_test(test_buffered_body_cap),

@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
 import kvd_e2e  # noqa: E402
+from test_hardening import read_all  # noqa: E402
 
 OLD = "--old" in sys.argv
 KEY = "sk-attack"
@@ -192,15 +193,7 @@ def attack_drain():
         d.wait_for_line(r"POST /tokenize 200", 120)
         d.signal(signal.SIGTERM)
         time.sleep(0.5)
-        raw = b""
-        while True:
-            try:
-                chunk = s.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            raw += chunk
+        raw = read_all(s)
         head, _, rest = raw.partition(b"\r\n\r\n")
         meant = int(re.search(rb"Content-Length: (\d+)", head).group(1))
         code = d.wait_exit(60)
