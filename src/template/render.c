@@ -382,7 +382,7 @@ static bool str_repr(render *r, sbuild *b, const char *s, size_t n)
         return false;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
-        char esc[8];
+        char esc[16];
         if (c == (unsigned char)q || c == '\\')
             snprintf(esc, sizeof esc, "\\%c", c);
         else if (c == '\n')
@@ -393,7 +393,33 @@ static bool str_repr(render *r, sbuild *b, const char *s, size_t n)
             snprintf(esc, sizeof esc, "\\t");
         else if (c < 0x20 || c == 0x7f)
             snprintf(esc, sizeof esc, "\\x%02x", c);
-        else {
+        else if (c >= 0x80) {
+            /* Python escapes what str.isprintable() rejects: other, separator, unassigned */
+            utf8proc_int32_t cp;
+            utf8proc_ssize_t len = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
+            if (len <= 0) {
+                snprintf(esc, sizeof esc, "\\x%02x", c);
+            } else {
+                utf8proc_category_t cat = utf8proc_category(cp);
+                bool printable = !(cat == UTF8PROC_CATEGORY_CC || cat == UTF8PROC_CATEGORY_CF ||
+                                   cat == UTF8PROC_CATEGORY_CS || cat == UTF8PROC_CATEGORY_CO ||
+                                   cat == UTF8PROC_CATEGORY_CN || cat == UTF8PROC_CATEGORY_ZL ||
+                                   cat == UTF8PROC_CATEGORY_ZP || cat == UTF8PROC_CATEGORY_ZS);
+                if (printable) {
+                    if (!sb_put(r, b, s + i, (size_t)len, P_DATA, NULL))
+                        return false;
+                    i += (size_t)len - 1;
+                    continue;
+                }
+                if (cp < 0x100)
+                    snprintf(esc, sizeof esc, "\\x%02x", (unsigned)cp);
+                else if (cp < 0x10000)
+                    snprintf(esc, sizeof esc, "\\u%04x", (unsigned)cp);
+                else
+                    snprintf(esc, sizeof esc, "\\U%08x", (unsigned)cp);
+                i += (size_t)len - 1;
+            }
+        } else {
             esc[0] = (char)c;
             esc[1] = '\0';
         }
@@ -1695,8 +1721,10 @@ static bool arith(render *r, int line, int op, const value *a, const value *b, v
         vlist *l = new_list(r, x->len + y->len);
         if (!l)
             return false;
-        memcpy(l->items, x->items, x->len * sizeof *l->items);
-        memcpy(l->items + x->len, y->items, y->len * sizeof *l->items);
+        if (x->len)
+            memcpy(l->items, x->items, x->len * sizeof *l->items);
+        if (y->len)
+            memcpy(l->items + x->len, y->items, y->len * sizeof *l->items);
         l->len = x->len + y->len;
         *out = mk_list(l);
         return step(r, l->len);

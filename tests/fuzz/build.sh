@@ -62,3 +62,9 @@ fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai.c server
 fuzz_target fuzz_chat_template tests/fuzz/fuzz_chat_template.c server/chat.c server/util.c \
   "${tok_srcs[@]}" src/util/error.c -Iserver "${tok_flags[@]}" -lpthread
 # --- end harden ---
+
+# --- template (owner: template): the chat template engine's parser and renderer ---
+# A seed input is a template, optionally followed by NUL and a JSON object of variables.
+fuzz_target fuzz_template tests/fuzz/fuzz_template.c src/template/parse.c src/template/render.c \
+  src/util/error.c "${tok_flags[@]}" -lm
+# --- end template ---
