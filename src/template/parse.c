@@ -45,14 +45,18 @@ void tmpl_arena_free(tmpl_arena *a)
     a->used_total = 0;
 }
 
-void *tmpl_alloc(tmpl_arena *a, size_t size)
+void *tmpl_alloc_raw(tmpl_arena *a, size_t size)
 {
     size = (size + 15) & ~(size_t)15;
     if (size == 0)
         size = 16;
     tmpl_arena_chunk *c = a->head;
     if (!c || c->size - c->used < size) {
-        size_t chunk = 64 * 1024;
+        /* chunks grow with the arena (16 KiB first), so a small render stays in one
+         * or two and a large one does not make thousands */
+        size_t chunk = 16 * 1024;
+        while (chunk < a->used_total && chunk < (1u << 20))
+            chunk *= 2;
         if (size > chunk / 4)
             chunk = size; /* big blocks get their own chunk, so small ones keep packing */
         if (a->budget && a->used_total + chunk > a->budget) {
@@ -70,7 +74,6 @@ void *tmpl_alloc(tmpl_arena *a, size_t size)
             n->next = c->next;
             c->next = n;
             n->used = size;
-            memset(n->data, 0, size);
             return n->data;
         }
         n->next = c;
@@ -79,7 +82,14 @@ void *tmpl_alloc(tmpl_arena *a, size_t size)
     }
     void *p = c->data + c->used;
     c->used += size;
-    memset(p, 0, size);
+    return p;
+}
+
+void *tmpl_alloc(tmpl_arena *a, size_t size)
+{
+    void *p = tmpl_alloc_raw(a, size);
+    if (p)
+        memset(p, 0, size);
     return p;
 }
 

@@ -39,6 +39,7 @@ typedef struct sbuild {
     char *data;
     uint8_t *mask;
     size_t len, cap;
+    bool heap; /* the render's output: grown with realloc, not in the arena */
 } sbuild;
 
 enum flow { FLOW_NORMAL, FLOW_BREAK, FLOW_CONTINUE };
@@ -91,6 +92,14 @@ static void *ralloc(render *r, size_t size)
     return p;
 }
 
+static void *ralloc_raw(render *r, size_t size)
+{
+    void *p = tmpl_alloc_raw(&r->arena, size);
+    if (!p)
+        return ralloc(r, size); /* reports the failure */
+    return p;
+}
+
 static bool step(render *r, uint64_t n)
 {
     r->steps += n;
@@ -107,11 +116,26 @@ static bool sb_grow(render *r, sbuild *b, size_t extra)
         return true;
     if (b->len + extra > r->lim.max_output)
         return rlimit(r, "the rendered text exceeds the output limit");
-    size_t cap = b->cap ? b->cap * 2 : 256;
+    size_t cap = b->cap ? b->cap * 2 : 64;
     while (cap < b->len + extra + 1)
         cap *= 2;
-    char *data = ralloc(r, cap);
-    uint8_t *mask = ralloc(r, cap);
+    if (b->heap) {
+        /* the arena would keep every outgrown copy of the (large) output */
+        char *data = realloc(b->data, cap);
+        if (data)
+            b->data = data;
+        uint8_t *mask = data ? realloc(b->mask, cap) : NULL;
+        if (!mask) {
+            r->failed = KVD_ENOMEM;
+            kvd_error_set(r->err, KVD_ENOMEM, "chat template: out of memory");
+            return false;
+        }
+        b->mask = mask;
+        b->cap = cap;
+        return true;
+    }
+    char *data = ralloc_raw(r, cap);
+    uint8_t *mask = ralloc_raw(r, cap);
     if (!data || !mask)
         return false;
     if (b->len) {
@@ -507,6 +531,39 @@ static bool repr_into(render *r, sbuild *b, const value *v)
     if (!sb_putc(r, b, '}', P_DATA))
         return false;
     return v->type != V_NS || sb_putc(r, b, '>', P_DATA);
+}
+
+/* a + b for two strings, sized exactly; the mask only when provenance is mixed. */
+static bool concat_str(render *r, const value *a, const value *b, value *out)
+{
+    size_t la = a->u.str.len, lb = b->u.str.len;
+    if (la == 0 || lb == 0) {
+        *out = la ? *a : *b;
+        return true;
+    }
+    char *d = ralloc_raw(r, la + lb + 1);
+    if (!d)
+        return false;
+    memcpy(d, a->u.str.s, la);
+    memcpy(d + la, b->u.str.s, lb);
+    d[la + lb] = '\0';
+    *out = mk_str(d, la + lb, a->prov);
+    if (a->prov == b->prov && a->prov != P_MIXED)
+        return true;
+    uint8_t *mask = ralloc_raw(r, la + lb);
+    if (!mask)
+        return false;
+    if (a->prov == P_MIXED)
+        memcpy(mask, a->u.str.mask, la);
+    else
+        memset(mask, a->prov == P_DATA, la);
+    if (b->prov == P_MIXED)
+        memcpy(mask + la, b->u.str.mask, lb);
+    else
+        memset(mask + la, b->prov == P_DATA, lb);
+    out->prov = P_MIXED;
+    out->u.str.mask = mask;
+    return true;
 }
 
 /* str(v) as a value (strings are returned as they are). */
@@ -939,7 +996,7 @@ static bool frame_set(render *r, frame *f, const char *name, value v)
             return true;
         }
     if (f->n == f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 8;
+        size_t cap = f->cap ? f->cap * 2 : 4;
         var *vars = ralloc(r, cap * sizeof *vars);
         if (!vars)
             return false;
@@ -1707,13 +1764,8 @@ static bool arith(render *r, int line, int op, const value *a, const value *b, v
         const value *u = a->type == V_UNDEF ? a : b;
         return rfail(r, line, "'%s' is undefined", u->u.str.s ? u->u.str.s : "value");
     }
-    if (op == OP_ADD && a->type == V_STR && b->type == V_STR) {
-        sbuild sb = {0};
-        if (!str_into(r, &sb, a) || !str_into(r, &sb, b))
-            return false;
-        *out = sb_value(&sb);
-        return true;
-    }
+    if (op == OP_ADD && a->type == V_STR && b->type == V_STR)
+        return concat_str(r, a, b, out);
     if (op == OP_ADD && is_seq(a) && is_seq(b)) {
         const vlist *x, *y;
         if (!iterate(r, line, a, &x) || !iterate(r, line, b, &y))
@@ -2071,11 +2123,8 @@ static bool eval(render *r, frame *f, const tmpl_expr *e, value *out)
         bool res;
         switch (e->op) {
         case OP_CONCAT: {
-            sbuild sb = {0};
-            if (!str_into(r, &sb, &a) || !str_into(r, &sb, &b))
-                return false;
-            *out = sb_value(&sb);
-            return true;
+            value sa, sb;
+            return to_str(r, &a, &sa) && to_str(r, &b, &sb) && concat_str(r, &sa, &sb, out);
         }
         case OP_EQ: *out = mk_bool(py_eq(&a, &b)); return true;
         case OP_NE: *out = mk_bool(!py_eq(&a, &b)); return true;
@@ -2233,8 +2282,51 @@ static bool filter_by_test(render *r, frame *f, const tmpl_expr *e, const vlist 
     return step(r, l->len);
 }
 
+/* tojson's keyword arguments: indent, separators, sort_keys (ensure_ascii is always off). */
+static bool tojson_opts(render *r, frame *f, const tmpl_expr *e, json_opts *o)
+{
+    args a;
+    if (!eval_args(r, f, e, &a))
+        return false;
+    int line = e->line;
+    const value *indent = arg_get(&a, 0, "indent"), *sort = arg_get(&a, -1, "sort_keys");
+    const value *seps = arg_get(&a, -1, "separators");
+    *o = (json_opts){.indent = -1, .item_sep = ", ", .key_sep = ": ", .line = line};
+    if (indent && indent->type == V_INT) {
+        o->indent = (int)(indent->u.i < 0 ? 0 : indent->u.i > 64 ? 64 : indent->u.i);
+        o->item_sep = ",";
+    } else if (indent && indent->type != V_NONE)
+        return rfail(r, line, "tojson: indent must be an integer");
+    if (seps && seps->type != V_NONE) {
+        if (!is_seq(seps) || seq_len(seps) != 2)
+            return rfail(r, line, "tojson: separators must be a pair of strings");
+        const vlist *sl;
+        if (!iterate(r, line, seps, &sl))
+            return false;
+        for (int k = 0; k < 2; k++) {
+            if (sl->items[k].type != V_STR)
+                return rfail(r, line, "tojson: separators must be a pair of strings");
+            char *sep = ralloc(r, sl->items[k].u.str.len + 1);
+            if (!sep)
+                return false;
+            memcpy(sep, sl->items[k].u.str.s, sl->items[k].u.str.len);
+            *(k ? &o->key_sep : &o->item_sep) = sep;
+        }
+    }
+    o->sort_keys = sort && truthy(sort);
+    return true;
+}
+
 static bool apply_filter(render *r, frame *f, const tmpl_expr *e, const value *v, value *out)
 {
+    if (e->op == F_TOJSON) {
+        json_opts o;
+        sbuild b = {0};
+        if (!tojson_opts(r, f, e, &o) || !json_into(r, &b, v, &o, 0))
+            return false;
+        *out = mk_str(b.data ? b.data : "", b.len, P_DATA);
+        return true;
+    }
     args a;
     if (!eval_args(r, f, e, &a))
         return false;
@@ -2243,38 +2335,6 @@ static bool apply_filter(render *r, frame *f, const tmpl_expr *e, const value *v
     value s;
     const vlist *l;
     switch (e->op) {
-    case F_TOJSON: {
-        const value *indent = arg_get(&a, 0, "indent"), *sort = arg_get(&a, -1, "sort_keys");
-        const value *seps = arg_get(&a, -1, "separators");
-        json_opts o = {.indent = -1, .item_sep = ", ", .key_sep = ": ", .line = line};
-        if (indent && indent->type == V_INT) {
-            o.indent = (int)(indent->u.i < 0 ? 0 : indent->u.i > 64 ? 64 : indent->u.i);
-            o.item_sep = ",";
-        } else if (indent && indent->type != V_NONE)
-            return rfail(r, line, "tojson: indent must be an integer");
-        if (seps && seps->type != V_NONE) {
-            if (!is_seq(seps) || seq_len(seps) != 2)
-                return rfail(r, line, "tojson: separators must be a pair of strings");
-            const vlist *sl;
-            if (!iterate(r, line, seps, &sl))
-                return false;
-            for (int k = 0; k < 2; k++) {
-                if (sl->items[k].type != V_STR)
-                    return rfail(r, line, "tojson: separators must be a pair of strings");
-                char *sep = ralloc(r, sl->items[k].u.str.len + 1);
-                if (!sep)
-                    return false;
-                memcpy(sep, sl->items[k].u.str.s, sl->items[k].u.str.len);
-                *(k ? &o.key_sep : &o.item_sep) = sep;
-            }
-        }
-        o.sort_keys = sort && truthy(sort);
-        sbuild b = {0};
-        if (!json_into(r, &b, v, &o, 0))
-            return false;
-        *out = mk_str(b.data ? b.data : "", b.len, P_DATA);
-        return true;
-    }
     case F_TRIM:
         if (!to_str(r, v, &s))
             return false;
@@ -2502,7 +2562,48 @@ static bool apply_filter(render *r, frame *f, const tmpl_expr *e, const value *v
 
 /* ---------------------------------------------------------------- statements */
 
-static bool emit(render *r, sbuild *b, const value *v) { return str_into(r, b, v); }
+/* Prints an expression. String concatenations ('<|im_start|>' + m.role + '\n' + ...,
+ * the bulk of a chat template) go straight to the output piece by piece instead of
+ * building each intermediate string: the same bytes, a fraction of the memory. */
+static bool emit_expr(render *r, frame *f, const tmpl_expr *e, sbuild *b)
+{
+    if (e->kind == E_BIN && e->op == OP_CONCAT)
+        return emit_expr(r, f, e->a, b) && emit_expr(r, f, e->b, b);
+    value v;
+    if (e->kind == E_BIN && e->op == OP_ADD) {
+        const tmpl_expr *leaves[32];
+        int n = 0;
+        const tmpl_expr *x = e;
+        while (x->kind == E_BIN && x->op == OP_ADD && n < 31) {
+            leaves[n++] = x->b;
+            x = x->a;
+        }
+        leaves[n++] = x; /* leaves in reverse order; x may still be a (longer) sum */
+        value vals[32];
+        bool all_str = true;
+        for (int k = n - 1; k >= 0; k--) {
+            if (!eval(r, f, leaves[k], &vals[k]))
+                return false;
+            all_str &= vals[k].type == V_STR;
+        }
+        if (all_str) {
+            for (int k = n - 1; k >= 0; k--)
+                if (!str_into(r, b, &vals[k]))
+                    return false;
+            return true;
+        }
+        v = vals[n - 1];
+        for (int k = n - 2; k >= 0; k--)
+            if (!arith(r, e->line, OP_ADD, &v, &vals[k], &v))
+                return false;
+        return str_into(r, b, &v);
+    }
+    if (e->kind == E_FILTER && e->op == F_TOJSON) {
+        json_opts o;
+        return eval(r, f, e->a, &v) && tojson_opts(r, f, e, &o) && json_into(r, b, &v, &o, 0);
+    }
+    return eval(r, f, e, &v) && str_into(r, b, &v);
+}
 
 static bool bind_targets(render *r, int line, frame *f, const tmpl_node *n, const value *item)
 {
@@ -2576,7 +2677,7 @@ static bool render_nodes(render *r, frame *f, const tmpl_node *n, sbuild *b, int
                 return false;
             break;
         case N_OUTPUT:
-            if (!eval(r, f, n->expr, &v) || !emit(r, b, &v))
+            if (!emit_expr(r, f, n->expr, b))
                 return false;
             break;
         case N_IF:
@@ -2656,26 +2757,26 @@ int kvd_template_render(const kvd_template *t, const cJSON *vars, const cJSON *t
     render r = {.err = err};
     r.lim = limits ? *limits : kvd_template_default_limits();
     tmpl_arena_init(&r.arena, r.lim.max_memory);
-    sbuild b = {0};
+    sbuild b = {.heap = true};
     int flow = FLOW_NORMAL;
     r.root = new_frame(&r, NULL);
     if (r.root && bind_object(&r, r.root, trusted, P_LIT) && bind_object(&r, r.root, vars, P_DATA))
         render_nodes(&r, r.root, t->root, &b, &flow);
+    if (!r.failed && !b.data && !sb_grow(&r, &b, 1)) /* an empty output still gets a buffer */
+        b.data = NULL;
     if (!r.failed) {
         size_t spans = 0;
         for (size_t i = 0; i < b.len; i++)
             spans += b.mask[i] && (i == 0 || !b.mask[i - 1]);
-        out->text = malloc(b.len + 1);
         out->data_spans = malloc((spans ? spans : 1) * sizeof *out->data_spans);
-        if (!out->text || !out->data_spans) {
-            kvd_template_output_free(out);
+        if (!out->data_spans) {
             r.failed = kvd_error_set(err, KVD_ENOMEM, "chat template: out of memory");
         } else {
-            if (b.len)
-                memcpy(out->text, b.data, b.len);
-            out->text[b.len] = '\0';
+            b.data[b.len] = '\0';
+            out->text = b.data;
             out->len = b.len;
-            for (size_t i = 0; i < b.len; i++) {
+            b.data = NULL;
+            for (size_t i = 0; i < out->len; i++) {
                 if (!b.mask[i])
                     continue;
                 if (i == 0 || !b.mask[i - 1])
@@ -2684,6 +2785,8 @@ int kvd_template_render(const kvd_template *t, const cJSON *vars, const cJSON *t
             }
         }
     }
+    free(b.data);
+    free(b.mask);
     tmpl_arena_free(&r.arena);
     return r.failed;
 }

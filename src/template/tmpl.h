@@ -21,6 +21,7 @@ typedef struct tmpl_arena {
 void tmpl_arena_init(tmpl_arena *a, size_t budget);
 void tmpl_arena_free(tmpl_arena *a);
 void *tmpl_alloc(tmpl_arena *a, size_t size); /* 16-byte aligned, zeroed; NULL on failure */
+void *tmpl_alloc_raw(tmpl_arena *a, size_t size); /* the same, not zeroed */
 
 /* ---- syntax tree ---- */
 enum expr_kind {
