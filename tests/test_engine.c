@@ -700,21 +700,22 @@ static void test_logprobs_and_kv_snapshot(void **state)
     r.id = submit_ok(e, prompt, 40, &p);
     kvd_error err = {0};
     assert_int_equal(kvd_engine_step(e, &err), 1);
-    uint8_t *states = NULL;
-    int num_blocks = 0;
-    char *json = NULL;
-    assert_int_equal(kvd_engine_kv_snapshot(e, &states, &num_blocks, &json), 0);
-    assert_int_equal(num_blocks, 64);
+    kvd_kv_snapshot snap;
+    assert_int_equal(kvd_engine_kv_snapshot(e, &snap), 0);
+    assert_int_equal(snap.num_blocks, 64);
     int used = 0;
-    for (int b = 0; b < num_blocks; b++)
-        used += states[b] >= 2;
+    for (int b = 0; b < snap.num_blocks; b++)
+        used += snap.states[b] >= 2;
     assert_int_equal(used, 3); /* 40 tokens: 2 full blocks and a partial one */
-    char expect[64];
-    snprintf(expect, sizeof expect, "\"request_id\":%lld,\"choice\":0", (long long)r.id);
-    assert_non_null(strstr(json, expect));
-    assert_non_null(strstr(json, "\"num_tokens\":40"));
-    free(states);
-    free(json);
+    assert_int_equal(snap.num_seqs, 1);
+    assert_int_equal(snap.seqs[0].request_id, (uint64_t)r.id);
+    assert_int_equal(snap.seqs[0].choice, 0);
+    assert_int_equal(snap.seqs[0].num_tokens, 40);
+    assert_int_equal(snap.seqs[0].num_blocks, 3);
+    for (int b = 0; b < 3; b++)
+        assert_true(snap.states[snap.seqs[0].blocks[b]] >= 2);
+    assert_int_equal(snap.stats.kv.blocks_total, 64);
+    kvd_kv_snapshot_deinit(&snap);
     drain(e, &r, 1);
     /* Greedy without penalties picks the raw argmax: the first alternative. */
     assert_int_equal(r.ch[0].first_num_top, 3);

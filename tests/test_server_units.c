@@ -20,7 +20,7 @@
 #include "chat.h"
 #include "config.h"
 #include "metrics.h"
-#include "oai.h"
+#include "oai_request.h"
 #include "util.h"
 
 /* ---- util ---- */
@@ -624,9 +624,9 @@ static void test_metrics_render(void **state)
     kvd_histogram_observe(&m.time_to_first_token, 0.003, 1);  /* bucket le=0.005 */
     kvd_histogram_observe(&m.time_to_first_token, 0.5, 2);    /* le=0.5, twice */
     kvd_histogram_observe(&m.time_to_first_token, 9999.0, 1); /* +Inf only */
-    m.finished[kvd_finish_label_of(KVD_FINISH_STOP)] = 3;
-    m.finished[kvd_finish_label_of(KVD_FINISH_LENGTH)] = 2;
-    m.finished[kvd_finish_label_of(KVD_FINISH_CANCELLED)] = 1;
+    m.finished[KVD_FINISH_STOP] = 3;
+    m.finished[KVD_FINISH_LENGTH] = 2;
+    m.finished[KVD_FINISH_CANCELLED] = 1;
     kvd_engine_stats st;
     memset(&st, 0, sizeof st);
     st.num_running = 4;

@@ -40,6 +40,15 @@ typedef struct kvd_engine_config {
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
 } kvd_engine_config;
 
+/* The one place the engine's defaults are written down: kvd_engine_config_default()
+ * and the daemon's configuration (server/config.c) both start from it. */
+#define KVD_ENGINE_CONFIG_DEFAULT                                                                  \
+    {                                                                                              \
+        .block_size = 16, .kv_dtype = KVD_DTYPE_F16, .kv_cache_bytes = (size_t)512 << 20,          \
+        .kv_num_blocks = 0, .enable_prefix_cache = true, .max_num_seqs = 64,                       \
+        .max_batched_tokens = 512, .max_queue = 256, .num_threads = 0, .watermark = 0.01f,         \
+    }
+
 kvd_engine_config kvd_engine_config_default(void);
 
 #define KVD_MAX_STOP_STRINGS 16
@@ -72,9 +81,16 @@ typedef enum kvd_finish_reason {
     KVD_FINISH_LENGTH,    /* max_tokens or the context limit */
     KVD_FINISH_CANCELLED, /* kvd_engine_cancel */
     KVD_FINISH_ERROR,
+    KVD_FINISH_COUNT,
 } kvd_finish_reason;
 
-const char *kvd_finish_reason_name(kvd_finish_reason reason); /* "stop", "length", ... */
+/* The one name table: what OpenAI responses, the log and /metrics say ("abort" for a
+ * cancelled choice, as vLLM reports it). */
+static inline const char *kvd_finish_reason_name(kvd_finish_reason reason)
+{
+    static const char *const names[KVD_FINISH_COUNT] = {"none", "stop", "length", "abort", "error"};
+    return (unsigned)reason < KVD_FINISH_COUNT ? names[reason] : "unknown";
+}
 
 typedef struct kvd_token_logprob {
     int32_t token;
@@ -163,15 +179,34 @@ bool kvd_engine_busy(kvd_engine *engine);
 
 void kvd_engine_stats_get(kvd_engine *engine, kvd_engine_stats *out);
 
-/* Snapshot of the KV pool for the /v1/kv view: per-block states (see
- * kvd_kv_block_states), malloc'ed, caller frees; and each running sequence's block
- * table as a JSON text (malloc'ed):
- *   {"block_size":16,"sequences":[{"request_id":7,"choice":0,"num_tokens":40,
- *    "num_computed":39,"blocks":[3,4,9]}, ...]}
- * With the engine thread started this waits for the current step to end (one step,
- * tens of milliseconds at most), so call it where a short wait is acceptable.
- * Returns 0 or KVD_ENOMEM. */
-int kvd_engine_kv_snapshot(kvd_engine *engine, uint8_t **states, int *num_blocks, char **tables_json);
+/* One running sequence of a KV snapshot. */
+typedef struct kvd_kv_seq_view {
+    uint64_t request_id;
+    int choice;
+    int num_tokens;
+    int num_computed;
+    int num_blocks;
+    const int32_t *blocks;     /* [num_blocks] physical ids, inside the snapshot's block_ids */
+} kvd_kv_seq_view;
+
+/* The KV pool at one step boundary, for the /v1/kv view. Owned by the caller
+ * (kvd_kv_snapshot_deinit); any thread may read it. */
+typedef struct kvd_kv_snapshot {
+    int block_size;
+    int num_blocks;            /* the pool's size */
+    uint8_t *states;           /* [num_blocks], see kvd_kv_block_states */
+    int num_seqs;
+    kvd_kv_seq_view *seqs;     /* [num_seqs], the running sequences */
+    int32_t *block_ids;        /* every sequence's table, back to back */
+    kvd_engine_stats stats;    /* taken in the same pause */
+} kvd_kv_snapshot;
+
+/* Fills *out (overwritten; deinit it afterwards either way). With the engine thread
+ * started this waits for the current step to end (one step, tens of milliseconds at
+ * most), so call it where a short wait is acceptable (a worker thread). Returns 0 or
+ * KVD_ENOMEM. */
+int kvd_engine_kv_snapshot(kvd_engine *engine, kvd_kv_snapshot *out);
+void kvd_kv_snapshot_deinit(kvd_kv_snapshot *snap);
 
 /* Debug check (tests): runs kvd_kv_check_invariants over the pool with every live
  * sequence's block table, between steps. Returns 0 or KVD_ESTATE with err set. */

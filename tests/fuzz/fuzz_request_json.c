@@ -25,7 +25,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "oai.h"
+#include "oai_request.h"
 
 #define CHECK(cond)                                                                            \
     do {                                                                                       \

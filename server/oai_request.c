@@ -1,4 +1,4 @@
-/* oai.c - field-by-field parsing of /v1/completions and /v1/chat/completions bodies.
+/* oai_request.c - field-by-field parsing of /v1/completions and /v1/chat/completions bodies.
  *
  * Ranges follow OpenAI's documented ones where OpenAI has them (temperature 0..2,
  * penalties -2..2, top_p in (0, 1]) and vLLM's for its extensions (top_k, min_p,
@@ -6,7 +6,7 @@
  * arrive as doubles; integers must be integral and within range, so 1.5 tokens or
  * 1e300 are refused instead of truncated.
  */
-#include "oai.h"
+#include "oai_request.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -394,5 +394,56 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
         for (int i = 0; i < info->num_chat_stop_ids; i++)
             if ((rc = add_stop_id(&c, r, info->chat_stop_ids[i])))
                 return rc;
+    return 0;
+}
+
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap, kvd_error *err)
+{
+    parse_ctx c = {body, param, param_cap, err};
+    param[0] = '\0';
+    const char *name = "prompt";
+    const cJSON *prompt = field(&c, "prompt");
+    if (!prompt) {
+        name = "content";
+        prompt = field(&c, "content");
+    }
+    if (prompt) {
+        if (!cJSON_IsString(prompt))
+            return fail(&c, name, "must be a string");
+        r->prompt_len = strlen(prompt->valuestring);
+        r->prompt_text = strdup(prompt->valuestring);
+        return r->prompt_text ? 0 : kvd_error_set(err, KVD_ENOMEM, "out of memory");
+    }
+    const cJSON *messages = field(&c, "messages");
+    if (!messages)
+        return fail(&c, "prompt", "is required (or \"content\", or \"messages\")");
+    r->route = KVD_OAI_CHAT;
+    return kvd_chat_render(messages, &r->chat, param, param_cap, err);
+}
+
+int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,
+                             char *param, size_t param_cap, kvd_error *err)
+{
+    parse_ctx c = {body, param, param_cap, err};
+    param[0] = '\0';
+    const cJSON *tokens = field(&c, "tokens");
+    if (!cJSON_IsArray(tokens))
+        return fail(&c, "tokens", "must be an array of token ids");
+    int n = cJSON_GetArraySize(tokens);
+    int32_t *out = malloc(((size_t)n + 1) * sizeof *out);
+    if (!out)
+        return kvd_error_set(err, KVD_ENOMEM, "out of memory");
+    int i = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, tokens) {
+        double v = item->valuedouble;
+        if (!cJSON_IsNumber(item) || v != (double)(int32_t)v || v < 0 || v >= info->vocab_size) {
+            free(out);
+            return fail(&c, "tokens", "item %d is not a token id in 0..%d", i, info->vocab_size - 1);
+        }
+        out[i++] = (int32_t)v;
+    }
+    *ids = out;
+    *count = n;
     return 0;
 }

@@ -1,4 +1,5 @@
-/* oai.h - OpenAI request bodies -> kvd_request_params, with OpenAI-style field errors.
+/* oai_request.h - request bodies (completions, chat, tokenize, detokenize) -> request
+ * structs, with OpenAI-style field errors.
  *
  * Parsing is separate from the routes so every field rule can be tested without a
  * model or a socket. Unknown fields are ignored; a known field with the wrong type
@@ -7,8 +8,8 @@
  * silently change what a client expects but are not implemented (echo, best_of > 1,
  * logit_bias, non-text response_format, batch prompts) are refused, not ignored.
  */
-#ifndef KVD_SERVER_OAI_H
-#define KVD_SERVER_OAI_H
+#ifndef KVD_SERVER_OAI_REQUEST_H
+#define KVD_SERVER_OAI_REQUEST_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -63,5 +64,13 @@ void kvd_oai_request_deinit(kvd_oai_request *r);
 int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err);
+
+/* POST /tokenize: "prompt" (or "content") as text, or "messages" rendered as chat
+ * (r->route is then KVD_OAI_CHAT). Same returns as kvd_oai_parse. */
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap,
+                           kvd_error *err);
+/* POST /detokenize: "tokens", ids below info->vocab_size, into a malloc'ed array. */
+int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,
+                             char *param, size_t param_cap, kvd_error *err);
 
 #endif
