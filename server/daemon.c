@@ -59,6 +59,13 @@ static void load_model(uv_work_t *work)
         d->load_rc = d->load_err.code ? d->load_err.code : KVD_EIO;
         return;
     }
+    /* The chat template is parsed now, so a template kvd cannot run stops the start,
+     * not the first chat request. */
+    d->chat_template = kvd_chat_template_load(cfg->chat_template, d->model->chat_template, cfg->model, &d->load_err);
+    if (!d->chat_template) {
+        d->load_rc = d->load_err.code ? d->load_err.code : KVD_EINVAL;
+        return;
+    }
     kvd_engine_config ecfg = kvd_engine_config_default();
     ecfg.block_size = cfg->block_size;
     ecfg.kv_dtype = cfg->kv_dtype;
@@ -140,6 +147,12 @@ static void after_load(uv_work_t *work, int status)
         if (id >= 0)
             m->info.chat_stop_ids[m->info.num_chat_stop_ids++] = id;
     }
+    m->info.chat_template = d->chat_template;
+    if (kvd_chat_template_is_fallback(d->chat_template))
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "chat template: the model has none; falling back to ChatML (%s)",
+                kvd_chat_template_origin(d->chat_template));
+    else
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "chat template: %s", kvd_chat_template_origin(d->chat_template));
     if (d->router.state == KVD_SERVE_LOADING) {
         d->router.state = KVD_SERVE_READY;
         print_banner(d);
@@ -288,6 +301,7 @@ void kvd_daemon_deinit(kvd_daemon *d)
     uv_run(d->loop, UV_RUN_DEFAULT);
     kvd_http_server_destroy(d->http);
     d->http = NULL;
+    kvd_chat_template_destroy(d->chat_template);
     kvd_model_destroy(d->model);
     kvd_tokenizer_destroy(d->tok);
     d->model = NULL;

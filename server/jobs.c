@@ -35,6 +35,8 @@ static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions
 
 typedef struct job_choice {
     kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
+    kvd_tool_parser tools;   /* chat with tools: the model's calls out of its text */
+    int num_calls;           /* calls streamed so far */
     size_t text_offset;      /* streamed completions: logprobs.text_offset of the next token */
     int completion_tokens;
     uint64_t last_token_ns;
@@ -296,8 +298,10 @@ static void job_free(kvd_job *job)
         jobs->live = job->next;
     if (job->next)
         job->next->prev = job->prev;
-    for (int i = 0; i < job->num_choices; i++)
+    for (int i = 0; i < job->num_choices; i++) {
         kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_tool_parser_deinit(&job->choices[i].tools);
+    }
     free(job->choices);
     free(job->prompt);
     free(job->answer);
@@ -493,6 +497,55 @@ static void job_stop(kvd_job *job, int status, const char *message)
         kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
 }
 
+/* A chat with tools: the event's text goes through the choice's tool-call parser;
+ * content and calls are sent (streams) or kept (whole responses) as they resolve. */
+static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
+{
+    kvd_jobs *jobs = job->jobs;
+    kvd_tool_delta d;
+    kvd_tool_delta_init(&d);
+    bool last = ev->finish != KVD_FINISH_NONE;
+    int rc = kvd_tool_parser_feed(&ch->tools, ev->text, ev->text_len, last, &d);
+    kvd_event content = *ev;
+    content.text = d.content.data ? d.content.data : "";
+    content.text_len = d.content.len;
+    content.finish = KVD_FINISH_NONE;
+    if (!job->oai.logprobs && content.text_len == 0)
+        content.num_tokens = 0; /* no empty chunk for tokens that were all held back */
+    if (rc != 0) {
+        job_stop(job, 500, "out of memory");
+    } else if (job->oai.stream) {
+        kvd_sbuf sse = {0};
+        kvd_oai_sse_event(&job->resp, &ch->text_offset, &content, &sse);
+        kvd_oai_sse_tool_calls(&job->resp, ev->choice, ch->num_calls, d.calls, d.num_calls, &sse);
+        ch->num_calls += d.num_calls;
+        if (ev->finish == KVD_FINISH_ERROR) {
+            kvd_event end = *ev;
+            end.num_tokens = 0;
+            end.text_len = 0;
+            kvd_oai_sse_event(&job->resp, &ch->text_offset, &end, &sse);
+        } else if (ev->finish == KVD_FINISH_STOP || ev->finish == KVD_FINISH_LENGTH) {
+            bool calls = ch->num_calls > 0 && ev->finish == KVD_FINISH_STOP;
+            kvd_oai_sse_finish(&job->resp, ev->choice, calls ? "tool_calls" : kvd_finish_reason_name(ev->finish), &sse);
+        }
+        stream_write(job, &sse);
+        kvd_sbuf_deinit(&sse);
+    } else if (!job->failed) {
+        if (kvd_oai_choice_add(&job->resp, &ch->out, &content) != 0 ||
+            kvd_oai_choice_add_calls(&job->resp, &ch->out, ev->choice, d.calls, d.num_calls) != 0) {
+            job_stop(job, 500, "out of memory");
+        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
+                     "\"stream\": true",
+                     jobs->max_response_bytes);
+            job_stop(job, 400, msg);
+        }
+    }
+    kvd_tool_delta_deinit(&d);
+}
+
 static void handle_event(kvd_job *job, const kvd_event *ev)
 {
     kvd_jobs *jobs = job->jobs;
@@ -516,7 +569,9 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
         ch->last_token_ns = now;
     }
     ch->completion_tokens = ev->completion_tokens;
-    if (job->req && job->oai.stream) {
+    if (job->oai.tool_calls && job->req) {
+        handle_tool_event(job, ch, ev);
+    } else if (job->req && job->oai.stream) {
         kvd_sbuf sse = {0};
         kvd_oai_sse_event(&job->resp, &ch->text_offset, ev, &sse);
         stream_write(job, &sse);
@@ -578,6 +633,8 @@ static void job_submit(kvd_job *job)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
+    for (int i = 0; i < job->num_choices; i++)
+        kvd_tool_parser_init(&job->choices[i].tools, job->oai.parallel_tool_calls);
     job->prompt_tokens = job->num_prompt;
     kvd_error err = {0};
     int64_t id = kvd_engine_submit(engine, job->prompt, job->num_prompt, &job->oai.params, &err);
@@ -751,12 +808,39 @@ void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
     }
     char param[128];
     kvd_error err = {0};
-    int rc = kvd_oai_parse_tokenize(&job->oai, body, param, sizeof param, &err);
+    int rc = kvd_oai_parse_tokenize(&job->oai, body, &jobs->model.info, param, sizeof param, &err);
     if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+        job_fail(job, rc == KVD_EINVAL ? 400 : 500, err.msg, param, NULL, NULL);
         return;
     }
     job_start_tokenizing(job);
+}
+
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
+{
+    kvd_oai_request r;
+    kvd_oai_request_init(&r);
+    char param[128] = "";
+    kvd_error err = {0};
+    int rc = KVD_EINVAL;
+    if (!cJSON_IsObject(body))
+        kvd_error_set(&err, KVD_EINVAL, "request body must be a JSON object");
+    else if (!cJSON_GetObjectItemCaseSensitive(body, "messages"))
+        snprintf(param, sizeof param, "messages"), kvd_error_set(&err, KVD_EINVAL, "messages: is required");
+    else
+        rc = kvd_oai_parse_tokenize(&r, body, &jobs->model.info, param, sizeof param, &err);
+    if (rc) {
+        kvd_jobs_send_error(jobs, req, rc == KVD_EINVAL ? 400 : 500, err.msg, param[0] ? param : NULL, NULL, NULL);
+    } else {
+        cJSON *answer = cJSON_CreateObject();
+        cJSON *prompt = answer ? kvd_json_sanitized_string(r.chat.text.data ? r.chat.text.data : "", r.chat.text.len) : NULL;
+        if (prompt)
+            cJSON_AddItemToObject(answer, "prompt", prompt);
+        kvd_jobs_respond_json(jobs, req, 200, prompt ? answer : NULL, NULL);
+        if (!prompt)
+            cJSON_Delete(answer);
+    }
+    kvd_oai_request_deinit(&r);
 }
 
 static void detokenize_work(uv_work_t *work)

@@ -84,6 +84,8 @@ void kvd_jobs_send_error(kvd_jobs *jobs, kvd_http_request *req, int status, cons
 /* Each takes over req (answers it now or later); body stays the caller's. */
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body);
 void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
+/* POST /apply-template (llama-server's route): {"prompt": the rendered chat}. */
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
 void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req);
 

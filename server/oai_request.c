@@ -315,6 +315,29 @@ static int parse_sampling(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_
     return 0;
 }
 
+/* messages (+ tools, tool_choice, add_generation_prompt, continue_final_message,
+ * chat_template_kwargs) through the model's chat template. */
+static int render_chat(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_info *info)
+{
+    const cJSON *messages = field(c, "messages");
+    if (!messages)
+        return fail(c, "messages", "is required");
+    if (!info || !info->chat_template)
+        return kvd_error_set(c->err, KVD_ESTATE, "no chat template is loaded");
+    kvd_chat_tools tools;
+    kvd_chat_options opts;
+    int rc = kvd_chat_parse_tools(c->body, &tools, c->param, c->param_cap, c->err);
+    if (rc == 0)
+        rc = kvd_chat_parse_options(c->body, &tools, &opts, c->param, c->param_cap, c->err);
+    if (rc == 0)
+        rc = kvd_chat_render(info->chat_template, messages, &opts, &r->chat, c->param, c->param_cap, c->err);
+    if (rc == 0) {
+        r->tool_calls = tools.tools != NULL;
+        r->parallel_tool_calls = tools.parallel;
+    }
+    return rc;
+}
+
 int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err)
@@ -382,11 +405,7 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (route == KVD_OAI_COMPLETIONS)
         return parse_prompt(&c, r, info);
 
-    const cJSON *messages = cJSON_GetObjectItemCaseSensitive(body, "messages");
-    if (!messages || cJSON_IsNull(messages))
-        return fail(&c, "messages", "is required");
-    rc = kvd_chat_render(messages, &r->chat, param, param_cap, err);
-    if (rc)
+    if ((rc = render_chat(&c, r, info)) != 0)
         return rc;
     /* The assistant's turn ends at <|im_end|> (or <|endoftext|>) unless the client
      * asked to run on regardless. */
@@ -397,7 +416,8 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     return 0;
 }
 
-int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap, kvd_error *err)
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, const kvd_oai_model_info *info, char *param,
+                           size_t param_cap, kvd_error *err)
 {
     parse_ctx c = {body, param, param_cap, err};
     param[0] = '\0';
@@ -414,11 +434,10 @@ int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, s
         r->prompt_text = strdup(prompt->valuestring);
         return r->prompt_text ? 0 : kvd_error_set(err, KVD_ENOMEM, "out of memory");
     }
-    const cJSON *messages = field(&c, "messages");
-    if (!messages)
+    if (!field(&c, "messages"))
         return fail(&c, "prompt", "is required (or \"content\", or \"messages\")");
     r->route = KVD_OAI_CHAT;
-    return kvd_chat_render(messages, &r->chat, param, param_cap, err);
+    return render_chat(&c, r, info);
 }
 
 int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,

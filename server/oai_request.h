@@ -32,6 +32,7 @@ typedef struct kvd_oai_model_info {
     int vocab_size;                /* token ids must be below this */
     int32_t chat_stop_ids[4];      /* ids that end an assistant turn (<|im_end|>, <|endoftext|>) */
     int num_chat_stop_ids;
+    const kvd_chat_template *chat_template; /* the served model's (chat.h) */
 } kvd_oai_model_info;
 
 typedef struct kvd_oai_request {
@@ -52,6 +53,8 @@ typedef struct kvd_oai_request {
     int num_prompt_ids;
     /* chat: the rendered conversation */
     kvd_chat_prompt chat;
+    bool tool_calls;               /* tools were rendered: parse the model's calls */
+    bool parallel_tool_calls;      /* more than one call per answer allowed */
 } kvd_oai_request;
 
 void kvd_oai_request_init(kvd_oai_request *r);
@@ -65,10 +68,11 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err);
 
-/* POST /tokenize: "prompt" (or "content") as text, or "messages" rendered as chat
- * (r->route is then KVD_OAI_CHAT). Same returns as kvd_oai_parse. */
-int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap,
-                           kvd_error *err);
+/* POST /tokenize: "prompt" (or "content") as text, or "messages" (with tools and the
+ * template options) rendered as chat (r->route is then KVD_OAI_CHAT). POST
+ * /apply-template: the same, messages required. Same returns as kvd_oai_parse. */
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, const kvd_oai_model_info *info, char *param,
+                           size_t param_cap, kvd_error *err);
 /* POST /detokenize: "tokens", ids below info->vocab_size, into a malloc'ed array. */
 int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,
                              char *param, size_t param_cap, kvd_error *err);

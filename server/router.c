@@ -22,6 +22,7 @@ enum route_id {
     ROUTE_CHAT,
     ROUTE_TOKENIZE,
     ROUTE_DETOKENIZE,
+    ROUTE_APPLY_TEMPLATE,
     ROUTE_KV,
 };
 
@@ -41,6 +42,7 @@ static const route routes[] = {
     {"/v1/chat/completions", "POST", ROUTE_CHAT, true, true},
     {"/tokenize", "POST", ROUTE_TOKENIZE, true, true},
     {"/detokenize", "POST", ROUTE_DETOKENIZE, true, true},
+    {"/apply-template", "POST", ROUTE_APPLY_TEMPLATE, true, true},
     {"/v1/kv", "GET", ROUTE_KV, true, true},
 };
 
@@ -126,6 +128,9 @@ static void handle_with_body(kvd_router *r, kvd_http_request *req, enum route_id
         break;
     case ROUTE_TOKENIZE:
         kvd_jobs_tokenize(r->jobs, req, body);
+        break;
+    case ROUTE_APPLY_TEMPLATE:
+        kvd_jobs_apply_template(r->jobs, req, body);
         break;
     default:
         kvd_jobs_detokenize(r->jobs, req, body);

@@ -56,11 +56,13 @@ fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/uti
 # chat.c encodes with the tokenizer, so both JSON targets link it.
 tok_srcs=(src/tokenizer/load.c src/tokenizer/encode.c src/tokenizer/bpe.c src/tokenizer/decode.c
           src/tokenizer/utf8.c)
+# chat.c renders with the template engine (src/template).
+tmpl_srcs=(src/template/parse.c src/template/render.c)
 fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai_request.c server/chat.c server/util.c src/util/buf.c \
-  src/engine/sampler.c src/engine/sampler_vocab.c "${tok_srcs[@]}" src/util/error.c -Iserver \
+  "${tmpl_srcs[@]}" src/engine/sampler.c src/engine/sampler_vocab.c "${tok_srcs[@]}" src/util/error.c -Iserver \
   "${tok_flags[@]}" -lpthread -lm
 fuzz_target fuzz_chat_template tests/fuzz/fuzz_chat_template.c server/chat.c server/util.c src/util/buf.c \
-  "${tok_srcs[@]}" src/util/error.c -Iserver "${tok_flags[@]}" -lpthread
+  "${tmpl_srcs[@]}" "${tok_srcs[@]}" src/util/error.c -Iserver "${tok_flags[@]}" -lpthread
 # --- end harden ---
 
 # --- template (owner: template): the chat template engine's parser and renderer ---
