@@ -428,13 +428,10 @@ int kvd_chat_parse_options(const cJSON *body, const kvd_chat_tools *tools, kvd_c
             return bad_field(param, param_cap, err, "continue_final_message", "must be a boolean");
         out->continue_final_message = cJSON_IsTrue(cont);
     }
-    if (out->continue_final_message) {
-        if (agp_given && out->add_generation_prompt)
-            return bad_field(param, param_cap, err, "continue_final_message",
-                             "cannot be combined with \"add_generation_prompt\": true (the last message is "
-                             "continued, no new turn is opened)");
-        out->add_generation_prompt = false;
-    }
+    if (out->continue_final_message && agp_given && out->add_generation_prompt)
+        return bad_field(param, param_cap, err, "continue_final_message",
+                         "cannot be combined with \"add_generation_prompt\": true (the last message is "
+                         "continued, no new turn is opened)");
     const cJSON *kwargs = cJSON_GetObjectItemCaseSensitive(body, "chat_template_kwargs");
     if (kwargs && !cJSON_IsNull(kwargs)) {
         if (!cJSON_IsObject(kwargs))
@@ -451,12 +448,15 @@ void kvd_chat_prompt_init(kvd_chat_prompt *p)
     kvd_sbuf_init(&p->text);
     p->data_spans = NULL;
     p->num_data_spans = 0;
+    p->continued = NULL;
+    p->continued_len = 0;
 }
 
 void kvd_chat_prompt_deinit(kvd_chat_prompt *p)
 {
     kvd_sbuf_deinit(&p->text);
     free(p->data_spans);
+    free(p->continued);
     kvd_chat_prompt_init(p);
 }
 
@@ -639,9 +639,9 @@ static int cut_after_final(kvd_template_output *out, const cJSON *messages, char
 {
     const cJSON *last = cJSON_GetArrayItem(messages, cJSON_GetArraySize(messages) - 1);
     const cJSON *content = cJSON_GetObjectItemCaseSensitive(last, "content");
-    if (strcmp(role_of(last), "assistant") != 0 || !cJSON_IsString(content))
-        return bad(param, cap, err, "continue_final_message needs the last message to be an assistant's with content",
-                   cJSON_GetArraySize(messages) - 1, "");
+    if (!cJSON_IsString(content))
+        return bad(param, cap, err, "continue_final_message needs the assistant message to have content",
+                   cJSON_GetArraySize(messages) - 1, ".content");
     const char *s = content->valuestring;
     size_t n = strlen(s);
     while (n && strchr(" \t\n\r\f\v", s[n - 1]))
@@ -700,13 +700,24 @@ int kvd_chat_render(const kvd_chat_template *t, const cJSON *messages, const kvd
             cJSON_AddItemToObject(vars, kw->string, dup);
         }
     }
+    /* Only a final assistant message is continued (llama-server's prefill rule); an
+     * agent loop that keeps the flag on gets a new turn once tools have answered. */
+    const cJSON *last = cJSON_GetArrayItem(msgs, cJSON_GetArraySize(msgs) - 1);
+    bool continuing = opts->continue_final_message && !strcmp(role_of(last), "assistant");
+    const cJSON *last_content = cJSON_GetObjectItemCaseSensitive(last, "content");
+    if (continuing && cJSON_IsString(last_content)) {
+        free(p->continued);
+        p->continued_len = strlen(last_content->valuestring);
+        if (!(p->continued = strdup(last_content->valuestring)))
+            goto out;
+    }
     cJSON_AddItemToObject(vars, "messages", msgs);
     msgs = NULL;
     cJSON *tools = opts->tools ? cJSON_Duplicate(opts->tools, true) : cJSON_CreateNull();
     if (!tools)
         goto out;
     cJSON_AddItemToObject(vars, "tools", tools);
-    if (!cJSON_AddBoolToObject(vars, "add_generation_prompt", opts->add_generation_prompt))
+    if (!cJSON_AddBoolToObject(vars, "add_generation_prompt", opts->add_generation_prompt && !continuing))
         goto out;
     const kvd_template *tmpl = opts->tools && t->tool_use ? t->tool_use : t->main;
     kvd_template_output out;
@@ -715,7 +726,7 @@ int kvd_chat_render(const kvd_chat_template *t, const cJSON *messages, const kvd
         snprintf(param, param_cap, "messages");
         goto out;
     }
-    if (opts->continue_final_message &&
+    if (continuing &&
         (rc = cut_after_final(&out, cJSON_GetObjectItemCaseSensitive(vars, "messages"), param, param_cap, err)) != 0) {
         kvd_template_output_free(&out);
         goto out;

@@ -82,7 +82,8 @@ int kvd_chat_parse_tools(const cJSON *body, kvd_chat_tools *out, char *param, si
 typedef struct kvd_chat_options {
     const cJSON *tools;            /* rendered when non-NULL */
     bool add_generation_prompt;    /* open the assistant's turn (default true) */
-    bool continue_final_message;   /* leave the last (assistant) message open to be continued */
+    bool continue_final_message;   /* a final assistant message is left open and continued (a
+                                    * prefill); a conversation ending otherwise gets a new turn */
     const cJSON *template_kwargs;  /* chat_template_kwargs: extra template variables, or NULL */
 } kvd_chat_options;
 
@@ -96,6 +97,9 @@ typedef struct kvd_chat_prompt {
     kvd_sbuf text;                /* the rendered conversation */
     kvd_template_span *data_spans; /* bytes that came from the request, not the template */
     size_t num_data_spans;
+    char *continued;              /* the continued assistant message's text (the turn so far:
+                                   * tool-call parsing starts from it), else NULL */
+    size_t continued_len;
 } kvd_chat_prompt;
 
 void kvd_chat_prompt_init(kvd_chat_prompt *p);

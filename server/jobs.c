@@ -36,6 +36,7 @@ static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions
 typedef struct job_choice {
     kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
     kvd_tool_parser tools;   /* chat with tools: the model's calls out of its text */
+    kvd_tool_delta primed;   /* calls a continued assistant message completed, sent first */
     int num_calls;           /* calls streamed so far */
     size_t text_offset;      /* streamed completions: logprobs.text_offset of the next token */
     int completion_tokens;
@@ -301,6 +302,7 @@ static void job_free(kvd_job *job)
     for (int i = 0; i < job->num_choices; i++) {
         kvd_oai_choice_deinit(&job->choices[i].out);
         kvd_tool_parser_deinit(&job->choices[i].tools);
+        kvd_tool_delta_deinit(&job->choices[i].primed);
     }
     free(job->choices);
     free(job->prompt);
@@ -504,6 +506,11 @@ static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
     kvd_jobs *jobs = job->jobs;
     kvd_tool_delta d;
     kvd_tool_delta_init(&d);
+    /* calls the prefill completed go out with the first event */
+    d.calls = ch->primed.calls;
+    d.num_calls = ch->primed.num_calls;
+    ch->primed.calls = NULL;
+    ch->primed.num_calls = 0;
     bool last = ev->finish != KVD_FINISH_NONE;
     int rc = kvd_tool_parser_feed(&ch->tools, ev->text, ev->text_len, last, &d);
     kvd_event content = *ev;
@@ -633,8 +640,16 @@ static void job_submit(kvd_job *job)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    for (int i = 0; i < job->num_choices; i++)
-        kvd_tool_parser_init(&job->choices[i].tools, job->oai.parallel_tool_calls);
+    for (int i = 0; i < job->num_choices; i++) {
+        job_choice *ch = &job->choices[i];
+        kvd_tool_parser_init(&ch->tools, job->oai.parallel_tool_calls);
+        /* a prefilled assistant turn that opened a <tool_call> is finished by the model */
+        if (job->oai.tool_calls && job->oai.chat.continued &&
+            kvd_tool_parser_prime(&ch->tools, job->oai.chat.continued, job->oai.chat.continued_len, &ch->primed) != 0) {
+            job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+            return;
+        }
+    }
     job->prompt_tokens = job->num_prompt;
     kvd_error err = {0};
     int64_t id = kvd_engine_submit(engine, job->prompt, job->num_prompt, &job->oai.params, &err);

@@ -196,3 +196,11 @@ int kvd_tool_parser_feed(kvd_tool_parser *p, const char *text, size_t len, bool 
     }
     return rc ? KVD_ENOMEM : 0;
 }
+
+int kvd_tool_parser_prime(kvd_tool_parser *p, const char *text, size_t len, kvd_tool_delta *d)
+{
+    int rc = kvd_tool_parser_feed(p, text, len, false, d);
+    kvd_sbuf_reset(&d->content);
+    kvd_sbuf_reset(&p->held_ws);
+    return rc;
+}

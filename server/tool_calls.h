@@ -48,6 +48,9 @@ void kvd_tool_parser_deinit(kvd_tool_parser *p);
 void kvd_tool_delta_init(kvd_tool_delta *d);
 void kvd_tool_delta_deinit(kvd_tool_delta *d);
 
+/* Feeds the turn's text so far (a continued assistant message) without reporting it:
+ * its content is the client's already; a call it completes is reported (in d). */
+int kvd_tool_parser_prime(kvd_tool_parser *p, const char *text, size_t len, kvd_tool_delta *d);
 /* Feeds text (final: the answer ended; everything held back is resolved) and appends
  * what can be said to d. Returns 0 or KVD_ENOMEM. */
 int kvd_tool_parser_feed(kvd_tool_parser *p, const char *text, size_t len, bool final, kvd_tool_delta *d);

@@ -671,7 +671,6 @@ static void test_chat_tool_fields(void **state)
     expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": "
                       "{\"type\": \"function\", \"function\": {\"name\": \"g\"}}}", "tool_choice.function.name", "names no");
     expect_chat_error("{" MSG ", \"parallel_tool_calls\": 1}", "parallel_tool_calls", "boolean");
-    expect_chat_error("{" MSG ", \"continue_final_message\": true}", "messages[0]", "assistant");
     expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}], \"continue_final_message\": true, "
                       "\"add_generation_prompt\": true}", "continue_final_message", "cannot be combined");
     expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": 5}]}",
