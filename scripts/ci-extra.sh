@@ -9,7 +9,8 @@
 #   (units, end-to-end, and the soak suite: bad models, slow clients, pool exhaustion,
 #   the daemon's whole life under LeakSanitizer, a 60 s soak) with leak detection on
 #   and UBSan halting at the first report; timeouts are tripled for the sanitizers' cost.
-# fuzz: builds every libFuzzer target (tests/fuzz/build.sh) and runs each for
+# fuzz: builds every libFuzzer target (tests/fuzz/build.sh: meson -Dfuzz=true with
+#   clang in build-fuzz/, targets listed in tests/fuzz/meson.build) and runs each for
 #   $KVD_FUZZ_SECONDS (default 30) seconds with tests/fuzz/run.sh, which fails on any
 #   crash, leak, timeout or still-open known finding.
 # Budget on 2 cores: about 25 minutes at most (each stage prints the time used so far).

@@ -43,10 +43,10 @@ typedef struct knob {
 #define MAX_SAFE_INT 9007199254740992LL /* 2^53: JSON numbers are doubles */
 
 static const knob knobs[] = {
-    {"host", KNOB_STR, OFF(host), CAP(host), 0, 0, "ADDR", "address to listen on (IPv4 or IPv6 literal)"},
+    {"host", KNOB_STR, OFF(host), CAP(host), 0, 0, "ADDR", "address to listen on: an IPv4 or IPv6 literal, or a host name (localhost)"},
     {"port", KNOB_INT, OFF(port), 0, 0, 65535, "N", "TCP port; 0 picks a free one (printed in the banner)"},
     {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "DIR", "checkpoint directory (config.json, *.safetensors, tokenizer.json)"},
-    {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; empty: the model directory's name"},
+    {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; more names after commas are aliases requests may use; empty: the model directory's name"},
     {"chat_template", KNOB_STR, OFF(chat_template), CAP(chat_template), 0, 0, "FILE", "Jinja chat template used instead of the model's own (tokenizer_config.json, GGUF); empty: the model's, else the built-in ChatML fallback"},
     {"block_size", KNOB_INT, OFF(block_size), 0, 1, 256, "N", "tokens per KV block (power of two)"},
     {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
@@ -55,7 +55,7 @@ static const knob knobs[] = {
     {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32", "element type of cached keys and values"},
     {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
     {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
-    {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded"},
+    {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded (the engine's own default)"},
     {"max_body_bytes", KNOB_U64, OFF(max_body_bytes), 0, 1024, 1LL << 32, "BYTES", "largest request body (413 above)"},
     {"max_header_bytes", KNOB_U64, OFF(max_header_bytes), 0, 1024, 1 << 24, "BYTES", "largest request line plus headers (431 above)"},
     {"header_timeout_ms", KNOB_U64, OFF(header_timeout_ms), 0, 1, 86400000, "MS", "time allowed from connect (or a request's first byte) to the end of its headers"},
@@ -64,9 +64,9 @@ static const knob knobs[] = {
     {"max_connections", KNOB_INT, OFF(max_connections), 0, 1, 1 << 20, "N", "open connections; more are answered 503 and closed"},
     {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
     {"max_response_bytes", KNOB_U64, OFF(max_response_bytes), 0, 4096, 1LL << 32, "BYTES", "largest whole (non-streamed) response a request may build; larger ones are refused with 400 (stream them instead)"},
-    {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning"},
+    {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning (up to tcp_wmem's maximum, 4 MiB by default, per connection)"},
     {"drain_timeout_s", KNOB_INT, OFF(drain_timeout_s), 0, 0, 86400, "S", "grace period for in-flight requests after SIGINT/SIGTERM"},
-    {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/* and /tokenize, /detokenize; empty: none"},
+    {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/*, /tokenize and /detokenize; empty: no key"},
     {"threads", KNOB_INT, OFF(threads), 0, 0, 1024, "N", "compute threads; 0: all cores"},
     {"enable_prefix_cache", KNOB_BOOL, OFF(enable_prefix_cache), 0, 0, 0, NULL, "reuse cached KV blocks of shared prompt prefixes"},
     {"log_level", KNOB_LOGLEVEL, OFF(log_level), 0, 0, 0, "debug|info|warn|error", "least severe log level written to stderr"},
@@ -359,6 +359,8 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
     if (cfg->model[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "model: not set (use --model DIR or the \"model\" key)");
     struct stat st;
+    if (stat(cfg->model, &st) != 0 && errno == ELOOP)
+        return kvd_error_set(err, KVD_EINVAL, "model: %s is a symbolic link loop (%s)", cfg->model, strerror(ELOOP));
     if (stat(cfg->model, &st) != 0 || !S_ISDIR(st.st_mode))
         return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
     if (cfg->host[0] == '\0')
@@ -368,6 +370,18 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
     if (cfg->kv_cache_bytes == 0 && cfg->kv_num_blocks == 0)
         return kvd_error_set(err, KVD_EINVAL, "kv_cache_bytes: must be positive");
     return 0;
+}
+
+/* The flag of a knob with its placeholder: "--max-num-seqs N". */
+static void knob_flag(const knob *k, char *out, size_t cap)
+{
+    if (k->kind == KNOB_BOOL)
+        snprintf(out, cap, "--%s", k->key);
+    else
+        snprintf(out, cap, "--%s %s", k->key, k->arg);
+    for (char *p = out + 2; *p && *p != ' '; p++)
+        if (*p == '_')
+            *p = '-';
 }
 
 static void describe_default(const kvd_server_config *defaults, const knob *k, char *out, size_t cap)
@@ -410,19 +424,14 @@ void kvd_config_print_help(FILE *out, const char *prog)
             "(the flag's name with '_' for '-').\n"
             "\n"
             "  --config FILE            JSON config file (keys below)\n"
-            "  --help, -h               this text\n",
+            "  --help, -h               this text\n"
+            "  --print-knobs json|md    every knob with its default, as a config file or a\n"
+            "                           markdown table (docs/operations.md), then exit\n",
             prog);
     for (size_t i = 0; i < NUM_KNOBS; i++) {
         const knob *k = &knobs[i];
         char flag[96], def[160];
-        if (k->kind == KNOB_BOOL) {
-            snprintf(flag, sizeof flag, "--%s", k->key);
-        } else {
-            snprintf(flag, sizeof flag, "--%s %s", k->key, k->arg);
-        }
-        for (char *p = flag + 2; *p && *p != ' '; p++)
-            if (*p == '_')
-                *p = '-';
+        knob_flag(k, flag, sizeof flag);
         describe_default(&defaults, k, def, sizeof def);
         fprintf(out, "  %-24s %s [default %s]\n", flag, k->help, def);
         if (strcmp(k->key, "enable_prefix_cache") == 0)
@@ -430,10 +439,51 @@ void kvd_config_print_help(FILE *out, const char *prog)
     }
 }
 
+int kvd_config_print_knobs(FILE *out, const char *format)
+{
+    kvd_server_config defaults;
+    kvd_config_defaults(&defaults);
+    if (strcmp(format, "json") == 0) {
+        /* A config file with every key at its default (kv_cache_bytes is given as
+         * kv_cache_mb, its other unit: a file may hold only one of the two). */
+        fprintf(out, "{\n");
+        bool first = true;
+        for (size_t i = 0; i < NUM_KNOBS; i++) {
+            const knob *k = &knobs[i];
+            if (strcmp(k->key, "kv_cache_bytes") == 0)
+                continue;
+            char def[KVD_CONFIG_PATH_MAX + 8];
+            describe_default(&defaults, k, def, sizeof def);
+            bool quoted = k->kind == KNOB_DTYPE || k->kind == KNOB_LOGLEVEL;
+            fprintf(out, "%s  \"%s\": %s%s%s", first ? "" : ",\n", k->key, quoted ? "\"" : "", def, quoted ? "\"" : "");
+            first = false;
+        }
+        fprintf(out, "\n}\n");
+        return 0;
+    }
+    if (strcmp(format, "md") == 0) {
+        fprintf(out, "| key / flag | default | meaning |\n|---|---|---|\n");
+        for (size_t i = 0; i < NUM_KNOBS; i++) {
+            const knob *k = &knobs[i];
+            char flag[96], def[KVD_CONFIG_PATH_MAX + 8];
+            knob_flag(k, flag, sizeof flag);
+            describe_default(&defaults, k, def, sizeof def);
+            fprintf(out, "| `%s` / `", k->key);
+            for (const char *c = flag; *c; c++) /* a table cell ends at a bare '|' */
+                fprintf(out, *c == '|' ? "\\|" : "%c", *c);
+            fprintf(out, "` | `%s` | %s |\n", def, k->help);
+            if (strcmp(k->key, "enable_prefix_cache") == 0)
+                fprintf(out, "| | `--no-prefix-cache` | | turn the prefix cache off |\n");
+        }
+        return 0;
+    }
+    return KVD_EINVAL;
+}
+
 void kvd_config_model_name(const kvd_server_config *cfg, char *out, size_t cap)
 {
     if (cfg->served_model_name[0]) {
-        snprintf(out, cap, "%s", cfg->served_model_name);
+        snprintf(out, cap, "%.*s", (int)strcspn(cfg->served_model_name, ","), cfg->served_model_name);
         return;
     }
     size_t len = strlen(cfg->model);

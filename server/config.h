@@ -24,7 +24,7 @@ typedef struct kvd_server_config {
     char host[256];
     int port;                        /* 0 = any free port */
     char model[KVD_CONFIG_PATH_MAX]; /* checkpoint directory (config.json, safetensors, tokenizer.json) */
-    char served_model_name[256];     /* "" = the model directory's last component */
+    char served_model_name[256];     /* "name[,alias...]"; "" = the model directory's last component */
     char chat_template[KVD_CONFIG_PATH_MAX]; /* a Jinja file over the model's own template; "" = the model's */
     int block_size;
     uint64_t kv_cache_bytes;
@@ -74,7 +74,14 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err);
 /* `kvd --help`: usage and every flag with its default. */
 void kvd_config_print_help(FILE *out, const char *prog);
 
-/* The served model name: served_model_name or the model directory's last component. */
+/* Every knob with its default: "json" as a config file (configs/default.json),
+ * "md" as the table in docs/operations.md. Returns 0, or KVD_EINVAL for another
+ * format. The knob table in config.c is the one place a knob is declared: a new
+ * knob is one row there, and --help, files, flags and these listings follow. */
+int kvd_config_print_knobs(FILE *out, const char *format);
+
+/* The served model name: served_model_name's first name or the model directory's
+ * last component. */
 void kvd_config_model_name(const kvd_server_config *cfg, char *out, size_t cap);
 
 #endif

@@ -11,10 +11,15 @@
  */
 #include "daemon.h"
 
+#include <arpa/inet.h>
 #include <inttypes.h>
 #include <malloc.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kvd/kvd_kernels.h"
@@ -37,26 +42,74 @@ static void on_engine_async(uv_async_t *handle)
         kvd_jobs_on_events(&d->jobs, events);
 }
 
+/* Measures the loop thread's own CPU time per iteration (what it spent in callbacks,
+ * never time it waited in epoll or was descheduled), so stalls the daemon causes can
+ * be told from a busy machine's. */
+static void on_loop_prepare(uv_prepare_t *handle)
+{
+    kvd_daemon *d = handle->data;
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    if (d->loop_cpu_seen) {
+        double spent = now - d->loop_cpu;
+        kvd_histogram_observe(&d->metrics.loop_iteration_cpu, spent, 1);
+        if (spent > d->metrics.loop_iteration_cpu_max)
+            d->metrics.loop_iteration_cpu_max = spent;
+    }
+    d->loop_cpu = now;
+    d->loop_cpu_seen = true;
+}
+
 /* ---- lifecycle ---- */
 
 static void daemon_shutdown(kvd_daemon *d);
 
-static void load_model(uv_work_t *work)
+/* The loader's own state, on the heap and shared with the loader thread under its
+ * lock: a loader still blocked when the daemon stops (a FIFO for a checkpoint file, a
+ * stalled network mount) is abandoned, frees what it made when it finishes, and never
+ * writes into the daemon after that. */
+struct kvd_loader {
+    uv_mutex_t lock;
+    pthread_t thread;
+    bool done;              /* finished: the results below are final, notify was sent */
+    bool abandoned;         /* the daemon stopped first */
+    uv_async_t *notify;     /* the daemon's load_async, sent under the lock */
+    kvd_server_config cfg;
+    void (*engine_notify)(void *arg);
+    void *engine_notify_arg;
+    kvd_tokenizer *tok;
+    kvd_model *model;
+    kvd_engine *engine;     /* created, not started: its thread would notify the daemon */
+    kvd_error err;
+    int rc;
+};
+
+static void loader_free_results(kvd_loader *l)
 {
-    kvd_daemon *d = work->data;
-    const kvd_server_config *cfg = &d->cfg;
+    kvd_engine_destroy(l->engine);
+    kvd_model_destroy(l->model);
+    kvd_tokenizer_destroy(l->tok);
+    l->engine = NULL;
+    l->model = NULL;
+    l->tok = NULL;
+}
+
+static void load_model(kvd_loader *l)
+{
+    const kvd_server_config *cfg = &l->cfg;
     char path[KVD_CONFIG_PATH_MAX + 32];
     snprintf(path, sizeof path, "%s/tokenizer.json", cfg->model);
-    d->tok = kvd_tokenizer_load(path, &d->load_err);
-    if (!d->tok) {
-        d->load_rc = d->load_err.code ? d->load_err.code : KVD_EIO;
+    l->tok = kvd_tokenizer_load(path, &l->err);
+    if (!l->tok) {
+        l->rc = l->err.code ? l->err.code : KVD_EIO;
         return;
     }
     /* Small checkpoints load in milliseconds: progress lines would only be noise. */
     kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20};
-    d->model = kvd_model_load(cfg->model, &opts, &d->load_err);
-    if (!d->model) {
-        d->load_rc = d->load_err.code ? d->load_err.code : KVD_EIO;
+    l->model = kvd_model_load(cfg->model, &opts, &l->err);
+    if (!l->model) {
+        l->rc = l->err.code ? l->err.code : KVD_EIO;
         return;
     }
     /* The chat template is parsed now, so a template kvd cannot run stops the start,
@@ -76,22 +129,65 @@ static void load_model(uv_work_t *work)
     ecfg.max_batched_tokens = cfg->max_batched_tokens;
     ecfg.max_queue = cfg->max_queue;
     ecfg.num_threads = cfg->threads;
-    d->engine = kvd_engine_create(d->model, d->tok, &ecfg, engine_notify, d, &d->load_err);
-    if (!d->engine) {
-        d->load_rc = d->load_err.code ? d->load_err.code : KVD_EINVAL;
+    l->engine = kvd_engine_create(l->model, l->tok, &ecfg, l->engine_notify, l->engine_notify_arg, &l->err);
+    if (!l->engine) {
+        l->rc = l->err.code ? l->err.code : KVD_EINVAL;
         return;
     }
     /* Parsing tokenizer.json and config leaves tens of MiB of freed heap behind;
      * hand it back so the resident set is weights + KV pool + a small overhead. */
     malloc_trim(0);
-    int rc = kvd_engine_start(d->engine, &d->load_err);
-    if (rc < 0)
-        d->load_rc = rc;
 }
 
+static void *loader_main(void *arg)
+{
+    kvd_loader *l = arg;
+    load_model(l);
+    uv_mutex_lock(&l->lock);
+    bool abandoned = l->abandoned;
+    if (!abandoned) {
+        l->done = true;
+        uv_async_send(l->notify);
+    }
+    uv_mutex_unlock(&l->lock);
+    if (abandoned) {
+        loader_free_results(l);
+        uv_mutex_destroy(&l->lock);
+        free(l);
+    }
+    return NULL;
+}
+
+/* Takes the loader's results (joining its thread) or abandons it. Loop thread. */
+static void loader_release(kvd_daemon *d)
+{
+    kvd_loader *l = d->loader;
+    if (!l)
+        return;
+    d->loader = NULL;
+    uv_mutex_lock(&l->lock);
+    bool done = l->done;
+    l->abandoned = !done;
+    uv_mutex_unlock(&l->lock);
+    if (!done) {
+        pthread_detach(l->thread);
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "stopping without waiting for the model loader");
+        return;
+    }
+    pthread_join(l->thread, NULL);
+    d->tok = l->tok;
+    d->model = l->model;
+    d->engine = l->engine;
+    d->load_err = l->err;
+    d->load_rc = l->rc;
+    uv_mutex_destroy(&l->lock);
+    free(l);
+}
+
+/* A drain ends when the last job does; a model still loading is not waited for. */
 static void check_drained(kvd_daemon *d)
 {
-    if (d->router.state == KVD_SERVE_DRAINING && d->jobs.count == 0 && !d->load_pending)
+    if (d->router.state == KVD_SERVE_DRAINING && d->jobs.count == 0)
         daemon_shutdown(d);
 }
 
@@ -119,12 +215,17 @@ static void print_banner(kvd_daemon *d)
             d->cfg.max_batched_tokens, d->cfg.max_queue);
 }
 
-static void after_load(uv_work_t *work, int status)
+static void on_loaded(uv_async_t *handle)
 {
-    kvd_daemon *d = work->data;
-    d->load_pending = false;
-    if (status < 0 && d->load_rc == 0)
-        d->load_rc = KVD_ECANCELED;
+    kvd_daemon *d = handle->data;
+    if (d->router.state == KVD_SERVE_STOPPING)
+        return; /* deinit takes or abandons the loader */
+    loader_release(d);
+    if (d->load_rc == 0) {
+        int rc = kvd_engine_start(d->engine, &d->load_err);
+        if (rc < 0)
+            d->load_rc = rc;
+    }
     if (d->load_rc != 0) {
         kvd_log(&d->log, KVD_LOG_ERROR, "cannot load model: %s",
                 d->load_err.msg[0] ? d->load_err.msg : kvd_strerror(d->load_rc));
@@ -190,6 +291,8 @@ static void on_jobs_idle(void *arg)
 static void on_signal(uv_signal_t *handle, int signum)
 {
     kvd_daemon *d = handle->data;
+    if (d->router.state == KVD_SERVE_STOPPING)
+        return; /* already on the way out */
     d->signals_seen++;
     if (d->signals_seen == 1) {
         kvd_log(&d->log, KVD_LOG_ALWAYS, "received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
@@ -208,8 +311,13 @@ static void daemon_shutdown(kvd_daemon *d)
     d->router.state = KVD_SERVE_STOPPING;
     d->jobs.stopping = true;
     kvd_http_server_close(d->http);
-    uv_close((uv_handle_t *)&d->sigint, NULL);
-    uv_close((uv_handle_t *)&d->sigterm, NULL);
+    /* The signal handles stay installed (unreferenced) until deinit: closed, they
+     * would restore the default action, and a second quick SIGTERM would kill the
+     * process mid-shutdown (exit 143). */
+    uv_unref((uv_handle_t *)&d->sigint);
+    uv_unref((uv_handle_t *)&d->sigterm);
+    uv_unref((uv_handle_t *)&d->load_async);
+    uv_close((uv_handle_t *)&d->loop_prepare, NULL);
     uv_timer_stop(&d->drain_timer);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
     /* The async handle stays open for the engine thread until kvd_daemon_deinit; it
@@ -230,9 +338,17 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     d->jobs.on_idle = on_jobs_idle;
     d->jobs.max_response_bytes = cfg->max_response_bytes;
     d->jobs.on_idle_arg = d;
-    d->model_names[0] = d->model_name;
+    int num_names = 0;
+    d->model_names[num_names++] = d->model_name;
+    snprintf(d->model_aliases, sizeof d->model_aliases, "%s", cfg->served_model_name);
+    for (char *p = strchr(d->model_aliases, ','); p && num_names < 8; p = strchr(p, ',')) {
+        *p++ = '\0';
+        p += strspn(p, " ");
+        if (*p && *p != ',')
+            d->model_names[num_names++] = p;
+    }
     d->router = (kvd_router){.cfg = &d->cfg, .state = KVD_SERVE_LOADING, .jobs = &d->jobs,
-                             .model_names = d->model_names, .num_model_names = 1};
+                             .model_names = d->model_names, .num_model_names = num_names};
 
     kvd_http_limits limits = kvd_http_limits_default();
     limits.max_header_bytes = (size_t)cfg->max_header_bytes;
@@ -249,6 +365,10 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
         return err ? err->code : KVD_EINVAL;
     d->router.http = d->http;
 
+    uv_prepare_init(loop, &d->loop_prepare);
+    d->loop_prepare.data = d;
+    uv_prepare_start(&d->loop_prepare, on_loop_prepare);
+    uv_unref((uv_handle_t *)&d->loop_prepare);
     uv_async_init(loop, &d->engine_async, on_engine_async);
     d->engine_async.data = d;
     uv_signal_init(loop, &d->sigint);
@@ -257,13 +377,44 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     d->sigterm.data = d;
     uv_timer_init(loop, &d->drain_timer);
     d->drain_timer.data = d;
-    d->load_work.data = d;
+    uv_async_init(loop, &d->load_async, on_loaded);
+    d->load_async.data = d;
     return 0;
+}
+
+/* Listens on cfg.host: an address literal as it is, a host name ("localhost") on
+ * the first of its addresses that can be bound. Resolving blocks, which is fine
+ * before anything is served. */
+static int listen_on_host(kvd_daemon *d, kvd_error *err)
+{
+    const char *host = d->cfg.host;
+    unsigned char probe[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, host, probe) == 1 || inet_pton(AF_INET6, host, probe) == 1)
+        return kvd_http_server_listen(d->http, host, d->cfg.port, &d->bound_port, err);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG};
+    struct addrinfo *found = NULL;
+    int gai = getaddrinfo(host, NULL, &hints, &found);
+    if (gai != 0)
+        return kvd_error_set(err, KVD_EINVAL, "host: cannot resolve \"%s\": %s", host, gai_strerror(gai));
+    int rc = kvd_error_set(err, KVD_EINVAL, "host: \"%s\" has no IPv4 or IPv6 address", host);
+    for (struct addrinfo *ai = found; ai; ai = ai->ai_next) {
+        char literal[INET6_ADDRSTRLEN];
+        const void *addr = ai->ai_family == AF_INET ? (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr
+                           : ai->ai_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                                                       : NULL;
+        if (!addr || !inet_ntop(ai->ai_family, addr, literal, sizeof literal))
+            continue;
+        rc = kvd_http_server_listen(d->http, literal, d->cfg.port, &d->bound_port, err);
+        if (rc == 0)
+            break;
+    }
+    freeaddrinfo(found);
+    return rc;
 }
 
 int kvd_daemon_start(kvd_daemon *d, kvd_error *err)
 {
-    int rc = kvd_http_server_listen(d->http, d->cfg.host, d->cfg.port, &d->bound_port, err);
+    int rc = listen_on_host(d, err);
     if (rc < 0) {
         daemon_shutdown(d);
         return rc;
@@ -275,29 +426,51 @@ int kvd_daemon_start(kvd_daemon *d, kvd_error *err)
     /* Bound but not serving yet (503 until the model is loaded); the port is known now. */
     kvd_log(&d->log, KVD_LOG_ALWAYS, "bound to http://%s%s%s:%d, loading %s", v6 ? "[" : "", host,
             v6 ? "]" : "", d->bound_port, d->cfg.model);
-    d->load_pending = true;
-    rc = uv_queue_work(d->loop, &d->load_work, load_model, after_load);
-    if (rc < 0) {
-        d->load_pending = false;
+    kvd_loader *l = calloc(1, sizeof *l);
+    if (!l || uv_mutex_init(&l->lock) != 0) {
+        free(l);
         daemon_shutdown(d);
-        return kvd_error_set(err, KVD_EIO, "cannot start the model loader: %s", uv_strerror(rc));
+        return kvd_error_set(err, KVD_ENOMEM, "cannot start the model loader: out of memory");
     }
+    l->notify = &d->load_async;
+    l->cfg = d->cfg;
+    l->engine_notify = engine_notify;
+    l->engine_notify_arg = d;
+    rc = pthread_create(&l->thread, NULL, loader_main, l);
+    if (rc != 0) {
+        uv_mutex_destroy(&l->lock);
+        free(l);
+        daemon_shutdown(d);
+        return kvd_error_set(err, KVD_EIO, "cannot start the model loader: %s", strerror(rc));
+    }
+    d->loader = l;
     return 0;
 }
 
 void kvd_daemon_deinit(kvd_daemon *d)
 {
+    /* A loader that finished is taken (and its engine, never started, destroyed
+     * below); one still running is left to free its own work. */
+    loader_release(d);
+    if (!uv_is_closing((uv_handle_t *)&d->load_async))
+        uv_close((uv_handle_t *)&d->load_async, NULL);
     kvd_engine_destroy(d->engine);
     d->engine = NULL;
     kvd_jobs_deinit(&d->jobs);
     if (!uv_is_closing((uv_handle_t *)&d->engine_async))
         uv_close((uv_handle_t *)&d->engine_async, NULL);
+    if (!uv_is_closing((uv_handle_t *)&d->loop_prepare))
+        uv_close((uv_handle_t *)&d->loop_prepare, NULL);
     if (!uv_is_closing((uv_handle_t *)&d->drain_timer))
         uv_close((uv_handle_t *)&d->drain_timer, NULL);
     if (!uv_is_closing((uv_handle_t *)&d->sigint))
         uv_close((uv_handle_t *)&d->sigint, NULL);
     if (!uv_is_closing((uv_handle_t *)&d->sigterm))
         uv_close((uv_handle_t *)&d->sigterm, NULL);
+    /* Closing them restored the default actions; from here on a signal has nothing
+     * left to stop. */
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
     uv_run(d->loop, UV_RUN_DEFAULT);
     kvd_http_server_destroy(d->http);
     d->http = NULL;

@@ -24,12 +24,15 @@
 #include "router.h"
 #include "util.h"
 
+typedef struct kvd_loader kvd_loader;
+
 typedef struct kvd_daemon {
     uv_loop_t *loop;
     kvd_server_config cfg;
     kvd_logger log;
-    char model_name[256];
-    const char *model_names[1];
+    char model_name[256];          /* the served name */
+    char model_aliases[256];       /* served_model_name split in place at its commas */
+    const char *model_names[8];    /* the served name, then its aliases */
     int exit_code;
     int bound_port;
     int signals_seen;
@@ -38,10 +41,13 @@ typedef struct kvd_daemon {
     uv_async_t engine_async;
     uv_signal_t sigint, sigterm;
     uv_timer_t drain_timer;
-    uv_work_t load_work;
-    bool load_pending;
+    uv_prepare_t loop_prepare;  /* the loop's CPU time per iteration (metrics) */
+    double loop_cpu;
+    bool loop_cpu_seen;
+    uv_async_t load_async;      /* the loader thread is done */
+    kvd_loader *loader;         /* NULL once taken or abandoned */
 
-    /* Set by the loader; read-only afterwards. */
+    /* From the loader; read-only afterwards. */
     kvd_model *model;
     kvd_tokenizer *tok;
     kvd_engine *engine;

@@ -426,29 +426,37 @@ static void stream_write(kvd_job *job, kvd_sbuf *sse)
     kvd_sbuf_reset(sse);
 }
 
-static void respond_whole(kvd_job *job)
+/* Runs on a libuv worker: the whole body grows with n x max_tokens (tens of MB with
+ * logprobs). The job is done with the engine, so only this thread touches it. */
+static void whole_body_work(uv_work_t *work)
 {
+    kvd_job *job = work->data;
     kvd_oai_usage usage = job_usage(job);
     kvd_oai_choice *outs = malloc((size_t)job->num_choices * sizeof *outs);
     if (!outs) {
-        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        job->work_rc = KVD_ENOMEM;
         return;
     }
-    for (int i = 0; i < job->num_choices; i++) {
+    for (int i = 0; i < job->num_choices; i++)
         outs[i] = job->choices[i].out;
+    job->answer = kvd_oai_whole_body(&job->resp, outs, job->num_choices, &usage, &job->answer_len);
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&outs[i]);
         kvd_oai_choice_init(&job->choices[i].out);
     }
-    size_t len = 0;
-    char *body = kvd_oai_whole_body(&job->resp, outs, job->num_choices, &usage, &len);
-    for (int i = 0; i < job->num_choices; i++)
-        kvd_oai_choice_deinit(&outs[i]);
     free(outs);
-    if (!body) {
-        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    job->work_rc = job->answer ? 0 : KVD_ENOMEM;
+}
+
+static void after_whole_body(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
         return;
-    }
-    job_answer(job, "application/json", body, len);
-    free(body);
+    if (job->work_rc < 0)
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
 }
 
 static void job_complete(kvd_job *job)
@@ -472,7 +480,7 @@ static void job_complete(kvd_job *job)
     } else if (job->failed) {
         job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
     } else {
-        respond_whole(job);
+        job_start_work(job, whole_body_work, after_whole_body, "cannot queue the response");
     }
 }
 
@@ -749,20 +757,42 @@ static void job_start_tokenizing(kvd_job *job)
 
 /* ---- starting jobs ---- */
 
+/* A new job for req, or NULL after answering 500. */
+static kvd_job *job_begin(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind kind)
+{
+    kvd_job *job = job_create(jobs, req, kind);
+    if (!job)
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    return job;
+}
+
+/* Answers a refused body (400 naming param, or 500) and frees the job; false when
+ * rc is 0. */
+static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const char *param)
+{
+    if (rc == 0)
+        return false;
+    job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err->msg, param, NULL, NULL);
+    return true;
+}
+
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
- * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
- * token and each alternative, of every token of every choice; a chat entry prints
- * as 60-90 bytes) or one byte per token without logprobs, and one that outgrows the
- * bound anyway is stopped when it does (handle_event). Streams are bounded by the
- * connection's write queue instead. */
-#define KVD_LOGPROB_ENTRY_BYTES 64
+ * before any work, counting per logprob entry (the sampled token and each alternative,
+ * of every token of every choice) what one prints as on average: 80 bytes in chat's
+ * shape (n=16 x 4000 x 21 entries made a 109 MB body), 32 in completions' (an entry of
+ * three parallel arrays and a map), or one byte per token without logprobs. One that
+ * outgrows the bound anyway is stopped when it does (handle_event). Streams are
+ * bounded by the connection's write queue instead. */
+#define KVD_CHAT_LOGPROB_ENTRY_BYTES 80
+#define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
 
 static bool refuse_large_response(kvd_job *job)
 {
     uint64_t limit = job->jobs->max_response_bytes;
     const kvd_request_params *p = &job->oai.params;
-    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * KVD_LOGPROB_ENTRY_BYTES : 1;
+    uint64_t entry = job->kind == KVD_JOB_CHAT ? KVD_CHAT_LOGPROB_ENTRY_BYTES : KVD_COMPLETION_LOGPROB_ENTRY_BYTES;
+    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * entry : 1;
     uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
     if (!limit || estimate <= limit)
         return false;
@@ -778,19 +808,15 @@ static bool refuse_large_response(kvd_job *job)
 
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse(&job->oai, route, body, &jobs->model.defaults, &jobs->model.info, param, sizeof param,
                            &err);
-    if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     if (!job->oai.stream && refuse_large_response(job))
         return;
     job->resp = (kvd_oai_response){
@@ -816,18 +842,14 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
 
 void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_TOKENIZE);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_TOKENIZE);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse_tokenize(&job->oai, body, &jobs->model.info, param, sizeof param, &err);
-    if (rc) {
-        job_fail(job, rc == KVD_EINVAL ? 400 : 500, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     job_start_tokenizing(job);
 }
 
@@ -893,19 +915,15 @@ static void after_detokenize(uv_work_t *work, int status)
 
 void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_DETOKENIZE);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_DETOKENIZE);
+    if (!job)
         return;
-    }
     char param[128];
     kvd_error err = {0};
     int rc = kvd_oai_parse_detokenize(body, &jobs->model.info, &job->prompt, &job->num_prompt, param, sizeof param,
                                       &err);
-    if (rc) {
-        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+    if (job_parse_failed(job, rc, &err, param))
         return;
-    }
     job_start_work(job, detokenize_work, after_detokenize, "cannot queue detokenization");
 }
 
@@ -937,11 +955,9 @@ static void after_kv(uv_work_t *work, int status)
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)
 {
-    kvd_job *job = job_create(jobs, req, KVD_JOB_KV);
-    if (!job) {
-        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+    kvd_job *job = job_begin(jobs, req, KVD_JOB_KV);
+    if (!job)
         return;
-    }
     job_start_work(job, kv_work, after_kv, "cannot queue the KV snapshot");
 }
 

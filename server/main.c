@@ -17,6 +17,13 @@
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    if (argc == 3 && strcmp(argv[1], "--print-knobs") == 0) {
+        if (kvd_config_print_knobs(stdout, argv[2]) != 0) {
+            fprintf(stderr, "kvd: --print-knobs: \"%s\" is not json or md\n", argv[2]);
+            return 2;
+        }
+        return 0;
+    }
     kvd_server_config cfg;
     kvd_error err = {0};
     bool show_help = false;

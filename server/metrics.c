@@ -21,6 +21,10 @@ static const double e2e_bounds[] = {0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 
                                     10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                                     960.0, 1920.0, 7680.0};
 
+/* Work the loop thread does between two polls: anything near 50 ms is a stall every
+ * stream and health check feels. */
+static const double loop_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5};
+
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
 static void histogram_init(kvd_histogram *h, const double *bounds, int num_bounds)
@@ -36,6 +40,7 @@ void kvd_metrics_init(kvd_metrics *m)
     histogram_init(&m->time_to_first_token, ttft_bounds, COUNT(ttft_bounds));
     histogram_init(&m->time_per_output_token, tpot_bounds, COUNT(tpot_bounds));
     histogram_init(&m->e2e_request_latency, e2e_bounds, COUNT(e2e_bounds));
+    histogram_init(&m->loop_iteration_cpu, loop_bounds, COUNT(loop_bounds));
 }
 
 void kvd_histogram_observe(kvd_histogram *h, double value, uint64_t n)
@@ -119,4 +124,9 @@ void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sb
               &m->e2e_request_latency);
     counter_u(out, "kvd:http_requests_total", "HTTP requests answered, any route or status.", m->http_requests);
     gauge_i(out, "kvd:http_connections", "Open HTTP connections.", m->open_connections);
+    histogram(out, "kvd:event_loop_iteration_cpu_seconds",
+              "CPU time the event loop thread spent per loop iteration (its callbacks: parsing, answers).",
+              &m->loop_iteration_cpu);
+    family(out, "kvd:event_loop_iteration_cpu_max_seconds", "gauge", "The longest loop iteration so far, CPU seconds.");
+    kvd_sbuf_printf(out, "kvd:event_loop_iteration_cpu_max_seconds %.6g\n", m->loop_iteration_cpu_max);
 }

@@ -29,7 +29,9 @@ typedef struct kvd_metrics {
     kvd_histogram time_to_first_token;   /* seconds from arrival to the first token */
     kvd_histogram time_per_output_token; /* seconds between tokens after the first */
     kvd_histogram e2e_request_latency;   /* seconds from arrival to the last token */
-    uint64_t finished[KVD_FINISH_COUNT];  /* choices by finish reason */
+    kvd_histogram loop_iteration_cpu;    /* CPU seconds the loop thread spent per loop iteration */
+    double loop_iteration_cpu_max;       /* the most one iteration took */
+    uint64_t finished[KVD_FINISH_COUNT]; /* choices by finish reason */
     uint64_t http_requests;              /* every request answered, any route or status */
     int open_connections;                /* set by the owner before rendering */
 } kvd_metrics;

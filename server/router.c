@@ -24,6 +24,8 @@ enum route_id {
     ROUTE_DETOKENIZE,
     ROUTE_APPLY_TEMPLATE,
     ROUTE_KV,
+    ROUTE_VERSION,
+    ROUTE_MODEL, /* /v1/models/{id} */
 };
 
 typedef struct route {
@@ -44,7 +46,11 @@ static const route routes[] = {
     {"/detokenize", "POST", ROUTE_DETOKENIZE, true, true},
     {"/apply-template", "POST", ROUTE_APPLY_TEMPLATE, true, true},
     {"/v1/kv", "GET", ROUTE_KV, true, true},
+    {"/version", "GET", ROUTE_VERSION, false, false},
+    {"/v1/models/", "GET", ROUTE_MODEL, true, true}, /* a prefix: the rest is the id */
 };
+
+#define MODEL_PREFIX "/v1/models/"
 
 static cJSON *parse_body(kvd_router *r, kvd_http_request *req)
 {
@@ -65,20 +71,61 @@ static cJSON *parse_body(kvd_router *r, kvd_http_request *req)
     return root;
 }
 
+/* Whether name is the served model's name or one of its aliases. */
+static bool serves_model(const kvd_router *r, const char *name)
+{
+    for (int i = 0; i < r->num_model_names; i++)
+        if (strcmp(r->model_names[i], name) == 0)
+            return true;
+    return false;
+}
+
+static void model_not_found(kvd_router *r, kvd_http_request *req, const char *name)
+{
+    char msg[400];
+    snprintf(msg, sizeof msg, "The model `%.200s` does not exist; this server serves `%s`.", name,
+             r->model_names[0]);
+    kvd_jobs_send_error(r->jobs, req, 404, msg, "model", "model_not_found", NULL);
+}
+
+/* No filesystem path: "root" names the model as it is served. */
+static cJSON *model_object(const kvd_router *r, const char *id)
+{
+    cJSON *model = cJSON_CreateObject();
+    cJSON_AddStringToObject(model, "id", id);
+    cJSON_AddStringToObject(model, "object", "model");
+    cJSON_AddNumberToObject(model, "created", (double)time(NULL));
+    cJSON_AddStringToObject(model, "owned_by", "kvd");
+    cJSON_AddStringToObject(model, "root", r->model_names[0]);
+    cJSON_AddNullToObject(model, "parent");
+    cJSON_AddNumberToObject(model, "max_model_len", r->jobs->model.info.max_model_len);
+    return model;
+}
+
 static void handle_models(kvd_router *r, kvd_http_request *req)
 {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "object", "list");
     cJSON *data = cJSON_AddArrayToObject(root, "data");
-    cJSON *model = cJSON_CreateObject();
-    cJSON_AddStringToObject(model, "id", r->model_names[0]);
-    cJSON_AddStringToObject(model, "object", "model");
-    cJSON_AddNumberToObject(model, "created", (double)time(NULL));
-    cJSON_AddStringToObject(model, "owned_by", "kvd");
-    cJSON_AddStringToObject(model, "root", r->cfg->model);
-    cJSON_AddNullToObject(model, "parent");
-    cJSON_AddNumberToObject(model, "max_model_len", r->jobs->model.info.max_model_len);
-    cJSON_AddItemToArray(data, model);
+    cJSON_AddItemToArray(data, model_object(r, r->model_names[0]));
+    kvd_jobs_respond_json(r->jobs, req, 200, root, NULL);
+}
+
+/* GET /v1/models/{id}: the served name or an alias, as OpenAI's retrieve. */
+static void handle_model(kvd_router *r, kvd_http_request *req)
+{
+    const char *id = kvd_http_path(req) + strlen(MODEL_PREFIX);
+    if (!serves_model(r, id)) {
+        model_not_found(r, req, id);
+        return;
+    }
+    kvd_jobs_respond_json(r->jobs, req, 200, model_object(r, id), NULL);
+}
+
+static void handle_version(kvd_router *r, kvd_http_request *req)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "version", KVD_VERSION);
     kvd_jobs_respond_json(r->jobs, req, 200, root, NULL);
 }
 
@@ -119,6 +166,14 @@ static void handle_with_body(kvd_router *r, kvd_http_request *req, enum route_id
     cJSON *body = parse_body(r, req);
     if (!body)
         return;
+    /* A request names the model it was written for: another one's answer would be
+     * a silent substitution (vLLM answers 404 the same way). */
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
+    if (cJSON_IsString(model) && !serves_model(r, model->valuestring)) {
+        model_not_found(r, req, model->valuestring);
+        cJSON_Delete(body);
+        return;
+    }
     switch (id) {
     case ROUTE_COMPLETIONS:
         kvd_jobs_generate(r->jobs, req, KVD_OAI_COMPLETIONS, body);
@@ -147,7 +202,9 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
     const char *method = kvd_http_method(req);
     const route *found = NULL;
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
-        if (strcmp(routes[i].path, path) == 0) {
+        if (strcmp(routes[i].path, path) == 0 ||
+            (routes[i].id == ROUTE_MODEL && strncmp(path, MODEL_PREFIX, strlen(MODEL_PREFIX)) == 0 &&
+             path[strlen(MODEL_PREFIX)])) {
             found = &routes[i];
             break;
         }
@@ -173,7 +230,7 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
     }
     if (strcmp(found->method, method) != 0) {
         char msg[300], allow[64];
-        snprintf(msg, sizeof msg, "Method %s is not allowed on %s; use %s", method, found->path, found->method);
+        snprintf(msg, sizeof msg, "Method %s is not allowed on %.200s; use %s", method, path, found->method);
         snprintf(allow, sizeof allow, "Allow: %s\r\n", found->method);
         kvd_jobs_send_error(jobs, req, 405, msg, NULL, "method_not_allowed", allow);
         return;
@@ -198,6 +255,10 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
         handle_metrics(r, req);
         return;
     }
+    if (found->id == ROUTE_VERSION) {
+        handle_version(r, req);
+        return;
+    }
     if (found->needs_model && r->state != KVD_SERVE_READY) {
         bool loading = r->state == KVD_SERVE_LOADING;
         kvd_jobs_send_error(jobs, req, 503, loading ? "the model is loading; retry shortly" : "the server is shutting down",
@@ -207,6 +268,9 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
     switch (found->id) {
     case ROUTE_MODELS:
         handle_models(r, req);
+        break;
+    case ROUTE_MODEL:
+        handle_model(r, req);
         break;
     case ROUTE_KV:
         kvd_jobs_kv(jobs, req);

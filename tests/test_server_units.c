@@ -946,6 +946,8 @@ static void test_metrics_render(void **state)
         "# TYPE kvd:time_per_output_token_seconds histogram\n",
         "kvd:time_per_output_token_seconds_count 0\n",
         "# TYPE kvd:e2e_request_latency_seconds histogram\n",
+        "# TYPE kvd:event_loop_iteration_cpu_seconds histogram\n",
+        "kvd:event_loop_iteration_cpu_max_seconds 0\n",
     };
     for (size_t i = 0; i < sizeof lines / sizeof lines[0]; i++)
         if (!strstr(out.data, lines[i]))
@@ -954,7 +956,7 @@ static void test_metrics_render(void **state)
     int types = 0;
     for (const char *p = out.data; (p = strstr(p, "# TYPE ")); p++)
         types++;
-    assert_int_equal(types, 17);
+    assert_int_equal(types, 19);
     kvd_sbuf_deinit(&out);
 }
 
