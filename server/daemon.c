@@ -80,6 +80,7 @@ struct kvd_loader {
     void *engine_notify_arg;
     kvd_tokenizer *tok;
     kvd_model *model;
+    kvd_chat_template *chat_template;
     kvd_engine *engine;     /* created, not started: its thread would notify the daemon */
     kvd_error err;
     int rc;
@@ -88,9 +89,11 @@ struct kvd_loader {
 static void loader_free_results(kvd_loader *l)
 {
     kvd_engine_destroy(l->engine);
+    kvd_chat_template_destroy(l->chat_template);
     kvd_model_destroy(l->model);
     kvd_tokenizer_destroy(l->tok);
     l->engine = NULL;
+    l->chat_template = NULL;
     l->model = NULL;
     l->tok = NULL;
 }
@@ -114,9 +117,9 @@ static void load_model(kvd_loader *l)
     }
     /* The chat template is parsed now, so a template kvd cannot run stops the start,
      * not the first chat request. */
-    d->chat_template = kvd_chat_template_load(cfg->chat_template, d->model->chat_template, cfg->model, &d->load_err);
-    if (!d->chat_template) {
-        d->load_rc = d->load_err.code ? d->load_err.code : KVD_EINVAL;
+    l->chat_template = kvd_chat_template_load(cfg->chat_template, l->model->chat_template, cfg->model, &l->err);
+    if (!l->chat_template) {
+        l->rc = l->err.code ? l->err.code : KVD_EINVAL;
         return;
     }
     kvd_engine_config ecfg = kvd_engine_config_default();
@@ -177,6 +180,7 @@ static void loader_release(kvd_daemon *d)
     pthread_join(l->thread, NULL);
     d->tok = l->tok;
     d->model = l->model;
+    d->chat_template = l->chat_template;
     d->engine = l->engine;
     d->load_err = l->err;
     d->load_rc = l->rc;
