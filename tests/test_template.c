@@ -94,6 +94,8 @@ static void test_expressions(void **state)
         {"{{ 0 or 'x' }} {{ 1 and 'y' }} {{ none or none }} {{ 'y' if 0 else 'n' }} [{{ 'only' if false }}]", NULL,
          "x y None n []"},
         {"{{ -x }} {{ +x }} {{ -(1.5) }}", "{\"x\": 3}", "-3 3 -1.5"},
+        /* a printed sum whose parts are not all strings is folded left to right */
+        {"{{ 1 + 2 + 3 }} {{ [1] + l + [3] }}", "{\"l\": [2]}", "6 [1, 2, 3]"},
     };
     CHECK_CASES(cases);
 }
@@ -225,6 +227,9 @@ static void test_render_errors(void **state)
     assert_non_null(strstr(err.msg, "'missing' is undefined"));
     assert_int_equal(render_source("{{ missing.attr }}", NULL, NULL, &out, &err), KVD_EINVAL);
     assert_int_equal(render_source("{{ 'a' + 1 }}", NULL, NULL, &out, &err), KVD_EINVAL);
+    /* folded left to right: the mixed-provenance '<' + s is built before + 1 fails
+     * (fuzz_template found that fold reading a part it had just overwritten) */
+    assert_int_equal(render_source("{{ '<' + s + '>' + 1 }}", "{\"s\": \"d\"}", NULL, &out, &err), KVD_EINVAL);
     assert_int_equal(render_source("{{ 'x' in none }}", NULL, NULL, &out, &err), KVD_EINVAL);
     assert_int_equal(render_source("{{ 1 // 0 }}", NULL, NULL, &out, &err), KVD_EINVAL);
     assert_int_equal(render_source("{% for x in 5 %}{% endfor %}", NULL, NULL, &out, &err), KVD_EINVAL);

@@ -534,8 +534,10 @@ static bool repr_into(render *r, sbuild *b, const value *v)
 }
 
 /* a + b for two strings, sized exactly; the mask only when provenance is mixed. */
-static bool concat_str(render *r, const value *a, const value *b, value *out)
+static bool concat_str(render *r, const value *a_in, const value *b_in, value *out)
 {
+    value a_copy = *a_in, b_copy = *b_in; /* out may be one of the inputs */
+    const value *a = &a_copy, *b = &b_copy;
     size_t la = a->u.str.len, lb = b->u.str.len;
     if (la == 0 || lb == 0) {
         *out = la ? *a : *b;

@@ -106,7 +106,7 @@ static void check_rendered(const cJSON *messages, const kvd_chat_options *opts, 
     const char *text = p->text.data;
     size_t len = p->text.len;
     CHECK(text && text[len] == '\0' && !p->text.failed);
-    if (opts->add_generation_prompt) {
+    if (opts->add_generation_prompt && !opts->continue_final_message) {
         size_t gen = strlen(GENERATION_PROMPT);
         CHECK(len >= gen && memcmp(text + len - gen, GENERATION_PROMPT, gen) == 0);
     }
