@@ -507,11 +507,23 @@ static void job_stop(kvd_job *job, int status, const char *message)
         kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
 }
 
+/* Stops a whole response that outgrew max_response_bytes. */
+static void job_check_held(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes;
+    if (!limit || job_held_bytes(job) <= limit)
+        return;
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
+             limit);
+    job_stop(job, 400, msg);
+}
+
 /* A chat with tools: the event's text goes through the choice's tool-call parser;
  * content and calls are sent (streams) or kept (whole responses) as they resolve. */
 static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
 {
-    kvd_jobs *jobs = job->jobs;
     kvd_tool_delta d;
     kvd_tool_delta_init(&d);
     /* calls the prefill completed go out with the first event */
@@ -549,13 +561,8 @@ static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
         if (kvd_oai_choice_add(&job->resp, &ch->out, &content) != 0 ||
             kvd_oai_choice_add_calls(&job->resp, &ch->out, ev->choice, d.calls, d.num_calls) != 0) {
             job_stop(job, 500, "out of memory");
-        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
-            char msg[256];
-            snprintf(msg, sizeof msg,
-                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
-                     "\"stream\": true",
-                     jobs->max_response_bytes);
-            job_stop(job, 400, msg);
+        } else {
+            job_check_held(job);
         }
     }
     kvd_tool_delta_deinit(&d);
@@ -594,13 +601,8 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
     } else if (job->req && !job->failed) {
         if (kvd_oai_choice_add(&job->resp, &ch->out, ev) != 0) {
             job_stop(job, 500, "out of memory");
-        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
-            char msg[256];
-            snprintf(msg, sizeof msg,
-                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
-                     "\"stream\": true",
-                     jobs->max_response_bytes);
-            job_stop(job, 400, msg);
+        } else {
+            job_check_held(job);
         }
     }
     if (ev->finish != KVD_FINISH_NONE) {

@@ -815,6 +815,16 @@ static tmpl_expr *parse_subscript(parser *p, tmpl_expr *target, int line)
     return e;
 }
 
+/* callee(args), after the '('. */
+static tmpl_expr *parse_call(parser *p, tmpl_expr *callee, int line)
+{
+    tmpl_expr *c = new_expr(p, E_CALL, line);
+    if (!c)
+        return NULL;
+    c->a = callee;
+    return parse_args(p, c) ? c : NULL;
+}
+
 static tmpl_expr *parse_postfix(parser *p, tmpl_expr *e)
 {
     while (e && !p->failed) {
@@ -851,18 +861,38 @@ static tmpl_expr *parse_postfix(parser *p, tmpl_expr *e)
             e = parse_subscript(p, e, line);
         } else if (is_op(t, "(")) {
             advance(p);
-            tmpl_expr *c = new_expr(p, E_CALL, line);
-            if (!c)
+            if (!(e = parse_call(p, e, line)))
                 return NULL;
-            c->a = e;
-            if (!parse_args(p, c))
-                return NULL;
-            e = c;
         } else {
             break;
         }
     }
     return p->failed ? NULL : e;
+}
+
+/* A filter or test applied to target: its name, checked against the engine's builtins
+ * now, so an unknown one fails when the template loads. */
+static tmpl_expr *builtin_node(parser *p, tmpl_expr *target, int kind, int line)
+{
+    const char *what = kind == E_FILTER ? "filter" : "test";
+    token *n = cur(p);
+    if (n->type != T_NAME) {
+        fail(p, line, "expected a %s name, found %s", what, describe(n));
+        return NULL;
+    }
+    int id = kind == E_FILTER ? tmpl_filter_id(n->s) : tmpl_test_id(n->s);
+    if (id < 0) {
+        fail(p, line, "unknown %s '%s'", what, n->s);
+        return NULL;
+    }
+    tmpl_expr *x = new_expr(p, kind, line);
+    if (!x)
+        return NULL;
+    x->a = target;
+    x->str = n->s;
+    x->op = id;
+    advance(p);
+    return x;
 }
 
 static tmpl_expr *parse_filter_expr(parser *p, tmpl_expr *e)
@@ -872,23 +902,9 @@ static tmpl_expr *parse_filter_expr(parser *p, tmpl_expr *e)
         int line = t->line;
         if (is_op(t, "|")) {
             advance(p);
-            token *n = cur(p);
-            if (n->type != T_NAME) {
-                fail(p, line, "expected a filter name after '|', found %s", describe(n));
-                return NULL;
-            }
-            int id = tmpl_filter_id(n->s);
-            if (id < 0) {
-                fail(p, line, "unknown filter '%s'", n->s);
-                return NULL;
-            }
-            tmpl_expr *f = new_expr(p, E_FILTER, line);
+            tmpl_expr *f = builtin_node(p, e, E_FILTER, line);
             if (!f)
                 return NULL;
-            f->a = e;
-            f->str = n->s;
-            f->op = id;
-            advance(p);
             if (is_op(cur(p), "(")) {
                 advance(p);
                 if (!parse_args(p, f))
@@ -902,24 +918,10 @@ static tmpl_expr *parse_filter_expr(parser *p, tmpl_expr *e)
                 negated = true;
                 advance(p);
             }
-            token *n = cur(p);
-            if (n->type != T_NAME) {
-                fail(p, line, "expected a test name after 'is', found %s", describe(n));
-                return NULL;
-            }
-            int id = tmpl_test_id(n->s);
-            if (id < 0) {
-                fail(p, line, "unknown test '%s'", n->s);
-                return NULL;
-            }
-            tmpl_expr *x = new_expr(p, E_TEST, line);
+            tmpl_expr *x = builtin_node(p, e, E_TEST, line);
             if (!x)
                 return NULL;
-            x->a = e;
-            x->str = n->s;
-            x->op = id;
             x->i = negated;
-            advance(p);
             token *a = cur(p);
             if (is_op(a, "(")) {
                 advance(p);
@@ -947,13 +949,8 @@ static tmpl_expr *parse_filter_expr(parser *p, tmpl_expr *e)
             e = x;
         } else if (is_op(t, "(")) {
             advance(p);
-            tmpl_expr *c = new_expr(p, E_CALL, line);
-            if (!c)
+            if (!(e = parse_call(p, e, line)))
                 return NULL;
-            c->a = e;
-            if (!parse_args(p, c))
-                return NULL;
-            e = c;
         } else {
             break;
         }
@@ -1101,14 +1098,19 @@ static tmpl_expr *parse_not(parser *p)
     return parse_compare(p);
 }
 
-static tmpl_expr *parse_and(parser *p)
+/* and binds tighter than or: each is a left-associative chain of the level below. */
+static tmpl_expr *parse_and(parser *p);
+
+static tmpl_expr *parse_bool_chain(parser *p, bool is_or)
 {
-    tmpl_expr *e = parse_not(p);
-    while (e && is_name(cur(p), "and")) {
+    tmpl_expr *(*operand)(parser *) = is_or ? parse_and : parse_not;
+    const char *word = is_or ? "or" : "and";
+    tmpl_expr *e = operand(p);
+    while (e && is_name(cur(p), word)) {
         int line = cur(p)->line;
         advance(p);
-        tmpl_expr *b = parse_not(p);
-        tmpl_expr *n = b ? new_expr(p, E_AND, line) : NULL;
+        tmpl_expr *b = operand(p);
+        tmpl_expr *n = b ? new_expr(p, is_or ? E_OR : E_AND, line) : NULL;
         if (!n)
             return NULL;
         n->a = e;
@@ -1118,22 +1120,8 @@ static tmpl_expr *parse_and(parser *p)
     return e;
 }
 
-static tmpl_expr *parse_or(parser *p)
-{
-    tmpl_expr *e = parse_and(p);
-    while (e && is_name(cur(p), "or")) {
-        int line = cur(p)->line;
-        advance(p);
-        tmpl_expr *b = parse_and(p);
-        tmpl_expr *n = b ? new_expr(p, E_OR, line) : NULL;
-        if (!n)
-            return NULL;
-        n->a = e;
-        n->b = b;
-        e = n;
-    }
-    return e;
-}
+static tmpl_expr *parse_and(parser *p) { return parse_bool_chain(p, false); }
+static tmpl_expr *parse_or(parser *p) { return parse_bool_chain(p, true); }
 
 static tmpl_expr *parse_expr(parser *p)
 {
@@ -1204,6 +1192,20 @@ static const char *expect_end_tag(parser *p, const char *const *ends, int open_l
     return t->s;
 }
 
+/* After {% else: the else body up to {% end_tag, whose name is consumed. */
+static bool parse_else(parser *p, tmpl_node *n, const char *end_tag, int line, const char *what)
+{
+    const char *const end_only[] = {end_tag, NULL};
+    const char *which = NULL;
+    if (!expect_block_end(p))
+        return false;
+    n->else_body = parse_body(p, end_only, &which);
+    if (p->failed || !expect_end_tag(p, end_only, line, what))
+        return false;
+    advance(p);
+    return true;
+}
+
 static tmpl_node *parse_if(parser *p, int line)
 {
     static const char *const ends[] = {"elif", "else", "endif", NULL};
@@ -1220,15 +1222,8 @@ static tmpl_node *parse_if(parser *p, int line)
         n->else_body = parse_if(p, tag_line);
         return p->failed ? NULL : n;
     }
-    if (!strcmp(which, "else")) {
-        static const char *const end_only[] = {"endif", NULL};
-        if (!expect_block_end(p))
-            return NULL;
-        n->else_body = parse_body(p, end_only, &which);
-        if (p->failed || !expect_end_tag(p, end_only, line, "if"))
-            return NULL;
-        advance(p);
-    }
+    if (!strcmp(which, "else") && !parse_else(p, n, "endif", line, "if"))
+        return NULL;
     return expect_block_end(p) ? n : NULL;
 }
 
@@ -1281,30 +1276,32 @@ static tmpl_node *parse_for(parser *p, int line)
     if (p->failed || !expect_end_tag(p, ends, line, "for"))
         return NULL;
     advance(p);
-    if (!strcmp(which, "else")) {
-        static const char *const end_only[] = {"endfor", NULL};
-        if (!expect_block_end(p))
-            return NULL;
-        n->else_body = parse_body(p, end_only, &which);
-        if (p->failed || !expect_end_tag(p, end_only, line, "for"))
-            return NULL;
-        advance(p);
-    }
+    if (!strcmp(which, "else") && !parse_else(p, n, "endfor", line, "for"))
+        return NULL;
     return expect_block_end(p) ? n : NULL;
 }
 
-static tmpl_node *parse_set(parser *p, int line)
+/* A set or macro node and the name that follows its keyword. */
+static tmpl_node *named_node(parser *p, int kind, int line, const char *what)
 {
-    tmpl_node *n = new_node(p, N_SET, line);
+    tmpl_node *n = new_node(p, kind, line);
     if (!n)
         return NULL;
     if (cur(p)->type != T_NAME) {
-        fail(p, cur(p)->line, "expected a variable name after 'set', found %s", describe(cur(p)));
+        fail(p, cur(p)->line, "expected %s, found %s", what, describe(cur(p)));
         return NULL;
     }
     n->names[0] = cur(p)->s;
     n->num_names = 1;
     advance(p);
+    return n;
+}
+
+static tmpl_node *parse_set(parser *p, int line)
+{
+    tmpl_node *n = named_node(p, N_SET, line, "a variable name after 'set'");
+    if (!n)
+        return NULL;
     if (is_op(cur(p), ".")) {
         advance(p);
         if (cur(p)->type != T_NAME) {
@@ -1346,16 +1343,9 @@ static tmpl_node *parse_set(parser *p, int line)
 
 static tmpl_node *parse_macro(parser *p, int line)
 {
-    tmpl_node *n = new_node(p, N_MACRO, line);
+    tmpl_node *n = named_node(p, N_MACRO, line, "a macro name");
     if (!n)
         return NULL;
-    if (cur(p)->type != T_NAME) {
-        fail(p, cur(p)->line, "expected a macro name, found %s", describe(cur(p)));
-        return NULL;
-    }
-    n->names[0] = cur(p)->s;
-    n->num_names = 1;
-    advance(p);
     if (!expect_op(p, "("))
         return NULL;
     expr_vec v = {0};
