@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "http.h"
 #include "kvd/kvd_engine.h"
 
 enum knob_kind {
@@ -65,6 +66,10 @@ static const knob knobs[] = {
     {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
     {"max_response_bytes", KNOB_U64, OFF(max_response_bytes), 0, 4096, 1LL << 32, "BYTES", "largest whole (non-streamed) response a request may build; larger ones are refused with 400 (stream them instead)"},
     {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning (up to tcp_wmem's maximum, 4 MiB by default, per connection)"},
+    {"send_timeout_ms", KNOB_U64, OFF(send_timeout_ms), 0, 0, 86400000, "MS", "an answer whose client takes none of its bytes for this long is cut and its connection closed (a client that pipelines and never reads); 0: none"},
+    {"max_buffered_body_bytes", KNOB_U64, OFF(max_buffered_body_bytes), 0, 1024, 1LL << 40, "BYTES", "request body bytes held across all connections; a request that would pass it gets 503 with Retry-After: 1 (at least max_body_bytes)"},
+    {"allowed_hosts", KNOB_STR, OFF(allowed_hosts), CAP(allowed_hosts), 0, 0, "LIST", "comma-separated Host names served (port ignored, IPv6 in brackets); \"*\": any; empty: localhost,127.0.0.1,[::1] on a loopback address, any otherwise; others get 403 (DNS rebinding)"},
+    {"allowed_origins", KNOB_STR, OFF(allowed_origins), CAP(allowed_origins), 0, 0, "LIST", "comma-separated origins (https://app.example:8443) whose browser pages may call the API, with CORS headers and preflights; \"*\": any; empty: only the daemon's own pages; other Origins get 403"},
     {"drain_timeout_s", KNOB_INT, OFF(drain_timeout_s), 0, 0, 86400, "S", "grace period for in-flight requests after SIGINT/SIGTERM"},
     {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/*, /tokenize and /detokenize; empty: no key"},
     {"threads", KNOB_INT, OFF(threads), 0, 0, 1024, "N", "compute threads; 0: all cores"},
@@ -97,6 +102,9 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->max_write_queue_bytes = 1u << 20;
     cfg->max_response_bytes = 32u << 20;
     cfg->drain_timeout_s = 30;
+    const kvd_http_limits http = kvd_http_limits_default();
+    cfg->send_timeout_ms = http.send_timeout_ms;
+    cfg->max_buffered_body_bytes = http.max_buffered_body_bytes;
     cfg->threads = engine.num_threads;
     cfg->enable_prefix_cache = engine.enable_prefix_cache;
     cfg->log_level = KVD_LOG_INFO;
@@ -365,6 +373,9 @@ int kvd_config_validate(const kvd_server_config *cfg, kvd_error *err)
         return kvd_error_set(err, KVD_EINVAL, "model: %s is not a directory", cfg->model);
     if (cfg->host[0] == '\0')
         return kvd_error_set(err, KVD_EINVAL, "host: empty");
+    if (cfg->max_buffered_body_bytes < cfg->max_body_bytes)
+        return kvd_error_set(err, KVD_EINVAL, "max_buffered_body_bytes: %" PRIu64 " is below max_body_bytes (%" PRIu64 ")",
+                             cfg->max_buffered_body_bytes, cfg->max_body_bytes);
     if (cfg->block_size & (cfg->block_size - 1))
         return kvd_error_set(err, KVD_EINVAL, "block_size: %d is not a power of two", cfg->block_size);
     if (cfg->kv_cache_bytes == 0 && cfg->kv_num_blocks == 0)

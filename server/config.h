@@ -42,6 +42,10 @@ typedef struct kvd_server_config {
     uint64_t max_write_queue_bytes;
     uint64_t max_response_bytes;     /* a whole (non-streamed) response held in memory */
     uint64_t socket_send_buffer_bytes; /* 0 = kernel autotuning */
+    uint64_t send_timeout_ms;        /* 0 = none */
+    uint64_t max_buffered_body_bytes;
+    char allowed_hosts[1024];        /* "" = loopback names on a loopback bind, else any */
+    char allowed_origins[2048];      /* "" = none but the daemon's own pages */
     int drain_timeout_s;
     char api_key[512];               /* "" = no authentication */
     int threads;                     /* compute threads, 0 = all cores */
@@ -76,8 +80,9 @@ void kvd_config_print_help(FILE *out, const char *prog);
 
 /* Every knob with its default: "json" as a config file (configs/default.json),
  * "md" as the table in docs/operations.md. Returns 0, or KVD_EINVAL for another
- * format. The knob table in config.c is the one place a knob is declared: a new
- * knob is one row there, and --help, files, flags and these listings follow. */
+ * format. The knob table in config.c is the one place a knob is described: a new knob
+ * is a field above, one row there (and its default in kvd_config_defaults unless 0);
+ * --help, files and flags follow, and scripts/knobs.sh rewrites the two listings. */
 int kvd_config_print_knobs(FILE *out, const char *format);
 
 /* The served model name: served_model_name's first name or the model directory's

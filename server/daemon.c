@@ -17,6 +17,7 @@
 #include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -188,11 +189,42 @@ static void loader_release(kvd_daemon *d)
     free(l);
 }
 
-/* A drain ends when the last job does; a model still loading is not waited for. */
+/* Drained: no job left and every answer handed to the kernel in full; a model still
+ * loading is not waited for. */
 static void check_drained(kvd_daemon *d)
 {
-    if (d->router.state == KVD_SERVE_DRAINING && d->jobs.count == 0)
+    if (d->router.state == KVD_SERVE_DRAINING && d->jobs.count == 0 && kvd_http_server_busy(d->http) == 0)
         daemon_shutdown(d);
+}
+
+static kvd_daemon *daemon_of(void *router)
+{
+    return (kvd_daemon *)((char *)router - offsetof(kvd_daemon, router));
+}
+
+static void on_http_idle(void *arg)
+{
+    check_drained(daemon_of(arg));
+}
+
+/* A response that did not reach the socket in full. One cut by the shutdown itself
+ * (drain timeout, second signal) makes the exit status say so. */
+static void on_http_cut(const kvd_http_cut *cut, void *arg)
+{
+    kvd_daemon *d = daemon_of(arg);
+    char meant[32];
+    if (cut->bytes_meant)
+        snprintf(meant, sizeof meant, "%" PRIu64, cut->bytes_meant);
+    else
+        snprintf(meant, sizeof meant, "unknown (stream not ended)");
+    kvd_log(&d->log, cut->by_server ? KVD_LOG_ERROR : KVD_LOG_WARN,
+            "response cut %s: %s %s status %d, %" PRIu64 " of %s bytes written",
+            cut->by_server ? "by shutdown" : "(client not reading or gone)", cut->method, cut->path, cut->status,
+            cut->bytes_sent, meant);
+    if (cut->by_server) {
+        d->responses_cut++;
+        d->exit_code = d->exit_code ? d->exit_code : KVD_EXIT_RESPONSES_CUT;
+    }
 }
 
 static void print_banner(kvd_daemon *d)
@@ -338,7 +370,8 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     d->log.level = cfg->log_level;
     kvd_config_model_name(cfg, d->model_name, sizeof d->model_name);
     kvd_metrics_init(&d->metrics);
-    kvd_jobs_init(&d->jobs, loop, &d->log, &d->metrics, d->model_name);
+    if (kvd_jobs_init(&d->jobs, loop, &d->log, &d->metrics, d->model_name) != 0)
+        return kvd_error_set(err, KVD_ENOMEM, "out of memory");
     d->jobs.on_idle = on_jobs_idle;
     d->jobs.max_response_bytes = cfg->max_response_bytes;
     d->jobs.on_idle_arg = d;
@@ -363,7 +396,14 @@ int kvd_daemon_init(kvd_daemon *d, uv_loop_t *loop, const kvd_server_config *cfg
     limits.max_connections = cfg->max_connections;
     limits.max_write_queue_bytes = (size_t)cfg->max_write_queue_bytes;
     limits.socket_send_buffer = (size_t)cfg->socket_send_buffer_bytes;
-    kvd_http_handlers handlers = {kvd_router_on_request, kvd_router_on_abort, &d->router};
+    limits.send_timeout_ms = cfg->send_timeout_ms;
+    limits.max_buffered_body_bytes = (size_t)cfg->max_buffered_body_bytes;
+    limits.allowed_hosts = cfg->allowed_hosts;
+    limits.allowed_origins = cfg->allowed_origins;
+    /* One arg for all: the router; the daemon's own callbacks step out to it (daemon_of). */
+    kvd_http_handlers handlers = {.on_request = kvd_router_on_request, .on_abort = kvd_router_on_abort,
+                                  .on_headers = kvd_router_on_headers, .on_cut = on_http_cut,
+                                  .on_idle = on_http_idle, .arg = &d->router};
     d->http = kvd_http_server_create(loop, &limits, &handlers, err);
     if (!d->http)
         return err ? err->code : KVD_EINVAL;

@@ -26,6 +26,10 @@
 
 typedef struct kvd_loader kvd_loader;
 
+/* Exit status when the shutdown cut responses it had accepted (drain timeout, second
+ * signal): the log names each, with the bytes written. */
+#define KVD_EXIT_RESPONSES_CUT 3
+
 typedef struct kvd_daemon {
     uv_loop_t *loop;
     kvd_server_config cfg;
@@ -34,6 +38,7 @@ typedef struct kvd_daemon {
     char model_aliases[256];       /* served_model_name split in place at its commas */
     const char *model_names[8];    /* the served name, then its aliases */
     int exit_code;
+    int responses_cut;  /* by the shutdown, not by their clients */
     int bound_port;
     int signals_seen;
 

@@ -5,7 +5,8 @@
  * timer, reset by every read, and the body deadline, fixed when the headers end:
  * reads never move it, so trickling a body cannot hold a connection open), APP (the
  * application holds the request; no timer, reading continues so a disconnect is
- * noticed at once and cancels the request), FLUSH (the application finished; the
+ * noticed at once and cancels the request; a half-close only stops reading: the peer
+ * still reads our answer), FLUSH (the application finished; the
  * response's last write is in flight), IDLE (keep-alive, waiting for the next request
  * under the idle timer) and LINGER (a closing response was sent: half-close, discard
  * input briefly, then close, so the peer reads our answer instead of a reset caused by
@@ -16,13 +17,25 @@
  * until the current response is written. While the application holds a request the
  * buffer may grow to a bounded backlog, then reading stops until it drains.
  * Every write is one malloc'ed uv_write_t carrying its bytes; the sum of bytes not
- * yet handed to the kernel is the connection's write queue, capped for streams.
+ * yet handed to the kernel is the connection's write queue, capped for streams. While
+ * bytes wait in it (APP and FLUSH), the timer is the send timer: a peer that takes
+ * none of them for send_timeout_ms loses its connection, so one that pipelines and
+ * never reads cannot hold a slot and its queued answer forever.
+ *
+ * Strictness: llhttp 8 is built with LLHTTP_STRICT_MODE (CRLF after chunk data,
+ * header names of token characters only); what it still lets through (obs-fold,
+ * empty names, control bytes, Host missing or repeated, codings other than chunked,
+ * chunked on HTTP/1.0) is refused in the callbacks below.
  */
 #include "http.h"
 
 #include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <ctype.h>
 #include <string.h>
 #include <strings.h>
 
@@ -37,10 +50,12 @@ enum conn_phase {
     PHASE_LINGER,
 };
 
+/* How often a half-closed connection is checked for a reset while its answer is made. */
+#define PROBE_MS 100
 /* How long a closing connection keeps discarding input before it closes. */
 #define LINGER_MS 2000
 /* Pipelined input kept while a request is with the application. */
-#define MAX_BACKLOG_BYTES (1u << 20)
+#define MAX_BACKLOG_BYTES (64u << 10)
 /* Request bodies keep their buffer between keep-alive requests up to this size. */
 #define KEEP_BODY_CAP (64u << 10)
 
@@ -65,6 +80,10 @@ struct kvd_http_request {
     bool keep_alive;
     bool http10;
     bool upgrade;
+    bool head_only;     /* HEAD: answered as GET, without the body */
+    bool cors;          /* allowed cross-origin: responses carry Access-Control-Allow-Origin */
+    size_t reserved;    /* body bytes counted against max_buffered_body_bytes */
+    size_t framing;     /* chunk-extension bytes, counted against max_body_bytes */
     bool dispatched;    /* handed to on_request */
     bool finished;      /* answered by the application */
     bool streaming;
@@ -76,6 +95,7 @@ struct kvd_http_request {
 typedef struct http_conn {
     uv_tcp_t tcp;
     uv_timer_t timer;
+    uv_timer_t probe;   /* a half-closed peer: still there to read the answer? */
     uv_shutdown_t shutdown;
     kvd_http_server *srv;
     struct http_conn *prev, *next;
@@ -87,7 +107,24 @@ typedef struct http_conn {
     uint64_t body_deadline_ms; /* uv_now() by which the body must be complete */
     size_t write_pending;
     int reject_status;  /* set by a parser callback that refuses the request */
-    char reject_msg[160];
+    char reject_msg[320];
+    char reject_code[48];
+    char reject_headers[512];
+    /* obs-fold detection: llhttp reports a folded line as a second span of the same
+     * value; within one llhttp_execute the spans of an unfolded value are adjacent. */
+    bool value_open;
+    const char *value_span_end;
+    bool value_gap;
+    const char *exec_end;
+    uint64_t bytes_queued;  /* all bytes ever queued; minus libuv's queue: taken by the kernel */
+    uint64_t send_mark;     /* taken by the kernel when the send timer was armed */
+    uint64_t resp_start;    /* bytes_queued when the current response began */
+    uint64_t resp_meant;    /* its whole length once known */
+    int resp_status;
+    bool busy;              /* a dispatched request whose response is not fully taken */
+    bool by_server;         /* closed by kvd_http_server_close */
+    bool shut_done;         /* LINGER: our FIN is sent (every queued byte went first) */
+    uint64_t taken_at_close;
     int open_handles;
     bool closing;
     bool reading;
@@ -106,6 +143,13 @@ struct kvd_http_server {
     http_conn *conns;
     int num_conns;
     int num_counted;
+    int num_busy;
+    size_t buffered_body;
+    char *allowed_hosts;    /* ",a,b," (lowercase, commas around each) or NULL: any */
+    char *allowed_origins;  /* same form; NULL: none */
+    bool any_origin;
+    bool auto_hosts;        /* allowed_hosts not given: the loopback names on a loopback bind */
+    uv_timer_t idle_notify; /* defers on_idle out of the call that ended the last response */
     char read_buf[64 * 1024]; /* shared: libuv hands it back in read_cb before reusing it */
 };
 
@@ -128,6 +172,9 @@ kvd_http_limits kvd_http_limits_default(void)
         .body_timeout_ms = 30000,
         .max_connections = 1024,
         .max_write_queue_bytes = 1024 * 1024,
+        .send_timeout_ms = 30000,
+        .max_buffered_body_bytes = 64u << 20,
+        .json_posts = true,
     };
     return l;
 }
@@ -146,6 +193,7 @@ const char *kvd_http_status_text(int status)
     case 408: return "Request Timeout";
     case 411: return "Length Required";
     case 413: return "Payload Too Large";
+    case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
     case 417: return "Expectation Failed";
     case 422: return "Unprocessable Entity";
@@ -161,8 +209,15 @@ const char *kvd_http_status_text(int status)
 
 /* ---- connection lifetime ---- */
 
+static void body_release(kvd_http_request *req)
+{
+    req->conn->srv->buffered_body -= req->reserved;
+    req->reserved = 0;
+}
+
 static void request_reset(kvd_http_request *req)
 {
+    body_release(req);
     kvd_sbuf_reset(&req->head);
     req->token_start = 0;
     req->url = 0;
@@ -180,6 +235,9 @@ static void request_reset(kvd_http_request *req)
     req->keep_alive = false;
     req->http10 = false;
     req->upgrade = false;
+    req->head_only = false;
+    req->cors = false;
+    req->framing = 0;
     req->dispatched = false;
     req->finished = false;
     req->streaming = false;
@@ -188,10 +246,46 @@ static void request_reset(kvd_http_request *req)
     req->user = NULL;
 }
 
+static void on_idle_notify(uv_timer_t *timer)
+{
+    kvd_http_server *srv = timer->data;
+    if (srv->draining && srv->num_busy == 0 && srv->handlers.on_idle)
+        srv->handlers.on_idle(srv->handlers.arg);
+}
+
+static void conn_set_busy(http_conn *conn, bool busy)
+{
+    kvd_http_server *srv = conn->srv;
+    if (conn->busy == busy)
+        return;
+    conn->busy = busy;
+    srv->num_busy += busy ? 1 : -1;
+    if (srv->num_busy == 0 && srv->draining && srv->listener_open)
+        uv_timer_start(&srv->idle_notify, on_idle_notify, 0, 0);
+}
+
+static uint64_t conn_bytes_taken(const http_conn *conn)
+{
+    return conn->bytes_queued - uv_stream_get_write_queue_size((const uv_stream_t *)&conn->tcp);
+}
+
 static void conn_free(http_conn *conn)
 {
     kvd_http_server *srv = conn->srv;
     kvd_http_request *req = &conn->req;
+    if (conn->busy && srv->handlers.on_cut) {
+        /* Handles are closed: what libuv still held was never written. */
+        kvd_http_cut cut = {
+            .method = req->method,
+            .path = req->path ? req->path : "",
+            .status = req->finished || req->streaming ? conn->resp_status : 0,
+            .bytes_sent = conn->taken_at_close - conn->resp_start,
+            .bytes_meant = req->finished ? conn->resp_meant : 0,
+            .by_server = conn->by_server,
+        };
+        srv->handlers.on_cut(&cut, srv->handlers.arg);
+    }
+    conn_set_busy(conn, false);
     if (req->dispatched && !req->finished && srv->handlers.on_abort)
         srv->handlers.on_abort(req, srv->handlers.arg);
     if (conn->prev)
@@ -223,10 +317,12 @@ static void conn_close(http_conn *conn)
     if (conn->closing)
         return;
     conn->closing = true;
+    conn->taken_at_close = conn_bytes_taken(conn);
     uv_timer_stop(&conn->timer);
     uv_read_stop((uv_stream_t *)&conn->tcp);
     uv_close((uv_handle_t *)&conn->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&conn->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&conn->probe, on_handle_closed);
 }
 
 static void on_timer(uv_timer_t *timer);
@@ -257,8 +353,20 @@ static void on_write(uv_write_t *uvreq, int status)
         conn_close(conn);
         return;
     }
-    if (last && !conn->closing)
+    if (last && !conn->closing) {
+        conn_set_busy(conn, false);
         conn_response_done(conn);
+    }
+}
+
+/* While a response is being written, the timer watches the peer take our bytes. */
+static void conn_arm_send_timer(http_conn *conn)
+{
+    if (conn->closing || !conn->srv->limits.send_timeout_ms ||
+        (conn->phase != PHASE_APP && conn->phase != PHASE_FLUSH) || uv_is_active((uv_handle_t *)&conn->timer))
+        return;
+    conn->send_mark = conn_bytes_taken(conn);
+    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
 }
 
 /* Queues the concatenation of up to three byte ranges as one write. */
@@ -290,6 +398,8 @@ static int conn_write3(http_conn *conn, const char *a, size_t alen, const char *
         return KVD_ECANCELED;
     }
     conn->write_pending += len;
+    conn->bytes_queued += len;
+    conn_arm_send_timer(conn);
     return 0;
 }
 
@@ -310,6 +420,8 @@ static void on_shutdown(uv_shutdown_t *sreq, int status)
         conn_close(conn);
         return;
     }
+    conn->shut_done = true;
+    conn_set_busy(conn, false); /* an HTTP/1.0 stream's end: every byte is with the kernel */
     if (!conn->reading) {
         conn_close(conn);
         return;
@@ -317,30 +429,61 @@ static void on_shutdown(uv_shutdown_t *sreq, int status)
     conn_arm_timer(conn, LINGER_MS);
 }
 
-static void format_head(kvd_sbuf *sb, int status, const char *content_type, bool keep_alive,
-                        const char *extra_headers)
+static void format_head(kvd_sbuf *sb, const kvd_http_request *req, int status, const char *content_type,
+                        bool keep_alive, const char *extra_headers)
 {
     kvd_sbuf_printf(sb, "HTTP/1.1 %d %s\r\nServer: kvd\r\n", status, kvd_http_status_text(status));
     if (content_type)
         kvd_sbuf_printf(sb, "Content-Type: %s\r\n", content_type);
     kvd_sbuf_puts(sb, keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
+    if (req->cors)
+        kvd_sbuf_printf(sb, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n", kvd_http_header(req, "origin"));
     if (extra_headers)
         kvd_sbuf_puts(sb, extra_headers);
 }
 
-static void json_error_body(kvd_sbuf *sb, int status, const char *message)
+/* OpenAI's error type for a status, as the application's own errors use them. */
+static const char *error_type(int status)
 {
-    const char *type = status >= 500 ? "server_error" : "invalid_request_error";
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 503: return "service_unavailable";
+    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    }
+}
+
+/* The string code of the layer's own refusals. */
+static const char *error_code(int status)
+{
+    switch (status) {
+    case 400: return "bad_request";
+    case 403: return "forbidden";
+    case 405: return "method_not_allowed";
+    case 408: return "request_timeout";
+    case 413: return "body_too_large";
+    case 415: return "unsupported_media_type";
+    case 417: return "expectation_failed";
+    case 431: return "headers_too_large";
+    case 501: return "not_implemented";
+    case 503: return "server_busy";
+    default: return status >= 500 ? "internal_error" : "bad_request";
+    }
+}
+
+static void json_error_body(kvd_sbuf *sb, int status, const char *message, const char *code)
+{
     kvd_sbuf_puts(sb, "{\"error\":{\"message\":\"");
     for (const char *p = message; *p; p++) {
         if (*p == '"' || *p == '\\')
             kvd_sbuf_printf(sb, "\\%c", *p);
-        else if ((unsigned char)*p < 0x20)
-            kvd_sbuf_printf(sb, "\\u%04x", (unsigned char)*p);
+        else if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f)
+            kvd_sbuf_printf(sb, "\\u%04x", (unsigned char)*p); /* bytes of the request quoted back: no UTF-8 promised */
         else
             kvd_sbuf_append(sb, p, 1);
     }
-    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":%d}}", type, status);
+    kvd_sbuf_printf(sb, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", error_type(status),
+                    code && code[0] ? code : error_code(status));
 }
 
 /* Answers a request the HTTP layer itself refuses, then closes the connection. */
@@ -351,8 +494,8 @@ static void conn_reject(http_conn *conn, int status, const char *message)
     kvd_sbuf body, head;
     kvd_sbuf_init(&body);
     kvd_sbuf_init(&head);
-    json_error_body(&body, status, message);
-    format_head(&head, status, "application/json", false, NULL);
+    json_error_body(&body, status, message, conn->reject_code);
+    format_head(&head, &conn->req, status, "application/json", false, conn->reject_headers);
     kvd_sbuf_printf(&head, "Content-Length: %zu\r\n\r\n", body.len);
     conn->close_after = true;
     conn->phase = PHASE_FLUSH;
@@ -370,22 +513,40 @@ static void conn_reject(http_conn *conn, int status, const char *message)
 static void conn_process_input(http_conn *conn);
 static void conn_resume_reading(http_conn *conn);
 
+/* A CORS preflight from an origin the headers check let through (listed, or the
+ * daemon's own): answered here, the application never sees it. The requested
+ * headers are echoed: the OpenAI SDKs send their own (x-stainless-*), and the API
+ * key still guards every route that needs it. */
+static void answer_preflight(kvd_http_request *req)
+{
+    const char *asked = kvd_http_header(req, "access-control-request-headers");
+    char headers[1024];
+    int n = snprintf(headers, sizeof headers,
+                     "Access-Control-Allow-Methods: GET, HEAD, POST, OPTIONS\r\n"
+                     "Access-Control-Max-Age: 600\r\n"
+                     "Vary: Access-Control-Request-Method, Access-Control-Request-Headers\r\n");
+    if (asked && asked[0] && strlen(asked) < sizeof headers - (size_t)n - 64)
+        snprintf(headers + n, sizeof headers - (size_t)n, "Access-Control-Allow-Headers: %s\r\n", asked);
+    req->cors = true; /* the daemon's own origin too: a preflight always wants the header */
+    kvd_http_respond(req, 204, NULL, headers, "", 0);
+}
+
 static void conn_dispatch(http_conn *conn)
 {
     kvd_http_server *srv = conn->srv;
     kvd_http_request *req = &conn->req;
-    const char *url = req->head.data ? req->head.data + req->url : "";
-    const char *q = strchr(url, '?');
-    size_t path_len = q ? (size_t)(q - url) : strlen(url);
-    req->path = strndup(url, path_len);
-    req->query = strdup(q ? q + 1 : "");
-    if (!req->path || !req->query) {
-        conn_reject(conn, 500, "out of memory");
-        return;
-    }
     conn->phase = PHASE_APP;
     uv_timer_stop(&conn->timer);
     req->dispatched = true;
+    conn->resp_start = conn->bytes_queued;
+    conn->resp_meant = 0;
+    conn->resp_status = 0;
+    conn_set_busy(conn, true);
+    if (strcmp(req->method, "OPTIONS") == 0 && kvd_http_header(req, "origin") &&
+        kvd_http_header(req, "access-control-request-method")) {
+        answer_preflight(req);
+        return;
+    }
     srv->handlers.on_request(req, srv->handlers.arg);
 }
 
@@ -409,7 +570,11 @@ static void conn_process_input(http_conn *conn)
            (conn->phase == PHASE_HEAD || conn->phase == PHASE_BODY || conn->phase == PHASE_IDLE)) {
         const char *data = conn->in.data + conn->in_off;
         size_t len = conn->in.len - conn->in_off;
+        conn->value_span_end = NULL;
         llhttp_errno_t e = llhttp_execute(&conn->parser, data, len);
+        /* A value left open with bytes after its last span: what follows must not be
+         * another span of it (see on_header_value). */
+        conn->value_gap = conn->value_open && conn->value_span_end != data + len;
         if (e == HPE_OK) {
             conn->in_off += len;
             break;
@@ -449,11 +614,18 @@ static http_conn *parser_conn(llhttp_t *parser)
     return parser->data;
 }
 
-static int refuse(http_conn *conn, int status, const char *msg)
+static int refuse_with(http_conn *conn, int status, const char *msg, const char *code, const char *headers)
 {
     conn->reject_status = status;
-    snprintf(conn->reject_msg, sizeof conn->reject_msg, "%s", msg);
+    snprintf(conn->reject_msg, sizeof conn->reject_msg, "%s", msg ? msg : kvd_http_status_text(status));
+    snprintf(conn->reject_code, sizeof conn->reject_code, "%s", code ? code : "");
+    snprintf(conn->reject_headers, sizeof conn->reject_headers, "%s", headers ? headers : "");
     return -1;
+}
+
+static int refuse(http_conn *conn, int status, const char *msg)
+{
+    return refuse_with(conn, status, msg, NULL, NULL);
 }
 
 static int head_append(http_conn *conn, const char *at, size_t len)
@@ -480,6 +652,8 @@ static int on_message_begin(llhttp_t *parser)
 {
     http_conn *conn = parser_conn(parser);
     request_reset(&conn->req);
+    conn->value_open = false;
+    conn->value_gap = false;
     if (conn->phase != PHASE_HEAD) {
         conn->phase = PHASE_HEAD;
         conn_arm_timer(conn, conn->srv->limits.header_timeout_ms);
@@ -498,26 +672,52 @@ static int on_url_complete(llhttp_t *parser)
     return head_end_token(conn, &conn->req.url);
 }
 
+/* RFC 9110 tchar. */
+static bool is_token_char(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
 static int on_header_field(llhttp_t *parser, const char *at, size_t len)
 {
-    return head_append(parser_conn(parser), at, len);
+    http_conn *conn = parser_conn(parser);
+    for (size_t i = 0; i < len; i++)
+        if (!is_token_char((unsigned char)at[i]))
+            return refuse(conn, 400, "malformed HTTP request: invalid character in a header name");
+    return head_append(conn, at, len);
 }
 
 static int on_header_field_complete(llhttp_t *parser)
 {
     http_conn *conn = parser_conn(parser);
+    if (conn->req.head.len == conn->req.token_start)
+        return refuse(conn, 400, "malformed HTTP request: empty header name");
     return head_end_token(conn, &conn->req.header_name);
 }
 
 static int on_header_value(llhttp_t *parser, const char *at, size_t len)
 {
-    return head_append(parser_conn(parser), at, len);
+    http_conn *conn = parser_conn(parser);
+    /* A second span of one value that does not continue the first is a folded line. */
+    if (conn->value_open && (conn->value_span_end ? at != conn->value_span_end : conn->value_gap))
+        return refuse(conn, 400, "malformed HTTP request: obsolete line folding in a header value");
+    conn->value_open = true;
+    conn->value_span_end = at + len;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)at[i];
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return refuse(conn, 400, "malformed HTTP request: control character in a header value");
+    }
+    return head_append(conn, at, len);
 }
 
 static int on_header_value_complete(llhttp_t *parser)
 {
     http_conn *conn = parser_conn(parser);
     kvd_http_request *req = &conn->req;
+    conn->value_open = false;
+    conn->value_gap = false;
     /* llhttp drops leading whitespace of a value but keeps trailing whitespace. */
     while (req->head.len > req->token_start &&
            (req->head.data[req->head.len - 1] == ' ' || req->head.data[req->head.len - 1] == '\t'))
@@ -562,19 +762,158 @@ static bool body_deadline_passed(const http_conn *conn)
     return conn->srv->limits.body_timeout_ms && uv_now(conn->srv->loop) >= conn->body_deadline_ms;
 }
 
+static int header_count(const kvd_http_request *req, const char *name)
+{
+    int n = 0;
+    for (int i = 0; i < req->num_headers; i++)
+        n += strcasecmp(req->head.data + req->headers[i].name, name) == 0;
+    return n;
+}
+
+/* Is the len bytes at s, lowercased, one of the entries of list (",a,b,")? */
+static bool listed(const char *list, const char *s, size_t len)
+{
+    if (!list || len == 0 || len > 255)
+        return false;
+    char key[260];
+    key[0] = ',';
+    for (size_t i = 0; i < len; i++)
+        key[i + 1] = (char)tolower((unsigned char)s[i]);
+    key[len + 1] = ',';
+    key[len + 2] = '\0';
+    return strstr(list, key) != NULL;
+}
+
+/* Host names this server answers to; the port, if any, is not compared. */
+static bool host_allowed(const kvd_http_server *srv, const char *host)
+{
+    if (!srv->allowed_hosts)
+        return true;
+    size_t name_len;
+    const char *port;
+    if (host[0] == '[') {
+        const char *close = strchr(host, ']');
+        if (!close)
+            return false;
+        name_len = (size_t)(close - host) + 1;
+        port = close + 1;
+    } else {
+        name_len = strcspn(host, ":");
+        port = host + name_len;
+    }
+    if (*port == ':') {
+        port++;
+        if (!*port || strspn(port, "0123456789") != strlen(port))
+            return false;
+    } else if (*port) {
+        return false;
+    }
+    return listed(srv->allowed_hosts, host, name_len);
+}
+
+/* The request's Origin is the daemon's own page: http:// + the Host it was sent to. */
+static bool same_origin(const char *origin, const char *host)
+{
+    return host && strncasecmp(origin, "http://", 7) == 0 && strcasecmp(origin + 7, host) == 0;
+}
+
+/* The media type of a Content-Type value, lowercased, without parameters. */
+static void media_type(const char *value, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (const char *p = value; *p && *p != ';' && n + 1 < cap; p++)
+        if (*p != ' ' && *p != '\t')
+            out[n++] = (char)tolower((unsigned char)*p);
+    out[n] = '\0';
+}
+
+static bool json_media(const char *media)
+{
+    size_t n = strlen(media);
+    return strcmp(media, "application/json") == 0 || (n > 5 && strcmp(media + n - 5, "+json") == 0);
+}
+
+/* The checks that need the whole head: framing, Host, Origin, the body's type, then
+ * the application's own (the API key), all before a byte of the body is read. */
 static int on_headers_complete(llhttp_t *parser)
 {
     http_conn *conn = parser_conn(parser);
+    kvd_http_server *srv = conn->srv;
     kvd_http_request *req = &conn->req;
-    const kvd_http_limits *limits = &conn->srv->limits;
+    const kvd_http_limits *limits = &srv->limits;
+    char msg[320];
     req->method = llhttp_method_name((llhttp_method_t)parser->method);
     req->http10 = parser->http_major == 1 && parser->http_minor == 0;
+    if (strcmp(req->method, "HEAD") == 0) {
+        req->head_only = true;
+        req->method = "GET";
+    }
+    const char *url = req->head.data ? req->head.data + req->url : "";
+    const char *q = strchr(url, '?');
+    size_t path_len = q ? (size_t)(q - url) : strlen(url);
+    req->path = strndup(url, path_len);
+    req->query = strdup(q ? q + 1 : "");
+    if (!req->path || !req->query)
+        return refuse(conn, 500, "out of memory");
+
+    int hosts = header_count(req, "host");
+    if (hosts > 1 || (hosts == 0 && !req->http10))
+        return refuse(conn, 400, "malformed HTTP request: an HTTP/1.1 request carries exactly one Host header");
+    const char *te = kvd_http_header(req, "transfer-encoding");
+    if (te) {
+        if (req->http10)
+            return refuse(conn, 400, "malformed HTTP request: Transfer-Encoding in an HTTP/1.0 request");
+        if (header_count(req, "transfer-encoding") > 1 || strcasecmp(te, "chunked") != 0) {
+            snprintf(msg, sizeof msg, "Transfer-Encoding \"%.100s\" is not supported; send chunked or Content-Length",
+                     te);
+            return refuse(conn, 501, msg);
+        }
+    }
     if ((parser->flags & F_CONTENT_LENGTH) && parser->content_length > limits->max_body_bytes) {
-        char msg[160];
         snprintf(msg, sizeof msg, "request body of %llu bytes is over the limit of %zu bytes",
                  (unsigned long long)parser->content_length, limits->max_body_bytes);
         return refuse(conn, 413, msg);
     }
+
+    const char *host = kvd_http_header(req, "host");
+    if (host && !host_allowed(srv, host)) {
+        snprintf(msg, sizeof msg, "Host \"%.100s\" is not served here (see --allowed-hosts)", host);
+        return refuse_with(conn, 403, msg, "host_not_allowed", NULL);
+    }
+    const char *origin = kvd_http_header(req, "origin");
+    if (origin && !same_origin(origin, host)) {
+        if (!srv->any_origin && !listed(srv->allowed_origins, origin, strlen(origin))) {
+            snprintf(msg, sizeof msg, "cross-origin request from \"%.100s\" refused (see --allowed-origins)", origin);
+            return refuse_with(conn, 403, msg, "origin_not_allowed", NULL);
+        }
+        req->cors = true;
+    }
+    if (limits->json_posts && strcmp(req->method, "POST") == 0) {
+        const char *type = kvd_http_header(req, "content-type");
+        char media[64];
+        media_type(type ? type : "", media, sizeof media);
+        bool plain_client = !origin && (!type || strcmp(media, "application/x-www-form-urlencoded") == 0);
+        if (!json_media(media) && !plain_client) {
+            snprintf(msg, sizeof msg, "Content-Type \"%.80s\" is not accepted: send application/json",
+                     type ? type : "");
+            return refuse(conn, 415, msg);
+        }
+    }
+    if (srv->handlers.on_headers) {
+        kvd_http_refusal refusal = {0};
+        if (srv->handlers.on_headers(req, &refusal, srv->handlers.arg))
+            return refuse_with(conn, refusal.status ? refusal.status : 400, refusal.message, refusal.code,
+                               refusal.extra_headers);
+    }
+    if (parser->flags & F_CONTENT_LENGTH) {
+        size_t declared = (size_t)parser->content_length;
+        if (srv->buffered_body + declared > limits->max_buffered_body_bytes)
+            return refuse_with(conn, 503, "the server holds too many request bodies; retry shortly", "server_busy",
+                               "Retry-After: 1\r\n");
+        req->reserved = declared;
+        srv->buffered_body += declared;
+    }
+
     const char *expect = kvd_http_header(req, "expect");
     if (expect && !req->http10) {
         if (strcasecmp(expect, "100-continue") != 0)
@@ -584,20 +923,50 @@ static int on_headers_complete(llhttp_t *parser)
             return refuse(conn, 500, "connection lost");
     }
     conn->phase = PHASE_BODY;
-    conn->body_deadline_ms = uv_now(conn->srv->loop) + limits->body_timeout_ms;
+    conn->body_deadline_ms = uv_now(srv->loop) + limits->body_timeout_ms;
     conn_arm_body_timer(conn);
     return 0;
+}
+
+static int body_over_limit(http_conn *conn, uint64_t extra)
+{
+    const kvd_http_request *req = &conn->req;
+    size_t max = conn->srv->limits.max_body_bytes;
+    if (req->body.len + req->framing + extra <= max)
+        return 0;
+    char msg[160];
+    snprintf(msg, sizeof msg, "request body is over the limit of %zu bytes", max);
+    return refuse(conn, 413, msg);
+}
+
+/* A declared chunk that cannot fit is refused before any of its bytes arrive. */
+static int on_chunk_header(llhttp_t *parser)
+{
+    return body_over_limit(parser_conn(parser), parser->content_length);
+}
+
+static int on_chunk_extension(llhttp_t *parser, const char *at, size_t len)
+{
+    (void)at;
+    http_conn *conn = parser_conn(parser);
+    conn->req.framing += len;
+    return body_over_limit(conn, 0);
 }
 
 static int on_body(llhttp_t *parser, const char *at, size_t len)
 {
     http_conn *conn = parser_conn(parser);
+    kvd_http_server *srv = conn->srv;
     kvd_http_request *req = &conn->req;
-    size_t max = conn->srv->limits.max_body_bytes;
-    if (req->body.len + len > max) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "request body is over the limit of %zu bytes", max);
-        return refuse(conn, 413, msg);
+    if (body_over_limit(conn, len))
+        return -1;
+    if (req->body.len + len > req->reserved) {
+        size_t more = req->body.len + len - req->reserved;
+        if (srv->buffered_body + more > srv->limits.max_buffered_body_bytes)
+            return refuse_with(conn, 503, "the server holds too many request bodies; retry shortly", "server_busy",
+                               "Retry-After: 1\r\n");
+        req->reserved += more;
+        srv->buffered_body += more;
     }
     kvd_sbuf_append(&req->body, at, len);
     return req->body.failed ? refuse(conn, 500, "out of memory") : 0;
@@ -618,6 +987,49 @@ static int on_message_complete(llhttp_t *parser)
 
 /* ---- reading ---- */
 
+/* Has the peer's kernel reset the connection (it closed its socket entirely)? */
+static bool peer_reset(http_conn *conn)
+{
+    uv_os_fd_t fd;
+    if (uv_fileno((uv_handle_t *)&conn->tcp, &fd) != 0)
+        return true;
+    int error = 0;
+    socklen_t len = sizeof error;
+    struct tcp_info info;
+    socklen_t info_len = sizeof info;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error != 0)
+        return true;
+    return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) == 0 && info.tcpi_state == TCP_CLOSE;
+}
+
+static void on_probe(uv_timer_t *timer)
+{
+    http_conn *conn = timer->data;
+    if (conn->closing || conn->phase != PHASE_APP)
+        return;
+    if (peer_reset(conn)) {
+        conn_close(conn); /* on_abort: nobody will read the answer */
+        return;
+    }
+    uv_timer_start(&conn->probe, on_probe, PROBE_MS, 0);
+}
+
+/* The end of input arrived while the application holds the request: a half-close
+ * (the peer still reads) or a full close (nobody will). TCP tells them apart only when
+ * we send: a closed socket answers with a reset. Before any byte of the answer, the
+ * probe is an interim 100 Continue, which every HTTP/1.1 client must accept before the
+ * final response (RFC 9110 15.2); then the socket is checked every PROBE_MS until the
+ * application answers, so a client that left cancels its request as before. */
+static void conn_probe_peer(http_conn *conn)
+{
+    kvd_http_request *req = &conn->req;
+    if (req->http10 || req->streaming)
+        return; /* no 1xx for HTTP/1.0; a stream's own writes find out */
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    if (conn_write3(conn, cont, sizeof cont - 1, NULL, 0, NULL, 0, false) == 0)
+        uv_timer_start(&conn->probe, on_probe, PROBE_MS, 0);
+}
+
 static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
 {
     (void)suggested;
@@ -632,12 +1044,17 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     if (conn->closing)
         return;
     if (nread < 0) {
-        /* A peer that goes away while its request is with the application cancels it;
-         * one whose answer is already written only stops us reading. */
-        if (conn->phase == PHASE_FLUSH && nread == UV_EOF) {
+        /* End of input once a whole request is in: a half-close (the peer may still
+         * read our answer), so the answer is written and the connection then closes.
+         * A peer gone for good is noticed when a write fails. A reset, or an end of
+         * input inside a request, closes at once (on_abort for a request the
+         * application holds). */
+        if ((conn->phase == PHASE_FLUSH || conn->phase == PHASE_APP) && nread == UV_EOF) {
             conn->close_after = true;
             uv_read_stop(stream);
             conn->reading = false;
+            if (conn->phase == PHASE_APP)
+                conn_probe_peer(conn);
         } else {
             conn_close(conn);
         }
@@ -683,6 +1100,19 @@ static void conn_resume_reading(http_conn *conn)
         conn_close(conn);
 }
 
+/* Re-arms the send timer when the peer took bytes since it was armed. */
+static bool conn_send_progressed(http_conn *conn)
+{
+    if (!conn->srv->limits.send_timeout_ms)
+        return false;
+    uint64_t taken = conn_bytes_taken(conn);
+    if (taken == conn->send_mark)
+        return false;
+    conn->send_mark = taken;
+    uv_timer_start(&conn->timer, on_timer, conn->srv->limits.send_timeout_ms, 0);
+    return true;
+}
+
 static void on_timer(uv_timer_t *timer)
 {
     http_conn *conn = timer->data;
@@ -702,12 +1132,20 @@ static void on_timer(uv_timer_t *timer)
                      (unsigned long long)conn->srv->limits.idle_timeout_ms);
         conn_reject(conn, 408, msg);
         break;
-    case PHASE_IDLE:
     case PHASE_LINGER:
+        if (!conn->shut_done && conn_send_progressed(conn))
+            break; /* an HTTP/1.0 stream still being written */
+        conn_close(conn);
+        break;
+    case PHASE_IDLE:
         conn_close(conn);
         break;
     case PHASE_APP:
     case PHASE_FLUSH:
+        if (uv_stream_get_write_queue_size((uv_stream_t *)&conn->tcp) == 0)
+            break; /* nothing waits; the next write re-arms */
+        if (!conn_send_progressed(conn))
+            conn_close(conn); /* the peer took nothing for send_timeout_ms: it is not reading */
         break;
     }
 }
@@ -728,10 +1166,12 @@ static void on_connection(uv_stream_t *listener, int status)
     conn->req.method = "";
     uv_tcp_init(srv->loop, &conn->tcp);
     uv_timer_init(srv->loop, &conn->timer);
+    uv_timer_init(srv->loop, &conn->probe);
+    conn->probe.data = conn;
     conn->tcp.data = conn;
     conn->timer.data = conn;
     conn->shutdown.data = conn;
-    conn->open_handles = 2;
+    conn->open_handles = 3;
     conn->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = conn;
@@ -764,6 +1204,28 @@ static void on_connection(uv_stream_t *listener, int status)
 
 /* ---- server ---- */
 
+/* "A, b ,c" -> ",a,b,c," (lowercase, no blanks), the form listed() searches. */
+static char *comma_list(const char *text)
+{
+    size_t len = strlen(text);
+    char *out = malloc(len + 3);
+    if (!out)
+        return NULL;
+    size_t n = 0;
+    out[n++] = ',';
+    for (const char *p = text; *p; p++) {
+        if (*p == ' ' || *p == '\t')
+            continue;
+        if (*p == ',' && out[n - 1] == ',')
+            continue;
+        out[n++] = (char)tolower((unsigned char)*p);
+    }
+    if (out[n - 1] != ',')
+        out[n++] = ',';
+    out[n] = '\0';
+    return out;
+}
+
 kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *limits,
                                         const kvd_http_handlers *handlers, kvd_error *err)
 {
@@ -776,6 +1238,11 @@ kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *
         kvd_error_set(err, KVD_EINVAL, "http: limits out of range");
         return NULL;
     }
+    if (limits->max_buffered_body_bytes < limits->max_body_bytes) {
+        kvd_error_set(err, KVD_EINVAL, "http: max_buffered_body_bytes (%zu) is below max_body_bytes (%zu)",
+                      limits->max_buffered_body_bytes, limits->max_body_bytes);
+        return NULL;
+    }
     kvd_http_server *srv = calloc(1, sizeof *srv);
     if (!srv) {
         kvd_error_set(err, KVD_ENOMEM, "http: out of memory");
@@ -784,6 +1251,21 @@ kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *
     srv->loop = loop;
     srv->limits = *limits;
     srv->handlers = *handlers;
+    srv->any_origin = limits->allowed_origins && strcmp(limits->allowed_origins, "*") == 0;
+    bool any_host = limits->allowed_hosts && strcmp(limits->allowed_hosts, "*") == 0;
+    if ((!any_host && limits->allowed_hosts && limits->allowed_hosts[0] &&
+         !(srv->allowed_hosts = comma_list(limits->allowed_hosts))) ||
+        (!srv->any_origin && limits->allowed_origins && limits->allowed_origins[0] &&
+         !(srv->allowed_origins = comma_list(limits->allowed_origins)))) {
+        kvd_http_server_destroy(srv);
+        kvd_error_set(err, KVD_ENOMEM, "http: out of memory");
+        return NULL;
+    }
+    srv->auto_hosts = !any_host && !srv->allowed_hosts;
+    srv->limits.allowed_hosts = NULL; /* the caller's strings are not kept */
+    srv->limits.allowed_origins = NULL;
+    uv_timer_init(loop, &srv->idle_notify);
+    srv->idle_notify.data = srv;
     llhttp_settings_init(&srv->settings);
     srv->settings.on_message_begin = on_message_begin;
     srv->settings.on_url = on_url;
@@ -794,6 +1276,9 @@ kvd_http_server *kvd_http_server_create(uv_loop_t *loop, const kvd_http_limits *
     srv->settings.on_header_value_complete = on_header_value_complete;
     srv->settings.on_headers_complete = on_headers_complete;
     srv->settings.on_body = on_body;
+    srv->settings.on_chunk_header = on_chunk_header;
+    srv->settings.on_chunk_extension_name = on_chunk_extension;
+    srv->settings.on_chunk_extension_value = on_chunk_extension;
     srv->settings.on_message_complete = on_message_complete;
     return srv;
 }
@@ -821,6 +1306,16 @@ int kvd_http_server_listen(kvd_http_server *srv, const char *host, int port, int
     struct sockaddr_storage bound;
     int namelen = sizeof bound;
     uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&bound, &namelen);
+    bool loopback = bound.ss_family == AF_INET6
+                        ? IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&bound)->sin6_addr)
+                        : (ntohl(((struct sockaddr_in *)&bound)->sin_addr.s_addr) >> 24) == 127;
+    if (srv->auto_hosts && loopback && !srv->allowed_hosts) {
+        /* A loopback daemon answers to its loopback names only: a page whose own host
+         * name resolves to 127.0.0.1 (DNS rebinding) still sends its own name. */
+        srv->allowed_hosts = comma_list("localhost,127.0.0.1,[::1]");
+        if (!srv->allowed_hosts)
+            return kvd_error_set(err, KVD_ENOMEM, "http: out of memory");
+    }
     if (bound_port) {
         if (bound.ss_family == AF_INET6)
             *bound_port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
@@ -850,14 +1345,24 @@ void kvd_http_server_close(kvd_http_server *srv)
         uv_close((uv_handle_t *)&srv->listener, NULL);
         srv->listener_open = false;
     }
-    for (http_conn *conn = srv->conns; conn; conn = conn->next)
+    if (!uv_is_closing((uv_handle_t *)&srv->idle_notify))
+        uv_close((uv_handle_t *)&srv->idle_notify, NULL);
+    for (http_conn *conn = srv->conns; conn; conn = conn->next) {
+        /* A written answer whose FIN is out: let the linger end it (the peer's EOF, or
+         * LINGER_MS), so the peer reads the answer instead of a reset. */
+        if (conn->phase == PHASE_LINGER && conn->shut_done)
+            continue;
+        conn->by_server = true;
         conn_close(conn);
+    }
 }
 
 void kvd_http_server_destroy(kvd_http_server *srv)
 {
     if (!srv)
         return;
+    free(srv->allowed_hosts);
+    free(srv->allowed_origins);
     free(srv);
 }
 
@@ -866,11 +1371,26 @@ int kvd_http_server_num_connections(const kvd_http_server *srv)
     return srv->num_conns;
 }
 
+int kvd_http_server_busy(const kvd_http_server *srv)
+{
+    return srv->num_busy;
+}
+
+size_t kvd_http_server_buffered_body_bytes(const kvd_http_server *srv)
+{
+    return srv->buffered_body;
+}
+
 /* ---- requests ---- */
 
 const char *kvd_http_method(const kvd_http_request *req)
 {
     return req->method;
+}
+
+bool kvd_http_is_head(const kvd_http_request *req)
+{
+    return req->head_only;
 }
 
 const char *kvd_http_path(const kvd_http_request *req)
@@ -936,9 +1456,10 @@ int kvd_http_respond(kvd_http_request *req, int status, const char *content_type
         conn->close_after = true;
     kvd_sbuf head;
     kvd_sbuf_init(&head);
-    format_head(&head, status, content_type, keep, extra_headers);
+    format_head(&head, req, status, content_type, keep, extra_headers);
     kvd_sbuf_printf(&head, "Content-Length: %zu\r\n\r\n", len);
     conn->phase = PHASE_FLUSH;
+    conn->resp_status = status;
     int rc;
     if (head.failed) {
         conn_close(conn);
@@ -946,8 +1467,9 @@ int kvd_http_respond(kvd_http_request *req, int status, const char *content_type
     } else {
         /* A response to HEAD announces the body's length but never carries it, or a
          * client reusing the connection would read the body as the next response. */
-        if (strcmp(req->method, "HEAD") == 0)
+        if (req->head_only)
             len = 0;
+        conn->resp_meant = conn->bytes_queued - conn->resp_start + head.len + len;
         rc = conn_write3(conn, head.data, head.len, body, len, NULL, 0, true);
     }
     kvd_sbuf_deinit(&head);
@@ -967,9 +1489,10 @@ int kvd_http_stream_begin(kvd_http_request *req, int status, const char *content
     bool keep = response_keeps_alive(conn);
     if (!keep)
         conn->close_after = true;
+    conn->resp_status = status;
     kvd_sbuf head;
     kvd_sbuf_init(&head);
-    format_head(&head, status, content_type, keep, extra_headers);
+    format_head(&head, req, status, content_type, keep, extra_headers);
     kvd_sbuf_puts(&head, "Cache-Control: no-cache\r\n");
     if (req->chunked)
         kvd_sbuf_puts(&head, "Transfer-Encoding: chunked\r\n");
@@ -990,8 +1513,8 @@ int kvd_http_stream_write(kvd_http_request *req, const char *data, size_t len)
     http_conn *conn = req->conn;
     if (conn->closing)
         return KVD_ECANCELED;
-    if (len == 0)
-        return 0; /* an empty chunk would end the body */
+    if (len == 0 || req->head_only)
+        return 0; /* an empty chunk would end the body; HEAD has none */
     if (conn->write_pending + len > conn->srv->limits.max_write_queue_bytes) {
         conn_close(conn);
         return KVD_EBUSY;
@@ -1011,9 +1534,12 @@ int kvd_http_stream_end(kvd_http_request *req)
         return KVD_ECANCELED;
     conn->phase = PHASE_FLUSH;
     if (!req->chunked) {
+        conn->resp_meant = conn->bytes_queued - conn->resp_start;
         conn_linger(conn);
         return 0;
     }
     static const char last_chunk[] = "0\r\n\r\n";
-    return conn_write3(conn, last_chunk, sizeof last_chunk - 1, NULL, 0, NULL, 0, true);
+    size_t n = req->head_only ? 0 : sizeof last_chunk - 1;
+    conn->resp_meant = conn->bytes_queued - conn->resp_start + n;
+    return conn_write3(conn, last_chunk, n, NULL, 0, NULL, 0, true);
 }

@@ -28,10 +28,11 @@ typedef enum kvd_job_kind {
     KVD_JOB_TOKENIZE,
     KVD_JOB_DETOKENIZE,
     KVD_JOB_KV,
+    KVD_JOB_BODY, /* a body being parsed, before the route's own job */
 } kvd_job_kind;
 
 static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                                        "/v1/kv"};
+                                        "/v1/kv", "-"};
 
 typedef struct job_choice {
     kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
@@ -50,6 +51,7 @@ struct kvd_job {
     kvd_http_request *req;   /* NULL once answered or aborted */
     kvd_job_kind kind;
     const char *method;      /* for the log line, after req is gone */
+    const char *path;        /* likewise (static) */
     char id[64];
     kvd_oai_request oai;
     kvd_oai_response resp;
@@ -59,6 +61,12 @@ struct kvd_job {
     bool working;            /* on a libuv worker; its after-callback frees the job */
     int work_rc;
     kvd_error work_err;
+    char *raw;               /* KVD_JOB_BODY: a copy of the request body, [raw_len] */
+    size_t raw_len;
+    cJSON *body;             /* KVD_JOB_BODY: raw parsed (NULL: not JSON) */
+    kvd_jobs_body_cb then;
+    void *then_arg;
+    int then_tag;
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
     uint64_t engine_id;      /* 0 until submitted */
@@ -187,10 +195,12 @@ uint64_t kvd_jobs_random(kvd_jobs *jobs)
     return jobs->rng[1] + s0;
 }
 
-void kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_metrics *metrics,
-                   const char *model_name)
+int kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_metrics *metrics,
+                  const char *model_name)
 {
     memset(jobs, 0, sizeof *jobs);
+    if (uv_mutex_init(&jobs->parse_lock) != 0)
+        return KVD_ENOMEM;
     jobs->loop = loop;
     jobs->log = log;
     jobs->metrics = metrics;
@@ -199,6 +209,7 @@ void kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_m
     jobs->rng[1] = ((uint64_t)uv_os_getpid() << 32) ^ (uint64_t)(uintptr_t)jobs ^ 0xbf58476d1ce4e5b9ULL;
     for (int i = 0; i < 8; i++)
         kvd_jobs_random(jobs);
+    return 0;
 }
 
 /* ---- answers ---- */
@@ -263,6 +274,7 @@ static kvd_job *job_create(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind k
     job->req = req;
     job->kind = kind;
     job->method = kind == KVD_JOB_KV ? "GET" : "POST";
+    job->path = job_paths[kind];
     job->arrival_ns = kvd_http_arrival_ns(req);
     job->status = 200;
     kvd_oai_request_init(&job->oai);
@@ -307,6 +319,8 @@ static void job_free(kvd_job *job)
     free(job->choices);
     free(job->prompt);
     free(job->answer);
+    free(job->raw);
+    cJSON_Delete(job->body);
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -328,6 +342,7 @@ void kvd_jobs_deinit(kvd_jobs *jobs)
         job = next;
     }
     kvd_job_map_deinit(&jobs->map);
+    uv_mutex_destroy(&jobs->parse_lock);
 }
 
 static int job_completion_tokens(const kvd_job *job)
@@ -340,7 +355,7 @@ static int job_completion_tokens(const kvd_job *job)
 
 static void job_log(kvd_job *job)
 {
-    log_request(job->jobs, job->id, job->method, job_paths[job->kind], job->status, job->prompt_tokens,
+    log_request(job->jobs, job->id, job->method, job->path, job->status, job->prompt_tokens,
                 job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns);
 }
 
@@ -757,6 +772,70 @@ static void job_start_tokenizing(kvd_job *job)
     job_start_work(job, tokenize_work, after_tokenize, "cannot queue tokenization");
 }
 
+/* ---- request bodies, parsed on a worker ---- */
+
+static void body_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    uv_mutex_lock(&job->jobs->parse_lock);
+    job->body = cJSON_ParseWithLength(job->raw, job->raw_len);
+    uv_mutex_unlock(&job->jobs->parse_lock);
+    free(job->raw);
+    job->raw = NULL;
+}
+
+static void after_body(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
+        return;
+    if (!job->body) {
+        job_fail(job, 400,
+                 job->raw_len == 0 ? "the request body is empty; expected a JSON object"
+                                   : "malformed JSON in the request body",
+                 NULL, "invalid_json", NULL);
+        return;
+    }
+    if (!cJSON_IsObject(job->body)) {
+        job_fail(job, 400, "the request body must be a JSON object", NULL, "invalid_json", NULL);
+        return;
+    }
+    kvd_http_request *req = job->req;
+    job->req = NULL;
+    kvd_http_set_user(req, NULL);
+    /* The route's own job exists before this one is freed, so a drain never sees a
+     * moment with no job in between. */
+    job->then(req, job->body, job->then_arg, job->then_tag);
+    job_free(job);
+}
+
+void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path, kvd_jobs_body_cb then,
+                         void *arg, int tag)
+{
+    kvd_job *job = job_create(jobs, req, KVD_JOB_BODY);
+    size_t len = 0;
+    const char *body = kvd_http_body(req, &len);
+    /* A copy: the connection may go (and take its buffer) while the worker parses. */
+    char *raw = job ? malloc(len + 1) : NULL;
+    if (!raw) {
+        if (job)
+            job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        else
+            kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    if (len)
+        memcpy(raw, body, len);
+    raw[len] = '\0';
+    job->raw = raw;
+    job->raw_len = len;
+    job->path = path;
+    job->then = then;
+    job->then_arg = arg;
+    job->then_tag = tag;
+    job_start_work(job, body_work, after_body, "cannot queue the request body");
+}
+
 /* ---- starting jobs ---- */
 
 /* A new job for req, or NULL after answering 500. */
@@ -781,12 +860,12 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
  * before any work, counting per logprob entry (the sampled token and each alternative,
- * of every token of every choice) what one prints as on average: 80 bytes in chat's
- * shape (n=16 x 4000 x 21 entries made a 109 MB body), 32 in completions' (an entry of
- * three parallel arrays and a map), or one byte per token without logprobs. One that
- * outgrows the bound anyway is stopped when it does (handle_event). Streams are
- * bounded by the connection's write queue instead. */
-#define KVD_CHAT_LOGPROB_ENTRY_BYTES 80
+ * of every token of every choice) a little more than one prints as on average: chat
+ * entries came to 81-83 bytes (n=16 x 4000 x 21 entries made a 109 MB body), so 88;
+ * completions' (items of three parallel arrays and a map) 32; one byte per token
+ * without logprobs. One that outgrows the bound anyway is stopped when it does
+ * (handle_event). Streams are bounded by the connection's write queue instead. */
+#define KVD_CHAT_LOGPROB_ENTRY_BYTES 88
 #define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
 
 static bool refuse_large_response(kvd_job *job)

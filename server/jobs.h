@@ -58,6 +58,7 @@ typedef struct kvd_jobs {
     uint64_t max_response_bytes;   /* a whole response's bound (0: none) */
     kvd_served_model model;        /* engine NULL until loaded */
     bool stopping;                 /* set by the daemon: answers from workers are dropped */
+    uv_mutex_t parse_lock;         /* cJSON's parser writes a process-wide error pointer */
     void (*on_idle)(void *arg);    /* called when a job ends and none is left */
     void *on_idle_arg;
 
@@ -67,8 +68,9 @@ typedef struct kvd_jobs {
     uint64_t rng[2];               /* xorshift128+ for response ids and default seeds */
 } kvd_jobs;
 
-void kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_metrics *metrics,
-                   const char *model_name);
+/* Returns 0 or KVD_ENOMEM (no lock could be made). */
+int kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_metrics *metrics,
+                  const char *model_name);
 /* Frees jobs still waiting for the engine (after the engine is destroyed). */
 void kvd_jobs_deinit(kvd_jobs *jobs);
 uint64_t kvd_jobs_random(kvd_jobs *jobs);
@@ -80,6 +82,15 @@ void kvd_jobs_respond_json(kvd_jobs *jobs, kvd_http_request *req, int status, cJ
                            const char *extra_headers);
 void kvd_jobs_send_error(kvd_jobs *jobs, kvd_http_request *req, int status, const char *message,
                          const char *param, const char *code, const char *extra_headers);
+
+/* Parses req's body on a libuv worker (a 4 MiB body takes tens of milliseconds of
+ * CPU, which on the loop would stall every stream), then calls then(req, body, arg,
+ * tag) back on the loop with the JSON object, deleted after the call; a body that is
+ * not a JSON object is answered 400 here. path (static) names the route in the log
+ * should the client leave first. */
+typedef void (*kvd_jobs_body_cb)(kvd_http_request *req, const cJSON *body, void *arg, int tag);
+void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path, kvd_jobs_body_cb then,
+                         void *arg, int tag);
 
 /* Each takes over req (answers it now or later); body stays the caller's. */
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body);

@@ -2,7 +2,8 @@
  *
  * Exit status: 0 after a clean drain (SIGINT/SIGTERM) or --help, 1 when the model
  * cannot be loaded or the address cannot be bound, 2 for invalid configuration
- * (the message names the key or flag). SIGPIPE is ignored: a peer that vanishes
+ * (the message names the key or flag), 3 when the shutdown cut responses it had
+ * accepted (drain timeout or a second signal; the log names each and its bytes). SIGPIPE is ignored: a peer that vanishes
  * mid-write is an ordinary write error, never a reason to die.
  */
 #include <signal.h>
@@ -58,12 +59,16 @@ int main(int argc, char **argv)
         uv_run(&loop, UV_RUN_DEFAULT);
     } else {
         uv_run(&loop, UV_RUN_DEFAULT);
-        status = daemon.exit_code;
+        status = -1;
     }
     kvd_daemon_deinit(&daemon);
+    if (status < 0)
+        status = daemon.exit_code; /* after deinit: the last connections report cuts as they close */
     if (uv_loop_close(&loop) != 0)
         fprintf(stderr, "kvd: warning: event loop closed with handles still open\n");
     if (status == 0)
         fprintf(stderr, "kvd: stopped\n");
+    else if (status == KVD_EXIT_RESPONSES_CUT)
+        fprintf(stderr, "kvd: stopped; %d response(s) cut by the shutdown (see above)\n", daemon.responses_cut);
     return status;
 }

@@ -52,25 +52,6 @@ static const route routes[] = {
 
 #define MODEL_PREFIX "/v1/models/"
 
-static cJSON *parse_body(kvd_router *r, kvd_http_request *req)
-{
-    size_t len;
-    const char *body = kvd_http_body(req, &len);
-    cJSON *root = cJSON_ParseWithLength(body, len);
-    if (!root) {
-        const char *msg =
-            len == 0 ? "the request body is empty; expected a JSON object" : "malformed JSON in the request body";
-        kvd_jobs_send_error(r->jobs, req, 400, msg, NULL, "invalid_json", NULL);
-        return NULL;
-    }
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        kvd_jobs_send_error(r->jobs, req, 400, "the request body must be a JSON object", NULL, "invalid_json", NULL);
-        return NULL;
-    }
-    return root;
-}
-
 /* Whether name is the served model's name or one of its aliases. */
 static bool serves_model(const kvd_router *r, const char *name)
 {
@@ -161,17 +142,15 @@ static bool authorized(const kvd_router *r, const kvd_http_request *req)
     return kvd_consttime_equal(given, strlen(given), key, key_len);
 }
 
-static void handle_with_body(kvd_router *r, kvd_http_request *req, enum route_id id)
+/* Back from the worker that parsed the body (jobs.c), on the loop. */
+static void with_body(kvd_http_request *req, const cJSON *body, void *arg, int id)
 {
-    cJSON *body = parse_body(r, req);
-    if (!body)
-        return;
+    kvd_router *r = arg;
     /* A request names the model it was written for: another one's answer would be
      * a silent substitution (vLLM answers 404 the same way). */
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
     if (cJSON_IsString(model) && !serves_model(r, model->valuestring)) {
         model_not_found(r, req, model->valuestring);
-        cJSON_Delete(body);
         return;
     }
     switch (id) {
@@ -191,7 +170,30 @@ static void handle_with_body(kvd_router *r, kvd_http_request *req, enum route_id
         kvd_jobs_detokenize(r->jobs, req, body);
         break;
     }
-    cJSON_Delete(body);
+}
+
+static const route *find_route(const char *path)
+{
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+        if (strcmp(routes[i].path, path) == 0 ||
+            (routes[i].id == ROUTE_MODEL && strncmp(path, MODEL_PREFIX, strlen(MODEL_PREFIX)) == 0 &&
+             path[strlen(MODEL_PREFIX)]))
+            return &routes[i];
+    return NULL;
+}
+
+bool kvd_router_on_headers(const kvd_http_request *req, kvd_http_refusal *refusal, void *arg)
+{
+    const kvd_router *r = arg;
+    const route *found = find_route(kvd_http_path(req));
+    if (!found || !found->needs_auth || strcmp(found->method, kvd_http_method(req)) != 0 || authorized(r, req))
+        return false;
+    /* Before the body: an unauthorized client gets no 100 Continue and buffers nothing. */
+    refusal->status = 401;
+    refusal->message = "Incorrect or missing API key: send Authorization: Bearer <key>";
+    refusal->code = "invalid_api_key";
+    refusal->extra_headers = "WWW-Authenticate: Bearer\r\n";
+    return true;
 }
 
 void kvd_router_on_request(kvd_http_request *req, void *arg)
@@ -200,15 +202,7 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
     kvd_jobs *jobs = r->jobs;
     const char *path = kvd_http_path(req);
     const char *method = kvd_http_method(req);
-    const route *found = NULL;
-    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
-        if (strcmp(routes[i].path, path) == 0 ||
-            (routes[i].id == ROUTE_MODEL && strncmp(path, MODEL_PREFIX, strlen(MODEL_PREFIX)) == 0 &&
-             path[strlen(MODEL_PREFIX)])) {
-            found = &routes[i];
-            break;
-        }
-    }
+    const route *found = find_route(path);
     /* The daemon's own pages (server/web/): static, so no API key and no model needed. */
     const kvd_web_asset *asset = found ? NULL : kvd_web_find(path);
     if (asset) {
@@ -276,7 +270,7 @@ void kvd_router_on_request(kvd_http_request *req, void *arg)
         kvd_jobs_kv(jobs, req);
         break;
     default:
-        handle_with_body(r, req, found->id);
+        kvd_jobs_parse_body(jobs, req, found->path, with_body, r, found->id);
         break;
     }
 }

@@ -32,5 +32,7 @@ typedef struct kvd_router {
 /* kvd_http_handlers' callbacks; arg is the kvd_router. */
 void kvd_router_on_request(kvd_http_request *req, void *arg);
 void kvd_router_on_abort(kvd_http_request *req, void *arg);
+/* Refuses a request on its headers when its route needs the API key and it has none. */
+bool kvd_router_on_headers(const kvd_http_request *req, kvd_http_refusal *refusal, void *arg);
 
 #endif

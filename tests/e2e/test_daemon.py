@@ -248,7 +248,11 @@ def test_second_quick_sigterm_still_exits_cleanly():
             d.proc.send_signal(signal.SIGTERM)
             d.proc.send_signal(signal.SIGTERM)
             assert d.wait_exit(30) == 0, (attempt, d.proc.returncode, d.output_tail())
-    # The same with a stream in flight: the second signal stops at once, still cleanly.
+    # With a stream in flight a second signal the daemon sees means "stop now"
+    # (documented, exit 3: it cut the stream); signals sent back to back may also
+    # merge into one in the kernel, and then the stream drains (exit 0, or 3 if the
+    # drain timeout cut it on a slow machine). Either way the daemon exits by itself,
+    # never killed by a signal.
     with Daemon("--drain-timeout-s", "60") as d:
         c = d.conn(60)
         c.request("POST", "/v1/completions", body=json.dumps(dict(
@@ -258,7 +262,8 @@ def test_second_quick_sigterm_still_exits_cleanly():
         assert r.status == 200 and r.read(6) == b"data: "
         for _ in range(3):
             d.proc.send_signal(signal.SIGTERM)
-        assert d.wait_exit(30) == 0, (d.proc.returncode, d.output_tail())
+        status = d.wait_exit(120)
+        assert status in (0, 3), (status, d.output_tail())
         c.close()
 
 

@@ -101,7 +101,7 @@ def test_disconnect_frees_blocks():
                            "stream": True}).encode()
         for _ in range(4):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
             got = b""
             while b"data: " not in got:  # headers and a first chunk: the stream is live
                 got += s.recv(4096)
@@ -120,7 +120,7 @@ def test_disconnect_frees_blocks():
         # A whole (non-streamed) request is cancelled too when its client leaves.
         s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
         whole = json.dumps({"prompt": "Another long one", "max_tokens": 3000, "ignore_eos": True}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(whole) + whole)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(whole) + whole)
         wait_until(lambda: d.metrics()["kvd:num_requests_running"] == 1, 10, "the request running")
         s.close()
         wait_until(lambda: d.metrics()["kvd:kv_blocks_used"] == 0 and d.metrics()["kvd:num_requests_running"] == 0,
@@ -143,7 +143,7 @@ def test_client_that_never_reads_is_cut_off():
         s.connect(("127.0.0.1", d.port))
         body = json.dumps({"prompt": "Flood", "max_tokens": 3000, "ignore_eos": True, "stream": True,
                            "n": 16}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         wait_until(lambda: d.metrics()['kvd:request_success_total{finished_reason="abort"}'] - aborts_before == 16,
                    90, "the unread stream's 16 choices to be cancelled")
         m = d.metrics()

@@ -139,7 +139,7 @@ def disconnecter():
     while not state["stop"].is_set():
         try:
             s = soaklib.connect(kvd().port, timeout=60)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             want = rng.randrange(6)  # 0: gone before the first event
             got = b""
@@ -166,7 +166,7 @@ def bad_requests():
     def post(path, body, extra=b""):
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
                 % (path.encode(), extra, len(body), body))
     c, chat = "/v1/completions", "/v1/chat/completions"
     return [
@@ -188,15 +188,15 @@ def bad_requests():
         ("role unknown", post(chat, {"messages": [{"role": "root", "content": "x"}]})),
         ("image part", post(chat, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})),
         ("prompt over the context", post(c, {"prompt": [1] * 5000})),
-        ("unknown route", b"GET /v1/secrets HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("path traversal", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("wrong method", b"DELETE /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("unknown route", b"GET /v1/secrets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("path traversal", b"GET /../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("wrong method", b"DELETE /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
         ("header over 32 KiB", b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"),
-        ("body over 4 MiB", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n{"),
+        ("body over 4 MiB", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n{"),
         ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256))),
-        ("bad chunk size", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        ("bad chunk size", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
         ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-        ("bad Expect", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}"),
+        ("bad Expect", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}"),
         ("NUL in header", b"GET /health HTTP/1.1\r\nHost: x\0y\r\n\r\n"),
     ]
 

@@ -78,7 +78,7 @@ def vanishing_stream():
     k = kvd()
     s = soaklib.connect(k.port)
     body = json.dumps({"prompt": "Go on", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     got = b""
     while got.count(b"data: ") < 3:

@@ -142,7 +142,7 @@ def check_connection_limit():
         while True:
             s = soaklib.connect(daemon().port)
             t0 = time.monotonic()
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, body = soaklib.read_response(s, 10)
             s.close()
             if status == 503 or time.monotonic() > deadline:
@@ -162,7 +162,7 @@ def check_stalled_body():
     s = soaklib.connect(daemon().port)
     try:
         t0 = time.monotonic()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         status, body = soaklib.read_response(s, IDLE_TIMEOUT_S + SLACK_S)
         waited = time.monotonic() - t0
@@ -175,7 +175,7 @@ def check_stalled_body():
 def check_idle_keepalive():
     s = soaklib.connect(daemon().port)
     try:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, _ = soaklib.read_response(s, 10)
         check(status == 200, "/health answered %s" % status)
         t0 = time.monotonic()
@@ -204,7 +204,7 @@ def check_never_reading_stream():
         # so the kernel's socket buffers (about 3 MiB on loopback) fill within seconds.
         body = json.dumps({"prompt": "Tell me everything.", "max_tokens": MAX_TOKENS, "n": 16,
                            "ignore_eos": True, "temperature": 0, "logprobs": 20, "stream": True}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         # The stream is running: another client is served meanwhile.
         deadline = time.monotonic() + 30
