@@ -642,7 +642,7 @@ static int cut_after_final(kvd_template_output *out, const cJSON *messages, char
     if (!cJSON_IsString(content))
         return bad(param, cap, err, "continue_final_message needs the assistant message to have content",
                    cJSON_GetArraySize(messages) - 1, ".content");
-    const char *s = content->valuestring;
+    const char *s = content->valuestring ? content->valuestring : "";
     size_t n = strlen(s);
     while (n && strchr(" \t\n\r\f\v", s[n - 1]))
         n--;
@@ -650,7 +650,7 @@ static int cut_after_final(kvd_template_output *out, const cJSON *messages, char
         s++;
         n--;
     }
-    if (n == 0)
+    if (n == 0 || !out->text)
         return 0; /* nothing to find: the rendered text stays as it is */
     const char *hit = NULL;
     for (const char *p = out->text; (p = memmem(p, out->len - (size_t)(p - out->text), s, n)) != NULL; p++)
