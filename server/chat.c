@@ -604,15 +604,13 @@ static cJSON *normalise_messages(const cJSON *messages, char *param, size_t cap,
                 rc = bad(param, cap, err, "is required", index, ".content");
                 goto fail;
             }
-            if (!has_calls) {
-                /* an empty assistant turn renders empty, as before templates */
-                cJSON *empty = cJSON_CreateString("");
-                if (!empty || (content ? !cJSON_ReplaceItemInObjectCaseSensitive(m, "content", empty)
-                                       : !cJSON_AddItemToObject(m, "content", empty))) {
-                    rc = kvd_error_set(err, KVD_ENOMEM, "chat template: out of memory");
-                    goto fail;
-                }
-            } else if (!content && !cJSON_AddNullToObject(m, "content")) {
+            /* An assistant turn without content (OpenAI sends null beside tool_calls)
+             * reaches the template as "", as vLLM passes it: Qwen's templates test it
+             * for truth, and Qwen3's would fail on None ('</think>' in content). */
+            cJSON *empty = cJSON_CreateString("");
+            if (!empty || (content ? !cJSON_ReplaceItemInObjectCaseSensitive(m, "content", empty)
+                                   : !cJSON_AddItemToObject(m, "content", empty))) {
+                cJSON_Delete(empty); /* not taken on failure */
                 rc = kvd_error_set(err, KVD_ENOMEM, "chat template: out of memory");
                 goto fail;
             }

@@ -188,6 +188,22 @@ def test_chat_template_override_and_errors():
     os.unlink(path)
 
 
+def test_qwen3_template_with_openai_history():
+    # Qwen3's template (--chat-template) with OpenAI's history shape: null content beside
+    # tool_calls reaches it as "" (Qwen3's template fails on None), arguments as an object.
+    path = os.path.join(os.environ.get("KVD_SOURCE_ROOT", "."), "tests", "template", "templates", "qwen3.jinja")
+    history = [USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with Daemon("--kv-cache-mb", "4", "--chat-template", path) as d:
+        status, resp = d.post("/apply-template", {"messages": history, "tools": TOOLS,
+                                                  "chat_template_kwargs": {"enable_thinking": False}})
+        assert status == 200, resp
+        assert resp["prompt"].endswith(
+            "<|im_start|>assistant\n" + CALL + "<|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n"
+            "</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"), resp
+
+
 def test_fallback_is_announced():
     assert any("chat template: the model has none; falling back to ChatML" in line for line in daemon.lines), \
         daemon.lines
