@@ -626,13 +626,21 @@ static void test_chat_tools_and_history(void **state)
                         "<|im_start|>assistant\n");
     kvd_chat_prompt_deinit(&p);
     /* continue_final_message: the last assistant message stays open */
-    kvd_chat_options cont = {.continue_final_message = true};
+    kvd_chat_options cont = {.continue_final_message = true, .add_generation_prompt = true}; /* as a request parses */
     render_with(builtin_template(),
                 "[{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"<tool_call>\\n\"}]",
                 &cont, &p);
     assert_string_equal(p.text.data,
                         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
                         "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<tool_call>");
+    assert_string_equal(p.continued, "<tool_call>\n");
+    kvd_chat_prompt_deinit(&p);
+    /* continue_final_message with a conversation that does not end with the assistant:
+     * a new turn, as an agent loop that keeps the flag on needs */
+    render_with(builtin_template(), "[{\"role\": \"user\", \"content\": \"Hi\"}]", &cont, &p);
+    assert_string_equal(p.text.data + p.text.len - strlen("Hi<|im_end|>\n<|im_start|>assistant\n"),
+                        "Hi<|im_end|>\n<|im_start|>assistant\n");
+    assert_null(p.continued);
     kvd_chat_prompt_deinit(&p);
     /* add_generation_prompt false: no open turn */
     kvd_chat_options closed = {0};
