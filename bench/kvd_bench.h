@@ -14,22 +14,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "kvd/kvd_buf.h"
 #include "kvd/kvd_error.h"
 
-/* ---- growable byte buffer (always NUL-terminated once it holds anything) ---- */
-
-typedef struct kvd_bench_buf {
-    char *data;
-    size_t len;
-    size_t cap;
-} kvd_bench_buf;
-
-/* Appends bytes; returns 0 or KVD_ENOMEM (buffer unchanged). */
-int kvd_bench_buf_append(kvd_bench_buf *buf, const char *bytes, size_t len);
-int kvd_bench_buf_appendf(kvd_bench_buf *buf, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-void kvd_bench_buf_clear(kvd_bench_buf *buf);
-void kvd_bench_buf_deinit(kvd_bench_buf *buf);
+/* Byte buffers are kvd_sbuf (kvd/kvd_buf.h); appends return 0 or KVD_ENOMEM. */
 
 /* ---- options ---- */
 
@@ -109,7 +97,7 @@ const char *kvd_bench_word(size_t index);
 extern const char kvd_bench_system_prompt[];
 
 /* Appends n_words words drawn from rng, separated by single spaces. */
-int kvd_bench_make_words(kvd_bench_buf *out, kvd_bench_rng *rng, long n_words);
+int kvd_bench_make_words(kvd_sbuf *out, kvd_bench_rng *rng, long n_words);
 
 /* One session's random stream: depends only on (seed, session). */
 void kvd_bench_session_rng(kvd_bench_rng *rng, uint64_t seed, long session);
@@ -126,10 +114,10 @@ void kvd_bench_arrivals(double *out, size_t n, double rate, uint64_t seed);
 
 /* Request bodies (JSON). history holds user, assistant, user, ... texts, ending with
  * the new user message (odd count). Both return 0 or KVD_ENOMEM. */
-int kvd_bench_body_completion(kvd_bench_buf *out, const kvd_bench_options *opt,
+int kvd_bench_body_completion(kvd_sbuf *out, const kvd_bench_options *opt,
                               const char *model, const char *prompt, long max_tokens);
-int kvd_bench_body_chat(kvd_bench_buf *out, const kvd_bench_options *opt, const char *model,
-                        const kvd_bench_buf *history, size_t n_history, long max_tokens);
+int kvd_bench_body_chat(kvd_sbuf *out, const kvd_bench_options *opt, const char *model,
+                        const kvd_sbuf *history, size_t n_history, long max_tokens);
 
 /* ---- SSE stream reader ---- */
 
@@ -148,9 +136,9 @@ typedef struct kvd_bench_stream {
     size_t n_itl, cap_itl;
     long prompt_tokens;     /* usage.prompt_tokens, -1 until seen */
     long completion_tokens; /* usage.completion_tokens, -1 until seen */
-    kvd_bench_buf text;     /* all text received (the assistant turn in chat) */
-    kvd_bench_buf line;     /* partial line */
-    kvd_bench_buf data;     /* data lines of the event being read */
+    kvd_sbuf text;     /* all text received (the assistant turn in chat) */
+    kvd_sbuf line;     /* partial line */
+    kvd_sbuf data;     /* data lines of the event being read */
     int has_data;
 } kvd_bench_stream;
 

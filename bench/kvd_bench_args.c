@@ -1,4 +1,4 @@
-/* kvd_bench_args.c - kvd-bench's command line, URL parsing and byte buffer.
+/* kvd_bench_args.c - kvd-bench's command line, and URL parsing.
  *
  * Flags accept both "--flag VALUE" and "--flag=VALUE". Every value is checked in full
  * (no trailing junk, ranges ordered, counts positive) so a typo in a script fails loudly
@@ -11,61 +11,6 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-
-int kvd_bench_buf_append(kvd_bench_buf *buf, const char *bytes, size_t len)
-{
-    if (buf->len + len + 1 > buf->cap) {
-        size_t cap = buf->cap ? buf->cap : 256;
-        while (cap < buf->len + len + 1)
-            cap *= 2;
-        char *data = realloc(buf->data, cap);
-        if (!data)
-            return KVD_ENOMEM;
-        buf->data = data;
-        buf->cap = cap;
-    }
-    if (len)
-        memcpy(buf->data + buf->len, bytes, len);
-    buf->len += len;
-    buf->data[buf->len] = '\0';
-    return 0;
-}
-
-int kvd_bench_buf_appendf(kvd_bench_buf *buf, const char *fmt, ...)
-{
-    char small[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(small, sizeof small, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return KVD_EINVAL;
-    if ((size_t)n < sizeof small)
-        return kvd_bench_buf_append(buf, small, (size_t)n);
-    char *big = malloc((size_t)n + 1);
-    if (!big)
-        return KVD_ENOMEM;
-    va_start(ap, fmt);
-    vsnprintf(big, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    int rc = kvd_bench_buf_append(buf, big, (size_t)n);
-    free(big);
-    return rc;
-}
-
-void kvd_bench_buf_clear(kvd_bench_buf *buf)
-{
-    buf->len = 0;
-    if (buf->data)
-        buf->data[0] = '\0';
-}
-
-void kvd_bench_buf_deinit(kvd_bench_buf *buf)
-{
-    free(buf->data);
-    buf->data = NULL;
-    buf->len = buf->cap = 0;
-}
 
 void kvd_bench_options_default(kvd_bench_options *opt)
 {

@@ -40,7 +40,7 @@ struct bench_session {
     long n_turns;
     long turns_sent;
     kvd_bench_rng rng;
-    kvd_bench_buf *history; /* (2 * n_turns - 1): user, assistant, user, ... */
+    kvd_sbuf *history; /* (2 * n_turns - 1): user, assistant, user, ... */
     size_t n_history;
 };
 
@@ -54,10 +54,10 @@ struct bench_exchange {
     bench_run *run;
     bench_session *session;  /* NULL for GET /v1/models */
     bench_exchange *prev, *next; /* in-flight list */
-    kvd_bench_buf request;
-    kvd_bench_buf body;      /* body of an error answer or of the models list */
-    kvd_bench_buf header_field;
-    kvd_bench_buf content_type;
+    kvd_sbuf request;
+    kvd_sbuf body;      /* body of an error answer or of the models list */
+    kvd_sbuf header_field;
+    kvd_sbuf content_type;
     int in_content_type;
     kvd_bench_stream stream;
     uint64_t start_ns;
@@ -117,10 +117,10 @@ static double seconds_since(const bench_run *run, uint64_t ns)
 
 static void exchange_free(bench_exchange *ex)
 {
-    kvd_bench_buf_deinit(&ex->request);
-    kvd_bench_buf_deinit(&ex->body);
-    kvd_bench_buf_deinit(&ex->header_field);
-    kvd_bench_buf_deinit(&ex->content_type);
+    kvd_sbuf_deinit(&ex->request);
+    kvd_sbuf_deinit(&ex->body);
+    kvd_sbuf_deinit(&ex->header_field);
+    kvd_sbuf_deinit(&ex->content_type);
     kvd_bench_stream_deinit(&ex->stream);
     free(ex->result.itl_ms);
     free(ex);
@@ -254,7 +254,7 @@ static bench_exchange *parser_exchange(llhttp_t *parser)
 static int on_header_field(llhttp_t *parser, const char *at, size_t len)
 {
     bench_exchange *ex = parser_exchange(parser);
-    return kvd_bench_buf_append(&ex->header_field, at, len) < 0 ? -1 : 0;
+    return kvd_sbuf_append(&ex->header_field, at, len) < 0 ? -1 : 0;
 }
 
 static int on_header_field_complete(llhttp_t *parser)
@@ -262,7 +262,7 @@ static int on_header_field_complete(llhttp_t *parser)
     bench_exchange *ex = parser_exchange(parser);
     ex->in_content_type =
         ex->header_field.data && !strcasecmp(ex->header_field.data, "content-type");
-    kvd_bench_buf_clear(&ex->header_field);
+    kvd_sbuf_reset(&ex->header_field);
     return 0;
 }
 
@@ -271,7 +271,7 @@ static int on_header_value(llhttp_t *parser, const char *at, size_t len)
     bench_exchange *ex = parser_exchange(parser);
     if (!ex->in_content_type || ex->content_type.len + len > 256)
         return 0;
-    return kvd_bench_buf_append(&ex->content_type, at, len) < 0 ? -1 : 0;
+    return kvd_sbuf_append(&ex->content_type, at, len) < 0 ? -1 : 0;
 }
 
 static int on_header_value_complete(llhttp_t *parser)
@@ -319,7 +319,7 @@ static int on_body(llhttp_t *parser, const char *at, size_t len)
         }
         len = limit - ex->body.len;
     }
-    return kvd_bench_buf_append(&ex->body, at, len) < 0 ? -1 : 0;
+    return kvd_sbuf_append(&ex->body, at, len) < 0 ? -1 : 0;
 }
 
 static int on_message_complete(llhttp_t *parser)
@@ -415,32 +415,32 @@ static void on_exchange_timer(uv_timer_t *timer)
 }
 
 static int build_request(bench_exchange *ex, const char *method, const char *route,
-                         const kvd_bench_buf *body)
+                         const kvd_sbuf *body)
 {
     const bench_run *run = ex->run;
-    kvd_bench_buf *req = &ex->request;
-    int rc = kvd_bench_buf_appendf(req,
+    kvd_sbuf *req = &ex->request;
+    int rc = kvd_sbuf_printf(req,
                                    "%s %s%s HTTP/1.1\r\nHost: %s\r\n"
                                    "User-Agent: kvd-bench\r\nConnection: close\r\n",
                                    method, run->url->base_path, route, run->url->host_header);
     if (rc == 0 && run->opt->api_key[0])
-        rc = kvd_bench_buf_appendf(req, "Authorization: Bearer %s\r\n", run->opt->api_key);
+        rc = kvd_sbuf_printf(req, "Authorization: Bearer %s\r\n", run->opt->api_key);
     if (rc == 0 && body)
-        rc = kvd_bench_buf_appendf(req,
+        rc = kvd_sbuf_printf(req,
                                    "Accept: text/event-stream\r\nContent-Type: application/json"
                                    "\r\nContent-Length: %zu\r\n",
                                    body->len);
     if (rc == 0)
-        rc = kvd_bench_buf_append(req, "\r\n", 2);
+        rc = kvd_sbuf_append(req, "\r\n", 2);
     if (rc == 0 && body)
-        rc = kvd_bench_buf_append(req, body->data, body->len);
+        rc = kvd_sbuf_append(req, body->data, body->len);
     return rc;
 }
 
 /* Starts one exchange. On failure to even start, returns a negative code and frees
  * it; failures after start (connect refused, ...) arrive as results through the loop. */
 static int exchange_start(bench_run *run, bench_session *session, const char *method,
-                          const char *route, const kvd_bench_buf *body, int chat,
+                          const char *route, const kvd_sbuf *body, int chat,
                           kvd_bench_result *plan)
 {
     bench_exchange *ex = calloc(1, sizeof *ex);
@@ -506,7 +506,7 @@ static void session_free(bench_session *s)
     if (!s)
         return;
     for (size_t i = 0; i < (size_t)(2 * s->n_turns); i++)
-        kvd_bench_buf_deinit(&s->history[i]);
+        kvd_sbuf_deinit(&s->history[i]);
     free(s->history);
     free(s);
 }
@@ -520,9 +520,9 @@ static int session_send_turn(bench_run *run, bench_session *s)
     /* Draw order is fixed (lengths, then words), so answers never shift the stream. */
     plan.prompt_words = kvd_bench_rng_pick(&s->rng, opt->prompt_tokens);
     plan.max_tokens = kvd_bench_rng_pick(&s->rng, opt->max_tokens);
-    kvd_bench_buf *user = &s->history[s->n_history];
-    kvd_bench_buf body = {0};
-    kvd_bench_buf_clear(user);
+    kvd_sbuf *user = &s->history[s->n_history];
+    kvd_sbuf body = {0};
+    kvd_sbuf_reset(user);
     int rc = kvd_bench_make_words(user, &s->rng, plan.prompt_words);
     if (rc == 0 && opt->turns > 1)
         rc = kvd_bench_body_chat(&body, opt, run->model, s->history, s->n_history + 1,
@@ -533,7 +533,7 @@ static int session_send_turn(bench_run *run, bench_session *s)
         rc = exchange_start(run, s, "POST",
                             opt->turns > 1 ? "/v1/chat/completions" : "/v1/completions", &body,
                             opt->turns > 1, &plan);
-    kvd_bench_buf_deinit(&body);
+    kvd_sbuf_deinit(&body);
     if (rc < 0)
         return rc;
     s->n_history++;
@@ -598,7 +598,7 @@ static void session_turn_done(bench_run *run, bench_exchange *ex)
     int more = s->turns_sent < s->n_turns;
     if (more && r->outcome == KVD_BENCH_OK && !run->stopping) {
         /* The next turn carries the answer exactly as received. */
-        kvd_bench_buf answer = ex->stream.text;
+        kvd_sbuf answer = ex->stream.text;
         ex->stream.text = s->history[s->n_history];
         s->history[s->n_history++] = answer;
         int rc = session_send_turn(run, s);

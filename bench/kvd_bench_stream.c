@@ -27,9 +27,9 @@ void kvd_bench_stream_init(kvd_bench_stream *s, int chat)
 void kvd_bench_stream_deinit(kvd_bench_stream *s)
 {
     free(s->itl_ms);
-    kvd_bench_buf_deinit(&s->text);
-    kvd_bench_buf_deinit(&s->line);
-    kvd_bench_buf_deinit(&s->data);
+    kvd_sbuf_deinit(&s->text);
+    kvd_sbuf_deinit(&s->line);
+    kvd_sbuf_deinit(&s->data);
     kvd_bench_stream_init(s, s->chat);
 }
 
@@ -48,7 +48,7 @@ static int add_chunk(kvd_bench_stream *s, const char *text, uint64_t now_ns, kvd
     } else {
         s->first_ns = now_ns;
     }
-    if (kvd_bench_buf_append(&s->text, text, strlen(text)) < 0)
+    if (kvd_sbuf_append(&s->text, text, strlen(text)) < 0)
         return kvd_error_set(err, KVD_ENOMEM, "stream: out of memory for the answer text");
     s->last_ns = now_ns;
     s->n_chunks++;
@@ -75,7 +75,7 @@ static int dispatch(kvd_bench_stream *s, uint64_t now_ns, kvd_error *err)
     s->has_data = 0;
     if (len == 6 && !memcmp(data, "[DONE]", 6)) {
         s->done = 1;
-        kvd_bench_buf_clear(&s->data);
+        kvd_sbuf_reset(&s->data);
         return 0;
     }
     cJSON *event = cJSON_ParseWithLength(data, len);
@@ -83,10 +83,10 @@ static int dispatch(kvd_bench_stream *s, uint64_t now_ns, kvd_error *err)
         cJSON_Delete(event);
         int rc = kvd_error_set(err, KVD_EFORMAT, "stream: event is not a JSON object: '%.60s'",
                                data);
-        kvd_bench_buf_clear(&s->data);
+        kvd_sbuf_reset(&s->data);
         return rc;
     }
-    kvd_bench_buf_clear(&s->data);
+    kvd_sbuf_reset(&s->data);
     int rc = 0;
     const cJSON *error = cJSON_GetObjectItemCaseSensitive(event, "error");
     if (error && !cJSON_IsNull(error)) {
@@ -132,8 +132,8 @@ static int process_line(kvd_bench_stream *s, const char *line, size_t len, uint6
         value++;
         value_len--;
     }
-    if ((s->has_data && kvd_bench_buf_append(&s->data, "\n", 1) < 0) ||
-        kvd_bench_buf_append(&s->data, value, value_len) < 0)
+    if ((s->has_data && kvd_sbuf_append(&s->data, "\n", 1) < 0) ||
+        kvd_sbuf_append(&s->data, value, value_len) < 0)
         return kvd_error_set(err, KVD_ENOMEM, "stream: out of memory for an event");
     s->has_data = 1;
     return 0;
@@ -150,15 +150,15 @@ int kvd_bench_stream_feed(kvd_bench_stream *s, const char *bytes, size_t len,
                                  MAX_LINE_BYTES);
         int rc;
         if (!nl) {
-            if (kvd_bench_buf_append(&s->line, bytes, take) < 0)
+            if (kvd_sbuf_append(&s->line, bytes, take) < 0)
                 return kvd_error_set(err, KVD_ENOMEM, "stream: out of memory for a line");
             return 0;
         }
         if (s->line.len > 0) {
-            if (kvd_bench_buf_append(&s->line, bytes, take) < 0)
+            if (kvd_sbuf_append(&s->line, bytes, take) < 0)
                 return kvd_error_set(err, KVD_ENOMEM, "stream: out of memory for a line");
             rc = process_line(s, s->line.data, s->line.len, now_ns, err);
-            kvd_bench_buf_clear(&s->line);
+            kvd_sbuf_reset(&s->line);
         } else {
             rc = process_line(s, bytes, take, now_ns, err);
         }
@@ -176,7 +176,7 @@ int kvd_bench_stream_finish(kvd_bench_stream *s, uint64_t now_ns, kvd_error *err
         return 0;
     if (s->line.len > 0) {
         int rc = process_line(s, s->line.data, s->line.len, now_ns, err);
-        kvd_bench_buf_clear(&s->line);
+        kvd_sbuf_reset(&s->line);
         if (rc < 0)
             return rc;
     }

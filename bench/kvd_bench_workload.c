@@ -118,14 +118,14 @@ double kvd_bench_rng_exponential(kvd_bench_rng *rng, double rate)
     return -log(1.0 - kvd_bench_rng_uniform(rng)) / rate;
 }
 
-int kvd_bench_make_words(kvd_bench_buf *out, kvd_bench_rng *rng, long n_words)
+int kvd_bench_make_words(kvd_sbuf *out, kvd_bench_rng *rng, long n_words)
 {
     size_t old_len = out->len;
     size_t n = kvd_bench_word_count();
     for (long i = 0; i < n_words; i++) {
         const char *w = words[kvd_bench_rng_next(rng) % n];
-        if ((i > 0 && kvd_bench_buf_append(out, " ", 1) < 0) ||
-            kvd_bench_buf_append(out, w, strlen(w)) < 0) {
+        if ((i > 0 && kvd_sbuf_append(out, " ", 1) < 0) ||
+            kvd_sbuf_append(out, w, strlen(w)) < 0) {
             out->len = old_len;
             if (out->data)
                 out->data[old_len] = '\0';
@@ -183,19 +183,19 @@ static int add_common(cJSON *root, const kvd_bench_options *opt, const char *mod
     return 0;
 }
 
-static int print_into(kvd_bench_buf *out, cJSON *root)
+static int print_into(kvd_sbuf *out, cJSON *root)
 {
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (!text)
         return KVD_ENOMEM;
-    kvd_bench_buf_clear(out);
-    int rc = kvd_bench_buf_append(out, text, strlen(text));
+    kvd_sbuf_reset(out);
+    int rc = kvd_sbuf_append(out, text, strlen(text));
     cJSON_free(text);
     return rc;
 }
 
-int kvd_bench_body_completion(kvd_bench_buf *out, const kvd_bench_options *opt,
+int kvd_bench_body_completion(kvd_sbuf *out, const kvd_bench_options *opt,
                               const char *model, const char *prompt, long max_tokens)
 {
     cJSON *root = cJSON_CreateObject();
@@ -221,8 +221,8 @@ static int add_message(cJSON *messages, const char *role, const char *content)
     return 0;
 }
 
-int kvd_bench_body_chat(kvd_bench_buf *out, const kvd_bench_options *opt, const char *model,
-                        const kvd_bench_buf *history, size_t n_history, long max_tokens)
+int kvd_bench_body_chat(kvd_sbuf *out, const kvd_bench_options *opt, const char *model,
+                        const kvd_sbuf *history, size_t n_history, long max_tokens)
 {
     cJSON *root = cJSON_CreateObject();
     if (!root)

@@ -222,3 +222,14 @@ int kvd_chat_encode(const kvd_chat_prompt *p, const kvd_tokenizer *tok, int32_t 
     *ids = out;
     return (int)len;
 }
+
+void kvd_chat_drop_generation_prompt(kvd_chat_prompt *p)
+{
+    /* The render always ends with the marker <|im_start|> and "assistant\n". */
+    if (p->num_specials > 0 && p->specials[p->num_specials - 1].marker == KVD_CHAT_IM_START) {
+        p->text.len = p->specials[p->num_specials - 1].offset;
+        p->num_specials--;
+        if (p->text.data)
+            p->text.data[p->text.len] = '\0';
+    }
+}

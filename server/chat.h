@@ -45,6 +45,10 @@ void kvd_chat_prompt_deinit(kvd_chat_prompt *p);
 int kvd_chat_render(const cJSON *messages, kvd_chat_prompt *p, char *param, size_t param_cap,
                     kvd_error *err);
 
+/* Takes the generation prompt ("<|im_start|>assistant\n") off a rendered prompt, for
+ * /tokenize's "add_generation_prompt": false. */
+void kvd_chat_drop_generation_prompt(kvd_chat_prompt *p);
+
 /* Token ids of a rendered prompt: plain spans encoded without special-token
  * matching, template markers as <|im_start|>/<|im_end|>. Returns the count and a
  * malloc'ed array in *ids, or a negative code with err set. */

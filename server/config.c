@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "kvd/kvd_engine.h"
+
 enum knob_kind {
     KNOB_STR,      /* char[cap] */
     KNOB_INT,      /* int */
@@ -60,6 +62,7 @@ static const knob knobs[] = {
     {"body_timeout_ms", KNOB_U64, OFF(body_timeout_ms), 0, 1, 86400000, "MS", "time allowed from the end of a request's headers to the end of its body, however steadily it arrives"},
     {"max_connections", KNOB_INT, OFF(max_connections), 0, 1, 1 << 20, "N", "open connections; more are answered 503 and closed"},
     {"max_write_queue_bytes", KNOB_U64, OFF(max_write_queue_bytes), 0, 4096, 1LL << 32, "BYTES", "unsent bytes a stream may queue before its client is cut off"},
+    {"max_response_bytes", KNOB_U64, OFF(max_response_bytes), 0, 4096, 1LL << 32, "BYTES", "largest whole (non-streamed) response a request may build; larger ones are refused with 400 (stream them instead)"},
     {"socket_send_buffer_bytes", KNOB_U64, OFF(socket_send_buffer_bytes), 0, 0, 1 << 30, "BYTES", "SO_SNDBUF of client sockets (bounds kernel buffering for slow readers); 0: kernel autotuning"},
     {"drain_timeout_s", KNOB_INT, OFF(drain_timeout_s), 0, 0, 86400, "S", "grace period for in-flight requests after SIGINT/SIGTERM"},
     {"api_key", KNOB_STR, OFF(api_key), CAP(api_key), 0, 0, "KEY", "require Authorization: Bearer KEY on /v1/* and /tokenize, /detokenize; empty: none"},
@@ -72,16 +75,18 @@ static const knob knobs[] = {
 
 void kvd_config_defaults(kvd_server_config *cfg)
 {
+    /* The engine's knobs default to what the engine itself defaults to. */
+    const kvd_engine_config engine = KVD_ENGINE_CONFIG_DEFAULT;
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->host, sizeof cfg->host, "127.0.0.1");
     cfg->port = 8000;
-    cfg->block_size = 16;
-    cfg->kv_cache_bytes = 512ull << 20;
-    cfg->kv_num_blocks = 0;
-    cfg->kv_dtype = KVD_DTYPE_F16;
-    cfg->max_num_seqs = 64;
-    cfg->max_batched_tokens = 512;
-    cfg->max_queue = 256;
+    cfg->block_size = engine.block_size;
+    cfg->kv_cache_bytes = engine.kv_cache_bytes;
+    cfg->kv_num_blocks = engine.kv_num_blocks;
+    cfg->kv_dtype = engine.kv_dtype;
+    cfg->max_num_seqs = engine.max_num_seqs;
+    cfg->max_batched_tokens = engine.max_batched_tokens;
+    cfg->max_queue = engine.max_queue;
     cfg->max_body_bytes = 4ull << 20;
     cfg->max_header_bytes = 32u << 10;
     cfg->header_timeout_ms = 10000;
@@ -89,9 +94,10 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->body_timeout_ms = 30000;
     cfg->max_connections = 1024;
     cfg->max_write_queue_bytes = 1u << 20;
+    cfg->max_response_bytes = 32u << 20;
     cfg->drain_timeout_s = 30;
-    cfg->threads = 0;
-    cfg->enable_prefix_cache = true;
+    cfg->threads = engine.num_threads;
+    cfg->enable_prefix_cache = engine.enable_prefix_cache;
     cfg->log_level = KVD_LOG_INFO;
 }
 

@@ -39,6 +39,7 @@ typedef struct kvd_server_config {
     uint64_t body_timeout_ms;
     int max_connections;
     uint64_t max_write_queue_bytes;
+    uint64_t max_response_bytes;     /* a whole (non-streamed) response held in memory */
     uint64_t socket_send_buffer_bytes; /* 0 = kernel autotuning */
     int drain_timeout_s;
     char api_key[512];               /* "" = no authentication */

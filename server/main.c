@@ -11,7 +11,7 @@
 
 #include <uv.h>
 
-#include "app.h"
+#include "daemon.h"
 #include "config.h"
 
 int main(int argc, char **argv)
@@ -38,22 +38,22 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvd: cannot create the event loop\n");
         return 1;
     }
-    kvd_app app;
-    if (kvd_app_init(&app, &loop, &cfg, &err) != 0) {
+    kvd_daemon daemon;
+    if (kvd_daemon_init(&daemon, &loop, &cfg, &err) != 0) {
         fprintf(stderr, "kvd: %s\n", err.msg);
         uv_loop_close(&loop);
         return 2;
     }
     int status;
-    if (kvd_app_start(&app, &err) != 0) {
+    if (kvd_daemon_start(&daemon, &err) != 0) {
         fprintf(stderr, "kvd: %s\n", err.msg);
         status = err.code == KVD_EINVAL ? 2 : 1;
         uv_run(&loop, UV_RUN_DEFAULT);
     } else {
         uv_run(&loop, UV_RUN_DEFAULT);
-        status = app.exit_code;
+        status = daemon.exit_code;
     }
-    kvd_app_deinit(&app);
+    kvd_daemon_deinit(&daemon);
     if (uv_loop_close(&loop) != 0)
         fprintf(stderr, "kvd: warning: event loop closed with handles still open\n");
     if (status == 0)

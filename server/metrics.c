@@ -50,20 +50,6 @@ void kvd_histogram_observe(kvd_histogram *h, double value, uint64_t n)
     h->sum += value * (double)n;
 }
 
-enum kvd_finish_label kvd_finish_label_of(kvd_finish_reason reason)
-{
-    switch (reason) {
-    case KVD_FINISH_STOP:
-        return KVD_FINISHED_STOP;
-    case KVD_FINISH_LENGTH:
-        return KVD_FINISHED_LENGTH;
-    case KVD_FINISH_CANCELLED:
-        return KVD_FINISHED_ABORT;
-    default:
-        return KVD_FINISHED_ERROR;
-    }
-}
-
 static void family(kvd_sbuf *out, const char *name, const char *type, const char *help)
 {
     kvd_sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
@@ -119,12 +105,11 @@ void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sb
     counter_u(out, "kvd:prompt_tokens_total", "Prompt tokens of admitted requests.", st->prompt_tokens_total);
     counter_u(out, "kvd:generation_tokens_total", "Tokens generated.", st->generation_tokens_total);
 
-    static const char *const labels[KVD_FINISHED_COUNT] = {"stop", "length", "abort", "error"};
     family(out, "kvd:request_success_total", "counter",
            "Finished sequences (one per choice) by finish reason; abort: cancelled or client gone.");
-    for (int i = 0; i < KVD_FINISHED_COUNT; i++)
-        kvd_sbuf_printf(out, "kvd:request_success_total{finished_reason=\"%s\"} %" PRIu64 "\n", labels[i],
-                        m->finished[i]);
+    for (int i = KVD_FINISH_STOP; i < KVD_FINISH_COUNT; i++)
+        kvd_sbuf_printf(out, "kvd:request_success_total{finished_reason=\"%s\"} %" PRIu64 "\n",
+                        kvd_finish_reason_name((kvd_finish_reason)i), m->finished[i]);
 
     histogram(out, "kvd:time_to_first_token_seconds", "Time from request arrival to its first token.",
               &m->time_to_first_token);

@@ -25,20 +25,11 @@ typedef struct kvd_histogram {
     uint64_t count;
 } kvd_histogram;
 
-/* Labels of kvd:request_success_total, in this order. */
-enum kvd_finish_label {
-    KVD_FINISHED_STOP,
-    KVD_FINISHED_LENGTH,
-    KVD_FINISHED_ABORT,
-    KVD_FINISHED_ERROR,
-    KVD_FINISHED_COUNT,
-};
-
 typedef struct kvd_metrics {
     kvd_histogram time_to_first_token;   /* seconds from arrival to the first token */
     kvd_histogram time_per_output_token; /* seconds between tokens after the first */
     kvd_histogram e2e_request_latency;   /* seconds from arrival to the last token */
-    uint64_t finished[KVD_FINISHED_COUNT];
+    uint64_t finished[KVD_FINISH_COUNT];  /* choices by finish reason */
     uint64_t http_requests;              /* every request answered, any route or status */
     int open_connections;                /* set by the owner before rendering */
 } kvd_metrics;
@@ -46,9 +37,6 @@ typedef struct kvd_metrics {
 void kvd_metrics_init(kvd_metrics *m);
 /* Records n observations of value. */
 void kvd_histogram_observe(kvd_histogram *h, double value, uint64_t n);
-/* Maps an engine finish reason to its label (cancelled counts as abort). */
-enum kvd_finish_label kvd_finish_label_of(kvd_finish_reason reason);
-
 /* Appends the whole exposition (engine counters from st, then the server's). */
 void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sbuf *out);
 

@@ -1,4 +1,4 @@
-/* util.c - growable buffers, UTF-8 repair, constant-time comparison, logging.
+/* util.c - UTF-8 repair, constant-time comparison, logging.
  *
  * The UTF-8 validator follows the Unicode well-formed byte sequence table (Unicode
  * 15, table 3-7) so that what it passes any strict JSON parser also accepts. Each
@@ -10,108 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-
-void kvd_sbuf_init(kvd_sbuf *sb)
-{
-    sb->data = NULL;
-    sb->len = 0;
-    sb->cap = 0;
-    sb->failed = false;
-}
-
-void kvd_sbuf_deinit(kvd_sbuf *sb)
-{
-    free(sb->data);
-    kvd_sbuf_init(sb);
-}
-
-void kvd_sbuf_reset(kvd_sbuf *sb)
-{
-    sb->len = 0;
-    sb->failed = false;
-    if (sb->data)
-        sb->data[0] = '\0';
-}
-
-int kvd_sbuf_reserve(kvd_sbuf *sb, size_t extra)
-{
-    if (sb->failed)
-        return -1;
-    if (extra > SIZE_MAX / 2 - sb->len) {
-        sb->failed = true;
-        return -1;
-    }
-    size_t need = sb->len + extra + 1;
-    if (need <= sb->cap)
-        return 0;
-    size_t cap = sb->cap ? sb->cap : 256;
-    while (cap < need)
-        cap *= 2;
-    char *grown = realloc(sb->data, cap);
-    if (!grown) {
-        sb->failed = true;
-        return -1;
-    }
-    sb->data = grown;
-    sb->cap = cap;
-    return 0;
-}
-
-void kvd_sbuf_append(kvd_sbuf *sb, const void *data, size_t len)
-{
-    if (kvd_sbuf_reserve(sb, len) != 0)
-        return;
-    if (len)
-        memcpy(sb->data + sb->len, data, len);
-    sb->len += len;
-    sb->data[sb->len] = '\0';
-}
-
-void kvd_sbuf_puts(kvd_sbuf *sb, const char *s)
-{
-    kvd_sbuf_append(sb, s, strlen(s));
-}
-
-void kvd_sbuf_printf(kvd_sbuf *sb, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char small[256];
-    va_list ap2;
-    va_copy(ap2, ap);
-    int n = vsnprintf(small, sizeof small, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-        va_end(ap2);
-        sb->failed = true;
-        return;
-    }
-    if ((size_t)n < sizeof small) {
-        va_end(ap2);
-        kvd_sbuf_append(sb, small, (size_t)n);
-        return;
-    }
-    if (kvd_sbuf_reserve(sb, (size_t)n) == 0) {
-        vsnprintf(sb->data + sb->len, (size_t)n + 1, fmt, ap2);
-        sb->len += (size_t)n;
-    }
-    va_end(ap2);
-}
-
-char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len)
-{
-    if (sb->failed) {
-        kvd_sbuf_deinit(sb);
-        return NULL;
-    }
-    if (!sb->data && kvd_sbuf_reserve(sb, 0) != 0)
-        return NULL;
-    char *data = sb->data;
-    if (len)
-        *len = sb->len;
-    kvd_sbuf_init(sb);
-    return data;
-}
 
 /* Length of the well-formed UTF-8 sequence starting at s[0] (1..4), or 0 when the
  * bytes there are ill-formed; *bad_len then says how many bytes form the maximal

@@ -1,10 +1,9 @@
-/* util.h - small helpers the daemon's modules share: growable byte buffers, UTF-8
- * repair, constant-time comparison and levelled logging.
+/* util.h - small helpers the daemon's modules share: UTF-8 repair, constant-time
+ * comparison and levelled logging (the growable buffer is kvd/kvd_buf.h).
  *
- * A kvd_sbuf remembers an allocation failure instead of reporting it on every append,
- * so builders can append freely and check `failed` once at the end. Text bound for
- * JSON goes through kvd_utf8_sanitize first: cJSON copies bytes verbatim, and a model
- * can emit byte sequences that are not UTF-8, which would make the output invalid JSON.
+ * Text bound for JSON goes through kvd_utf8_append_sanitized first: cJSON copies bytes
+ * verbatim, and a model can emit byte sequences that are not UTF-8, which would make
+ * the output invalid JSON.
  */
 #ifndef KVD_SERVER_UTIL_H
 #define KVD_SERVER_UTIL_H
@@ -15,25 +14,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-typedef struct kvd_sbuf {
-    char *data; /* NUL-terminated when len > 0 or after any append */
-    size_t len;
-    size_t cap;
-    bool failed; /* an allocation failed; contents are then incomplete */
-} kvd_sbuf;
-
-void kvd_sbuf_init(kvd_sbuf *sb);
-void kvd_sbuf_deinit(kvd_sbuf *sb);
-/* Empties the buffer, keeping its allocation. */
-void kvd_sbuf_reset(kvd_sbuf *sb);
-/* Makes room for extra more bytes (plus NUL). Returns 0 or -1 (and sets failed). */
-int kvd_sbuf_reserve(kvd_sbuf *sb, size_t extra);
-void kvd_sbuf_append(kvd_sbuf *sb, const void *data, size_t len);
-void kvd_sbuf_puts(kvd_sbuf *sb, const char *s);
-void kvd_sbuf_printf(kvd_sbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Takes the buffer's memory (the caller frees it) and leaves sb empty. Never NULL
- * unless allocation failed. */
-char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len);
+#include "kvd/kvd_buf.h" /* kvd_sbuf; http.c should include it directly */
 
 /* Appends s[0..len) to sb with every byte sequence that is not well-formed UTF-8
  * (overlongs, surrogates, > U+10FFFF, truncated) replaced by U+FFFD, and NUL bytes

@@ -27,25 +27,28 @@ static bool add_number(cJSON *obj, const char *name, double value)
     return cJSON_AddNumberToObject(obj, name, value) != NULL;
 }
 
-/* The "sequences" array of the engine's snapshot text. The engine documents an
- * object {"block_size", "sequences": [...]}; a bare array is accepted too. Returns a
- * new array (empty when the text is missing or unparsable), NULL when out of memory. */
-static cJSON *sequences_of(const char *tables_json)
+static cJSON *sequences_of(const kvd_kv_snapshot *snap)
 {
-    cJSON *parsed = tables_json ? cJSON_Parse(tables_json) : NULL;
-    cJSON *seqs = NULL;
-    if (cJSON_IsArray(parsed)) {
-        seqs = parsed;
-        parsed = NULL;
-    } else if (cJSON_IsObject(parsed)) {
-        seqs = cJSON_DetachItemFromObjectCaseSensitive(parsed, "sequences");
-        if (seqs && !cJSON_IsArray(seqs)) {
+    cJSON *seqs = cJSON_CreateArray();
+    for (int i = 0; seqs && i < snap->num_seqs; i++) {
+        const kvd_kv_seq_view *v = &snap->seqs[i];
+        cJSON *seq = cJSON_CreateObject();
+        bool ok = seq && cJSON_AddItemToArray(seqs, seq);
+        if (!ok)
+            cJSON_Delete(seq);
+        ok = ok && add_number(seq, "request_id", (double)v->request_id) && add_number(seq, "choice", v->choice) &&
+             add_number(seq, "num_tokens", v->num_tokens) && add_number(seq, "num_computed", v->num_computed);
+        cJSON *blocks = ok ? cJSON_CreateIntArray(v->blocks, v->num_blocks) : NULL;
+        if (ok && !(blocks && cJSON_AddItemToObject(seq, "blocks", blocks))) {
+            cJSON_Delete(blocks);
+            ok = false;
+        }
+        if (!ok) {
             cJSON_Delete(seqs);
-            seqs = NULL;
+            return NULL;
         }
     }
-    cJSON_Delete(parsed);
-    return seqs ? seqs : cJSON_CreateArray();
+    return seqs;
 }
 
 static bool add_stats(cJSON *root, const int64_t count[4], int num_blocks, const kvd_engine_stats *st)
@@ -73,9 +76,12 @@ static bool add_stats(cJSON *root, const int64_t count[4], int num_blocks, const
            add_number(stats, "num_preemptions", (double)st->num_preemptions);
 }
 
-cJSON *kvd_web_kv_json(int block_size, const uint8_t *states, int num_blocks, const char *tables_json,
-                       const kvd_engine_stats *st)
+cJSON *kvd_web_kv_json(const kvd_kv_snapshot *snap)
 {
+    const uint8_t *states = snap->states;
+    int num_blocks = snap->num_blocks;
+    int block_size = snap->block_size;
+    const kvd_engine_stats *st = &snap->stats;
     if (num_blocks < 0 || (num_blocks > 0 && !states))
         num_blocks = 0;
     cJSON *root = cJSON_CreateObject();
@@ -94,7 +100,7 @@ cJSON *kvd_web_kv_json(int block_size, const uint8_t *states, int num_blocks, co
     }
     free(digits);
     if (ok) {
-        cJSON *seqs = sequences_of(tables_json);
+        cJSON *seqs = sequences_of(snap);
         ok = seqs && cJSON_AddItemToObject(root, "sequences", seqs);
         if (!ok)
             cJSON_Delete(seqs);

@@ -6,7 +6,7 @@
  * file system and a binary always carries the pages it was built with. They talk to
  * the daemon only through its public API (/v1/chat/completions, /v1/models, /v1/kv,
  * /metrics, /health). Nothing here holds state: the table is const, the KV document
- * is built from values the caller passes in.
+ * is built from the engine's snapshot struct.
  */
 #ifndef KVD_SERVER_WEB_H
 #define KVD_SERVER_WEB_H
@@ -49,11 +49,10 @@ const kvd_web_asset *kvd_web_find(const char *path);
  *    blocks}], "stats": {blocks_total/free/cached/used/shared, usage, tokens_stored,
  *    bytes_wasted, block_bytes, pool_bytes, prefix_*, evictions, cow_copies,
  *    num_running, num_waiting, num_preemptions}}.
- * states and tables_json come from kvd_engine_kv_snapshot (tables_json may be NULL
- * or unparsable: no sequences); the block counts in "stats" are counted from states,
- * so they always agree with the cells, while the cumulative counters come from st.
- * Returns a new object the caller deletes, or NULL when out of memory. */
-cJSON *kvd_web_kv_json(int block_size, const uint8_t *states, int num_blocks, const char *tables_json,
-                       const kvd_engine_stats *st);
+ * The block counts in "stats" are counted from the states, so they always agree with
+ * the cells, while the cumulative counters come from snap->stats. Any thread (it only
+ * builds cJSON, never parses). Returns a new object the caller deletes, or NULL when
+ * out of memory. */
+cJSON *kvd_web_kv_json(const kvd_kv_snapshot *snap);
 
 #endif

@@ -299,7 +299,7 @@ static void test_make_words(void **state)
     (void)state;
     kvd_bench_rng rng;
     kvd_bench_session_rng(&rng, 5, 0);
-    kvd_bench_buf buf = {0};
+    kvd_sbuf buf = {0};
     assert_int_equal(kvd_bench_make_words(&buf, &rng, 300), 0);
     assert_int_equal(count_words(buf.data), 300);
     assert_int_equal(strlen(buf.data), buf.len);
@@ -308,21 +308,21 @@ static void test_make_words(void **state)
     /* A session's prompts depend only on (seed, session), not on other sessions. */
     kvd_bench_rng fresh;
     kvd_bench_session_rng(&fresh, 5, 3);
-    kvd_bench_buf direct = {0};
+    kvd_sbuf direct = {0};
     assert_int_equal(kvd_bench_make_words(&direct, &fresh, 50), 0);
     kvd_bench_rng other;
     kvd_bench_session_rng(&other, 5, 2);
-    kvd_bench_buf unrelated = {0};
+    kvd_sbuf unrelated = {0};
     assert_int_equal(kvd_bench_make_words(&unrelated, &other, 50), 0);
     kvd_bench_session_rng(&fresh, 5, 3);
-    kvd_bench_buf again = {0};
+    kvd_sbuf again = {0};
     assert_int_equal(kvd_bench_make_words(&again, &fresh, 50), 0);
     assert_string_equal(direct.data, again.data);
     assert_string_not_equal(direct.data, unrelated.data);
-    kvd_bench_buf_deinit(&buf);
-    kvd_bench_buf_deinit(&direct);
-    kvd_bench_buf_deinit(&unrelated);
-    kvd_bench_buf_deinit(&again);
+    kvd_sbuf_deinit(&buf);
+    kvd_sbuf_deinit(&direct);
+    kvd_sbuf_deinit(&unrelated);
+    kvd_sbuf_deinit(&again);
 }
 
 static void test_completion_body(void **state)
@@ -330,7 +330,7 @@ static void test_completion_body(void **state)
     (void)state;
     kvd_bench_options opt;
     kvd_bench_options_default(&opt);
-    kvd_bench_buf body = {0};
+    kvd_sbuf body = {0};
     assert_int_equal(kvd_bench_body_completion(&body, &opt, "qwen", "the \"cat\"", 12), 0);
     cJSON *root = cJSON_Parse(body.data);
     assert_non_null(root);
@@ -349,7 +349,7 @@ static void test_completion_body(void **state)
     root = cJSON_Parse(body.data);
     assert_true(cJSON_IsTrue(cJSON_GetObjectItem(root, "ignore_eos")));
     cJSON_Delete(root);
-    kvd_bench_buf_deinit(&body);
+    kvd_sbuf_deinit(&body);
 }
 
 static void test_chat_body_resends_history(void **state)
@@ -357,11 +357,11 @@ static void test_chat_body_resends_history(void **state)
     (void)state;
     kvd_bench_options opt;
     kvd_bench_options_default(&opt);
-    kvd_bench_buf history[3] = {{0}};
-    kvd_bench_buf_appendf(&history[0], "first question");
-    kvd_bench_buf_appendf(&history[1], "an answer\nwith a newline");
-    kvd_bench_buf_appendf(&history[2], "second question");
-    kvd_bench_buf body = {0};
+    kvd_sbuf history[3] = {{0}};
+    kvd_sbuf_printf(&history[0], "first question");
+    kvd_sbuf_printf(&history[1], "an answer\nwith a newline");
+    kvd_sbuf_printf(&history[2], "second question");
+    kvd_sbuf body = {0};
     assert_int_equal(kvd_bench_body_chat(&body, &opt, "m", history, 3, 9), 0);
     cJSON *root = cJSON_Parse(body.data);
     const cJSON *messages = cJSON_GetObjectItem(root, "messages");
@@ -377,8 +377,8 @@ static void test_chat_body_resends_history(void **state)
     assert_int_equal(cJSON_GetObjectItem(root, "max_tokens")->valueint, 9);
     cJSON_Delete(root);
     for (int i = 0; i < 3; i++)
-        kvd_bench_buf_deinit(&history[i]);
-    kvd_bench_buf_deinit(&body);
+        kvd_sbuf_deinit(&history[i]);
+    kvd_sbuf_deinit(&body);
 }
 
 /* ---- SSE stream ---- */

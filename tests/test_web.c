@@ -90,10 +90,15 @@ static kvd_engine_stats sample_stats(void)
     return st;
 }
 
-static char *kv_text(const uint8_t *states, int n, const char *tables)
+static char *kv_text(const uint8_t *states, int n, const kvd_kv_seq_view *seqs, int num_seqs)
 {
-    kvd_engine_stats st = sample_stats();
-    cJSON *doc = kvd_web_kv_json(16, states, n, tables, &st);
+    kvd_kv_snapshot snap = {.block_size = 16,
+                            .num_blocks = n,
+                            .states = (uint8_t *)states,
+                            .num_seqs = num_seqs,
+                            .seqs = (kvd_kv_seq_view *)seqs,
+                            .stats = sample_stats()};
+    cJSON *doc = kvd_web_kv_json(&snap);
     assert_non_null(doc);
     char *text = cJSON_PrintUnformatted(doc);
     cJSON_Delete(doc);
@@ -112,10 +117,9 @@ static void test_kv_document_exact(void **state)
     /* Two choices sharing block 2 (state 3), each with a block of its own (2). The
      * high bits of a state byte are not part of the state. */
     const uint8_t states[6] = {0, 1, 3, 2, 2, 0x40};
-    const char *tables = "{\"block_size\":16,\"sequences\":["
-                         "{\"request_id\":7,\"choice\":0,\"num_tokens\":20,\"num_computed\":19,\"blocks\":[2,3]},"
-                         "{\"request_id\":7,\"choice\":1,\"num_tokens\":21,\"num_computed\":20,\"blocks\":[2,4]}]}";
-    char *text = kv_text(states, 6, tables);
+    const int32_t ids[4] = {2, 3, 2, 4};
+    const kvd_kv_seq_view seqs[2] = {{7, 0, 20, 19, 2, ids}, {7, 1, 21, 20, 2, ids + 2}};
+    char *text = kv_text(states, 6, seqs, 2);
     assert_string_equal(text,
                         "{\"block_size\":16,\"num_blocks\":6,\"states\":\"013220\",\"sequences\":["
                         "{\"request_id\":7,\"choice\":0,\"num_tokens\":20,\"num_computed\":19,\"blocks\":[2,3]},"
@@ -125,28 +129,27 @@ static void test_kv_document_exact(void **state)
     free(text);
 }
 
-static void test_kv_document_tables_variants(void **state)
+static void test_kv_document_sequences(void **state)
 {
     (void)state;
     const uint8_t states[2] = {2, 0};
-    const char *empty_tail = "],\"stats\":{\"blocks_total\":2,\"blocks_free\":1,\"blocks_cached\":0,\"blocks_used\":1,"
-                             "\"blocks_shared\":0,\"usage\":0.5," STATS_TAIL;
+    const char *tail = "],\"stats\":{\"blocks_total\":2,\"blocks_free\":1,\"blocks_cached\":0,\"blocks_used\":1,"
+                       "\"blocks_shared\":0,\"usage\":0.5," STATS_TAIL;
     char want[2048];
-    /* No tables, unparsable tables, or an object without an array: no sequences. */
-    const char *no_sequences[] = {NULL, "{\"block_size\":16,", "{\"sequences\":{}}", "42"};
-    for (size_t i = 0; i < sizeof no_sequences / sizeof no_sequences[0]; i++) {
-        char *text = kv_text(states, 2, no_sequences[i]);
-        snprintf(want, sizeof want, "{\"block_size\":16,\"num_blocks\":2,\"states\":\"20\",\"sequences\":[%s",
-                 empty_tail);
-        assert_string_equal(text, want);
-        free(text);
-    }
-    /* A bare array of sequences is taken as it is. */
-    char *text = kv_text(states, 2, "[{\"request_id\":1,\"choice\":0,\"num_tokens\":3,\"num_computed\":3,\"blocks\":[0]}]");
+    /* No running sequence: an empty array. */
+    char *text = kv_text(states, 2, NULL, 0);
+    snprintf(want, sizeof want, "{\"block_size\":16,\"num_blocks\":2,\"states\":\"20\",\"sequences\":[%s", tail);
+    assert_string_equal(text, want);
+    free(text);
+    /* A sequence without blocks yet (admitted, nothing computed) and a large id. */
+    const int32_t ids[1] = {0};
+    const kvd_kv_seq_view seqs[2] = {{1, 0, 3, 3, 1, ids}, {4000000000ULL, 2, 0, 0, 0, ids}};
+    text = kv_text(states, 2, seqs, 2);
     snprintf(want, sizeof want,
              "{\"block_size\":16,\"num_blocks\":2,\"states\":\"20\",\"sequences\":["
-             "{\"request_id\":1,\"choice\":0,\"num_tokens\":3,\"num_computed\":3,\"blocks\":[0]}%s",
-             empty_tail);
+             "{\"request_id\":1,\"choice\":0,\"num_tokens\":3,\"num_computed\":3,\"blocks\":[0]},"
+             "{\"request_id\":4000000000,\"choice\":2,\"num_tokens\":0,\"num_computed\":0,\"blocks\":[]}%s",
+             tail);
     assert_string_equal(text, want);
     free(text);
 }
@@ -159,11 +162,11 @@ static void test_kv_document_empty_pool(void **state)
     const char *want = "{\"block_size\":16,\"num_blocks\":0,\"states\":\"\",\"sequences\":[],"
                        "\"stats\":{\"blocks_total\":0,\"blocks_free\":0,\"blocks_cached\":0,\"blocks_used\":0,"
                        "\"blocks_shared\":0,\"usage\":0," STATS_TAIL;
-    char *text = kv_text(NULL, 0, NULL);
+    char *text = kv_text(NULL, 0, NULL, 0);
     assert_string_equal(text, want);
     free(text);
     const uint8_t one[1] = {2};
-    text = kv_text(one, -3, NULL);
+    text = kv_text(one, -3, NULL, 0);
     assert_string_equal(text, want);
     free(text);
 }
@@ -174,7 +177,7 @@ int main(void)
         cmocka_unit_test(test_pages_embedded_verbatim),
         cmocka_unit_test(test_find_exact_paths_only),
         cmocka_unit_test(test_kv_document_exact),
-        cmocka_unit_test(test_kv_document_tables_variants),
+        cmocka_unit_test(test_kv_document_sequences),
         cmocka_unit_test(test_kv_document_empty_pool),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -40,15 +40,30 @@ typedef struct kvd_engine_config {
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
 } kvd_engine_config;
 
+/* The one place the engine's defaults are written down: kvd_engine_config_default()
+ * and the daemon's configuration (server/config.c) both start from it. */
+#define KVD_ENGINE_CONFIG_DEFAULT                                                                  \
+    {                                                                                              \
+        .block_size = 16, .kv_dtype = KVD_DTYPE_F16, .kv_cache_bytes = (size_t)512 << 20,          \
+        .kv_num_blocks = 0, .enable_prefix_cache = true, .max_num_seqs = 64,                       \
+        .max_batched_tokens = 512, .max_queue = 256, .num_threads = 0, .watermark = 0.01f,         \
+    }
+
 kvd_engine_config kvd_engine_config_default(void);
 
 #define KVD_MAX_STOP_STRINGS 16
-#define KVD_MAX_STOP_TOKEN_IDS 64
+/* A request's stop ids in all: a client's (the server takes up to 64) plus a chat
+ * template's turn-ending ids. */
+#define KVD_MAX_STOP_TOKEN_IDS 128
 #define KVD_MAX_N 16
 
-/* Choice i of a request samples from its own stream seeded with sampling.seed + i,
- * so choices differ and each is reproducible alone. Stop token ids and EOS are part
- * of the choice's tokens but not of its text; a stop string is cut from the text. */
+/* Choice i of a request samples from kvd_rng_seed_stream(sampling.seed, i), so choices
+ * differ from each other and from every choice of every other seed; choice 0 is the
+ * plain seed. Stop token ids and EOS are part of the choice's tokens but not of its
+ * text; a stop string is cut from the text (both kept with include_stop_str_in_output).
+ * min_tokens (sampling.min_tokens): until that many tokens exist, stop ids and EOS are
+ * masked out of sampling (the engine fills sampling.min_tokens_stop_ids itself) and no
+ * stop rule ends the choice, as vLLM does; it must not exceed max_tokens. */
 typedef struct kvd_request_params {
     kvd_sampling_params sampling;
     int max_tokens;            /* > 0; capped by the context left after the prompt and
@@ -58,7 +73,9 @@ typedef struct kvd_request_params {
     bool ignore_eos;           /* keep going past EOS ids (stop_token_ids still stop) */
     bool skip_special_tokens;  /* leave special tokens out of the text (default true) */
     const char *const *stop;   /* stop strings (copied at submit) */
+    const size_t *stop_len;    /* their byte lengths (they may hold NULs); NULL: up to each NUL */
     int num_stop;
+    bool include_stop_str_in_output; /* keep the matched stop string (and a stop id's text) */
     const int32_t *stop_token_ids; /* copied at submit */
     int num_stop_token_ids;
 } kvd_request_params;
@@ -72,9 +89,16 @@ typedef enum kvd_finish_reason {
     KVD_FINISH_LENGTH,    /* max_tokens or the context limit */
     KVD_FINISH_CANCELLED, /* kvd_engine_cancel */
     KVD_FINISH_ERROR,
+    KVD_FINISH_COUNT,
 } kvd_finish_reason;
 
-const char *kvd_finish_reason_name(kvd_finish_reason reason); /* "stop", "length", ... */
+/* The one name table: what OpenAI responses, the log and /metrics say ("abort" for a
+ * cancelled choice, as vLLM reports it). */
+static inline const char *kvd_finish_reason_name(kvd_finish_reason reason)
+{
+    static const char *const names[KVD_FINISH_COUNT] = {"none", "stop", "length", "abort", "error"};
+    return (unsigned)reason < KVD_FINISH_COUNT ? names[reason] : "unknown";
+}
 
 typedef struct kvd_token_logprob {
     int32_t token;
@@ -163,15 +187,34 @@ bool kvd_engine_busy(kvd_engine *engine);
 
 void kvd_engine_stats_get(kvd_engine *engine, kvd_engine_stats *out);
 
-/* Snapshot of the KV pool for the /v1/kv view: per-block states (see
- * kvd_kv_block_states), malloc'ed, caller frees; and each running sequence's block
- * table as a JSON text (malloc'ed):
- *   {"block_size":16,"sequences":[{"request_id":7,"choice":0,"num_tokens":40,
- *    "num_computed":39,"blocks":[3,4,9]}, ...]}
- * With the engine thread started this waits for the current step to end (one step,
- * tens of milliseconds at most), so call it where a short wait is acceptable.
- * Returns 0 or KVD_ENOMEM. */
-int kvd_engine_kv_snapshot(kvd_engine *engine, uint8_t **states, int *num_blocks, char **tables_json);
+/* One running sequence of a KV snapshot. */
+typedef struct kvd_kv_seq_view {
+    uint64_t request_id;
+    int choice;
+    int num_tokens;
+    int num_computed;
+    int num_blocks;
+    const int32_t *blocks;     /* [num_blocks] physical ids, inside the snapshot's block_ids */
+} kvd_kv_seq_view;
+
+/* The KV pool at one step boundary, for the /v1/kv view. Owned by the caller
+ * (kvd_kv_snapshot_deinit); any thread may read it. */
+typedef struct kvd_kv_snapshot {
+    int block_size;
+    int num_blocks;            /* the pool's size */
+    uint8_t *states;           /* [num_blocks], see kvd_kv_block_states */
+    int num_seqs;
+    kvd_kv_seq_view *seqs;     /* [num_seqs], the running sequences */
+    int32_t *block_ids;        /* every sequence's table, back to back */
+    kvd_engine_stats stats;    /* taken in the same pause */
+} kvd_kv_snapshot;
+
+/* Fills *out (overwritten; deinit it afterwards either way). With the engine thread
+ * started this waits for the current step to end (one step, tens of milliseconds at
+ * most), so call it where a short wait is acceptable (a worker thread). Returns 0 or
+ * KVD_ENOMEM. */
+int kvd_engine_kv_snapshot(kvd_engine *engine, kvd_kv_snapshot *out);
+void kvd_kv_snapshot_deinit(kvd_kv_snapshot *snap);
 
 /* Debug check (tests): runs kvd_kv_check_invariants over the pool with every live
  * sequence's block table, between steps. Returns 0 or KVD_ESTATE with err set. */

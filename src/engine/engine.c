@@ -84,18 +84,7 @@ static uint64_t now_ns(void)
 
 kvd_engine_config kvd_engine_config_default(void)
 {
-    kvd_engine_config cfg = {
-        .block_size = 16,
-        .kv_dtype = KVD_DTYPE_F16,
-        .kv_cache_bytes = (size_t)512 << 20,
-        .kv_num_blocks = 0,
-        .enable_prefix_cache = true,
-        .max_num_seqs = 64,
-        .max_batched_tokens = 512,
-        .max_queue = 1024,
-        .num_threads = 0,
-        .watermark = 0.01f,
-    };
+    kvd_engine_config cfg = KVD_ENGINE_CONFIG_DEFAULT;
     return cfg;
 }
 
@@ -117,18 +106,6 @@ kvd_request_params kvd_request_params_default(const kvd_model *model)
     p.ignore_eos = false;
     p.skip_special_tokens = true;
     return p;
-}
-
-const char *kvd_finish_reason_name(kvd_finish_reason reason)
-{
-    switch (reason) {
-    case KVD_FINISH_NONE: return "none";
-    case KVD_FINISH_STOP: return "stop";
-    case KVD_FINISH_LENGTH: return "length";
-    case KVD_FINISH_CANCELLED: return "cancelled";
-    case KVD_FINISH_ERROR: return "error";
-    }
-    return "unknown";
 }
 
 /* ---- creation ------------------------------------------------------------------ */
@@ -195,7 +172,9 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
                                 cfg.num_threads, err);
     if (!e->fwd)
         goto fail;
-    e->sampler = kvd_sampler_create(e->vocab_size);
+    /* Rows past the tokenizer are padding without text: never sample them. */
+    const int tok_ids = kvd_tokenizer_vocab_size(tok);
+    e->sampler = kvd_sampler_create(e->vocab_size, tok_ids < e->vocab_size ? tok_ids : e->vocab_size);
     /* Slabs for a few steps of every running sequence; stop strings up to 256 bytes fit. */
     e->events = eng_event_pool_create(4 * cfg.max_num_seqs + 64, kvd_tokenizer_max_token_bytes(tok) + 64 + 256);
     e->batch_tokens = malloc((size_t)cfg.max_batched_tokens * sizeof *e->batch_tokens);
@@ -716,7 +695,7 @@ static int check_request(const kvd_engine *e, const int32_t *prompt, int num_pro
         return kvd_error_set(err, KVD_EINVAL, "request: stop: %d strings, at most %d", p->num_stop,
                              KVD_MAX_STOP_STRINGS);
     for (int i = 0; i < p->num_stop; i++)
-        if (!p->stop[i] || !p->stop[i][0])
+        if (!p->stop[i] || (p->stop_len ? p->stop_len[i] == 0 : !p->stop[i][0]))
             return kvd_error_set(err, KVD_EINVAL, "request: stop string %d is empty", i);
     if (p->num_stop_token_ids < 0 || p->num_stop_token_ids > KVD_MAX_STOP_TOKEN_IDS ||
         (p->num_stop_token_ids > 0 && !p->stop_token_ids))
@@ -726,7 +705,17 @@ static int check_request(const kvd_engine *e, const int32_t *prompt, int num_pro
         if (p->stop_token_ids[i] < 0 || p->stop_token_ids[i] >= e->vocab_size)
             return kvd_error_set(err, KVD_EINVAL, "request: stop_token_ids[%d] = %d is outside the vocabulary (%d)", i,
                                  p->stop_token_ids[i], e->vocab_size);
-    return kvd_sampling_params_check(&p->sampling, err);
+    int rc = kvd_sampling_params_check(&p->sampling, err);
+    if (rc < 0)
+        return rc;
+    for (int i = 0; i < p->sampling.num_logit_bias; i++)
+        if (p->sampling.logit_bias[i].token < 0 || p->sampling.logit_bias[i].token >= e->vocab_size)
+            return kvd_error_set(err, KVD_EINVAL, "request: logit_bias token %d is outside the vocabulary (%d)",
+                                 p->sampling.logit_bias[i].token, e->vocab_size);
+    if (p->sampling.min_tokens > p->max_tokens)
+        return kvd_error_set(err, KVD_EINVAL, "request: min_tokens %d must not exceed max_tokens %d",
+                             p->sampling.min_tokens, p->max_tokens);
+    return 0;
 }
 
 int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, const kvd_request_params *params,
@@ -755,7 +744,7 @@ int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, 
         return kvd_error_set(err, KVD_EBUSY, "engine: queue full (%d requests waiting, max_queue %d)", queued,
                              e->cfg.max_queue);
 
-    eng_request *req = eng_request_create(prompt, num_prompt, params, (int)max_tokens, e->tok, err);
+    eng_request *req = eng_request_create(prompt, num_prompt, params, (int)max_tokens, e->tok, &e->model->config, err);
     if (!req)
         return KVD_ENOMEM;
 
@@ -843,42 +832,6 @@ void kvd_engine_stats_get(kvd_engine *e, kvd_engine_stats *out)
 
 /* ---- KV views (between steps) -------------------------------------------------- */
 
-typedef struct text_buf {
-    char *data;
-    size_t len, cap;
-    bool failed;
-} text_buf;
-
-static void tb_printf(text_buf *tb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void tb_printf(text_buf *tb, const char *fmt, ...)
-{
-    if (tb->failed)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(tb->data + tb->len, tb->cap - tb->len, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            tb->failed = true;
-            return;
-        }
-        if ((size_t)n < tb->cap - tb->len) {
-            tb->len += (size_t)n;
-            return;
-        }
-        size_t cap = (tb->cap + (size_t)n + 1) * 2;
-        char *grown = realloc(tb->data, cap);
-        if (!grown) {
-            tb->failed = true;
-            return;
-        }
-        tb->data = grown;
-        tb->cap = cap;
-    }
-}
-
 /* Waits out a running step (engine thread mode); without the thread the caller is
  * the only stepping thread and the lock is free. */
 static void lock_steps(kvd_engine *e)
@@ -898,42 +851,49 @@ static void unlock_steps(kvd_engine *e)
     pthread_mutex_unlock(&e->step_lock);
 }
 
-int kvd_engine_kv_snapshot(kvd_engine *e, uint8_t **states, int *num_blocks, char **tables_json)
+void kvd_kv_snapshot_deinit(kvd_kv_snapshot *snap)
 {
+    free(snap->states);
+    free(snap->seqs);
+    free(snap->block_ids);
+    memset(snap, 0, sizeof *snap);
+}
+
+int kvd_engine_kv_snapshot(kvd_engine *e, kvd_kv_snapshot *out)
+{
+    memset(out, 0, sizeof *out);
     lock_steps(e);
     const kvd_kv_config *kc = kvd_kv_pool_config(e->pool);
-    int n = (int)kc->num_blocks;
-    uint8_t *st = malloc((size_t)n > 0 ? (size_t)n : 1);
-    text_buf tb = {.data = malloc(256), .cap = 256};
-    if (!st || !tb.data) {
-        unlock_steps(e);
-        free(st);
-        free(tb.data);
-        return KVD_ENOMEM;
-    }
-    kvd_kv_block_states(e->pool, st, NULL);
-    tb.data[0] = '\0';
-    tb_printf(&tb, "{\"block_size\":%d,\"sequences\":[", kc->block_size);
-    bool first = true;
+    int num_seqs = 0, num_ids = 0;
     for (eng_seq *seq = e->sched.running.head; seq; seq = seq->next) {
-        tb_printf(&tb, "%s{\"request_id\":%llu,\"choice\":%d,\"num_tokens\":%d,\"num_computed\":%d,\"blocks\":[",
-                  first ? "" : ",", (unsigned long long)seq->req->id, seq->choice, seq->table.num_tokens,
-                  seq->num_computed);
-        for (int b = 0; b < seq->table.num_blocks; b++)
-            tb_printf(&tb, "%s%d", b ? "," : "", seq->table.blocks[b]);
-        tb_printf(&tb, "]}");
-        first = false;
+        num_seqs++;
+        num_ids += seq->table.num_blocks;
     }
-    tb_printf(&tb, "]}");
-    unlock_steps(e);
-    if (tb.failed) {
-        free(st);
-        free(tb.data);
+    out->block_size = kc->block_size;
+    out->num_blocks = (int)kc->num_blocks;
+    out->states = malloc(out->num_blocks > 0 ? (size_t)out->num_blocks : 1);
+    out->seqs = malloc((size_t)(num_seqs > 0 ? num_seqs : 1) * sizeof *out->seqs);
+    out->block_ids = malloc((size_t)(num_ids > 0 ? num_ids : 1) * sizeof *out->block_ids);
+    if (!out->states || !out->seqs || !out->block_ids) {
+        unlock_steps(e);
+        kvd_kv_snapshot_deinit(out);
         return KVD_ENOMEM;
     }
-    *states = st;
-    *num_blocks = n;
-    *tables_json = tb.data;
+    kvd_kv_block_states(e->pool, out->states, NULL);
+    int32_t *ids = out->block_ids;
+    for (eng_seq *seq = e->sched.running.head; seq; seq = seq->next) {
+        kvd_kv_seq_view *v = &out->seqs[out->num_seqs++];
+        *v = (kvd_kv_seq_view){.request_id = seq->req->id,
+                               .choice = seq->choice,
+                               .num_tokens = seq->table.num_tokens,
+                               .num_computed = seq->num_computed,
+                               .num_blocks = seq->table.num_blocks,
+                               .blocks = ids};
+        memcpy(ids, seq->table.blocks, (size_t)seq->table.num_blocks * sizeof *ids);
+        ids += seq->table.num_blocks;
+    }
+    kvd_engine_stats_get(e, &out->stats);
+    unlock_steps(e);
     return 0;
 }
 

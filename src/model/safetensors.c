@@ -22,6 +22,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kvd/kvd_buf.h"
+
 /* Every dtype the format defines, so offsets can be checked even for tensors kvd
  * will never use. */
 static const struct {
@@ -366,72 +368,29 @@ void kvd_st_file_close(kvd_st_file *f)
     memset(f, 0, sizeof *f);
 }
 
-/* A growable byte buffer for the writer. */
-typedef struct text_buf {
-    char *data;
-    size_t len;
-    size_t cap;
-    bool failed;
-} text_buf;
-
-static void buf_append(text_buf *b, const char *s, size_t n)
+static void buf_json_string(kvd_sbuf *b, const char *s)
 {
-    if (b->failed)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        char *data = realloc(b->data, cap);
-        if (!data) {
-            b->failed = true;
-            return;
-        }
-        b->data = data;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-}
-
-static void buf_printf(text_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void buf_printf(text_buf *b, const char *fmt, ...)
-{
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof tmp)
-        b->failed = true;
-    else
-        buf_append(b, tmp, (size_t)n);
-}
-
-static void buf_json_string(text_buf *b, const char *s)
-{
-    buf_append(b, "\"", 1);
+    kvd_sbuf_append(b, "\"", 1);
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         if (c == '"' || c == '\\') {
             char esc[2] = {'\\', (char)c};
-            buf_append(b, esc, 2);
+            kvd_sbuf_append(b, esc, 2);
         } else if (c < 0x20) {
-            buf_printf(b, "\\u%04x", c);
+            kvd_sbuf_printf(b, "\\u%04x", c);
         } else {
-            buf_append(b, (const char *)&c, 1);
+            kvd_sbuf_append(b, (const char *)&c, 1);
         }
     }
-    buf_append(b, "\"", 1);
+    kvd_sbuf_append(b, "\"", 1);
 }
 
 int kvd_st_header_build(const kvd_st_spec *specs, int n, char **out, size_t *out_len,
                         uint64_t *data_bytes, kvd_error *err)
 {
-    text_buf b = {0};
-    buf_append(&b, "12345678", 8); /* the length, patched below */
-    buf_append(&b, "{\"__metadata__\":{\"format\":\"pt\"}", 31);
+    kvd_sbuf b = {0};
+    kvd_sbuf_append(&b, "12345678", 8); /* the length, patched below */
+    kvd_sbuf_append(&b, "{\"__metadata__\":{\"format\":\"pt\"}", 31);
     uint64_t offset = 0;
     for (int i = 0; i < n; i++) {
         const kvd_st_spec *s = &specs[i];
@@ -449,18 +408,18 @@ int kvd_st_header_build(const kvd_st_spec *specs, int n, char **out, size_t *out
                                      s->name);
             }
         }
-        buf_append(&b, ",", 1);
+        kvd_sbuf_append(&b, ",", 1);
         buf_json_string(&b, s->name);
-        buf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", kvd_st_dtype_name(s->dtype));
+        kvd_sbuf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", kvd_st_dtype_name(s->dtype));
         for (int d = 0; d < s->ndim; d++)
-            buf_printf(&b, d ? ",%lld" : "%lld", (long long)s->shape[d]);
-        buf_printf(&b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset,
+            kvd_sbuf_printf(&b, d ? ",%lld" : "%lld", (long long)s->shape[d]);
+        kvd_sbuf_printf(&b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset,
                    (unsigned long long)(offset + bytes));
         offset += bytes;
     }
-    buf_append(&b, "}", 1);
+    kvd_sbuf_append(&b, "}", 1);
     while (!b.failed && b.len % 8 != 0)
-        buf_append(&b, " ", 1);
+        kvd_sbuf_append(&b, " ", 1);
     if (b.failed) {
         free(b.data);
         return kvd_error_set(err, KVD_ENOMEM, "safetensors writer: out of memory");

@@ -24,9 +24,9 @@ fuzz_target() {
 # --- model: safetensors header and config.json parsers ---
 cjson_flags=($(pkg-config --cflags --libs libcjson))
 fuzz_target fuzz_safetensors tests/fuzz/fuzz_safetensors.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 fuzz_target fuzz_config tests/fuzz/fuzz_config.c src/model/config.c src/model/safetensors.c \
-  src/util/error.c src/util/dtype.c "${cjson_flags[@]}" -lm
+  src/util/error.c src/util/dtype.c src/util/buf.c "${cjson_flags[@]}" -lm
 # --- end model ---
 
 # --- tokenizer (owner: tok): encode/decode/stream of arbitrary bytes ---
@@ -51,14 +51,14 @@ for src in /usr/share/llhttp/api.c /usr/share/llhttp/http.c /usr/share/llhttp/ll
     -c "$src" -o "$obj"
 done
 uv_flags=($(pkg-config --cflags --libs libuv))
-fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/util/error.c \
+fuzz_target fuzz_http tests/fuzz/fuzz_http.c server/http.c server/util.c src/util/buf.c src/util/error.c \
   "${llhttp_objs[@]}" -Iserver -I/usr/share/include/llhttp "${uv_flags[@]}" "${cjson_flags[@]}"
 # chat.c encodes with the tokenizer, so both JSON targets link it.
 tok_srcs=(src/tokenizer/load.c src/tokenizer/encode.c src/tokenizer/bpe.c src/tokenizer/decode.c
           src/tokenizer/utf8.c)
-fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai.c server/chat.c server/util.c \
+fuzz_target fuzz_request_json tests/fuzz/fuzz_request_json.c server/oai_request.c server/chat.c server/util.c src/util/buf.c \
   src/engine/sampler.c src/engine/sampler_vocab.c "${tok_srcs[@]}" src/util/error.c -Iserver \
   "${tok_flags[@]}" -lpthread -lm
-fuzz_target fuzz_chat_template tests/fuzz/fuzz_chat_template.c server/chat.c server/util.c \
+fuzz_target fuzz_chat_template tests/fuzz/fuzz_chat_template.c server/chat.c server/util.c src/util/buf.c \
   "${tok_srcs[@]}" src/util/error.c -Iserver "${tok_flags[@]}" -lpthread
 # --- end harden ---

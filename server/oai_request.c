@@ -1,12 +1,18 @@
-/* oai.c - field-by-field parsing of /v1/completions and /v1/chat/completions bodies.
+/* oai_request.c - field-by-field parsing of /v1/completions and /v1/chat/completions bodies.
  *
  * Ranges follow OpenAI's documented ones where OpenAI has them (temperature 0..2,
  * penalties -2..2, top_p in (0, 1]) and vLLM's for its extensions (top_k, min_p,
  * repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens). JSON numbers
  * arrive as doubles; integers must be integral and within range, so 1.5 tokens or
  * 1e300 are refused instead of truncated.
+ *
+ * No field is ever silently ignored: each route reads a fixed list of fields
+ * (known_fields below), and any other field, or a listed one kvd cannot honor
+ * (suffix, prompt_logprobs, echo with logprobs, ...), is refused with 400 naming it.
+ * Clients of other servers send tools, mirostat, guided_json and the like; running
+ * without them would change the answer without saying so.
  */
-#include "oai.h"
+#include "oai_request.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -23,6 +29,7 @@ void kvd_oai_request_deinit(kvd_oai_request *r)
 {
     for (int i = 0; i < KVD_MAX_STOP_STRINGS; i++)
         free(r->stop_strings[i]);
+    free(r->logit_bias);
     free(r->prompt_text);
     free(r->prompt_ids);
     kvd_chat_prompt_deinit(&r->chat);
@@ -147,14 +154,15 @@ static int parse_stop(parse_ctx *c, kvd_oai_request *r)
     return 0;
 }
 
-static int add_stop_id(parse_ctx *c, kvd_oai_request *r, int32_t id)
+/* The client's ids count against its 64; a chat's turn-ending ids come on top (the
+ * array has room for them), so 64 client ids work in chat too. */
+static int add_stop_id(parse_ctx *c, kvd_oai_request *r, int32_t id, bool from_client)
 {
     for (int i = 0; i < r->params.num_stop_token_ids; i++)
         if (r->stop_token_ids[i] == id)
             return 0;
-    if (r->params.num_stop_token_ids >= KVD_MAX_STOP_TOKEN_IDS) {
-        return fail(c, "stop_token_ids", "at most %d ids", KVD_MAX_STOP_TOKEN_IDS);
-    }
+    if (from_client && r->params.num_stop_token_ids >= KVD_OAI_MAX_STOP_TOKEN_IDS)
+        return fail(c, "stop_token_ids", "at most %d ids", KVD_OAI_MAX_STOP_TOKEN_IDS);
     r->stop_token_ids[r->params.num_stop_token_ids++] = id;
     r->params.stop_token_ids = r->stop_token_ids;
     return 0;
@@ -173,7 +181,7 @@ static int parse_stop_token_ids(parse_ctx *c, kvd_oai_request *r, const kvd_oai_
         int rc = check_integer(c, "stop_token_ids", item, 0, info->vocab_size - 1, &id);
         if (rc)
             return rc;
-        rc = add_stop_id(c, r, (int32_t)id);
+        rc = add_stop_id(c, r, (int32_t)id, true);
         if (rc)
             return rc;
     }
@@ -232,22 +240,99 @@ static int parse_prompt(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_in
     return 0;
 }
 
-static int refuse_unsupported(parse_ctx *c)
+/* The fields each route reads (null counts as absent everywhere). A field the parser
+ * reads must be listed here; `refusal` marks one kvd knows but does not implement. */
+enum { ON_COMPLETIONS = 1, ON_CHAT = 2, ON_GENERATE = 3, ON_TOKENIZE = 4, ON_DETOKENIZE = 8, ON_ALL = 15 };
+
+typedef struct known_field {
+    const char *name;
+    int routes;
+    const char *refusal; /* NULL: honored */
+} known_field;
+
+static const known_field known_fields[] = {
+    {"model", ON_ALL, NULL},
+    {"prompt", ON_COMPLETIONS | ON_TOKENIZE, NULL},
+    {"messages", ON_CHAT | ON_TOKENIZE, NULL},
+    {"content", ON_TOKENIZE, NULL},
+    {"add_generation_prompt", ON_TOKENIZE, NULL},
+    {"add_special_tokens", ON_TOKENIZE, NULL},
+    {"tokens", ON_DETOKENIZE, NULL},
+    {"max_tokens", ON_GENERATE, NULL},
+    {"max_completion_tokens", ON_GENERATE, NULL},
+    {"min_tokens", ON_GENERATE, NULL},
+    {"n", ON_GENERATE, NULL},
+    {"best_of", ON_GENERATE, NULL},
+    {"temperature", ON_GENERATE, NULL},
+    {"top_p", ON_GENERATE, NULL},
+    {"top_k", ON_GENERATE, NULL},
+    {"min_p", ON_GENERATE, NULL},
+    {"presence_penalty", ON_GENERATE, NULL},
+    {"frequency_penalty", ON_GENERATE, NULL},
+    {"repetition_penalty", ON_GENERATE, NULL},
+    {"logit_bias", ON_GENERATE, NULL},
+    {"seed", ON_GENERATE, NULL},
+    {"logprobs", ON_GENERATE, NULL},
+    {"top_logprobs", ON_CHAT, NULL},
+    {"stop", ON_GENERATE, NULL},
+    {"stop_token_ids", ON_GENERATE, NULL},
+    {"include_stop_str_in_output", ON_GENERATE, NULL},
+    {"ignore_eos", ON_GENERATE, NULL},
+    {"skip_special_tokens", ON_GENERATE, NULL},
+    {"stream", ON_GENERATE, NULL},
+    {"stream_options", ON_GENERATE, NULL},
+    {"return_tokens_as_token_ids", ON_GENERATE, NULL},
+    {"response_format", ON_GENERATE, NULL},
+    {"user", ON_GENERATE, NULL},
+    {"echo", ON_COMPLETIONS, NULL},
+    {"echo", ON_CHAT, "echo is supported on /v1/completions only"},
+    {"suffix", ON_COMPLETIONS, "suffix is not currently supported"},
+    {"prompt_logprobs", ON_GENERATE,
+     "prompt_logprobs is not supported: kvd does not keep the logits of prompt positions"},
+};
+
+static int route_bit(kvd_oai_route route)
 {
-    bool echo = false;
-    int rc = get_bool(c, "echo", &echo);
-    if (rc)
-        return rc;
-    if (echo)
-        return fail(c, "echo", "echo is not supported");
+    return route == KVD_OAI_CHAT ? ON_CHAT : ON_COMPLETIONS;
+}
+
+/* A client's field name fit for a one-line message: at most 60 bytes, control bytes
+ * as '?'. */
+static void printable_name(const char *name, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (; name[n] && n < 60 && n + 1 < cap; n++)
+        out[n] = (unsigned char)name[n] < 0x20 || name[n] == 0x7f ? '?' : name[n];
+    out[n] = '\0';
+}
+
+/* 400 for the first field of body that `routes` does not read, or reads only to refuse. */
+static int refuse_unknown_fields(parse_ctx *c, int routes)
+{
+    const cJSON *item;
+    cJSON_ArrayForEach(item, c->body) {
+        const known_field *known = NULL;
+        for (size_t i = 0; i < sizeof known_fields / sizeof known_fields[0] && !known; i++)
+            if ((known_fields[i].routes & routes) && strcmp(known_fields[i].name, item->string) == 0)
+                known = &known_fields[i];
+        if (!known) {
+            char name[64];
+            printable_name(item->string, name, sizeof name);
+            return fail(c, name, "this field is not supported by kvd; leave it out (see docs/api.md)");
+        }
+        if (known->refusal && !cJSON_IsNull(item))
+            return fail(c, item->string, "%s", known->refusal);
+    }
+    return 0;
+}
+
+static int check_plain_fields(parse_ctx *c)
+{
     const cJSON *best_of = field(c, "best_of");
     if (best_of && !(cJSON_IsNumber(best_of) && best_of->valuedouble == 1.0) &&
         !(cJSON_IsNumber(best_of) && cJSON_IsNumber(field(c, "n")) &&
           best_of->valuedouble == field(c, "n")->valuedouble))
         return fail(c, "best_of", "best_of other than n is not supported");
-    const cJSON *bias = field(c, "logit_bias");
-    if (bias && !(cJSON_IsObject(bias) && bias->child == NULL))
-        return fail(c, "logit_bias", "logit_bias is not supported");
     const cJSON *format = field(c, "response_format");
     if (format) {
         const cJSON *type = cJSON_IsObject(format) ? cJSON_GetObjectItemCaseSensitive(format, "type") : NULL;
@@ -260,6 +345,43 @@ static int refuse_unsupported(parse_ctx *c)
     const cJSON *user = field(c, "user");
     if (user && !cJSON_IsString(user))
         return fail(c, "user", "must be a string");
+    return 0;
+}
+
+/* OpenAI's shape: {"token id as a string": bias in [-100, 100]}. */
+static int parse_logit_bias(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_info *info)
+{
+    const cJSON *bias = field(c, "logit_bias");
+    if (!bias)
+        return 0;
+    if (!cJSON_IsObject(bias))
+        return fail(c, "logit_bias", "must be an object mapping token ids to biases in [-100, 100]");
+    int n = cJSON_GetArraySize(bias);
+    if (n > KVD_MAX_LOGIT_BIAS)
+        return fail(c, "logit_bias", "at most %d entries", KVD_MAX_LOGIT_BIAS);
+    if (n == 0)
+        return 0;
+    r->logit_bias = malloc((size_t)n * sizeof *r->logit_bias);
+    if (!r->logit_bias)
+        return kvd_error_set(c->err, KVD_ENOMEM, "out of memory");
+    int count = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, bias) {
+        const char *key = item->string;
+        char *end = NULL;
+        long id = key[0] >= '0' && key[0] <= '9' ? strtol(key, &end, 10) : -1;
+        if (id < 0 || *end || id >= info->vocab_size)
+            return fail(c, "logit_bias", "a key is not a token id in 0..%d", info->vocab_size - 1);
+        if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) || item->valuedouble < -100.0 ||
+            item->valuedouble > 100.0)
+            return fail(c, "logit_bias", "the bias of token %ld must be a number in [-100, 100]", id);
+        for (int i = 0; i < count; i++)
+            if (r->logit_bias[i].token == (int32_t)id)
+                return fail(c, "logit_bias", "token %ld is listed twice", id);
+        r->logit_bias[count++] = (kvd_logit_bias){(int32_t)id, (float)item->valuedouble};
+    }
+    r->params.sampling.logit_bias = r->logit_bias;
+    r->params.sampling.num_logit_bias = count;
     return 0;
 }
 
@@ -307,12 +429,15 @@ static int parse_sampling(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_
     if (present)
         s->top_k = top_k < 0 ? 0 : (int)top_k;
     long long seed = 0;
-    /* Negative seeds are accepted as OpenAI does and reinterpreted as unsigned. */
+    /* Negative seeds are accepted as OpenAI does and reinterpreted as unsigned, except
+     * -1, which asks for a random seed as llama-server's does. */
     if ((rc = get_int(c, "seed", -9007199254740992LL, 9007199254740992LL, &r->seed_given, &seed)))
         return rc;
+    if (seed == -1)
+        r->seed_given = false;
     if (r->seed_given)
         s->seed = (uint64_t)seed;
-    return 0;
+    return parse_logit_bias(c, r, info);
 }
 
 int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
@@ -332,7 +457,7 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (!cJSON_IsObject(body))
         return kvd_error_set(err, KVD_EINVAL, "request body must be a JSON object");
     int rc;
-    if ((rc = refuse_unsupported(&c)))
+    if ((rc = refuse_unknown_fields(&c, route_bit(route))) || (rc = check_plain_fields(&c)))
         return rc;
 
     /* max_completion_tokens is the newer name; it wins when both are given. */
@@ -361,9 +486,19 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
         return rc;
     if ((rc = get_bool(&c, "ignore_eos", &r->params.ignore_eos)) ||
         (rc = get_bool(&c, "skip_special_tokens", &r->params.skip_special_tokens)) ||
+        (rc = get_bool(&c, "include_stop_str_in_output", &r->params.include_stop_str_in_output)) ||
         (rc = get_bool(&c, "stream", &r->stream)) ||
-        (rc = get_bool(&c, "return_tokens_as_token_ids", &r->tokens_as_ids)))
+        (rc = get_bool(&c, "return_tokens_as_token_ids", &r->tokens_as_ids)) ||
+        (rc = get_bool(&c, "echo", &r->echo)))
         return rc;
+    if (r->echo && r->logprobs)
+        return fail(&c, "echo", "echo with logprobs needs the prompt's logprobs, which kvd does not compute");
+    long long min_tokens = 0;
+    if ((rc = get_int(&c, "min_tokens", 0, info->max_model_len, NULL, &min_tokens)))
+        return rc;
+    if (min_tokens > r->params.max_tokens)
+        return fail(&c, "min_tokens", "%lld must not exceed max_tokens (%d)", min_tokens, r->params.max_tokens);
+    r->params.sampling.min_tokens = (int)min_tokens;
 
     const cJSON *options = field(&c, "stream_options");
     if (options) {
@@ -371,12 +506,22 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
             return fail(&c, "stream_options", "must be an object");
         if (!r->stream)
             return fail(&c, "stream_options", "only allowed when \"stream\" is true");
-        const cJSON *usage = cJSON_GetObjectItemCaseSensitive(options, "include_usage");
-        if (usage && !cJSON_IsNull(usage)) {
-            if (!cJSON_IsBool(usage))
-                return fail(&c, "stream_options.include_usage", "must be a boolean");
-            r->include_usage = cJSON_IsTrue(usage);
+        const cJSON *option;
+        cJSON_ArrayForEach(option, options) {
+            bool *target = strcmp(option->string, "include_usage") == 0            ? &r->include_usage
+                           : strcmp(option->string, "continuous_usage_stats") == 0 ? &r->continuous_usage
+                                                                                   : NULL;
+            char name[96], option_name[64];
+            printable_name(option->string, option_name, sizeof option_name);
+            snprintf(name, sizeof name, "stream_options.%s", option_name);
+            if (!target)
+                return fail(&c, name, "this option is not supported by kvd; leave it out");
+            if (!cJSON_IsNull(option) && !cJSON_IsBool(option))
+                return fail(&c, name, "must be a boolean");
+            *target = cJSON_IsTrue(option);
         }
+        if (r->continuous_usage && !r->include_usage)
+            return fail(&c, "stream_options.continuous_usage_stats", "requires \"include_usage\": true");
     }
 
     if (route == KVD_OAI_COMPLETIONS)
@@ -392,7 +537,125 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
      * asked to run on regardless. */
     if (!r->params.ignore_eos)
         for (int i = 0; i < info->num_chat_stop_ids; i++)
-            if ((rc = add_stop_id(&c, r, info->chat_stop_ids[i])))
+            if ((rc = add_stop_id(&c, r, info->chat_stop_ids[i], false)))
                 return rc;
     return 0;
+}
+
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap, kvd_error *err)
+{
+    parse_ctx c = {body, param, param_cap, err};
+    param[0] = '\0';
+    int rc = refuse_unknown_fields(&c, ON_TOKENIZE);
+    if (rc)
+        return rc;
+    const cJSON *model = field(&c, "model");
+    if (model && !cJSON_IsString(model))
+        return fail(&c, "model", "must be a string");
+    /* Qwen2's tokenizer adds no BOS/EOS either way, so both values are honored. */
+    bool add_special = true, add_generation_prompt = true;
+    if ((rc = get_bool(&c, "add_special_tokens", &add_special)) ||
+        (rc = get_bool(&c, "add_generation_prompt", &add_generation_prompt)))
+        return rc;
+    const char *name = "prompt";
+    const cJSON *prompt = field(&c, "prompt");
+    if (!prompt) {
+        name = "content";
+        prompt = field(&c, "content");
+    }
+    if (prompt) {
+        if (!cJSON_IsString(prompt))
+            return fail(&c, name, "must be a string");
+        if (field(&c, "add_generation_prompt"))
+            return fail(&c, "add_generation_prompt", "applies to \"messages\" only");
+        r->prompt_len = strlen(prompt->valuestring);
+        r->prompt_text = strdup(prompt->valuestring);
+        return r->prompt_text ? 0 : kvd_error_set(err, KVD_ENOMEM, "out of memory");
+    }
+    const cJSON *messages = field(&c, "messages");
+    if (!messages)
+        return fail(&c, "prompt", "is required (or \"content\", or \"messages\")");
+    r->route = KVD_OAI_CHAT;
+    rc = kvd_chat_render(messages, &r->chat, param, param_cap, err);
+    if (rc == 0 && !add_generation_prompt)
+        kvd_chat_drop_generation_prompt(&r->chat);
+    return rc;
+}
+
+int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,
+                             char *param, size_t param_cap, kvd_error *err)
+{
+    parse_ctx c = {body, param, param_cap, err};
+    param[0] = '\0';
+    int rc = refuse_unknown_fields(&c, ON_DETOKENIZE);
+    if (rc)
+        return rc;
+    const cJSON *tokens = field(&c, "tokens");
+    if (!cJSON_IsArray(tokens))
+        return fail(&c, "tokens", "must be an array of token ids");
+    int n = cJSON_GetArraySize(tokens);
+    int32_t *out = malloc(((size_t)n + 1) * sizeof *out);
+    if (!out)
+        return kvd_error_set(err, KVD_ENOMEM, "out of memory");
+    int i = 0;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, tokens) {
+        double v = item->valuedouble;
+        if (!cJSON_IsNumber(item) || v != (double)(int32_t)v || v < 0 || v >= info->vocab_size) {
+            free(out);
+            return fail(&c, "tokens", "item %d is not a token id in 0..%d", i, info->vocab_size - 1);
+        }
+        out[i++] = (int32_t)v;
+    }
+    *ids = out;
+    *count = n;
+    return 0;
+}
+
+bool kvd_oai_find_nul(const char *json, size_t len, char *field_name, size_t cap)
+{
+    int depth = 0;
+    bool in_string = false, expect_key = false, string_is_key = false;
+    size_t string_start = 0;
+    snprintf(field_name, cap, "%s", "");
+    for (size_t i = 0; i < len; i++) {
+        char ch = json[i];
+        if (in_string) {
+            if (ch == '\0') {
+                if (string_is_key)
+                    snprintf(field_name, cap, "%s", "(a field name)");
+                return true; /* a raw NUL byte, which cJSON also takes into a string */
+            }
+            if (ch == '\\') {
+                /* Skip the escaped character; the escape u0000 is a NUL. */
+                if (i + 5 < len && json[i + 1] == 'u' && memcmp(json + i + 2, "0000", 4) == 0) {
+                    if (string_is_key)
+                        snprintf(field_name, cap, "%s", "(a field name)");
+                    return true;
+                }
+                i++;
+            } else if (ch == '"') {
+                in_string = false;
+                if (string_is_key) {
+                    size_t n = i - string_start;
+                    snprintf(field_name, cap, "%.*s", (int)(n < 100 ? n : 100), json + string_start);
+                }
+            }
+            continue;
+        }
+        if (ch == '"') {
+            in_string = true;
+            string_is_key = depth == 1 && expect_key;
+            expect_key = false;
+            string_start = i + 1;
+        } else if (ch == '{' || ch == '[') {
+            depth++;
+            expect_key = depth == 1;
+        } else if (ch == '}' || ch == ']') {
+            depth--;
+        } else if (ch == ',' && depth == 1) {
+            expect_key = true;
+        }
+    }
+    return false;
 }

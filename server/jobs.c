@@ -1,0 +1,903 @@
+/* jobs.c - jobs: the id map, worker offload, submission, event dispatch, abort.
+ *
+ * A generation request becomes a job: its body was parsed on the loop thread, the
+ * prompt is tokenized on a libuv worker (encoding a multi-megabyte prompt takes long
+ * enough to stall every other stream if done on the loop; the tokenizer is safe to
+ * share across threads), then submitted to the engine. Engine events find their job
+ * through the id map; streamed jobs write one SSE event per engine event, whole ones
+ * keep each choice's JSON text until every choice has finished. A client that goes
+ * away cancels its engine request; the job lingers until the engine confirms each
+ * choice finished, so its blocks are known to be free before the job is.
+ * /tokenize and /detokenize answers grow with their input, so they are built on the
+ * worker too; GET /v1/kv waits for the running engine step, so its snapshot is taken
+ * there as well.
+ */
+#include "jobs.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "oai_response.h"
+#include "web.h"
+
+typedef enum kvd_job_kind {
+    KVD_JOB_COMPLETION,
+    KVD_JOB_CHAT,
+    KVD_JOB_TOKENIZE,
+    KVD_JOB_DETOKENIZE,
+    KVD_JOB_KV,
+} kvd_job_kind;
+
+static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+                                        "/v1/kv"};
+
+typedef struct job_choice {
+    kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
+    size_t text_offset;      /* streamed completions: logprobs.text_offset of the next token */
+    int completion_tokens;
+    uint64_t last_token_ns;
+    bool done;
+} job_choice;
+
+struct kvd_job {
+    kvd_job *prev, *next;    /* jobs->live */
+    kvd_jobs *jobs;
+    kvd_http_request *req;   /* NULL once answered or aborted */
+    kvd_job_kind kind;
+    const char *method;      /* for the log line, after req is gone */
+    char id[64];
+    kvd_oai_request oai;
+    kvd_oai_response resp;
+    int32_t *prompt;         /* tokens (generation, tokenize) or ids to decode (detokenize) */
+    int num_prompt;
+    uv_work_t work;
+    bool working;            /* on a libuv worker; its after-callback frees the job */
+    int work_rc;
+    kvd_error work_err;
+    char *answer;            /* built on the worker: the 200 body */
+    size_t answer_len;
+    uint64_t engine_id;      /* 0 until submitted */
+    job_choice *choices;
+    int num_choices;
+    int num_done;
+    int prompt_tokens;
+    int cached_tokens;
+    uint64_t arrival_ns;
+    uint64_t first_token_ns;
+    bool aborted;
+    bool failed;
+    int fail_status;
+    char error[400];
+    int status;
+};
+
+/* ---- job map ---- */
+
+static size_t slot_of(uint64_t key, size_t cap)
+{
+    key ^= key >> 33;
+    key *= 0xff51afd7ed558ccdULL;
+    key ^= key >> 33;
+    return (size_t)key & (cap - 1);
+}
+
+static int job_map_grow(kvd_job_map *map)
+{
+    size_t cap = map->cap ? map->cap * 2 : 64;
+    uint64_t *keys = calloc(cap, sizeof *keys);
+    kvd_job **values = calloc(cap, sizeof *values);
+    if (!keys || !values) {
+        free(keys);
+        free(values);
+        return KVD_ENOMEM;
+    }
+    for (size_t i = 0; i < map->cap; i++) {
+        if (!map->keys[i])
+            continue;
+        size_t s = slot_of(map->keys[i], cap);
+        while (keys[s])
+            s = (s + 1) & (cap - 1);
+        keys[s] = map->keys[i];
+        values[s] = map->values[i];
+    }
+    free(map->keys);
+    free(map->values);
+    map->keys = keys;
+    map->values = values;
+    map->cap = cap;
+    return 0;
+}
+
+int kvd_job_map_put(kvd_job_map *map, uint64_t key, kvd_job *job)
+{
+    if ((map->count + 1) * 2 > map->cap && job_map_grow(map) != 0)
+        return KVD_ENOMEM;
+    size_t s = slot_of(key, map->cap);
+    while (map->keys[s] && map->keys[s] != key)
+        s = (s + 1) & (map->cap - 1);
+    if (!map->keys[s])
+        map->count++;
+    map->keys[s] = key;
+    map->values[s] = job;
+    return 0;
+}
+
+kvd_job *kvd_job_map_get(const kvd_job_map *map, uint64_t key)
+{
+    if (!map->cap)
+        return NULL;
+    size_t s = slot_of(key, map->cap);
+    while (map->keys[s]) {
+        if (map->keys[s] == key)
+            return map->values[s];
+        s = (s + 1) & (map->cap - 1);
+    }
+    return NULL;
+}
+
+void kvd_job_map_remove(kvd_job_map *map, uint64_t key)
+{
+    if (!map->cap)
+        return;
+    size_t mask = map->cap - 1;
+    size_t s = slot_of(key, map->cap);
+    while (map->keys[s] && map->keys[s] != key)
+        s = (s + 1) & mask;
+    if (!map->keys[s])
+        return;
+    /* Backward-shift deletion keeps probe chains intact without tombstones. */
+    size_t hole = s;
+    size_t next = (hole + 1) & mask;
+    while (map->keys[next]) {
+        size_t home = slot_of(map->keys[next], map->cap);
+        bool movable = hole <= next ? (home <= hole || home > next) : (home <= hole && home > next);
+        if (movable) {
+            map->keys[hole] = map->keys[next];
+            map->values[hole] = map->values[next];
+            hole = next;
+        }
+        next = (next + 1) & mask;
+    }
+    map->keys[hole] = 0;
+    map->values[hole] = NULL;
+    map->count--;
+}
+
+void kvd_job_map_deinit(kvd_job_map *map)
+{
+    free(map->keys);
+    free(map->values);
+    memset(map, 0, sizeof *map);
+}
+
+/* ---- the set of jobs ---- */
+
+uint64_t kvd_jobs_random(kvd_jobs *jobs)
+{
+    uint64_t s1 = jobs->rng[0];
+    const uint64_t s0 = jobs->rng[1];
+    jobs->rng[0] = s0;
+    s1 ^= s1 << 23;
+    jobs->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return jobs->rng[1] + s0;
+}
+
+void kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_metrics *metrics,
+                   const char *model_name)
+{
+    memset(jobs, 0, sizeof *jobs);
+    jobs->loop = loop;
+    jobs->log = log;
+    jobs->metrics = metrics;
+    jobs->model_name = model_name;
+    jobs->rng[0] = uv_hrtime() ^ 0x9e3779b97f4a7c15ULL;
+    jobs->rng[1] = ((uint64_t)uv_os_getpid() << 32) ^ (uint64_t)(uintptr_t)jobs ^ 0xbf58476d1ce4e5b9ULL;
+    for (int i = 0; i < 8; i++)
+        kvd_jobs_random(jobs);
+}
+
+/* ---- answers ---- */
+
+static double ms_between(uint64_t from_ns, uint64_t to_ns)
+{
+    return to_ns > from_ns ? (double)(to_ns - from_ns) / 1e6 : 0.0;
+}
+
+static void log_request(const kvd_jobs *jobs, const char *id, const char *method, const char *path, int status,
+                        int prompt, int cached, int completion, uint64_t arrival_ns, uint64_t first_ns)
+{
+    uint64_t now = uv_hrtime();
+    char ttft[32];
+    if (first_ns)
+        snprintf(ttft, sizeof ttft, "%.1fms", ms_between(arrival_ns, first_ns));
+    else
+        snprintf(ttft, sizeof ttft, "-");
+    kvd_log(jobs->log, KVD_LOG_INFO,
+            "request %s %s %s %d prompt_tokens=%d cached_tokens=%d completion_tokens=%d ttft=%s total=%.1fms", id,
+            method, path, status, prompt, cached, completion, ttft, ms_between(arrival_ns, now));
+}
+
+void kvd_jobs_respond(kvd_jobs *jobs, kvd_http_request *req, int status, const char *content_type,
+                      const char *extra_headers, const char *body, size_t len)
+{
+    jobs->metrics->http_requests++;
+    log_request(jobs, "-", kvd_http_method(req), kvd_http_path(req), status, 0, 0, 0, kvd_http_arrival_ns(req), 0);
+    kvd_http_respond(req, status, content_type, extra_headers, body, len);
+}
+
+static const char oom_body[] =
+    "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+
+void kvd_jobs_respond_json(kvd_jobs *jobs, kvd_http_request *req, int status, cJSON *obj,
+                           const char *extra_headers)
+{
+    char *text = obj ? cJSON_PrintUnformatted(obj) : NULL;
+    cJSON_Delete(obj);
+    if (!text) {
+        kvd_jobs_respond(jobs, req, 500, "application/json", NULL, oom_body, sizeof oom_body - 1);
+        return;
+    }
+    kvd_jobs_respond(jobs, req, status, "application/json", extra_headers, text, strlen(text));
+    free(text);
+}
+
+void kvd_jobs_send_error(kvd_jobs *jobs, kvd_http_request *req, int status, const char *message,
+                         const char *param, const char *code, const char *extra_headers)
+{
+    kvd_jobs_respond_json(jobs, req, status, kvd_oai_error_object(status, message, param, code), extra_headers);
+}
+
+/* ---- job lifecycle ---- */
+
+static kvd_job *job_create(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind kind)
+{
+    kvd_job *job = calloc(1, sizeof *job);
+    if (!job)
+        return NULL;
+    job->jobs = jobs;
+    job->req = req;
+    job->kind = kind;
+    job->method = kind == KVD_JOB_KV ? "GET" : "POST";
+    job->arrival_ns = kvd_http_arrival_ns(req);
+    job->status = 200;
+    kvd_oai_request_init(&job->oai);
+    if (kind == KVD_JOB_CHAT || kind == KVD_JOB_COMPLETION)
+        snprintf(job->id, sizeof job->id, "%s%016" PRIx64 "%08" PRIx32, kind == KVD_JOB_CHAT ? "chatcmpl-" : "cmpl-",
+                 kvd_jobs_random(jobs), (uint32_t)kvd_jobs_random(jobs));
+    else
+        snprintf(job->id, sizeof job->id, "-"); /* its response has no id; logged like other such routes */
+    job->next = jobs->live;
+    if (jobs->live)
+        jobs->live->prev = job;
+    jobs->live = job;
+    jobs->count++;
+    kvd_http_set_user(req, job);
+    return job;
+}
+
+static void job_free(kvd_job *job)
+{
+    kvd_jobs *jobs = job->jobs;
+    if (job->req) {
+        /* Unreachable by design (every path answers first); answer rather than leave
+         * the connection hanging with nobody owning its request. */
+        kvd_http_request *req = job->req;
+        job->req = NULL;
+        kvd_http_set_user(req, NULL);
+        kvd_http_respond(req, 500, NULL, NULL, "", 0);
+    }
+    if (job->engine_id)
+        kvd_job_map_remove(&jobs->map, job->engine_id);
+    if (job->prev)
+        job->prev->next = job->next;
+    else
+        jobs->live = job->next;
+    if (job->next)
+        job->next->prev = job->prev;
+    for (int i = 0; i < job->num_choices; i++)
+        kvd_oai_choice_deinit(&job->choices[i].out);
+    free(job->choices);
+    free(job->prompt);
+    free(job->answer);
+    kvd_oai_request_deinit(&job->oai);
+    free(job);
+    jobs->count--;
+    if (jobs->count == 0 && jobs->on_idle)
+        jobs->on_idle(jobs->on_idle_arg);
+}
+
+/* Frees jobs still waiting for the engine at shutdown (the engine is gone). */
+void kvd_jobs_deinit(kvd_jobs *jobs)
+{
+    jobs->on_idle = NULL;
+    kvd_job *job = jobs->live;
+    while (job) {
+        kvd_job *next = job->next;
+        if (!job->working) {
+            job->req = NULL;
+            job_free(job);
+        }
+        job = next;
+    }
+    kvd_job_map_deinit(&jobs->map);
+}
+
+static int job_completion_tokens(const kvd_job *job)
+{
+    int total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += job->choices[i].completion_tokens;
+    return total;
+}
+
+static void job_log(kvd_job *job)
+{
+    log_request(job->jobs, job->id, job->method, job_paths[job->kind], job->status, job->prompt_tokens,
+                job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns);
+}
+
+/* Takes the job's request to answer it: counted, logged, detached from the job. */
+static kvd_http_request *job_take_request(kvd_job *job, int status)
+{
+    kvd_http_request *req = job->req;
+    job->req = NULL;
+    job->status = status;
+    kvd_http_set_user(req, NULL);
+    job->jobs->metrics->http_requests++;
+    job_log(job);
+    return req;
+}
+
+/* Answers a job's request with an error and frees the job. */
+static void job_fail(kvd_job *job, int status, const char *message, const char *param, const char *code,
+                     const char *extra_headers)
+{
+    if (job->req) {
+        kvd_http_request *req = job_take_request(job, status);
+        size_t len = 0;
+        char *text = kvd_oai_error_body(status, message, param, code, &len);
+        if (text)
+            kvd_http_respond(req, status, "application/json", extra_headers, text, len);
+        else
+            kvd_http_respond(req, 500, "application/json", NULL, oom_body, sizeof oom_body - 1);
+        free(text);
+    }
+    job_free(job);
+}
+
+/* Answers 200 with a body built elsewhere (the caller frees it) and frees the job. */
+static void job_answer(kvd_job *job, const char *content_type, const char *body, size_t len)
+{
+    kvd_http_request *req = job_take_request(job, 200);
+    kvd_http_respond(req, 200, content_type, NULL, body, len);
+    job_free(job);
+}
+
+/* ---- worker offload ---- */
+
+/* A job's work came back from a libuv worker. Returns false (and frees the job) when
+ * there is nobody left to answer: the client went away, or the server is stopping. */
+static bool job_back_from_worker(kvd_job *job, int status)
+{
+    job->working = false;
+    if (job->aborted || !job->req || job->jobs->stopping || status < 0) {
+        if (job->aborted)
+            job_log(job);
+        job_free(job);
+        return false;
+    }
+    return true;
+}
+
+/* Hands the job to a libuv worker; `after` runs back on the loop (and must start with
+ * job_back_from_worker). */
+static void job_start_work(kvd_job *job, uv_work_cb work, uv_after_work_cb after, const char *failure)
+{
+    job->work.data = job;
+    job->working = true;
+    if (uv_queue_work(job->jobs->loop, &job->work, work, after) < 0) {
+        job->working = false;
+        job_fail(job, 500, failure, NULL, NULL, NULL);
+    }
+}
+
+/* ---- generation: events ---- */
+
+static kvd_oai_usage job_usage(const kvd_job *job)
+{
+    kvd_oai_usage u = {job->prompt_tokens, job_completion_tokens(job), job->cached_tokens};
+    return u;
+}
+
+/* Queues SSE bytes; a write refused for backpressure closes the connection, and
+ * on_abort follows and cancels the engine request. */
+static void stream_write(kvd_job *job, kvd_sbuf *sse)
+{
+    if (job->req && !sse->failed && sse->len)
+        kvd_http_stream_write(job->req, sse->data, sse->len);
+    kvd_sbuf_reset(sse);
+}
+
+static void respond_whole(kvd_job *job)
+{
+    kvd_oai_usage usage = job_usage(job);
+    kvd_oai_choice *outs = malloc((size_t)job->num_choices * sizeof *outs);
+    if (!outs) {
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    for (int i = 0; i < job->num_choices; i++) {
+        outs[i] = job->choices[i].out;
+        kvd_oai_choice_init(&job->choices[i].out);
+    }
+    size_t len = 0;
+    char *body = kvd_oai_whole_body(&job->resp, outs, job->num_choices, &usage, &len);
+    for (int i = 0; i < job->num_choices; i++)
+        kvd_oai_choice_deinit(&outs[i]);
+    free(outs);
+    if (!body) {
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    job_answer(job, "application/json", body, len);
+    free(body);
+}
+
+static void job_complete(kvd_job *job)
+{
+    kvd_jobs *jobs = job->jobs;
+    uint64_t now = uv_hrtime();
+    if (!job->aborted)
+        kvd_histogram_observe(&jobs->metrics->e2e_request_latency, (double)(now - job->arrival_ns) / 1e9, 1);
+    if (!job->req) {
+        job_log(job);
+        job_free(job);
+    } else if (job->oai.stream) {
+        kvd_sbuf sse = {0};
+        kvd_oai_usage usage = job_usage(job);
+        kvd_oai_sse_end(&job->resp, &usage, &sse);
+        stream_write(job, &sse);
+        kvd_sbuf_deinit(&sse);
+        kvd_http_request *req = job_take_request(job, job->status);
+        kvd_http_stream_end(req);
+        job_free(job);
+    } else if (job->failed) {
+        job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
+    } else {
+        respond_whole(job);
+    }
+}
+
+static size_t job_held_bytes(const kvd_job *job)
+{
+    size_t total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+/* Gives up on a whole response: frees what it holds and cancels the rest; the error
+ * is answered once the engine confirms every choice ended. */
+static void job_stop(kvd_job *job, int status, const char *message)
+{
+    job->failed = true;
+    job->fail_status = status;
+    snprintf(job->error, sizeof job->error, "%s", message);
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_oai_choice_init(&job->choices[i].out);
+    }
+    if (job->engine_id && job->jobs->model.engine)
+        kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
+}
+
+static void handle_event(kvd_job *job, const kvd_event *ev)
+{
+    kvd_jobs *jobs = job->jobs;
+    if (ev->choice < 0 || ev->choice >= job->num_choices)
+        return;
+    job_choice *ch = &job->choices[ev->choice];
+    if (ch->done)
+        return;
+    uint64_t now = uv_hrtime();
+    job->prompt_tokens = ev->prompt_tokens;
+    job->cached_tokens = ev->cached_tokens;
+    if (ev->num_tokens > 0) {
+        if (!job->first_token_ns) {
+            job->first_token_ns = now;
+            if (!job->aborted)
+                kvd_histogram_observe(&jobs->metrics->time_to_first_token, (double)(now - job->arrival_ns) / 1e9, 1);
+        } else if (ch->last_token_ns && !job->aborted) {
+            kvd_histogram_observe(&jobs->metrics->time_per_output_token,
+                                  (double)(now - ch->last_token_ns) / 1e9 / ev->num_tokens, (uint64_t)ev->num_tokens);
+        }
+        ch->last_token_ns = now;
+    }
+    ch->completion_tokens = ev->completion_tokens;
+    if (job->req && job->oai.stream) {
+        kvd_sbuf sse = {0};
+        kvd_oai_sse_event(&job->resp, &ch->text_offset, ev, &sse);
+        stream_write(job, &sse);
+        kvd_sbuf_deinit(&sse);
+    } else if (job->req && !job->failed) {
+        if (kvd_oai_choice_add(&job->resp, &ch->out, ev) != 0) {
+            job_stop(job, 500, "out of memory");
+        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
+                     "\"stream\": true",
+                     jobs->max_response_bytes);
+            job_stop(job, 400, msg);
+        }
+    }
+    if (ev->finish != KVD_FINISH_NONE) {
+        ch->done = true;
+        ch->out.finish = ev->finish;
+        if (job->failed) /* job_stop freed the buffers; nothing more is kept */
+            kvd_oai_choice_deinit(&ch->out);
+        job->num_done++;
+        jobs->metrics->finished[ev->finish]++;
+        if (ev->finish == KVD_FINISH_ERROR && !job->failed) {
+            job->failed = true;
+            job->fail_status = 500;
+            snprintf(job->error, sizeof job->error, "%s", ev->error[0] ? ev->error : "generation failed");
+        }
+    }
+    if (job->num_done == job->num_choices)
+        job_complete(job);
+}
+
+void kvd_jobs_on_events(kvd_jobs *jobs, kvd_event *events)
+{
+    for (kvd_event *ev = events; ev; ev = ev->next) {
+        kvd_job *job = kvd_job_map_get(&jobs->map, ev->request_id);
+        if (job)
+            handle_event(job, ev);
+    }
+    kvd_event_free(events);
+}
+
+/* ---- generation: submission ---- */
+
+/* echo (completions): every choice's text starts with the prompt's, as vLLM does: the
+ * prompt as sent, or its ids decoded. Streams get it as each choice's first chunk. */
+static void job_echo_prompt(kvd_job *job)
+{
+    size_t len = job->oai.prompt_len;
+    char *decoded = NULL;
+    const char *text = job->oai.prompt_text;
+    if (!text) {
+        decoded = kvd_tokenizer_decode(job->jobs->model.tok, job->prompt, (size_t)job->num_prompt, false, &len, NULL);
+        text = decoded ? decoded : "";
+        len = decoded ? len : 0;
+    }
+    kvd_sbuf sse = {0};
+    for (int i = 0; i < job->num_choices; i++) {
+        if (job->oai.stream) {
+            kvd_event ev = {.choice = i, .text = (char *)text, .text_len = len, .prompt_tokens = job->num_prompt};
+            kvd_oai_sse_event(&job->resp, &job->choices[i].text_offset, &ev, &sse);
+        } else {
+            kvd_sbuf_append(&job->choices[i].out.text, text, len);
+        }
+    }
+    stream_write(job, &sse);
+    kvd_sbuf_deinit(&sse);
+    free(decoded);
+}
+
+static void job_submit(kvd_job *job)
+{
+    kvd_jobs *jobs = job->jobs;
+    kvd_engine *engine = jobs->model.engine;
+    if (job->num_prompt == 0) {
+        job_fail(job, 400, "prompt: must not be empty", "prompt", NULL, NULL);
+        return;
+    }
+    if (!job->oai.seed_given)
+        job->oai.params.sampling.seed = kvd_jobs_random(jobs);
+    job->num_choices = job->oai.params.n;
+    job->choices = calloc((size_t)job->num_choices, sizeof *job->choices);
+    if (!job->choices) {
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    job->prompt_tokens = job->num_prompt;
+    kvd_error err = {0};
+    int64_t id = kvd_engine_submit(engine, job->prompt, job->num_prompt, &job->oai.params, &err);
+    if (id <= 0) {
+        const char *msg = err.msg[0] ? err.msg : kvd_strerror((int)id);
+        switch ((int)id) {
+        case KVD_ETOOLONG: {
+            char text[640];
+            snprintf(text, sizeof text, "the prompt of %d tokens does not fit: %s", job->num_prompt, msg);
+            job_fail(job, 400, text, job->kind == KVD_JOB_CHAT ? "messages" : "prompt", "context_length_exceeded",
+                     NULL);
+            break;
+        }
+        case KVD_EBUSY:
+            job_fail(job, 429, "the waiting queue is full; retry later", NULL, "queue_full", "Retry-After: 1\r\n");
+            break;
+        case KVD_EINVAL:
+            job_fail(job, 400, msg, NULL, NULL, NULL);
+            break;
+        default:
+            job_fail(job, 500, msg, NULL, NULL, NULL);
+            break;
+        }
+        return;
+    }
+    job->engine_id = (uint64_t)id;
+    if (kvd_job_map_put(&jobs->map, job->engine_id, job) != 0) {
+        kvd_engine_cancel(engine, job->engine_id);
+        job->engine_id = 0;
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    if (job->oai.stream) {
+        /* Headers (and the chat role chunk) go out now, so the client's time to
+         * first token measures the model, not our buffering. */
+        kvd_http_stream_begin(job->req, 200, "text/event-stream; charset=utf-8", "X-Accel-Buffering: no\r\n");
+        if (job->kind == KVD_JOB_CHAT) {
+            kvd_sbuf sse = {0};
+            for (int i = 0; i < job->num_choices; i++)
+                kvd_oai_sse_role(&job->resp, i, &sse);
+            stream_write(job, &sse);
+            kvd_sbuf_deinit(&sse);
+        }
+    }
+    if (job->oai.echo)
+        job_echo_prompt(job);
+}
+
+/* ---- tokenization on a worker ---- */
+
+static void tokenize_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    const kvd_tokenizer *tok = job->jobs->model.tok;
+    if (job->oai.prompt_text) {
+        job->work_rc = kvd_tokenizer_encode(tok, job->oai.prompt_text, job->oai.prompt_len, true, &job->prompt);
+        if (job->work_rc < 0)
+            kvd_error_set(&job->work_err, job->work_rc, "prompt: tokenization failed");
+    } else {
+        job->work_rc = kvd_chat_encode(&job->oai.chat, tok, &job->prompt, &job->work_err);
+    }
+    job->num_prompt = job->work_rc > 0 ? job->work_rc : 0;
+    if (job->kind != KVD_JOB_TOKENIZE || job->work_rc < 0)
+        return;
+    /* The /tokenize answer grows with the prompt (megabytes for a 4 MiB body). */
+    kvd_sbuf out = {0};
+    kvd_sbuf_reserve(&out, (size_t)job->num_prompt * 8 + 64);
+    kvd_sbuf_puts(&out, "{\"tokens\":[");
+    for (int i = 0; i < job->num_prompt; i++)
+        kvd_sbuf_printf(&out, i ? ",%d" : "%d", (int)job->prompt[i]);
+    kvd_sbuf_printf(&out, "],\"count\":%d,\"max_model_len\":%d}", job->num_prompt,
+                    job->jobs->model.info.max_model_len);
+    job->answer = kvd_sbuf_take(&out, &job->answer_len);
+    if (!job->answer)
+        job->work_rc = kvd_error_set(&job->work_err, KVD_ENOMEM, "out of memory");
+}
+
+static void after_tokenize(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
+        return;
+    if (job->work_rc < 0) {
+        job_fail(job, 500, job->work_err.msg[0] ? job->work_err.msg : "tokenization failed", NULL, NULL, NULL);
+        return;
+    }
+    if (job->kind == KVD_JOB_TOKENIZE) {
+        job->prompt_tokens = job->num_prompt;
+        job_answer(job, "application/json", job->answer, job->answer_len);
+    } else {
+        job_submit(job);
+    }
+}
+
+static void job_start_tokenizing(kvd_job *job)
+{
+    job_start_work(job, tokenize_work, after_tokenize, "cannot queue tokenization");
+}
+
+/* ---- starting jobs ---- */
+
+/* A whole response is held in memory until its last choice ends, so its size is
+ * bounded: requests whose answer would be larger than max_response_bytes are refused
+ * before any work, counting KVD_LOGPROB_ENTRY_BYTES per logprob entry (the sampled
+ * token and each alternative, of every token of every choice; a chat entry prints
+ * as 60-90 bytes) or one byte per token without logprobs, and one that outgrows the
+ * bound anyway is stopped when it does (handle_event). Streams are bounded by the
+ * connection's write queue instead. */
+#define KVD_LOGPROB_ENTRY_BYTES 64
+
+static bool refuse_large_response(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes;
+    const kvd_request_params *p = &job->oai.params;
+    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * KVD_LOGPROB_ENTRY_BYTES : 1;
+    uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
+    if (!limit || estimate <= limit)
+        return false;
+    char msg[400];
+    snprintf(msg, sizeof msg,
+             "the response would hold about %" PRIu64 " bytes (n %d x max_tokens %d x %" PRIu64
+             " bytes per token%s), above max_response_bytes %" PRIu64
+             "; lower n, max_tokens or top_logprobs, or set \"stream\": true",
+             estimate, p->n, p->max_tokens, per_token, job->oai.logprobs ? " with logprobs" : "", limit);
+    job_fail(job, 400, msg, job->oai.logprobs ? "top_logprobs" : "max_tokens", "response_too_large", NULL);
+    return true;
+}
+
+void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
+{
+    kvd_job *job = job_create(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
+    if (!job) {
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    char param[128];
+    kvd_error err = {0};
+    int rc = kvd_oai_parse(&job->oai, route, body, &jobs->model.defaults, &jobs->model.info, param, sizeof param,
+                           &err);
+    if (rc) {
+        /* The log says which field was refused (unsupported ones included). */
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
+        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+        return;
+    }
+    if (!job->oai.stream && refuse_large_response(job))
+        return;
+    job->resp = (kvd_oai_response){
+        .id = job->id,
+        .created = (long long)time(NULL),
+        .model = jobs->model_name,
+        .chat = route == KVD_OAI_CHAT,
+        .logprobs = job->oai.logprobs,
+        .top_logprobs = job->oai.top_logprobs,
+        .tokens_as_ids = job->oai.tokens_as_ids,
+        .include_usage = job->oai.include_usage,
+        .continuous_usage = job->oai.continuous_usage,
+        .tok = jobs->model.tok,
+    };
+    if (job->oai.prompt_ids) {
+        job->prompt = job->oai.prompt_ids;
+        job->num_prompt = job->oai.num_prompt_ids;
+        job->oai.prompt_ids = NULL;
+        job_submit(job);
+        return;
+    }
+    job_start_tokenizing(job);
+}
+
+void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
+{
+    kvd_job *job = job_create(jobs, req, KVD_JOB_TOKENIZE);
+    if (!job) {
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    char param[128];
+    kvd_error err = {0};
+    int rc = kvd_oai_parse_tokenize(&job->oai, body, param, sizeof param, &err);
+    if (rc) {
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
+        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+        return;
+    }
+    job_start_tokenizing(job);
+}
+
+static void detokenize_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    size_t len = 0;
+    char *text = kvd_tokenizer_decode(job->jobs->model.tok, job->prompt, (size_t)job->num_prompt, false, &len,
+                                      &job->work_err);
+    if (!text) {
+        job->work_rc = job->work_err.code ? job->work_err.code : KVD_EINVAL;
+        return;
+    }
+    kvd_sbuf out = {0};
+    kvd_sbuf_reserve(&out, len + 32);
+    kvd_sbuf_puts(&out, "{\"prompt\":");
+    kvd_json_append_string(&out, text, len);
+    kvd_sbuf_puts(&out, "}");
+    free(text);
+    job->answer = kvd_sbuf_take(&out, &job->answer_len);
+    job->work_rc = job->answer ? 0 : kvd_error_set(&job->work_err, KVD_ENOMEM, "out of memory");
+}
+
+static void after_detokenize(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
+        return;
+    if (job->work_rc == KVD_ENOMEM)
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    else if (job->work_rc < 0)
+        job_fail(job, 400, job->work_err.msg[0] ? job->work_err.msg : "tokens: cannot decode", "tokens", NULL, NULL);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
+}
+
+void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
+{
+    kvd_job *job = job_create(jobs, req, KVD_JOB_DETOKENIZE);
+    if (!job) {
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    char param[128];
+    kvd_error err = {0};
+    int rc = kvd_oai_parse_detokenize(body, &jobs->model.info, &job->prompt, &job->num_prompt, param, sizeof param,
+                                      &err);
+    if (rc) {
+        kvd_log(jobs->log, KVD_LOG_WARN, "refused %s: %s", job_paths[job->kind], err.msg);
+        job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err.msg, param, NULL, NULL);
+        return;
+    }
+    job_start_work(job, detokenize_work, after_detokenize, "cannot queue detokenization");
+}
+
+/* Runs on a libuv worker: the snapshot waits for the engine's running step (tens of
+ * milliseconds on a big model), which on the loop would stall every other connection,
+ * and the document grows with the pool. */
+static void kv_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    kvd_kv_snapshot snap;
+    job->work_rc = kvd_engine_kv_snapshot(job->jobs->model.engine, &snap);
+    cJSON *root = job->work_rc == 0 ? kvd_web_kv_json(&snap) : NULL;
+    kvd_kv_snapshot_deinit(&snap);
+    job->answer = root ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    job->answer_len = job->answer ? strlen(job->answer) : 0;
+}
+
+static void after_kv(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
+        return;
+    if (!job->answer)
+        job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+    else
+        job_answer(job, "application/json", job->answer, job->answer_len);
+}
+
+void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)
+{
+    kvd_job *job = job_create(jobs, req, KVD_JOB_KV);
+    if (!job) {
+        kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
+        return;
+    }
+    job_start_work(job, kv_work, after_kv, "cannot queue the KV snapshot");
+}
+
+/* ---- abort and cancel ---- */
+
+void kvd_jobs_on_abort(kvd_jobs *jobs, kvd_http_request *req)
+{
+    kvd_job *job = kvd_http_user(req);
+    if (!job)
+        return;
+    job->req = NULL;
+    job->aborted = true;
+    job->status = 499; /* nginx's "client closed request": logged, never sent */
+    if (job->engine_id && jobs->model.engine)
+        kvd_engine_cancel(jobs->model.engine, job->engine_id);
+    /* A job on a worker (tokenizing, KV snapshot) is freed by its after-callback; a
+     * submitted one when the engine reports every choice finished or cancelled. */
+}
+
+void kvd_jobs_cancel_all(kvd_jobs *jobs)
+{
+    for (kvd_job *job = jobs->live; job; job = job->next)
+        if (job->engine_id && jobs->model.engine)
+            kvd_engine_cancel(jobs->model.engine, job->engine_id);
+}

@@ -1,0 +1,90 @@
+/* oai_response.h - OpenAI response bodies: whole responses, stream chunks, logprobs in
+ * both of OpenAI's shapes, usage, and the one error shape every route answers with.
+ *
+ * Nothing here knows about connections or jobs: it turns engine events into bytes.
+ * A whole (non-streamed) response is kept as JSON text per choice while it grows, one
+ * event's worth at a time, so the loop thread never builds a document tree of the
+ * whole answer and the memory a response holds is what it will send
+ * (kvd_oai_choice_bytes); kvd_oai_whole_body only concatenates. Streamed responses
+ * are one SSE event per engine event. Error bodies are
+ *   {"error": {"message", "type", "param", "code"}}
+ * with type derived from the status, param and code strings or null. Loop thread.
+ */
+#ifndef KVD_SERVER_OAI_RESPONSE_H
+#define KVD_SERVER_OAI_RESPONSE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
+#include "kvd/kvd_buf.h"
+#include "kvd/kvd_engine.h"
+#include "kvd/kvd_tokenizer.h"
+
+/* What every part of one response shares. */
+typedef struct kvd_oai_response {
+    const char *id;            /* "chatcmpl-..." / "cmpl-..." */
+    long long created;         /* unix seconds */
+    const char *model;         /* the served model name */
+    bool chat;                 /* chat.completion(.chunk) vs text_completion */
+    bool logprobs;             /* report logprobs of sampled tokens */
+    int top_logprobs;          /* alternatives per token */
+    bool tokens_as_ids;        /* logprob tokens as "token_id:N" */
+    bool include_usage;        /* streams: a usage chunk before [DONE] */
+    bool continuous_usage;     /* streams: usage (the choice's tokens so far) in every chunk too */
+    const kvd_tokenizer *tok;  /* token texts for logprobs */
+} kvd_oai_response;
+
+typedef struct kvd_oai_usage {
+    int prompt_tokens;
+    int completion_tokens;
+    int cached_tokens;
+} kvd_oai_usage;
+
+/* One choice of a whole response, as JSON text fragments. */
+typedef struct kvd_oai_choice {
+    kvd_sbuf text;          /* the raw text so far */
+    kvd_sbuf lp_entries;    /* chat: content entries; completions: "tokens" items (comma-separated) */
+    kvd_sbuf lp_values;     /* completions: token_logprobs items */
+    kvd_sbuf lp_top;        /* completions: top_logprobs items */
+    kvd_sbuf lp_offsets;    /* completions: text_offset items */
+    size_t text_offset;     /* completions: text_offset of the next token */
+    kvd_finish_reason finish;
+} kvd_oai_choice;
+
+void kvd_oai_choice_init(kvd_oai_choice *ch);
+void kvd_oai_choice_deinit(kvd_oai_choice *ch);
+/* Appends one event's text (and logprobs when asked for). Returns 0 or KVD_ENOMEM. */
+int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_event *ev);
+/* Bytes the choice holds (what it adds to the body). */
+size_t kvd_oai_choice_bytes(const kvd_oai_choice *ch);
+
+/* The whole chat.completion / text_completion body (malloc'ed, *len bytes), or NULL
+ * when out of memory. Empties the choices' buffers as it goes, so the peak is about
+ * one body, not two. */
+char *kvd_oai_whole_body(const kvd_oai_response *r, kvd_oai_choice *choices, int num_choices,
+                         const kvd_oai_usage *usage, size_t *len);
+
+/* SSE events ("data: {...}\n\n") appended to out; each returns 0 or KVD_ENOMEM. */
+int kvd_oai_sse_role(const kvd_oai_response *r, int index, kvd_sbuf *out);
+/* The event's text/logprobs chunk (if any), then its finish chunk or error event.
+ * text_offset: the choice's completions text_offset, advanced. */
+int kvd_oai_sse_event(const kvd_oai_response *r, size_t *text_offset, const kvd_event *ev, kvd_sbuf *out);
+/* include_usage's last chunk (nothing otherwise) and "data: [DONE]". */
+int kvd_oai_sse_end(const kvd_oai_response *r, const kvd_oai_usage *usage, kvd_sbuf *out);
+
+/* The error object (a new cJSON the caller deletes; NULL when out of memory). */
+cJSON *kvd_oai_error_object(int status, const char *message, const char *param, const char *code);
+/* The same as text (malloc'ed), or NULL when out of memory. */
+char *kvd_oai_error_body(int status, const char *message, const char *param, const char *code, size_t *len);
+/* OpenAI's error.type for an HTTP status. */
+const char *kvd_oai_error_type(int status);
+
+/* Appends s[0..len) as a JSON string (quotes included), byte sequences that are not
+ * UTF-8 and NUL bytes replaced by U+FFFD, escaped as cJSON escapes. */
+int kvd_json_append_string(kvd_sbuf *out, const char *s, size_t len);
+/* A cJSON string of s[0..len) repaired the same way (NULL when out of memory). */
+cJSON *kvd_json_sanitized_string(const char *s, size_t len);
+
+#endif
