@@ -65,6 +65,9 @@ kvd_grammar *kvd_grammar_compile_choice(const kvd_grammar_vocab *v, const char *
 kvd_grammar *kvd_grammar_compile_gbnf(const kvd_grammar_vocab *v, const char *text, size_t len,
                                       kvd_error *err);
 
+/* The mask width in ids (the vocabulary's num_ids). */
+int kvd_grammar_num_ids(const kvd_grammar *g);
+
 /* Reference counting (atomic): compile returns one reference. */
 kvd_grammar *kvd_grammar_retain(kvd_grammar *g);
 void kvd_grammar_release(kvd_grammar *g);

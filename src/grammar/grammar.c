@@ -460,3 +460,5 @@ void kvd_grammar_release(kvd_grammar *g)
     free(g->rule_lexical);
     free(g);
 }
+
+int kvd_grammar_num_ids(const kvd_grammar *g) { return g->vocab->num_ids; }
