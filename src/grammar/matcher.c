@@ -41,7 +41,26 @@ typedef struct gr_space {
     size_t slot_cap;
     uint32_t gen;
     bool oom;
+    /* Leaf sets hash-consed too (sorted ids in pool), and advance() memoised on
+     * (set, byte): the vocabulary walk meets the same sets over and over (every byte
+     * of a string body leaves the same set), so most of its steps are one lookup. */
+    struct gr_setrec *recs;
+    size_t num_recs, cap_recs;
+    uint32_t *pool;
+    size_t pool_n, pool_cap;
+    uint32_t *rec_slots; /* id + 1 */
+    size_t rec_slot_cap;
+    uint64_t *memo_keys; /* (set << 8 | byte) + 1; 0 = empty */
+    uint32_t *memo_vals;
+    size_t memo_n, memo_cap;
+    struct gr_set *scratch; /* two sets for advance_id */
 } gr_space;
+
+typedef struct gr_setrec {
+    uint64_t hash;
+    uint32_t off, n;
+    bool accept, ctx;
+} gr_setrec;
 
 /* A set of leaves plus whether the text may end here (accept) or the key's frames
  * ended here (ctx, only in cache walks). */
@@ -134,11 +153,23 @@ static int space_init(gr_space *sp, const kvd_grammar *g)
     return 0;
 }
 
+static void set_free(struct gr_set *s);
+
 static void space_deinit(gr_space *sp)
 {
     free(sp->nodes);
     free(sp->mark);
     free(sp->slots);
+    free(sp->recs);
+    free(sp->pool);
+    free(sp->rec_slots);
+    free(sp->memo_keys);
+    free(sp->memo_vals);
+    if (sp->scratch) {
+        set_free(&sp->scratch[0]);
+        set_free(&sp->scratch[1]);
+        free(sp->scratch);
+    }
     memset(sp, 0, sizeof *sp);
 }
 
@@ -267,7 +298,12 @@ static void expand(gr_space *sp, uint32_t id, gr_set *out, int depth)
         break;
     case EL_RULE:
         if (nd.state < e->max) {
-            uint32_t ret = intern(sp, nd.el, count_next(e, nd.state), nd.parent);
+            uint64_t next = count_next(e, nd.state);
+            /* a last call returns straight to the caller's caller (right recursion as in
+             * GBNF's `list ::= item list | ""` then keeps the stack flat) */
+            uint32_t ret = e->max != GR_INF && next >= e->max && g->el[nd.el + 1].kind == EL_END
+                               ? nd.parent
+                               : intern(sp, nd.el, next, nd.parent);
             if (ret != UINT32_MAX) push_rule(sp, e->ref, ret, out, depth);
         }
         break;
@@ -319,6 +355,131 @@ static void advance(gr_space *sp, const gr_set *in, unsigned byte, gr_set *out)
         uint32_t c = intern(sp, nd.el, count_next(e, nd.state), nd.parent);
         if (c != UINT32_MAX) expand(sp, c, out, 0);
     }
+}
+
+/* --- interned sets ------------------------------------------------------------------ */
+
+static int u32_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static bool grow_to(gr_space *sp, void **p, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap) return true;
+    size_t n = *cap ? *cap : 64;
+    while (n < need) n *= 2;
+    void *q = realloc(*p, n * size);
+    if (!q) {
+        sp->oom = true;
+        return false;
+    }
+    *p = q;
+    *cap = n;
+    return true;
+}
+
+/* The id of set s (its ids get sorted); UINT32_MAX when out of memory. */
+static uint32_t set_intern(gr_space *sp, gr_set *s)
+{
+    qsort(s->ids, s->n, sizeof *s->ids, u32_cmp);
+    uint64_t h = mix(s->n * 4 + s->accept * 2 + s->ctx);
+    for (size_t i = 0; i < s->n; i++) h = mix(h ^ s->ids[i]);
+    if (sp->rec_slot_cap) {
+        for (size_t j = h & (sp->rec_slot_cap - 1); sp->rec_slots[j]; j = (j + 1) & (sp->rec_slot_cap - 1)) {
+            const gr_setrec *r = &sp->recs[sp->rec_slots[j] - 1];
+            if (r->hash == h && r->n == s->n && r->accept == s->accept && r->ctx == s->ctx &&
+                !memcmp(sp->pool + r->off, s->ids, s->n * sizeof *s->ids))
+                return sp->rec_slots[j] - 1;
+        }
+    }
+    if (!grow_to(sp, (void **)&sp->recs, &sp->cap_recs, sp->num_recs + 1, sizeof *sp->recs) ||
+        !grow_to(sp, (void **)&sp->pool, &sp->pool_cap, sp->pool_n + s->n, sizeof *sp->pool))
+        return UINT32_MAX;
+    if ((sp->num_recs + 1) * 2 > sp->rec_slot_cap) {
+        size_t cap = sp->rec_slot_cap ? sp->rec_slot_cap * 2 : 256;
+        uint32_t *t = calloc(cap, sizeof *t);
+        if (!t) {
+            sp->oom = true;
+            return UINT32_MAX;
+        }
+        for (size_t k = 0; k < sp->num_recs; k++) {
+            size_t j = sp->recs[k].hash & (cap - 1);
+            while (t[j]) j = (j + 1) & (cap - 1);
+            t[j] = (uint32_t)k + 1;
+        }
+        free(sp->rec_slots);
+        sp->rec_slots = t;
+        sp->rec_slot_cap = cap;
+    }
+    uint32_t id = (uint32_t)sp->num_recs++;
+    sp->recs[id] = (gr_setrec){.hash = h, .off = (uint32_t)sp->pool_n, .n = (uint32_t)s->n, .accept = s->accept, .ctx = s->ctx};
+    memcpy(sp->pool + sp->pool_n, s->ids, s->n * sizeof *s->ids);
+    sp->pool_n += s->n;
+    size_t j = h & (sp->rec_slot_cap - 1);
+    while (sp->rec_slots[j]) j = (j + 1) & (sp->rec_slot_cap - 1);
+    sp->rec_slots[j] = id + 1;
+    return id;
+}
+
+static bool rec_live(const gr_space *sp, uint32_t id)
+{
+    const gr_setrec *r = &sp->recs[id];
+    return r->n > 0 || r->accept || r->ctx;
+}
+
+/* advance() on interned sets, memoised. UINT32_MAX when out of memory. */
+static uint32_t advance_id(gr_space *sp, uint32_t sid, unsigned byte)
+{
+    uint64_t key = ((uint64_t)sid << 8 | byte) + 1;
+    if (sp->memo_cap) {
+        for (size_t j = mix(key) & (sp->memo_cap - 1); sp->memo_keys[j]; j = (j + 1) & (sp->memo_cap - 1))
+            if (sp->memo_keys[j] == key) return sp->memo_vals[j];
+    }
+    if (!sp->scratch) {
+        sp->scratch = calloc(2, sizeof *sp->scratch);
+        if (!sp->scratch) {
+            sp->oom = true;
+            return UINT32_MAX;
+        }
+    }
+    gr_set *in = &sp->scratch[0], *out = &sp->scratch[1];
+    const gr_setrec *r = &sp->recs[sid];
+    set_clear(in);
+    for (uint32_t k = 0; k < r->n; k++) set_add(sp, in, sp->pool[r->off + k]);
+    advance(sp, in, byte, out);
+    uint32_t res = sp->oom ? UINT32_MAX : set_intern(sp, out);
+    if (res == UINT32_MAX) return res;
+    if ((sp->memo_n + 1) * 2 > sp->memo_cap) {
+        size_t cap = sp->memo_cap ? sp->memo_cap * 2 : 1024;
+        uint64_t *k2 = calloc(cap, sizeof *k2);
+        uint32_t *v2 = malloc(cap * sizeof *v2);
+        if (!k2 || !v2) {
+            free(k2);
+            free(v2);
+            sp->oom = true;
+            return UINT32_MAX;
+        }
+        for (size_t i = 0; i < sp->memo_cap; i++) {
+            if (!sp->memo_keys[i]) continue;
+            size_t j = mix(sp->memo_keys[i]) & (cap - 1);
+            while (k2[j]) j = (j + 1) & (cap - 1);
+            k2[j] = sp->memo_keys[i];
+            v2[j] = sp->memo_vals[i];
+        }
+        free(sp->memo_keys);
+        free(sp->memo_vals);
+        sp->memo_keys = k2;
+        sp->memo_vals = v2;
+        sp->memo_cap = cap;
+    }
+    size_t j = mix(key) & (sp->memo_cap - 1);
+    while (sp->memo_keys[j]) j = (j + 1) & (sp->memo_cap - 1);
+    sp->memo_keys[j] = key;
+    sp->memo_vals[j] = res;
+    sp->memo_n++;
+    return res;
 }
 
 /* --- the mask cache -------------------------------------------------------------- */
@@ -425,15 +586,21 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
     uint32_t parent = NODE_CTX;
     for (uint32_t i = len; i-- > 0;) parent = intern(sp, els[i], sts[i], parent);
     int maxd = v->max_token_len + 1;
-    gr_set *sets = calloc((size_t)maxd + 1, sizeof *sets);
+    uint32_t *sets = malloc(((size_t)maxd + 1) * sizeof *sets); /* interned set at each depth */
     uint8_t *accepted = calloc((size_t)v->num_ids, 1);
     vec acc = {.size = sizeof(uint32_t)}, pairs = {.size = sizeof(rem_pair)};
     if (!sets || !accepted || parent == UINT32_MAX) goto fail;
-    set_add(sp, &sets[0], parent);
+    {
+        gr_set s0 = {0};
+        set_add(sp, &s0, parent);
+        sets[0] = set_intern(sp, &s0);
+        set_free(&s0);
+        if (sets[0] == UINT32_MAX) goto fail;
+    }
     for (size_t i = 1; i < v->num_nodes;) {
         int d = v->node_depth[i];
-        gr_set *prev = &sets[d - 1], *cur = &sets[d];
-        if (prev->ctx) { /* the key ended before this byte: the rest is the context's */
+        uint32_t prev = sets[d - 1];
+        if (sp->recs[prev].ctx) { /* the key ended before this byte: the rest is the context's */
             for (size_t j = i; j < v->node_end[i]; j++)
                 for (int32_t t = v->node_token[j]; t >= 0; t = v->same_next[t]) {
                     rem_pair *p = vec_push(&pairs);
@@ -442,8 +609,10 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
                                         (uint32_t)t};
                 }
         }
-        advance(sp, prev, v->node_byte[i], cur);
-        if (!set_live(cur)) {
+        uint32_t cur = advance_id(sp, prev, v->node_byte[i]);
+        if (cur == UINT32_MAX) goto fail;
+        sets[d] = cur;
+        if (!rec_live(sp, cur)) {
             i = v->node_end[i];
             continue;
         }
@@ -512,15 +681,12 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
                 c->num_accepted, c->num_rem, sp->n);
     }
     free(pairs.p);
-    for (int d = 0; d <= maxd; d++) set_free(&sets[d]);
     free(sets);
     free(accepted);
     return c;
 fail:
     free(acc.p);
     free(pairs.p);
-    if (sets)
-        for (int d = 0; d <= maxd; d++) set_free(&sets[d]);
     free(sets);
     free(accepted);
     gr_ci_free(c);
@@ -594,7 +760,15 @@ static bool ser_chain(const kvd_grammar *g, const uint32_t *els, const uint64_t 
     uint32_t rules[256], nrules = 0;
     for (uint32_t i = 0; i < len && !b->bad; i++) {
         sput(b, &canon[i], sizeof canon[i]);
-        ser_elems(g, b, els[i], rules, &nrules);
+        const gr_elem *e = &g->el[els[i]];
+        /* a frame above the leaf whose element ran out of repeats can only move on: the
+         * rule it called does not matter (the complement tries of object keys nest many) */
+        if (i > 0 && e->kind == EL_RULE && canon[i] >= e->max) {
+            uint8_t done = 0xEE;
+            sput(b, &done, 1);
+            ser_elems(g, b, els[i] + 1, rules, &nrules);
+        } else
+            ser_elems(g, b, els[i], rules, &nrules);
     }
     for (uint32_t k = 0; k < nrules && !b->bad; k++) {
         uint32_t r = rules[k];
