@@ -74,6 +74,14 @@ static void load_model(uv_work_t *work)
         d->load_rc = d->load_err.code ? d->load_err.code : KVD_EINVAL;
         return;
     }
+    /* Every token's bytes, for structured output's masks (as wide as a logits row). */
+    kvd_grammar_vocab *gv = kvd_grammar_vocab_create(d->tok, d->model->config.vocab_size, &d->load_err);
+    d->grammars = gv ? kvd_grammar_cache_create(gv, 64, &d->load_err) : NULL;
+    if (!d->grammars) {
+        kvd_grammar_vocab_destroy(gv);
+        d->load_rc = d->load_err.code ? d->load_err.code : KVD_ENOMEM;
+        return;
+    }
     /* Parsing tokenizer.json and config leaves tens of MiB of freed heap behind;
      * hand it back so the resident set is weights + KV pool + a small overhead. */
     malloc_trim(0);
@@ -128,6 +136,7 @@ static void after_load(uv_work_t *work, int status)
     kvd_served_model *m = &d->jobs.model;
     m->engine = d->engine;
     m->tok = d->tok;
+    m->grammars = d->grammars;
     m->defaults = kvd_request_params_default(d->model);
     int tok_vocab = kvd_tokenizer_vocab_size(d->tok);
     int model_vocab = d->model->config.vocab_size;
@@ -288,6 +297,8 @@ void kvd_daemon_deinit(kvd_daemon *d)
     uv_run(d->loop, UV_RUN_DEFAULT);
     kvd_http_server_destroy(d->http);
     d->http = NULL;
+    kvd_grammar_cache_destroy(d->grammars);
+    d->grammars = NULL;
     kvd_model_destroy(d->model);
     kvd_tokenizer_destroy(d->tok);
     d->model = NULL;

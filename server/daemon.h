@@ -44,6 +44,7 @@ typedef struct kvd_daemon {
     kvd_model *model;
     kvd_tokenizer *tok;
     kvd_engine *engine;
+    kvd_grammar_cache *grammars;   /* structured output: compiled grammars by source */
     kvd_error load_err;
     int load_rc;
 

@@ -56,6 +56,7 @@ struct kvd_job {
     bool working;            /* on a libuv worker; its after-callback frees the job */
     int work_rc;
     kvd_error work_err;
+    bool grammar_failed;     /* the structured-output source did not compile (a 400) */
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
     uint64_t engine_id;      /* 0 until submitted */
@@ -301,6 +302,7 @@ static void job_free(kvd_job *job)
     free(job->choices);
     free(job->prompt);
     free(job->answer);
+    kvd_grammar_release(job->oai.params.grammar); /* the engine holds its own reference */
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -658,6 +660,19 @@ static void tokenize_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
     const kvd_tokenizer *tok = job->jobs->model.tok;
+    if (job->oai.constrained) {
+        /* Compiling a schema can take milliseconds: here, never on the loop or in a step. */
+        job->oai.params.grammar = kvd_grammar_cache_get(job->jobs->model.grammars, job->oai.constraint_kind,
+                                                        job->oai.constraint_src, job->oai.constraint_len,
+                                                        &job->work_err);
+        if (!job->oai.params.grammar) {
+            job->grammar_failed = true;
+            job->work_rc = job->work_err.code ? job->work_err.code : KVD_EINVAL;
+            return;
+        }
+    }
+    if (job->prompt) /* the client sent ids: only the grammar needed a worker */
+        return;
     if (job->oai.prompt_text) {
         job->work_rc = kvd_tokenizer_encode(tok, job->oai.prompt_text, job->oai.prompt_len, true, &job->prompt);
         if (job->work_rc < 0)
@@ -686,6 +701,12 @@ static void after_tokenize(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
+    if (job->grammar_failed) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "%s: %s", job->oai.constraint_field, job->work_err.msg);
+        job_fail(job, job->work_rc == KVD_ENOMEM ? 500 : 400, msg, job->oai.constraint_field, NULL, NULL);
+        return;
+    }
     if (job->work_rc < 0) {
         job_fail(job, 500, job->work_err.msg[0] ? job->work_err.msg : "tokenization failed", NULL, NULL, NULL);
         return;
@@ -767,8 +788,10 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         job->prompt = job->oai.prompt_ids;
         job->num_prompt = job->oai.num_prompt_ids;
         job->oai.prompt_ids = NULL;
-        job_submit(job);
-        return;
+        if (!job->oai.constrained) {
+            job_submit(job);
+            return;
+        }
     }
     job_start_tokenizing(job);
 }

@@ -32,6 +32,7 @@ void kvd_oai_request_deinit(kvd_oai_request *r)
     free(r->logit_bias);
     free(r->prompt_text);
     free(r->prompt_ids);
+    free(r->constraint_src);
     kvd_chat_prompt_deinit(&r->chat);
     kvd_oai_request_init(r);
 }
@@ -283,6 +284,13 @@ static const known_field known_fields[] = {
     {"stream_options", ON_GENERATE, NULL},
     {"return_tokens_as_token_ids", ON_GENERATE, NULL},
     {"response_format", ON_GENERATE, NULL},
+    {"guided_json", ON_GENERATE, NULL},
+    {"guided_regex", ON_GENERATE, NULL},
+    {"guided_choice", ON_GENERATE, NULL},
+    {"guided_grammar", ON_GENERATE, NULL},
+    {"structured_outputs", ON_GENERATE, NULL},
+    {"json_schema", ON_GENERATE, NULL},
+    {"grammar", ON_GENERATE, NULL},
     {"user", ON_GENERATE, NULL},
     {"echo", ON_COMPLETIONS, NULL},
     {"echo", ON_CHAT, "echo is supported on /v1/completions only"},
@@ -333,12 +341,6 @@ static int check_plain_fields(parse_ctx *c)
         !(cJSON_IsNumber(best_of) && cJSON_IsNumber(field(c, "n")) &&
           best_of->valuedouble == field(c, "n")->valuedouble))
         return fail(c, "best_of", "best_of other than n is not supported");
-    const cJSON *format = field(c, "response_format");
-    if (format) {
-        const cJSON *type = cJSON_IsObject(format) ? cJSON_GetObjectItemCaseSensitive(format, "type") : NULL;
-        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0)
-            return fail(c, "response_format", "only {\"type\": \"text\"} is supported");
-    }
     const cJSON *model = field(c, "model");
     if (model && !cJSON_IsString(model))
         return fail(c, "model", "must be a string");
@@ -440,6 +442,136 @@ static int parse_sampling(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_
     return parse_logit_bias(c, r, info);
 }
 
+/* One structured-output source into r (a second one is an error: they cannot combine). */
+static int set_constraint(parse_ctx *c, kvd_oai_request *r, const char *name, kvd_grammar_kind kind, char *src,
+                          size_t len)
+{
+    if (!src && kind != KVD_GRAMMAR_JSON_OBJECT)
+        return kvd_error_set(c->err, KVD_ENOMEM, "out of memory");
+    if (r->constrained) {
+        free(src);
+        return fail(c, name, "only one of response_format, guided_json, guided_regex, guided_choice, guided_grammar, "
+                             "structured_outputs, json_schema and grammar may be given (%s is already)",
+                    r->constraint_field);
+    }
+    r->constrained = true;
+    r->constraint_kind = kind;
+    r->constraint_src = src;
+    r->constraint_len = len;
+    snprintf(r->constraint_field, sizeof r->constraint_field, "%s", name);
+    return 0;
+}
+
+static int constraint_schema(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *schema)
+{
+    if (cJSON_IsString(schema)) { /* vLLM takes the schema as JSON text too */
+        cJSON *parsed = cJSON_Parse(schema->valuestring);
+        if (!parsed)
+            return fail(c, name, "must be a JSON Schema (an object, or a string holding one)");
+        char *text = cJSON_PrintUnformatted(parsed);
+        cJSON_Delete(parsed);
+        return set_constraint(c, r, name, KVD_GRAMMAR_JSON_SCHEMA, text, text ? strlen(text) : 0);
+    }
+    if (!cJSON_IsObject(schema) && !cJSON_IsBool(schema))
+        return fail(c, name, "must be a JSON Schema (an object, or a string holding one)");
+    char *text = cJSON_PrintUnformatted(schema);
+    return set_constraint(c, r, name, KVD_GRAMMAR_JSON_SCHEMA, text, text ? strlen(text) : 0);
+}
+
+static int constraint_string(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *v, kvd_grammar_kind kind)
+{
+    if (!cJSON_IsString(v) || !v->valuestring[0])
+        return fail(c, name, "must be a non-empty string");
+    return set_constraint(c, r, name, kind, strdup(v->valuestring), strlen(v->valuestring));
+}
+
+static int constraint_choice(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *v)
+{
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) < 1)
+        return fail(c, name, "must be a non-empty array of strings");
+    size_t len = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v) {
+        if (!cJSON_IsString(x))
+            return fail(c, name, "must be a non-empty array of strings");
+        len += strlen(x->valuestring) + 1;
+    }
+    char *src = malloc(len + 1), *o = src;
+    if (src)
+        cJSON_ArrayForEach(x, v) {
+            size_t n = strlen(x->valuestring) + 1;
+            memcpy(o, x->valuestring, n);
+            o += n;
+        }
+    return set_constraint(c, r, name, KVD_GRAMMAR_CHOICE, src, len);
+}
+
+/* response_format (OpenAI), guided_* and structured_outputs (vLLM), json_schema and
+ * grammar (llama-server). */
+static int parse_constraint(parse_ctx *c, kvd_oai_request *r)
+{
+    int rc;
+    const cJSON *format = field(c, "response_format");
+    if (format) {
+        const cJSON *type = cJSON_IsObject(format) ? cJSON_GetObjectItemCaseSensitive(format, "type") : NULL;
+        if (!cJSON_IsString(type))
+            return fail(c, "response_format", "must be an object with a \"type\"");
+        if (!strcmp(type->valuestring, "json_schema")) {
+            const cJSON *js = cJSON_GetObjectItemCaseSensitive(format, "json_schema");
+            const cJSON *schema = cJSON_IsObject(js) ? cJSON_GetObjectItemCaseSensitive(js, "schema") : NULL;
+            if (!schema)
+                return fail(c, "response_format.json_schema.schema", "is required for type json_schema");
+            if ((rc = constraint_schema(c, r, "response_format.json_schema.schema", schema)))
+                return rc;
+        } else if (!strcmp(type->valuestring, "json_object")) {
+            /* llama-server lets a schema ride along */
+            const cJSON *schema = cJSON_GetObjectItemCaseSensitive(format, "schema");
+            if (schema && (rc = constraint_schema(c, r, "response_format.schema", schema)))
+                return rc;
+            if (!schema && (rc = set_constraint(c, r, "response_format", KVD_GRAMMAR_JSON_OBJECT, NULL, 0)))
+                return rc;
+        } else if (strcmp(type->valuestring, "text") != 0)
+            return fail(c, "response_format", "type must be \"text\", \"json_object\" or \"json_schema\"");
+    }
+    const cJSON *v;
+    if ((v = field(c, "guided_json")) && (rc = constraint_schema(c, r, "guided_json", v)))
+        return rc;
+    if ((v = field(c, "json_schema")) && (rc = constraint_schema(c, r, "json_schema", v)))
+        return rc;
+    if ((v = field(c, "guided_regex")) && (rc = constraint_string(c, r, "guided_regex", v, KVD_GRAMMAR_REGEX)))
+        return rc;
+    if ((v = field(c, "guided_grammar")) && (rc = constraint_string(c, r, "guided_grammar", v, KVD_GRAMMAR_GBNF)))
+        return rc;
+    if ((v = field(c, "grammar")) && (rc = constraint_string(c, r, "grammar", v, KVD_GRAMMAR_GBNF)))
+        return rc;
+    if ((v = field(c, "guided_choice")) && (rc = constraint_choice(c, r, "guided_choice", v)))
+        return rc;
+    const cJSON *so = field(c, "structured_outputs");
+    if (so) {
+        if (!cJSON_IsObject(so))
+            return fail(c, "structured_outputs", "must be an object");
+        cJSON_ArrayForEach(v, so) {
+            char name[96], key[64];
+            printable_name(v->string, key, sizeof key);
+            snprintf(name, sizeof name, "structured_outputs.%s", key);
+            if (cJSON_IsNull(v))
+                continue;
+            if (!strcmp(v->string, "json")) rc = constraint_schema(c, r, name, v);
+            else if (!strcmp(v->string, "regex")) rc = constraint_string(c, r, name, v, KVD_GRAMMAR_REGEX);
+            else if (!strcmp(v->string, "grammar")) rc = constraint_string(c, r, name, v, KVD_GRAMMAR_GBNF);
+            else if (!strcmp(v->string, "choice")) rc = constraint_choice(c, r, name, v);
+            else if (!strcmp(v->string, "json_object"))
+                rc = cJSON_IsTrue(v) ? set_constraint(c, r, name, KVD_GRAMMAR_JSON_OBJECT, NULL, 0)
+                                     : cJSON_IsFalse(v) ? 0 : fail(c, name, "must be a boolean");
+            else
+                rc = fail(c, name, "this option is not supported by kvd; leave it out");
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
 int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err)
@@ -457,7 +589,8 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (!cJSON_IsObject(body))
         return kvd_error_set(err, KVD_EINVAL, "request body must be a JSON object");
     int rc;
-    if ((rc = refuse_unknown_fields(&c, route_bit(route))) || (rc = check_plain_fields(&c)))
+    if ((rc = refuse_unknown_fields(&c, route_bit(route))) || (rc = check_plain_fields(&c)) ||
+        (rc = parse_constraint(&c, r)))
         return rc;
 
     /* max_completion_tokens is the newer name; it wins when both are given. */

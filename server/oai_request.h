@@ -6,8 +6,8 @@
  * type or an out-of-range value fails with the field's name in `param` (as OpenAI's
  * error.param does); null means "absent" for every optional field. Fields that would
  * silently change what a client expects but are not implemented (suffix,
- * prompt_logprobs, echo with logprobs, best_of > n, non-text response_format, batch
- * prompts, other servers' extensions) are refused, never ignored. docs/api.md lists
+ * prompt_logprobs, echo with logprobs, best_of > n, batch prompts, other servers'
+ * extensions) are refused, never ignored. docs/api.md lists
  * every field with honored / refused.
  */
 #ifndef KVD_SERVER_OAI_REQUEST_H
@@ -20,6 +20,7 @@
 
 #include "chat.h"
 #include "kvd/kvd_engine.h"
+#include "kvd/kvd_grammar.h"
 
 #define KVD_OAI_MAX_STOP_BYTES 256
 /* stop_token_ids a client may list; a chat's turn-ending ids come on top. */
@@ -60,6 +61,13 @@ typedef struct kvd_oai_request {
     int num_prompt_ids;
     /* chat: the rendered conversation */
     kvd_chat_prompt chat;
+    /* Structured output (response_format, guided_*, structured_outputs, llama-server's
+     * json_schema and grammar): compiled on a worker from this source, see jobs.c. */
+    bool constrained;
+    kvd_grammar_kind constraint_kind;
+    char *constraint_src;          /* a schema's JSON text, a regex, GBNF, or NUL-ended choices */
+    size_t constraint_len;
+    char constraint_field[96];     /* the request field it came from (an error's param) */
 } kvd_oai_request;
 
 void kvd_oai_request_init(kvd_oai_request *r);

@@ -87,4 +87,28 @@ int kvd_grammar_matcher_accept(kvd_grammar_matcher *m, int32_t id, kvd_error *er
 size_t kvd_grammar_matcher_num_tokens(const kvd_grammar_matcher *m);
 int kvd_grammar_matcher_rollback(kvd_grammar_matcher *m, size_t n);
 
+/* --- compiled grammars cached by their source --------------------------------------
+ * A bounded cache (least recently used out) of compiled grammars keyed by kind and the
+ * exact source bytes (a schema's text as the client sent it, after re-serialising).
+ * Thread-safe (one lock; compiling happens outside it): the server's workers share one. */
+typedef enum kvd_grammar_kind {
+    KVD_GRAMMAR_JSON_SCHEMA, /* source: the schema's JSON text */
+    KVD_GRAMMAR_JSON_OBJECT, /* source ignored */
+    KVD_GRAMMAR_REGEX,
+    KVD_GRAMMAR_CHOICE,      /* source: the choices, each followed by a NUL */
+    KVD_GRAMMAR_GBNF,
+} kvd_grammar_kind;
+
+typedef struct kvd_grammar_cache kvd_grammar_cache;
+
+/* Takes ownership of vocab (destroyed with the cache). */
+kvd_grammar_cache *kvd_grammar_cache_create(kvd_grammar_vocab *vocab, int capacity, kvd_error *err);
+void kvd_grammar_cache_destroy(kvd_grammar_cache *c);
+/* A new reference to the compiled grammar (compiled now on a miss), or NULL with err
+ * set by the compiler. */
+kvd_grammar *kvd_grammar_cache_get(kvd_grammar_cache *c, kvd_grammar_kind kind, const char *src, size_t len,
+                                   kvd_error *err);
+/* Hits and misses so far. */
+void kvd_grammar_cache_stats(kvd_grammar_cache *c, uint64_t *hits, uint64_t *misses);
+
 #endif
