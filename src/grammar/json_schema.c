@@ -568,6 +568,44 @@ static bool merge_key(jctx *c, cJSON *dst, const cJSON *v)
     return false;
 }
 
+/* a AND b as one schema (b NULL or true: a) */
+static cJSON *schema_and(const cJSON *a, const cJSON *b)
+{
+    if (!b || cJSON_IsTrue(b)) return cJSON_Duplicate(a, true);
+    if (cJSON_IsTrue(a)) return cJSON_Duplicate(b, true);
+    if (cJSON_IsFalse(a) || cJSON_IsFalse(b)) return cJSON_CreateFalse();
+    cJSON *both = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(both, "allOf");
+    cJSON_AddItemToArray(arr, cJSON_Duplicate(a, true));
+    cJSON_AddItemToArray(arr, cJSON_Duplicate(b, true));
+    return both;
+}
+
+/* properties and additionalProperties of src into dst. additionalProperties only sees
+ * the properties beside it, so a member one side declares and the other does not must
+ * also pass the other side's additionalProperties (false: it cannot appear). */
+static void merge_members(cJSON *dst, const cJSON *sp, const cJSON *sap)
+{
+    cJSON *dp = cJSON_GetObjectItemCaseSensitive(dst, "properties");
+    cJSON *dap = cJSON_GetObjectItemCaseSensitive(dst, "additionalProperties");
+    if (sap && !cJSON_IsTrue(sap) && cJSON_IsObject(dp))
+        for (cJSON *x = dp->child; x; x = x->next)
+            if (!(cJSON_IsObject(sp) && cJSON_HasObjectItem(sp, x->string)))
+                cJSON_ReplaceItemInObjectCaseSensitive(dp, x->string, schema_and(x, sap)), x = cJSON_GetObjectItemCaseSensitive(dp, x->string);
+    if (cJSON_IsObject(sp)) {
+        if (!dp) dp = cJSON_AddObjectToObject(dst, "properties");
+        for (const cJSON *y = sp->child; y; y = y->next) {
+            cJSON *x = cJSON_GetObjectItemCaseSensitive(dp, y->string);
+            if (x) cJSON_ReplaceItemInObjectCaseSensitive(dp, y->string, schema_and(x, y));
+            else cJSON_AddItemToObject(dp, y->string, schema_and(y, dap));
+        }
+    }
+    if (sap) {
+        cJSON *ap = dap ? schema_and(dap, sap) : cJSON_Duplicate(sap, true);
+        if (dap) cJSON_ReplaceItemInObjectCaseSensitive(dst, "additionalProperties", ap);
+        else cJSON_AddItemToObject(dst, "additionalProperties", ap);
+    }
+}
+
 /* Merges schema src (resolving its $ref and allOf) into dst. */
 static cJSON *merge_into(jctx *c, cJSON *dst, const cJSON *src)
 {
@@ -582,7 +620,10 @@ static cJSON *merge_into(jctx *c, cJSON *dst, const cJSON *src)
         goto out;
     }
     if (!cJSON_IsObject(src)) goto out;
+    merge_members(dst, cJSON_GetObjectItemCaseSensitive(src, "properties"),
+                  cJSON_GetObjectItemCaseSensitive(src, "additionalProperties"));
     for (const cJSON *v = src->child; v && r; v = v->next) {
+        if (!strcmp(v->string, "properties") || !strcmp(v->string, "additionalProperties")) continue;
         if (!strcmp(v->string, "$ref")) {
             const cJSON *t = cJSON_IsString(v) ? resolve_ref(c, v->valuestring) : NULL;
             if (!t || !merge_into(c, dst, t)) r = NULL;
@@ -1060,9 +1101,7 @@ static void alt_array(jctx *c, const cJSON *s, uint32_t rule)
     if (cJSON_IsArray(items)) { /* draft 4-2019 tuple form */
         prefix = items;
         items = cJSON_GetObjectItemCaseSensitive(s, "additionalItems");
-    } else if (cJSON_HasObjectItem(s, "additionalItems") && !prefix) {
-        items = items; /* additionalItems without a tuple does nothing */
-    }
+    } /* additionalItems without a tuple (items as an array) does nothing */
     const cJSON *uniq = cJSON_GetObjectItemCaseSensitive(s, "uniqueItems");
     if (cJSON_IsTrue(uniq)) {
         gr_fail(b, KVD_EUNSUPPORTED, "json schema: uniqueItems is not supported");

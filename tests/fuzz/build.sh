@@ -38,6 +38,14 @@ fuzz_target fuzz_tokenizer tests/fuzz/fuzz_tokenizer.c src/tokenizer/load.c src/
   "${tok_flags[@]}" -lpthread
 # --- end tokenizer ---
 
+# --- grammar (owner: grammar): JSON Schema / regex / GBNF compilers and the matcher ---
+# Loads the real tokenizer like fuzz_tokenizer: build-fuzz/fuzz_grammar -max_total_time=60 tests/fuzz/corpus/grammar
+fuzz_target fuzz_grammar tests/fuzz/fuzz_grammar.c src/grammar/grammar.c src/grammar/matcher.c src/grammar/vocab.c \
+  src/grammar/json_schema.c src/grammar/regex.c src/grammar/gbnf.c src/grammar/cache.c src/tokenizer/load.c \
+  src/tokenizer/encode.c src/tokenizer/bpe.c src/tokenizer/decode.c src/tokenizer/utf8.c src/util/error.c \
+  "${tok_flags[@]}" $(pkg-config --cflags --libs libxxhash) -lpthread -lm
+# --- end grammar ---
+
 # --- harden: the HTTP request path, request JSON of both completion routes, chat template ---
 # llhttp's generated sources are compiled once without -Werror (as meson.build does) but
 # with the sanitizers and coverage, so the fuzzer is guided through the parser's states too.
