@@ -191,9 +191,15 @@ static void test_any_one_all_of(void **state)
     check(schema("{\"oneOf\": [{\"type\": \"integer\"}, {\"type\": \"boolean\"}]}"), L("1", "true"), L("\"a\""));
     compile_error("{\"oneOf\": [{\"type\": \"integer\"}, {\"type\": \"number\"}]}", KVD_EUNSUPPORTED, "oneOf");
     check(schema("{\"allOf\": [{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}, "
-                 "\"required\": [\"a\"]}, {\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}], "
-                 "\"additionalProperties\": false}"),
-          L("{\"a\": 1, \"b\": \"x\"}"), L("{\"a\": 1}", "{\"a\": 1, \"b\": 2}"));
+                 "\"required\": [\"a\"]}, {\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}]}"),
+          L("{\"a\": 1, \"b\": \"x\"}", "{\"a\": 1, \"b\": \"x\", \"c\": 0}"), L("{\"a\": 1}", "{\"a\": 1, \"b\": 2}"));
+    /* additionalProperties sees only the properties beside it: here neither a nor b
+     * may appear at all, so nothing satisfies the schema */
+    compile_error("{\"allOf\": [{\"type\": \"object\", \"properties\": {\"a\": {}}, \"required\": [\"a\"]}], "
+                  "\"additionalProperties\": false}", KVD_EINVAL, "matches nothing");
+    check(schema("{\"allOf\": [{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}, "
+                 "\"additionalProperties\": false}, {\"properties\": {\"b\": {}}}]}"),
+          L("{\"a\": 1}", "{}"), L("{\"a\": 1, \"b\": 2}", "{\"c\": 1}"));
     /* anyOf next to other keywords: each branch with them */
     check(schema("{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}, \"b\": {\"type\": "
                  "\"integer\"}}, \"additionalProperties\": false, \"anyOf\": [{\"required\": [\"a\"]}, "
