@@ -383,14 +383,14 @@ static bool grow_to(gr_space *sp, void **p, size_t *cap, size_t need, size_t siz
 /* The id of set s (its ids get sorted); UINT32_MAX when out of memory. */
 static uint32_t set_intern(gr_space *sp, gr_set *s)
 {
-    qsort(s->ids, s->n, sizeof *s->ids, u32_cmp);
+    if (s->n > 1) qsort(s->ids, s->n, sizeof *s->ids, u32_cmp);
     uint64_t h = mix(s->n * 4 + s->accept * 2 + s->ctx);
     for (size_t i = 0; i < s->n; i++) h = mix(h ^ s->ids[i]);
     if (sp->rec_slot_cap) {
         for (size_t j = h & (sp->rec_slot_cap - 1); sp->rec_slots[j]; j = (j + 1) & (sp->rec_slot_cap - 1)) {
             const gr_setrec *r = &sp->recs[sp->rec_slots[j] - 1];
             if (r->hash == h && r->n == s->n && r->accept == s->accept && r->ctx == s->ctx &&
-                !memcmp(sp->pool + r->off, s->ids, s->n * sizeof *s->ids))
+                (s->n == 0 || !memcmp(sp->pool + r->off, s->ids, s->n * sizeof *s->ids)))
                 return sp->rec_slots[j] - 1;
         }
     }
@@ -415,7 +415,7 @@ static uint32_t set_intern(gr_space *sp, gr_set *s)
     }
     uint32_t id = (uint32_t)sp->num_recs++;
     sp->recs[id] = (gr_setrec){.hash = h, .off = (uint32_t)sp->pool_n, .n = (uint32_t)s->n, .accept = s->accept, .ctx = s->ctx};
-    memcpy(sp->pool + sp->pool_n, s->ids, s->n * sizeof *s->ids);
+    if (s->n) memcpy(sp->pool + sp->pool_n, s->ids, s->n * sizeof *s->ids);
     sp->pool_n += s->n;
     size_t j = h & (sp->rec_slot_cap - 1);
     while (sp->rec_slots[j]) j = (j + 1) & (sp->rec_slot_cap - 1);
@@ -639,7 +639,7 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
     size_t np = 0;
     for (size_t i = 0; i < pairs.n; i++)
         if (!accepted[pr[i].tok]) pr[np++] = pr[i];
-    qsort(pr, np, sizeof *pr, rem_cmp);
+    if (np > 1) qsort(pr, np, sizeof *pr, rem_cmp);
     size_t total = 0;
     for (size_t i = 0; i < np; i++) total += pr[i].len;
     c->rem_off = malloc((np + 1) * sizeof *c->rem_off);
@@ -1121,7 +1121,7 @@ int kvd_grammar_matcher_accept(kvd_grammar_matcher *m, int32_t id, kvd_error *er
     m->num_tokens++;
     m->hist_off[m->num_tokens] = m->hist_n;
     m->hist_accept[m->num_tokens] = a->accept;
-    memcpy(m->hist_ids + m->hist_n, a->ids, a->n * sizeof *a->ids);
+    if (a->n) memcpy(m->hist_ids + m->hist_n, a->ids, a->n * sizeof *a->ids);
     m->hist_n += a->n;
     gr_set t = m->cur;
     m->cur = *a;

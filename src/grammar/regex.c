@@ -20,6 +20,9 @@ typedef struct cp_set {
     size_t n, cap;
 } cp_set;
 
+/* The pattern for a message: at most 80 bytes (it need not end in a NUL). */
+#define SRC(x) (int)((x)->end - (x)->src < 80 ? (x)->end - (x)->src : 80), (x)->src
+
 typedef struct rx {
     gr_builder *b;
     const char *p, *end;
@@ -141,7 +144,7 @@ static int hexval(char c)
 static uint32_t parse_escape(rx *x, cp_set *s, bool in_class)
 {
     if (x->p >= x->end) {
-        gr_fail(x->b, KVD_EINVAL, "regex: trailing backslash in '%.80s'", x->src);
+        gr_fail(x->b, KVD_EINVAL, "regex: trailing backslash in '%.*s'", SRC(x));
         return 0;
     }
     char c = *x->p++;
@@ -164,7 +167,7 @@ static uint32_t parse_escape(rx *x, cp_set *s, bool in_class)
         for (int i = 0; i < n; i++) {
             int h = x->p < x->end ? hexval(*x->p) : -1;
             if (h < 0) {
-                gr_fail(x->b, KVD_EINVAL, "regex: bad \\%c escape in '%.80s'", c, x->src);
+                gr_fail(x->b, KVD_EINVAL, "regex: bad \\%c escape in '%.*s'", c, SRC(x));
                 return 0;
             }
             v = v * 16 + (uint32_t)h;
@@ -177,7 +180,7 @@ static uint32_t parse_escape(rx *x, cp_set *s, bool in_class)
         x->p--;
         return utf8_next(x);
     }
-    gr_fail(x->b, KVD_EUNSUPPORTED, "regex: \\%c is not supported in '%.80s'", c, x->src);
+    gr_fail(x->b, KVD_EUNSUPPORTED, "regex: \\%c is not supported in '%.*s'", c, SRC(x));
     return 0;
 }
 
@@ -263,13 +266,13 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
                 while (x->p < x->end && *x->p != '>') x->p++;
                 x->p++;
             } else {
-                gr_fail(b, KVD_EUNSUPPORTED, "regex: lookaround and inline flags are not supported in '%.80s'", x->src);
+                gr_fail(b, KVD_EUNSUPPORTED, "regex: lookaround and inline flags are not supported in '%.*s'", SRC(x));
                 return false;
             }
         }
         uint32_t r = parse_alt(x, depth + 1);
         if (x->p >= x->end || *x->p != ')') {
-            gr_fail(b, KVD_EINVAL, "regex: missing ')' in '%.80s'", x->src);
+            gr_fail(b, KVD_EINVAL, "regex: missing ')' in '%.*s'", SRC(x));
             return false;
         }
         x->p++;
@@ -287,7 +290,7 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
                 lo = parse_escape(x, &s, true);
                 if (lo == UINT32_MAX) continue;
             } else if (*x->p == '[' && x->p + 1 < x->end && x->p[1] == ':') {
-                gr_fail(b, KVD_EUNSUPPORTED, "regex: POSIX classes are not supported in '%.80s'", x->src);
+                gr_fail(b, KVD_EUNSUPPORTED, "regex: POSIX classes are not supported in '%.*s'", SRC(x));
                 free(s.r);
                 return false;
             } else
@@ -299,7 +302,7 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
                     x->p++;
                     hi = parse_escape(x, &s, true);
                     if (hi == UINT32_MAX) {
-                        gr_fail(b, KVD_EINVAL, "regex: bad range in '%.80s'", x->src);
+                        gr_fail(b, KVD_EINVAL, "regex: bad range in '%.*s'", SRC(x));
                         free(s.r);
                         return false;
                     }
@@ -307,14 +310,14 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
                     hi = utf8_next(x);
             }
             if (hi < lo) {
-                gr_fail(b, KVD_EINVAL, "regex: bad range in '%.80s'", x->src);
+                gr_fail(b, KVD_EINVAL, "regex: bad range in '%.*s'", SRC(x));
                 free(s.r);
                 return false;
             }
             cs_add(x, &s, lo, hi);
         }
         if (x->p >= x->end) {
-            gr_fail(b, KVD_EINVAL, "regex: missing ']' in '%.80s'", x->src);
+            gr_fail(b, KVD_EINVAL, "regex: missing ']' in '%.*s'", SRC(x));
             free(s.r);
             return false;
         }
@@ -329,14 +332,14 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
         uint32_t v = parse_escape(x, &s, false);
         if (v != UINT32_MAX) cs_add(x, &s, v, v);
     } else if (c == '^' || c == '$') {
-        gr_fail(b, KVD_EUNSUPPORTED, "regex: '%c' inside the pattern is not supported in '%.80s'", c, x->src);
+        gr_fail(b, KVD_EUNSUPPORTED, "regex: '%c' inside the pattern is not supported in '%.*s'", c, SRC(x));
         return false;
     } else if (c == '*' || c == '+' || c == '?' || c == '{') {
         if (c == '{' && !(x->p + 1 < x->end && x->p[1] >= '0' && x->p[1] <= '9')) {
             x->p++;
             cs_add(x, &s, '{', '{');
         } else {
-            gr_fail(b, KVD_EINVAL, "regex: nothing to repeat in '%.80s'", x->src);
+            gr_fail(b, KVD_EINVAL, "regex: nothing to repeat in '%.*s'", SRC(x));
             return false;
         }
     } else {
@@ -366,7 +369,7 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
             }
             if (x->p >= x->end || *x->p != '}' || a > 100000 || (z != GR_INF && (z > 100000 || z < a))) {
                 x->p = save;
-                gr_fail(b, KVD_EUNSUPPORTED, "regex: bad or too large repetition in '%.80s'", x->src);
+                gr_fail(b, KVD_EUNSUPPORTED, "regex: bad or too large repetition in '%.*s'", SRC(x));
                 free(s.r);
                 return false;
             }
@@ -377,7 +380,7 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
         if (min != 1 || max != 1) {
             if (x->p < x->end && *x->p == '?') x->p++; /* lazy: same language */
             else if (x->p < x->end && *x->p == '+') {
-                gr_fail(b, KVD_EUNSUPPORTED, "regex: possessive repetition is not supported in '%.80s'", x->src);
+                gr_fail(b, KVD_EUNSUPPORTED, "regex: possessive repetition is not supported in '%.*s'", SRC(x));
                 free(s.r);
                 return false;
             }
@@ -441,18 +444,13 @@ static uint32_t parse_alt(rx *x, int depth)
 uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored)
 {
     rx x = {.b = b, .p = re, .end = re + len, .json = json_string, .src = re};
-    /* anchored (guided_regex, formats): json is still the writing, the match is whole */
+    /* JSON Schema's pattern searches; guided_regex and formats match the whole text */
     bool search = json_string && !anchored;
-    x.json = json_string;
     uint32_t r;
     if (search) r = parse_alt(&x, 0);
     else {
-        /* whole-text match: ^ and $ at the ends are allowed and mean nothing more */
-        rx y = x;
-        y.json = false; /* parse_alt's depth-0 search padding is keyed on json: avoid it */
-        (void)y;
+        /* whole-text match: ^ and $ at the ends of an alternative mean nothing more */
         r = gr_rule_new(b, "regex", true);
-        bool saved_json = x.json;
         for (;;) {
             gr_seq seq = {0};
             if (x.p < x.end && *x.p == '^') x.p++;
@@ -474,9 +472,8 @@ uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, b
             }
             break;
         }
-        x.json = saved_json;
     }
-    if (!b->failed && x.p != x.end) gr_fail(b, KVD_EINVAL, "regex: unbalanced ')' in '%.80s'", re);
+    if (!b->failed && x.p != x.end) gr_fail(b, KVD_EINVAL, "regex: unbalanced ')' in '%.*s'", SRC(&x));
     return r;
 }
 
