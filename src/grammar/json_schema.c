@@ -588,9 +588,11 @@ static void merge_members(cJSON *dst, const cJSON *sp, const cJSON *sap)
     cJSON *dp = cJSON_GetObjectItemCaseSensitive(dst, "properties");
     cJSON *dap = cJSON_GetObjectItemCaseSensitive(dst, "additionalProperties");
     if (sap && !cJSON_IsTrue(sap) && cJSON_IsObject(dp))
-        for (cJSON *x = dp->child; x; x = x->next)
+        for (cJSON *x = dp->child, *next; x; x = next) {
+            next = x->next; /* x is freed when replaced */
             if (!(cJSON_IsObject(sp) && cJSON_HasObjectItem(sp, x->string)))
-                cJSON_ReplaceItemInObjectCaseSensitive(dp, x->string, schema_and(x, sap)), x = cJSON_GetObjectItemCaseSensitive(dp, x->string);
+                cJSON_ReplaceItemInObjectCaseSensitive(dp, x->string, schema_and(x, sap));
+        }
     if (cJSON_IsObject(sp)) {
         if (!dp) dp = cJSON_AddObjectToObject(dst, "properties");
         for (const cJSON *y = sp->child; y; y = y->next) {
