@@ -247,7 +247,12 @@ static void test_pattern_format(void **state)
           L("\"123e4567e89b12d3a456426614174000\""));
     check(schema("{\"type\": \"string\", \"format\": \"email\"}"), L("\"a.b@example.com\""),
           L("\"a.b.example.com\"", "\"@x.y\""));
-    compile_error("{\"type\": \"string\", \"format\": \"uri\"}", KVD_EUNSUPPORTED, "uri");
+    check(schema("{\"type\": \"string\", \"format\": \"uri\"}"),
+          L("\"https://example.com:8080/a/b?x=1&y#top\"", "\"mailto:a@b.c\"", "\"urn:isbn:0451450523\""),
+          L("\"not a uri\"", "\"http://exa mple.com\"", "\"//x\"", "\"http://x/%zz\""));
+    compile_error("{\"type\": \"string\", \"format\": \"hostname\"}", KVD_EUNSUPPORTED, "hostname");
+    /* a format no draft defines is an annotation: any string */
+    check(schema("{\"type\": \"string\", \"format\": \"int32\"}"), L("\"x\""), L("1"));
 }
 
 static void test_integer_bounds(void **state)

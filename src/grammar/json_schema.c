@@ -30,6 +30,7 @@ typedef struct jctx {
     gr_builder *b;
     cJSON *root;
     bool any_order;
+    bool ref_alone; /* drafts 4-7: keywords beside $ref are ignored */
     memo_ent *memo;
     size_t nmemo, capmemo;
     cJSON **owned; /* merged schemas made here */
@@ -622,6 +623,12 @@ static cJSON *merge_into(jctx *c, cJSON *dst, const cJSON *src)
         goto out;
     }
     if (!cJSON_IsObject(src)) goto out;
+    const cJSON *ref = cJSON_GetObjectItemCaseSensitive(src, "$ref");
+    if (ref && c->ref_alone) { /* drafts 4-7: $ref replaces its siblings */
+        const cJSON *t = cJSON_IsString(ref) ? resolve_ref(c, ref->valuestring) : NULL;
+        if (!t || !merge_into(c, dst, t)) r = NULL;
+        goto out;
+    }
     merge_members(dst, cJSON_GetObjectItemCaseSensitive(src, "properties"),
                   cJSON_GetObjectItemCaseSensitive(src, "additionalProperties"));
     for (const cJSON *v = src->child; v && r; v = v->next) {
@@ -658,12 +665,29 @@ static const char *format_regex(const char *f)
                       "^[0-9]{4}-(0[13-9]|1[0-2])-(29|30)[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$|"
                       "^[0-9]{4}-(0[13578]|1[02])-31[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$|"
                       "^([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"},
+        /* RFC 3986 (IP-literal hosts left out): what the format checker's rfc3987 takes */
+        {"uri", "^[A-Za-z][A-Za-z0-9+.-]*:(//(([A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})*@)?([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*(:[0-9]*)?(/([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*|/(([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})+(/([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*)?|([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})+(/([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*)?(\\?(([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})|[/?])*)?(#(([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})|[/?])*)?$"},
+        {"ipv4", "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"},
         {"uuid", "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"},
         {"email", "^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$"},
     };
     for (size_t i = 0; i < sizeof tab / sizeof *tab; i++)
         if (!strcmp(f, tab[i][0])) return tab[i][1];
     return NULL;
+}
+
+/* The formats JSON Schema (drafts 3 to 2020-12) defines: a validator may check them,
+ * so kvd either enforces one exactly or refuses it. Others are annotations. */
+static bool format_known(const char *f)
+{
+    static const char *const known[] = {"date-time", "date", "time", "duration", "email", "idn-email", "hostname",
+                                        "idn-hostname", "ipv4", "ipv6", "uri", "uri-reference", "iri",
+                                        "iri-reference", "uuid", "uri-template", "json-pointer",
+                                        "relative-json-pointer", "regex", "color", "host-name", "ip-address",
+                                        "utc-millisec", NULL};
+    for (int i = 0; known[i]; i++)
+        if (!strcmp(f, known[i])) return true;
+    return false;
 }
 
 static uint32_t get_count(jctx *c, const cJSON *s, const char *k, uint32_t dflt)
@@ -687,6 +711,8 @@ static void alt_string(jctx *c, const cJSON *s, uint32_t rule)
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(s, "format");
     const char *re = NULL;
     bool anchored_whole = false;
+    if (fmt && cJSON_IsString(fmt) && !format_known(fmt->valuestring))
+        fmt = NULL; /* a format no validator defines constrains nothing (it is an annotation) */
     if (fmt && cJSON_IsString(fmt)) {
         re = format_regex(fmt->valuestring);
         if (!re) {
@@ -1280,7 +1306,7 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
     gr_seq q = {0};
     const cJSON *ref = cJSON_GetObjectItemCaseSensitive(s, "$ref");
     const cJSON *all = cJSON_GetObjectItemCaseSensitive(s, "allOf");
-    if ((ref && has_constraints(s, "$ref")) || all) {
+    if ((ref && !c->ref_alone && has_constraints(s, "$ref")) || all) {
         cJSON *m = cJSON_CreateObject();
         if (!m || !own(c, m)) return rule;
         if (!merge_into(c, m, s)) return rule;
@@ -1460,6 +1486,10 @@ kvd_grammar *kvd_grammar_compile_json_schema(const kvd_grammar_vocab *v, const c
     jctx c;
     jctx_init(&c, &b, opts && opts->any_order);
     c.root = root;
+    const cJSON *draft = cJSON_GetObjectItemCaseSensitive(root, "$schema");
+    if (cJSON_IsString(draft))
+        for (const char *const *d = (const char *const[]){"draft-03", "draft-04", "draft-06", "draft-07", NULL}; *d; d++)
+            c.ref_alone = c.ref_alone || strstr(draft->valuestring, *d) != NULL;
     uint32_t value = compile_node(&c, root);
     uint32_t r = wrap_root(&c, value);
     jctx_deinit(&c);
