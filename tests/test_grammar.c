@@ -275,6 +275,23 @@ static void test_integer_bounds(void **state)
     check(schema("{\"type\": \"integer\", \"maximum\": -10}"), L("-10", "-11", "-100000"), L("-9", "0", "5"));
     check(schema("{\"type\": \"number\", \"minimum\": 0}"), L("0", "0.5", "1e3"), L("-1", "-0.5"));
     compile_error("{\"type\": \"number\", \"minimum\": 0.5}", KVD_EUNSUPPORTED, "minimum");
+    /* numbers between whole bounds: every fraction inside, only zeros at a bound */
+    const char *nb[] = {"{\"type\": \"number\", \"minimum\": -2, \"maximum\": 3}",
+                        "{\"type\": \"number\", \"exclusiveMinimum\": -2, \"exclusiveMaximum\": 0}",
+                        "{\"type\": \"number\", \"minimum\": 1}", "{\"type\": \"number\", \"maximum\": -1}"};
+    const double nlo[] = {-2, -2, 1, -1e300}, nhi[] = {3, 0, 1e300, -1};
+    const bool nex[] = {false, true, false, false};
+    const char *texts[] = {"-3", "-2.5", "-2", "-2.0", "-1.99", "-1", "-0.5", "-0", "0", "0.0", "0.25", "1", "2.999",
+                           "3", "3.0", "3.001", "4", "12.5"};
+    for (size_t k = 0; k < 4; k++) {
+        kvd_grammar *g = schema(nb[k]);
+        for (size_t t = 0; t < sizeof texts / sizeof *texts; t++) {
+            double x = strtod(texts[t], NULL);
+            bool in = nex[k] ? x > nlo[k] && x < nhi[k] : x >= nlo[k] && x <= nhi[k];
+            if (run_text(g, texts[t]) != in) fail_msg("%s: %s %s", nb[k], texts[t], in ? "rejected" : "accepted");
+        }
+        kvd_grammar_release(g);
+    }
 }
 
 static void test_properties_count(void **state)

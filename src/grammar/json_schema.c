@@ -873,21 +873,98 @@ static void alt_integer(jctx *c, const cJSON *s, uint32_t rule)
     gr_rule_add_alt(b, rule, &q);
 }
 
+/* A bound as written: its value and whether it is exclusive (draft 4's boolean
+ * exclusiveMinimum/Maximum or draft 6's numbers; the tighter one wins). */
+static bool num_bound(const cJSON *s, bool lower, double *val, bool *excl)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(s, lower ? "minimum" : "maximum");
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(s, lower ? "exclusiveMinimum" : "exclusiveMaximum");
+    bool have = false;
+    *excl = false;
+    if (cJSON_IsNumber(x)) {
+        *val = x->valuedouble;
+        *excl = cJSON_IsTrue(e);
+        have = true;
+    }
+    if (cJSON_IsNumber(e) && (!have || (lower ? e->valuedouble >= *val : e->valuedouble <= *val))) {
+        *val = e->valuedouble;
+        *excl = true;
+        have = true;
+    }
+    return have;
+}
+
+enum { FRAC_ANY, FRAC_ZERO, FRAC_NONZERO };
+
+static void seq_frac(jctx *c, gr_seq *q, int kind)
+{
+    gr_builder *b = c->b;
+    uint32_t r = gr_rule_new(b, "frac", true);
+    gr_seq f = {0};
+    gr_seq_byte(b, &f, '.');
+    if (kind == FRAC_ANY) digits(b, &f, '0', '9', 1, GR_INF);
+    else if (kind == FRAC_ZERO) gr_seq_byte(b, &f, '0'), f.el[f.n - 1].max = GR_INF;
+    else {
+        digits(b, &f, '0', '9', 0, GR_INF);
+        digits(b, &f, '1', '9', 1, 1);
+        digits(b, &f, '0', '9', 0, GR_INF);
+    }
+    gr_rule_add_alt(b, r, &f);
+    gr_seq_rule(b, q, r, kind == FRAC_NONZERO ? 1 : 0, 1);
+}
+
+/* rule += [minus] i frac for i in [from, to] (to < 0: unbounded). */
+static void num_alt(jctx *c, uint32_t rule, bool minus, long long from, long long to, int frac)
+{
+    gr_builder *b = c->b;
+    if (to >= 0 && from > to) return;
+    uint32_t ir = gr_rule_new(b, "int-part", true);
+    gr_seq empty = {0};
+    nat_range(b, ir, &empty, from, to);
+    gr_seq q = {0};
+    if (minus) gr_seq_byte(b, &q, '-');
+    gr_seq_rule(b, &q, ir, 1, 1);
+    seq_frac(c, &q, frac);
+    gr_rule_add_alt(b, rule, &q);
+}
+
+/* One side (non-negative magnitudes m, sign minus or none) of lo <= m <= hi, with
+ * integer bounds: integer parts strictly inside take any fraction, a bound itself only
+ * zeros (or, exclusive at the low end, a non-zero fraction). */
+static void num_side(jctx *c, uint32_t rule, bool minus, long long lo, bool lo_excl, long long hi, bool hi_excl, bool has_hi)
+{
+    if (has_hi && hi < lo) return;
+    if (!has_hi) {
+        num_alt(c, rule, minus, lo, lo, lo_excl ? FRAC_NONZERO : FRAC_ANY);
+        num_alt(c, rule, minus, lo + 1, -1, FRAC_ANY);
+        return;
+    }
+    if (lo == hi) {
+        if (!lo_excl && !hi_excl) num_alt(c, rule, minus, lo, lo, FRAC_ZERO);
+        return;
+    }
+    num_alt(c, rule, minus, lo, lo, lo_excl ? FRAC_NONZERO : FRAC_ANY);
+    if (hi - 1 >= lo + 1) num_alt(c, rule, minus, lo + 1, hi - 1, FRAC_ANY);
+    if (!hi_excl) num_alt(c, rule, minus, hi, hi, FRAC_ZERO);
+}
+
 static void alt_number(jctx *c, const cJSON *s, uint32_t rule)
 {
     gr_builder *b = c->b;
-    double lo, hi;
-    bool hl = bound(s, "minimum", "exclusiveMinimum", true, &lo), hh = bound(s, "maximum", "exclusiveMaximum", false, &hi);
+    double lo = 0, hi = 0;
+    bool lx, hx;
+    bool hl = num_bound(s, true, &lo, &lx), hh = num_bound(s, false, &hi, &hx);
     gr_seq q = {0};
     if (!hl && !hh) {
         gr_seq_rule(b, &q, number_rule(c), 1, 1);
         gr_rule_add_alt(b, rule, &q);
         return;
     }
-    /* Non-negative numbers with only a lower bound of 0 (the common case) are exact:
-     * no sign. Other bounds on non-integers are not supported. */
-    const cJSON *mn = cJSON_GetObjectItemCaseSensitive(s, "minimum");
-    if (hl && !hh && cJSON_IsNumber(mn) && mn->valuedouble == 0 && !cJSON_HasObjectItem(s, "exclusiveMinimum")) {
+    if ((hl && (lo != floor(lo) || fabs(lo) > 1e15)) || (hh && (hi != floor(hi) || fabs(hi) > 1e15))) {
+        gr_fail(b, KVD_EUNSUPPORTED, "json schema: minimum/maximum other than whole numbers on a number is not supported");
+        return;
+    }
+    if (hl && !hh && lo == 0 && !lx) { /* minimum 0, the common case: exact with exponents too */
         uint32_t r = gr_rule_new(b, "nonneg-number", true);
         gr_seq t = {0};
         gr_seq_rule(b, &t, uint_rule(c), 1, 1);
@@ -897,7 +974,24 @@ static void alt_number(jctx *c, const cJSON *s, uint32_t rule)
         gr_rule_add_alt(b, rule, &q);
         return;
     }
-    gr_fail(b, KVD_EUNSUPPORTED, "json schema: minimum/maximum on a non-integer number is not supported");
+    /* Bounded numbers are written without an exponent (1e2 is refused, never wrongly
+     * accepted). x >= 0: magnitudes from max(lo, 0); x < 0: magnitudes up to -lo. */
+    uint32_t r = gr_rule_new(b, "num-range", true);
+    long long L = (long long)lo, H = (long long)hi;
+    if (!hh || H >= 0) {
+        bool from_zero = !hl || L < 0;
+        num_side(c, r, false, from_zero ? 0 : L, from_zero ? false : lx, H, hx, hh);
+    }
+    if (!hl || L < 0) {
+        /* -m with m in [max(-H, 0), -L]; -0 is 0, so it is fine exactly when 0 is */
+        bool to_zero = !hh || H >= 0;
+        long long mlo = to_zero ? 0 : -H;
+        /* x < 0 exactly (maximum 0 exclusive): "-0" is 0, so the magnitude must not be */
+        bool mlo_excl = to_zero ? (hh && H == 0 && hx) : hx;
+        num_side(c, r, true, mlo, mlo_excl, hl ? -L : 0, lx, hl);
+    }
+    gr_seq_rule(b, &q, r, 1, 1);
+    gr_rule_add_alt(b, rule, &q);
 }
 
 /* --- objects ------------------------------------------------------------------- */
