@@ -710,12 +710,17 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
             logits[params->min_tokens_stop_ids[i]] = -INFINITY;
     if (params->allowed)
         for (int w = 0; w * 32 < V; w++) {
-            uint32_t bits = params->allowed[w];
+            const uint32_t bits = params->allowed[w];
+            const int end = w * 32 + 32 < V ? w * 32 + 32 : V;
             if (bits == UINT32_MAX)
                 continue;
-            for (int i = w * 32; i < V && i < w * 32 + 32; i++)
-                if (!((bits >> (i & 31)) & 1))
+            if (bits == 0) /* the common word under a grammar: no branch per id */
+                for (int i = w * 32; i < end; i++)
                     logits[i] = -INFINITY;
+            else
+                for (int i = w * 32; i < end; i++)
+                    if (!((bits >> (i & 31)) & 1))
+                        logits[i] = -INFINITY;
         }
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);

@@ -118,6 +118,14 @@ struct kvd_grammar_matcher {
     size_t depth_cap;
     uint8_t *rem_ok;
     size_t rem_ok_cap;
+    /* The tokens a cache entry's remainders add under one boundary node: the same pair
+     * comes back at every item of an array or character of a string. */
+    struct rem_memo {
+        const gr_ci *ci;
+        uint32_t boundary, n;
+        uint32_t *tokens;
+    } memo[256];
+    int memo_used;
 };
 
 /* --- node arena --------------------------------------------------------------- */
@@ -987,6 +995,7 @@ void kvd_grammar_matcher_destroy(kvd_grammar_matcher *m)
     free(m->hist_off);
     free(m->hist_accept);
     free(m->rem_ok);
+    for (int k = 0; k < 256; k++) free(m->memo[k].tokens);
     kvd_grammar_release(m->g);
     free(m);
 }
@@ -1065,6 +1074,14 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
         else
             for (size_t k = 0; k < c->num_accepted; k++) mask[c->accepted[k] >> 5] |= 1u << (c->accepted[k] & 31);
         if (!c->num_rem || boundary == NODE_CTX) continue;
+        size_t slot = (size_t)(mix((uint64_t)(uintptr_t)c ^ ((uint64_t)boundary << 40)) & 255);
+        while (m->memo[slot].ci && !(m->memo[slot].ci == c && m->memo[slot].boundary == boundary))
+            slot = (slot + 1) & 255;
+        if (m->memo[slot].ci) {
+            for (uint32_t k = 0; k < m->memo[slot].n; k++)
+                mask[m->memo[slot].tokens[k] >> 5] |= 1u << (m->memo[slot].tokens[k] & 31);
+            continue;
+        }
         if (c->num_rem > m->rem_ok_cap) {
             uint8_t *p = realloc(m->rem_ok, c->num_rem);
             if (!p) return kvd_error_set(err, KVD_ENOMEM, "grammar mask: out of memory");
@@ -1073,11 +1090,27 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
         }
         if (check_remainders(m, c, boundary, m->rem_ok))
             return kvd_error_set(err, KVD_ENOMEM, "grammar mask: out of memory");
+        uint32_t n = 0;
         for (size_t r = 0; r < c->num_rem; r++) {
             if (!m->rem_ok[r]) continue;
+            n += c->rem_tok_start[r + 1] - c->rem_tok_start[r];
             for (uint32_t k = c->rem_tok_start[r]; k < c->rem_tok_start[r + 1]; k++)
                 mask[c->rem_tok[k] >> 5] |= 1u << (c->rem_tok[k] & 31);
         }
+        if (m->memo_used >= 192) { /* keep probing short: start over */
+            for (int k = 0; k < 256; k++) free(m->memo[k].tokens);
+            memset(m->memo, 0, sizeof m->memo);
+            m->memo_used = 0;
+            slot = (size_t)(mix((uint64_t)(uintptr_t)c ^ ((uint64_t)boundary << 40)) & 255);
+        }
+        uint32_t *list = malloc(((size_t)n + 1) * sizeof *list);
+        if (!list) continue; /* only the memo is lost */
+        uint32_t k2 = 0;
+        for (size_t r = 0; r < c->num_rem; r++)
+            if (m->rem_ok[r])
+                for (uint32_t k = c->rem_tok_start[r]; k < c->rem_tok_start[r + 1]; k++) list[k2++] = c->rem_tok[k];
+        m->memo[slot] = (struct rem_memo){c, boundary, n, list};
+        m->memo_used++;
     }
     return 0;
 }
