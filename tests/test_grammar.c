@@ -190,6 +190,16 @@ static void test_any_one_all_of(void **state)
           L("1", "\"ab\""), L("\"abc\"", "null"));
     check(schema("{\"oneOf\": [{\"type\": \"integer\"}, {\"type\": \"boolean\"}]}"), L("1", "true"), L("\"a\""));
     compile_error("{\"oneOf\": [{\"type\": \"integer\"}, {\"type\": \"number\"}]}", KVD_EUNSUPPORTED, "oneOf");
+    /* objects told apart by a required member's const, or by a member one side forbids */
+    check(schema("{\"oneOf\": [{\"type\": \"object\", \"properties\": {\"kind\": {\"const\": \"a\"}, \"x\": "
+                 "{\"type\": \"integer\"}}, \"required\": [\"kind\"]}, {\"type\": \"object\", \"properties\": "
+                 "{\"kind\": {\"enum\": [\"b\", \"c\"]}}, \"required\": [\"kind\"], \"additionalProperties\": false}]}"),
+          L("{\"kind\": \"a\", \"x\": 1}", "{\"kind\": \"c\"}"), L("{\"kind\": \"d\"}", "{\"kind\": \"b\", \"x\": 1}"));
+    check(schema("{\"oneOf\": [{\"type\": \"object\", \"properties\": {\"p\": {}}, \"required\": [\"p\"]}, "
+                 "{\"type\": \"object\", \"properties\": {\"q\": {}}, \"additionalProperties\": false}]}"),
+          L("{\"p\": 1, \"z\": 2}", "{\"q\": 1}", "{}"), L("{\"z\": 1}"));
+    compile_error("{\"oneOf\": [{\"type\": \"object\", \"required\": [\"p\"]}, {\"type\": \"object\"}]}",
+                  KVD_EUNSUPPORTED, "oneOf");
     check(schema("{\"allOf\": [{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}, "
                  "\"required\": [\"a\"]}, {\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}]}"),
           L("{\"a\": 1, \"b\": \"x\"}", "{\"a\": 1, \"b\": \"x\", \"c\": 0}"), L("{\"a\": 1}", "{\"a\": 1, \"b\": 2}"));

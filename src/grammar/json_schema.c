@@ -1371,6 +1371,101 @@ static int produced_types(jctx *c, const cJSON *s, int depth)
 
 static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule);
 
+/* s with a lone $ref followed (NULL when it leads nowhere or too deep). */
+static const cJSON *follow_ref(jctx *c, const cJSON *s)
+{
+    for (int depth = 0; depth < 20 && cJSON_IsObject(s); depth++) {
+        const cJSON *r = cJSON_GetObjectItemCaseSensitive(s, "$ref");
+        if (!r) return s;
+        if (!cJSON_IsString(r) || (!c->ref_alone && has_constraints(s, "$ref"))) return NULL;
+        s = resolve_ref(c, r->valuestring);
+    }
+    return NULL;
+}
+
+static bool required_has(const cJSON *s, const char *name)
+{
+    const cJSON *req = cJSON_GetObjectItemCaseSensitive(s, "required");
+    const cJSON *x;
+    cJSON_ArrayForEach(x, req)
+        if (cJSON_IsString(x) && !strcmp(x->valuestring, name)) return true;
+    return false;
+}
+
+/* True when s can never hold member name (closed objects, or the member is false). */
+static bool forbids(jctx *c, const cJSON *s, const char *name)
+{
+    const cJSON *props = cJSON_GetObjectItemCaseSensitive(s, "properties");
+    const cJSON *p = cJSON_IsObject(props) ? cJSON_GetObjectItemCaseSensitive(props, name) : NULL;
+    if (p) return cJSON_IsFalse(follow_ref(c, p));
+    return cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(s, "additionalProperties")) &&
+           !cJSON_HasObjectItem(s, "patternProperties");
+}
+
+/* The literal values schema s allows (its enum or const), or NULL. */
+static const cJSON *literals(const cJSON *s, cJSON **tmp)
+{
+    const cJSON *k = cJSON_GetObjectItemCaseSensitive(s, "const");
+    if (k) {
+        *tmp = cJSON_CreateArray();
+        cJSON_AddItemToArray(*tmp, cJSON_Duplicate(k, true));
+        return *tmp;
+    }
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(s, "enum");
+    return cJSON_IsArray(e) ? e : NULL;
+}
+
+static bool values_disjoint(const cJSON *a, const cJSON *b)
+{
+    for (const cJSON *x = a->child; x; x = x->next)
+        for (const cJSON *y = b->child; y; y = y->next)
+            if (cJSON_Compare(x, y, true) || (cJSON_IsNumber(x) && cJSON_IsNumber(y) && x->valuedouble == y->valuedouble))
+                return false;
+    return true;
+}
+
+/* True when no value can match both branches (sound, not complete): their types differ,
+ * their enum/const values differ, or both are objects and one requires a member the
+ * other forbids or whose enum/const values the other's exclude. */
+static bool disjoint(jctx *c, const cJSON *x, const cJSON *y)
+{
+    if (!(produced_types(c, x, 0) & produced_types(c, y, 0))) return true;
+    const cJSON *a = follow_ref(c, x), *b = follow_ref(c, y);
+    if (!cJSON_IsObject(a) || !cJSON_IsObject(b) || cJSON_HasObjectItem(a, "allOf") || cJSON_HasObjectItem(b, "allOf") ||
+        cJSON_HasObjectItem(a, "anyOf") || cJSON_HasObjectItem(b, "anyOf") || cJSON_HasObjectItem(a, "oneOf") ||
+        cJSON_HasObjectItem(b, "oneOf"))
+        return false;
+    cJSON *ta = NULL, *tb = NULL;
+    const cJSON *la = literals(a, &ta), *lb = literals(b, &tb);
+    bool lit = la && lb && values_disjoint(la, lb);
+    cJSON_Delete(ta);
+    cJSON_Delete(tb);
+    if (lit) return true;
+    if ((produced_types(c, a, 0) | produced_types(c, b, 0)) & ~T_OBJECT) return false; /* objects only below */
+    for (int side = 0; side < 2; side++) {
+        const cJSON *p = side ? b : a, *q = side ? a : b;
+        const cJSON *req = cJSON_GetObjectItemCaseSensitive(p, "required");
+        const cJSON *r;
+        cJSON_ArrayForEach(r, req) {
+            if (!cJSON_IsString(r)) continue;
+            if (forbids(c, q, r->valuestring)) return true;
+            if (!required_has(q, r->valuestring)) continue;
+            const cJSON *pp = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(p, "properties"), r->valuestring);
+            const cJSON *qp = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(q, "properties"), r->valuestring);
+            pp = pp ? follow_ref(c, pp) : NULL;
+            qp = qp ? follow_ref(c, qp) : NULL;
+            if (!cJSON_IsObject(pp) || !cJSON_IsObject(qp)) continue;
+            cJSON *t1 = NULL, *t2 = NULL;
+            const cJSON *l1 = literals(pp, &t1), *l2 = literals(qp, &t2);
+            bool d = l1 && l2 && values_disjoint(l1, l2);
+            cJSON_Delete(t1);
+            cJSON_Delete(t2);
+            if (d) return true;
+        }
+    }
+    return false;
+}
+
 static uint32_t compile_node(jctx *c, const cJSON *s)
 {
     gr_builder *b = c->b;
@@ -1443,16 +1538,14 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
     }
     if (one && cJSON_IsArray(one)) {
         /* exact only when no value can match two branches */
-        int seen = 0;
-        for (const cJSON *x = one->child; x; x = x->next) {
-            int t = produced_types(c, x, 0);
-            if (t & seen) {
-                gr_fail(b, KVD_EUNSUPPORTED,
-                        "json schema: oneOf whose branches may overlap is not supported (use anyOf)");
-                return rule;
-            }
-            seen |= t;
-        }
+        for (const cJSON *x = one->child; x; x = x->next)
+            for (const cJSON *y = x->next; y; y = y->next)
+                if (!disjoint(c, x, y)) {
+                    if (!b->failed)
+                        gr_fail(b, KVD_EUNSUPPORTED,
+                                "json schema: oneOf whose branches may overlap is not supported (use anyOf)");
+                    return rule;
+                }
         any = one;
     }
     if (any) {
