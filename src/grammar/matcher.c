@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "grammar_internal.h"
 
@@ -589,8 +588,6 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
     const kvd_grammar_vocab *v = g->vocab;
     gr_ci *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
     uint32_t parent = NODE_CTX;
     for (uint32_t i = len; i-- > 0;) parent = intern(sp, els[i], sts[i], parent);
     int maxd = v->max_token_len + 1;
@@ -681,13 +678,6 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
     }
     c->rem_tok_start[nr] = (uint32_t)np;
     c->num_rem = nr;
-    if (getenv("KVD_GRAMMAR_DEBUG")) {
-        struct timespec t1;
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        fprintf(stderr, "ci len %u el %u lexical %d: %.3f ms, %zu accepted, %zu remainders, %zu nodes\n", len, els[0],
-                g->rule_lexical[g->el_rule[els[0]]], (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6,
-                c->num_accepted, c->num_rem, sp->n);
-    }
     free(pairs.p);
     free(sets);
     free(accepted);
