@@ -65,19 +65,7 @@ static uint32_t rule_ref(gb *g, const char *name, size_t len)
     return g->rules[g->n++];
 }
 
-static uint32_t decode_utf8(gb *g)
-{
-    const unsigned char *p = (const unsigned char *)g->p;
-    uint32_t c = *p;
-    int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-    if (g->p + n > g->end) n = 1;
-    if (n > 1) {
-        c &= 0x3F >> (n - 1);
-        for (int i = 1; i < n; i++) c = (c << 6) | (p[i] & 0x3F);
-    }
-    g->p += n;
-    return c;
-}
+static uint32_t decode_utf8(gb *g) { return gr_utf8_next(&g->p, g->end); }
 
 static uint32_t parse_char(gb *g)
 {

@@ -20,19 +20,24 @@ void gr_seq_free(gr_seq *s)
     memset(s, 0, sizeof *s);
 }
 
+static void free_objects(gr_object *objects, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(objects[i].first_rule);
+        free(objects[i].next_rule);
+    }
+    free(objects);
+}
+
 void gr_builder_deinit(gr_builder *b)
 {
     for (size_t i = 0; i < b->num_rules; i++) free(b->rules[i].name);
     for (size_t i = 0; i < b->num_alts; i++) gr_seq_free(&b->alts[i]);
-    for (size_t i = 0; i < b->num_objects; i++) {
-        free(b->objects[i].first_rule);
-        free(b->objects[i].next_rule);
-    }
+    free_objects(b->objects, b->num_objects);
     free(b->rules);
     free(b->alts);
     free(b->alt_rule);
     free(b->sets);
-    free(b->objects);
     memset(b, 0, sizeof *b);
 }
 
@@ -154,6 +159,20 @@ uint32_t gr_object_add(gr_builder *b, gr_object *obj)
     }
     b->objects[b->num_objects] = *obj;
     return (uint32_t)b->num_objects++;
+}
+
+uint32_t gr_utf8_next(const char **pp, const char *end)
+{
+    const unsigned char *p = (const unsigned char *)*pp;
+    uint32_t c = *p;
+    int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    if (*pp + n > end) n = 1;
+    if (n > 1) {
+        c &= 0x3F >> (n - 1);
+        for (int i = 1; i < n; i++) c = (c << 6) | (p[i] & 0x3F);
+    }
+    *pp += n;
+    return c;
 }
 
 int gr_utf8_encode(uint32_t cp, char out[4])
@@ -446,11 +465,7 @@ void kvd_grammar_release(kvd_grammar *g)
     if (!g || atomic_fetch_sub_explicit(&g->refs, 1, memory_order_acq_rel) != 1) return;
     gr_grammar_free_cache(g);
     pthread_mutex_destroy(&g->lock);
-    for (size_t i = 0; i < g->num_objects; i++) {
-        free(g->objects[i].first_rule);
-        free(g->objects[i].next_rule);
-    }
-    free(g->objects);
+    free_objects(g->objects, g->num_objects);
     free(g->sets);
     free(g->el);
     free(g->el_rule);

@@ -105,6 +105,9 @@ uint32_t gr_object_add(gr_builder *b, gr_object *obj);
 /* Records the first error (later ones are dropped). Returns code. */
 int gr_fail(gr_builder *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* Decodes the code point at *p (before end) and moves *p past it; a byte that does
+ * not start a whole sequence is taken alone. */
+uint32_t gr_utf8_next(const char **p, const char *end);
 /* UTF-8 encodes one code point (<= 0x10FFFF) into out; returns its length. */
 int gr_utf8_encode(uint32_t cp, char out[4]);
 /* Adds to rule alternatives matching exactly the UTF-8 encodings of [lo, hi]. */

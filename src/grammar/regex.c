@@ -117,19 +117,7 @@ static void cs_class(rx *x, cp_set *s, char c)
     }
 }
 
-static uint32_t utf8_next(rx *x)
-{
-    const unsigned char *p = (const unsigned char *)x->p;
-    uint32_t c = *p;
-    int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-    if (x->p + n > x->end) n = 1;
-    if (n > 1) {
-        c &= 0x3F >> (n - 1);
-        for (int i = 1; i < n; i++) c = (c << 6) | (p[i] & 0x3F);
-    }
-    x->p += n;
-    return c;
-}
+static uint32_t utf8_next(rx *x) { return gr_utf8_next(&x->p, x->end); }
 
 static int hexval(char c)
 {
