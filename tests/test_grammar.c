@@ -156,6 +156,13 @@ static void test_additional_properties(void **state)
                  "\"additionalProperties\": {\"type\": \"string\"}}"),
           L("{\"a\": 1, \"x\": \"y\"}"), L("{\"x\": 2}"));
     check(schema("{\"type\": \"object\", \"additionalProperties\": false}"), L("{}", "{ }"), L("{\"a\": 1}"));
+    /* one pattern, closed object, no declared name it matches: exact */
+    check(schema("{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"string\"}}, \"patternProperties\": "
+                 "{\"^x-[a-z]+$\": {\"type\": \"integer\"}}, \"additionalProperties\": false}"),
+          L("{}", "{\"x-ab\": 1, \"id\": \"q\"}", "{\"id\": \"q\", \"x-c\": 2, \"x-d\": 3}"),
+          L("{\"y\": 1}", "{\"x-a\": \"s\"}", "{\"x-\": 1}", "{\"id\": 1}"));
+    compile_error("{\"type\": \"object\", \"properties\": {\"x-id\": {}}, \"patternProperties\": {\"^x-\": {}}, "
+                  "\"additionalProperties\": false}", KVD_EUNSUPPORTED, "patternProperties");
 }
 
 static void test_items(void **state)

@@ -181,5 +181,8 @@ void gr_vocab_free_shared(kvd_grammar_vocab *v);
  * JSON string (characters escaped as JSON requires), else raw UTF-8. anchored: match
  * the whole text (guided_regex); else JSON Schema's search semantics. */
 uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored);
+/* Whether JSON Schema pattern re finds a match in text (JSON string text, escaped as
+ * kvd writes it): 1 yes, 0 no, negative when re does not compile. */
+int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len);
 
 #endif

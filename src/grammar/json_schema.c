@@ -31,6 +31,7 @@ typedef struct jctx {
     cJSON *root;
     bool any_order;
     bool ref_alone; /* drafts 4-7: keywords beside $ref are ignored */
+    const kvd_grammar_vocab *vocab;
     memo_ent *memo;
     size_t nmemo, capmemo;
     cJSON **owned; /* merged schemas made here */
@@ -43,7 +44,7 @@ static uint32_t compile_node(jctx *c, const cJSON *s);
 
 static const char *const unsupported_kw[] = {
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
-    "contains", "minContains", "maxContains", "patternProperties", "propertyNames",
+    "contains", "minContains", "maxContains", "propertyNames",
     "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", NULL};
 
 static bool own(jctx *c, cJSON *x)
@@ -1136,7 +1137,49 @@ static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
         gr_rule_add_alt(b, o.next_rule[k], &q);
     }
     o.extra_first = o.extra_next = GR_NONE;
-    if (!b->failed && !cJSON_IsFalse(addl)) {
+    /* patternProperties: exact in the closed form, one pattern and additionalProperties
+     * false, when no declared name matches it (then the other members are exactly the
+     * keys the pattern finds, and no declared member can come back under it). */
+    const cJSON *pp = cJSON_GetObjectItemCaseSensitive(s, "patternProperties");
+    if (!b->failed && cJSON_IsObject(pp) && pp->child) {
+        const cJSON *pat = pp->child;
+        bool closed = cJSON_IsFalse(addl) && !pat->next;
+        for (size_t k = 0; closed && k < n; k++) {
+            if (!quoted[k]) break;
+            int hit = gr_regex_search(c->vocab, pat->string, quoted[k] + 1, strlen(quoted[k]) - 2);
+            closed = hit == 0;
+        }
+        if (!closed) {
+            gr_fail(b, KVD_EUNSUPPORTED,
+                    "json schema: keyword 'patternProperties' is not supported (only one pattern, with "
+                    "additionalProperties false, matching no declared property)");
+        } else {
+            uint32_t val = compile_node(c, pat);
+            uint32_t re = gr_regex(b, pat->string, strlen(pat->string), true, false);
+            uint32_t key = gr_rule_new(b, "pattern-key", true);
+            gr_seq q = {0};
+            gr_seq_byte(b, &q, '"');
+            gr_seq_rule(b, &q, re, 1, 1);
+            gr_seq_byte(b, &q, '"');
+            gr_rule_add_alt(b, key, &q);
+            gr_seq_rule(b, &q, key, 1, 1);
+            seq_ws(c, &q);
+            gr_seq_byte(b, &q, ':');
+            seq_ws(c, &q);
+            gr_seq_rule(b, &q, val, 1, 1);
+            gr_seq copy = {0};
+            for (size_t i = 0; i < q.n; i++) gr_seq_push(b, &copy, q.el[i]);
+            o.extra_first = gr_rule_new(b, "pattern-member", false);
+            gr_rule_add_alt(b, o.extra_first, &q);
+            o.extra_next = gr_rule_new(b, "pattern-member", false);
+            seq_ws(c, &q);
+            gr_seq_byte(b, &q, ',');
+            seq_ws(c, &q);
+            for (size_t i = 0; i < copy.n; i++) gr_seq_push(b, &q, copy.el[i]);
+            gr_seq_free(&copy);
+            gr_rule_add_alt(b, o.extra_next, &q);
+        }
+    } else if (!b->failed && !cJSON_IsFalse(addl)) {
         uint32_t val = addl && !cJSON_IsTrue(addl) ? compile_node(c, addl) : any_value_rule(c);
         /* the key: a string none of the declared names (compared as written: escapes in
          * a key are only allowed where they cannot spell a declared name) */
@@ -1672,6 +1715,7 @@ kvd_grammar *kvd_grammar_compile_json_schema(const kvd_grammar_vocab *v, const c
     gr_builder_init(&b, err);
     jctx c;
     jctx_init(&c, &b, opts && opts->any_order);
+    c.vocab = v;
     c.root = root;
     const cJSON *draft = cJSON_GetObjectItemCaseSensitive(root, "$schema");
     if (cJSON_IsString(draft))

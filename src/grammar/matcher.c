@@ -1165,3 +1165,31 @@ int kvd_grammar_matcher_rollback(kvd_grammar_matcher *m, size_t n)
     m->num_tokens = k;
     return 0;
 }
+
+int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len)
+{
+    gr_builder b;
+    gr_builder_init(&b, NULL);
+    uint32_t r = gr_regex(&b, re, strlen(re), true, false);
+    kvd_grammar *g = gr_finish(&b, v, r, NULL);
+    if (!g) return KVD_EINVAL;
+    gr_space sp;
+    gr_set a = {0}, c = {0};
+    int found = KVD_ENOMEM;
+    if (space_init(&sp, g) == 0) {
+        sp.gen++;
+        push_rule(&sp, g->root, NODE_ACCEPT, &a, 0);
+        for (size_t i = 0; i < len && set_live(&a); i++) {
+            advance(&sp, &a, (unsigned char)text[i], &c);
+            gr_set t = a;
+            a = c;
+            c = t;
+        }
+        found = sp.oom ? KVD_ENOMEM : a.accept;
+    }
+    space_deinit(&sp);
+    set_free(&a);
+    set_free(&c);
+    kvd_grammar_release(g);
+    return found;
+}
