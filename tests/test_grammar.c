@@ -321,7 +321,11 @@ static void test_properties_count(void **state)
 static void test_unsupported(void **state)
 {
     (void)state;
-    compile_error("{\"not\": {\"type\": \"string\"}}", KVD_EUNSUPPORTED, "not");
+    compile_error("{\"not\": {\"enum\": [1]}}", KVD_EUNSUPPORTED, "not");
+    compile_error("{\"type\": \"number\", \"not\": {\"type\": \"integer\"}}", KVD_EUNSUPPORTED, "not");
+    check(schema("{\"not\": {\"type\": [\"string\", \"object\"]}}"), L("1", "null", "[\"a\"]"), L("\"a\"", "{}"));
+    check(schema("{\"type\": \"integer\", \"not\": false}"), L("7"), L("\"7\""));
+    compile_error("{\"not\": {}}", KVD_EINVAL, "matches nothing");
     compile_error("{\"type\": \"array\", \"uniqueItems\": true}", KVD_EUNSUPPORTED, "uniqueItems");
     compile_error("{\"type\": \"object\", \"patternProperties\": {\"^a\": {}}}", KVD_EUNSUPPORTED, "patternProperties");
     compile_error("{\"type\": \"integer\", \"multipleOf\": 3}", KVD_EUNSUPPORTED, "multipleOf");

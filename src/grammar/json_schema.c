@@ -43,7 +43,7 @@ typedef struct jctx {
 static uint32_t compile_node(jctx *c, const cJSON *s);
 
 static const char *const unsupported_kw[] = {
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+    "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
     "contains", "minContains", "maxContains", "propertyNames",
     "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef", NULL};
 
@@ -1616,6 +1616,20 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
     int types = schema_types(c, s);
     if (types < 0) return rule;
     if (int_only) types &= T_INTEGER;
+    const cJSON *not = cJSON_GetObjectItemCaseSensitive(s, "not");
+    if (not) { /* the forms kvd can take exactly: false, true and {"type": ...} */
+        bool only_type = cJSON_IsObject(not) && cJSON_HasObjectItem(not, "type") && !has_constraints(not, "type");
+        int nt = only_type ? schema_types(c, not) : -1;
+        if (cJSON_IsTrue(not) || (cJSON_IsObject(not) && !has_constraints(not, "")))
+            return rule; /* nothing matches */
+        if (only_type && nt >= 0 && !((types & T_NUMBER) && (nt & T_INTEGER) && !(nt & T_NUMBER)))
+            types &= ~nt;
+        else if (!cJSON_IsFalse(not)) {
+            /* e.g. a number that is not an integer: kvd's number text cannot say that */
+            gr_fail(b, KVD_EUNSUPPORTED, "json schema: keyword 'not' is not supported (only false, true or a type)");
+            return rule;
+        }
+    }
     const cJSON *en = cJSON_GetObjectItemCaseSensitive(s, "enum");
     const cJSON *k = cJSON_GetObjectItemCaseSensitive(s, "const");
     if (en || k) {
