@@ -53,7 +53,7 @@ typedef struct req_timing {
 
 static void sampler_bench(int vocab)
 {
-    kvd_sampler *s = kvd_sampler_create(vocab);
+    kvd_sampler *s = kvd_sampler_create(vocab, vocab);
     float *base = malloc((size_t)vocab * sizeof *base), *row = malloc((size_t)vocab * sizeof *row);
     int32_t history[640];
     kvd_rng g;

@@ -82,6 +82,7 @@ struct kvd_loader {
     kvd_tokenizer *tok;
     kvd_model *model;
     kvd_chat_template *chat_template;
+    kvd_grammar_cache *grammars; /* structured output: compiled grammars by source */
     kvd_engine *engine;     /* created, not started: its thread would notify the daemon */
     kvd_error err;
     int rc;
@@ -90,11 +91,13 @@ struct kvd_loader {
 static void loader_free_results(kvd_loader *l)
 {
     kvd_engine_destroy(l->engine);
+    kvd_grammar_cache_destroy(l->grammars);
     kvd_chat_template_destroy(l->chat_template);
     kvd_model_destroy(l->model);
     kvd_tokenizer_destroy(l->tok);
     l->engine = NULL;
     l->chat_template = NULL;
+    l->grammars = NULL;
     l->model = NULL;
     l->tok = NULL;
 }
@@ -136,6 +139,14 @@ static void load_model(kvd_loader *l)
     l->engine = kvd_engine_create(l->model, l->tok, &ecfg, l->engine_notify, l->engine_notify_arg, &l->err);
     if (!l->engine) {
         l->rc = l->err.code ? l->err.code : KVD_EINVAL;
+        return;
+    }
+    /* Every token's bytes, for structured output's masks (as wide as a logits row). */
+    kvd_grammar_vocab *gv = kvd_grammar_vocab_create(l->tok, l->model->config.vocab_size, &l->err);
+    l->grammars = gv ? kvd_grammar_cache_create(gv, 64, &l->err) : NULL;
+    if (!l->grammars) {
+        kvd_grammar_vocab_destroy(gv);
+        l->rc = l->err.code ? l->err.code : KVD_ENOMEM;
         return;
     }
     /* Parsing tokenizer.json and config leaves tens of MiB of freed heap behind;
@@ -182,6 +193,7 @@ static void loader_release(kvd_daemon *d)
     d->tok = l->tok;
     d->model = l->model;
     d->chat_template = l->chat_template;
+    d->grammars = l->grammars;
     d->engine = l->engine;
     d->load_err = l->err;
     d->load_rc = l->rc;
@@ -272,6 +284,7 @@ static void on_loaded(uv_async_t *handle)
     kvd_served_model *m = &d->jobs.model;
     m->engine = d->engine;
     m->tok = d->tok;
+    m->grammars = d->grammars;
     m->defaults = kvd_request_params_default(d->model);
     int tok_vocab = kvd_tokenizer_vocab_size(d->tok);
     int model_vocab = d->model->config.vocab_size;
@@ -519,6 +532,8 @@ void kvd_daemon_deinit(kvd_daemon *d)
     kvd_http_server_destroy(d->http);
     d->http = NULL;
     kvd_chat_template_destroy(d->chat_template);
+    kvd_grammar_cache_destroy(d->grammars);
+    d->grammars = NULL;
     kvd_model_destroy(d->model);
     kvd_tokenizer_destroy(d->tok);
     d->model = NULL;

@@ -57,6 +57,7 @@ typedef struct kvd_daemon {
     kvd_tokenizer *tok;
     kvd_engine *engine;
     kvd_chat_template *chat_template;
+    kvd_grammar_cache *grammars;   /* structured output: compiled grammars by source */
     kvd_error load_err;
     int load_rc;
 

@@ -67,6 +67,8 @@ struct kvd_job {
     kvd_jobs_body_cb then;
     void *then_arg;
     int then_tag;
+    char nul_field[128];     /* KVD_JOB_BODY: the field whose string holds a NUL ("": none) */
+    bool grammar_failed;     /* the structured-output source did not compile (a 400) */
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
     uint64_t engine_id;      /* 0 until submitted */
@@ -321,6 +323,7 @@ static void job_free(kvd_job *job)
     free(job->answer);
     free(job->raw);
     cJSON_Delete(job->body);
+    kvd_grammar_release(job->oai.params.grammar); /* the engine holds its own reference */
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -649,6 +652,32 @@ void kvd_jobs_on_events(kvd_jobs *jobs, kvd_event *events)
 
 /* ---- generation: submission ---- */
 
+/* echo (completions): every choice's text starts with the prompt's, as vLLM does: the
+ * prompt as sent, or its ids decoded. Streams get it as each choice's first chunk. */
+static void job_echo_prompt(kvd_job *job)
+{
+    size_t len = job->oai.prompt_len;
+    char *decoded = NULL;
+    const char *text = job->oai.prompt_text;
+    if (!text) {
+        decoded = kvd_tokenizer_decode(job->jobs->model.tok, job->prompt, (size_t)job->num_prompt, false, &len, NULL);
+        text = decoded ? decoded : "";
+        len = decoded ? len : 0;
+    }
+    kvd_sbuf sse = {0};
+    for (int i = 0; i < job->num_choices; i++) {
+        if (job->oai.stream) {
+            kvd_event ev = {.choice = i, .text = (char *)text, .text_len = len, .prompt_tokens = job->num_prompt};
+            kvd_oai_sse_event(&job->resp, &job->choices[i].text_offset, &ev, &sse);
+        } else {
+            kvd_sbuf_append(&job->choices[i].out.text, text, len);
+        }
+    }
+    stream_write(job, &sse);
+    kvd_sbuf_deinit(&sse);
+    free(decoded);
+}
+
 static void job_submit(kvd_job *job)
 {
     kvd_jobs *jobs = job->jobs;
@@ -719,6 +748,8 @@ static void job_submit(kvd_job *job)
             kvd_sbuf_deinit(&sse);
         }
     }
+    if (job->oai.echo)
+        job_echo_prompt(job);
 }
 
 /* ---- tokenization on a worker ---- */
@@ -727,6 +758,19 @@ static void tokenize_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
     const kvd_tokenizer *tok = job->jobs->model.tok;
+    if (job->oai.constrained) {
+        /* Compiling a schema can take milliseconds: here, never on the loop or in a step. */
+        job->oai.params.grammar = kvd_grammar_cache_get(job->jobs->model.grammars, job->oai.constraint_kind,
+                                                        job->oai.constraint_src, job->oai.constraint_len,
+                                                        &job->work_err);
+        if (!job->oai.params.grammar) {
+            job->grammar_failed = true;
+            job->work_rc = job->work_err.code ? job->work_err.code : KVD_EINVAL;
+            return;
+        }
+    }
+    if (job->prompt) /* the client sent ids: only the grammar needed a worker */
+        return;
     if (job->oai.prompt_text) {
         job->work_rc = kvd_tokenizer_encode(tok, job->oai.prompt_text, job->oai.prompt_len, true, &job->prompt);
         if (job->work_rc < 0)
@@ -755,6 +799,12 @@ static void after_tokenize(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
+    if (job->grammar_failed) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "%s: %s", job->oai.constraint_field, job->work_err.msg);
+        job_fail(job, job->work_rc == KVD_ENOMEM ? 500 : 400, msg, job->oai.constraint_field, NULL, NULL);
+        return;
+    }
     if (job->work_rc < 0) {
         job_fail(job, 500, job->work_err.msg[0] ? job->work_err.msg : "tokenization failed", NULL, NULL, NULL);
         return;
@@ -780,6 +830,10 @@ static void body_work(uv_work_t *work)
     uv_mutex_lock(&job->jobs->parse_lock);
     job->body = cJSON_ParseWithLength(job->raw, job->raw_len);
     uv_mutex_unlock(&job->jobs->parse_lock);
+    job->nul_field[0] = '\0';
+    if (cJSON_IsObject(job->body) &&
+        !kvd_oai_find_nul(job->raw, job->raw_len, job->nul_field, sizeof job->nul_field))
+        job->nul_field[0] = '\0';
     free(job->raw);
     job->raw = NULL;
 }
@@ -798,6 +852,15 @@ static void after_body(uv_work_t *work, int status)
     }
     if (!cJSON_IsObject(job->body)) {
         job_fail(job, 400, "the request body must be a JSON object", NULL, "invalid_json", NULL);
+        return;
+    }
+    if (job->nul_field[0]) {
+        /* cJSON strings end at a NUL: refuse rather than cut the text silently. */
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s: a string holds a NUL character (\\u0000), which kvd does not accept",
+                 job->nul_field);
+        kvd_log(job->jobs->log, KVD_LOG_WARN, "refused %s %s: %s", kvd_http_method(job->req), job->path, msg);
+        job_fail(job, 400, msg, job->nul_field, NULL, NULL);
         return;
     }
     kvd_http_request *req = job->req;
@@ -853,6 +916,8 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 {
     if (rc == 0)
         return false;
+    /* The log says which field was refused (unsupported ones included). */
+    kvd_log(job->jobs->log, KVD_LOG_WARN, "refused %s: %s", job->path, err->msg);
     job_fail(job, rc == KVD_ENOMEM ? 500 : 400, err->msg, param, NULL, NULL);
     return true;
 }
@@ -909,14 +974,17 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         .top_logprobs = job->oai.top_logprobs,
         .tokens_as_ids = job->oai.tokens_as_ids,
         .include_usage = job->oai.include_usage,
+        .continuous_usage = job->oai.continuous_usage,
         .tok = jobs->model.tok,
     };
     if (job->oai.prompt_ids) {
         job->prompt = job->oai.prompt_ids;
         job->num_prompt = job->oai.num_prompt_ids;
         job->oai.prompt_ids = NULL;
-        job_submit(job);
-        return;
+        if (!job->oai.constrained) {
+            job_submit(job);
+            return;
+        }
     }
     job_start_tokenizing(job);
 }

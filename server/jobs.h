@@ -46,6 +46,7 @@ void kvd_job_map_deinit(kvd_job_map *map);
 typedef struct kvd_served_model {
     kvd_engine *engine;
     const kvd_tokenizer *tok;
+    kvd_grammar_cache *grammars;   /* structured output (thread-safe: workers compile) */
     kvd_request_params defaults;   /* the model's generation defaults */
     kvd_oai_model_info info;
 } kvd_served_model;

@@ -439,12 +439,26 @@ int kvd_oai_sse_role(const kvd_oai_response *r, int index, kvd_sbuf *out)
     return sse_send(out, chunk);
 }
 
+/* vLLM's continuous_usage_stats: the chunk's usage is the choice's so far. */
+static cJSON *event_chunk_new(const kvd_oai_response *r, const kvd_event *ev, cJSON **choice)
+{
+    cJSON *chunk = chunk_new(r, ev->choice, choice);
+    if (r->continuous_usage) {
+        cJSON *usage = cJSON_CreateObject();
+        cJSON_AddNumberToObject(usage, "prompt_tokens", ev->prompt_tokens);
+        cJSON_AddNumberToObject(usage, "completion_tokens", ev->completion_tokens);
+        cJSON_AddNumberToObject(usage, "total_tokens", ev->prompt_tokens + ev->completion_tokens);
+        cJSON_ReplaceItemInObjectCaseSensitive(chunk, "usage", usage);
+    }
+    return chunk;
+}
+
 int kvd_oai_sse_event(const kvd_oai_response *r, size_t *text_offset, const kvd_event *ev, kvd_sbuf *out)
 {
     int rc = 0;
     if (ev->num_tokens > 0 || ev->text_len > 0) {
         cJSON *choice;
-        cJSON *chunk = chunk_new(r, ev->choice, &choice);
+        cJSON *chunk = event_chunk_new(r, ev, &choice);
         if (r->chat) {
             cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
             add_sanitized(delta, "content", ev->text, ev->text_len);
@@ -490,7 +504,7 @@ int kvd_oai_sse_event(const kvd_oai_response *r, size_t *text_offset, const kvd_
         rc |= sse_send(out, kvd_oai_error_object(500, ev->error[0] ? ev->error : "generation failed", NULL, NULL));
     } else if (ev->finish == KVD_FINISH_STOP || ev->finish == KVD_FINISH_LENGTH) {
         cJSON *choice;
-        cJSON *chunk = chunk_new(r, ev->choice, &choice);
+        cJSON *chunk = event_chunk_new(r, ev, &choice);
         if (r->chat)
             cJSON_AddObjectToObject(choice, "delta");
         else

@@ -33,6 +33,7 @@ typedef struct kvd_oai_response {
     int top_logprobs;          /* alternatives per token */
     bool tokens_as_ids;        /* logprob tokens as "token_id:N" */
     bool include_usage;        /* streams: a usage chunk before [DONE] */
+    bool continuous_usage;     /* streams: usage (the choice's tokens so far) in every chunk too */
     const kvd_tokenizer *tok;  /* token texts for logprobs */
 } kvd_oai_response;
 

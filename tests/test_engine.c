@@ -5,7 +5,11 @@
  * chunks small enough to force chunking, for greedy and for seeded sampling. Around
  * it: prefix-cache hits (same output, cached tokens reported), stop strings across
  * token boundaries (never leaked), stop ids and EOS, max_tokens and the context cap,
- * n > 1 (shared prompt blocks; each choice equals a lone run with seed + choice),
+ * n > 1 (shared prompt blocks; choice 0 equals a lone run with the seed, the others draw
+ * from their own streams of it: choice 1 of seed s is not choice 0 of seed s + 1),
+ * logit_bias, min_tokens and include_stop_str_in_output (exact ids, and the same
+ * invariance under batching and preemption), the lm_head rows past the tokenizer never
+ * sampled,
  * cancellation mid-prefill and mid-decode (blocks back, pool invariants hold), refusals
  * (KVD_ETOOLONG, KVD_EBUSY), and the engine thread. The model is KVD_TINY_MODEL
  * (random weights, so outputs are arbitrary but reproducible); expected values come
@@ -31,6 +35,8 @@
 typedef struct fixture {
     kvd_model *model;
     kvd_tokenizer *tok;
+    kvd_grammar_vocab *gvocab; /* structured output: the tokens' bytes, mask as wide as a row */
+    kvd_grammar *grammars[3];
 } fixture;
 
 typedef struct choice_out {
@@ -47,6 +53,7 @@ typedef struct choice_out {
     int first_num_top;
     int32_t first_top_token;
     float first_top_logprob;
+    int32_t runner_up[MAX_OUT_TOKENS]; /* the raw row's second best at each step (logprobs >= 2) */
 } choice_out;
 
 typedef struct req_out {
@@ -76,6 +83,22 @@ static int setup(void **state)
         fprintf(stderr, "tokenizer: %s\n", err.msg);
         return -1;
     }
+    f->gvocab = kvd_grammar_vocab_create(f->tok, f->model->config.vocab_size, &err);
+    static const char schema[] = "{\"type\": \"object\", \"properties\": {\"c\": {\"enum\": [\"red\", \"blue\"]}, "
+                                 "\"n\": {\"type\": \"integer\", \"minimum\": -5, \"maximum\": 500}, \"s\": "
+                                 "{\"type\": \"string\", \"maxLength\": 6}}, \"required\": [\"c\", \"n\"], "
+                                 "\"additionalProperties\": false}";
+    static const char regex[] = "(ab|[0-9]{1,3}) (yes|no)";
+    static const char gbnf[] = "root ::= \"[\" item (\",\" item){0,3} \"]\"\nitem ::= [a-z]{1,4}\n";
+    if (f->gvocab) {
+        f->grammars[0] = kvd_grammar_compile_json_schema(f->gvocab, schema, sizeof schema - 1, NULL, &err);
+        f->grammars[1] = kvd_grammar_compile_regex(f->gvocab, regex, sizeof regex - 1, &err);
+        f->grammars[2] = kvd_grammar_compile_gbnf(f->gvocab, gbnf, sizeof gbnf - 1, &err);
+    }
+    if (!f->grammars[0] || !f->grammars[1] || !f->grammars[2]) {
+        fprintf(stderr, "grammars: %s\n", err.msg);
+        return -1;
+    }
     *state = f;
     return 0;
 }
@@ -83,6 +106,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture *f = *state;
+    for (int i = 0; i < 3; i++)
+        kvd_grammar_release(f->grammars[i]);
+    kvd_grammar_vocab_destroy(f->gvocab);
     kvd_tokenizer_destroy(f->tok);
     kvd_model_destroy(f->model);
     free(f);
@@ -167,6 +193,8 @@ static void collect(kvd_event *list, req_out *outs, int num_outs)
                 c->first_top_token = ev->logprobs[0].top_tokens[0];
                 c->first_top_logprob = ev->logprobs[0].top_logprobs[0];
             }
+            if (ev->logprobs && ev->logprobs[t].num_top >= 2)
+                c->runner_up[c->num_tokens] = ev->logprobs[t].top_tokens[1];
             c->tokens[c->num_tokens++] = ev->tokens[t];
         }
         assert_int_equal(ev->text[ev->text_len], '\0'); /* bytes may hold a NUL token: use text_len */
@@ -224,8 +252,65 @@ static void assert_same_output(const choice_out *a, const choice_out *b, int req
 #define NPROMPTS 32
 #define GEN_TOKENS 20
 
-static void determinism(const fixture *f, bool sampled)
+typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR } det_mode;
+
+/* Sampled, n = 2 for odd i, with a logit_bias, min_tokens over a few stop ids and
+ * include_stop_str_in_output with a stop string: the request features beside the
+ * sampler's, under the same invariance. */
+static kvd_request_params feature_params(int i)
 {
+    static const kvd_logit_bias bias[3] = {{220, 4.0f}, {13, -2.0f}, {151700, 50.0f}};
+    static const int32_t stop_ids[3] = {11, 198, 151645};
+    static const char *const stops[1] = {"\x01\x02"};
+    kvd_request_params p = sampled_params(GEN_TOKENS, 7000 + (uint64_t)i);
+    p.n = 1 + i % 2;
+    p.sampling.logit_bias = bias;
+    p.sampling.num_logit_bias = 3;
+    p.sampling.min_tokens = 6;
+    p.stop_token_ids = stop_ids;
+    p.num_stop_token_ids = 3;
+    p.stop = stops;
+    p.num_stop = 1;
+    p.include_stop_str_in_output = true;
+    return p;
+}
+
+/* Sampled (temperature 1), n = 2 for odd i, each under one of the fixture's grammars
+ * (JSON Schema, regex, GBNF), EOS allowed: outputs end when their grammar does. */
+static kvd_request_params grammar_params(const fixture *f, int i)
+{
+    kvd_request_params p = sampled_params(GEN_TOKENS, 11000 + (uint64_t)i);
+    p.sampling.temperature = 1.0f;
+    p.ignore_eos = false;
+    p.n = 1 + i % 2;
+    p.grammar = f->grammars[i % 3];
+    return p;
+}
+
+/* Every output follows its grammar: a fresh matcher takes each token but a final EOS,
+ * and a "stop" finish is where the grammar may end. */
+static void assert_follows_grammar(const fixture *f, kvd_grammar *g, const choice_out *c)
+{
+    kvd_grammar_matcher *m = kvd_grammar_matcher_create(g, NULL);
+    assert_non_null(m);
+    int n = c->num_tokens;
+    const kvd_model_config *mc = &f->model->config;
+    bool eos_end = false;
+    for (int k = 0; n > 0 && k < mc->num_eos_token_ids; k++)
+        eos_end = eos_end || c->tokens[n - 1] == mc->eos_token_ids[k];
+    for (int t = 0; t < n - eos_end; t++)
+        if (kvd_grammar_matcher_accept(m, c->tokens[t], NULL) != 0)
+            fail_msg("token %d (%d) is outside the grammar: %.*s", t, c->tokens[t], (int)c->text_len, c->text);
+    if (c->finish == KVD_FINISH_STOP)
+        assert_true(kvd_grammar_matcher_can_end(m));
+    if (kvd_grammar_matcher_is_complete(m))
+        assert_int_equal(c->finish, KVD_FINISH_STOP);
+    kvd_grammar_matcher_destroy(m);
+}
+
+static void determinism(const fixture *f, det_mode mode)
+{
+    const bool sampled = mode != DET_GREEDY;
     static int32_t prompts[NPROMPTS][200];
     int lens[NPROMPTS];
     for (int i = 0; i < NPROMPTS; i++)
@@ -238,7 +323,11 @@ static void determinism(const fixture *f, bool sampled)
     memcpy(prompts[7], prompts[3], 64 * sizeof(int32_t));
     kvd_request_params params[NPROMPTS];
     for (int i = 0; i < NPROMPTS; i++)
-        params[i] = sampled ? sampled_params(GEN_TOKENS, 9000 + (uint64_t)i) : greedy_params(GEN_TOKENS);
+        params[i] = mode == DET_FEATURES ? feature_params(i)
+                    : mode == DET_GRAMMAR ? grammar_params(f, i)
+                    : sampled           ? sampled_params(GEN_TOKENS, 9000 + (uint64_t)i)
+                                        : greedy_params(GEN_TOKENS);
+    int total_tokens = 0;
 
     req_out *alone = calloc(NPROMPTS, sizeof *alone);
     req_out *together = calloc(NPROMPTS, sizeof *together);
@@ -248,11 +337,20 @@ static void determinism(const fixture *f, bool sampled)
     roomy.enable_prefix_cache = false;
     kvd_engine *e = make_engine(f, &roomy);
     for (int i = 0; i < NPROMPTS; i++) {
-        alone[i].n = 1;
+        alone[i].n = params[i].n;
         alone[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
         drain(e, &alone[i], 1);
-        assert_int_equal(alone[i].ch[0].num_tokens, GEN_TOKENS);
-        assert_int_equal(alone[i].ch[0].finish, KVD_FINISH_LENGTH);
+        for (int c = 0; c < alone[i].n; c++) {
+            total_tokens += alone[i].ch[c].num_tokens;
+            if (mode == DET_GRAMMAR)
+                assert_follows_grammar(f, params[i].grammar, &alone[i].ch[c]);
+            if (mode != DET_FEATURES && mode != DET_GRAMMAR) {
+                assert_int_equal(alone[i].ch[c].num_tokens, GEN_TOKENS);
+                assert_int_equal(alone[i].ch[c].finish, KVD_FINISH_LENGTH);
+            }
+            for (int t = 0; t < alone[i].ch[c].num_tokens; t++)
+                assert_true(alone[i].ch[c].tokens[t] < kvd_tokenizer_vocab_size(f->tok));
+        }
     }
     kvd_engine_destroy(e);
 
@@ -261,7 +359,7 @@ static void determinism(const fixture *f, bool sampled)
     kvd_engine_config tight = small_config(48, 48);
     e = make_engine(f, &tight);
     for (int i = 0; i < NPROMPTS; i++) {
-        together[i].n = 1;
+        together[i].n = params[i].n;
         together[i].id = submit_ok(e, prompts[i], lens[i], &params[i]);
     }
     kvd_error err = {0};
@@ -274,29 +372,43 @@ static void determinism(const fixture *f, bool sampled)
     }
     kvd_engine_stats st;
     kvd_engine_stats_get(e, &st);
-    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n", sampled ? "sampled" : "greedy",
+    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n",
+                  mode == DET_GRAMMAR ? "grammar" : mode == DET_FEATURES ? "features" : sampled ? "sampled" : "greedy",
                   (unsigned long long)st.steps, (unsigned long long)st.num_preemptions,
                   (unsigned long long)st.kv.prefix_hit_tokens);
     assert_true(st.num_preemptions > 0);
-    assert_int_equal(st.generation_tokens_total, NPROMPTS * GEN_TOKENS);
+    assert_int_equal(st.generation_tokens_total, total_tokens);
     assert_int_equal(st.kv.blocks_used, 0);
     assert_invariants(e);
     kvd_engine_destroy(e);
 
     for (int i = 0; i < NPROMPTS; i++)
-        assert_same_output(&alone[i].ch[0], &together[i].ch[0], i);
+        for (int c = 0; c < params[i].n; c++)
+            assert_same_output(&alone[i].ch[c], &together[i].ch[c], i);
     free(alone);
     free(together);
 }
 
 static void test_determinism_greedy(void **state)
 {
-    determinism(*state, false);
+    determinism(*state, DET_GREEDY);
 }
 
 static void test_determinism_sampled(void **state)
 {
-    determinism(*state, true);
+    determinism(*state, DET_SAMPLED);
+}
+
+static void test_determinism_request_features(void **state)
+{
+    determinism(*state, DET_FEATURES);
+}
+
+/* Structured output under batching, chunked prefill and preemption: the same tokens
+ * as alone, every one inside its grammar. */
+static void test_determinism_grammar(void **state)
+{
+    determinism(*state, DET_GRAMMAR);
 }
 
 /* ---- prefix cache ---------------------------------------------------------------- */
@@ -411,6 +523,24 @@ static void test_stop_string_across_tokens(void **state)
     assert_same_output(&full.ch[0], r, 0);
 }
 
+/* The first k >= from of r whose token is new there, whose text ends on a clean
+ * boundary and adds at least min_bytes; -1 if none. */
+static int find_clean_new_token(const fixture *f, const choice_out *r, int from, size_t min_bytes)
+{
+    for (int t = from; t < r->num_tokens; t++) {
+        bool seen = false;
+        for (int u = 0; u < t; u++)
+            seen |= r->tokens[u] == r->tokens[t];
+        size_t len = 0;
+        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
+        bool clean = text && len == r->text_after[t - 1] && r->text_after[t] - r->text_after[t - 1] >= min_bytes;
+        free(text);
+        if (!seen && clean)
+            return t;
+    }
+    return -1;
+}
+
 static void test_stop_ids_eos_and_ignore_eos(void **state)
 {
     fixture *f = *state;
@@ -421,18 +551,7 @@ static void test_stop_ids_eos_and_ignore_eos(void **state)
     run_one(f, prompt, 25, &p, &ref);
     const choice_out *r = &ref.ch[0];
     assert_int_equal(r->num_tokens, 30);
-    /* The first k >= 3 whose token is new there and whose text boundary is clean. */
-    int k = -1;
-    for (int t = 3; t < r->num_tokens && k < 0; t++) {
-        bool seen = false;
-        for (int u = 0; u < t; u++)
-            seen |= r->tokens[u] == r->tokens[t];
-        size_t len = 0;
-        char *text = kvd_tokenizer_decode(f->tok, r->tokens, (size_t)t, true, &len, NULL);
-        if (!seen && text && len == r->text_after[t - 1])
-            k = t;
-        free(text);
-    }
+    int k = find_clean_new_token(f, r, 3, 0);
     assert_true(k >= 3);
 
     /* A stop token id: the token ends the choice, its text is left out. */
@@ -545,13 +664,16 @@ static void test_n_choices_share_prompt_blocks(void **state)
     drain(e, &r, 1);
     kvd_engine_destroy(e);
 
-    /* Choice c is the lone run seeded with seed + c. */
-    for (int c = 0; c < 4; c++) {
-        kvd_request_params one = sampled_params(10, 600 + (uint64_t)c);
-        req_out alone = {0};
-        run_one(f, prompt, 100, &one, &alone);
-        assert_same_output(&r.ch[c], &alone.ch[0], c);
-    }
+    /* Choice 0 is the lone run with the seed; choice 1 is not the lone run with seed + 1
+     * (the old seed + choice rule, which made requests' choices coincide). */
+    kvd_request_params one = sampled_params(10, 600);
+    req_out alone = {0};
+    run_one(f, prompt, 100, &one, &alone);
+    assert_same_output(&r.ch[0], &alone.ch[0], 0);
+    one.sampling.seed = 601;
+    req_out next_seed = {0};
+    run_one(f, prompt, 100, &one, &next_seed);
+    assert_true(memcmp(r.ch[1].tokens, next_seed.ch[0].tokens, 10 * sizeof(int32_t)) != 0);
     int differ = 0;
     for (int c = 1; c < 4; c++)
         differ += memcmp(r.ch[c].tokens, r.ch[0].tokens, 10 * sizeof(int32_t)) != 0;
@@ -560,7 +682,7 @@ static void test_n_choices_share_prompt_blocks(void **state)
 
 /* Four choices in a pool that holds barely more than one: they take turns through
  * preemption (choices preempting themselves included), on the engine thread, and
- * each still equals its lone run. */
+ * each still equals the same choice of the request run in a roomy pool. */
 static void test_n_choices_under_pressure(void **state)
 {
     const fixture *f = *state;
@@ -586,12 +708,11 @@ static void test_n_choices_under_pressure(void **state)
     assert_int_equal(st.kv.blocks_used, 0);
     assert_invariants(e);
     kvd_engine_destroy(e);
+    req_out roomy = {0};
+    run_one(f, prompt, 60, &p, &roomy);
     for (int c = 0; c < 4; c++) {
-        kvd_request_params one = sampled_params(30, 800 + (uint64_t)c);
-        req_out alone = {0};
-        run_one(f, prompt, 60, &one, &alone);
         assert_int_equal(r.ch[c].num_finish_events, 1);
-        assert_same_output(&r.ch[c], &alone.ch[0], c);
+        assert_same_output(&r.ch[c], &roomy.ch[c], c);
     }
 }
 
@@ -657,6 +778,189 @@ static void test_cancel_mid_prefill_and_mid_decode(void **state)
     assert_int_equal(st.kv.blocks_used, 0);
     assert_invariants(e);
     kvd_engine_destroy(e);
+}
+
+/* ---- request features ------------------------------------------------------------ */
+
+/* Greedy ids under logit_bias, exactly: -1000 on the first token makes the raw row's
+ * runner-up first; +1000 on an id makes every token that id; a bias on an lm_head row
+ * past the tokenizer (151700) changes nothing, greedy or sampled, as those rows are
+ * never drawn. */
+static void test_logit_bias_exact(void **state)
+{
+    const fixture *f = *state;
+    int32_t prompt[20];
+    make_prompt(prompt, 20, 77);
+    kvd_request_params p = greedy_params(8);
+    p.sampling.logprobs = 2;
+    req_out ref = {0};
+    run_one(f, prompt, 20, &p, &ref);
+    const choice_out *r = &ref.ch[0];
+
+    kvd_logit_bias down = {r->tokens[0], -1000.0f};
+    p.sampling.logit_bias = &down;
+    p.sampling.num_logit_bias = 1;
+    req_out got = {0};
+    run_one(f, prompt, 20, &p, &got);
+    assert_int_equal(got.ch[0].tokens[0], r->runner_up[0]);
+
+    kvd_logit_bias up = {12345, 1000.0f};
+    p.sampling.logit_bias = &up;
+    req_out forced = {0};
+    run_one(f, prompt, 20, &p, &forced);
+    assert_int_equal(forced.ch[0].num_tokens, 8);
+    for (int t = 0; t < 8; t++)
+        assert_int_equal(forced.ch[0].tokens[t], 12345);
+
+    kvd_logit_bias padding = {151700, 1000.0f};
+    assert_true(f->model->config.vocab_size > 151700 && kvd_tokenizer_vocab_size(f->tok) <= 151700);
+    p.sampling.logit_bias = &padding;
+    req_out unchanged = {0};
+    run_one(f, prompt, 20, &p, &unchanged);
+    assert_same_output(&unchanged.ch[0], r, 0);
+    kvd_request_params hot = sampled_params(12, 5);
+    hot.sampling.temperature = 2.0f;
+    hot.sampling.top_k = 0;
+    hot.sampling.top_p = 1.0f;
+    req_out plain = {0}, biased = {0};
+    run_one(f, prompt, 20, &hot, &plain);
+    hot.sampling.logit_bias = &padding;
+    hot.sampling.num_logit_bias = 1;
+    run_one(f, prompt, 20, &hot, &biased);
+    assert_same_output(&biased.ch[0], &plain.ch[0], 0);
+
+    /* Refused at submit: an id outside the model's rows, min_tokens > max_tokens. */
+    kvd_engine_config cfg = small_config(64, 512);
+    kvd_engine *e = make_engine(f, &cfg);
+    kvd_error err = {0};
+    kvd_logit_bias outside = {f->model->config.vocab_size, 1.0f};
+    kvd_request_params bad = greedy_params(8);
+    bad.sampling.logit_bias = &outside;
+    bad.sampling.num_logit_bias = 1;
+    assert_int_equal(kvd_engine_submit(e, prompt, 20, &bad, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "logit_bias"));
+    bad = greedy_params(8);
+    bad.sampling.min_tokens = 9;
+    assert_int_equal(kvd_engine_submit(e, prompt, 20, &bad, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "min_tokens"));
+    assert_false(kvd_engine_busy(e));
+    kvd_engine_destroy(e);
+}
+
+/* min_tokens: with the model's EOS set to the greedy run's k-th token, the run stops
+ * there; with min_tokens = k + 2 the EOS is masked at step k (the raw runner-up comes
+ * instead) and no stop rule ends the choice before k + 2 tokens. A stop string found
+ * only before min_tokens does not stop the choice at all. */
+static void test_min_tokens_exact(void **state)
+{
+    fixture *f = *state;
+    int32_t prompt[25];
+    make_prompt(prompt, 25, 2718);
+    kvd_request_params p = greedy_params(30);
+    p.sampling.logprobs = 2;
+    req_out ref = {0};
+    run_one(f, prompt, 25, &p, &ref);
+    const choice_out *r = &ref.ch[0];
+    int k = find_clean_new_token(f, r, 3, 1);
+    assert_true(k >= 3);
+
+    kvd_model_config saved = f->model->config;
+    f->model->config.eos_token_ids[0] = r->tokens[k];
+    f->model->config.num_eos_token_ids = 1;
+    p.ignore_eos = false;
+    req_out eos = {0}, held = {0};
+    run_one(f, prompt, 25, &p, &eos);
+    p.sampling.min_tokens = k + 2;
+    run_one(f, prompt, 25, &p, &held);
+    f->model->config = saved;
+    assert_int_equal(eos.ch[0].finish, KVD_FINISH_STOP);
+    assert_int_equal(eos.ch[0].num_tokens, k + 1);
+    const choice_out *h = &held.ch[0];
+    assert_true(h->num_tokens >= k + 2);
+    assert_memory_equal(h->tokens, r->tokens, (size_t)k * sizeof(int32_t));
+    assert_int_equal(h->tokens[k], r->runner_up[k]);
+    for (int t = 0; t < k + 2; t++)
+        assert_int_not_equal(h->tokens[t], r->tokens[k]);
+
+    /* A stop string that occurs once in the reference text, inside its first tokens. */
+    int j = -1;
+    char stop[64];
+    size_t stop_len = 0;
+    for (int t = 1; t < 8 && j < 0; t++) {
+        size_t a = r->text_after[t - 1], b = r->text_after[t];
+        if (b - a < 2 || b - a >= sizeof stop)
+            continue;
+        memcpy(stop, r->text + a, b - a);
+        stop_len = b - a;
+        const char *first = memmem(r->text, r->text_len, stop, stop_len);
+        if (first == r->text + a && !memmem(first + 1, r->text_len - a - 1, stop, stop_len))
+            j = t;
+    }
+    assert_true(j >= 1);
+    const char *stops[1] = {stop};
+    kvd_request_params q = greedy_params(30);
+    q.stop = stops;
+    q.stop_len = &stop_len;
+    q.num_stop = 1;
+    req_out cut = {0}, through = {0};
+    run_one(f, prompt, 25, &q, &cut);
+    assert_int_equal(cut.ch[0].finish, KVD_FINISH_STOP);
+    assert_int_equal(cut.ch[0].num_tokens, j + 1);
+    q.sampling.min_tokens = j + 3;
+    run_one(f, prompt, 25, &q, &through);
+    assert_same_output(&through.ch[0], r, 0);
+}
+
+/* include_stop_str_in_output: the text runs to the end of the stop string (a stop
+ * string split across tokens, one holding a NUL byte after it), and a stop id's own
+ * text is kept. */
+static void test_include_stop_str_in_output(void **state)
+{
+    fixture *f = *state;
+    int32_t prompt[30];
+    make_prompt(prompt, 30, 314);
+    kvd_request_params p = greedy_params(40);
+    req_out ref = {0};
+    run_one(f, prompt, 30, &p, &ref);
+    const choice_out *r = &ref.ch[0];
+    /* The reference's bytes 3 characters into token 5 .. 2 bytes into token 6. */
+    int k = find_clean_new_token(f, r, 5, 4);
+    assert_true(k >= 5 && k + 1 < r->num_tokens);
+    size_t start = r->text_after[k - 1] + 2, end = r->text_after[k] + 1;
+    assert_true(end <= r->text_after[k + 1]);
+    char stop[64];
+    size_t stop_len = end - start;
+    memcpy(stop, r->text + start, stop_len);
+    const char *hit = memmem(r->text, r->text_len, stop, stop_len);
+    size_t keep = (size_t)(hit - r->text) + stop_len;
+    /* A second stop string with a NUL inside never matches: NUL is a byte like others. */
+    char with_nul[8] = {stop[0], '\0', stop[1]};
+    const char *stops[2] = {with_nul, stop};
+    size_t lens[2] = {3, stop_len};
+    p.stop = stops;
+    p.stop_len = lens;
+    p.num_stop = 2;
+    p.include_stop_str_in_output = true;
+    req_out got = {0};
+    run_one(f, prompt, 30, &p, &got);
+    assert_int_equal(got.ch[0].finish, KVD_FINISH_STOP);
+    assert_int_equal(got.ch[0].text_len, keep);
+    assert_memory_equal(got.ch[0].text, r->text, keep);
+
+    /* A stop id: its text stays with include_stop_str_in_output, goes without. */
+    int32_t stop_id = r->tokens[k];
+    kvd_request_params q = greedy_params(40);
+    q.stop_token_ids = &stop_id;
+    q.num_stop_token_ids = 1;
+    req_out without = {0}, with = {0};
+    run_one(f, prompt, 30, &q, &without);
+    q.include_stop_str_in_output = true;
+    run_one(f, prompt, 30, &q, &with);
+    assert_int_equal(without.ch[0].num_tokens, k + 1);
+    assert_int_equal(without.ch[0].text_len, r->text_after[k - 1]);
+    assert_int_equal(with.ch[0].num_tokens, k + 1);
+    assert_int_equal(with.ch[0].text_len, r->text_after[k]);
+    assert_memory_equal(with.ch[0].text, r->text, r->text_after[k]);
 }
 
 /* ---- queue bound ------------------------------------------------------------------ */
@@ -805,6 +1109,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_determinism_greedy),
         cmocka_unit_test(test_determinism_sampled),
+        cmocka_unit_test(test_determinism_request_features),
+        cmocka_unit_test(test_determinism_grammar),
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_stop_string_across_tokens),
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
@@ -813,6 +1119,9 @@ int main(void)
         cmocka_unit_test(test_n_choices_under_pressure),
         cmocka_unit_test(test_cancel_mid_prefill_and_mid_decode),
         cmocka_unit_test(test_queue_full_busy),
+        cmocka_unit_test(test_logit_bias_exact),
+        cmocka_unit_test(test_min_tokens_exact),
+        cmocka_unit_test(test_include_stop_str_in_output),
         cmocka_unit_test(test_logprobs_and_kv_snapshot),
         cmocka_unit_test(test_engine_thread),
     };

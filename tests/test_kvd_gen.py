@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """test_kvd_gen.py - kvd-gen end to end on the tiny fixture (Python stdlib only).
 
-Usage: test_kvd_gen.py PATH/TO/kvd-gen   (KVD_TINY_MODEL and KVD_SOURCE_ROOT from meson)
+Usage: test_kvd_gen.py PATH/TO/kvd-gen PATH/TO/kvd-mkmodel
+       (KVD_TINY_MODEL, KVD_SOURCE_ROOT and KVD_TOKENIZER_JSON from meson)
 
 Checks, against the committed numpy golden file: the prompt's ids, the 16 greedy ids
 with the KV cache (f16 and f32, block sizes 1 and 16) and without any cache, the JSON
 fields, the text, --tokenize, EOS stopping, sampling reproducibility by seed, and that bad
-arguments give one line on stderr and exit status 1.
+arguments give one line on stderr and exit status 1. And the padding-row regression: on
+the tiny preset with seed 7 the greedy argmax of a chat prompt's 17th step is id 151780,
+an lm_head row past the tokenizer's 151669 ids (kvd-gen used to exit on it); the numpy
+reference (/usr/bin/python3) shows that, and kvd-gen must take the best printable id.
 """
 
 import json
@@ -21,6 +25,47 @@ def run(gen, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"kvd-gen {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+CHAT_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+TOKENIZER_IDS = 151669
+
+
+def padding_rows_regression(gen, mkmodel):
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "seed7")
+        subprocess.run([mkmodel, "--out", model, "--preset", "tiny", "--seed", "7",
+                        "--tokenizer", os.environ["KVD_TOKENIZER_JSON"]], check=True,
+                       stdout=subprocess.DEVNULL, timeout=120)
+        res = json.loads(run(gen, "--model", model, "--prompt", CHAT_PROMPT, "--max-tokens", "24",
+                             "--ignore-eos", "--json").stdout)
+        ids, prompt_ids = res["ids"], res["prompt_ids"]
+        assert len(ids) == 24 and all(0 <= i < TOKENIZER_IDS for i in ids), ids
+        # The oracle: 17 greedy steps of the numpy reference over the whole row.
+        ref = os.path.join(tmp, "ref.bin")
+        subprocess.run(["/usr/bin/python3", os.path.join(os.environ["KVD_SOURCE_ROOT"], "tests/reference/qwen2_ref.py"),
+                        "--model", model, "--prompt-ids", ",".join(map(str, prompt_ids)),
+                        "--decode-steps", "17", "--out", ref], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=300)
+        with open(ref + ".json") as f:
+            side = json.load(f)
+        assert side["greedy_ids"][16] == 151780, side["greedy_ids"]  # the row that crashed kvd-gen
+        assert ids[:16] == side["greedy_ids"][:16], (ids, side["greedy_ids"])
+        import array
+        vocab = side["vocab_size"]
+        row = array.array("f")
+        with open(ref, "rb") as f:
+            f.seek((len(prompt_ids) - 1 + 16) * vocab * 4)
+            row.frombytes(f.read(vocab * 4))
+        if sys.byteorder != "little":
+            row.byteswap()
+        printable = sorted(range(TOKENIZER_IDS), key=lambda i: -row[i])
+        best, second = printable[0], printable[1]
+        assert row[best] - row[second] > 1e-3, "near tie: the fixture no longer makes a clean case"
+        assert ids[16] == best, (ids[16], best)
+        # Plain (streaming) mode prints the same run without stopping.
+        plain = run(gen, "--model", model, "--prompt", CHAT_PROMPT, "--max-tokens", "24", "--ignore-eos")
+        assert "24 generated" in plain.stderr, plain.stderr
 
 
 def main():
@@ -96,6 +141,7 @@ def main():
         assert proc.returncode == 1, (bad, proc.returncode)
         lines = proc.stderr.strip().split("\n")
         assert len(lines) == 1 and lines[0].startswith("kvd-gen: "), (bad, proc.stderr)
+    padding_rows_regression(gen, sys.argv[2])
     print("kvd-gen: all checks passed")
     return 0
 

@@ -80,7 +80,7 @@ static void test_rng_reference_values(void **state)
 static void test_greedy_ties_lowest_and_rng_untouched(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(6);
+    kvd_sampler *s = kvd_sampler_create(6, 6);
     assert_non_null(s);
     float logits[6] = {1.0f, 3.0f, -2.0f, 3.0f, 2.5f, -INFINITY};
     kvd_sampling_params p = sampling(0.0f);
@@ -105,7 +105,7 @@ static void test_greedy_ties_lowest_and_rng_untouched(void **state)
 static void test_repetition_penalty_exact(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(5);
+    kvd_sampler *s = kvd_sampler_create(5, 5);
     float logits[5] = {2.0f, -1.0f, 1.5f, 0.0f, 1.75f};
     kvd_sampling_params p = sampling(0.0f);
     p.repetition_penalty = 2.0f;
@@ -129,7 +129,7 @@ static void test_repetition_penalty_exact(void **state)
 static void test_presence_frequency_exact(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(4);
+    kvd_sampler *s = kvd_sampler_create(4, 4);
     float logits[4] = {3.0f, 1.0f, 2.5f, 2.0f};
     kvd_sampling_params p = sampling(0.0f);
     p.presence_penalty = 0.5f;
@@ -154,7 +154,7 @@ static void test_presence_frequency_exact(void **state)
 static void test_temperature_distribution(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(4);
+    kvd_sampler *s = kvd_sampler_create(4, 4);
     const float logits[4] = {logf(0.5f), logf(0.25f), logf(0.125f), logf(0.125f)};
     int counts[4];
     kvd_sampling_params p = sampling(1.0f);
@@ -180,7 +180,7 @@ static void test_temperature_distribution(void **state)
 static void test_top_k(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(6);
+    kvd_sampler *s = kvd_sampler_create(6, 6);
     /* Tokens 1 and 4 tie for second place: top_k = 2 keeps 0 and the lower id, 1. */
     const float logits[6] = {logf(0.4f), logf(0.2f), logf(0.1f), logf(0.05f), logf(0.2f), logf(0.05f)};
     int counts[6];
@@ -207,7 +207,7 @@ static void test_top_k(void **state)
 static void test_top_p(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(5);
+    kvd_sampler *s = kvd_sampler_create(5, 5);
     const float logits[5] = {logf(0.05f), logf(0.5f), logf(0.3f), logf(0.1f), logf(0.05f)};
     int counts[5];
     kvd_sampling_params p = sampling(1.0f);
@@ -237,7 +237,7 @@ static void test_top_p(void **state)
 static void test_min_p(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(5);
+    kvd_sampler *s = kvd_sampler_create(5, 5);
     const float logits[5] = {logf(0.4f), logf(0.3f), logf(0.15f), logf(0.1f), logf(0.05f)};
     int counts[5];
     kvd_sampling_params p = sampling(1.0f);
@@ -256,7 +256,7 @@ static void test_min_p(void **state)
 static void test_masked_tokens_never_drawn(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(4);
+    kvd_sampler *s = kvd_sampler_create(4, 4);
     const float logits[4] = {-INFINITY, 0.0f, -INFINITY, 0.0f};
     int counts[4];
     kvd_sampling_params p = sampling(1.5f);
@@ -271,7 +271,7 @@ static void test_seed_reproducibility(void **state)
 {
     (void)state;
     enum { V = 1000, N = 200 };
-    kvd_sampler *s = kvd_sampler_create(V);
+    kvd_sampler *s = kvd_sampler_create(V, V);
     float *base = malloc(V * sizeof *base);
     float *row = malloc(V * sizeof *row);
     kvd_rng grng;
@@ -316,7 +316,7 @@ static double raw_logsumexp(const float *x, int n)
 static void test_logprobs_from_raw_logits(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(6);
+    kvd_sampler *s = kvd_sampler_create(6, 6);
     const float base[6] = {1.0f, 4.0f, 2.0f, 4.0f, -3.0f, 0.5f};
     float logits[6];
     memcpy(logits, base, sizeof logits);
@@ -365,7 +365,7 @@ static void test_full_vocab_filters_match_full_sort(void **state)
 {
     (void)state;
     enum { V = 151936, DRAWS = 300 };
-    kvd_sampler *s = kvd_sampler_create(V);
+    kvd_sampler *s = kvd_sampler_create(V, V);
     float *base = malloc(V * sizeof *base);
     float *row = malloc(V * sizeof *row);
     ranked *order = malloc(V * sizeof *order);
@@ -477,9 +477,9 @@ static void test_isa_bodies_agree(void **state)
 {
     (void)state;
     enum { V = 151936, DRAWS = 40 };
-    kvd_sampler *native = kvd_sampler_create(V);
+    kvd_sampler *native = kvd_sampler_create(V, V);
     setenv("KVD_ISA", "scalar", 1);
-    kvd_sampler *portable = kvd_sampler_create(V);
+    kvd_sampler *portable = kvd_sampler_create(V, V);
     unsetenv("KVD_ISA");
     float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
     kvd_rng grng;
@@ -517,10 +517,204 @@ static void test_isa_bodies_agree(void **state)
     kvd_sampler_destroy(portable);
 }
 
+/* Streams of one seed (choices of one request): stream 0 is the seed itself; stream 1
+ * of seed 42 is not seed 43 (the old seed + choice rule made them equal). Reference
+ * values from Python big integers: state = splitmix64(seed), then
+ * s[i] ^= fmix64(stream * k[i]) for i = 1..3. */
+static void test_rng_streams(void **state)
+{
+    (void)state;
+    kvd_rng a, b;
+    kvd_rng_seed(&a, 42);
+    kvd_rng_seed_stream(&b, 42, 0);
+    assert_memory_equal(&a, &b, sizeof a);
+    kvd_rng_seed_stream(&a, 42, 1);
+    assert_true(a.s[0] == 0xbdd732262feb6e95ull);
+    assert_true(a.s[1] == 0xcacf4b0ac97b3cacull);
+    assert_true(a.s[2] == 0xc55bd3d7e9e28442ull);
+    assert_true(a.s[3] == 0x61805574c9646efcull);
+    assert_true((uint64_t)(kvd_rng_uniform(&a) * 0x1.0p53) == 0x7030e56aa9aa4ull);
+    assert_true((uint64_t)(kvd_rng_uniform(&a) * 0x1.0p53) == 0x1e50e21b72fb3aull);
+    kvd_rng_seed_stream(&b, 43, 0);
+    assert_true((uint64_t)(kvd_rng_uniform(&b) * 0x1.0p53) == 0x120cf6926e0942ull);
+    /* No two of seeds 0..63 x streams 0..15 share a state or a first draw. */
+    enum { SEEDS = 64, STREAMS = 16 };
+    static uint64_t first[SEEDS * STREAMS];
+    for (int sd = 0; sd < SEEDS; sd++)
+        for (int st = 0; st < STREAMS; st++) {
+            kvd_rng_seed_stream(&a, (uint64_t)sd, (uint64_t)st);
+            first[sd * STREAMS + st] = (uint64_t)(kvd_rng_uniform(&a) * 0x1.0p53);
+        }
+    for (int i = 0; i < SEEDS * STREAMS; i++)
+        for (int j = i + 1; j < SEEDS * STREAMS; j++)
+            if (first[i] == first[j])
+                fail_msg("seed/stream %d/%d and %d/%d draw the same first value", i / STREAMS, i % STREAMS,
+                         j / STREAMS, j % STREAMS);
+}
+
+/* logit_bias adds to the listed ids before anything else, exactly; a repeated id adds
+ * twice; the reported logprobs stay those of the raw row; bad ids or values are
+ * refused with logits and rng untouched. */
+static void test_logit_bias(void **state)
+{
+    (void)state;
+    kvd_sampler *s = kvd_sampler_create(4, 4);
+    const float base[4] = {1.0f, 3.0f, 2.0f, 0.0f};
+    float logits[4];
+    memcpy(logits, base, sizeof logits);
+    kvd_sampling_params p = sampling(0.0f);
+    kvd_logit_bias bias[3] = {{0, 2.5f}, {1, -100.0f}, {0, 0.25f}};
+    p.logit_bias = bias;
+    p.num_logit_bias = 3;
+    p.logprobs = 1;
+    kvd_sample_result r;
+    assert_int_equal(kvd_sampler_sample(s, &p, logits, NULL, 0, NULL, 0, NULL, &r), 0);
+    assert_float_equal(logits[0], 3.75f, 0.0f);
+    assert_float_equal(logits[1], -97.0f, 0.0f);
+    assert_float_equal(logits[2], 2.0f, 0.0f);
+    assert_int_equal(r.token, 0);
+    double lse = raw_logsumexp(base, 4);
+    assert_float_equal(r.logprob, 1.0 - lse, 1e-5);
+    assert_int_equal(r.top_tokens[0], 1); /* the raw row's best, bias or not */
+
+    /* Sampled: the shares follow softmax(logits + bias); -100 is never drawn. */
+    int counts[4];
+    kvd_logit_bias flat[2] = {{1, -100.0f}, {3, 2.0f}};
+    p = sampling(1.0f);
+    p.logit_bias = flat;
+    p.num_logit_bias = 2;
+    histogram(s, &p, base, 4, NDRAWS, 5, counts);
+    const double z = exp(1.0) + exp(2.0) + exp(2.0);
+    const double expected[4] = {exp(1.0) / z, 0.0, exp(2.0) / z, exp(2.0) / z};
+    assert_int_equal(counts[1], 0);
+    assert_shares(counts, expected, 4, NDRAWS, 0.006);
+
+    /* Refusals. */
+    kvd_rng rng, before;
+    kvd_rng_seed(&rng, 3);
+    before = rng;
+    memcpy(logits, base, sizeof logits);
+    kvd_logit_bias outside = {4, 1.0f}, negative = {-1, 1.0f}, infinite = {2, INFINITY};
+    const kvd_logit_bias *bad[3] = {&outside, &negative, &infinite};
+    for (int i = 0; i < 3; i++) {
+        p.logit_bias = bad[i];
+        p.num_logit_bias = 1;
+        assert_int_equal(kvd_sampler_sample(s, &p, logits, NULL, 0, NULL, 0, &rng, &r), KVD_EINVAL);
+    }
+    assert_memory_equal(logits, base, sizeof logits);
+    assert_memory_equal(&rng, &before, sizeof rng);
+    kvd_error err = {0};
+    assert_int_equal(kvd_sampling_params_check(&p, &err), KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "logit_bias"));
+    p.logit_bias = NULL;
+    assert_int_equal(kvd_sampling_params_check(&p, NULL), KVD_EINVAL);
+    p.num_logit_bias = KVD_MAX_LOGIT_BIAS + 1;
+    p.logit_bias = flat;
+    assert_int_equal(kvd_sampling_params_check(&p, NULL), KVD_EINVAL);
+    kvd_sampler_destroy(s);
+}
+
+/* min_tokens: the listed stop ids get -inf while fewer than min_tokens tokens were
+ * generated, then compete again; the logprobs stay raw. */
+static void test_min_tokens_masks_stop_ids(void **state)
+{
+    (void)state;
+    kvd_sampler *s = kvd_sampler_create(4, 4);
+    const float base[4] = {5.0f, 1.0f, 2.0f, 4.5f}; /* 0 and 3 play EOS and a stop id */
+    const int32_t stops[2] = {0, 3};
+    const int32_t out[3] = {2, 2, 2};
+    kvd_sampling_params p = sampling(0.0f);
+    p.min_tokens = 3;
+    p.min_tokens_stop_ids = stops;
+    p.num_min_tokens_stop_ids = 2;
+    p.logprobs = 0;
+    float logits[4];
+    kvd_sample_result r;
+    for (int done = 0; done <= 3; done++) {
+        memcpy(logits, base, sizeof logits);
+        assert_int_equal(kvd_sampler_sample(s, &p, logits, NULL, 0, out, done, NULL, &r), 0);
+        assert_int_equal(r.token, done < 3 ? 2 : 0);
+        assert_float_equal(r.logprob, base[r.token] - raw_logsumexp(base, 4), 1e-5);
+        if (done < 3)
+            assert_true(logits[0] == -INFINITY && logits[3] == -INFINITY);
+    }
+    /* Sampled, one token short of min_tokens: the stop ids are never drawn. */
+    kvd_rng rng;
+    kvd_rng_seed(&rng, 11);
+    p.temperature = 1.0f;
+    p.logprobs = -1;
+    for (int i = 0; i < 20000; i++) {
+        memcpy(logits, base, sizeof logits);
+        assert_int_equal(kvd_sampler_sample(s, &p, logits, NULL, 0, out, 2, &rng, &r), 0);
+        assert_true(r.token == 1 || r.token == 2);
+    }
+    p.min_tokens = -1;
+    assert_int_equal(kvd_sampling_params_check(&p, NULL), KVD_EINVAL);
+    p.min_tokens = 3;
+    const int32_t outside[1] = {4};
+    p.min_tokens_stop_ids = outside;
+    p.num_min_tokens_stop_ids = 1;
+    assert_int_equal(kvd_sampler_sample(s, &p, logits, NULL, 0, out, 0, &rng, &r), KVD_EINVAL);
+    kvd_sampler_destroy(s);
+}
+
+/* A sampler made with num_printable < vocab_size never draws nor lists the ids past
+ * it (a model's padding rows), on every path: greedy, the small top_k heap, the
+ * whole-vocabulary filters; logprobs still normalise over the whole row. */
+static void test_unprintable_ids_never_drawn(void **state)
+{
+    (void)state;
+    enum { V = 4000, PRINTABLE = 3000 };
+    kvd_sampler *s = kvd_sampler_create(V, PRINTABLE);
+    assert_non_null(s);
+    assert_int_equal(kvd_sampler_num_printable(s), PRINTABLE);
+    assert_null(kvd_sampler_create(V, V + 1));
+    assert_null(kvd_sampler_create(V, 0));
+    float *base = malloc(V * sizeof *base), *row = malloc(V * sizeof *row);
+    kvd_rng gen;
+    kvd_rng_seed(&gen, 99);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&gen) * 4.0);
+    for (int i = PRINTABLE; i < V; i++)
+        base[i] += 6.0f; /* the padding rows are the most likely ones */
+    base[1234] = 9.0f;   /* the best printable id */
+    kvd_sampling_params greedy = sampling(0.0f);
+    greedy.logprobs = 5;
+    kvd_sample_result r;
+    memcpy(row, base, V * sizeof *row);
+    assert_int_equal(kvd_sampler_sample(s, &greedy, row, NULL, 0, NULL, 0, NULL, &r), 0);
+    assert_int_equal(r.token, 1234);
+    assert_int_equal(r.num_top, 5);
+    assert_int_equal(r.top_tokens[0], 1234);
+    for (int k = 1; k < 5; k++)
+        assert_true(r.top_tokens[k] < PRINTABLE && r.top_logprobs[k] <= r.top_logprobs[k - 1]);
+    assert_float_equal(r.logprob, 9.0 - raw_logsumexp(base, V), 1e-4);
+
+    kvd_sampling_params cfgs[3] = {sampling(1.0f), sampling(1.0f), sampling(2.0f)};
+    cfgs[1].top_k = 50;    /* the heap path */
+    cfgs[2].top_k = 2000;  /* the whole-row path with a cut */
+    cfgs[2].top_p = 0.99f;
+    cfgs[2].min_p = 0.001f;
+    kvd_rng rng;
+    kvd_rng_seed(&rng, 17);
+    int hits_best = 0;
+    for (int c = 0; c < 3; c++)
+        for (int i = 0; i < 3000; i++) {
+            memcpy(row, base, V * sizeof *row);
+            assert_int_equal(kvd_sampler_sample(s, &cfgs[c], row, NULL, 0, NULL, 0, &rng, &r), 0);
+            assert_in_range(r.token, 0, PRINTABLE - 1);
+            hits_best += r.token == 1234;
+        }
+    assert_true(hits_best > 0);
+    free(base);
+    free(row);
+    kvd_sampler_destroy(s);
+}
+
 static void test_bad_params_rejected_untouched(void **state)
 {
     (void)state;
-    kvd_sampler *s = kvd_sampler_create(3);
+    kvd_sampler *s = kvd_sampler_create(3, 3);
     float logits[3] = {1.0f, 2.0f, 3.0f};
     kvd_rng rng, before;
     kvd_rng_seed(&rng, 1);
@@ -545,7 +739,7 @@ static void test_bad_params_rejected_untouched(void **state)
     assert_float_equal(logits[2], 3.0f, 0.0f);
     kvd_sampling_params ok = sampling(1.0f);
     assert_int_equal(kvd_sampler_sample(s, &ok, logits, NULL, 0, NULL, 0, NULL, &r), KVD_EINVAL);
-    assert_null(kvd_sampler_create(0));
+    assert_null(kvd_sampler_create(0, 0));
     kvd_sampler_destroy(NULL);
     kvd_sampler_destroy(s);
 }
@@ -567,6 +761,10 @@ int main(void)
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
         cmocka_unit_test(test_bad_params_rejected_untouched),
+        cmocka_unit_test(test_rng_streams),
+        cmocka_unit_test(test_logit_bias),
+        cmocka_unit_test(test_min_tokens_masks_stop_ids),
+        cmocka_unit_test(test_unprintable_ids_never_drawn),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -366,7 +366,7 @@ static void test_parse_completion_fields(void **state)
 {
     (void)state;
     parsed p;
-    parse(&p, KVD_OAI_COMPLETIONS, "{\"model\": \"m\", \"prompt\": \"Hi\", \"unknown_field\": [1]}");
+    parse(&p, KVD_OAI_COMPLETIONS, "{\"model\": \"m\", \"prompt\": \"Hi\", \"suffix\": null}");
     assert_int_equal(p.rc, 0);
     assert_string_equal(p.req.prompt_text, "Hi");
     assert_int_equal(p.req.prompt_len, 2);
@@ -424,7 +424,12 @@ static void test_parse_completion_fields(void **state)
     assert_string_equal(p.req.prompt_text, "only");
     assert_int_equal(p.req.params.max_tokens, 16);
     assert_int_equal(p.req.params.num_stop, 1);
-    assert_int_equal(p.req.params.sampling.seed, UINT64_MAX);
+    assert_false(p.req.seed_given); /* -1: a random seed, as llama-server */
+    kvd_oai_request_deinit(&p.req);
+    parse(&p, KVD_OAI_COMPLETIONS, "{\"prompt\": \"x\", \"seed\": -2}");
+    assert_int_equal(p.rc, 0);
+    assert_true(p.req.seed_given);
+    assert_int_equal(p.req.params.sampling.seed, UINT64_MAX - 1);
     kvd_oai_request_deinit(&p.req);
     parse(&p, KVD_OAI_COMPLETIONS, "{\"prompt\": [[5, 6]], \"max_completion_tokens\": 9, \"max_tokens\": 3}");
     assert_int_equal(p.rc, 0);
@@ -474,17 +479,60 @@ static void test_parse_errors(void **state)
     expect_error(C, "{\"prompt\": \"x\", \"ignore_eos\": \"yes\"}", "ignore_eos", "boolean");
     expect_error(C, "{\"prompt\": \"x\", \"model\": 3}", "model", "must be a string");
     expect_error(C, "{\"prompt\": \"x\", \"user\": {}}", "user", "must be a string");
-    expect_error(C, "{\"prompt\": \"x\", \"echo\": true}", "echo", "not supported");
+    expect_error(C, "{\"prompt\": \"x\", \"echo\": true, \"logprobs\": 1}", "echo", "prompt's logprobs");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"echo\": true}", "echo",
+                 "/v1/completions only");
     expect_error(C, "{\"prompt\": \"x\", \"best_of\": 2}", "best_of", "not supported");
-    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"5\": 100}}", "logit_bias", "not supported");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"151665\": 1}}", "logit_bias", "0..151664");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"-1\": 1}}", "logit_bias", "not a token id");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"5x\": 1}}", "logit_bias", "not a token id");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"5\": 101}}", "logit_bias", "[-100, 100]");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"5\": \"1\"}}", "logit_bias", "[-100, 100]");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": {\"5\": 1, \"05\": 2}}", "logit_bias", "twice");
+    expect_error(C, "{\"prompt\": \"x\", \"logit_bias\": [5]}", "logit_bias", "must be an object");
+    expect_error(C, "{\"prompt\": \"x\", \"min_tokens\": -1}", "min_tokens", "0..4096");
+    expect_error(C, "{\"prompt\": \"x\", \"min_tokens\": 17}", "min_tokens", "must not exceed max_tokens (16)");
+    expect_error(C, "{\"prompt\": \"x\", \"include_stop_str_in_output\": 1}", "include_stop_str_in_output",
+                 "boolean");
+    /* Known, not implemented: refused with vLLM's words where vLLM refuses too. */
+    expect_error(C, "{\"prompt\": \"x\", \"suffix\": \"\"}", "suffix", "suffix is not currently supported");
+    expect_error(C, "{\"prompt\": \"x\", \"prompt_logprobs\": 0}", "prompt_logprobs", "not supported");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"prompt_logprobs\": 1}",
+                 "prompt_logprobs", "not supported");
+    /* Other servers' fields, and typos: refused by name, never ignored. */
+    static const char *const foreign[] = {"mirostat", "guided_decoding_backend", "typical_p",
+                                          "use_beam_search", "n_predict", "unknown_field", "top_logprobs"};
+    for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++) {
+        char json[128];
+        snprintf(json, sizeof json, "{\"prompt\": \"x\", \"%s\": 1}", foreign[i]);
+        expect_error(C, json, foreign[i], "not supported by kvd");
+    }
+    /* Chat-only fields on completions (tools are honored on chat). */
+    expect_error(C, "{\"prompt\": \"x\", \"tools\": []}", "tools", "not supported by kvd");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"prompt\": \"x\"}",
+                 "prompt", "not supported by kvd");
+    expect_error(C, "{\"prompt\": \"x\", \"stream\": true, \"stream_options\": {\"continuous_usage_stats\": true}}",
+                 "stream_options.continuous_usage_stats", "requires \"include_usage\": true");
+    expect_error(C, "{\"prompt\": \"x\", \"stream\": true, \"stream_options\": {\"chunk_size\": 4}}",
+                 "stream_options.chunk_size", "not supported");
     expect_error(C, "{\"prompt\": \"x\", \"stop_token_ids\": [-1]}", "stop_token_ids", "0..151664");
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logprobs\": 2}", "logprobs",
                  "boolean");
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 3}",
                  "top_logprobs", "requires \"logprobs\": true");
+    /* Structured output: shapes are checked here, schemas compile on a worker (jobs.c). */
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
-                       "{\"type\": \"json_object\"}}",
-                 "response_format", "only");
+                       "{\"type\": \"xml\"}}",
+                 "response_format", "type must be");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": \"n\"}}}",
+                 "response_format.json_schema.schema", "is required");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_json\": 1}", "guided_json", "JSON Schema");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_choice\": []}", "guided_choice", "non-empty array");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_regex\": \"a\", \"grammar\": \"root ::= \\\"a\\\"\"}", "grammar",
+                 "only one of");
+    expect_error(C, "{\"prompt\": \"x\", \"structured_outputs\": {\"xml\": 1}}", "structured_outputs.xml",
+                 "not supported");
     expect_error(CHAT, "{}", "messages", "is required");
     expect_error(CHAT, "{\"messages\": []}", "messages", "must not be empty");
     expect_error(CHAT, "{\"messages\": {}}", "messages", "must be an array");
@@ -500,6 +548,117 @@ static void test_parse_errors(void **state)
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\"}]}]}",
                  "messages[0].content[0].text", "must be a string");
     expect_error(CHAT, "{\"messages\": [\"hi\"]}", "messages[0]", "must be an object");
+}
+
+/* The fields kvd honors beyond OpenAI's basics, and the chat stop ids coming on top
+ * of a client's 64 stop_token_ids. */
+static void test_parse_request_features(void **state)
+{
+    (void)state;
+    parsed p;
+    parse(&p, KVD_OAI_COMPLETIONS,
+          "{\"prompt\": \"x\", \"max_tokens\": 9, \"min_tokens\": 9, \"include_stop_str_in_output\": true,"
+          " \"echo\": true, \"logit_bias\": {\"5\": -100, \"151664\": 2.5}, \"stream\": true,"
+          " \"stream_options\": {\"include_usage\": true, \"continuous_usage_stats\": true}}");
+    assert_int_equal(p.rc, 0);
+    assert_int_equal(p.req.params.sampling.min_tokens, 9);
+    assert_true(p.req.params.include_stop_str_in_output);
+    assert_true(p.req.echo);
+    assert_true(p.req.continuous_usage);
+    assert_int_equal(p.req.params.sampling.num_logit_bias, 2);
+    assert_int_equal(p.req.params.sampling.logit_bias[0].token, 5);
+    assert_float_equal(p.req.params.sampling.logit_bias[0].bias, -100.0f, 0.0f);
+    assert_int_equal(p.req.params.sampling.logit_bias[1].token, 151664);
+    assert_float_equal(p.req.params.sampling.logit_bias[1].bias, 2.5f, 0.0f);
+    kvd_oai_request_deinit(&p.req);
+
+    /* 64 client ids plus the two chat stop ids (one of them listed by the client too). */
+    char json[2048];
+    int len = snprintf(json, sizeof json, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stop_token_ids\": [");
+    for (int i = 0; i < 64; i++)
+        len += snprintf(json + len, sizeof json - (size_t)len, "%s%d", i ? "," : "", i == 63 ? 151645 : 100 + i);
+    snprintf(json + len, sizeof json - (size_t)len, "]}");
+    parse(&p, KVD_OAI_CHAT, json);
+    assert_int_equal(p.rc, 0);
+    assert_int_equal(p.req.params.num_stop_token_ids, 65);
+    assert_int_equal(p.req.params.stop_token_ids[63], 151645);
+    assert_int_equal(p.req.params.stop_token_ids[64], 151643);
+    kvd_oai_request_deinit(&p.req);
+    len = snprintf(json, sizeof json, "{\"prompt\": \"x\", \"stop_token_ids\": [");
+    for (int i = 0; i < 65; i++)
+        len += snprintf(json + len, sizeof json - (size_t)len, "%s%d", i ? "," : "", 100 + i);
+    snprintf(json + len, sizeof json - (size_t)len, "]}");
+    expect_error(KVD_OAI_COMPLETIONS, json, "stop_token_ids", "at most 64 ids");
+}
+
+/* /tokenize's parse of json into r (initialised here); returns its code. */
+static int parse_tokenize(kvd_oai_request *r, const char *json, char *param, size_t cap)
+{
+    kvd_oai_request_init(r);
+    cJSON *body = cJSON_Parse(json);
+    assert_non_null(body);
+    kvd_error err = {0};
+    kvd_oai_model_info info = test_info();
+    int rc = kvd_oai_parse_tokenize(r, body, &info, param, cap, &err);
+    cJSON_Delete(body);
+    return rc;
+}
+
+static void test_parse_tokenize_fields(void **state)
+{
+    (void)state;
+    kvd_oai_request r;
+    char param[128];
+    const char *user_turn = "Hi<|im_end|>\n", *generation = "<|im_start|>assistant\n";
+    assert_int_equal(parse_tokenize(&r, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}", param,
+                                    sizeof param), 0);
+    size_t n = r.chat.text.len;
+    assert_string_equal(r.chat.text.data + n - strlen(generation), generation);
+    kvd_oai_request_deinit(&r);
+    assert_int_equal(parse_tokenize(&r, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], "
+                                        "\"add_generation_prompt\": false}", param, sizeof param), 0);
+    n = r.chat.text.len;
+    assert_int_equal(strlen(r.chat.text.data), n);
+    assert_string_equal(r.chat.text.data + n - strlen(user_turn), user_turn);
+    kvd_oai_request_deinit(&r);
+
+    static const char *const refused[][2] = {
+        {"{\"prompt\": \"x\", \"add_generation_prompt\": true}", "add_generation_prompt"},
+        {"{\"prompt\": \"x\", \"continue_final_message\": true}", "continue_final_message"},
+        {"{\"prompt\": \"x\", \"add_special_tokens\": 1}", "add_special_tokens"},
+    };
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(parse_tokenize(&r, refused[i][0], param, sizeof param), KVD_EINVAL);
+        assert_string_equal(param, refused[i][1]);
+        kvd_oai_request_deinit(&r);
+    }
+}
+
+/* NUL characters are found wherever a string holds one, with the top-level field. */
+static void test_find_nul(void **state)
+{
+    (void)state;
+    static const char *const cases[][2] = {
+        {"{\"prompt\": \"a\\u0000b\"}", "prompt"},
+        {"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"x\\u0000\"}]}", "messages"},
+        {"{\"stop\": [\"ok\", \"\\u0000\"], \"prompt\": \"p\"}", "stop"},
+        {"{\"a\\u0000\": 1}", "(a field name)"},
+        {"{\"prompt\": \"a\\\\u0000b\"}", NULL},  /* an escaped backslash, then plain text */
+        {"{\"prompt\": \"\\\\\\u0000\"}", "prompt"}, /* a backslash, then a NUL */
+        {"{\"prompt\": \"u0000\", \"x\": [\"\\u0001\"]}", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char field[64];
+        bool found = kvd_oai_find_nul(cases[i][0], strlen(cases[i][0]), field, sizeof field);
+        if (found != (cases[i][1] != NULL))
+            fail_msg("%s: found %d", cases[i][0], found);
+        if (found)
+            assert_string_equal(field, cases[i][1]);
+    }
+    const char raw[] = "{\"prompt\": \"a\0b\"}";
+    char field[64];
+    assert_true(kvd_oai_find_nul(raw, sizeof raw - 1, field, sizeof field));
+    assert_string_equal(field, "prompt");
 }
 
 static void test_parse_chat_defaults(void **state)
@@ -981,6 +1140,9 @@ int main(void)
         cmocka_unit_test(test_parse_completion_fields),
         cmocka_unit_test(test_parse_errors),
         cmocka_unit_test(test_parse_chat_defaults),
+        cmocka_unit_test(test_parse_request_features),
+        cmocka_unit_test(test_parse_tokenize_fields),
+        cmocka_unit_test(test_find_nul),
         cmocka_unit_test(test_chat_render),
         cmocka_unit_test(test_chat_builtin_is_qwen25),
         cmocka_unit_test(test_chat_tools_and_history),

@@ -464,25 +464,49 @@ static void test_empty_input(void **state)
     assert_int_equal(kvd_tokenizer_encode(fx->tok, NULL, 3, false, &ids), KVD_EINVAL);
 }
 
-static void test_decode_rejects_bad_ids(void **state)
+/* Negative ids are refused; ids without text (a model's padding rows past the
+ * vocabulary: 151669.. for Qwen2) decode as nothing, whole and streamed. */
+static void test_decode_bad_and_textless_ids(void **state)
 {
     fixture *fx = *state;
-    const int32_t bad[][2] = {{15, -1}, {15, 151669}, {1 << 30, 15}};
-    for (size_t i = 0; i < 3; i++) {
-        kvd_error err = {0};
-        size_t len = 77;
-        assert_null(kvd_tokenizer_decode(fx->tok, bad[i], 2, false, &len, &err));
-        assert_int_equal(err.code, KVD_EINVAL);
-        char want[32];
-        snprintf(want, sizeof want, "id %d", bad[i][0] == 15 ? bad[i][1] : bad[i][0]);
-        assert_non_null(strstr(err.msg, want));
-        assert_int_equal(len, 77);
-    }
+    kvd_error err = {0};
+    size_t len = 77;
+    const int32_t negative[2] = {15, -1};
+    assert_null(kvd_tokenizer_decode(fx->tok, negative, 2, false, &len, &err));
+    assert_int_equal(err.code, KVD_EINVAL);
+    assert_non_null(strstr(err.msg, "id -1"));
+    assert_int_equal(len, 77);
+
+    /* 15 is "0"; 151780 is what a random model sampled past the tokenizer. */
+    const int32_t textless[5] = {151669, 15, 151780, 1 << 30, 151935};
+    char *text = kvd_tokenizer_decode(fx->tok, textless, 5, false, &len, &err);
+    assert_non_null(text);
+    assert_int_equal(len, 1);
+    assert_string_equal(text, "0");
+    free(text);
+
     kvd_detokenizer d;
     kvd_detokenizer_init(&d, fx->tok, false);
     char out[16];
-    assert_int_equal(kvd_detokenizer_push(&d, 151669, out, sizeof out), KVD_EINVAL);
     assert_int_equal(kvd_detokenizer_push(&d, -5, out, sizeof out), KVD_EINVAL);
+    /* The first 3 bytes of a 4-byte character stay held back across a textless id. */
+    int32_t *ids = NULL;
+    const char emoji[] = "\xF0\x9D\x84\x9E"; /* U+1D11E: two tokens, split inside it */
+    int n = kvd_tokenizer_encode(fx->tok, emoji, 4, false, &ids);
+    assert_int_equal(n, 2);
+    size_t got = 0;
+    char whole[64];
+    for (int i = 0; i < n; i++) {
+        int w = kvd_detokenizer_push(&d, ids[i], out, sizeof out);
+        assert_true(w >= 0);
+        memcpy(whole + got, out, (size_t)w);
+        got += (size_t)w;
+        assert_int_equal(kvd_detokenizer_push(&d, 151780, out, sizeof out), 0);
+        assert_string_equal(out, "");
+    }
+    assert_int_equal(got, 4);
+    assert_memory_equal(whole, emoji, 4);
+    free(ids);
 }
 
 /* ---- invalid UTF-8 ---- */
@@ -873,7 +897,7 @@ int main(void)
         cmocka_unit_test(test_vocab_and_special_ids),
         cmocka_unit_test(test_decode_skip_special),
         cmocka_unit_test(test_empty_input),
-        cmocka_unit_test(test_decode_rejects_bad_ids),
+        cmocka_unit_test(test_decode_bad_and_textless_ids),
         cmocka_unit_test(test_invalid_utf8_round_trips),
         cmocka_unit_test(test_long_inputs),
         cmocka_unit_test(test_stream_emoji_split_across_tokens),

@@ -294,7 +294,10 @@ static int run(const gen_options *o, gen_state *g)
     if (!g->pool)
         return fail("%s", err.msg);
     g->ctx = kvd_forward_create(g->model, g->pool, o->no_kv_cache ? total : n, 1, 1, o->threads, &err);
-    g->sampler = kvd_sampler_create(c->vocab_size);
+    /* lm_head rows past the tokenizer (151936 vs 151669 for Qwen2) have no text: a
+     * random fixture's greedy argmax found one. They are never sampled. */
+    const int tok_ids = kvd_tokenizer_vocab_size(g->tok);
+    g->sampler = kvd_sampler_create(c->vocab_size, tok_ids < c->vocab_size ? tok_ids : c->vocab_size);
     g->ids = malloc((size_t)total * sizeof(int32_t));
     g->logits = malloc((size_t)c->vocab_size * sizeof(float));
     if (!g->ctx)

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "kvd/kvd_error.h"
+#include "kvd/kvd_grammar.h"
 #include "kvd/kvd_kv.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_sampler.h"
@@ -52,12 +53,18 @@ typedef struct kvd_engine_config {
 kvd_engine_config kvd_engine_config_default(void);
 
 #define KVD_MAX_STOP_STRINGS 16
-#define KVD_MAX_STOP_TOKEN_IDS 64
+/* A request's stop ids in all: a client's (the server takes up to 64) plus a chat
+ * template's turn-ending ids. */
+#define KVD_MAX_STOP_TOKEN_IDS 128
 #define KVD_MAX_N 16
 
-/* Choice i of a request samples from its own stream seeded with sampling.seed + i,
- * so choices differ and each is reproducible alone. Stop token ids and EOS are part
- * of the choice's tokens but not of its text; a stop string is cut from the text. */
+/* Choice i of a request samples from kvd_rng_seed_stream(sampling.seed, i), so choices
+ * differ from each other and from every choice of every other seed; choice 0 is the
+ * plain seed. Stop token ids and EOS are part of the choice's tokens but not of its
+ * text; a stop string is cut from the text (both kept with include_stop_str_in_output).
+ * min_tokens (sampling.min_tokens): until that many tokens exist, stop ids and EOS are
+ * masked out of sampling (the engine fills sampling.min_tokens_stop_ids itself) and no
+ * stop rule ends the choice, as vLLM does; it must not exceed max_tokens. */
 typedef struct kvd_request_params {
     kvd_sampling_params sampling;
     int max_tokens;            /* > 0; capped by the context left after the prompt and
@@ -67,9 +74,16 @@ typedef struct kvd_request_params {
     bool ignore_eos;           /* keep going past EOS ids (stop_token_ids still stop) */
     bool skip_special_tokens;  /* leave special tokens out of the text (default true) */
     const char *const *stop;   /* stop strings (copied at submit) */
+    const size_t *stop_len;    /* their byte lengths (they may hold NULs); NULL: up to each NUL */
     int num_stop;
+    bool include_stop_str_in_output; /* keep the matched stop string (and a stop id's text) */
     const int32_t *stop_token_ids; /* copied at submit */
     int num_stop_token_ids;
+    /* Structured output: NULL, or a compiled grammar every choice must follow (the
+     * engine holds a reference while the request lives). Each step a choice may only
+     * draw what its grammar allows, EOS and stop ids only where the grammar may end;
+     * the choice finishes with "stop" as soon as the grammar is complete. */
+    kvd_grammar *grammar;
 } kvd_request_params;
 
 /* Default params: the model's generation defaults, max_tokens 16, n 1. */

@@ -5,17 +5,29 @@
  * seeded from the request's seed) draws the token, so a sequence's samples depend
  * only on its own seed and logits, never on what else runs.
  *
- * Order (as Hugging Face / vLLM): repetition penalty (HF: logit > 0 ? logit / p :
- * logit * p, once per distinct token of prompt + output), presence and frequency
- * penalties (OpenAI: logit -= presence + frequency * count, over output tokens),
- * then temperature 0 -> argmax (ties to the lowest id; penalties still apply), else
- * logits / temperature, top_k (ties to the lower id), top_p (smallest best-first set
- * whose probability reaches top_p, at least one token), min_p (drop tokens with
- * p < min_p * p_max), and one draw u = kvd_rng_uniform() walked over the survivors.
- * The engine seeds choice i of a request with kvd_rng_seed(seed + i).
+ * Order (as vLLM): logit_bias (added to each listed id's logit), the min_tokens mask
+ * (while fewer than min_tokens tokens were generated, the ids in min_tokens_stop_ids
+ * get -inf), the structured-output mask (allowed), repetition penalty (HF: logit > 0 ? logit / p : logit * p, once per
+ * distinct token of prompt + output), presence and frequency penalties (OpenAI:
+ * logit -= presence + frequency * count, over output tokens), then temperature 0 ->
+ * argmax (ties to the lowest id; penalties still apply), else logits / temperature,
+ * top_k (ties to the lower id), top_p (smallest best-first set whose probability
+ * reaches top_p, at least one token), min_p (drop tokens with p < min_p * p_max), and
+ * one draw u = kvd_rng_uniform() walked over the survivors.
  *
- * Logprobs come from the log-softmax of the RAW row as the model produced it: before
- * penalties, temperature and filters (what OpenAI reports).
+ * Printable ids: a model's logits row can be wider than its tokenizer (Qwen2's lm_head
+ * has 151936 rows for 151669 ids; a 7B shape 152064): the rows past the tokenizer are
+ * padding with no text. A sampler made with num_printable < vocab_size never draws
+ * them and never lists them as alternatives, whatever their logits.
+ *
+ * Choices: choice c of a request draws from kvd_rng_seed_stream(seed, c). Stream 0 is
+ * kvd_rng_seed(seed); the map (seed, stream) -> generator state is injective, so no
+ * choice of any request starts where another seed's or choice's stream starts (choice 1
+ * of seed 42 is not choice 0 of seed 43, as it was with the old seed + c rule).
+ *
+ * Logprobs come from the log-softmax of the RAW row as the model produced it, over the
+ * whole row: before logit_bias, masks, penalties, temperature and filters (what OpenAI
+ * and vLLM report).
  */
 #ifndef KVD_SAMPLER_H
 #define KVD_SAMPLER_H
@@ -26,6 +38,13 @@
 #include "kvd/kvd_error.h"
 
 #define KVD_MAX_TOP_LOGPROBS 20
+#define KVD_MAX_LOGIT_BIAS 1024
+
+/* One logit_bias entry: bias is added to token's logit before anything else. */
+typedef struct kvd_logit_bias {
+    int32_t token;
+    float bias;
+} kvd_logit_bias;
 
 typedef struct kvd_sampling_params {
     float temperature;        /* 0 = greedy */
@@ -37,14 +56,26 @@ typedef struct kvd_sampling_params {
     float frequency_penalty;  /* 0 = off; OpenAI style, over output tokens */
     uint64_t seed;
     int logprobs;             /* -1 = none; otherwise top alternatives 0..KVD_MAX_TOP_LOGPROBS */
+    const kvd_logit_bias *logit_bias; /* (num_logit_bias) finite biases; an id listed twice adds both */
+    int num_logit_bias;       /* 0..KVD_MAX_LOGIT_BIAS */
+    int min_tokens;           /* 0 = off; the engine fills min_tokens_stop_ids (stop ids + EOS) */
+    const int32_t *min_tokens_stop_ids; /* (num_min_tokens_stop_ids) -inf while num_output < min_tokens */
+    int num_min_tokens_stop_ids;
+    /* Structured output: NULL, or one bit per id (bit id % 32 of word id / 32); ids whose
+     * bit is clear get -inf after the min_tokens mask. The engine points it at the
+     * sequence's grammar mask for one call; raw logprobs are not affected. */
+    const uint32_t *allowed;
 } kvd_sampling_params;
 
-/* Neutral parameters: greedy, no filters, no penalties, seed 0, no logprobs. */
+/* Neutral parameters: greedy, no filters, no penalties, no bias, no min_tokens, seed 0,
+ * no logprobs. */
 kvd_sampling_params kvd_sampling_params_default(void);
 
 /* Returns 0, or KVD_EINVAL with err naming the field (temperature < 0, top_p outside
  * (0, 1], top_k < 0, min_p outside [0, 1], repetition_penalty <= 0, non-finite
- * penalties, logprobs outside -1..KVD_MAX_TOP_LOGPROBS). */
+ * penalties, logprobs outside -1..KVD_MAX_TOP_LOGPROBS, a non-finite logit_bias, more
+ * than KVD_MAX_LOGIT_BIAS of them, min_tokens < 0, a NULL list with a count). Ids are
+ * checked against the vocabulary by kvd_sampler_sample. */
 int kvd_sampling_params_check(const kvd_sampling_params *params, kvd_error *err);
 
 /* xoshiro256** state; plain data, so a sequence can keep it across preemption. */
@@ -54,6 +85,11 @@ typedef struct kvd_rng {
 
 /* Fills the state from seed through splitmix64 (never all zero). */
 void kvd_rng_seed(kvd_rng *rng, uint64_t seed);
+/* Stream `stream` of seed: kvd_rng_seed(seed), then s[i] ^= fmix64(stream * k[i]) for
+ * i = 1..3 (k[i] odd constants; fmix64 splitmix64's finaliser, a bijection with
+ * fmix64(0) = 0). Stream 0 is kvd_rng_seed(seed); s[0] alone determines seed and s[1]
+ * then the stream, so different (seed, stream) pairs never give the same state. */
+void kvd_rng_seed_stream(kvd_rng *rng, uint64_t seed, uint64_t stream);
 /* Uniform in [0, 1). */
 double kvd_rng_uniform(kvd_rng *rng);
 
@@ -70,16 +106,22 @@ typedef struct kvd_sample_result {
 
 typedef struct kvd_sampler kvd_sampler;
 
-/* Scratch sized for vocab_size; one per thread that samples. NULL on ENOMEM. */
-kvd_sampler *kvd_sampler_create(int vocab_size);
+/* Scratch sized for vocab_size (the width of a logits row); one per thread that
+ * samples. Ids >= num_printable (rows past the tokenizer: pass its vocabulary size, or
+ * vocab_size when every row has text) are never drawn nor listed as alternatives.
+ * NULL on ENOMEM or num_printable outside 1..vocab_size. */
+kvd_sampler *kvd_sampler_create(int vocab_size, int num_printable);
 void kvd_sampler_destroy(kvd_sampler *s);
 int kvd_sampler_vocab_size(const kvd_sampler *s);
+int kvd_sampler_num_printable(const kvd_sampler *s);
 
-/* Samples from logits[vocab_size] (modified in place: penalties are applied to it).
- * prompt/output: the sequence's tokens so far, for penalties (ids outside the
- * vocabulary are ignored). rng advances by exactly one draw when temperature > 0 and
- * not at all for greedy (it may be NULL then). Never allocates. Returns 0 and fills
- * out, or KVD_EINVAL (bad params or arguments; logits and rng untouched). */
+/* Samples from logits[vocab_size] (modified in place: bias, masks and penalties are
+ * applied to it). prompt/output: the sequence's tokens so far, for penalties (ids
+ * outside the vocabulary are ignored) and min_tokens (num_output). rng advances by
+ * exactly one draw when temperature > 0 and not at all for greedy (it may be NULL
+ * then). Never allocates. Returns 0 and fills out, or KVD_EINVAL (bad params, a
+ * logit_bias or min_tokens id outside the vocabulary, bad arguments; logits and rng
+ * untouched). */
 int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float *logits,
                        const int32_t *prompt, int num_prompt, const int32_t *output,
                        int num_output, kvd_rng *rng, kvd_sample_result *out);

@@ -43,8 +43,10 @@ int kvd_tokenizer_encode(const kvd_tokenizer *tok, const char *text, size_t len,
 
 /* Decodes ids to bytes, byte-exact: decode(encode(x)) is x after NFC, and ids that end
  * inside a character give the partial bytes (use kvd_detokenizer for text shown to
- * clients). Returns a malloc'ed NUL-terminated string (its length in *out_len if not
- * NULL), or NULL on an id out of range (err set, KVD_EINVAL) or allocation failure.
+ * clients). Ids without text (>= the vocabulary size, e.g. a model's padding rows, or a
+ * gap in the vocabulary) decode as nothing. Returns a malloc'ed NUL-terminated string
+ * (its length in *out_len if not NULL; the bytes may hold NULs), or NULL on a negative
+ * id (err set, KVD_EINVAL) or allocation failure.
  * Special tokens are rendered as their content unless skip_special; non-special added
  * tokens are always rendered. */
 char *kvd_tokenizer_decode(const kvd_tokenizer *tok, const int32_t *ids, size_t n,
@@ -68,8 +70,9 @@ size_t kvd_tokenizer_max_token_bytes(const kvd_tokenizer *tok);
  * of bytes written, holding back an incomplete UTF-8 tail until the next token completes
  * it. The output is always valid UTF-8: ill-formed bytes become U+FFFD, one per maximal
  * ill-formed subpart (a held-back tail cut short by the next token included). A skipped
- * special token writes nothing and keeps the held-back bytes. Never allocates. Returns
- * KVD_EINVAL on an invalid id or when out_cap is too small; the state is then unchanged. */
+ * special token, and an id without text, write nothing and keep the held-back bytes.
+ * Never allocates. Returns KVD_EINVAL on a negative id or when out_cap is too small; the
+ * state is then unchanged. */
 int kvd_detokenizer_push(kvd_detokenizer *d, int32_t id, char *out, size_t out_cap);
 /* Flushes held-back bytes at end of stream (one U+FFFD for the incomplete character, so
  * 0 or 3 bytes) and resets the state. KVD_EINVAL if out_cap < 4 with bytes held back. */

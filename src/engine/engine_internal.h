@@ -43,6 +43,7 @@ typedef struct eng_seq {
     size_t text_len;
     size_t text_cap;
     kvd_finish_reason finish;
+    kvd_grammar_matcher *grammar; /* structured output: where the choice is in its grammar */
     /* This step's schedule. */
     bool scheduled;
     int sched_tokens;
@@ -55,11 +56,13 @@ struct eng_request {
     eng_request *prev_active, *next_active;
     int32_t *prompt;             /* (num_prompt) */
     int num_prompt;
-    kvd_request_params params;   /* stop / stop_token_ids point at the copies below */
-    char **stop;                 /* (num_stop) NUL-terminated copies */
+    kvd_request_params params;   /* its pointers point at the copies below */
+    char **stop;                 /* (num_stop) copies of stop_len bytes (plus a NUL) */
     size_t *stop_len;
     size_t max_stop_len;
     int32_t *stop_ids;           /* (num_stop_token_ids) */
+    kvd_logit_bias *logit_bias;  /* (sampling.num_logit_bias) */
+    int32_t *min_tokens_ids;     /* stop ids, then EOS ids unless ignore_eos: masked before min_tokens */
     int max_tokens;              /* capped by context and pool */
     int n;
     bool forked;                 /* choices > 0 exist (always true when n == 1) */
@@ -88,7 +91,8 @@ kvd_event *eng_event_new(eng_event_pool *pool, int num_tokens, bool with_logprob
 
 /* Builds a request from validated inputs; seqs and buffers sized for max_tokens. */
 eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd_request_params *params,
-                                int max_tokens, const kvd_tokenizer *tok, kvd_error *err);
+                                int max_tokens, const kvd_tokenizer *tok, const kvd_model_config *mcfg,
+                                kvd_error *err);
 /* Frees a request; its tables must already be released. */
 void eng_request_destroy(kvd_kv_pool *pool, eng_request *req);
 

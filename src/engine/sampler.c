@@ -1,10 +1,14 @@
-/* sampler.c - one row of logits to one token: penalties, filters, a seeded draw.
+/* sampler.c - one row of logits to one token: bias, masks, penalties, filters, a draw.
  *
- * The pipeline is the Hugging Face / vLLM one: repetition penalty (prompt + output),
- * presence and frequency penalties (output), then greedy argmax when temperature is 0,
- * else temperature, top_k, top_p, min_p and one uniform draw from the sequence's own
- * xoshiro256** stream. Everything is a pure function of (params, logits, tokens, rng
- * state), so what else runs in the batch can never change a sample.
+ * The pipeline is vLLM's: logit_bias, the min_tokens mask, repetition penalty (prompt
+ * + output), presence and frequency penalties (output), then greedy argmax when
+ * temperature is 0, else temperature, top_k, top_p, min_p and one uniform draw from the
+ * sequence's own xoshiro256** stream. Everything is a pure function of (params, logits,
+ * tokens, rng state), so what else runs in the batch can never change a sample.
+ *
+ * Ids past the tokenizer (num_printable..vocab_size) are padding rows at the end of
+ * the row, so every selection below runs over the first num_printable ids only: they
+ * are never drawn nor listed, at no cost. Logprobs still normalise over the whole row.
  *
  * Speed: the vocabulary is 151936 wide, so a full sort would cost milliseconds and is
  * never done. A small top_k (<= 1024, the common case) keeps the k best in a bounded
@@ -28,6 +32,7 @@
 
 struct kvd_sampler {
     int vocab_size;
+    int num_printable;   /* ids drawn and listed: [0, num_printable) */
     bool avx512;         /* which body the whole-row passes use (same results either way) */
     float *raw;          /* (vocab) unpenalised logits, kept for logprobs when penalties apply */
     float *weights;      /* (vocab) exp((logit - max) / T) when the whole vocabulary is a candidate */
@@ -40,9 +45,16 @@ struct kvd_sampler {
 
 /* ---- random numbers ---------------------------------------------------------- */
 
+static uint64_t fmix64(uint64_t z);
+
 static uint64_t splitmix64_next(uint64_t *state)
 {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    return fmix64(*state += 0x9e3779b97f4a7c15ull);
+}
+
+/* splitmix64's output function: a bijection of 64-bit words with fmix64(0) = 0. */
+static uint64_t fmix64(uint64_t z)
+{
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
@@ -53,6 +65,19 @@ void kvd_rng_seed(kvd_rng *rng, uint64_t seed)
     uint64_t sm = seed;
     for (int i = 0; i < 4; i++)
         rng->s[i] = splitmix64_next(&sm);
+}
+
+void kvd_rng_seed_stream(kvd_rng *rng, uint64_t seed, uint64_t stream)
+{
+    /* Odd multipliers (so stream * k is 0 only for stream 0): 2^64 / phi and two of
+     * Steele and Vigna's LCG multipliers. */
+    static const uint64_t k[4] = {0, 0x9e3779b97f4a7c15ull, 0xd1b54a32d192ed03ull, 0x8cb92ba72f3d8dd7ull};
+    kvd_rng_seed(rng, seed);
+    /* s[0] stays as seed made it: it alone identifies seed and keeps the state nonzero.
+     * s[1] (the next output's word) and the rest move by amounts that differ for every
+     * stream, so even the first draws of two choices are unrelated. */
+    for (int i = 1; i < 4; i++)
+        rng->s[i] ^= fmix64(stream * k[i]);
 }
 
 static inline uint64_t rotl64(uint64_t x, int k)
@@ -94,19 +119,25 @@ kvd_sampling_params kvd_sampling_params_default(void)
         .frequency_penalty = 0.0f,
         .seed = 0,
         .logprobs = -1,
+        .logit_bias = NULL,
+        .num_logit_bias = 0,
+        .min_tokens = 0,
+        .min_tokens_stop_ids = NULL,
+        .num_min_tokens_stop_ids = 0,
     };
     return p;
 }
 
-kvd_sampler *kvd_sampler_create(int vocab_size)
+kvd_sampler *kvd_sampler_create(int vocab_size, int num_printable)
 {
-    if (vocab_size <= 0)
+    if (vocab_size <= 0 || num_printable <= 0 || num_printable > vocab_size)
         return NULL;
     kvd_sampler *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
     size_t n = (size_t)vocab_size;
     s->vocab_size = vocab_size;
+    s->num_printable = num_printable;
     /* KVD_ISA=scalar (as for the compute kernels) forces the portable passes. */
     const char *isa = getenv("KVD_ISA");
     s->avx512 = kvd_vocab_avx512_supported() && !(isa && strcmp(isa, "scalar") == 0);
@@ -144,6 +175,11 @@ int kvd_sampler_vocab_size(const kvd_sampler *s)
     return s->vocab_size;
 }
 
+int kvd_sampler_num_printable(const kvd_sampler *s)
+{
+    return s->num_printable;
+}
+
 int kvd_sampling_params_check(const kvd_sampling_params *p, kvd_error *err)
 {
     if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
@@ -165,6 +201,18 @@ int kvd_sampling_params_check(const kvd_sampling_params *p, kvd_error *err)
     if (p->logprobs < -1 || p->logprobs > KVD_MAX_TOP_LOGPROBS)
         return kvd_error_set(err, KVD_EINVAL, "sampling: logprobs %d must be -1 (off) or 0..%d",
                              p->logprobs, KVD_MAX_TOP_LOGPROBS);
+    if (p->num_logit_bias < 0 || p->num_logit_bias > KVD_MAX_LOGIT_BIAS || (p->num_logit_bias > 0 && !p->logit_bias))
+        return kvd_error_set(err, KVD_EINVAL, "sampling: logit_bias: %d entries, at most %d", p->num_logit_bias,
+                             KVD_MAX_LOGIT_BIAS);
+    for (int i = 0; i < p->num_logit_bias; i++)
+        if (!isfinite(p->logit_bias[i].bias))
+            return kvd_error_set(err, KVD_EINVAL, "sampling: logit_bias for token %d must be finite",
+                                 p->logit_bias[i].token);
+    if (p->min_tokens < 0)
+        return kvd_error_set(err, KVD_EINVAL, "sampling: min_tokens %d must be >= 0", p->min_tokens);
+    if (p->num_min_tokens_stop_ids < 0 || (p->num_min_tokens_stop_ids > 0 && !p->min_tokens_stop_ids))
+        return kvd_error_set(err, KVD_EINVAL, "sampling: min_tokens_stop_ids: bad list of %d ids",
+                             p->num_min_tokens_stop_ids);
     return 0;
 }
 
@@ -373,7 +421,7 @@ static void raw_logprobs(kvd_sampler *s, const float *raw, int num_top, double *
     *lse_out = lse;
     out->num_top = 0;
     if (num_top > 0) {
-        int got = select_top(s->avx512, raw, V, num_top, s->cand_ids, s->cand_vals);
+        int got = select_top(s->avx512, raw, s->num_printable, num_top, s->cand_ids, s->cand_vals);
         for (int j = 0; j < got; j++) {
             out->top_tokens[j] = s->cand_ids[j];
             out->top_logprobs[j] = (float)((double)s->cand_vals[j] - lse);
@@ -406,7 +454,7 @@ static int32_t sample_small_top_k(kvd_sampler *s, const kvd_sampling_params *p, 
 {
     int32_t *ids = s->cand_ids;
     float *w = s->cand_vals;
-    int n = select_top(s->avx512, logits, s->vocab_size, p->top_k, ids, w);
+    int n = select_top(s->avx512, logits, s->num_printable, p->top_k, ids, w);
     double total = 0.0;
     for (int j = 0; j < n; j++)
         w[j] = kvd_vocab_exp1((w[j] - m) * inv_t);
@@ -503,7 +551,7 @@ static float cut_select(float *v, int n, double need, bool by_mass, double *abov
  * those alone. */
 static float top_k_cut(kvd_sampler *s, const float *logits, float m, int k, int *count_above)
 {
-    const int V = s->vocab_size;
+    const int V = s->num_printable;
     double above;
     float lo = m - 64.0f, hi = m;
     int n;
@@ -533,7 +581,7 @@ static float top_k_cut(kvd_sampler *s, const float *logits, float m, int k, int 
 static float nucleus_cut(kvd_sampler *s, const float *w, double need, double *above,
                          int *count_above)
 {
-    const int V = s->vocab_size;
+    const int V = s->num_printable;
     static const float floors[] = {1e-2f, 1e-4f, 1e-6f};
     for (size_t f = 0; f < sizeof floors / sizeof floors[0]; f++) {
         int count = 0;
@@ -551,7 +599,7 @@ static float nucleus_cut(kvd_sampler *s, const float *w, double need, double *ab
 static int32_t sample_vocab(kvd_sampler *s, const kvd_sampling_params *p, const float *logits,
                             float m, float inv_t, kvd_rng *rng)
 {
-    const int V = s->vocab_size;
+    const int V = s->num_printable;
     float *w = s->weights;
     kvd_vocab_exp(s->avx512, w, logits, V, m, inv_t);
 
@@ -605,7 +653,7 @@ static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, con
                                kvd_rng *rng)
 {
     enum { SMALL_TOP_K = 1024 };
-    const int V = s->vocab_size;
+    const int V = s->num_printable;
     const float inv_t = 1.0f / p->temperature;
     const float m = kvd_vocab_max(s->avx512, logits, V);
     if (!isfinite(m))
@@ -615,6 +663,18 @@ static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, con
     return sample_vocab(s, p, logits, m, inv_t, rng);
 }
 
+/* True when some id of the bias or min_tokens lists lies outside the row. */
+static bool ids_outside(const kvd_sampling_params *p, int V)
+{
+    for (int i = 0; i < p->num_logit_bias; i++)
+        if (p->logit_bias[i].token < 0 || p->logit_bias[i].token >= V)
+            return true;
+    for (int i = 0; i < p->num_min_tokens_stop_ids; i++)
+        if (p->min_tokens_stop_ids[i] < 0 || p->min_tokens_stop_ids[i] >= V)
+            return true;
+    return false;
+}
+
 int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float *logits,
                        const int32_t *prompt, int num_prompt, const int32_t *output,
                        int num_output, kvd_rng *rng, kvd_sample_result *out)
@@ -622,29 +682,50 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     if (!s || !params || !logits || !out || (num_prompt > 0 && !prompt) ||
         (num_output > 0 && !output) || num_prompt < 0 || num_output < 0)
         return KVD_EINVAL;
-    if (kvd_sampling_params_check(params, NULL) < 0)
+    if (kvd_sampling_params_check(params, NULL) < 0 || ids_outside(params, s->vocab_size))
         return KVD_EINVAL;
     if (params->temperature > 0.0f && !rng)
         return KVD_EINVAL;
     const int V = s->vocab_size;
     const bool want_logprobs = params->logprobs >= 0;
     const bool penalise = penalties_active(params);
+    const bool mask_stops = num_output < params->min_tokens && params->num_min_tokens_stop_ids > 0;
+    const bool rewrite = penalise || params->num_logit_bias > 0 || mask_stops || params->allowed;
     const float *raw = logits;
     double lse = 0.0;
 
     out->num_top = 0;
     out->logprob = 0.0f;
     if (want_logprobs) {
-        if (penalise) {
+        if (rewrite) {
             memcpy(s->raw, logits, (size_t)V * sizeof *logits);
             raw = s->raw;
         }
         raw_logprobs(s, raw, params->logprobs, &lse, out);
     }
+    for (int i = 0; i < params->num_logit_bias; i++)
+        logits[params->logit_bias[i].token] += params->logit_bias[i].bias;
+    if (mask_stops)
+        for (int i = 0; i < params->num_min_tokens_stop_ids; i++)
+            logits[params->min_tokens_stop_ids[i]] = -INFINITY;
+    if (params->allowed)
+        for (int w = 0; w * 32 < V; w++) {
+            const uint32_t bits = params->allowed[w];
+            const int end = w * 32 + 32 < V ? w * 32 + 32 : V;
+            if (bits == UINT32_MAX)
+                continue;
+            if (bits == 0) /* the common word under a grammar: no branch per id */
+                for (int i = w * 32; i < end; i++)
+                    logits[i] = -INFINITY;
+            else
+                for (int i = w * 32; i < end; i++)
+                    if (!((bits >> (i & 31)) & 1))
+                        logits[i] = -INFINITY;
+        }
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);
 
-    int32_t token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, V)
+    int32_t token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
                                                 : sample_filtered(s, params, logits, rng);
     out->token = token;
     if (want_logprobs)

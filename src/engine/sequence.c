@@ -9,7 +9,11 @@
  * tokens, so the longest suffix of the pending text that could begin a stop string is
  * held back; everything before it is delivered. On a match the text is cut where the
  * stop string begins and the choice finishes with STOP: no part of the stop string is
- * ever delivered. Stop token ids and EOS finish with STOP without their text.
+ * ever delivered. Stop token ids and EOS finish with STOP without their text. With
+ * include_stop_str_in_output the cut falls after the stop string, and a stop id's text
+ * is kept (as vLLM). Before min_tokens tokens exist no stop rule applies (the sampler
+ * keeps stop ids and EOS out meanwhile); a stop string may still begin in text held
+ * back from before. Stop strings are byte strings with lengths: NULs are ordinary bytes.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -24,14 +28,21 @@ static size_t text_cap_for(size_t max_stop_len, size_t max_token_bytes)
     return max_stop_len + max_token_bytes + 16 + 8 * 3 + 1;
 }
 
+static size_t stop_length(const kvd_request_params *params, int i)
+{
+    return params->stop_len ? params->stop_len[i] : strlen(params->stop[i]);
+}
+
 eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd_request_params *params,
-                                int max_tokens, const kvd_tokenizer *tok, kvd_error *err)
+                                int max_tokens, const kvd_tokenizer *tok, const kvd_model_config *mcfg,
+                                kvd_error *err)
 {
     eng_request *req = calloc(1, sizeof *req);
     if (!req)
         goto nomem;
     req->num_prompt = num_prompt;
     req->params = *params;
+    req->params.grammar = NULL; /* retained once the request is whole */
     req->max_tokens = max_tokens;
     req->n = params->n;
     req->forked = params->n == 1;
@@ -47,16 +58,18 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
         if (!req->stop || !req->stop_len)
             goto nomem;
         for (int i = 0; i < params->num_stop; i++) {
-            req->stop_len[i] = strlen(params->stop[i]);
+            req->stop_len[i] = stop_length(params, i);
             req->stop[i] = malloc(req->stop_len[i] + 1);
             if (!req->stop[i])
                 goto nomem;
-            memcpy(req->stop[i], params->stop[i], req->stop_len[i] + 1);
+            memcpy(req->stop[i], params->stop[i], req->stop_len[i]);
+            req->stop[i][req->stop_len[i]] = '\0';
             if (req->stop_len[i] > req->max_stop_len)
                 req->max_stop_len = req->stop_len[i];
         }
     }
     req->params.stop = (const char *const *)req->stop;
+    req->params.stop_len = req->stop_len;
     if (params->num_stop_token_ids > 0) {
         req->stop_ids = malloc((size_t)params->num_stop_token_ids * sizeof *req->stop_ids);
         if (!req->stop_ids)
@@ -65,6 +78,28 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
                (size_t)params->num_stop_token_ids * sizeof *req->stop_ids);
     }
     req->params.stop_token_ids = req->stop_ids;
+
+    kvd_sampling_params *sp = &req->params.sampling;
+    if (sp->num_logit_bias > 0) {
+        req->logit_bias = malloc((size_t)sp->num_logit_bias * sizeof *req->logit_bias);
+        if (!req->logit_bias)
+            goto nomem;
+        memcpy(req->logit_bias, params->sampling.logit_bias, (size_t)sp->num_logit_bias * sizeof *req->logit_bias);
+    }
+    sp->logit_bias = req->logit_bias;
+    /* The ids that would end the choice: masked until min_tokens tokens exist. */
+    sp->min_tokens_stop_ids = NULL;
+    sp->num_min_tokens_stop_ids = 0;
+    if (sp->min_tokens > 0) {
+        const int num_eos = params->ignore_eos ? 0 : mcfg->num_eos_token_ids;
+        req->min_tokens_ids = malloc((size_t)(params->num_stop_token_ids + num_eos + 1) * sizeof *req->min_tokens_ids);
+        if (!req->min_tokens_ids)
+            goto nomem;
+        memcpy(req->min_tokens_ids, params->stop_token_ids, (size_t)params->num_stop_token_ids * sizeof(int32_t));
+        memcpy(req->min_tokens_ids + params->num_stop_token_ids, mcfg->eos_token_ids, (size_t)num_eos * sizeof(int32_t));
+        sp->min_tokens_stop_ids = req->min_tokens_ids;
+        sp->num_min_tokens_stop_ids = params->num_stop_token_ids + num_eos;
+    }
 
     req->seqs = calloc((size_t)req->n, sizeof *req->seqs);
     if (!req->seqs)
@@ -83,10 +118,16 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
         seq->text_cap = text_cap;
         memcpy(seq->tokens, prompt, (size_t)num_prompt * sizeof *prompt);
         seq->num_tokens = num_prompt;
-        /* Choice c draws from its own stream seeded with seed + c (documented). */
-        kvd_rng_seed(&seq->rng, params->sampling.seed + (uint64_t)c);
+        /* Choice c draws from stream c of the seed (kvd_sampler.h says why not seed + c). */
+        kvd_rng_seed_stream(&seq->rng, params->sampling.seed, (uint64_t)c);
         kvd_detokenizer_init(&seq->detok, tok, params->skip_special_tokens);
+        if (params->grammar) {
+            seq->grammar = kvd_grammar_matcher_create(params->grammar, NULL);
+            if (!seq->grammar)
+                goto nomem;
+        }
     }
+    req->params.grammar = kvd_grammar_retain(params->grammar);
     return req;
 
 nomem:
@@ -111,6 +152,7 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
             }
             free(seq->tokens);
             free(seq->text);
+            kvd_grammar_matcher_destroy(seq->grammar);
         }
         free(req->seqs);
     }
@@ -120,7 +162,10 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
     free(req->stop);
     free(req->stop_len);
     free(req->stop_ids);
+    free(req->logit_bias);
+    free(req->min_tokens_ids);
     free(req->prompt);
+    kvd_grammar_release(req->params.grammar);
     free(req);
 }
 
@@ -141,16 +186,22 @@ static bool is_stop_token(const eng_request *req, const kvd_model_config *mcfg, 
     return false;
 }
 
-/* Offset of the earliest complete stop string in text, or -1. */
-static long find_stop(const eng_request *req, const char *text, size_t len)
+/* Where the text ends at the earliest complete stop string (its start, or its end when
+ * the stop string is kept; the earliest start wins, then the shortest), or -1. */
+static long find_stop(const eng_request *req, const char *text, size_t len, bool keep_stop)
 {
-    long best = -1;
+    long best = -1, best_end = -1;
     for (int i = 0; i < req->params.num_stop; i++) {
         const char *hit = memmem(text, len, req->stop[i], req->stop_len[i]);
-        if (hit && (best < 0 || hit - text < best))
-            best = hit - text;
+        if (!hit)
+            continue;
+        long at = hit - text, end = at + (long)req->stop_len[i];
+        if (best < 0 || at < best || (at == best && end < best_end)) {
+            best = at;
+            best_end = end;
+        }
     }
-    return best;
+    return keep_stop ? best_end : best;
 }
 
 /* Length of the longest proper suffix of text that is a prefix of some stop string. */
@@ -170,24 +221,31 @@ kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcf
     eng_request *req = seq->req;
     seq->tokens[seq->num_tokens++] = token;
     const int num_output = seq->num_tokens - req->num_prompt;
+    const bool stops_apply = num_output >= req->params.sampling.min_tokens;
+    const bool include_stop = req->params.include_stop_str_in_output;
     kvd_finish_reason finish = KVD_FINISH_NONE;
     bool matched_stop_string = false;
 
-    if (is_stop_token(req, mcfg, token)) {
-        finish = KVD_FINISH_STOP; /* its text is not part of the output */
-    } else {
+    if (stops_apply && is_stop_token(req, mcfg, token))
+        finish = KVD_FINISH_STOP; /* its text is not part of the output unless include_stop */
+    if (finish == KVD_FINISH_NONE || include_stop) {
         int n = kvd_detokenizer_push(&seq->detok, token, seq->text + seq->text_len,
                                      seq->text_cap - seq->text_len);
         /* An id past the tokenizer (embedding rows beyond its vocabulary) has no text. */
         if (n > 0)
             seq->text_len += (size_t)n;
-        long at = find_stop(req, seq->text, seq->text_len);
+    }
+    if (finish == KVD_FINISH_NONE && stops_apply) {
+        long at = find_stop(req, seq->text, seq->text_len, include_stop);
         if (at >= 0) {
             seq->text_len = (size_t)at;
             finish = KVD_FINISH_STOP;
             matched_stop_string = true;
         }
     }
+    /* A complete grammar ends the choice whatever min_tokens says: nothing else may come. */
+    if (finish == KVD_FINISH_NONE && seq->grammar && kvd_grammar_matcher_is_complete(seq->grammar))
+        finish = KVD_FINISH_STOP;
     if (finish == KVD_FINISH_NONE && num_output >= req->max_tokens)
         finish = KVD_FINISH_LENGTH;
     if (finish != KVD_FINISH_NONE && !matched_stop_string) {
@@ -195,7 +253,7 @@ kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcf
         int n = kvd_detokenizer_flush(&seq->detok, seq->text + seq->text_len, seq->text_cap - seq->text_len);
         if (n > 0)
             seq->text_len += (size_t)n;
-        long at = find_stop(req, seq->text, seq->text_len);
+        long at = stops_apply ? find_stop(req, seq->text, seq->text_len, include_stop) : -1;
         if (at >= 0) {
             seq->text_len = (size_t)at;
             finish = KVD_FINISH_STOP;

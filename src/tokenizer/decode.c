@@ -8,6 +8,11 @@
  * per maximal ill-formed subpart (Unicode's recommended practice, what WHATWG decoders
  * and Rust's from_utf8_lossy do). Its output is always valid UTF-8 and push never
  * allocates: it runs once per generated token.
+ *
+ * Ids the tokenizer has no text for (a model's padding rows past its vocabulary, e.g.
+ * 151669..151935 for Qwen2, or a gap in a vocabulary) decode as nothing, whole or
+ * streamed: a sampled id must never stop a stream or a tool. Only negative ids are
+ * refused, since no model produces them.
  */
 #include "tok_internal.h"
 
@@ -16,7 +21,8 @@
 
 static const unsigned char replacement[3] = {0xEF, 0xBF, 0xBD}; /* U+FFFD */
 
-static bool id_valid(const kvd_tokenizer *tok, int32_t id)
+/* An id with text; other non-negative ids decode as nothing. */
+static bool id_has_text(const kvd_tokenizer *tok, int32_t id)
 {
     return id >= 0 && id < tok->num_ids && (tok->id_flags[id] & TOK_ID_PRESENT);
 }
@@ -61,12 +67,12 @@ char *kvd_tokenizer_decode(const kvd_tokenizer *tok, const int32_t *ids, size_t 
     }
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!id_valid(tok, ids[i])) {
-            kvd_error_set(err, KVD_EINVAL, "tokenizer: id %d at position %zu is not in the vocabulary (0..%d)",
-                          ids[i], i, tok->num_ids - 1);
+        if (ids[i] < 0) {
+            kvd_error_set(err, KVD_EINVAL, "tokenizer: id %d at position %zu is negative", ids[i], i);
             return NULL;
         }
-        total += tok->token_offset[ids[i] + 1] - tok->token_offset[ids[i]];
+        if (id_has_text(tok, ids[i]))
+            total += tok->token_offset[ids[i] + 1] - tok->token_offset[ids[i]];
     }
     char *out = malloc(total + 1);
     if (!out) {
@@ -75,7 +81,7 @@ char *kvd_tokenizer_decode(const kvd_tokenizer *tok, const int32_t *ids, size_t 
     }
     size_t len = 0;
     for (size_t i = 0; i < n; i++) {
-        if (skip_special && (tok->id_flags[ids[i]] & TOK_ID_SPECIAL))
+        if (!id_has_text(tok, ids[i]) || (skip_special && (tok->id_flags[ids[i]] & TOK_ID_SPECIAL)))
             continue;
         uint32_t off = tok->token_offset[ids[i]], tlen = tok->token_offset[ids[i] + 1] - off;
         memcpy(out + len, tok->token_bytes + off, tlen);
@@ -112,10 +118,10 @@ static void sink_put(sink *s, const unsigned char *bytes, size_t n)
 int kvd_detokenizer_push(kvd_detokenizer *d, int32_t id, char *out, size_t out_cap)
 {
     const kvd_tokenizer *tok = d->tok;
-    if (!out || out_cap == 0 || !id_valid(tok, id))
+    if (!out || out_cap == 0 || id < 0)
         return KVD_EINVAL;
     sink s = {.out = out, .cap = out_cap};
-    if (d->skip_special && (tok->id_flags[id] & TOK_ID_SPECIAL)) {
+    if (!id_has_text(tok, id) || (d->skip_special && (tok->id_flags[id] & TOK_ID_SPECIAL))) {
         out[0] = '\0';
         return 0;
     }

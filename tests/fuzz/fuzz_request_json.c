@@ -11,7 +11,9 @@
  *     1..context, n in 1..KVD_MAX_N, sampling parameters passing
  *     kvd_sampling_params_check, at most KVD_MAX_STOP_STRINGS non-empty stop strings
  *     of at most KVD_OAI_MAX_STOP_BYTES, stop ids inside the vocabulary, logprobs
- *     consistent, stream_options only with stream;
+ *     consistent, stream_options only with stream, min_tokens <= max_tokens,
+ *     logit_bias ids inside the vocabulary and distinct, echo only on completions
+ *     without logprobs;
  *   - completions carry exactly one prompt: text, or ids inside the vocabulary;
  *   - chat prompts (the built-in template, Qwen2.5's) end with the generation prompt
  *     unless the body turned it off or continues the last message, their data spans
@@ -114,6 +116,16 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
     CHECK(r->top_logprobs >= 0 && r->top_logprobs <= KVD_MAX_TOP_LOGPROBS);
     CHECK(p->sampling.logprobs == (r->logprobs ? r->top_logprobs : -1));
     CHECK(!r->include_usage || r->stream);
+    CHECK(!r->continuous_usage || r->include_usage);
+    CHECK(!r->echo || (route == KVD_OAI_COMPLETIONS && !r->logprobs));
+    CHECK(p->sampling.min_tokens >= 0 && p->sampling.min_tokens <= p->max_tokens);
+    CHECK(p->sampling.num_logit_bias >= 0 && p->sampling.num_logit_bias <= KVD_MAX_LOGIT_BIAS);
+    for (int i = 0; i < p->sampling.num_logit_bias; i++) {
+        CHECK(p->sampling.logit_bias[i].token >= 0 && p->sampling.logit_bias[i].token < info->vocab_size);
+        CHECK(p->sampling.logit_bias[i].bias >= -100.0f && p->sampling.logit_bias[i].bias <= 100.0f);
+        for (int j = 0; j < i; j++)
+            CHECK(p->sampling.logit_bias[j].token != p->sampling.logit_bias[i].token);
+    }
     if (route == KVD_OAI_CHAT) {
         check_chat(r, info, body);
         return;
