@@ -484,7 +484,7 @@ static void test_parse_errors(void **state)
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"prompt_logprobs\": 1}",
                  "prompt_logprobs", "not supported");
     /* Other servers' fields, and typos: refused by name, never ignored. */
-    static const char *const foreign[] = {"tools", "tool_choice", "mirostat", "guided_json", "typical_p",
+    static const char *const foreign[] = {"tools", "tool_choice", "mirostat", "guided_decoding_backend", "typical_p",
                                           "use_beam_search", "n_predict", "unknown_field", "top_logprobs"};
     for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++) {
         char json[128];
@@ -504,9 +504,19 @@ static void test_parse_errors(void **state)
                  "boolean");
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 3}",
                  "top_logprobs", "requires \"logprobs\": true");
+    /* Structured output: shapes are checked here, schemas compile on a worker (jobs.c). */
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
-                       "{\"type\": \"json_object\"}}",
-                 "response_format", "only");
+                       "{\"type\": \"xml\"}}",
+                 "response_format", "type must be");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": \"n\"}}}",
+                 "response_format.json_schema.schema", "is required");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_json\": 1}", "guided_json", "JSON Schema");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_choice\": []}", "guided_choice", "non-empty array");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_regex\": \"a\", \"grammar\": \"root ::= \\\"a\\\"\"}", "grammar",
+                 "only one of");
+    expect_error(C, "{\"prompt\": \"x\", \"structured_outputs\": {\"xml\": 1}}", "structured_outputs.xml",
+                 "not supported");
     expect_error(CHAT, "{}", "messages", "is required");
     expect_error(CHAT, "{\"messages\": []}", "messages", "must not be empty");
     expect_error(CHAT, "{\"messages\": {}}", "messages", "must be an array");
