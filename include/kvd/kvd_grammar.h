@@ -2,10 +2,13 @@
  * llama.cpp's GBNF compile to one grammar; a matcher walks it token by token and
  * gives the set of token ids that keep the output inside the grammar.
  *
- * Owns: kvd_grammar_vocab (every token's bytes and a byte trie over them; immutable,
- * share it among threads), kvd_grammar (a compiled grammar, reference counted,
- * immutable except its mask cache, which is locked inside: share it among matchers on
- * any thread), kvd_grammar_matcher (one sequence's position; one thread at a time).
+ * Owns: kvd_grammar_vocab (every token's bytes and a byte trie over them, plus the mask
+ * cache entries all grammars share; share it among threads, the cache is locked
+ * inside), kvd_grammar (a compiled grammar, reference counted, immutable except its
+ * mask cache, locked inside: share it among matchers on any thread; it borrows its
+ * vocabulary, which must outlive it), kvd_grammar_matcher (one sequence's position;
+ * one thread at a time), kvd_grammar_cache (compiled grammars by source; owns its
+ * vocabulary).
  *
  * Masks: bit id of mask[id / 32] (bit id % 32) is set when the token may come next.
  * Special tokens and ids the tokenizer does not define are never set; the caller adds
