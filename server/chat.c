@@ -369,9 +369,7 @@ int kvd_chat_parse_tools(const cJSON *body, kvd_chat_tools *out, char *param, si
             else if (!strcmp(c, "auto"))
                 out->choice = KVD_TOOL_CHOICE_AUTO;
             else if (!strcmp(c, "required"))
-                return bad_field(param, param_cap, err, "tool_choice",
-                                 "\"required\" needs constrained decoding, which this server does not have yet; use "
-                                 "\"auto\" (the model may answer without a call)");
+                out->choice = KVD_TOOL_CHOICE_REQUIRED;
             else
                 return bad_field(param, param_cap, err, "tool_choice",
                                  "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}");
@@ -391,9 +389,8 @@ int kvd_chat_parse_tools(const cJSON *body, kvd_chat_tools *out, char *param, si
             }
             if (!known)
                 return bad_field(param, param_cap, err, "tool_choice.function.name", "names no function in \"tools\"");
-            return bad_field(param, param_cap, err, "tool_choice",
-                             "a named function needs constrained decoding, which this server does not have yet; use "
-                             "\"auto\"");
+            out->choice = KVD_TOOL_CHOICE_NAMED;
+            out->forced_name = name->valuestring;
         } else {
             return bad_field(param, param_cap, err, "tool_choice", "must be a string or an object");
         }
@@ -406,7 +403,58 @@ int kvd_chat_parse_tools(const cJSON *body, kvd_chat_tools *out, char *param, si
     }
     if (out->choice == KVD_TOOL_CHOICE_NONE)
         out->tools = NULL;
+    if (out->choice == KVD_TOOL_CHOICE_REQUIRED && !out->tools)
+        return bad_field(param, param_cap, err, "tool_choice", "\"required\" needs \"tools\" to choose from");
     return 0;
+}
+
+/* One tool's call body: {"name": const, "arguments": its parameters} (the empty
+ * object when it declares none: OpenAI's function without arguments), both required,
+ * nothing else. */
+static cJSON *forced_call_branch(const cJSON *fn)
+{
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
+    cJSON *branch = cJSON_CreateObject();
+    cJSON *props = cJSON_AddObjectToObject(branch, "properties");
+    cJSON *name_schema = cJSON_AddObjectToObject(props, "name");
+    cJSON_AddStringToObject(name_schema, "const", name->valuestring);
+    cJSON *args = cJSON_IsObject(params) ? cJSON_Duplicate(params, true) : cJSON_CreateObject();
+    if (args && !cJSON_IsObject(params)) {
+        cJSON_AddStringToObject(args, "type", "object");
+        cJSON_AddFalseToObject(args, "additionalProperties");
+    }
+    cJSON_AddItemToObject(props, "arguments", args);
+    cJSON *required = cJSON_AddArrayToObject(branch, "required");
+    cJSON_AddItemToArray(required, cJSON_CreateString("name"));
+    cJSON_AddItemToArray(required, cJSON_CreateString("arguments"));
+    cJSON_AddStringToObject(branch, "type", "object");
+    cJSON_AddFalseToObject(branch, "additionalProperties");
+    return branch;
+}
+
+char *kvd_chat_forced_call_schema(const kvd_chat_tools *tools)
+{
+    cJSON *schema = NULL, *any = cJSON_CreateArray();
+    const cJSON *tool;
+    cJSON_ArrayForEach(tool, tools->tools) {
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+        if (tools->choice == KVD_TOOL_CHOICE_NAMED && strcmp(name->valuestring, tools->forced_name) != 0)
+            continue;
+        cJSON_AddItemToArray(any, forced_call_branch(fn));
+    }
+    if (cJSON_GetArraySize(any) == 1) {
+        schema = cJSON_DetachItemFromArray(any, 0);
+    } else {
+        schema = cJSON_CreateObject();
+        cJSON_AddItemToObject(schema, "anyOf", any);
+        any = NULL;
+    }
+    cJSON_Delete(any);
+    char *text = schema ? cJSON_PrintUnformatted(schema) : NULL;
+    cJSON_Delete(schema);
+    return text;
 }
 
 int kvd_chat_parse_options(const cJSON *body, const kvd_chat_tools *tools, kvd_chat_options *out, char *param,

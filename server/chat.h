@@ -64,20 +64,32 @@ const char *kvd_chat_template_builtin_source(void);
 typedef enum kvd_tool_choice {
     KVD_TOOL_CHOICE_AUTO = 0, /* the default when tools are given */
     KVD_TOOL_CHOICE_NONE,     /* tools are not rendered and calls are not parsed */
+    KVD_TOOL_CHOICE_REQUIRED, /* the answer is one call of some offered function (grammar-forced) */
+    KVD_TOOL_CHOICE_NAMED,    /* the answer is one call of kvd_chat_tools.forced_name */
 } kvd_tool_choice;
 
 /* The request's tools after validation (borrowed from the request body). */
 typedef struct kvd_chat_tools {
     const cJSON *tools;          /* the array, or NULL when absent/empty */
     kvd_tool_choice choice;
+    const char *forced_name;     /* KVD_TOOL_CHOICE_NAMED: the function (borrowed) */
     bool parallel;               /* parallel_tool_calls (default true) */
 } kvd_chat_tools;
 
 /* Validates "tools", "tool_choice" and "parallel_tool_calls" of a chat body. Returns 0,
  * or KVD_EINVAL naming the field in param ("tools[1].function.parameters"). tool_choice
- * "required" and a named function need constrained decoding, which kvd does not have
- * yet: they are refused, never ignored. */
+ * "required" and a named function need tools; the caller forces the call with a grammar
+ * (kvd_chat_forced_call_schema). */
 int kvd_chat_parse_tools(const cJSON *body, kvd_chat_tools *out, char *param, size_t param_cap, kvd_error *err);
+
+/* The JSON Schema a forced call's body must match (the Hermes <tool_call> JSON):
+ * {"name": const, "arguments": that tool's parameters}, anyOf over the tools for
+ * "required", the named one only otherwise. A malloc'ed string, or NULL (out of memory). */
+char *kvd_chat_forced_call_schema(const kvd_chat_tools *tools);
+
+/* What a forced call's assistant turn starts with (the tool-call reader is primed with it). */
+#define KVD_CHAT_FORCED_CALL_PREFIX "<tool_call>\n"
+#define KVD_CHAT_FORCED_CALL_SUFFIX "\n</tool_call>"
 
 typedef struct kvd_chat_options {
     const cJSON *tools;            /* rendered when non-NULL */

@@ -550,7 +550,26 @@ static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
     ch->primed.calls = NULL;
     ch->primed.num_calls = 0;
     bool last = ev->finish != KVD_FINISH_NONE;
-    int rc = kvd_tool_parser_feed(&ch->tools, ev->text, ev->text_len, last, &d);
+    const char *text = ev->text;
+    size_t text_len = ev->text_len;
+    char *closed = NULL;
+    if (job->oai.forced_tool_call && ev->finish == KVD_FINISH_STOP) {
+        /* The grammar ended the forced call's JSON: close the block the prompt opened
+         * (a stop string cut before that leaves bad JSON, which the reader keeps as content). */
+        size_t suffix_len = strlen(KVD_CHAT_FORCED_CALL_SUFFIX);
+        closed = malloc(text_len + suffix_len + 1);
+        if (closed) {
+            if (text_len)
+                memcpy(closed, text, text_len);
+            memcpy(closed + text_len, KVD_CHAT_FORCED_CALL_SUFFIX, suffix_len + 1);
+            text = closed;
+            text_len += suffix_len;
+        }
+    }
+    int rc = closed || !(job->oai.forced_tool_call && ev->finish == KVD_FINISH_STOP)
+                 ? kvd_tool_parser_feed(&ch->tools, text, text_len, last, &d)
+                 : KVD_ENOMEM;
+    free(closed);
     kvd_event content = *ev;
     content.text = d.content.data ? d.content.data : "";
     content.text_len = d.content.len;
@@ -698,8 +717,10 @@ static void job_submit(kvd_job *job)
         job_choice *ch = &job->choices[i];
         kvd_tool_parser_init(&ch->tools, job->oai.parallel_tool_calls);
         /* a prefilled assistant turn that opened a <tool_call> is finished by the model */
-        if (job->oai.tool_calls && job->oai.chat.continued &&
-            kvd_tool_parser_prime(&ch->tools, job->oai.chat.continued, job->oai.chat.continued_len, &ch->primed) != 0) {
+        const char *prefill = job->oai.forced_tool_call ? KVD_CHAT_FORCED_CALL_PREFIX : job->oai.chat.continued;
+        size_t prefill_len = job->oai.forced_tool_call ? strlen(prefill) : job->oai.chat.continued_len;
+        if (job->oai.tool_calls && prefill &&
+            kvd_tool_parser_prime(&ch->tools, prefill, prefill_len, &ch->primed) != 0) {
             job_fail(job, 500, "out of memory", NULL, NULL, NULL);
             return;
         }

@@ -577,9 +577,35 @@ static int parse_constraint(parse_ctx *c, kvd_oai_request *r)
     return 0;
 }
 
+/* tool_choice "required" or a named function: the assistant turn starts with
+ * "<tool_call>\n" (template text, so the model's own tag token) and the rest is forced
+ * by a JSON Schema grammar to one call's body; jobs.c closes the block when the grammar
+ * completes. Only for generation (generate false: /tokenize shows the prompt only). */
+static int force_tool_call(parse_ctx *c, kvd_oai_request *r, const kvd_chat_tools *tools,
+                           const kvd_chat_options *opts, bool generate)
+{
+    if (tools->choice != KVD_TOOL_CHOICE_REQUIRED && tools->choice != KVD_TOOL_CHOICE_NAMED)
+        return 0;
+    if (opts->continue_final_message || !opts->add_generation_prompt)
+        return fail(c, "tool_choice",
+                    "\"required\" and a named function need a new assistant turn (no continue_final_message, "
+                    "add_generation_prompt true)");
+    if (kvd_sbuf_puts(&r->chat.text, KVD_CHAT_FORCED_CALL_PREFIX) != 0)
+        return kvd_error_set(c->err, KVD_ENOMEM, "out of memory");
+    if (!generate)
+        return 0;
+    char *schema = kvd_chat_forced_call_schema(tools);
+    int rc = set_constraint(c, r, "tool_choice", KVD_GRAMMAR_JSON_SCHEMA, schema, schema ? strlen(schema) : 0);
+    if (rc == 0) {
+        r->forced_tool_call = true;
+        r->parallel_tool_calls = false; /* one forced call per answer */
+    }
+    return rc;
+}
+
 /* messages (+ tools, tool_choice, add_generation_prompt, continue_final_message,
  * chat_template_kwargs) through the model's chat template. */
-static int render_chat(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_info *info)
+static int render_chat(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_info *info, bool generate)
 {
     const cJSON *messages = field(c, "messages");
     if (!messages)
@@ -596,6 +622,7 @@ static int render_chat(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_inf
     if (rc == 0) {
         r->tool_calls = tools.tools != NULL;
         r->parallel_tool_calls = tools.parallel;
+        rc = force_tool_call(c, r, &tools, &opts, generate);
     }
     return rc;
 }
@@ -688,7 +715,7 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (route == KVD_OAI_COMPLETIONS)
         return parse_prompt(&c, r, info);
 
-    if ((rc = render_chat(&c, r, info)) != 0)
+    if ((rc = render_chat(&c, r, info, true)) != 0)
         return rc;
     /* The assistant's turn ends at <|im_end|> (or <|endoftext|>) unless the client
      * asked to run on regardless. */
@@ -737,7 +764,7 @@ int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, const kvd_oai_
     if (!field(&c, "messages"))
         return fail(&c, "prompt", "is required (or \"content\", or \"messages\")");
     r->route = KVD_OAI_CHAT;
-    return render_chat(&c, r, info);
+    return render_chat(&c, r, info, false);
 }
 
 int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,

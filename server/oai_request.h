@@ -64,6 +64,8 @@ typedef struct kvd_oai_request {
     kvd_chat_prompt chat;
     bool tool_calls;               /* tools were rendered: parse the model's calls */
     bool parallel_tool_calls;      /* more than one call per answer allowed */
+    bool forced_tool_call;         /* tool_choice required/named: the turn was primed with
+                                    * "<tool_call>\n" and a grammar forces the call's JSON */
     /* Structured output (response_format, guided_*, structured_outputs, llama-server's
      * json_schema and grammar): compiled on a worker from this source, see jobs.c. */
     bool constrained;

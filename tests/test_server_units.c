@@ -831,10 +831,39 @@ static void test_chat_tool_fields(void **state)
     expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": 3}}]}",
                       "tools[0].function.parameters", "JSON Schema object");
     expect_chat_error("{" MSG ", \"tool_choice\": \"sometimes\"}", "tool_choice", "must be");
-    expect_chat_error("{" MSG ", \"tools\": " "[{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]"
-                      ", \"tool_choice\": \"required\"}", "tool_choice", "constrained decoding");
-    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": "
-                      "{\"type\": \"function\", \"function\": {\"name\": \"f\"}}}", "tool_choice", "constrained decoding");
+#define TOOLS_FG "\"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}, {\"type\": \"function\", " \
+    "\"function\": {\"name\": \"g\", \"parameters\": {\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\"}}}}}]"
+    expect_chat_error("{" MSG ", \"tool_choice\": \"required\"}", "tool_choice", "needs \"tools\"");
+    expect_chat_error("{" MSG ", " TOOLS_FG ", \"tool_choice\": \"required\", \"response_format\": {\"type\": \"json_object\"}}",
+                      "tool_choice", "only one of");
+    expect_chat_error("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}], "
+                      TOOLS_FG ", \"tool_choice\": \"required\", \"continue_final_message\": true}",
+                      "tool_choice", "new assistant turn");
+    /* Forced calls: the turn is primed with <tool_call> and a schema forces the body. */
+    parsed p;
+    parse(&p, KVD_OAI_CHAT, "{" MSG ", " TOOLS_FG ", \"tool_choice\": \"required\"}");
+    assert_int_equal(p.rc, 0);
+    assert_true(p.req.forced_tool_call && p.req.constrained && !p.req.parallel_tool_calls);
+    assert_string_equal(p.req.constraint_field, "tool_choice");
+    assert_string_equal(p.req.constraint_src,
+                        "{\"anyOf\":[{\"properties\":{\"name\":{\"const\":\"f\"},\"arguments\":{\"type\":\"object\","
+                        "\"additionalProperties\":false}},"
+                        "\"required\":[\"name\",\"arguments\"],\"type\":\"object\",\"additionalProperties\":false},"
+                        "{\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"type\":\"object\",\"properties\":"
+                        "{\"x\":{\"type\":\"integer\"}}}},\"required\":[\"name\",\"arguments\"],\"type\":\"object\","
+                        "\"additionalProperties\":false}]}");
+    const char *primed = "<|im_start|>assistant\n<tool_call>\n";
+    assert_string_equal(p.req.chat.text.data + p.req.chat.text.len - strlen(primed), primed);
+    kvd_oai_request_deinit(&p.req);
+    parse(&p, KVD_OAI_CHAT,
+          "{" MSG ", " TOOLS_FG ", \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}");
+    assert_int_equal(p.rc, 0);
+    assert_string_equal(p.req.constraint_src,
+                        "{\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"type\":\"object\",\"properties\":"
+                        "{\"x\":{\"type\":\"integer\"}}}},\"required\":[\"name\",\"arguments\"],\"type\":\"object\","
+                        "\"additionalProperties\":false}");
+    kvd_oai_request_deinit(&p.req);
+#undef TOOLS_FG
     expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": "
                       "{\"type\": \"function\", \"function\": {\"name\": \"g\"}}}", "tool_choice.function.name", "names no");
     expect_chat_error("{" MSG ", \"parallel_tool_calls\": 1}", "parallel_tool_calls", "boolean");
@@ -845,7 +874,6 @@ static void test_chat_tool_fields(void **state)
     expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": [{\"function\": "
                       "{\"arguments\": \"{}\"}}]}]}", "messages[0].tool_calls[0].function.name", "must be a string");
     /* tool_choice none: tools are not rendered and calls are not parsed */
-    parsed p;
     parse(&p, KVD_OAI_CHAT, "{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], "
                             "\"tool_choice\": \"none\"}");
     assert_int_equal(p.rc, 0);
