@@ -154,8 +154,10 @@ def test_tool_field_errors():
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
          "tools[0].function.parameters"),
-        ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        # (forced calls themselves: test_tool_choice.py)
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+         "tool_choice.function.name"),
         ({"tools": TOOLS, "tool_choice": "maybe"}, "tool_choice"),
         ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}]},
          "messages[1].tool_calls[0].function.name"),
