@@ -251,6 +251,11 @@ static void test_pattern_format(void **state)
     (void)state;
     check(schema("{\"type\": \"string\", \"pattern\": \"^[A-Z]{2}-\\\\d{3}$\"}"), L("\"AB-123\""),
           L("\"AB-12\"", "\"ab-123\"", "\"xAB-123\""));
+    /* lengths the pattern already implies are fine; others are refused */
+    check(schema("{\"type\": \"string\", \"pattern\": \"^([0-9]{5}|[a-z]{2,3})$\", \"minLength\": 2, \"maxLength\": 5}"),
+          L("\"12345\"", "\"ab\""), L("\"1234\"", "\"abcd\""));
+    compile_error("{\"type\": \"string\", \"pattern\": \"^[0-9]{5}$\", \"maxLength\": 4}", KVD_EUNSUPPORTED, "maxLength");
+    compile_error("{\"type\": \"string\", \"pattern\": \"^[0-9]+\", \"maxLength\": 9}", KVD_EUNSUPPORTED, "maxLength");
     /* unanchored: search semantics */
     check(schema("{\"type\": \"string\", \"pattern\": \"ab+c\"}"), L("\"xxabbcyy\"", "\"abc\""), L("\"ac\"", "\"\""));
     check(schema("{\"type\": \"string\", \"pattern\": \"^a\\\"b\"}"), L("\"a\\\"b\"", "\"a\\\"bc\""), L("\"ab\""));

@@ -179,8 +179,11 @@ void gr_vocab_free_shared(kvd_grammar_vocab *v);
 
 /* Regex (Python/ECMAScript subset) -> a rule. json_string: the text is the inside of a
  * JSON string (characters escaped as JSON requires), else raw UTF-8. anchored: match
- * the whole text (guided_regex); else JSON Schema's search semantics. */
-uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored);
+ * the whole text (guided_regex); else JSON Schema's search semantics. min_len/max_len
+ * (may be NULL): the shortest and longest texts it matches in code points (UINT64_MAX:
+ * unbounded), tracked in search mode only (else 0 and UINT64_MAX). */
+uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored, uint64_t *min_len,
+                  uint64_t *max_len);
 /* Whether JSON Schema pattern re finds a match in text (JSON string text, escaped as
  * kvd writes it): 1 yes, 0 no, negative when re does not compile. */
 int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len);

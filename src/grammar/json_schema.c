@@ -734,13 +734,16 @@ static void alt_string(jctx *c, const cJSON *s, uint32_t rule)
     }
     gr_seq q = {0};
     if (re) {
-        if (min > 0 || max != GR_INF) {
+        uint64_t rmin = 0, rmax = UINT64_MAX;
+        uint32_t rr = gr_regex(b, re, strlen(re), true, anchored_whole, &rmin, &rmax);
+        if (b->failed) return;
+        /* The grammar cannot count characters inside a regex: the lengths must already
+         * follow from the pattern (e.g. ^[0-9]{5}$ with maxLength 5), else refuse. */
+        if ((min > 0 && rmin < min) || (max != GR_INF && (rmax == UINT64_MAX || rmax > max))) {
             gr_fail(b, KVD_EUNSUPPORTED, "json schema: minLength/maxLength together with %s is not supported",
                     pat ? "pattern" : "format");
             return;
         }
-        uint32_t rr = gr_regex(b, re, strlen(re), true, anchored_whole);
-        if (b->failed) return;
         uint32_t sr = gr_rule_new(b, "pattern-string", true);
         gr_seq_byte(b, &q, '"');
         gr_seq_rule(b, &q, rr, 1, 1);
@@ -1155,7 +1158,7 @@ static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
                     "additionalProperties false, matching no declared property)");
         } else {
             uint32_t val = compile_node(c, pat);
-            uint32_t re = gr_regex(b, pat->string, strlen(pat->string), true, false);
+            uint32_t re = gr_regex(b, pat->string, strlen(pat->string), true, false, NULL, NULL);
             uint32_t key = gr_rule_new(b, "pattern-key", true);
             gr_seq q = {0};
             gr_seq_byte(b, &q, '"');

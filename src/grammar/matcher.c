@@ -1170,7 +1170,7 @@ int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text
 {
     gr_builder b;
     gr_builder_init(&b, NULL);
-    uint32_t r = gr_regex(&b, re, strlen(re), true, false);
+    uint32_t r = gr_regex(&b, re, strlen(re), true, false, NULL, NULL);
     kvd_grammar *g = gr_finish(&b, v, r, NULL);
     if (!g) return KVD_EINVAL;
     gr_space sp;

@@ -23,11 +23,22 @@ typedef struct cp_set {
 /* The pattern for a message: at most 80 bytes (it need not end in a NUL). */
 #define SRC(x) (int)((x)->end - (x)->src < 80 ? (x)->end - (x)->src : 80), (x)->src
 
+#define LEN_INF UINT64_MAX
+static uint64_t len_add(uint64_t a, uint64_t b) { return a == LEN_INF || b == LEN_INF || a + b < a ? LEN_INF : a + b; }
+static uint64_t len_mul(uint64_t a, uint32_t n)
+{
+    if (n == GR_INF) return a == 0 ? 0 : LEN_INF;
+    if (a == LEN_INF) return n == 0 ? 0 : LEN_INF;
+    return n && a > LEN_INF / n ? LEN_INF : a * n;
+}
+
 typedef struct rx {
     gr_builder *b;
     const char *p, *end;
     bool json;
     const char *src;
+    /* lengths in code points of the last atom / alternation parsed */
+    uint64_t atom_min, atom_max, alt_min, alt_max;
 } rx;
 
 static const cp_range py_space[] = {{0x09, 0x0D}, {0x1C, 0x20}, {0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680},
@@ -259,6 +270,8 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
             }
         }
         uint32_t r = parse_alt(x, depth + 1);
+        x->atom_min = x->alt_min;
+        x->atom_max = x->alt_max;
         if (x->p >= x->end || *x->p != ')') {
             gr_fail(b, KVD_EINVAL, "regex: missing ')' in '%.*s'", SRC(x));
             return false;
@@ -335,6 +348,7 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
         cs_add(x, &s, v, v);
     }
     /* quantifier */
+    if (c != '(') x->atom_min = x->atom_max = 1; /* one code point */
     uint32_t min = 1, max = 1;
     if (x->p < x->end) {
         char q = *x->p;
@@ -374,6 +388,8 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
             }
         }
     }
+    x->atom_min = len_mul(x->atom_min, min);
+    x->atom_max = len_mul(x->atom_max, max);
     if (c == '(') {
         atom->el[atom->n - 1].min = min;
         atom->el[atom->n - 1].max = max;
@@ -400,12 +416,14 @@ static uint32_t parse_alt(rx *x, int depth)
         return 0;
     }
     uint32_t r = gr_rule_new(b, "regex", true);
+    uint64_t amin = LEN_INF, amax = 0;
     for (;;) {
         gr_seq seq = {0};
+        uint64_t smin = 0, smax = 0;
         bool head = false, tail = false;
         if (depth == 0 && x->p < x->end && *x->p == '^') head = true, x->p++;
         if (depth == 0 && !head && !x->json) head = true;
-        if (depth == 0 && !head) any_chars(x, &seq);
+        if (depth == 0 && !head) any_chars(x, &seq), smax = LEN_INF;
         for (;;) {
             if (depth == 0 && x->p < x->end && *x->p == '$' && (x->p + 1 == x->end || x->p[1] == '|')) {
                 tail = true;
@@ -413,12 +431,16 @@ static uint32_t parse_alt(rx *x, int depth)
                 break;
             }
             if (!parse_atom(x, &seq, depth)) break;
+            smin = len_add(smin, x->atom_min);
+            smax = len_add(smax, x->atom_max);
         }
         if (b->failed) {
             gr_seq_free(&seq);
             return r;
         }
-        if (depth == 0 && !tail && x->json) any_chars(x, &seq);
+        if (depth == 0 && !tail && x->json) any_chars(x, &seq), smax = LEN_INF;
+        amin = smin < amin ? smin : amin;
+        amax = smax > amax ? smax : amax;
         gr_rule_add_alt(b, r, &seq);
         if (x->p < x->end && *x->p == '|') {
             x->p++;
@@ -426,12 +448,15 @@ static uint32_t parse_alt(rx *x, int depth)
         }
         break;
     }
+    x->alt_min = amin;
+    x->alt_max = amax;
     return r;
 }
 
-uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored)
+uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored, uint64_t *min_len,
+                  uint64_t *max_len)
 {
-    rx x = {.b = b, .p = re, .end = re + len, .json = json_string, .src = re};
+    rx x = {.b = b, .p = re, .end = re + len, .json = json_string, .src = re, .alt_min = 0, .alt_max = LEN_INF};
     /* JSON Schema's pattern searches; guided_regex and formats match the whole text */
     bool search = json_string && !anchored;
     uint32_t r;
@@ -462,6 +487,8 @@ uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, b
         }
     }
     if (!b->failed && x.p != x.end) gr_fail(b, KVD_EINVAL, "regex: unbalanced ')' in '%.*s'", SRC(&x));
+    if (min_len) *min_len = search ? x.alt_min : 0; /* whole-text lengths are not tracked */
+    if (max_len) *max_len = search ? x.alt_max : LEN_INF;
     return r;
 }
 
@@ -469,6 +496,6 @@ kvd_grammar *kvd_grammar_compile_regex(const kvd_grammar_vocab *v, const char *r
 {
     gr_builder b;
     gr_builder_init(&b, err);
-    uint32_t r = gr_regex(&b, re, len, false, true);
+    uint32_t r = gr_regex(&b, re, len, false, true, NULL, NULL);
     return gr_finish(&b, v, r, err);
 }
