@@ -10,6 +10,8 @@ packages=(
   libuv1-dev node-llhttp libcmocka-dev
   clang libclang-rt-14-dev
   python3-numpy nodejs npm curl ca-certificates
+  python3-jinja2  # tests/template: the oracle for the chat template engine (as Hugging Face renders)
+  python3-jsonschema  # tests validate structured output (and the grammar corpus's labels) with it
   prometheus  # promtool: tests/e2e checks /metrics with `promtool check metrics`
   chromium  # tests/browser drives it with Playwright
   gnuplot-nox  # bench/plot_kv_speedup.gp draws docs/kv_speedup.png

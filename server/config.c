@@ -49,6 +49,7 @@ static const knob knobs[] = {
     {"port", KNOB_INT, OFF(port), 0, 0, 65535, "N", "TCP port; 0 picks a free one (printed in the banner)"},
     {"model", KNOB_STR, OFF(model), CAP(model), 0, 0, "PATH", "checkpoint directory (config.json, *.safetensors, tokenizer.json) or GGUF file"},
     {"served_model_name", KNOB_STR, OFF(served_model_name), CAP(served_model_name), 0, 0, "NAME", "model id in responses and /v1/models; more names after commas are aliases requests may use; empty: the model directory's name"},
+    {"chat_template", KNOB_STR, OFF(chat_template), CAP(chat_template), 0, 0, "FILE", "Jinja chat template used instead of the model's own (tokenizer_config.json, GGUF); empty: the model's, else the built-in ChatML fallback"},
     {"block_size", KNOB_INT, OFF(block_size), 0, 1, 256, "N", "tokens per KV block (power of two)"},
     {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
     {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},

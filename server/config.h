@@ -25,6 +25,7 @@ typedef struct kvd_server_config {
     int port;                        /* 0 = any free port */
     char model[KVD_CONFIG_PATH_MAX]; /* checkpoint directory (config.json, safetensors, tokenizer.json) */
     char served_model_name[256];     /* "name[,alias...]"; "" = the model directory's last component */
+    char chat_template[KVD_CONFIG_PATH_MAX]; /* a Jinja file over the model's own template; "" = the model's */
     int block_size;
     uint64_t kv_cache_bytes;
     uint64_t kv_num_blocks;          /* non-zero: exact pool size, overrides kv_cache_bytes */

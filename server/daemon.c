@@ -81,6 +81,8 @@ struct kvd_loader {
     void *engine_notify_arg;
     kvd_tokenizer *tok;
     kvd_model *model;
+    kvd_chat_template *chat_template;
+    kvd_grammar_cache *grammars; /* structured output: compiled grammars by source */
     kvd_engine *engine;     /* created, not started: its thread would notify the daemon */
     kvd_error err;
     int rc;
@@ -89,9 +91,13 @@ struct kvd_loader {
 static void loader_free_results(kvd_loader *l)
 {
     kvd_engine_destroy(l->engine);
+    kvd_grammar_cache_destroy(l->grammars);
+    kvd_chat_template_destroy(l->chat_template);
     kvd_model_destroy(l->model);
     kvd_tokenizer_destroy(l->tok);
     l->engine = NULL;
+    l->chat_template = NULL;
+    l->grammars = NULL;
     l->model = NULL;
     l->tok = NULL;
 }
@@ -112,6 +118,13 @@ static void load_model(kvd_loader *l)
         l->rc = l->err.code ? l->err.code : KVD_EIO;
         return;
     }
+    /* The chat template is parsed now, so a template kvd cannot run stops the start,
+     * not the first chat request. */
+    l->chat_template = kvd_chat_template_load(cfg->chat_template, l->model->chat_template, cfg->model, &l->err);
+    if (!l->chat_template) {
+        l->rc = l->err.code ? l->err.code : KVD_EINVAL;
+        return;
+    }
     kvd_engine_config ecfg = kvd_engine_config_default();
     ecfg.block_size = cfg->block_size;
     ecfg.kv_dtype = cfg->kv_dtype;
@@ -125,6 +138,14 @@ static void load_model(kvd_loader *l)
     l->engine = kvd_engine_create(l->model, l->tok, &ecfg, l->engine_notify, l->engine_notify_arg, &l->err);
     if (!l->engine) {
         l->rc = l->err.code ? l->err.code : KVD_EINVAL;
+        return;
+    }
+    /* Every token's bytes, for structured output's masks (as wide as a logits row). */
+    kvd_grammar_vocab *gv = kvd_grammar_vocab_create(l->tok, l->model->config.vocab_size, &l->err);
+    l->grammars = gv ? kvd_grammar_cache_create(gv, 64, &l->err) : NULL;
+    if (!l->grammars) {
+        kvd_grammar_vocab_destroy(gv);
+        l->rc = l->err.code ? l->err.code : KVD_ENOMEM;
         return;
     }
     /* Parsing tokenizer.json and config leaves tens of MiB of freed heap behind;
@@ -170,6 +191,8 @@ static void loader_release(kvd_daemon *d)
     pthread_join(l->thread, NULL);
     d->tok = l->tok;
     d->model = l->model;
+    d->chat_template = l->chat_template;
+    d->grammars = l->grammars;
     d->engine = l->engine;
     d->load_err = l->err;
     d->load_rc = l->rc;
@@ -260,6 +283,7 @@ static void on_loaded(uv_async_t *handle)
     kvd_served_model *m = &d->jobs.model;
     m->engine = d->engine;
     m->tok = d->tok;
+    m->grammars = d->grammars;
     m->defaults = kvd_request_params_default(d->model);
     int tok_vocab = kvd_tokenizer_vocab_size(d->tok);
     int model_vocab = d->model->config.vocab_size;
@@ -272,6 +296,12 @@ static void on_loaded(uv_async_t *handle)
         if (id >= 0)
             m->info.chat_stop_ids[m->info.num_chat_stop_ids++] = id;
     }
+    m->info.chat_template = d->chat_template;
+    if (kvd_chat_template_is_fallback(d->chat_template))
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "chat template: the model has none; falling back to ChatML (%s)",
+                kvd_chat_template_origin(d->chat_template));
+    else
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "chat template: %s", kvd_chat_template_origin(d->chat_template));
     if (d->router.state == KVD_SERVE_LOADING) {
         d->router.state = KVD_SERVE_READY;
         print_banner(d);
@@ -500,6 +530,9 @@ void kvd_daemon_deinit(kvd_daemon *d)
     uv_run(d->loop, UV_RUN_DEFAULT);
     kvd_http_server_destroy(d->http);
     d->http = NULL;
+    kvd_chat_template_destroy(d->chat_template);
+    kvd_grammar_cache_destroy(d->grammars);
+    d->grammars = NULL;
     kvd_model_destroy(d->model);
     kvd_tokenizer_destroy(d->tok);
     d->model = NULL;

@@ -15,6 +15,7 @@
 
 #include <uv.h>
 
+#include "chat.h"
 #include "config.h"
 #include "http.h"
 #include "jobs.h"
@@ -55,6 +56,8 @@ typedef struct kvd_daemon {
     kvd_model *model;
     kvd_tokenizer *tok;
     kvd_engine *engine;
+    kvd_chat_template *chat_template;
+    kvd_grammar_cache *grammars;   /* structured output: compiled grammars by source */
     kvd_error load_err;
     int load_rc;
 

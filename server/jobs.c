@@ -36,6 +36,9 @@ static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions
 
 typedef struct job_choice {
     kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
+    kvd_tool_parser tools;   /* chat with tools: the model's calls out of its text */
+    kvd_tool_delta primed;   /* calls a continued assistant message completed, sent first */
+    int num_calls;           /* calls streamed so far */
     size_t text_offset;      /* streamed completions: logprobs.text_offset of the next token */
     int completion_tokens;
     uint64_t last_token_ns;
@@ -67,6 +70,7 @@ struct kvd_job {
     kvd_jobs_body_cb then;
     void *then_arg;
     int then_tag;
+    bool grammar_failed;     /* the structured-output source did not compile (a 400) */
     char *answer;            /* built on the worker: the 200 body */
     size_t answer_len;
     uint64_t engine_id;      /* 0 until submitted */
@@ -317,13 +321,17 @@ static void job_free(kvd_job *job)
         jobs->live = job->next;
     if (job->next)
         job->next->prev = job->prev;
-    for (int i = 0; i < job->num_choices; i++)
+    for (int i = 0; i < job->num_choices; i++) {
         kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_tool_parser_deinit(&job->choices[i].tools);
+        kvd_tool_delta_deinit(&job->choices[i].primed);
+    }
     free(job->choices);
     free(job->prompt);
     free(job->answer);
     free(job->raw);
     cJSON_Delete(job->body);
+    kvd_grammar_release(job->oai.params.grammar); /* the engine holds its own reference */
     kvd_oai_request_deinit(&job->oai);
     free(job);
     jobs->count--;
@@ -529,6 +537,86 @@ static void job_stop(kvd_job *job, int status, const char *message)
         kvd_engine_cancel(job->jobs->model.engine, job->engine_id);
 }
 
+/* Stops a whole response that outgrew max_response_bytes. */
+static void job_check_held(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes;
+    if (!limit || job_held_bytes(job) <= limit)
+        return;
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
+             limit);
+    job_stop(job, 400, msg);
+}
+
+/* A chat with tools: the event's text goes through the choice's tool-call parser;
+ * content and calls are sent (streams) or kept (whole responses) as they resolve. */
+static void handle_tool_event(kvd_job *job, job_choice *ch, const kvd_event *ev)
+{
+    kvd_tool_delta d;
+    kvd_tool_delta_init(&d);
+    /* calls the prefill completed go out with the first event */
+    d.calls = ch->primed.calls;
+    d.num_calls = ch->primed.num_calls;
+    ch->primed.calls = NULL;
+    ch->primed.num_calls = 0;
+    bool last = ev->finish != KVD_FINISH_NONE;
+    const char *text = ev->text;
+    size_t text_len = ev->text_len;
+    char *closed = NULL;
+    if (job->oai.forced_tool_call && ev->finish == KVD_FINISH_STOP) {
+        /* The grammar ended the forced call's JSON: close the block the prompt opened
+         * (a stop string cut before that leaves bad JSON, which the reader keeps as content). */
+        size_t suffix_len = strlen(KVD_CHAT_FORCED_CALL_SUFFIX);
+        closed = malloc(text_len + suffix_len + 1);
+        if (closed) {
+            if (text_len)
+                memcpy(closed, text, text_len);
+            memcpy(closed + text_len, KVD_CHAT_FORCED_CALL_SUFFIX, suffix_len + 1);
+            text = closed;
+            text_len += suffix_len;
+        }
+    }
+    int rc = closed || !(job->oai.forced_tool_call && ev->finish == KVD_FINISH_STOP)
+                 ? kvd_tool_parser_feed(&ch->tools, text, text_len, last, &d)
+                 : KVD_ENOMEM;
+    free(closed);
+    kvd_event content = *ev;
+    content.text = d.content.data ? d.content.data : "";
+    content.text_len = d.content.len;
+    content.finish = KVD_FINISH_NONE;
+    if (!job->oai.logprobs && content.text_len == 0)
+        content.num_tokens = 0; /* no empty chunk for tokens that were all held back */
+    if (rc != 0) {
+        job_stop(job, 500, "out of memory");
+    } else if (job->oai.stream) {
+        kvd_sbuf sse = {0};
+        kvd_oai_sse_event(&job->resp, &ch->text_offset, &content, &sse);
+        kvd_oai_sse_tool_calls(&job->resp, ev->choice, ch->num_calls, d.calls, d.num_calls, &sse);
+        ch->num_calls += d.num_calls;
+        if (ev->finish == KVD_FINISH_ERROR) {
+            kvd_event end = *ev;
+            end.num_tokens = 0;
+            end.text_len = 0;
+            kvd_oai_sse_event(&job->resp, &ch->text_offset, &end, &sse);
+        } else if (ev->finish == KVD_FINISH_STOP || ev->finish == KVD_FINISH_LENGTH) {
+            bool calls = ch->num_calls > 0 && ev->finish == KVD_FINISH_STOP;
+            kvd_oai_sse_finish(&job->resp, ev->choice, calls ? "tool_calls" : kvd_finish_reason_name(ev->finish), &sse);
+        }
+        stream_write(job, &sse);
+        kvd_sbuf_deinit(&sse);
+    } else if (!job->failed) {
+        if (kvd_oai_choice_add(&job->resp, &ch->out, &content) != 0 ||
+            kvd_oai_choice_add_calls(&job->resp, &ch->out, ev->choice, d.calls, d.num_calls) != 0) {
+            job_stop(job, 500, "out of memory");
+        } else {
+            job_check_held(job);
+        }
+    }
+    kvd_tool_delta_deinit(&d);
+}
+
 static void handle_event(kvd_job *job, const kvd_event *ev)
 {
     kvd_jobs *jobs = job->jobs;
@@ -552,7 +640,9 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
         ch->last_token_ns = now;
     }
     ch->completion_tokens = ev->completion_tokens;
-    if (job->req && job->oai.stream) {
+    if (job->oai.tool_calls && job->req) {
+        handle_tool_event(job, ch, ev);
+    } else if (job->req && job->oai.stream) {
         kvd_sbuf sse = {0};
         kvd_oai_sse_event(&job->resp, &ch->text_offset, ev, &sse);
         stream_write(job, &sse);
@@ -560,13 +650,8 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
     } else if (job->req && !job->failed) {
         if (kvd_oai_choice_add(&job->resp, &ch->out, ev) != 0) {
             job_stop(job, 500, "out of memory");
-        } else if (jobs->max_response_bytes && job_held_bytes(job) > jobs->max_response_bytes) {
-            char msg[256];
-            snprintf(msg, sizeof msg,
-                     "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set "
-                     "\"stream\": true",
-                     jobs->max_response_bytes);
-            job_stop(job, 400, msg);
+        } else {
+            job_check_held(job);
         }
     }
     if (ev->finish != KVD_FINISH_NONE) {
@@ -640,6 +725,18 @@ static void job_submit(kvd_job *job)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
+    for (int i = 0; i < job->num_choices; i++) {
+        job_choice *ch = &job->choices[i];
+        kvd_tool_parser_init(&ch->tools, job->oai.parallel_tool_calls);
+        /* a prefilled assistant turn that opened a <tool_call> is finished by the model */
+        const char *prefill = job->oai.forced_tool_call ? KVD_CHAT_FORCED_CALL_PREFIX : job->oai.chat.continued;
+        size_t prefill_len = job->oai.forced_tool_call ? strlen(prefill) : job->oai.chat.continued_len;
+        if (job->oai.tool_calls && prefill &&
+            kvd_tool_parser_prime(&ch->tools, prefill, prefill_len, &ch->primed) != 0) {
+            job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+            return;
+        }
+    }
     job->prompt_tokens = job->num_prompt;
     kvd_error err = {0};
     int64_t id = kvd_engine_submit(engine, job->prompt, job->num_prompt, &job->oai.params, &err);
@@ -694,6 +791,19 @@ static void tokenize_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
     const kvd_tokenizer *tok = job->jobs->model.tok;
+    if (job->oai.constrained) {
+        /* Compiling a schema can take milliseconds: here, never on the loop or in a step. */
+        job->oai.params.grammar = kvd_grammar_cache_get(job->jobs->model.grammars, job->oai.constraint_kind,
+                                                        job->oai.constraint_src, job->oai.constraint_len,
+                                                        &job->work_err);
+        if (!job->oai.params.grammar) {
+            job->grammar_failed = true;
+            job->work_rc = job->work_err.code ? job->work_err.code : KVD_EINVAL;
+            return;
+        }
+    }
+    if (job->prompt) /* the client sent ids: only the grammar needed a worker */
+        return;
     if (job->oai.prompt_text) {
         job->work_rc = kvd_tokenizer_encode(tok, job->oai.prompt_text, job->oai.prompt_len, true, &job->prompt);
         if (job->work_rc < 0)
@@ -722,6 +832,12 @@ static void after_tokenize(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
+    if (job->grammar_failed) {
+        char msg[700];
+        snprintf(msg, sizeof msg, "%s: %s", job->oai.constraint_field, job->work_err.msg);
+        job_fail(job, job->work_rc == KVD_ENOMEM ? 500 : 400, msg, job->oai.constraint_field, NULL, NULL);
+        return;
+    }
     if (job->work_rc < 0) {
         job_fail(job, 500, job->work_err.msg[0] ? job->work_err.msg : "tokenization failed", NULL, NULL, NULL);
         return;
@@ -896,8 +1012,10 @@ void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route rout
         job->prompt = job->oai.prompt_ids;
         job->num_prompt = job->oai.num_prompt_ids;
         job->oai.prompt_ids = NULL;
-        job_submit(job);
-        return;
+        if (!job->oai.constrained) {
+            job_submit(job);
+            return;
+        }
     }
     job_start_tokenizing(job);
 }
@@ -909,10 +1027,37 @@ void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
         return;
     char param[128];
     kvd_error err = {0};
-    int rc = kvd_oai_parse_tokenize(&job->oai, body, param, sizeof param, &err);
+    int rc = kvd_oai_parse_tokenize(&job->oai, body, &jobs->model.info, param, sizeof param, &err);
     if (job_parse_failed(job, rc, &err, param))
         return;
     job_start_tokenizing(job);
+}
+
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
+{
+    kvd_oai_request r;
+    kvd_oai_request_init(&r);
+    char param[128] = "";
+    kvd_error err = {0};
+    int rc = KVD_EINVAL;
+    if (!cJSON_IsObject(body))
+        kvd_error_set(&err, KVD_EINVAL, "request body must be a JSON object");
+    else if (!cJSON_GetObjectItemCaseSensitive(body, "messages"))
+        snprintf(param, sizeof param, "messages"), kvd_error_set(&err, KVD_EINVAL, "messages: is required");
+    else
+        rc = kvd_oai_parse_tokenize(&r, body, &jobs->model.info, param, sizeof param, &err);
+    if (rc) {
+        kvd_jobs_send_error(jobs, req, rc == KVD_EINVAL ? 400 : 500, err.msg, param[0] ? param : NULL, NULL, NULL);
+    } else {
+        cJSON *answer = cJSON_CreateObject();
+        cJSON *prompt = answer ? kvd_json_sanitized_string(r.chat.text.data ? r.chat.text.data : "", r.chat.text.len) : NULL;
+        if (prompt)
+            cJSON_AddItemToObject(answer, "prompt", prompt);
+        kvd_jobs_respond_json(jobs, req, 200, prompt ? answer : NULL, NULL);
+        if (!prompt)
+            cJSON_Delete(answer);
+    }
+    kvd_oai_request_deinit(&r);
 }
 
 static void detokenize_work(uv_work_t *work)

@@ -46,6 +46,7 @@ void kvd_job_map_deinit(kvd_job_map *map);
 typedef struct kvd_served_model {
     kvd_engine *engine;
     const kvd_tokenizer *tok;
+    kvd_grammar_cache *grammars;   /* structured output (thread-safe: workers compile) */
     kvd_request_params defaults;   /* the model's generation defaults */
     kvd_oai_model_info info;
 } kvd_served_model;
@@ -95,6 +96,8 @@ void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path
 /* Each takes over req (answers it now or later); body stays the caller's. */
 void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body);
 void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
+/* POST /apply-template (llama-server's route): {"prompt": the rendered chat}. */
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
 void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req);
 

@@ -32,6 +32,7 @@ void kvd_oai_request_deinit(kvd_oai_request *r)
     free(r->logit_bias);
     free(r->prompt_text);
     free(r->prompt_ids);
+    free(r->constraint_src);
     kvd_chat_prompt_deinit(&r->chat);
     kvd_oai_request_init(r);
 }
@@ -255,7 +256,12 @@ static const known_field known_fields[] = {
     {"prompt", ON_COMPLETIONS | ON_TOKENIZE, NULL},
     {"messages", ON_CHAT | ON_TOKENIZE, NULL},
     {"content", ON_TOKENIZE, NULL},
-    {"add_generation_prompt", ON_TOKENIZE, NULL},
+    {"add_generation_prompt", ON_CHAT | ON_TOKENIZE, NULL},
+    {"continue_final_message", ON_CHAT | ON_TOKENIZE, NULL},
+    {"chat_template_kwargs", ON_CHAT | ON_TOKENIZE, NULL},
+    {"tools", ON_CHAT | ON_TOKENIZE, NULL},
+    {"tool_choice", ON_CHAT | ON_TOKENIZE, NULL},
+    {"parallel_tool_calls", ON_CHAT | ON_TOKENIZE, NULL},
     {"add_special_tokens", ON_TOKENIZE, NULL},
     {"tokens", ON_DETOKENIZE, NULL},
     {"max_tokens", ON_GENERATE, NULL},
@@ -283,6 +289,13 @@ static const known_field known_fields[] = {
     {"stream_options", ON_GENERATE, NULL},
     {"return_tokens_as_token_ids", ON_GENERATE, NULL},
     {"response_format", ON_GENERATE, NULL},
+    {"guided_json", ON_GENERATE, NULL},
+    {"guided_regex", ON_GENERATE, NULL},
+    {"guided_choice", ON_GENERATE, NULL},
+    {"guided_grammar", ON_GENERATE, NULL},
+    {"structured_outputs", ON_GENERATE, NULL},
+    {"json_schema", ON_GENERATE, NULL},
+    {"grammar", ON_GENERATE, NULL},
     {"user", ON_GENERATE, NULL},
     {"echo", ON_COMPLETIONS, NULL},
     {"echo", ON_CHAT, "echo is supported on /v1/completions only"},
@@ -333,12 +346,6 @@ static int check_plain_fields(parse_ctx *c)
         !(cJSON_IsNumber(best_of) && cJSON_IsNumber(field(c, "n")) &&
           best_of->valuedouble == field(c, "n")->valuedouble))
         return fail(c, "best_of", "best_of other than n is not supported");
-    const cJSON *format = field(c, "response_format");
-    if (format) {
-        const cJSON *type = cJSON_IsObject(format) ? cJSON_GetObjectItemCaseSensitive(format, "type") : NULL;
-        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0)
-            return fail(c, "response_format", "only {\"type\": \"text\"} is supported");
-    }
     const cJSON *model = field(c, "model");
     if (model && !cJSON_IsString(model))
         return fail(c, "model", "must be a string");
@@ -440,6 +447,186 @@ static int parse_sampling(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_
     return parse_logit_bias(c, r, info);
 }
 
+/* One structured-output source into r (a second one is an error: they cannot combine). */
+static int set_constraint(parse_ctx *c, kvd_oai_request *r, const char *name, kvd_grammar_kind kind, char *src,
+                          size_t len)
+{
+    if (!src && kind != KVD_GRAMMAR_JSON_OBJECT)
+        return kvd_error_set(c->err, KVD_ENOMEM, "out of memory");
+    if (r->constrained) {
+        free(src);
+        return fail(c, name, "only one of response_format, guided_json, guided_regex, guided_choice, guided_grammar, "
+                             "structured_outputs, json_schema and grammar may be given (%s is already)",
+                    r->constraint_field);
+    }
+    r->constrained = true;
+    r->constraint_kind = kind;
+    r->constraint_src = src;
+    r->constraint_len = len;
+    snprintf(r->constraint_field, sizeof r->constraint_field, "%s", name);
+    return 0;
+}
+
+static int constraint_schema(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *schema)
+{
+    if (cJSON_IsString(schema)) { /* vLLM takes the schema as JSON text too */
+        cJSON *parsed = cJSON_Parse(schema->valuestring);
+        if (!parsed)
+            return fail(c, name, "must be a JSON Schema (an object, or a string holding one)");
+        char *text = cJSON_PrintUnformatted(parsed);
+        cJSON_Delete(parsed);
+        return set_constraint(c, r, name, KVD_GRAMMAR_JSON_SCHEMA, text, text ? strlen(text) : 0);
+    }
+    if (!cJSON_IsObject(schema) && !cJSON_IsBool(schema))
+        return fail(c, name, "must be a JSON Schema (an object, or a string holding one)");
+    char *text = cJSON_PrintUnformatted(schema);
+    return set_constraint(c, r, name, KVD_GRAMMAR_JSON_SCHEMA, text, text ? strlen(text) : 0);
+}
+
+static int constraint_string(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *v, kvd_grammar_kind kind)
+{
+    if (!cJSON_IsString(v) || !v->valuestring[0])
+        return fail(c, name, "must be a non-empty string");
+    return set_constraint(c, r, name, kind, strdup(v->valuestring), strlen(v->valuestring));
+}
+
+static int constraint_choice(parse_ctx *c, kvd_oai_request *r, const char *name, const cJSON *v)
+{
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) < 1)
+        return fail(c, name, "must be a non-empty array of strings");
+    size_t len = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v) {
+        if (!cJSON_IsString(x))
+            return fail(c, name, "must be a non-empty array of strings");
+        len += strlen(x->valuestring) + 1;
+    }
+    char *src = malloc(len + 1), *o = src;
+    if (src)
+        cJSON_ArrayForEach(x, v) {
+            size_t n = strlen(x->valuestring) + 1;
+            memcpy(o, x->valuestring, n);
+            o += n;
+        }
+    return set_constraint(c, r, name, KVD_GRAMMAR_CHOICE, src, len);
+}
+
+/* response_format (OpenAI), guided_* and structured_outputs (vLLM), json_schema and
+ * grammar (llama-server). */
+static int parse_constraint(parse_ctx *c, kvd_oai_request *r)
+{
+    int rc;
+    const cJSON *format = field(c, "response_format");
+    if (format) {
+        const cJSON *type = cJSON_IsObject(format) ? cJSON_GetObjectItemCaseSensitive(format, "type") : NULL;
+        if (!cJSON_IsString(type))
+            return fail(c, "response_format", "must be an object with a \"type\"");
+        if (!strcmp(type->valuestring, "json_schema")) {
+            const cJSON *js = cJSON_GetObjectItemCaseSensitive(format, "json_schema");
+            const cJSON *schema = cJSON_IsObject(js) ? cJSON_GetObjectItemCaseSensitive(js, "schema") : NULL;
+            if (!schema)
+                return fail(c, "response_format.json_schema.schema", "is required for type json_schema");
+            if ((rc = constraint_schema(c, r, "response_format.json_schema.schema", schema)))
+                return rc;
+        } else if (!strcmp(type->valuestring, "json_object")) {
+            /* llama-server lets a schema ride along */
+            const cJSON *schema = cJSON_GetObjectItemCaseSensitive(format, "schema");
+            if (schema && (rc = constraint_schema(c, r, "response_format.schema", schema)))
+                return rc;
+            if (!schema && (rc = set_constraint(c, r, "response_format", KVD_GRAMMAR_JSON_OBJECT, NULL, 0)))
+                return rc;
+        } else if (strcmp(type->valuestring, "text") != 0)
+            return fail(c, "response_format", "type must be \"text\", \"json_object\" or \"json_schema\"");
+    }
+    const cJSON *v;
+    if ((v = field(c, "guided_json")) && (rc = constraint_schema(c, r, "guided_json", v)))
+        return rc;
+    if ((v = field(c, "json_schema")) && (rc = constraint_schema(c, r, "json_schema", v)))
+        return rc;
+    if ((v = field(c, "guided_regex")) && (rc = constraint_string(c, r, "guided_regex", v, KVD_GRAMMAR_REGEX)))
+        return rc;
+    if ((v = field(c, "guided_grammar")) && (rc = constraint_string(c, r, "guided_grammar", v, KVD_GRAMMAR_GBNF)))
+        return rc;
+    if ((v = field(c, "grammar")) && (rc = constraint_string(c, r, "grammar", v, KVD_GRAMMAR_GBNF)))
+        return rc;
+    if ((v = field(c, "guided_choice")) && (rc = constraint_choice(c, r, "guided_choice", v)))
+        return rc;
+    const cJSON *so = field(c, "structured_outputs");
+    if (so) {
+        if (!cJSON_IsObject(so))
+            return fail(c, "structured_outputs", "must be an object");
+        cJSON_ArrayForEach(v, so) {
+            char name[96], key[64];
+            printable_name(v->string, key, sizeof key);
+            snprintf(name, sizeof name, "structured_outputs.%s", key);
+            if (cJSON_IsNull(v))
+                continue;
+            if (!strcmp(v->string, "json")) rc = constraint_schema(c, r, name, v);
+            else if (!strcmp(v->string, "regex")) rc = constraint_string(c, r, name, v, KVD_GRAMMAR_REGEX);
+            else if (!strcmp(v->string, "grammar")) rc = constraint_string(c, r, name, v, KVD_GRAMMAR_GBNF);
+            else if (!strcmp(v->string, "choice")) rc = constraint_choice(c, r, name, v);
+            else if (!strcmp(v->string, "json_object"))
+                rc = cJSON_IsTrue(v) ? set_constraint(c, r, name, KVD_GRAMMAR_JSON_OBJECT, NULL, 0)
+                                     : cJSON_IsFalse(v) ? 0 : fail(c, name, "must be a boolean");
+            else
+                rc = fail(c, name, "this option is not supported by kvd; leave it out");
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* tool_choice "required" or a named function: the assistant turn starts with
+ * "<tool_call>\n" (template text, so the model's own tag token) and the rest is forced
+ * by a JSON Schema grammar to one call's body; jobs.c closes the block when the grammar
+ * completes. Only for generation (generate false: /tokenize shows the prompt only). */
+static int force_tool_call(parse_ctx *c, kvd_oai_request *r, const kvd_chat_tools *tools,
+                           const kvd_chat_options *opts, bool generate)
+{
+    if (tools->choice != KVD_TOOL_CHOICE_REQUIRED && tools->choice != KVD_TOOL_CHOICE_NAMED)
+        return 0;
+    if (opts->continue_final_message || !opts->add_generation_prompt)
+        return fail(c, "tool_choice",
+                    "\"required\" and a named function need a new assistant turn (no continue_final_message, "
+                    "add_generation_prompt true)");
+    if (kvd_sbuf_puts(&r->chat.text, KVD_CHAT_FORCED_CALL_PREFIX) != 0)
+        return kvd_error_set(c->err, KVD_ENOMEM, "out of memory");
+    if (!generate)
+        return 0;
+    char *schema = kvd_chat_forced_call_schema(tools);
+    int rc = set_constraint(c, r, "tool_choice", KVD_GRAMMAR_JSON_SCHEMA, schema, schema ? strlen(schema) : 0);
+    if (rc == 0) {
+        r->forced_tool_call = true;
+        r->parallel_tool_calls = false; /* one forced call per answer */
+    }
+    return rc;
+}
+
+/* messages (+ tools, tool_choice, add_generation_prompt, continue_final_message,
+ * chat_template_kwargs) through the model's chat template. */
+static int render_chat(parse_ctx *c, kvd_oai_request *r, const kvd_oai_model_info *info, bool generate)
+{
+    const cJSON *messages = field(c, "messages");
+    if (!messages)
+        return fail(c, "messages", "is required");
+    if (!info || !info->chat_template)
+        return kvd_error_set(c->err, KVD_ESTATE, "no chat template is loaded");
+    kvd_chat_tools tools;
+    kvd_chat_options opts;
+    int rc = kvd_chat_parse_tools(c->body, &tools, c->param, c->param_cap, c->err);
+    if (rc == 0)
+        rc = kvd_chat_parse_options(c->body, &tools, &opts, c->param, c->param_cap, c->err);
+    if (rc == 0)
+        rc = kvd_chat_render(info->chat_template, messages, &opts, &r->chat, c->param, c->param_cap, c->err);
+    if (rc == 0) {
+        r->tool_calls = tools.tools != NULL;
+        r->parallel_tool_calls = tools.parallel;
+        rc = force_tool_call(c, r, &tools, &opts, generate);
+    }
+    return rc;
+}
+
 int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err)
@@ -457,7 +644,8 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (!cJSON_IsObject(body))
         return kvd_error_set(err, KVD_EINVAL, "request body must be a JSON object");
     int rc;
-    if ((rc = refuse_unknown_fields(&c, route_bit(route))) || (rc = check_plain_fields(&c)))
+    if ((rc = refuse_unknown_fields(&c, route_bit(route))) || (rc = check_plain_fields(&c)) ||
+        (rc = parse_constraint(&c, r)))
         return rc;
 
     /* max_completion_tokens is the newer name; it wins when both are given. */
@@ -527,11 +715,7 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     if (route == KVD_OAI_COMPLETIONS)
         return parse_prompt(&c, r, info);
 
-    const cJSON *messages = cJSON_GetObjectItemCaseSensitive(body, "messages");
-    if (!messages || cJSON_IsNull(messages))
-        return fail(&c, "messages", "is required");
-    rc = kvd_chat_render(messages, &r->chat, param, param_cap, err);
-    if (rc)
+    if ((rc = render_chat(&c, r, info, true)) != 0)
         return rc;
     /* The assistant's turn ends at <|im_end|> (or <|endoftext|>) unless the client
      * asked to run on regardless. */
@@ -542,7 +726,8 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
     return 0;
 }
 
-int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap, kvd_error *err)
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, const kvd_oai_model_info *info, char *param,
+                           size_t param_cap, kvd_error *err)
 {
     parse_ctx c = {body, param, param_cap, err};
     param[0] = '\0';
@@ -552,10 +737,10 @@ int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, s
     const cJSON *model = field(&c, "model");
     if (model && !cJSON_IsString(model))
         return fail(&c, "model", "must be a string");
-    /* Qwen2's tokenizer adds no BOS/EOS either way, so both values are honored. */
-    bool add_special = true, add_generation_prompt = true;
-    if ((rc = get_bool(&c, "add_special_tokens", &add_special)) ||
-        (rc = get_bool(&c, "add_generation_prompt", &add_generation_prompt)))
+    /* Qwen2's tokenizer adds no BOS/EOS either way, so the value is honored;
+     * add_generation_prompt goes to the template (render_chat). */
+    bool add_special = true;
+    if ((rc = get_bool(&c, "add_special_tokens", &add_special)))
         return rc;
     const char *name = "prompt";
     const cJSON *prompt = field(&c, "prompt");
@@ -566,20 +751,20 @@ int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, s
     if (prompt) {
         if (!cJSON_IsString(prompt))
             return fail(&c, name, "must be a string");
-        if (field(&c, "add_generation_prompt"))
-            return fail(&c, "add_generation_prompt", "applies to \"messages\" only");
+        static const char *const chat_only[] = {"add_generation_prompt", "continue_final_message",
+                                                "chat_template_kwargs", "tools", "tool_choice",
+                                                "parallel_tool_calls"};
+        for (size_t i = 0; i < sizeof chat_only / sizeof chat_only[0]; i++)
+            if (field(&c, chat_only[i]))
+                return fail(&c, chat_only[i], "applies to \"messages\" only");
         r->prompt_len = strlen(prompt->valuestring);
         r->prompt_text = strdup(prompt->valuestring);
         return r->prompt_text ? 0 : kvd_error_set(err, KVD_ENOMEM, "out of memory");
     }
-    const cJSON *messages = field(&c, "messages");
-    if (!messages)
+    if (!field(&c, "messages"))
         return fail(&c, "prompt", "is required (or \"content\", or \"messages\")");
     r->route = KVD_OAI_CHAT;
-    rc = kvd_chat_render(messages, &r->chat, param, param_cap, err);
-    if (rc == 0 && !add_generation_prompt)
-        kvd_chat_drop_generation_prompt(&r->chat);
-    return rc;
+    return render_chat(&c, r, info, false);
 }
 
 int kvd_oai_parse_detokenize(const cJSON *body, const kvd_oai_model_info *info, int32_t **ids, int *count,

@@ -6,8 +6,8 @@
  * type or an out-of-range value fails with the field's name in `param` (as OpenAI's
  * error.param does); null means "absent" for every optional field. Fields that would
  * silently change what a client expects but are not implemented (suffix,
- * prompt_logprobs, echo with logprobs, best_of > n, non-text response_format, batch
- * prompts, other servers' extensions) are refused, never ignored. docs/api.md lists
+ * prompt_logprobs, echo with logprobs, best_of > n, batch prompts, other servers'
+ * extensions) are refused, never ignored. docs/api.md lists
  * every field with honored / refused.
  */
 #ifndef KVD_SERVER_OAI_REQUEST_H
@@ -20,6 +20,7 @@
 
 #include "chat.h"
 #include "kvd/kvd_engine.h"
+#include "kvd/kvd_grammar.h"
 
 #define KVD_OAI_MAX_STOP_BYTES 256
 /* stop_token_ids a client may list; a chat's turn-ending ids come on top. */
@@ -37,6 +38,7 @@ typedef struct kvd_oai_model_info {
     int vocab_size;                /* token ids must be below this */
     int32_t chat_stop_ids[KVD_OAI_MAX_CHAT_STOP_IDS]; /* ids that end an assistant turn (<|im_end|>, <|endoftext|>) */
     int num_chat_stop_ids;
+    const kvd_chat_template *chat_template; /* the served model's (chat.h) */
 } kvd_oai_model_info;
 
 typedef struct kvd_oai_request {
@@ -60,6 +62,17 @@ typedef struct kvd_oai_request {
     int num_prompt_ids;
     /* chat: the rendered conversation */
     kvd_chat_prompt chat;
+    bool tool_calls;               /* tools were rendered: parse the model's calls */
+    bool parallel_tool_calls;      /* more than one call per answer allowed */
+    bool forced_tool_call;         /* tool_choice required/named: the turn was primed with
+                                    * "<tool_call>\n" and a grammar forces the call's JSON */
+    /* Structured output (response_format, guided_*, structured_outputs, llama-server's
+     * json_schema and grammar): compiled on a worker from this source, see jobs.c. */
+    bool constrained;
+    kvd_grammar_kind constraint_kind;
+    char *constraint_src;          /* a schema's JSON text, a regex, GBNF, or NUL-ended choices */
+    size_t constraint_len;
+    char constraint_field[96];     /* the request field it came from (an error's param) */
 } kvd_oai_request;
 
 void kvd_oai_request_init(kvd_oai_request *r);
@@ -73,10 +86,11 @@ int kvd_oai_parse(kvd_oai_request *r, kvd_oai_route route, const cJSON *body,
                   const kvd_request_params *defaults, const kvd_oai_model_info *info, char *param,
                   size_t param_cap, kvd_error *err);
 
-/* POST /tokenize: "prompt" (or "content") as text, or "messages" rendered as chat
- * (r->route is then KVD_OAI_CHAT). Same returns as kvd_oai_parse. */
-int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, char *param, size_t param_cap,
-                           kvd_error *err);
+/* POST /tokenize: "prompt" (or "content") as text, or "messages" (with tools and the
+ * template options) rendered as chat (r->route is then KVD_OAI_CHAT). POST
+ * /apply-template: the same, messages required. Same returns as kvd_oai_parse. */
+int kvd_oai_parse_tokenize(kvd_oai_request *r, const cJSON *body, const kvd_oai_model_info *info, char *param,
+                           size_t param_cap, kvd_error *err);
 /* True when the JSON text holds a NUL character (a \u0000 escape) in some string, with
  * the top-level field holding it in field_name (cap bytes). cJSON strings end at the
  * first NUL, so such a prompt, message or stop string would be cut without a word:

@@ -232,11 +232,50 @@ void kvd_oai_choice_deinit(kvd_oai_choice *ch)
     kvd_sbuf_deinit(&ch->lp_values);
     kvd_sbuf_deinit(&ch->lp_top);
     kvd_sbuf_deinit(&ch->lp_offsets);
+    kvd_sbuf_deinit(&ch->tool_calls);
 }
 
 size_t kvd_oai_choice_bytes(const kvd_oai_choice *ch)
 {
-    return ch->text.len + ch->lp_entries.len + ch->lp_values.len + ch->lp_top.len + ch->lp_offsets.len;
+    return ch->text.len + ch->lp_entries.len + ch->lp_values.len + ch->lp_top.len + ch->lp_offsets.len +
+           ch->tool_calls.len;
+}
+
+void kvd_oai_tool_call_id(const kvd_oai_response *r, int choice_index, int call_index, char *out, size_t cap)
+{
+    const char *dash = strchr(r->id, '-');
+    snprintf(out, cap, "call_%s_%d_%d", dash ? dash + 1 : r->id, choice_index, call_index);
+}
+
+static cJSON *tool_call_object(const kvd_oai_response *r, int choice_index, int call_index, const kvd_tool_call *call,
+                               bool with_index, bool with_arguments)
+{
+    char id[96];
+    kvd_oai_tool_call_id(r, choice_index, call_index, id, sizeof id);
+    cJSON *obj = cJSON_CreateObject();
+    if (with_index)
+        cJSON_AddNumberToObject(obj, "index", call_index);
+    cJSON_AddStringToObject(obj, "id", id);
+    cJSON_AddStringToObject(obj, "type", "function");
+    cJSON *fn = cJSON_AddObjectToObject(obj, "function");
+    add_sanitized(fn, "name", call->name, strlen(call->name));
+    if (with_arguments)
+        add_sanitized(fn, "arguments", call->arguments, strlen(call->arguments));
+    else
+        cJSON_AddStringToObject(fn, "arguments", "");
+    return obj;
+}
+
+int kvd_oai_choice_add_calls(const kvd_oai_response *r, kvd_oai_choice *ch, int choice_index,
+                             const kvd_tool_call *calls, int num_calls)
+{
+    for (int k = 0; k < num_calls; k++) {
+        int rc = append_item(&ch->tool_calls, tool_call_object(r, choice_index, ch->num_tool_calls, &calls[k], false, true));
+        if (rc)
+            return rc;
+        ch->num_tool_calls++;
+    }
+    return 0;
 }
 
 int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_event *ev)
@@ -296,8 +335,18 @@ char *kvd_oai_whole_body(const kvd_oai_response *r, kvd_oai_choice *choices, int
         kvd_sbuf_printf(&out, "%s{\"index\":%d,", i ? "," : "", i);
         if (r->chat) {
             kvd_sbuf_puts(&out, "\"message\":{\"role\":\"assistant\",\"content\":");
-            kvd_json_append_string(&out, ch->text.data ? ch->text.data : "", ch->text.len);
-            kvd_sbuf_puts(&out, ",\"refusal\":null},");
+            if (ch->num_tool_calls && ch->text.len == 0)
+                kvd_sbuf_puts(&out, "null");
+            else
+                kvd_json_append_string(&out, ch->text.data ? ch->text.data : "", ch->text.len);
+            kvd_sbuf_puts(&out, ",\"refusal\":null");
+            if (ch->num_tool_calls) {
+                kvd_sbuf_puts(&out, ",\"tool_calls\":[");
+                kvd_sbuf_append(&out, ch->tool_calls.data, ch->tool_calls.len);
+                kvd_sbuf_puts(&out, "]");
+            }
+            kvd_sbuf_deinit(&ch->tool_calls);
+            kvd_sbuf_puts(&out, "},");
         } else {
             kvd_sbuf_puts(&out, "\"text\":");
             kvd_json_append_string(&out, ch->text.data ? ch->text.data : "", ch->text.len);
@@ -321,7 +370,9 @@ char *kvd_oai_whole_body(const kvd_oai_response *r, kvd_oai_choice *choices, int
             append_array(&out, "text_offset", &ch->lp_offsets);
             kvd_sbuf_puts(&out, "}");
         }
-        kvd_sbuf_printf(&out, ",\"finish_reason\":\"%s\"}", kvd_finish_reason_name(ch->finish));
+        kvd_sbuf_printf(&out, ",\"finish_reason\":\"%s\"}",
+                        ch->num_tool_calls && ch->finish == KVD_FINISH_STOP ? "tool_calls"
+                                                                            : kvd_finish_reason_name(ch->finish));
     }
     kvd_sbuf_puts(&out, "],");
     append_usage(&out, usage);
@@ -453,6 +504,47 @@ int kvd_oai_sse_event(const kvd_oai_response *r, size_t *text_offset, const kvd_
         rc |= sse_send(out, chunk);
     }
     return rc ? KVD_ENOMEM : 0;
+}
+
+int kvd_oai_sse_tool_calls(const kvd_oai_response *r, int index, int first_index, const kvd_tool_call *calls,
+                           int num_calls, kvd_sbuf *out)
+{
+    int rc = 0;
+    for (int k = 0; k < num_calls; k++) {
+        for (int part = 0; part < 2; part++) {
+            cJSON *choice;
+            cJSON *chunk = chunk_new(r, index, &choice);
+            cJSON *delta = cJSON_AddObjectToObject(choice, "delta");
+            cJSON *list = cJSON_AddArrayToObject(delta, "tool_calls");
+            cJSON *item;
+            if (part == 0) {
+                item = tool_call_object(r, index, first_index + k, &calls[k], true, false);
+            } else {
+                item = cJSON_CreateObject();
+                cJSON_AddNumberToObject(item, "index", first_index + k);
+                cJSON *fn = cJSON_AddObjectToObject(item, "function");
+                add_sanitized(fn, "arguments", calls[k].arguments, strlen(calls[k].arguments));
+            }
+            cJSON_AddItemToArray(list, item);
+            cJSON_AddNullToObject(choice, "logprobs");
+            cJSON_AddNullToObject(choice, "finish_reason");
+            rc |= sse_send(out, chunk);
+        }
+    }
+    return rc ? KVD_ENOMEM : 0;
+}
+
+int kvd_oai_sse_finish(const kvd_oai_response *r, int index, const char *reason, kvd_sbuf *out)
+{
+    cJSON *choice;
+    cJSON *chunk = chunk_new(r, index, &choice);
+    if (r->chat)
+        cJSON_AddObjectToObject(choice, "delta");
+    else
+        cJSON_AddStringToObject(choice, "text", "");
+    cJSON_AddNullToObject(choice, "logprobs");
+    cJSON_AddStringToObject(choice, "finish_reason", reason);
+    return sse_send(out, chunk);
 }
 
 int kvd_oai_sse_end(const kvd_oai_response *r, const kvd_oai_usage *usage, kvd_sbuf *out)

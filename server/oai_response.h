@@ -21,6 +21,7 @@
 #include "kvd/kvd_buf.h"
 #include "kvd/kvd_engine.h"
 #include "kvd/kvd_tokenizer.h"
+#include "tool_calls.h"
 
 /* What every part of one response shares. */
 typedef struct kvd_oai_response {
@@ -51,12 +52,21 @@ typedef struct kvd_oai_choice {
     kvd_sbuf lp_offsets;    /* completions: text_offset items */
     size_t text_offset;     /* completions: text_offset of the next token */
     kvd_finish_reason finish;
+    kvd_sbuf tool_calls;    /* chat with tools: the calls' JSON objects (comma-separated) */
+    int num_tool_calls;
 } kvd_oai_choice;
 
 void kvd_oai_choice_init(kvd_oai_choice *ch);
 void kvd_oai_choice_deinit(kvd_oai_choice *ch);
 /* Appends one event's text (and logprobs when asked for). Returns 0 or KVD_ENOMEM. */
 int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_event *ev);
+/* Appends the model's tool calls (chat with tools): message.tool_calls gets them, with
+ * ids kvd_oai_tool_call_id makes; a choice with calls has content null when it has no
+ * other text, and finish_reason "tool_calls" when the model stopped by itself. */
+int kvd_oai_choice_add_calls(const kvd_oai_response *r, kvd_oai_choice *ch, int choice_index,
+                             const kvd_tool_call *calls, int num_calls);
+/* "call_" + the response id's random part + choice and call index: unique per call. */
+void kvd_oai_tool_call_id(const kvd_oai_response *r, int choice_index, int call_index, char *out, size_t cap);
 /* Bytes the choice holds (what it adds to the body). */
 size_t kvd_oai_choice_bytes(const kvd_oai_choice *ch);
 
@@ -71,6 +81,13 @@ int kvd_oai_sse_role(const kvd_oai_response *r, int index, kvd_sbuf *out);
 /* The event's text/logprobs chunk (if any), then its finish chunk or error event.
  * text_offset: the choice's completions text_offset, advanced. */
 int kvd_oai_sse_event(const kvd_oai_response *r, size_t *text_offset, const kvd_event *ev, kvd_sbuf *out);
+/* Tool calls as OpenAI streams them: per call one chunk with its index, id, type and
+ * name (arguments ""), then one with the arguments. first_index: the choice's calls
+ * before these. */
+int kvd_oai_sse_tool_calls(const kvd_oai_response *r, int index, int first_index, const kvd_tool_call *calls,
+                           int num_calls, kvd_sbuf *out);
+/* A choice's last chunk with an explicit finish_reason ("tool_calls"). */
+int kvd_oai_sse_finish(const kvd_oai_response *r, int index, const char *reason, kvd_sbuf *out);
 /* include_usage's last chunk (nothing otherwise) and "data: [DONE]". */
 int kvd_oai_sse_end(const kvd_oai_response *r, const kvd_oai_usage *usage, kvd_sbuf *out);
 

@@ -22,6 +22,7 @@ enum route_id {
     ROUTE_CHAT,
     ROUTE_TOKENIZE,
     ROUTE_DETOKENIZE,
+    ROUTE_APPLY_TEMPLATE,
     ROUTE_KV,
     ROUTE_VERSION,
     ROUTE_MODEL, /* /v1/models/{id} */
@@ -43,6 +44,7 @@ static const route routes[] = {
     {"/v1/chat/completions", "POST", ROUTE_CHAT, true, true},
     {"/tokenize", "POST", ROUTE_TOKENIZE, true, true},
     {"/detokenize", "POST", ROUTE_DETOKENIZE, true, true},
+    {"/apply-template", "POST", ROUTE_APPLY_TEMPLATE, true, true},
     {"/v1/kv", "GET", ROUTE_KV, true, true},
     {"/version", "GET", ROUTE_VERSION, false, false},
     {"/v1/models/", "GET", ROUTE_MODEL, true, true}, /* a prefix: the rest is the id */
@@ -160,6 +162,9 @@ static void with_body(kvd_http_request *req, const cJSON *body, void *arg, int i
         break;
     case ROUTE_TOKENIZE:
         kvd_jobs_tokenize(r->jobs, req, body);
+        break;
+    case ROUTE_APPLY_TEMPLATE:
+        kvd_jobs_apply_template(r->jobs, req, body);
         break;
     default:
         kvd_jobs_detokenize(r->jobs, req, body);

@@ -35,6 +35,8 @@
 typedef struct fixture {
     kvd_model *model;
     kvd_tokenizer *tok;
+    kvd_grammar_vocab *gvocab; /* structured output: the tokens' bytes, mask as wide as a row */
+    kvd_grammar *grammars[3];
 } fixture;
 
 typedef struct choice_out {
@@ -81,6 +83,22 @@ static int setup(void **state)
         fprintf(stderr, "tokenizer: %s\n", err.msg);
         return -1;
     }
+    f->gvocab = kvd_grammar_vocab_create(f->tok, f->model->config.vocab_size, &err);
+    static const char schema[] = "{\"type\": \"object\", \"properties\": {\"c\": {\"enum\": [\"red\", \"blue\"]}, "
+                                 "\"n\": {\"type\": \"integer\", \"minimum\": -5, \"maximum\": 500}, \"s\": "
+                                 "{\"type\": \"string\", \"maxLength\": 6}}, \"required\": [\"c\", \"n\"], "
+                                 "\"additionalProperties\": false}";
+    static const char regex[] = "(ab|[0-9]{1,3}) (yes|no)";
+    static const char gbnf[] = "root ::= \"[\" item (\",\" item){0,3} \"]\"\nitem ::= [a-z]{1,4}\n";
+    if (f->gvocab) {
+        f->grammars[0] = kvd_grammar_compile_json_schema(f->gvocab, schema, sizeof schema - 1, NULL, &err);
+        f->grammars[1] = kvd_grammar_compile_regex(f->gvocab, regex, sizeof regex - 1, &err);
+        f->grammars[2] = kvd_grammar_compile_gbnf(f->gvocab, gbnf, sizeof gbnf - 1, &err);
+    }
+    if (!f->grammars[0] || !f->grammars[1] || !f->grammars[2]) {
+        fprintf(stderr, "grammars: %s\n", err.msg);
+        return -1;
+    }
     *state = f;
     return 0;
 }
@@ -88,6 +106,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture *f = *state;
+    for (int i = 0; i < 3; i++)
+        kvd_grammar_release(f->grammars[i]);
+    kvd_grammar_vocab_destroy(f->gvocab);
     kvd_tokenizer_destroy(f->tok);
     kvd_model_destroy(f->model);
     free(f);
@@ -231,7 +252,7 @@ static void assert_same_output(const choice_out *a, const choice_out *b, int req
 #define NPROMPTS 32
 #define GEN_TOKENS 20
 
-typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES } det_mode;
+typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR } det_mode;
 
 /* Sampled, n = 2 for odd i, with a logit_bias, min_tokens over a few stop ids and
  * include_stop_str_in_output with a stop string: the request features beside the
@@ -254,6 +275,39 @@ static kvd_request_params feature_params(int i)
     return p;
 }
 
+/* Sampled (temperature 1), n = 2 for odd i, each under one of the fixture's grammars
+ * (JSON Schema, regex, GBNF), EOS allowed: outputs end when their grammar does. */
+static kvd_request_params grammar_params(const fixture *f, int i)
+{
+    kvd_request_params p = sampled_params(GEN_TOKENS, 11000 + (uint64_t)i);
+    p.sampling.temperature = 1.0f;
+    p.ignore_eos = false;
+    p.n = 1 + i % 2;
+    p.grammar = f->grammars[i % 3];
+    return p;
+}
+
+/* Every output follows its grammar: a fresh matcher takes each token but a final EOS,
+ * and a "stop" finish is where the grammar may end. */
+static void assert_follows_grammar(const fixture *f, kvd_grammar *g, const choice_out *c)
+{
+    kvd_grammar_matcher *m = kvd_grammar_matcher_create(g, NULL);
+    assert_non_null(m);
+    int n = c->num_tokens;
+    const kvd_model_config *mc = &f->model->config;
+    bool eos_end = false;
+    for (int k = 0; n > 0 && k < mc->num_eos_token_ids; k++)
+        eos_end = eos_end || c->tokens[n - 1] == mc->eos_token_ids[k];
+    for (int t = 0; t < n - eos_end; t++)
+        if (kvd_grammar_matcher_accept(m, c->tokens[t], NULL) != 0)
+            fail_msg("token %d (%d) is outside the grammar: %.*s", t, c->tokens[t], (int)c->text_len, c->text);
+    if (c->finish == KVD_FINISH_STOP)
+        assert_true(kvd_grammar_matcher_can_end(m));
+    if (kvd_grammar_matcher_is_complete(m))
+        assert_int_equal(c->finish, KVD_FINISH_STOP);
+    kvd_grammar_matcher_destroy(m);
+}
+
 static void determinism(const fixture *f, det_mode mode)
 {
     const bool sampled = mode != DET_GREEDY;
@@ -273,6 +327,7 @@ static void determinism(const fixture *f, det_mode mode)
     kvd_request_params params[NPROMPTS];
     for (int i = 0; i < num; i++)
         params[i] = mode == DET_FEATURES ? feature_params(i)
+                    : mode == DET_GRAMMAR ? grammar_params(f, i)
                     : sampled           ? sampled_params(GEN_TOKENS, 9000 + (uint64_t)i)
                                         : greedy_params(GEN_TOKENS);
     int total_tokens = 0;
@@ -290,7 +345,9 @@ static void determinism(const fixture *f, det_mode mode)
         drain(e, &alone[i], 1);
         for (int c = 0; c < alone[i].n; c++) {
             total_tokens += alone[i].ch[c].num_tokens;
-            if (mode != DET_FEATURES) {
+            if (mode == DET_GRAMMAR)
+                assert_follows_grammar(f, params[i].grammar, &alone[i].ch[c]);
+            if (mode != DET_FEATURES && mode != DET_GRAMMAR) {
                 assert_int_equal(alone[i].ch[c].num_tokens, GEN_TOKENS);
                 assert_int_equal(alone[i].ch[c].finish, KVD_FINISH_LENGTH);
             }
@@ -319,7 +376,7 @@ static void determinism(const fixture *f, det_mode mode)
     kvd_engine_stats st;
     kvd_engine_stats_get(e, &st);
     print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n",
-                  mode == DET_FEATURES ? "features" : sampled ? "sampled" : "greedy",
+                  mode == DET_GRAMMAR ? "grammar" : mode == DET_FEATURES ? "features" : sampled ? "sampled" : "greedy",
                   (unsigned long long)st.steps, (unsigned long long)st.num_preemptions,
                   (unsigned long long)st.kv.prefix_hit_tokens);
     assert_true(st.num_preemptions > 0);
@@ -348,6 +405,13 @@ static void test_determinism_sampled(void **state)
 static void test_determinism_request_features(void **state)
 {
     determinism(*state, DET_FEATURES);
+}
+
+/* Structured output under batching, chunked prefill and preemption: the same tokens
+ * as alone, every one inside its grammar. */
+static void test_determinism_grammar(void **state)
+{
+    determinism(*state, DET_GRAMMAR);
 }
 
 /* ---- prefix cache ---------------------------------------------------------------- */
@@ -1049,6 +1113,7 @@ int main(void)
         cmocka_unit_test(test_determinism_greedy),
         cmocka_unit_test(test_determinism_sampled),
         cmocka_unit_test(test_determinism_request_features),
+        cmocka_unit_test(test_determinism_grammar),
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_stop_string_across_tokens),
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),

@@ -21,6 +21,7 @@
 #include "config.h"
 #include "metrics.h"
 #include "oai_request.h"
+#include "tool_calls.h"
 #include "util.h"
 
 /* ---- util ---- */
@@ -306,11 +307,26 @@ static kvd_request_params test_defaults(void)
     return p;
 }
 
+/* The built-in chat template (Qwen2.5-Instruct's), parsed once for the whole run. */
+static kvd_chat_template *test_template;
+
+static const kvd_chat_template *builtin_template(void)
+{
+    if (!test_template) {
+        kvd_error err = {0};
+        test_template = kvd_chat_template_builtin(&err);
+        if (!test_template)
+            fail_msg("built-in template: %s", err.msg);
+    }
+    return test_template;
+}
+
 static kvd_oai_model_info test_info(void)
 {
     kvd_oai_model_info info = {.max_model_len = 4096, .vocab_size = 151665, .num_chat_stop_ids = 2};
     info.chat_stop_ids[0] = 151645;
     info.chat_stop_ids[1] = 151643;
+    info.chat_template = builtin_template();
     return info;
 }
 
@@ -484,15 +500,15 @@ static void test_parse_errors(void **state)
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"prompt_logprobs\": 1}",
                  "prompt_logprobs", "not supported");
     /* Other servers' fields, and typos: refused by name, never ignored. */
-    static const char *const foreign[] = {"tools", "tool_choice", "mirostat", "guided_json", "typical_p",
+    static const char *const foreign[] = {"mirostat", "guided_decoding_backend", "typical_p",
                                           "use_beam_search", "n_predict", "unknown_field", "top_logprobs"};
     for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++) {
         char json[128];
         snprintf(json, sizeof json, "{\"prompt\": \"x\", \"%s\": 1}", foreign[i]);
         expect_error(C, json, foreign[i], "not supported by kvd");
     }
-    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": []}", "tools",
-                 "not supported by kvd");
+    /* Chat-only fields on completions (tools are honored on chat). */
+    expect_error(C, "{\"prompt\": \"x\", \"tools\": []}", "tools", "not supported by kvd");
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"prompt\": \"x\"}",
                  "prompt", "not supported by kvd");
     expect_error(C, "{\"prompt\": \"x\", \"stream\": true, \"stream_options\": {\"continuous_usage_stats\": true}}",
@@ -504,9 +520,19 @@ static void test_parse_errors(void **state)
                  "boolean");
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"top_logprobs\": 3}",
                  "top_logprobs", "requires \"logprobs\": true");
+    /* Structured output: shapes are checked here, schemas compile on a worker (jobs.c). */
     expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
-                       "{\"type\": \"json_object\"}}",
-                 "response_format", "only");
+                       "{\"type\": \"xml\"}}",
+                 "response_format", "type must be");
+    expect_error(CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"response_format\": "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": \"n\"}}}",
+                 "response_format.json_schema.schema", "is required");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_json\": 1}", "guided_json", "JSON Schema");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_choice\": []}", "guided_choice", "non-empty array");
+    expect_error(C, "{\"prompt\": \"x\", \"guided_regex\": \"a\", \"grammar\": \"root ::= \\\"a\\\"\"}", "grammar",
+                 "only one of");
+    expect_error(C, "{\"prompt\": \"x\", \"structured_outputs\": {\"xml\": 1}}", "structured_outputs.xml",
+                 "not supported");
     expect_error(CHAT, "{}", "messages", "is required");
     expect_error(CHAT, "{\"messages\": []}", "messages", "must not be empty");
     expect_error(CHAT, "{\"messages\": {}}", "messages", "must be an array");
@@ -572,7 +598,8 @@ static int parse_tokenize(kvd_oai_request *r, const char *json, char *param, siz
     cJSON *body = cJSON_Parse(json);
     assert_non_null(body);
     kvd_error err = {0};
-    int rc = kvd_oai_parse_tokenize(r, body, param, cap, &err);
+    kvd_oai_model_info info = test_info();
+    int rc = kvd_oai_parse_tokenize(r, body, &info, param, cap, &err);
     cJSON_Delete(body);
     return rc;
 }
@@ -593,7 +620,6 @@ static void test_parse_tokenize_fields(void **state)
     n = r.chat.text.len;
     assert_int_equal(strlen(r.chat.text.data), n);
     assert_string_equal(r.chat.text.data + n - strlen(user_turn), user_turn);
-    assert_int_equal(r.chat.specials[r.chat.num_specials - 1].marker, KVD_CHAT_IM_END);
     kvd_oai_request_deinit(&r);
 
     static const char *const refused[][2] = {
@@ -666,31 +692,32 @@ static void test_parse_chat_defaults(void **state)
 
 /* ---- chat template ---- */
 
-static void render_ok(const char *messages_json, const char *want)
+static void render_with(const kvd_chat_template *t, const char *messages_json, const kvd_chat_options *opts,
+                        kvd_chat_prompt *p)
 {
     cJSON *messages = cJSON_Parse(messages_json);
     assert_non_null(messages);
-    kvd_chat_prompt p;
-    kvd_chat_prompt_init(&p);
+    kvd_chat_prompt_init(p);
     char param[64];
     kvd_error err = {0};
-    int rc = kvd_chat_render(messages, &p, param, sizeof param, &err);
+    int rc = kvd_chat_render(t, messages, opts, p, param, sizeof param, &err);
     if (rc)
         fail_msg("render failed: %s", err.msg);
-    assert_string_equal(p.text.data, want);
-    /* Every recorded marker sits exactly where its text is. */
-    for (int i = 0; i < p.num_specials; i++) {
-        const char *at = p.text.data + p.specials[i].offset;
-        const char *marker = p.specials[i].marker == KVD_CHAT_IM_START ? "<|im_start|>" : "<|im_end|>";
-        assert_memory_equal(at, marker, strlen(marker));
-    }
-    kvd_chat_prompt_deinit(&p);
     cJSON_Delete(messages);
+}
+
+static void render_ok(const char *messages_json, const char *want)
+{
+    kvd_chat_prompt p;
+    render_with(builtin_template(), messages_json, NULL, &p);
+    assert_string_equal(p.text.data, want);
+    kvd_chat_prompt_deinit(&p);
 }
 
 static void test_chat_render(void **state)
 {
     (void)state;
+    /* Exactly what kvd's hand-written ChatML renderer produced before templates. */
     render_ok("[{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"},"
               " {\"role\": \"assistant\", \"content\": \"Hello!\"}, {\"role\": \"user\", \"content\": \"Bye\"}]",
               "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
@@ -709,6 +736,248 @@ static void test_chat_render(void **state)
               "<|im_end|>\n<|im_start|>system\nS2<|im_end|>\n<|im_start|>assistant\n");
 }
 
+static void test_chat_builtin_is_qwen25(void **state)
+{
+    (void)state;
+    const char *root = getenv("KVD_SOURCE_ROOT");
+    assert_non_null(root);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tests/template/templates/qwen2.5-instruct.jinja", root);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    static char file[8192];
+    size_t n = fread(file, 1, sizeof file - 1, f);
+    fclose(f);
+    file[n] = '\0';
+    assert_string_equal(kvd_chat_template_builtin_source(), file);
+}
+
+static const char tools_json[] =
+    "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather\","
+    " \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}}]";
+
+static void test_chat_tools_and_history(void **state)
+{
+    (void)state;
+    cJSON *tools = cJSON_Parse(tools_json);
+    kvd_chat_options opts = {.tools = tools, .add_generation_prompt = true};
+    kvd_chat_prompt p;
+    /* OpenAI's history shape: arguments as a JSON string, null content, tool_call_id */
+    render_with(builtin_template(),
+                "[{\"role\": \"user\", \"content\": \"Paris?\"}, {\"role\": \"assistant\", \"content\": null,"
+                " \"tool_calls\": [{\"id\": \"c1\", \"type\": \"function\", \"function\": {\"name\": \"get_weather\","
+                " \"arguments\": \"{\\\"city\\\": \\\"Paris\\\"}\"}}]}, {\"role\": \"tool\", \"tool_call_id\": \"c1\","
+                " \"content\": \"sunny\"}]",
+                &opts, &p);
+    assert_string_equal(p.text.data,
+                        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n"
+                        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+                        "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather\", "
+                        "\"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}}\n"
+                        "</tools>\n\nFor each function call, return a json object with function name and arguments "
+                        "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                        "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+                        "<|im_start|>user\nParis?<|im_end|>\n"
+                        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+                        "\"Paris\"}}\n</tool_call><|im_end|>\n"
+                        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+                        "<|im_start|>assistant\n");
+    kvd_chat_prompt_deinit(&p);
+    /* continue_final_message: the last assistant message stays open */
+    kvd_chat_options cont = {.continue_final_message = true, .add_generation_prompt = true}; /* as a request parses */
+    render_with(builtin_template(),
+                "[{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"<tool_call>\\n\"}]",
+                &cont, &p);
+    assert_string_equal(p.text.data,
+                        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                        "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<tool_call>");
+    assert_string_equal(p.continued, "<tool_call>\n");
+    kvd_chat_prompt_deinit(&p);
+    /* continue_final_message with a conversation that does not end with the assistant:
+     * a new turn, as an agent loop that keeps the flag on needs */
+    render_with(builtin_template(), "[{\"role\": \"user\", \"content\": \"Hi\"}]", &cont, &p);
+    assert_string_equal(p.text.data + p.text.len - strlen("Hi<|im_end|>\n<|im_start|>assistant\n"),
+                        "Hi<|im_end|>\n<|im_start|>assistant\n");
+    assert_null(p.continued);
+    kvd_chat_prompt_deinit(&p);
+    /* add_generation_prompt false: no open turn */
+    kvd_chat_options closed = {0};
+    render_with(builtin_template(), "[{\"role\": \"user\", \"content\": \"Hi\"}]", &closed, &p);
+    assert_string_equal(p.text.data + p.text.len - strlen("Hi<|im_end|>\n"), "Hi<|im_end|>\n");
+    kvd_chat_prompt_deinit(&p);
+    cJSON_Delete(tools);
+}
+
+static void expect_chat_error(const char *json, const char *param, const char *message)
+{
+    expect_error(KVD_OAI_CHAT, json, param, message);
+}
+
+static void test_chat_tool_fields(void **state)
+{
+    (void)state;
+#define MSG "\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]"
+    expect_chat_error("{" MSG ", \"tools\": {}}", "tools", "must be an array");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"retrieval\"}]}", "tools[0].type", "\"function\"");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\"}]}", "tools[0].function", "must be an object");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {}}]}", "tools[0].function.name",
+                      "is required");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]}",
+                      "tools[0].function.name", "a-z");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": "
+                      "{\"type\": \"string\"}}}]}",
+                      "tools[0].function.parameters", "JSON Schema object");
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": 3}}]}",
+                      "tools[0].function.parameters", "JSON Schema object");
+    expect_chat_error("{" MSG ", \"tool_choice\": \"sometimes\"}", "tool_choice", "must be");
+#define TOOLS_FG "\"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}, {\"type\": \"function\", " \
+    "\"function\": {\"name\": \"g\", \"parameters\": {\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\"}}}}}]"
+    expect_chat_error("{" MSG ", \"tool_choice\": \"required\"}", "tool_choice", "needs \"tools\"");
+    expect_chat_error("{" MSG ", " TOOLS_FG ", \"tool_choice\": \"required\", \"response_format\": {\"type\": \"json_object\"}}",
+                      "tool_choice", "only one of");
+    expect_chat_error("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}], "
+                      TOOLS_FG ", \"tool_choice\": \"required\", \"continue_final_message\": true}",
+                      "tool_choice", "new assistant turn");
+    /* Forced calls: the turn is primed with <tool_call> and a schema forces the body. */
+    parsed p;
+    parse(&p, KVD_OAI_CHAT, "{" MSG ", " TOOLS_FG ", \"tool_choice\": \"required\"}");
+    assert_int_equal(p.rc, 0);
+    assert_true(p.req.forced_tool_call && p.req.constrained && !p.req.parallel_tool_calls);
+    assert_string_equal(p.req.constraint_field, "tool_choice");
+    assert_string_equal(p.req.constraint_src,
+                        "{\"anyOf\":[{\"properties\":{\"name\":{\"const\":\"f\"},\"arguments\":{\"type\":\"object\","
+                        "\"additionalProperties\":false}},"
+                        "\"required\":[\"name\",\"arguments\"],\"type\":\"object\",\"additionalProperties\":false},"
+                        "{\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"type\":\"object\",\"properties\":"
+                        "{\"x\":{\"type\":\"integer\"}}}},\"required\":[\"name\",\"arguments\"],\"type\":\"object\","
+                        "\"additionalProperties\":false}]}");
+    const char *primed = "<|im_start|>assistant\n<tool_call>\n";
+    assert_string_equal(p.req.chat.text.data + p.req.chat.text.len - strlen(primed), primed);
+    kvd_oai_request_deinit(&p.req);
+    parse(&p, KVD_OAI_CHAT,
+          "{" MSG ", " TOOLS_FG ", \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}");
+    assert_int_equal(p.rc, 0);
+    assert_string_equal(p.req.constraint_src,
+                        "{\"properties\":{\"name\":{\"const\":\"g\"},\"arguments\":{\"type\":\"object\",\"properties\":"
+                        "{\"x\":{\"type\":\"integer\"}}}},\"required\":[\"name\",\"arguments\"],\"type\":\"object\","
+                        "\"additionalProperties\":false}");
+    kvd_oai_request_deinit(&p.req);
+#undef TOOLS_FG
+    expect_chat_error("{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": "
+                      "{\"type\": \"function\", \"function\": {\"name\": \"g\"}}}", "tool_choice.function.name", "names no");
+    expect_chat_error("{" MSG ", \"parallel_tool_calls\": 1}", "parallel_tool_calls", "boolean");
+    expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}], \"continue_final_message\": true, "
+                      "\"add_generation_prompt\": true}", "continue_final_message", "cannot be combined");
+    expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": 5}]}",
+                      "messages[0].tool_calls", "must be an array");
+    expect_chat_error("{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": [{\"function\": "
+                      "{\"arguments\": \"{}\"}}]}]}", "messages[0].tool_calls[0].function.name", "must be a string");
+    /* tool_choice none: tools are not rendered and calls are not parsed */
+    parse(&p, KVD_OAI_CHAT, "{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], "
+                            "\"tool_choice\": \"none\"}");
+    assert_int_equal(p.rc, 0);
+    assert_false(p.req.tool_calls);
+    assert_null(strstr(p.req.chat.text.data, "# Tools"));
+    kvd_oai_request_deinit(&p.req);
+    parse(&p, KVD_OAI_CHAT, "{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], "
+                            "\"parallel_tool_calls\": false}");
+    assert_int_equal(p.rc, 0);
+    assert_true(p.req.tool_calls);
+    assert_false(p.req.parallel_tool_calls);
+    assert_non_null(strstr(p.req.chat.text.data, "{\"type\": \"function\", \"function\": {\"name\": \"f\"}}"));
+    kvd_oai_request_deinit(&p.req);
+#undef MSG
+}
+
+static char *write_temp(const char *dir, const char *name, const char *text)
+{
+    static char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+static void test_chat_template_load(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kvd_chat_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    kvd_error err = {0};
+    /* no tokenizer_config.json: the fallback */
+    kvd_chat_template *t = kvd_chat_template_load(NULL, NULL, dir, &err);
+    assert_non_null(t);
+    assert_true(kvd_chat_template_is_fallback(t));
+    kvd_chat_template_destroy(t);
+    /* a string template, with bos/eos from the config as template text */
+    write_temp(dir, "tokenizer_config.json",
+               "{\"bos_token\": {\"content\": \"<s>\"}, \"eos_token\": \"</s>\", \"chat_template\": "
+               "\"{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{{ eos_token }}\"}");
+    t = kvd_chat_template_load("", NULL, dir, &err);
+    assert_non_null(t);
+    assert_false(kvd_chat_template_is_fallback(t));
+    assert_string_equal(kvd_chat_template_origin(t), "tokenizer_config.json");
+    kvd_chat_prompt p;
+    render_with(t, "[{\"role\": \"user\", \"content\": \"hi\"}]", NULL, &p);
+    assert_string_equal(p.text.data, "<s>[user]hi</s>");
+    assert_int_equal(p.num_data_spans, 2); /* "user" and "hi"; <s> and </s> are template text */
+    kvd_chat_prompt_deinit(&p);
+    kvd_chat_template_destroy(t);
+    /* the named-list form: "tool_use" when tools are given */
+    write_temp(dir, "tokenizer_config.json",
+               "{\"chat_template\": [{\"name\": \"default\", \"template\": \"plain\"}, {\"name\": \"tool_use\", "
+               "\"template\": \"tools={{ tools | length }}\"}]}");
+    t = kvd_chat_template_load(NULL, NULL, dir, &err);
+    assert_non_null(t);
+    render_with(t, "[{\"role\": \"user\", \"content\": \"hi\"}]", NULL, &p);
+    assert_string_equal(p.text.data, "plain");
+    kvd_chat_prompt_deinit(&p);
+    cJSON *tools = cJSON_Parse(tools_json);
+    kvd_chat_options opts = {.tools = tools};
+    render_with(t, "[{\"role\": \"user\", \"content\": \"hi\"}]", &opts, &p);
+    assert_string_equal(p.text.data, "tools=1");
+    kvd_chat_prompt_deinit(&p);
+    cJSON_Delete(tools);
+    kvd_chat_template_destroy(t);
+    /* a GGUF's template wins over tokenizer_config.json; --chat-template over both */
+    t = kvd_chat_template_load(NULL, "gguf", dir, &err);
+    assert_string_equal(kvd_chat_template_origin(t), "GGUF tokenizer.chat_template");
+    kvd_chat_template_destroy(t);
+    char *file = write_temp(dir, "override.jinja", "override\n");
+    t = kvd_chat_template_load(file, "gguf", dir, &err);
+    assert_non_null(t);
+    render_with(t, "[{\"role\": \"user\", \"content\": \"hi\"}]", NULL, &p);
+    assert_string_equal(p.text.data, "override");
+    kvd_chat_prompt_deinit(&p);
+    kvd_chat_template_destroy(t);
+    /* an unsupported construct fails at load, naming the source and line */
+    write_temp(dir, "tokenizer_config.json", "{\"chat_template\": \"ok\\n{% include 'x' %}\"}");
+    t = kvd_chat_template_load(NULL, NULL, dir, &err);
+    assert_null(t);
+    assert_non_null(strstr(err.msg, "tokenizer_config.json: chat template line 2: unsupported tag 'include'"));
+    t = kvd_chat_template_load("/nonexistent/template.jinja", NULL, dir, &err);
+    assert_null(t);
+    assert_int_equal(err.code, KVD_EIO);
+    /* a template that refuses the conversation is a 400 naming messages */
+    t = kvd_chat_template_from_source("{{ raise_exception('Conversation roles must alternate') }}", 58, "test", &err);
+    assert_non_null(t);
+    cJSON *messages = cJSON_Parse("[{\"role\": \"user\", \"content\": \"hi\"}]");
+    kvd_chat_prompt_init(&p);
+    char param[64];
+    assert_int_equal(kvd_chat_render(t, messages, NULL, &p, param, sizeof param, &err), KVD_EINVAL);
+    assert_string_equal(param, "messages");
+    assert_non_null(strstr(err.msg, "Conversation roles must alternate"));
+    kvd_chat_prompt_deinit(&p);
+    cJSON_Delete(messages);
+    kvd_chat_template_destroy(t);
+    unlink(write_temp(dir, "tokenizer_config.json", ""));
+    unlink(write_temp(dir, "override.jinja", ""));
+    rmdir(dir);
+}
+
 static void test_chat_encode_markers_only(void **state)
 {
     (void)state;
@@ -718,16 +987,13 @@ static void test_chat_encode_markers_only(void **state)
     kvd_tokenizer *tok = kvd_tokenizer_load(path, &err);
     if (!tok)
         fail_msg("tokenizer: %s", err.msg);
-    cJSON *messages = cJSON_Parse("[{\"role\": \"user\", \"content\": \"<|im_end|>x\"}]");
     kvd_chat_prompt p;
-    kvd_chat_prompt_init(&p);
-    char param[64];
-    assert_int_equal(kvd_chat_render(messages, &p, param, sizeof param, &err), 0);
+    render_with(builtin_template(), "[{\"role\": \"user\", \"content\": \"<|im_end|>x\"}]", NULL, &p);
     int32_t *ids = NULL;
     int n = kvd_chat_encode(&p, tok, &ids, &err);
     assert_true(n > 0);
     /* The whole text encoded with special-token matching has one more <|im_end|>:
-     * the one the user typed, which the marker-aware encoding keeps as plain text. */
+     * the one the user typed, which the provenance-aware encoding keeps as plain text. */
     int32_t *all = NULL;
     int n_all = kvd_tokenizer_encode(tok, p.text.data, p.text.len, true, &all);
     assert_true(n_all > 0);
@@ -747,11 +1013,10 @@ static void test_chat_encode_markers_only(void **state)
     kvd_chat_prompt_deinit(&p);
 
     /* Without special text in the content both encodings agree exactly. */
-    cJSON_Delete(messages);
-    messages = cJSON_Parse("[{\"role\": \"system\", \"content\": \"Be nice.\"}, {\"role\": \"user\", \"content\": "
-                           "\"Hello, world! 123\"}]");
-    kvd_chat_prompt_init(&p);
-    assert_int_equal(kvd_chat_render(messages, &p, param, sizeof param, &err), 0);
+    render_with(builtin_template(),
+                "[{\"role\": \"system\", \"content\": \"Be nice.\"}, {\"role\": \"user\", \"content\": "
+                "\"Hello, world! 123\"}]",
+                NULL, &p);
     n = kvd_chat_encode(&p, tok, &ids, &err);
     n_all = kvd_tokenizer_encode(tok, p.text.data, p.text.len, true, &all);
     assert_int_equal(n, n_all);
@@ -759,8 +1024,64 @@ static void test_chat_encode_markers_only(void **state)
     free(ids);
     free(all);
     kvd_chat_prompt_deinit(&p);
-    cJSON_Delete(messages);
     kvd_tokenizer_destroy(tok);
+}
+
+/* ---- tool calls out of the model's text ---- */
+
+/* Feeds text split at every position (and byte by byte) and checks the result is the
+ * same as one feed: content and calls do not depend on how events cut the text. */
+static void parse_calls(const char *text, bool parallel, const char *want_content, int want_calls,
+                        const char *const *want)
+{
+    size_t len = strlen(text);
+    for (size_t split = 0; split <= len + 1; split++) {
+        kvd_tool_parser tp;
+        kvd_tool_parser_init(&tp, parallel);
+        kvd_tool_delta d;
+        kvd_tool_delta_init(&d);
+        if (split == len + 1) {
+            for (size_t i = 0; i < len; i++)
+                assert_int_equal(kvd_tool_parser_feed(&tp, text + i, 1, false, &d), 0);
+            assert_int_equal(kvd_tool_parser_feed(&tp, NULL, 0, true, &d), 0);
+        } else {
+            assert_int_equal(kvd_tool_parser_feed(&tp, text, split, false, &d), 0);
+            assert_int_equal(kvd_tool_parser_feed(&tp, text + split, len - split, true, &d), 0);
+        }
+        const char *content = d.content.data ? d.content.data : "";
+        if (strcmp(content, want_content) != 0)
+            fail_msg("split %zu of [%s]: content [%s], want [%s]", split, text, content, want_content);
+        assert_int_equal(d.num_calls, want_calls);
+        for (int k = 0; k < want_calls; k++) {
+            assert_string_equal(d.calls[k].name, want[2 * k]);
+            assert_string_equal(d.calls[k].arguments, want[2 * k + 1]);
+        }
+        kvd_tool_delta_deinit(&d);
+        kvd_tool_parser_deinit(&tp);
+    }
+}
+
+static void test_tool_call_parser(void **state)
+{
+    (void)state;
+    parse_calls("Just an answer.\n", true, "Just an answer.\n", 0, NULL);
+    parse_calls("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>", true,
+                "", 1, (const char *const[]){"get_weather", "{\"city\":\"Paris\"}"});
+    parse_calls("Let me check.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n"
+                "{\"name\": \"b\", \"arguments\": \"{\\\"x\\\": 1}\"}\n</tool_call>",
+                true, "Let me check.", 2, (const char *const[]){"a", "{}", "b", "{\"x\": 1}"});
+    /* a block whose JSON does not parse is content, tags and all */
+    parse_calls("<tool_call>\n{\"name\": \"a\", \"arguments\": {oops}\n</tool_call>", true,
+                "<tool_call>\n{\"name\": \"a\", \"arguments\": {oops}\n</tool_call>", 0, NULL);
+    parse_calls("<tool_call>\n{\"arguments\": {}}\n</tool_call>", true, "<tool_call>\n{\"arguments\": {}}\n</tool_call>",
+                0, NULL);
+    /* cut off before its closing tag: content */
+    parse_calls("x <tool_call>\n{\"name\": \"a\"", true, "x <tool_call>\n{\"name\": \"a\"", 0, NULL);
+    /* "<tool_" that never becomes a tag is content */
+    parse_calls("a <tool_ b", true, "a <tool_ b", 0, NULL);
+    /* parallel_tool_calls false: the second block stays content */
+    parse_calls("<tool_call>{\"name\": \"a\"}</tool_call><tool_call>{\"name\": \"b\"}</tool_call>", false,
+                "<tool_call>{\"name\": \"b\"}</tool_call>", 1, (const char *const[]){"a", "{}"});
 }
 
 /* ---- metrics ---- */
@@ -851,8 +1172,15 @@ int main(void)
         cmocka_unit_test(test_parse_tokenize_fields),
         cmocka_unit_test(test_find_nul),
         cmocka_unit_test(test_chat_render),
+        cmocka_unit_test(test_chat_builtin_is_qwen25),
+        cmocka_unit_test(test_chat_tools_and_history),
+        cmocka_unit_test(test_chat_tool_fields),
+        cmocka_unit_test(test_chat_template_load),
         cmocka_unit_test(test_chat_encode_markers_only),
+        cmocka_unit_test(test_tool_call_parser),
         cmocka_unit_test(test_metrics_render),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    kvd_chat_template_destroy(test_template);
+    return failed;
 }

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "kvd/kvd_error.h"
+#include "kvd/kvd_grammar.h"
 #include "kvd/kvd_kv.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_sampler.h"
@@ -78,6 +79,11 @@ typedef struct kvd_request_params {
     bool include_stop_str_in_output; /* keep the matched stop string (and a stop id's text) */
     const int32_t *stop_token_ids; /* copied at submit */
     int num_stop_token_ids;
+    /* Structured output: NULL, or a compiled grammar every choice must follow (the
+     * engine holds a reference while the request lives). Each step a choice may only
+     * draw what its grammar allows, EOS and stop ids only where the grammar may end;
+     * the choice finishes with "stop" as soon as the grammar is complete. */
+    kvd_grammar *grammar;
 } kvd_request_params;
 
 /* Default params: the model's generation defaults, max_tokens 16, n 1. */

@@ -7,7 +7,7 @@
  *
  * Order (as vLLM): logit_bias (added to each listed id's logit), the min_tokens mask
  * (while fewer than min_tokens tokens were generated, the ids in min_tokens_stop_ids
- * get -inf), repetition penalty (HF: logit > 0 ? logit / p : logit * p, once per
+ * get -inf), the structured-output mask (allowed), repetition penalty (HF: logit > 0 ? logit / p : logit * p, once per
  * distinct token of prompt + output), presence and frequency penalties (OpenAI:
  * logit -= presence + frequency * count, over output tokens), then temperature 0 ->
  * argmax (ties to the lowest id; penalties still apply), else logits / temperature,
@@ -61,6 +61,10 @@ typedef struct kvd_sampling_params {
     int min_tokens;           /* 0 = off; the engine fills min_tokens_stop_ids (stop ids + EOS) */
     const int32_t *min_tokens_stop_ids; /* (num_min_tokens_stop_ids) -inf while num_output < min_tokens */
     int num_min_tokens_stop_ids;
+    /* Structured output: NULL, or one bit per id (bit id % 32 of word id / 32); ids whose
+     * bit is clear get -inf after the min_tokens mask. The engine points it at the
+     * sequence's grammar mask for one call; raw logprobs are not affected. */
+    const uint32_t *allowed;
 } kvd_sampling_params;
 
 /* Neutral parameters: greedy, no filters, no penalties, no bias, no min_tokens, seed 0,

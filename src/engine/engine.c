@@ -39,6 +39,7 @@ struct kvd_engine {
     kvd_forward_seq *batch_seqs;    /* (max_num_seqs) */
     float *logits;                  /* (max_num_seqs, vocab) */
     float *row;                     /* (vocab) one choice's copy of a shared row */
+    uint32_t *grammar_mask;         /* ((vocab + 31) / 32) one choice's structured-output mask */
     uint64_t *cancel_ids;           /* (cancel_cap) swapped with the shared array */
     int cancel_cap;
     kvd_event *step_head, *step_tail;
@@ -181,12 +182,13 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
     e->batch_seqs = malloc((size_t)cfg.max_num_seqs * sizeof *e->batch_seqs);
     e->logits = malloc((size_t)cfg.max_num_seqs * (size_t)e->vocab_size * sizeof *e->logits);
     e->row = malloc((size_t)e->vocab_size * sizeof *e->row);
+    e->grammar_mask = malloc((size_t)(e->vocab_size + 31) / 32 * sizeof *e->grammar_mask);
     e->sched.entries = malloc((size_t)cfg.max_num_seqs * sizeof *e->sched.entries);
     e->cancel_cap = 64;
     e->cancel_ids = malloc((size_t)e->cancel_cap * sizeof *e->cancel_ids);
     e->shared_cancel_cap = 64;
     e->shared_cancels = malloc((size_t)e->shared_cancel_cap * sizeof *e->shared_cancels);
-    if (!e->sampler || !e->events || !e->batch_tokens || !e->batch_seqs || !e->logits || !e->row ||
+    if (!e->sampler || !e->events || !e->batch_tokens || !e->batch_seqs || !e->logits || !e->row || !e->grammar_mask ||
         !e->sched.entries || !e->cancel_ids || !e->shared_cancels) {
         kvd_error_set(err, KVD_ENOMEM, "engine: out of memory for step buffers (%d seqs x %d vocab logits)",
                       cfg.max_num_seqs, e->vocab_size);
@@ -322,14 +324,46 @@ static int fork_choices(kvd_engine *e, eng_request *req, kvd_error *err)
     return 0;
 }
 
+/* e->grammar_mask := what seq's grammar allows next, plus EOS and the stop ids where
+ * the grammar may end. */
+static int grammar_mask(kvd_engine *e, eng_seq *seq)
+{
+    const eng_request *req = seq->req;
+    int rc = kvd_grammar_matcher_fill_mask(seq->grammar, e->grammar_mask, NULL);
+    if (rc < 0 || !kvd_grammar_matcher_can_end(seq->grammar))
+        return rc;
+    const kvd_model_config *mc = &e->model->config;
+    for (int i = 0; !req->params.ignore_eos && i < mc->num_eos_token_ids; i++) {
+        int32_t id = mc->eos_token_ids[i];
+        if (id >= 0 && id < e->vocab_size)
+            e->grammar_mask[id >> 5] |= 1u << (id & 31);
+    }
+    for (int i = 0; i < req->params.num_stop_token_ids; i++) {
+        int32_t id = req->stop_ids[i];
+        if (id >= 0 && id < e->vocab_size)
+            e->grammar_mask[id >> 5] |= 1u << (id & 31);
+    }
+    return 0;
+}
+
 /* Samples seq's next token from row (modified) and queues its event. */
 static void sample_into_event(kvd_engine *e, eng_seq *seq, float *row)
 {
     eng_request *req = seq->req;
     kvd_sample_result res;
     const int num_output = seq->num_tokens - req->num_prompt;
-    int rc = kvd_sampler_sample(e->sampler, &req->params.sampling, row, req->prompt, req->num_prompt,
-                                seq->tokens + req->num_prompt, num_output, &seq->rng, &res);
+    kvd_sampling_params sp = req->params.sampling;
+    int rc = 0;
+    if (seq->grammar) {
+        rc = grammar_mask(e, seq);
+        sp.allowed = e->grammar_mask;
+    }
+    if (rc == 0)
+        rc = kvd_sampler_sample(e->sampler, &sp, row, req->prompt, req->num_prompt, seq->tokens + req->num_prompt,
+                                num_output, &seq->rng, &res);
+    /* EOS and stop ids have no place in the grammar: they were allowed where it may end */
+    if (rc == 0 && seq->grammar)
+        (void)kvd_grammar_matcher_accept(seq->grammar, res.token, NULL);
     kvd_event *ev = rc == 0 ? eng_event_new(e->events, 1, req->params.sampling.logprobs >= 0,
                                             eng_seq_text_capacity(seq))
                             : NULL;
@@ -651,6 +685,7 @@ void kvd_engine_destroy(kvd_engine *e)
     free(e->batch_seqs);
     free(e->logits);
     free(e->row);
+    free(e->grammar_mask);
     free(e->sched.entries);
     free(e->cancel_ids);
     free(e->shared_cancels);
@@ -682,6 +717,9 @@ static int check_request(const kvd_engine *e, const int32_t *prompt, int num_pro
                              "x %d tokens = %zu tokens",
                              num_prompt, kc->num_blocks, kc->block_size, kc->num_blocks * (size_t)kc->block_size);
     }
+    if (p->grammar && kvd_grammar_num_ids(p->grammar) != e->vocab_size)
+        return kvd_error_set(err, KVD_EINVAL, "request: the grammar's masks are %d ids wide, the model's rows %d",
+                             kvd_grammar_num_ids(p->grammar), e->vocab_size);
     for (int i = 0; i < num_prompt; i++)
         if (prompt[i] < 0 || prompt[i] >= e->vocab_size)
             return kvd_error_set(err, KVD_EINVAL, "request: prompt token %d at position %d is outside the vocabulary (%d)",

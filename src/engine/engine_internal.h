@@ -43,6 +43,7 @@ typedef struct eng_seq {
     size_t text_len;
     size_t text_cap;
     kvd_finish_reason finish;
+    kvd_grammar_matcher *grammar; /* structured output: where the choice is in its grammar */
     /* This step's schedule. */
     bool scheduled;
     int sched_tokens;

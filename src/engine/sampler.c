@@ -690,7 +690,7 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     const bool want_logprobs = params->logprobs >= 0;
     const bool penalise = penalties_active(params);
     const bool mask_stops = num_output < params->min_tokens && params->num_min_tokens_stop_ids > 0;
-    const bool rewrite = penalise || params->num_logit_bias > 0 || mask_stops;
+    const bool rewrite = penalise || params->num_logit_bias > 0 || mask_stops || params->allowed;
     const float *raw = logits;
     double lse = 0.0;
 
@@ -708,6 +708,20 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     if (mask_stops)
         for (int i = 0; i < params->num_min_tokens_stop_ids; i++)
             logits[params->min_tokens_stop_ids[i]] = -INFINITY;
+    if (params->allowed)
+        for (int w = 0; w * 32 < V; w++) {
+            const uint32_t bits = params->allowed[w];
+            const int end = w * 32 + 32 < V ? w * 32 + 32 : V;
+            if (bits == UINT32_MAX)
+                continue;
+            if (bits == 0) /* the common word under a grammar: no branch per id */
+                for (int i = w * 32; i < end; i++)
+                    logits[i] = -INFINITY;
+            else
+                for (int i = w * 32; i < end; i++)
+                    if (!((bits >> (i & 31)) & 1))
+                        logits[i] = -INFINITY;
+        }
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);
 

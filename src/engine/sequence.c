@@ -42,6 +42,7 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
         goto nomem;
     req->num_prompt = num_prompt;
     req->params = *params;
+    req->params.grammar = NULL; /* retained once the request is whole */
     req->max_tokens = max_tokens;
     req->n = params->n;
     req->forked = params->n == 1;
@@ -121,7 +122,13 @@ eng_request *eng_request_create(const int32_t *prompt, int num_prompt, const kvd
         /* Choice c draws from stream c of the seed (kvd_sampler.h says why not seed + c). */
         kvd_rng_seed_stream(&seq->rng, params->sampling.seed, (uint64_t)c);
         kvd_detokenizer_init(&seq->detok, tok, params->skip_special_tokens);
+        if (params->grammar) {
+            seq->grammar = kvd_grammar_matcher_create(params->grammar, NULL);
+            if (!seq->grammar)
+                goto nomem;
+        }
     }
+    req->params.grammar = kvd_grammar_retain(params->grammar);
     return req;
 
 nomem:
@@ -146,6 +153,7 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
             }
             free(seq->tokens);
             free(seq->text);
+            kvd_grammar_matcher_destroy(seq->grammar);
         }
         free(req->seqs);
     }
@@ -158,6 +166,7 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
     free(req->logit_bias);
     free(req->min_tokens_ids);
     free(req->prompt);
+    kvd_grammar_release(req->params.grammar);
     free(req);
 }
 
@@ -235,6 +244,9 @@ kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcf
             matched_stop_string = true;
         }
     }
+    /* A complete grammar ends the choice whatever min_tokens says: nothing else may come. */
+    if (finish == KVD_FINISH_NONE && seq->grammar && kvd_grammar_matcher_is_complete(seq->grammar))
+        finish = KVD_FINISH_STOP;
     if (finish == KVD_FINISH_NONE && num_output >= req->max_tokens)
         finish = KVD_FINISH_LENGTH;
     if (finish != KVD_FINISH_NONE && !matched_stop_string) {

@@ -106,6 +106,108 @@ check('errors arrive as the SDK\'s typed errors', async () => {
     (err) => err instanceof OpenAI.AuthenticationError && err.status === 401);
 });
 
+// ---- tools. The tiny fixture has random weights: a call is driven by an assistant
+// prefill holding it (continue_final_message, a kvd/vLLM extension field the SDK passes
+// through), with the model's next greedy token made a stop token so the turn ends at
+// once. The SDK then sees what a real model's call looks like (test_tools.py covers
+// the server side). ----
+const weatherTool = {
+  type: 'function',
+  function: {
+    name: 'get_weather', description: 'Current weather in a city',
+    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+  },
+};
+const callText = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>';
+const askWeather = [{ role: 'user', content: 'What is the weather in Paris?' }];
+const prefill = [...askWeather, { role: 'assistant', content: callText }];
+let stopId = null;
+async function forcedCall(model) {
+  if (stopId === null) {
+    const probe = await client.chat.completions.create({
+      model, messages: prefill, tools: [weatherTool], continue_final_message: true, max_tokens: 1,
+      logprobs: true, return_tokens_as_token_ids: true, temperature: 0,
+    });
+    stopId = Number(probe.choices[0].logprobs.content[0].token.split(':')[1]);
+  }
+  return { model, messages: prefill, tools: [weatherTool], continue_final_message: true, stop_token_ids: [stopId],
+    max_tokens: 6, temperature: 0 };
+}
+
+check('tools: create returns tool_calls and a tool answer round-trips', async () => {
+  const model = (await client.models.list()).data[0].id;
+  const r = await client.chat.completions.create(await forcedCall(model));
+  assert.equal(r.choices[0].finish_reason, 'tool_calls');
+  const msg = r.choices[0].message;
+  assert.equal(msg.content, null);
+  assert.equal(msg.tool_calls.length, 1);
+  const call = msg.tool_calls[0];
+  assert.equal(call.type, 'function');
+  assert.ok(call.id.startsWith('call_'));
+  assert.equal(call.function.name, 'get_weather');
+  assert.deepEqual(JSON.parse(call.function.arguments), { city: 'Paris' });
+  // the assistant message as the SDK returned it, then the tool's answer
+  const answer = await client.chat.completions.create({
+    model, tools: [weatherTool], max_tokens: 4, temperature: 0,
+    messages: [...askWeather, msg, { role: 'tool', tool_call_id: call.id, content: '{"sky": "clear"}' }],
+  });
+  assert.equal(answer.choices[0].message.role, 'assistant');
+  assert.equal(typeof answer.choices[0].message.content, 'string');
+  assert.equal(answer.usage.completion_tokens, answer.choices[0].finish_reason === 'length' ? 4 : answer.usage.completion_tokens);
+});
+
+check('tools: the stream helper assembles the streamed call', async () => {
+  const model = (await client.models.list()).data[0].id;
+  const runner = client.chat.completions.stream(await forcedCall(model));
+  const names = [];
+  runner.on('tool_calls.function.arguments.done', (e) => names.push(e.name));
+  const final = await runner.finalChatCompletion();
+  const call = final.choices[0].message.tool_calls[0];
+  assert.equal(final.choices[0].finish_reason, 'tool_calls');
+  assert.equal(call.function.name, 'get_weather');
+  assert.ok(call.id.startsWith('call_'));
+  assert.deepEqual(JSON.parse(call.function.arguments), { city: 'Paris' });
+  assert.deepEqual(names, ['get_weather']);
+});
+
+check('tools: runTools calls the function and sends its answer back', async () => {
+  const model = (await client.models.list()).data[0].id;
+  const params = await forcedCall(model);
+  // runTools' parse helpers refuse an answer cut by max_tokens, so the second round
+  // must stop by itself too: its first greedy token becomes a stop token as well (the
+  // Qwen2.5 template does not render call ids, so that round's prompt is known).
+  const result = { sky: 'clear', celsius: 21 };
+  const round2 = [...prefill,
+    { role: 'assistant', content: null, tool_calls: [{ id: 'x', type: 'function',
+      function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] },
+    { role: 'tool', tool_call_id: 'x', content: JSON.stringify(result) }];
+  const probe = await client.chat.completions.create({
+    model, messages: round2, tools: [weatherTool], continue_final_message: true, max_tokens: 1,
+    logprobs: true, return_tokens_as_token_ids: true, temperature: 0,
+  });
+  params.stop_token_ids.push(Number(probe.choices[0].logprobs.content[0].token.split(':')[1]));
+  const seen = [];
+  const runner = client.chat.completions.runTools({
+    ...params,
+    tools: [{
+      type: 'function',
+      function: {
+        ...weatherTool.function,
+        parse: JSON.parse,
+        function: (args) => { seen.push(args); return result; },
+      },
+    }],
+  }, { maxChatCompletions: 3 });
+  const final = await runner.finalChatCompletion();
+  assert.deepEqual(seen, [{ city: 'Paris' }]);
+  const toolMsg = runner.messages.find((m) => m.role === 'tool');
+  assert.ok(toolMsg, 'runTools sent the tool answer');
+  assert.deepEqual(JSON.parse(toolMsg.content), { sky: 'clear', celsius: 21 });
+  // the second round continued no prefill: the model answered in plain text
+  assert.ok(!final.choices[0].message.tool_calls || final.choices[0].message.tool_calls.length === 0);
+  assert.equal(typeof final.choices[0].message.content, 'string');
+});
+
 let passed = 0;
 let failed = 0;
 for (const [name, fn] of checks) {

@@ -41,7 +41,7 @@ def test_openai_node_sdk():
                              timeout=90)
         print(out.stdout.rstrip())
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "6 passed, 0 failed" in out.stdout, out.stdout
+        assert "9 passed, 0 failed" in out.stdout, out.stdout
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ def test_continuous_usage_stats():
 
 
 def test_foreign_fields_refused_and_logged():
-    for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("mirostat", 2),
-                        ("guided_json", {"type": "object"}), ("typical_p", 0.5), ("use_beam_search", True)):
+    for name, value in (("n_predict", 8), ("mirostat", 2),
+                        ("guided_decoding_backend", "xgrammar"), ("typical_p", 0.5), ("use_beam_search", True)):
         refused("/v1/chat/completions", dict(GREEDY, messages=[{"role": "user", "content": "x"}], **{name: value}),
                 name, "not supported by kvd")
         daemon.wait_for_line(r"refused /v1/chat/completions: %s: this field is not supported" % name, 10)

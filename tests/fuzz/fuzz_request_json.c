@@ -15,8 +15,9 @@
  *     logit_bias ids inside the vocabulary and distinct, echo only on completions
  *     without logprobs;
  *   - completions carry exactly one prompt: text, or ids inside the vocabulary;
- *   - chat prompts are well-formed ChatML: markers where the renderer says, in order,
- *     ending with the generation prompt, and the turn's stop ids added unless
+ *   - chat prompts (the built-in template, Qwen2.5's) end with the generation prompt
+ *     unless the body turned it off or continues the last message, their data spans
+ *     are ordered and inside the text, and the turn's stop ids are added unless
  *     ignore_eos;
  *   - parsing the same body twice gives the same result.
  */
@@ -67,35 +68,32 @@ static bool has_stop_id(const kvd_oai_request *r, int32_t id)
     return false;
 }
 
-static void check_chat(const kvd_oai_request *r, const kvd_oai_model_info *info)
+static void check_chat(const kvd_oai_request *r, const kvd_oai_model_info *info, const cJSON *body)
 {
     const kvd_chat_prompt *chat = &r->chat;
     const char *text = chat->text.data;
     size_t len = chat->text.len;
-    size_t gen = strlen(GENERATION_PROMPT);
-    CHECK(text && len >= gen && text[len] == '\0');
-    CHECK(memcmp(text + len - gen, GENERATION_PROMPT, gen) == 0);
-    /* default or given system turn, at least one more turn, the generation prompt */
-    CHECK(chat->num_specials >= 3 && chat->num_specials % 2 == 1);
-    size_t prev_end = 0;
-    for (int i = 0; i < chat->num_specials; i++) {
-        const kvd_chat_special *s = &chat->specials[i];
-        /* Markers alternate: a turn opens, then closes. */
-        CHECK(s->marker == (i % 2 == 0 ? KVD_CHAT_IM_START : KVD_CHAT_IM_END));
-        const char *marker = s->marker == KVD_CHAT_IM_START ? IM_START_TEXT : IM_END_TEXT;
-        size_t mlen = strlen(marker);
-        CHECK(s->offset >= prev_end && s->offset + mlen <= len);
-        CHECK(memcmp(text + s->offset, marker, mlen) == 0);
-        prev_end = s->offset + mlen;
+    CHECK(text && text[len] == '\0');
+    const cJSON *agp = cJSON_GetObjectItemCaseSensitive(body, "add_generation_prompt");
+    const cJSON *cont = cJSON_GetObjectItemCaseSensitive(body, "continue_final_message");
+    if (!cJSON_IsFalse(agp) && !cJSON_IsTrue(cont)) {
+        size_t gen = strlen(GENERATION_PROMPT);
+        CHECK(len >= gen && memcmp(text + len - gen, GENERATION_PROMPT, gen) == 0);
     }
-    CHECK(chat->specials[chat->num_specials - 1].offset == len - gen);
+    size_t prev_end = 0;
+    for (size_t i = 0; i < chat->num_data_spans; i++) {
+        CHECK(chat->data_spans[i].len > 0 && chat->data_spans[i].offset >= prev_end);
+        prev_end = chat->data_spans[i].offset + chat->data_spans[i].len;
+        CHECK(prev_end <= len);
+    }
     if (!r->params.ignore_eos)
         for (int i = 0; i < info->num_chat_stop_ids; i++)
             CHECK(has_stop_id(r, info->chat_stop_ids[i]));
     CHECK(r->prompt_text == NULL && r->prompt_ids == NULL);
 }
 
-static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const kvd_oai_model_info *info)
+static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const kvd_oai_model_info *info,
+                           const cJSON *body)
 {
     const kvd_request_params *p = &r->params;
     CHECK(r->route == route);
@@ -129,7 +127,7 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
             CHECK(p->sampling.logit_bias[j].token != p->sampling.logit_bias[i].token);
     }
     if (route == KVD_OAI_CHAT) {
-        check_chat(r, info);
+        check_chat(r, info, body);
         return;
     }
     /* Completions: exactly one prompt. {"prompt": [[]]} passes with no ids: the route
@@ -142,7 +140,7 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
         for (int i = 0; i < r->num_prompt_ids; i++)
             CHECK(r->prompt_ids[i] >= 0 && r->prompt_ids[i] < info->vocab_size);
     }
-    CHECK(r->chat.num_specials == 0);
+    CHECK(r->chat.text.len == 0);
 }
 
 static bool same_result(const kvd_oai_request *a, const kvd_oai_request *b)
@@ -173,10 +171,10 @@ static void parse_route(const cJSON *body, kvd_oai_route route, const kvd_reques
     int rc = kvd_oai_parse(&r, route, body, defaults, info, param, sizeof param, &err);
     CHECK(memchr(param, '\0', sizeof param) != NULL);
     if (rc != 0) {
-        CHECK(rc == KVD_EINVAL || rc == KVD_ENOMEM);
+        CHECK(rc == KVD_EINVAL || rc == KVD_ENOMEM || rc == KVD_ETOOLONG);
         CHECK(err.code == rc && err.msg[0] != '\0' && strchr(err.msg, '\n') == NULL);
     } else {
-        check_accepted(&r, route, info);
+        check_accepted(&r, route, info, body);
     }
     char param2[128];
     kvd_error err2 = {0};
@@ -188,6 +186,23 @@ static void parse_route(const cJSON *body, kvd_oai_route route, const kvd_reques
         CHECK(strcmp(param, param2) == 0 && strcmp(err.msg, err2.msg) == 0);
     kvd_oai_request_deinit(&again);
     kvd_oai_request_deinit(&r);
+}
+
+/* The built-in chat template, parsed once: libFuzzer's entry points take no context. */
+static kvd_chat_template *fuzz_template;
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    kvd_error err = {0};
+    fuzz_template = kvd_chat_template_builtin(&err);
+    if (!fuzz_template) {
+        fprintf(stderr, "fuzz_request_json: %s\n", err.msg);
+        exit(1);
+    }
+    return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -202,6 +217,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .vocab_size = VOCAB,
         .chat_stop_ids = {151645, 151643},
         .num_chat_stop_ids = 2,
+        .chat_template = fuzz_template,
     };
     kvd_request_params defaults = qwen_defaults();
     parse_route(body, KVD_OAI_COMPLETIONS, &defaults, &info);
