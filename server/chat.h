@@ -48,6 +48,13 @@ typedef struct kvd_chat_template kvd_chat_template;
  * an error naming its source and line (the daemon refuses to start). */
 kvd_chat_template *kvd_chat_template_load(const char *override_path, const char *gguf_template,
                                           const char *model_dir, kvd_error *err);
+/* The template of a tokenizer_config.json's text (its chat_template: a string or the
+ * named-list form; bos_token/eos_token kept); NULL with err->code 0 when it has none.
+ * path names it in messages. */
+kvd_chat_template *kvd_chat_template_from_tokenizer_config(const char *text, size_t len, const char *path,
+                                                           kvd_error *err);
+/* t takes from's bos_token/eos_token (a --chat-template file keeps the model's). */
+void kvd_chat_template_adopt_specials(kvd_chat_template *t, kvd_chat_template *from);
 /* A template from its source text (origin names it in messages and the banner). */
 kvd_chat_template *kvd_chat_template_from_source(const char *source, size_t len, const char *origin,
                                                  kvd_error *err);

@@ -146,7 +146,8 @@ def check_no_filesystem():
     opener = re.compile(r"\b(fopen|freopen|open|openat|opendir|creat|mkstemp|realpath|stat|lstat|unlink|rename)\s*\(")
     offenders = []
     for name in sorted(os.listdir(server_dir)):
-        if not name.endswith(".c") or name == "config.c":
+        # config.c reads the config file, chat_load.c the chat template: at start-up only
+        if not name.endswith(".c") or name in ("config.c", "chat_load.c"):
             continue
         with open(os.path.join(server_dir, name), encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
