@@ -77,8 +77,12 @@ static void check_chat(const kvd_oai_request *r, const kvd_oai_model_info *info,
     const cJSON *agp = cJSON_GetObjectItemCaseSensitive(body, "add_generation_prompt");
     const cJSON *cont = cJSON_GetObjectItemCaseSensitive(body, "continue_final_message");
     if (!cJSON_IsFalse(agp) && !cJSON_IsTrue(cont)) {
+        /* a forced tool call (tool_choice required/named) opens its block in the turn */
+        size_t forced = r->forced_tool_call ? strlen(KVD_CHAT_FORCED_CALL_PREFIX) : 0;
         size_t gen = strlen(GENERATION_PROMPT);
-        CHECK(len >= gen && memcmp(text + len - gen, GENERATION_PROMPT, gen) == 0);
+        CHECK(len >= gen + forced && memcmp(text + len - forced - gen, GENERATION_PROMPT, gen) == 0);
+        CHECK(!forced || memcmp(text + len - forced, KVD_CHAT_FORCED_CALL_PREFIX, forced) == 0);
+        CHECK(!forced || (r->constrained && r->constraint_src && !strcmp(r->constraint_field, "tool_choice")));
     }
     size_t prev_end = 0;
     for (size_t i = 0; i < chat->num_data_spans; i++) {
@@ -143,10 +147,21 @@ static void check_accepted(const kvd_oai_request *r, kvd_oai_route route, const 
     CHECK(r->chat.text.len == 0);
 }
 
+/* The sampling fields by value: logit_bias is a pointer to each parse's own copy. */
+static bool same_sampling(const kvd_sampling_params *a, const kvd_sampling_params *b)
+{
+    kvd_sampling_params x = *a, y = *b;
+    x.logit_bias = y.logit_bias = NULL;
+    if (memcmp(&x, &y, sizeof x) != 0)
+        return false;
+    return a->num_logit_bias == 0 ||
+           memcmp(a->logit_bias, b->logit_bias, (size_t)a->num_logit_bias * sizeof a->logit_bias[0]) == 0;
+}
+
 static bool same_result(const kvd_oai_request *a, const kvd_oai_request *b)
 {
     if (a->params.max_tokens != b->params.max_tokens || a->params.n != b->params.n ||
-        memcmp(&a->params.sampling, &b->params.sampling, sizeof a->params.sampling) != 0 ||
+        !same_sampling(&a->params.sampling, &b->params.sampling) ||
         a->params.num_stop != b->params.num_stop || a->params.num_stop_token_ids != b->params.num_stop_token_ids ||
         a->stream != b->stream || a->num_prompt_ids != b->num_prompt_ids || a->prompt_len != b->prompt_len ||
         a->chat.text.len != b->chat.text.len)
