@@ -101,27 +101,37 @@ int main(int argc, char **argv)
         size_t block = kvd_dtype_block_bytes(dtype);
         int64_t n = (int64_t)(len / block) * kvd_dtype_block_values(dtype);
         float *out = malloc((size_t)n * sizeof(float) + 1);
-        if (len % block || kvd_dequantize_row(dtype, in, out, n) != 0)
-            return fprintf(stderr, "dequantize failed\n"), 1;
-        write_all(argv[4], out, (size_t)n * sizeof(float));
-        return 0;
+        int rc = len % block || kvd_dequantize_row(dtype, in, out, n) != 0;
+        if (rc)
+            fprintf(stderr, "dequantize failed\n");
+        else
+            write_all(argv[4], out, (size_t)n * sizeof(float));
+        free(in);
+        free(out);
+        return rc;
     }
     if (strcmp(argv[1], "quantize") == 0) {
         float *in = read_all(argv[3], &len);
         int64_t n = (int64_t)(len / sizeof(float));
         size_t bytes = kvd_dtype_row_bytes(dtype, n);
         void *out = malloc(bytes + 1);
-        if (kvd_quantize_row(dtype, in, out, n) != 0)
-            return fprintf(stderr, "quantize failed\n"), 1;
-        write_all(argv[4], out, bytes);
-        return 0;
+        int rc = kvd_quantize_row(dtype, in, out, n) != 0;
+        if (rc)
+            fprintf(stderr, "quantize failed\n");
+        else
+            write_all(argv[4], out, bytes);
+        free(in);
+        free(out);
+        return rc;
     }
     if (argc < 7)
         return 2;
     int rows = atoi(argv[3]), cols = atoi(argv[4]);
     void *src = read_all(argv[5], &len);
-    if (len != kvd_dtype_row_bytes(dtype, cols) * (size_t)rows)
+    if (len != kvd_dtype_row_bytes(dtype, cols) * (size_t)rows) {
+        free(src);
         return fprintf(stderr, "size mismatch\n"), 1;
+    }
     size_t packed_bytes = kvd_matrix_packed_bytes(dtype, rows, cols);
     void *packed = aligned_alloc(64, packed_bytes);
     kvd_matrix_pack(packed, dtype, rows, cols, src, 0, kvd_matrix_panels(rows));
@@ -131,6 +141,9 @@ int main(int argc, char **argv)
         for (int r = 0; r < rows; r++)
             kvd_matrix_row(out + (size_t)r * cols, &w, r);
         write_all(argv[6], out, (size_t)rows * cols * sizeof(float));
+        free(out);
+        free(packed);
+        free(src);
         return 0;
     }
     if (strcmp(argv[1], "matmul") == 0 && argc >= 9) {
@@ -140,10 +153,19 @@ int main(int argc, char **argv)
         float *out2 = calloc((size_t)m * rows, sizeof(float));
         kvd_matmul(KVD_ISA_SCALAR, out, rows, x, cols, m, &w, NULL, false, 1);
         kvd_matmul(kvd_isa_detect(), out2, rows, x, cols, m, &w, NULL, false, 2);
-        if (memcmp(out, out2, (size_t)m * rows * sizeof(float)) != 0)
-            return fprintf(stderr, "scalar and %s differ\n", kvd_isa_name(kvd_isa_detect())), 1;
-        write_all(argv[8], out, (size_t)m * rows * sizeof(float));
-        return 0;
+        int rc = memcmp(out, out2, (size_t)m * rows * sizeof(float)) != 0;
+        if (rc)
+            fprintf(stderr, "scalar and %s differ\n", kvd_isa_name(kvd_isa_detect()));
+        else
+            write_all(argv[8], out, (size_t)m * rows * sizeof(float));
+        free(x);
+        free(out);
+        free(out2);
+        free(packed);
+        free(src);
+        return rc;
     }
+    free(packed);
+    free(src);
     return 2;
 }
