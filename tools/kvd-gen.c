@@ -356,7 +356,8 @@ static int run(const gen_options *o, gen_state *g)
     }
     int decode_steps = generated - 1;
     double tokens_per_s = decode_steps > 0 && decode_ms > 0 ? decode_steps / (decode_ms / 1e3) : 0;
-    size_t per_token = 2 * (size_t)c->num_layers * c->num_kv_heads * c->head_dim * kvd_dtype_size(o->kv_dtype);
+    /* the pool's own bytes per token slot (int8 pages carry a scale per row) */
+    size_t per_token = kvd_kv_block_bytes(&kv) / (size_t)kv.block_size;
     size_t kv_bytes = o->no_kv_cache ? 0 : (size_t)g->table.num_tokens * per_token;
     size_t kv_block_bytes = o->no_kv_cache ? 0 : (size_t)g->table.num_blocks * kvd_kv_block_bytes(&kv);
     if (!o->json) {
