@@ -5,54 +5,24 @@
  */
 #include "chat.h"
 
+#include "kvd/kvd_buf.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+/* The whole file at path (NUL-terminated), or NULL with err set. */
 static char *read_text(const char *path, size_t *len, kvd_error *err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        kvd_error_set(err, KVD_EIO, "%s: %s", path, strerror(errno));
+    kvd_sbuf text;
+    kvd_sbuf_init(&text);
+    if (kvd_sbuf_read_file(&text, path, err) != 0) {
+        kvd_sbuf_deinit(&text);
         return NULL;
     }
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 16384;
-            if (cap > (64u << 20)) {
-                free(buf);
-                fclose(f);
-                kvd_error_set(err, KVD_EFORMAT, "%s: larger than 64 MiB", path);
-                return NULL;
-            }
-            char *grown = realloc(buf, cap);
-            if (!grown) {
-                free(buf);
-                fclose(f);
-                kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", path);
-                return NULL;
-            }
-            buf = grown;
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    bool failed = ferror(f);
-    fclose(f);
-    if (failed) {
-        free(buf);
-        kvd_error_set(err, KVD_EIO, "%s: read error", path);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
+    return kvd_sbuf_take(&text, len);
 }
 
 /* tokenizer_config.json: NULL with err->code 0 when it has no template (or no file). */

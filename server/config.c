@@ -267,24 +267,11 @@ int kvd_config_apply_json(kvd_server_config *cfg, const char *text, size_t len, 
 
 int kvd_config_load_file(kvd_server_config *cfg, const char *path, kvd_error *err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kvd_error_set(err, KVD_EIO, "config: cannot open %s: %s", path, strerror(errno));
     kvd_sbuf text;
     kvd_sbuf_init(&text);
-    char chunk[4096];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        kvd_sbuf_append(&text, chunk, n);
-    bool read_error = ferror(f) != 0;
-    fclose(f);
-    int rc;
-    if (read_error)
-        rc = kvd_error_set(err, KVD_EIO, "config: cannot read %s", path);
-    else if (text.failed)
-        rc = kvd_error_set(err, KVD_ENOMEM, "config: %s: out of memory", path);
-    else
-        rc = kvd_config_apply_json(cfg, text.data ? text.data : "", text.len, path, err);
+    int rc = kvd_sbuf_read_file(&text, path, err);
+    if (rc == 0)
+        rc = kvd_config_apply_json(cfg, text.data, text.len, path, err);
     kvd_sbuf_deinit(&text);
     if (rc == 0 && strlen(path) < sizeof cfg->config_path)
         memcpy(cfg->config_path, path, strlen(path) + 1);

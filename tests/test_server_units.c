@@ -56,6 +56,34 @@ static void test_utf8_sanitize(void **state)
     assert_false(kvd_utf8_is_clean("a\0", 2));
 }
 
+/* kvd_sbuf_read_file: whole files appended after what the buffer held, an empty file
+ * gives an empty NUL-terminated buffer, a missing one an error naming it. */
+static void test_sbuf_read_file(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/kvd-sbuf-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    kvd_sbuf sb;
+    kvd_sbuf_init(&sb);
+    kvd_error err = {0};
+    assert_int_equal(kvd_sbuf_read_file(&sb, path, &err), 0);
+    assert_non_null(sb.data);
+    assert_int_equal(sb.len, 0);
+    assert_int_equal(sb.data[0], '\0');
+    assert_int_equal(write(fd, "ab\0cd", 5), 5);
+    close(fd);
+    kvd_sbuf_puts(&sb, "x");
+    assert_int_equal(kvd_sbuf_read_file(&sb, path, &err), 0);
+    assert_int_equal(sb.len, 6);
+    assert_memory_equal(sb.data, "xab\0cd", 7);
+    unlink(path);
+    assert_int_equal(kvd_sbuf_read_file(&sb, path, &err), KVD_EIO);
+    assert_non_null(strstr(err.msg, path));
+    assert_int_equal(sb.len, 6);
+    kvd_sbuf_deinit(&sb);
+}
+
 static void test_sbuf_and_consttime(void **state)
 {
     (void)state;
@@ -1159,6 +1187,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_utf8_sanitize),
+        cmocka_unit_test(test_sbuf_read_file),
         cmocka_unit_test(test_sbuf_and_consttime),
         cmocka_unit_test(test_config_defaults_and_json),
         cmocka_unit_test(test_config_json_errors),

@@ -6,6 +6,7 @@
  */
 #include "kvd/kvd_buf.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -116,4 +117,27 @@ char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len)
         *len = sb->len;
     kvd_sbuf_init(sb);
     return data;
+}
+
+int kvd_sbuf_read_file(kvd_sbuf *sb, const char *path, kvd_error *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kvd_error_set(err, KVD_EIO, "%s: %s", path, strerror(errno));
+    size_t before = sb->len;
+    char chunk[16384];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        kvd_sbuf_append(sb, chunk, n);
+    bool read_error = ferror(f) != 0;
+    fclose(f);
+    if (kvd_sbuf_reserve(sb, 0) == 0) /* an empty file still leaves a NUL-terminated buffer */
+        sb->data[sb->len] = '\0';
+    int rc = read_error ? kvd_error_set(err, KVD_EIO, "%s: read error", path)
+             : sb->failed ? kvd_error_set(err, KVD_ENOMEM, "%s: out of memory", path) : 0;
+    if (rc != 0 && sb->data) {
+        sb->len = before;
+        sb->data[before] = '\0';
+    }
+    return rc;
 }
