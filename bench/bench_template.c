@@ -15,6 +15,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "kvd/kvd_buf.h"
+#include "kvd/kvd_error.h"
 #include "kvd/kvd_template.h"
 
 static double now_us(void)
@@ -22,20 +24,6 @@ static double now_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
-}
-
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    rewind(f);
-    char *buf = malloc((size_t)size + 1);
-    *len = buf ? fread(buf, 1, (size_t)size, f) : 0;
-    fclose(f);
-    return buf;
 }
 
 static cJSON *conversation(void)
@@ -115,15 +103,15 @@ int main(int argc, char **argv)
     static double times[RUNS];
     for (int k = 0; k < n; k++) {
         const char *path = argc > 1 ? argv[k + 1] : defaults[k];
-        size_t len = 0;
-        char *src = read_file(path, &len);
-        if (!src) {
-            fprintf(stderr, "bench_template: cannot read %s\n", path);
+        kvd_error err = {0};
+        kvd_sbuf src;
+        kvd_sbuf_init(&src);
+        if (kvd_sbuf_read_file(&src, path, &err) != 0) {
+            fprintf(stderr, "bench_template: %s\n", err.msg);
             return 1;
         }
-        kvd_error err = {0};
         double t0 = now_us();
-        kvd_template *t = kvd_template_parse(src, len, path, &err);
+        kvd_template *t = kvd_template_parse(src.data, src.len, path, &err);
         double parse_us = now_us() - t0;
         if (!t) {
             fprintf(stderr, "bench_template: %s\n", err.msg);
@@ -145,7 +133,7 @@ int main(int argc, char **argv)
         printf("%-58s parse %7.1f us  render median %7.1f us  p95 %7.1f us  (%zu bytes out)\n", path, parse_us,
                times[RUNS / 2], times[RUNS * 95 / 100], out_len);
         kvd_template_destroy(t);
-        free(src);
+        kvd_sbuf_deinit(&src);
     }
     cJSON_Delete(vars);
     return 0;

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "kvd/kvd_buf.h"
+#include "kvd/kvd_error.h"
 #include "kvd/kvd_tokenizer.h"
 
 static double now_seconds(void)
@@ -20,20 +22,6 @@ static double now_seconds(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    rewind(f);
-    char *buf = malloc((size_t)size + 1);
-    *len = buf ? fread(buf, 1, (size_t)size, f) : 0;
-    fclose(f);
-    return buf;
 }
 
 /* ~100 KB of varied text, built by repeating paragraphs with a changing number so the
@@ -87,14 +75,25 @@ int main(int argc, char **argv)
     const char *path = argc > 1 ? argv[1] : getenv("KVD_TOKENIZER_JSON");
     if (!path)
         path = "third_party/qwen-tokenizer/tokenizer.json";
+    kvd_error err = {0};
     size_t len;
-    char *text = argc > 2 ? read_file(argv[2], &len) : builtin_text(100 * 1024, &len);
+    char *text;
+    if (argc > 2) {
+        kvd_sbuf file;
+        kvd_sbuf_init(&file);
+        if (kvd_sbuf_read_file(&file, argv[2], &err) != 0) {
+            fprintf(stderr, "bench_tokenizer: %s\n", err.msg);
+            return 1;
+        }
+        text = kvd_sbuf_take(&file, &len);
+    } else {
+        text = builtin_text(100 * 1024, &len);
+    }
     if (!text) {
-        fprintf(stderr, "bench_tokenizer: cannot read %s\n", argv[2]);
+        fprintf(stderr, "bench_tokenizer: out of memory\n");
         return 1;
     }
 
-    kvd_error err = {0};
     double t0 = now_seconds();
     kvd_tokenizer *tok = kvd_tokenizer_load(path, &err);
     double load = now_seconds() - t0;

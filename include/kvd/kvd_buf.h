@@ -33,7 +33,7 @@ int kvd_sbuf_printf(kvd_sbuf *sb, const char *fmt, ...) __attribute__((format(pr
  * unless allocation failed (then NULL, and sb is emptied). */
 char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len);
 /* Appends the whole file at path (NUL-terminated after, not counted in len). Returns 0,
- * KVD_EIO naming the file (cannot open or read), or KVD_ENOMEM; sb keeps what it held
+ * KVD_EIO naming the file (cannot open or read, or not a regular file), or KVD_ENOMEM; sb keeps what it held
  * before on failure. */
 struct kvd_error;
 int kvd_sbuf_read_file(kvd_sbuf *sb, const char *path, struct kvd_error *err);

@@ -11,6 +11,7 @@
  */
 #include "tok_internal.h"
 
+#include "kvd/kvd_buf.h"
 #include "kvd/kvd_gguf.h"
 
 #include <cjson/cJSON.h>
@@ -35,36 +36,6 @@ typedef struct loader {
     size_t blob_len;
     uint32_t *start, *len; /* (num_ids) */
 } loader;
-
-static int read_file(const char *path, char **text, size_t *len, kvd_error *err)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return kvd_error_set(err, KVD_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(f);
-        return kvd_error_set(err, KVD_EIO, "%s: not a regular file", path);
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    if (!buf) {
-        fclose(f);
-        return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory reading %lld bytes", path,
-                             (long long)st.st_size);
-    }
-    size_t got = fread(buf, 1, (size_t)st.st_size, f);
-    int failed = ferror(f);
-    fclose(f);
-    if (failed || got != (size_t)st.st_size) {
-        free(buf);
-        return kvd_error_set(err, KVD_EIO, "%s: short read (%zu of %lld bytes)", path, got,
-                             (long long)st.st_size);
-    }
-    buf[got] = '\0';
-    *text = buf;
-    *len = got;
-    return KVD_OK;
-}
 
 static bool json_flag(const cJSON *obj, const char *key, bool fallback)
 {
@@ -542,19 +513,19 @@ kvd_tokenizer *kvd_tokenizer_load(const char *path, kvd_error *err)
     }
     if (kvd_gguf_is_gguf_file(path))
         return tok_load_gguf(path, err);
-    char *text = NULL;
-    size_t len = 0;
-    if (read_file(path, &text, &len, err) < 0)
+    kvd_sbuf text;
+    kvd_sbuf_init(&text);
+    if (kvd_sbuf_read_file(&text, path, err) < 0)
         return NULL;
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, false);
+    cJSON *root = cJSON_ParseWithLengthOpts(text.data, text.len, &end, false);
     if (!root) {
         kvd_error_set(err, KVD_EFORMAT, "%s: invalid JSON near byte %zu", path,
-                      end ? (size_t)(end - text) : (size_t)0);
-        free(text);
+                      end ? (size_t)(end - text.data) : (size_t)0);
+        kvd_sbuf_deinit(&text);
         return NULL;
     }
-    free(text);
+    kvd_sbuf_deinit(&text);
     kvd_tokenizer *tok = tok_load_json_root(root, path, err);
     cJSON_Delete(root);
     return tok;

@@ -12,6 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvd/kvd_error.h"
 
@@ -121,9 +124,21 @@ char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len)
 
 int kvd_sbuf_read_file(kvd_sbuf *sb, const char *path, kvd_error *err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    /* O_NONBLOCK so that opening a FIFO does not wait for a writer; a FIFO or a device
+     * is refused, since reading it could block or never end. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
         return kvd_error_set(err, KVD_EIO, "%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return kvd_error_set(err, KVD_EIO, "%s: not a regular file", path);
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return kvd_error_set(err, KVD_ENOMEM, "%s: %s", path, strerror(errno));
+    }
     size_t before = sb->len;
     char chunk[16384];
     size_t n;
