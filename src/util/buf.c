@@ -124,9 +124,10 @@ char *kvd_sbuf_take(kvd_sbuf *sb, size_t *len)
 
 int kvd_sbuf_read_file(kvd_sbuf *sb, const char *path, kvd_error *err)
 {
-    /* O_NONBLOCK so that opening a FIFO does not wait for a writer; a FIFO or a device
-     * is refused, since reading it could block or never end. */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    /* A FIFO or a device is refused: reading it could block or never end. (Opening a
+     * FIFO still waits for a writer, as any reader would; the daemon's loader relies on
+     * SIGTERM, not on this, to stop a load stuck there.) */
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return kvd_error_set(err, KVD_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
