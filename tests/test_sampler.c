@@ -517,6 +517,54 @@ static void test_isa_bodies_agree(void **state)
     kvd_sampler_destroy(portable);
 }
 
+/* The structured-output mask (allowed) equals writing -inf over the cleared ids by
+ * hand, on both row bodies: a vocabulary whose length is no multiple of 16 or 32,
+ * random words beside all-clear and all-set ones; a masked id is never drawn. */
+static void test_allowed_mask_matches_manual_mask(void **state)
+{
+    (void)state;
+    enum { V = 151936 - 7, DRAWS = 12 };
+    kvd_sampler *native = kvd_sampler_create(V, V);
+    setenv("KVD_ISA", "scalar", 1);
+    kvd_sampler *portable = kvd_sampler_create(V, V);
+    unsetenv("KVD_ISA");
+    float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    uint32_t *allowed = calloc((V + 31) / 32, sizeof *allowed);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 78);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 16.0 - 8.0);
+    for (int w = 0; w < (V + 31) / 32; w++) {
+        double u = kvd_rng_uniform(&grng);
+        allowed[w] = u < 0.4 ? 0u : u < 0.6 ? UINT32_MAX : (uint32_t)(kvd_rng_uniform(&grng) * 4294967295.0);
+    }
+    const float temps[2] = {0.9f, 0.0f};
+    for (int c = 0; c < 4; c++) {
+        kvd_sampler *s = c % 2 ? portable : native;
+        kvd_sampling_params masked = sampling(temps[c / 2]), manual = masked;
+        masked.allowed = allowed;
+        kvd_rng ra, rb;
+        kvd_rng_seed(&ra, 200 + c);
+        kvd_rng_seed(&rb, 200 + c);
+        for (int i = 0; i < DRAWS; i++) {
+            memcpy(a, base, V * sizeof *a);
+            for (int k = 0; k < V; k++)
+                b[k] = (allowed[k >> 5] >> (k & 31)) & 1 ? base[k] : -INFINITY;
+            kvd_sample_result x, y;
+            assert_int_equal(kvd_sampler_sample(s, &masked, a, NULL, 0, NULL, 0, &ra, &x), 0);
+            assert_int_equal(kvd_sampler_sample(s, &manual, b, NULL, 0, NULL, 0, &rb, &y), 0);
+            assert_int_equal(x.token, y.token);
+            assert_true((allowed[x.token >> 5] >> (x.token & 31)) & 1);
+        }
+    }
+    free(base);
+    free(a);
+    free(b);
+    free(allowed);
+    kvd_sampler_destroy(native);
+    kvd_sampler_destroy(portable);
+}
+
 /* Streams of one seed (choices of one request): stream 0 is the seed itself; stream 1
  * of seed 42 is not seed 43 (the old seed + choice rule made them equal). Reference
  * values from Python big integers: state = splitmix64(seed), then
@@ -760,6 +808,7 @@ int main(void)
         cmocka_unit_test(test_logprobs_from_raw_logits),
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
+        cmocka_unit_test(test_allowed_mask_matches_manual_mask),
         cmocka_unit_test(test_bad_params_rejected_untouched),
         cmocka_unit_test(test_rng_streams),
         cmocka_unit_test(test_logit_bias),

@@ -649,13 +649,15 @@ static int32_t sample_vocab(kvd_sampler *s, const kvd_sampling_params *p, const 
     return draw_vocab(w, s->chunk_sums, V, total_of_chunks(s->chunk_sums, V), rng);
 }
 
+/* m: the row's max over the printable ids when the caller has it, else NaN. */
 static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, const float *logits,
-                               kvd_rng *rng)
+                               float m, kvd_rng *rng)
 {
     enum { SMALL_TOP_K = 1024 };
     const int V = s->num_printable;
     const float inv_t = 1.0f / p->temperature;
-    const float m = kvd_vocab_max(s->avx512, logits, V);
+    if (isnan(m))
+        m = kvd_vocab_max(s->avx512, logits, V);
     if (!isfinite(m))
         return argmax_lowest(s->avx512, logits, V); /* nothing to draw from: keep it defined */
     if (p->top_k > 0 && p->top_k <= SMALL_TOP_K && p->top_k < V)
@@ -708,25 +710,17 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     if (mask_stops)
         for (int i = 0; i < params->num_min_tokens_stop_ids; i++)
             logits[params->min_tokens_stop_ids[i]] = -INFINITY;
-    if (params->allowed)
-        for (int w = 0; w * 32 < V; w++) {
-            const uint32_t bits = params->allowed[w];
-            const int end = w * 32 + 32 < V ? w * 32 + 32 : V;
-            if (bits == UINT32_MAX)
-                continue;
-            if (bits == 0) /* the common word under a grammar: no branch per id */
-                for (int i = w * 32; i < end; i++)
-                    logits[i] = -INFINITY;
-            else
-                for (int i = w * 32; i < end; i++)
-                    if (!((bits >> (i & 31)) & 1))
-                        logits[i] = -INFINITY;
-        }
+    float max_printable = NAN; /* known once the mask pass took it and nothing changed the row since */
+    if (params->allowed) {
+        const float m = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
+        if (!penalise)
+            max_printable = m;
+    }
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);
 
     int32_t token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
-                                                : sample_filtered(s, params, logits, rng);
+                                                : sample_filtered(s, params, logits, max_printable, rng);
     out->token = token;
     if (want_logprobs)
         out->logprob = (float)((double)raw[token] - lse);

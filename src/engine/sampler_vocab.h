@@ -42,6 +42,10 @@ int kvd_vocab_count_ge(bool avx512, const float *x, int n, float t);
  * returns how many. */
 int kvd_vocab_compress_ge(bool avx512, float *vals, int32_t *ids, const float *x, int n, float t);
 
+/* x[i] = -inf for i < n where bit i of allowed (bit i % 32 of word i / 32) is clear;
+ * returns kvd_vocab_max(x, n_max) of the masked row (n_max <= n), in the same pass. */
+float kvd_vocab_mask_max(bool avx512, float *x, const uint32_t *allowed, int n, int n_max);
+
 /* w[i] = 0 where key[i] < t or key[i] is NaN (key may be w itself). */
 void kvd_vocab_zero_below(bool avx512, float *w, const float *key, int n, float t);
 
