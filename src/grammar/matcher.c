@@ -1140,7 +1140,8 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
 {
     kvd_grammar *g = m->g;
     const kvd_grammar_vocab *v = g->vocab;
-    memset(mask, 0, (size_t)v->num_words * sizeof *mask);
+    /* the first whole-mask entry is copied rather than or-ed into zeros */
+    bool started = false;
     /* distinct (key, boundary) pairs of the current leaves */
     const gr_ci *done_c[64];
     uint32_t done_b[64];
@@ -1159,10 +1160,14 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
             done_b[ndone] = boundary;
             ndone++;
         }
-        if (c->acc_bits)
+        if (!started) {
+            if (c->acc_bits) memcpy(mask, c->acc_bits, (size_t)v->num_words * sizeof *mask);
+            else memset(mask, 0, (size_t)v->num_words * sizeof *mask);
+        } else if (c->acc_bits)
             for (int w = 0; w < v->num_words; w++) mask[w] |= c->acc_bits[w];
-        else
+        if (!c->acc_bits)
             for (size_t k = 0; k < c->num_accepted; k++) mask[c->accepted[k] >> 5] |= 1u << (c->accepted[k] & 31);
+        started = true;
         if (!c->num_rem || boundary == NODE_CTX) continue;
         size_t slot = (size_t)(mix((uint64_t)(uintptr_t)c ^ ((uint64_t)boundary << 40)) & 255);
         while (m->memo[slot].ci && !(m->memo[slot].ci == c && m->memo[slot].boundary == boundary))
@@ -1202,6 +1207,7 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
         m->memo[slot] = (struct rem_memo){c, boundary, n, list};
         m->memo_used++;
     }
+    if (!started) memset(mask, 0, (size_t)v->num_words * sizeof *mask); /* no leaf: nothing but the end */
     return 0;
 }
 
