@@ -358,6 +358,97 @@ static int32_t draw_vocab(const float *w, const float *sums, int n, double total
     return argmax_lowest(false, w, n);
 }
 
+/* draw_vocab over a row that is zero but for w[j] at ids[j] (k of them, ascending):
+ * the same chunk walk over the same sums, the same walk inside the chunk. */
+static int32_t draw_allowed(const int32_t *ids, const float *w, int k, const float *sums, int n, double total,
+                            kvd_rng *rng)
+{
+    const double target = kvd_rng_uniform(rng) * total;
+    double cum = 0.0;
+    int c = 0, last_c = num_chunks(n) - 1;
+    for (; c < last_c; c++) {
+        if (cum + sums[c] > target)
+            break;
+        cum += sums[c];
+    }
+    for (; c >= 0; c--) {
+        const int start = c * KVD_VOCAB_CHUNK, end = start + KVD_VOCAB_CHUNK;
+        int lo = 0, hi = k; /* the first allowed id >= start */
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (ids[mid] < start)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        int32_t last = -1;
+        double run = cum;
+        for (int j = lo; j < k && ids[j] < end; j++) {
+            if (w[j] > 0.0f) {
+                run += w[j];
+                last = ids[j];
+                if (run > target)
+                    return ids[j];
+            }
+        }
+        if (last >= 0)
+            return last;
+        cum = 0.0;
+    }
+    int best = 0; /* unreachable: the top allowed id weighs exp(0) */
+    for (int j = 1; j < k; j++)
+        if (w[j] > w[best])
+            best = j;
+    return ids[best];
+}
+
+/* Structured output with a narrow mask (at most 1/16 of the printable ids): the allowed
+ * ids alone, through the very numbers the whole-row path computes on the masked row
+ * (its max, the weights, the chunk sums, the draw's walk), so the token is the same
+ * without three passes over the vocabulary. -1 (nothing drawn) when the mask is wide,
+ * a top_k/top_p/min_p filter is on, or no allowed logit is finite. */
+static int32_t sample_allowed(kvd_sampler *s, const kvd_sampling_params *p, const float *logits, kvd_rng *rng)
+{
+    if (p->temperature > 0.0f && (p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f))
+        return -1;
+    const int n = s->num_printable, cap = n / 16;
+    int k = 0;
+    for (int wd = 0; wd * 32 < n && k <= cap; wd++) {
+        uint32_t bits = p->allowed[wd];
+        if (n - wd * 32 < 32)
+            bits &= (1u << (n - wd * 32)) - 1u;
+        k += __builtin_popcount(bits);
+    }
+    if (k > cap || k == 0)
+        return -1;
+    int32_t *ids = s->cand_ids;
+    float *vals = s->cand_vals, *w = s->weights;
+    int j = 0;
+    for (int wd = 0; wd * 32 < n; wd++) {
+        uint32_t bits = p->allowed[wd];
+        if (n - wd * 32 < 32)
+            bits &= (1u << (n - wd * 32)) - 1u;
+        for (; bits; bits &= bits - 1) {
+            const int32_t id = wd * 32 + __builtin_ctz(bits);
+            ids[j] = id;
+            vals[j++] = logits[id];
+        }
+    }
+    float m = -INFINITY;
+    for (j = 0; j < k; j++)
+        m = vals[j] > m ? vals[j] : m;
+    if (!isfinite(m))
+        return -1;
+    if (p->temperature == 0.0f) {
+        for (j = 0; vals[j] != m; j++)
+            ;
+        return ids[j];
+    }
+    kvd_vocab_exp(s->avx512, w, vals, k, m, 1.0f / p->temperature);
+    kvd_vocab_chunk_sums_sparse(s->chunk_sums, ids, w, k, n);
+    return draw_allowed(ids, w, k, s->chunk_sums, n, total_of_chunks(s->chunk_sums, n), rng);
+}
+
 /* ---- the pipeline ------------------------------------------------------------ */
 
 static bool penalties_active(const kvd_sampling_params *p)
@@ -710,17 +801,19 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     if (mask_stops)
         for (int i = 0; i < params->num_min_tokens_stop_ids; i++)
             logits[params->min_tokens_stop_ids[i]] = -INFINITY;
-    float max_printable = NAN; /* known once the mask pass took it and nothing changed the row since */
-    if (params->allowed) {
-        const float m = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
-        if (!penalise)
-            max_printable = m;
-    }
+    /* Penalties before the mask gives the same row as after it: they keep -inf at -inf. */
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);
-
-    int32_t token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
-                                                : sample_filtered(s, params, logits, max_printable, rng);
+    int32_t token = -1;
+    float max_printable = NAN; /* taken by the mask pass */
+    if (params->allowed) {
+        token = sample_allowed(s, params, logits, rng);
+        if (token < 0)
+            max_printable = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
+    }
+    if (token < 0)
+        token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
+                                            : sample_filtered(s, params, logits, max_printable, rng);
     out->token = token;
     if (want_logprobs)
         out->logprob = (float)((double)raw[token] - lse);

@@ -304,6 +304,26 @@ void kvd_vocab_chunk_sums(bool avx512, float *sums, const float *w, int n)
     }
 }
 
+void kvd_vocab_chunk_sums_sparse(float *sums, const int32_t *ids, const float *w, int k, int n)
+{
+    /* Lane by lane in id order as chunk_sum adds them: the absent weights are zeros,
+     * and adding +0 to a sum that is >= +0 changes no bit. */
+    int j = 0;
+    for (int c = 0, start = 0; start < n; c++, start += KVD_VOCAB_CHUNK) {
+        const int len = n - start < KVD_VOCAB_CHUNK ? n - start : KVD_VOCAB_CHUNK;
+        const int lanes_end = start + len / LANES * LANES;
+        float acc[LANES] = {0}, tail = 0.0f;
+        for (; j < k && ids[j] < start + len; j++) {
+            const float v = w[j] >= 0.0f ? w[j] : 0.0f;
+            if (ids[j] < lanes_end)
+                acc[(ids[j] - start) % LANES] += v;
+            else
+                tail += v;
+        }
+        sums[c] = tree_sum16(acc) + tail;
+    }
+}
+
 double kvd_vocab_mass_at_least(bool avx512, const float *w, int n, float floor_w, int *count)
 {
     double mass = 0.0;
