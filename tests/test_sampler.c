@@ -472,16 +472,23 @@ static void test_full_vocab_filters_match_full_sort(void **state)
     kvd_sampler_destroy(s);
 }
 
+/* A sampler with the native whole-row passes and one with the portable ones. */
+static void sampler_pair(int V, kvd_sampler **native, kvd_sampler **portable)
+{
+    *native = kvd_sampler_create(V, V);
+    setenv("KVD_ISA", "scalar", 1);
+    *portable = kvd_sampler_create(V, V);
+    unsetenv("KVD_ISA");
+}
+
 /* The AVX-512 and portable whole-row passes give the same samples bit for bit
  * (KVD_ISA=scalar at creation picks the portable ones). */
 static void test_isa_bodies_agree(void **state)
 {
     (void)state;
     enum { V = 151936, DRAWS = 40 };
-    kvd_sampler *native = kvd_sampler_create(V, V);
-    setenv("KVD_ISA", "scalar", 1);
-    kvd_sampler *portable = kvd_sampler_create(V, V);
-    unsetenv("KVD_ISA");
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
     float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
     kvd_rng grng;
     kvd_rng_seed(&grng, 77);
@@ -525,10 +532,8 @@ static void test_allowed_mask_matches_manual_mask(void **state)
 {
     (void)state;
     enum { V = 151936 - 7, DRAWS = 12 };
-    kvd_sampler *native = kvd_sampler_create(V, V);
-    setenv("KVD_ISA", "scalar", 1);
-    kvd_sampler *portable = kvd_sampler_create(V, V);
-    unsetenv("KVD_ISA");
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
     float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
     uint32_t *allowed = calloc((V + 31) / 32, sizeof *allowed);
     kvd_rng grng;
@@ -574,10 +579,8 @@ static void test_narrow_mask_matches_manual_mask(void **state)
 {
     (void)state;
     enum { V = 151936 - 7, DRAWS = 30, WORDS = (V + 31) / 32 };
-    kvd_sampler *native = kvd_sampler_create(V, V);
-    setenv("KVD_ISA", "scalar", 1);
-    kvd_sampler *portable = kvd_sampler_create(V, V);
-    unsetenv("KVD_ISA");
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
     float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
     uint32_t *allowed = calloc(WORDS, sizeof *allowed);
     kvd_rng grng;

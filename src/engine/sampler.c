@@ -327,17 +327,24 @@ static double total_of_chunks(const float *sums, int n)
 
 /* Draws token i with probability w[i] / total over the whole vocabulary in id order,
  * total being total_of_chunks(sums): a chunk is found by its sum, then walked. */
+/* The chunk whose sums reach target (the last one at most); *cum := the sum before it. */
+static int chunk_reaching(const float *sums, int n, double target, double *cum)
+{
+    int c = 0, last_c = num_chunks(n) - 1;
+    *cum = 0.0;
+    for (; c < last_c; c++) {
+        if (*cum + sums[c] > target)
+            break;
+        *cum += sums[c];
+    }
+    return c;
+}
+
 static int32_t draw_vocab(const float *w, const float *sums, int n, double total, kvd_rng *rng)
 {
     const double target = kvd_rng_uniform(rng) * total;
-    double cum = 0.0;
-    int c = 0, last_c = num_chunks(n) - 1;
-    for (; c < last_c; c++) {
-        if (cum + sums[c] > target)
-            break;
-        cum += sums[c];
-    }
-    for (; c >= 0; c--) {
+    double cum;
+    for (int c = chunk_reaching(sums, n, target, &cum); c >= 0; c--) {
         /* Rounding can leave the walk short inside the chunk: take its last nonzero
          * weight, or an earlier chunk's if this one holds none. */
         int start = c * KVD_VOCAB_CHUNK, end = start + KVD_VOCAB_CHUNK < n ? start + KVD_VOCAB_CHUNK : n;
@@ -364,14 +371,8 @@ static int32_t draw_allowed(const int32_t *ids, const float *w, int k, const flo
                             kvd_rng *rng)
 {
     const double target = kvd_rng_uniform(rng) * total;
-    double cum = 0.0;
-    int c = 0, last_c = num_chunks(n) - 1;
-    for (; c < last_c; c++) {
-        if (cum + sums[c] > target)
-            break;
-        cum += sums[c];
-    }
-    for (; c >= 0; c--) {
+    double cum;
+    for (int c = chunk_reaching(sums, n, target, &cum); c >= 0; c--) {
         const int start = c * KVD_VOCAB_CHUNK, end = start + KVD_VOCAB_CHUNK;
         int lo = 0, hi = k; /* the first allowed id >= start */
         while (lo < hi) {
