@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "kvd/kvd_sampler.h"
+#include "../src/engine/sampler_vocab.h" /* the sparse chunk sums against the whole-row ones */
 
 #define NDRAWS 200000
 
@@ -471,16 +472,23 @@ static void test_full_vocab_filters_match_full_sort(void **state)
     kvd_sampler_destroy(s);
 }
 
+/* A sampler with the native whole-row passes and one with the portable ones. */
+static void sampler_pair(int V, kvd_sampler **native, kvd_sampler **portable)
+{
+    *native = kvd_sampler_create(V, V);
+    setenv("KVD_ISA", "scalar", 1);
+    *portable = kvd_sampler_create(V, V);
+    unsetenv("KVD_ISA");
+}
+
 /* The AVX-512 and portable whole-row passes give the same samples bit for bit
  * (KVD_ISA=scalar at creation picks the portable ones). */
 static void test_isa_bodies_agree(void **state)
 {
     (void)state;
     enum { V = 151936, DRAWS = 40 };
-    kvd_sampler *native = kvd_sampler_create(V, V);
-    setenv("KVD_ISA", "scalar", 1);
-    kvd_sampler *portable = kvd_sampler_create(V, V);
-    unsetenv("KVD_ISA");
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
     float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
     kvd_rng grng;
     kvd_rng_seed(&grng, 77);
@@ -515,6 +523,157 @@ static void test_isa_bodies_agree(void **state)
     free(b);
     kvd_sampler_destroy(native);
     kvd_sampler_destroy(portable);
+}
+
+/* The structured-output mask (allowed) equals writing -inf over the cleared ids by
+ * hand, on both row bodies: a vocabulary whose length is no multiple of 16 or 32,
+ * random words beside all-clear and all-set ones; a masked id is never drawn. */
+static void test_allowed_mask_matches_manual_mask(void **state)
+{
+    (void)state;
+    enum { V = 151936 - 7, DRAWS = 12 };
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
+    float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    uint32_t *allowed = calloc((V + 31) / 32, sizeof *allowed);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 78);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 16.0 - 8.0);
+    for (int w = 0; w < (V + 31) / 32; w++) {
+        double u = kvd_rng_uniform(&grng);
+        allowed[w] = u < 0.4 ? 0u : u < 0.6 ? UINT32_MAX : (uint32_t)(kvd_rng_uniform(&grng) * 4294967295.0);
+    }
+    const float temps[2] = {0.9f, 0.0f};
+    for (int c = 0; c < 4; c++) {
+        kvd_sampler *s = c % 2 ? portable : native;
+        kvd_sampling_params masked = sampling(temps[c / 2]), manual = masked;
+        masked.allowed = allowed;
+        kvd_rng ra, rb;
+        kvd_rng_seed(&ra, 200 + c);
+        kvd_rng_seed(&rb, 200 + c);
+        for (int i = 0; i < DRAWS; i++) {
+            memcpy(a, base, V * sizeof *a);
+            for (int k = 0; k < V; k++)
+                b[k] = (allowed[k >> 5] >> (k & 31)) & 1 ? base[k] : -INFINITY;
+            kvd_sample_result x, y;
+            assert_int_equal(kvd_sampler_sample(s, &masked, a, NULL, 0, NULL, 0, &ra, &x), 0);
+            assert_int_equal(kvd_sampler_sample(s, &manual, b, NULL, 0, NULL, 0, &rb, &y), 0);
+            assert_int_equal(x.token, y.token);
+            assert_true((allowed[x.token >> 5] >> (x.token & 31)) & 1);
+        }
+    }
+    free(base);
+    free(a);
+    free(b);
+    free(allowed);
+    kvd_sampler_destroy(native);
+    kvd_sampler_destroy(portable);
+}
+
+/* A narrow mask takes the allowed ids alone: the same tokens as the whole masked row,
+ * bit for bit, on both bodies, with repetition and presence penalties, with a filter
+ * (which goes the whole-row way), with one allowed id, with allowed ids only in the
+ * row's ragged last chunk, and with every allowed logit -inf (the whole-row fallback). */
+static void test_narrow_mask_matches_manual_mask(void **state)
+{
+    (void)state;
+    enum { V = 151936 - 7, DRAWS = 30, WORDS = (V + 31) / 32 };
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
+    float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    uint32_t *allowed = calloc(WORDS, sizeof *allowed);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 79);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 6.0 - 3.0);
+    const int32_t output[4] = {5, 17, 17, 150001};
+    for (int shape = 0; shape < 5; shape++) {
+        memset(allowed, 0, WORDS * sizeof *allowed);
+        if (shape == 0 || shape == 4) /* 300 ids spread over the row, a few repeated from output */
+            for (int i = 0; i < 300; i++) {
+                int id = (int)(kvd_rng_uniform(&grng) * V);
+                allowed[id >> 5] |= 1u << (id & 31);
+            }
+        if (shape == 0)
+            allowed[17 >> 5] |= 1u << (17 & 31);
+        if (shape == 1)
+            allowed[9000 >> 5] |= 1u << (9000 & 31);
+        if (shape == 2) /* the last chunk: ids 151808.. of which 151920.. are past its 16-lane blocks */
+            for (int id = 151900; id < V; id += 3)
+                allowed[id >> 5] |= 1u << (id & 31);
+        if (shape == 3) /* a 2,000-id run: many chunks, every lane */
+            for (int id = 40000; id < 42000; id++)
+                allowed[id >> 5] |= 1u << (id & 31);
+        for (int c = 0; c < 8; c++) {
+            kvd_sampler *s = c % 2 ? portable : native;
+            kvd_sampling_params masked = sampling(c / 2 == 1 ? 0.0f : 0.7f);
+            if (c / 2 == 2) {
+                masked.repetition_penalty = 1.3f;
+                masked.presence_penalty = 0.5f;
+            }
+            if (c / 2 == 3)
+                masked.top_p = 0.8f;
+            kvd_sampling_params manual = masked;
+            masked.allowed = allowed;
+            kvd_rng ra, rb;
+            kvd_rng_seed(&ra, 300 + c);
+            kvd_rng_seed(&rb, 300 + c);
+            for (int i = 0; i < DRAWS; i++) {
+                memcpy(a, base, V * sizeof *a);
+                for (int k = 0; k < V; k++)
+                    b[k] = (allowed[k >> 5] >> (k & 31)) & 1 && shape != 4 ? base[k] : -INFINITY;
+                if (shape == 4) /* all allowed -inf */
+                    for (int k = 0; k < V; k++)
+                        a[k] = (allowed[k >> 5] >> (k & 31)) & 1 ? -INFINITY : base[k];
+                kvd_sample_result x, y;
+                assert_int_equal(kvd_sampler_sample(s, &masked, a, NULL, 0, output, 4, &ra, &x), 0);
+                assert_int_equal(kvd_sampler_sample(s, &manual, b, NULL, 0, output, 4, &rb, &y), 0);
+                assert_int_equal(x.token, y.token);
+                if (shape != 4)
+                    assert_true((allowed[x.token >> 5] >> (x.token & 31)) & 1);
+            }
+        }
+    }
+    free(base);
+    free(a);
+    free(b);
+    free(allowed);
+    kvd_sampler_destroy(native);
+    kvd_sampler_destroy(portable);
+}
+
+/* The sparse chunk sums equal the whole-row ones bit for bit on both bodies, over a
+ * row with a ragged last chunk (the narrow-mask draw relies on it). */
+static void test_sparse_chunk_sums_exact(void **state)
+{
+    (void)state;
+    enum { N = 151936 - 7, CHUNKS = (N + KVD_VOCAB_CHUNK - 1) / KVD_VOCAB_CHUNK };
+    float *w = calloc(N, sizeof *w), *vals = malloc(N * sizeof *vals);
+    int32_t *ids = malloc(N * sizeof *ids);
+    float dense[CHUNKS], sparse[CHUNKS];
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 80);
+    for (int density = 0; density < 3; density++) {
+        memset(w, 0, N * sizeof *w);
+        int k = 0;
+        for (int i = 0; i < N; i++) {
+            double u = kvd_rng_uniform(&grng);
+            if (u < (density == 0 ? 0.002 : density == 1 ? 0.05 : 0.5) || i >= N - 20) {
+                w[i] = kvd_vocab_exp1((float)(kvd_rng_uniform(&grng) * 40.0 - 30.0));
+                ids[k] = i;
+                vals[k++] = w[i];
+            }
+        }
+        for (int isa = 0; isa < 2; isa++) {
+            kvd_vocab_chunk_sums(isa == 1 && kvd_vocab_avx512_supported(), dense, w, N);
+            kvd_vocab_chunk_sums_sparse(sparse, ids, vals, k, N);
+            assert_memory_equal(dense, sparse, sizeof dense);
+        }
+    }
+    free(w);
+    free(vals);
+    free(ids);
 }
 
 /* Streams of one seed (choices of one request): stream 0 is the seed itself; stream 1
@@ -760,6 +919,9 @@ int main(void)
         cmocka_unit_test(test_logprobs_from_raw_logits),
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
+        cmocka_unit_test(test_allowed_mask_matches_manual_mask),
+        cmocka_unit_test(test_narrow_mask_matches_manual_mask),
+        cmocka_unit_test(test_sparse_chunk_sums_exact),
         cmocka_unit_test(test_bad_params_rejected_untouched),
         cmocka_unit_test(test_rng_streams),
         cmocka_unit_test(test_logit_bias),

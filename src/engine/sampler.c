@@ -327,17 +327,24 @@ static double total_of_chunks(const float *sums, int n)
 
 /* Draws token i with probability w[i] / total over the whole vocabulary in id order,
  * total being total_of_chunks(sums): a chunk is found by its sum, then walked. */
+/* The chunk whose sums reach target (the last one at most); *cum := the sum before it. */
+static int chunk_reaching(const float *sums, int n, double target, double *cum)
+{
+    int c = 0, last_c = num_chunks(n) - 1;
+    *cum = 0.0;
+    for (; c < last_c; c++) {
+        if (*cum + sums[c] > target)
+            break;
+        *cum += sums[c];
+    }
+    return c;
+}
+
 static int32_t draw_vocab(const float *w, const float *sums, int n, double total, kvd_rng *rng)
 {
     const double target = kvd_rng_uniform(rng) * total;
-    double cum = 0.0;
-    int c = 0, last_c = num_chunks(n) - 1;
-    for (; c < last_c; c++) {
-        if (cum + sums[c] > target)
-            break;
-        cum += sums[c];
-    }
-    for (; c >= 0; c--) {
+    double cum;
+    for (int c = chunk_reaching(sums, n, target, &cum); c >= 0; c--) {
         /* Rounding can leave the walk short inside the chunk: take its last nonzero
          * weight, or an earlier chunk's if this one holds none. */
         int start = c * KVD_VOCAB_CHUNK, end = start + KVD_VOCAB_CHUNK < n ? start + KVD_VOCAB_CHUNK : n;
@@ -356,6 +363,91 @@ static int32_t draw_vocab(const float *w, const float *sums, int n, double total
         cum = 0.0; /* only reached for an all-zero chunk: any earlier weight will do */
     }
     return argmax_lowest(false, w, n);
+}
+
+/* draw_vocab over a row that is zero but for w[j] at ids[j] (k of them, ascending):
+ * the same chunk walk over the same sums, the same walk inside the chunk. */
+static int32_t draw_allowed(const int32_t *ids, const float *w, int k, const float *sums, int n, double total,
+                            kvd_rng *rng)
+{
+    const double target = kvd_rng_uniform(rng) * total;
+    double cum;
+    for (int c = chunk_reaching(sums, n, target, &cum); c >= 0; c--) {
+        const int start = c * KVD_VOCAB_CHUNK, end = start + KVD_VOCAB_CHUNK;
+        int lo = 0, hi = k; /* the first allowed id >= start */
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (ids[mid] < start)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        int32_t last = -1;
+        double run = cum;
+        for (int j = lo; j < k && ids[j] < end; j++) {
+            if (w[j] > 0.0f) {
+                run += w[j];
+                last = ids[j];
+                if (run > target)
+                    return ids[j];
+            }
+        }
+        if (last >= 0)
+            return last;
+        cum = 0.0;
+    }
+    int best = 0; /* unreachable: the top allowed id weighs exp(0) */
+    for (int j = 1; j < k; j++)
+        if (w[j] > w[best])
+            best = j;
+    return ids[best];
+}
+
+/* Structured output with a narrow mask (at most 1/16 of the printable ids): the allowed
+ * ids alone, through the very numbers the whole-row path computes on the masked row
+ * (its max, the weights, the chunk sums, the draw's walk), so the token is the same
+ * without three passes over the vocabulary. -1 (nothing drawn) when the mask is wide,
+ * a top_k/top_p/min_p filter is on, or no allowed logit is finite. */
+static int32_t sample_allowed(kvd_sampler *s, const kvd_sampling_params *p, const float *logits, kvd_rng *rng)
+{
+    if (p->temperature > 0.0f && (p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f))
+        return -1;
+    const int n = s->num_printable, cap = n / 16;
+    int k = 0;
+    for (int wd = 0; wd * 32 < n && k <= cap; wd++) {
+        uint32_t bits = p->allowed[wd];
+        if (n - wd * 32 < 32)
+            bits &= (1u << (n - wd * 32)) - 1u;
+        k += __builtin_popcount(bits);
+    }
+    if (k > cap || k == 0)
+        return -1;
+    int32_t *ids = s->cand_ids;
+    float *vals = s->cand_vals, *w = s->weights;
+    int j = 0;
+    for (int wd = 0; wd * 32 < n; wd++) {
+        uint32_t bits = p->allowed[wd];
+        if (n - wd * 32 < 32)
+            bits &= (1u << (n - wd * 32)) - 1u;
+        for (; bits; bits &= bits - 1) {
+            const int32_t id = wd * 32 + __builtin_ctz(bits);
+            ids[j] = id;
+            vals[j++] = logits[id];
+        }
+    }
+    float m = -INFINITY;
+    for (j = 0; j < k; j++)
+        m = vals[j] > m ? vals[j] : m;
+    if (!isfinite(m))
+        return -1;
+    if (p->temperature == 0.0f) {
+        for (j = 0; vals[j] != m; j++)
+            ;
+        return ids[j];
+    }
+    kvd_vocab_exp(s->avx512, w, vals, k, m, 1.0f / p->temperature);
+    kvd_vocab_chunk_sums_sparse(s->chunk_sums, ids, w, k, n);
+    return draw_allowed(ids, w, k, s->chunk_sums, n, total_of_chunks(s->chunk_sums, n), rng);
 }
 
 /* ---- the pipeline ------------------------------------------------------------ */
@@ -649,13 +741,15 @@ static int32_t sample_vocab(kvd_sampler *s, const kvd_sampling_params *p, const 
     return draw_vocab(w, s->chunk_sums, V, total_of_chunks(s->chunk_sums, V), rng);
 }
 
+/* m: the row's max over the printable ids when the caller has it, else NaN. */
 static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, const float *logits,
-                               kvd_rng *rng)
+                               float m, kvd_rng *rng)
 {
     enum { SMALL_TOP_K = 1024 };
     const int V = s->num_printable;
     const float inv_t = 1.0f / p->temperature;
-    const float m = kvd_vocab_max(s->avx512, logits, V);
+    if (isnan(m))
+        m = kvd_vocab_max(s->avx512, logits, V);
     if (!isfinite(m))
         return argmax_lowest(s->avx512, logits, V); /* nothing to draw from: keep it defined */
     if (p->top_k > 0 && p->top_k <= SMALL_TOP_K && p->top_k < V)
@@ -708,25 +802,19 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     if (mask_stops)
         for (int i = 0; i < params->num_min_tokens_stop_ids; i++)
             logits[params->min_tokens_stop_ids[i]] = -INFINITY;
-    if (params->allowed)
-        for (int w = 0; w * 32 < V; w++) {
-            const uint32_t bits = params->allowed[w];
-            const int end = w * 32 + 32 < V ? w * 32 + 32 : V;
-            if (bits == UINT32_MAX)
-                continue;
-            if (bits == 0) /* the common word under a grammar: no branch per id */
-                for (int i = w * 32; i < end; i++)
-                    logits[i] = -INFINITY;
-            else
-                for (int i = w * 32; i < end; i++)
-                    if (!((bits >> (i & 31)) & 1))
-                        logits[i] = -INFINITY;
-        }
+    /* Penalties before the mask gives the same row as after it: they keep -inf at -inf. */
     if (penalise)
         apply_penalties(s, params, logits, prompt, num_prompt, output, num_output);
-
-    int32_t token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
-                                                : sample_filtered(s, params, logits, rng);
+    int32_t token = -1;
+    float max_printable = NAN; /* taken by the mask pass */
+    if (params->allowed) {
+        token = sample_allowed(s, params, logits, rng);
+        if (token < 0)
+            max_printable = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
+    }
+    if (token < 0)
+        token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
+                                            : sample_filtered(s, params, logits, max_printable, rng);
     out->token = token;
     if (want_logprobs)
         out->logprob = (float)((double)raw[token] - lse);

@@ -196,6 +196,31 @@ AVX512_FN static void zero_below_avx512(float *w, const float *key, int n, float
     for (; i < n; i++)
         w[i] = key[i] >= t ? w[i] : 0.0f;
 }
+
+/* The uint16 view of the mask reads ids in order on little-endian x86. A blend and a
+ * whole store, not a masked store (slow on AMD) nor a branch (mixed words mispredict);
+ * the max rides along, as max_avx512 takes it, since the row is read anyway. */
+AVX512_FN static float mask_max_avx512(float *x, const uint32_t *allowed, int n, int n_max)
+{
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const uint16_t *half = (const uint16_t *)(const void *)allowed;
+    __m512 m = ninf;
+    int i = 0;
+    for (; i + LANES <= n_max; i += LANES) {
+        const __mmask16 drop = (__mmask16)~half[i / LANES];
+        const __m512 v = _mm512_mask_mov_ps(_mm512_loadu_ps(x + i), drop, ninf);
+        _mm512_storeu_ps(x + i, v);
+        m = _mm512_max_ps(v, m);
+    }
+    float best = _mm512_reduce_max_ps(m);
+    for (; i < n; i++) {
+        if (!((allowed[i >> 5] >> (i & 31)) & 1))
+            x[i] = -INFINITY;
+        if (i < n_max)
+            best = x[i] > best ? x[i] : best;
+    }
+    return best;
+}
 #endif
 
 static float max_portable(const float *x, int n)
@@ -205,6 +230,14 @@ static float max_portable(const float *x, int n)
         best = x[i] > best ? x[i] : best;
     return best;
 }
+
+static float mask_max_portable(float *x, const uint32_t *allowed, int n, int n_max)
+{
+    for (int i = 0; i < n; i++)
+        x[i] = (allowed[i >> 5] >> (i & 31)) & 1 ? x[i] : -INFINITY;
+    return max_portable(x, n_max);
+}
+
 
 static float chunk_sum_portable(const float *w, int len, float floor_w, int *count)
 {
@@ -271,6 +304,26 @@ void kvd_vocab_chunk_sums(bool avx512, float *sums, const float *w, int n)
     }
 }
 
+void kvd_vocab_chunk_sums_sparse(float *sums, const int32_t *ids, const float *w, int k, int n)
+{
+    /* Lane by lane in id order as chunk_sum adds them: the absent weights are zeros,
+     * and adding +0 to a sum that is >= +0 changes no bit. */
+    int j = 0;
+    for (int c = 0, start = 0; start < n; c++, start += KVD_VOCAB_CHUNK) {
+        const int len = n - start < KVD_VOCAB_CHUNK ? n - start : KVD_VOCAB_CHUNK;
+        const int lanes_end = start + len / LANES * LANES;
+        float acc[LANES] = {0}, tail = 0.0f;
+        for (; j < k && ids[j] < start + len; j++) {
+            const float v = w[j] >= 0.0f ? w[j] : 0.0f;
+            if (ids[j] < lanes_end)
+                acc[(ids[j] - start) % LANES] += v;
+            else
+                tail += v;
+        }
+        sums[c] = tree_sum16(acc) + tail;
+    }
+}
+
 double kvd_vocab_mass_at_least(bool avx512, const float *w, int n, float floor_w, int *count)
 {
     double mass = 0.0;
@@ -325,6 +378,16 @@ int kvd_vocab_compress_ge(bool avx512, float *vals, int32_t *ids, const float *x
         }
     }
     return out;
+}
+
+float kvd_vocab_mask_max(bool avx512, float *x, const uint32_t *allowed, int n, int n_max)
+{
+#if HAVE_AVX512_BODY
+    if (avx512)
+        return mask_max_avx512(x, allowed, n, n_max);
+#endif
+    (void)avx512;
+    return mask_max_portable(x, allowed, n, n_max);
 }
 
 void kvd_vocab_zero_below(bool avx512, float *w, const float *key, int n, float t)

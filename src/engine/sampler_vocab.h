@@ -29,6 +29,10 @@ void kvd_vocab_exp(bool avx512, float *w, const float *x, int n, float m, float 
 /* sums[c] = sum of w[c*CHUNK .. min(n, (c+1)*CHUNK)); sums has ceil(n / CHUNK) entries. */
 void kvd_vocab_chunk_sums(bool avx512, float *sums, const float *w, int n);
 
+/* kvd_vocab_chunk_sums of a row that is zero but for w[j] at ids[j] (k of them, ids
+ * ascending, all < n), bit for bit, in O(k + n / CHUNK). */
+void kvd_vocab_chunk_sums_sparse(float *sums, const int32_t *ids, const float *w, int k, int n);
+
 /* Sum (over chunks, in double) and count of the w[i] >= floor_w. */
 double kvd_vocab_mass_at_least(bool avx512, const float *w, int n, float floor_w, int *count);
 
@@ -41,6 +45,10 @@ int kvd_vocab_count_ge(bool avx512, const float *x, int n, float t);
 /* Copies the x[i] >= t, in id order, to vals (and their ids to ids unless NULL);
  * returns how many. */
 int kvd_vocab_compress_ge(bool avx512, float *vals, int32_t *ids, const float *x, int n, float t);
+
+/* x[i] = -inf for i < n where bit i of allowed (bit i % 32 of word i / 32) is clear;
+ * returns kvd_vocab_max(x, n_max) of the masked row (n_max <= n), in the same pass. */
+float kvd_vocab_mask_max(bool avx512, float *x, const uint32_t *allowed, int n, int n_max);
 
 /* w[i] = 0 where key[i] < t or key[i] is NaN (key may be w itself). */
 void kvd_vocab_zero_below(bool avx512, float *w, const float *key, int n, float t);

@@ -160,12 +160,14 @@ struct kvd_grammar_vocab {
     uint32_t *off;
     /* trie in depth-first order: node i has byte, token (-1: none), and end (one past
      * its subtree). Node 0 is the root. Each token id appears at one node; ids with the
-     * same bytes are chained through same_next. */
+     * same bytes are chained through same_next (node_dup says which nodes have such a
+     * chain, so the mask walk reads same_next, in id order, only there). */
     uint8_t *node_byte;
     int32_t *node_token;
     uint32_t *node_end;
     uint16_t *node_depth;
     int32_t *same_next;
+    uint8_t *node_dup; /* 1: the node's token has same-byte siblings in same_next */
     size_t num_nodes;
     int max_token_len;
     /* mask cache entries shared by every grammar (lexical keys), see matcher.c */

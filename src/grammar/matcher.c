@@ -582,6 +582,84 @@ static int rem_cmp(const void *a, const void *b)
     return x->tok < y->tok ? -1 : x->tok > y->tok;
 }
 
+/* The vocabulary walk's transitions, dense per set it meets: a trie node's step is
+ * one array read instead of a probe of the space's memo (a walk meets few distinct
+ * sets, each with many bytes, while the memo holds every walk the grammar made). */
+#define WALK_NONE UINT32_MAX
+#define WALK_LOCAL_MAX 4096 /* sets with a dense row (1 KiB each); the rest use the memo */
+enum { WALK_LIVE = 1, WALK_CTX = 2 };
+
+typedef struct walk_cache {
+    uint32_t *trans;  /* local set * 256 + byte -> local set + 1 (0: not known yet) */
+    uint32_t *global; /* local -> interned set */
+    uint8_t *flags;   /* local -> WALK_LIVE | WALK_CTX */
+    gr_bytes *first;  /* local -> the bytes some leaf takes (any other byte is dead) */
+    uint32_t n, cap;
+    uint32_t *slots;  /* interned set hash -> local + 1 */
+    uint32_t slot_cap;
+} walk_cache;
+
+static void walk_cache_free(walk_cache *wc)
+{
+    free(wc->trans);
+    free(wc->global);
+    free(wc->flags);
+    free(wc->first);
+    free(wc->slots);
+}
+
+/* The local index of interned set sid (added on first sight); WALK_NONE when the cache
+ * is full or out of memory (the walk then steps through the memo). */
+static uint32_t walk_local(walk_cache *wc, const gr_space *sp, uint32_t sid)
+{
+    if (wc->slot_cap) {
+        for (uint32_t j = (uint32_t)mix(sid) & (wc->slot_cap - 1); wc->slots[j]; j = (j + 1) & (wc->slot_cap - 1))
+            if (wc->global[wc->slots[j] - 1] == sid) return wc->slots[j] - 1;
+    }
+    if (wc->n == WALK_LOCAL_MAX) return WALK_NONE;
+    if (wc->n == wc->cap) {
+        uint32_t cap = wc->cap ? wc->cap * 2 : 16;
+        uint32_t *trans = realloc(wc->trans, (size_t)cap * 256 * sizeof *trans);
+        if (!trans) return WALK_NONE;
+        wc->trans = trans;
+        memset(trans + (size_t)wc->cap * 256, 0, (size_t)(cap - wc->cap) * 256 * sizeof *trans);
+        uint32_t *global = realloc(wc->global, cap * sizeof *global);
+        if (!global) return WALK_NONE;
+        wc->global = global;
+        uint8_t *flags = realloc(wc->flags, cap);
+        if (!flags) return WALK_NONE;
+        wc->flags = flags;
+        gr_bytes *first = realloc(wc->first, cap * sizeof *first);
+        if (!first) return WALK_NONE;
+        wc->first = first;
+        uint32_t *slots = calloc((size_t)cap * 2, sizeof *slots);
+        if (!slots) return WALK_NONE;
+        for (uint32_t k = 0; k < wc->n; k++) {
+            uint32_t j = (uint32_t)mix(wc->global[k]) & (cap * 2 - 1);
+            while (slots[j]) j = (j + 1) & (cap * 2 - 1);
+            slots[j] = k + 1;
+        }
+        free(wc->slots);
+        wc->slots = slots;
+        wc->slot_cap = cap * 2;
+        wc->cap = cap;
+    }
+    uint32_t k = wc->n++;
+    wc->global[k] = sid;
+    wc->flags[k] = (uint8_t)((rec_live(sp, sid) ? WALK_LIVE : 0) | (sp->recs[sid].ctx ? WALK_CTX : 0));
+    const gr_setrec *r = &sp->recs[sid];
+    gr_bytes first = {{0}};
+    for (uint32_t i = 0; i < r->n; i++) {
+        const gr_bytes *b = &sp->g->sets[sp->g->el[sp->nodes[sp->pool[r->off + i]].el].ref];
+        for (int w = 0; w < 4; w++) first.w[w] |= b->w[w];
+    }
+    wc->first[k] = first;
+    uint32_t j = (uint32_t)mix(sid) & (wc->slot_cap - 1);
+    while (wc->slots[j]) j = (j + 1) & (wc->slot_cap - 1);
+    wc->slots[j] = k + 1;
+    return k;
+}
+
 /* Walks the trie from the key frames alone (parent NODE_CTX). Runs under g->lock. */
 static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const uint64_t *sts, uint32_t len)
 {
@@ -592,7 +670,7 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
     for (uint32_t i = len; i-- > 0;) parent = intern(sp, els[i], sts[i], parent);
     int maxd = v->max_token_len + 1;
     uint32_t *sets = malloc(((size_t)maxd + 1) * sizeof *sets); /* interned set at each depth */
-    uint8_t *accepted = calloc((size_t)v->num_ids, 1);
+    uint32_t *accepted = calloc((size_t)v->num_words, sizeof *accepted); /* bit per token */
     vec acc = {.size = sizeof(uint32_t)}, pairs = {.size = sizeof(rem_pair)};
     if (!sets || !accepted || parent == UINT32_MAX) goto fail;
     {
@@ -602,48 +680,70 @@ static gr_ci *build_ci(kvd_grammar *g, gr_space *sp, const uint32_t *els, const 
         set_free(&s0);
         if (sets[0] == UINT32_MAX) goto fail;
     }
+    walk_cache wc = {0};
+    uint32_t *loc = malloc(((size_t)maxd + 1) * sizeof *loc); /* local set at each depth */
+    if (!loc) goto fail;
+    loc[0] = walk_local(&wc, sp, sets[0]);
     for (size_t i = 1; i < v->num_nodes;) {
         int d = v->node_depth[i];
-        uint32_t prev = sets[d - 1];
-        if (sp->recs[prev].ctx) { /* the key ended before this byte: the rest is the context's */
+        const uint32_t pl = loc[d - 1];
+        const unsigned byte = v->node_byte[i];
+        if (pl != WALK_NONE ? wc.flags[pl] & WALK_CTX : sp->recs[sets[d - 1]].ctx) {
+            /* the key ended before this byte: the rest is the context's */
             for (size_t j = i; j < v->node_end[i]; j++)
-                for (int32_t t = v->node_token[j]; t >= 0; t = v->same_next[t]) {
+                for (int32_t t = v->node_token[j]; t >= 0; t = v->node_dup[j] ? v->same_next[t] : -1) {
                     rem_pair *p = vec_push(&pairs);
                     if (p)
                         *p = (rem_pair){v->bytes + v->off[t] + d - 1, v->off[t + 1] - v->off[t] - (uint32_t)(d - 1),
                                         (uint32_t)t};
                 }
         }
-        uint32_t cur = advance_id(sp, prev, v->node_byte[i]);
-        if (cur == UINT32_MAX) goto fail;
-        sets[d] = cur;
-        if (!rec_live(sp, cur)) {
+        if (pl != WALK_NONE && !gr_bytes_has(&wc.first[pl], byte)) { /* no leaf takes it */
             i = v->node_end[i];
             continue;
         }
-        for (int32_t t = v->node_token[i]; t >= 0; t = v->same_next[t]) {
-            accepted[t] = 1;
+        uint32_t cl = pl != WALK_NONE ? wc.trans[(size_t)pl * 256 + byte] : 0;
+        bool live;
+        if (cl) {
+            cl--;
+            sets[d] = wc.global[cl];
+            live = wc.flags[cl] & WALK_LIVE;
+        } else {
+            uint32_t cur = advance_id(sp, sets[d - 1], byte);
+            if (cur == UINT32_MAX) break;
+            sets[d] = cur;
+            cl = walk_local(&wc, sp, cur);
+            if (pl != WALK_NONE && cl != WALK_NONE) wc.trans[(size_t)pl * 256 + byte] = cl + 1;
+            live = rec_live(sp, cur);
+        }
+        loc[d] = cl;
+        if (!live) {
+            i = v->node_end[i];
+            continue;
+        }
+        for (int32_t t = v->node_token[i]; t >= 0; t = v->node_dup[i] ? v->same_next[t] : -1) {
+            accepted[t >> 5] |= 1u << (t & 31);
             uint32_t *p = vec_push(&acc);
             if (p) *p = (uint32_t)t;
         }
         i++;
     }
+    walk_cache_free(&wc);
+    free(loc);
     if (sp->oom || acc.oom || pairs.oom) goto fail;
-    c->num_accepted = acc.n;
-    if (acc.n > 2048) { /* or-ing a whole mask beats setting this many bits */
-        c->acc_bits = calloc((size_t)v->num_words, sizeof *c->acc_bits);
-        if (!c->acc_bits) goto fail;
-        const uint32_t *a = acc.p;
-        for (size_t i = 0; i < acc.n; i++) c->acc_bits[a[i] >> 5] |= 1u << (a[i] & 31);
-        free(acc.p);
-    } else
-        c->accepted = acc.p;
-    acc.p = NULL;
     /* remainders of tokens not accepted outright, sorted and grouped */
     rem_pair *pr = pairs.p;
     size_t np = 0;
     for (size_t i = 0; i < pairs.n; i++)
-        if (!accepted[pr[i].tok]) pr[np++] = pr[i];
+        if (!((accepted[pr[i].tok >> 5] >> (pr[i].tok & 31)) & 1)) pr[np++] = pr[i];
+    c->num_accepted = acc.n;
+    if (acc.n > 2048) { /* or-ing a whole mask beats setting this many bits */
+        c->acc_bits = accepted;
+        accepted = NULL;
+        free(acc.p);
+    } else
+        c->accepted = acc.p;
+    acc.p = NULL;
     if (np > 1) qsort(pr, np, sizeof *pr, rem_cmp);
     size_t total = 0;
     for (size_t i = 0; i < np; i++) total += pr[i].len;
@@ -1040,7 +1140,8 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
 {
     kvd_grammar *g = m->g;
     const kvd_grammar_vocab *v = g->vocab;
-    memset(mask, 0, (size_t)v->num_words * sizeof *mask);
+    /* the first whole-mask entry is copied rather than or-ed into zeros */
+    bool started = false;
     /* distinct (key, boundary) pairs of the current leaves */
     const gr_ci *done_c[64];
     uint32_t done_b[64];
@@ -1059,10 +1160,14 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
             done_b[ndone] = boundary;
             ndone++;
         }
-        if (c->acc_bits)
+        if (!started) {
+            if (c->acc_bits) memcpy(mask, c->acc_bits, (size_t)v->num_words * sizeof *mask);
+            else memset(mask, 0, (size_t)v->num_words * sizeof *mask);
+        } else if (c->acc_bits)
             for (int w = 0; w < v->num_words; w++) mask[w] |= c->acc_bits[w];
-        else
+        if (!c->acc_bits)
             for (size_t k = 0; k < c->num_accepted; k++) mask[c->accepted[k] >> 5] |= 1u << (c->accepted[k] & 31);
+        started = true;
         if (!c->num_rem || boundary == NODE_CTX) continue;
         size_t slot = (size_t)(mix((uint64_t)(uintptr_t)c ^ ((uint64_t)boundary << 40)) & 255);
         while (m->memo[slot].ci && !(m->memo[slot].ci == c && m->memo[slot].boundary == boundary))
@@ -1102,6 +1207,7 @@ int kvd_grammar_matcher_fill_mask(kvd_grammar_matcher *m, uint32_t *mask, kvd_er
         m->memo[slot] = (struct rem_memo){c, boundary, n, list};
         m->memo_used++;
     }
+    if (!started) memset(mask, 0, (size_t)v->num_words * sizeof *mask); /* no leaf: nothing but the end */
     return 0;
 }
 

@@ -32,6 +32,7 @@ void kvd_grammar_vocab_destroy(kvd_grammar_vocab *v)
     free(v->node_end);
     free(v->node_depth);
     free(v->same_next);
+    free(v->node_dup);
     free(v);
 }
 
@@ -91,8 +92,9 @@ kvd_grammar_vocab *kvd_grammar_vocab_create(const kvd_tokenizer *tok, int num_id
     v->node_token = malloc(max_nodes * sizeof *v->node_token);
     v->node_end = malloc(max_nodes * sizeof *v->node_end);
     v->node_depth = malloc(max_nodes * sizeof *v->node_depth);
+    v->node_dup = calloc(max_nodes, 1);
     uint32_t *open = malloc(((size_t)v->max_token_len + 1) * sizeof *open); /* node at each depth */
-    if (!v->node_byte || !v->node_token || !v->node_end || !v->node_depth || !open) {
+    if (!v->node_byte || !v->node_token || !v->node_end || !v->node_depth || !v->node_dup || !open) {
         free(open);
         goto oom;
     }
@@ -110,6 +112,7 @@ kvd_grammar_vocab *kvd_grammar_vocab_create(const kvd_tokenizer *tok, int num_id
             while (lcp < t->len && lcp < prev->len && t->s[lcp] == prev->s[lcp]) lcp++;
         if (prev && lcp == t->len && lcp == prev->len) { /* same bytes as the previous id */
             int32_t x = v->node_token[open[depth]];
+            v->node_dup[open[depth]] = 1;
             while (v->same_next[x] >= 0) x = v->same_next[x];
             v->same_next[x] = t->id;
             continue;
