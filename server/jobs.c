@@ -302,6 +302,47 @@ static kvd_job *job_create(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind k
     return job;
 }
 
+/* The bytes a job's buffers hold, roughly (the prompt as ids and text, the rendered
+ * chat, the choices' texts and logprobs, an answer not handed over). */
+static size_t job_heap_bytes(const kvd_job *job)
+{
+    size_t total = (size_t)job->num_prompt * sizeof *job->prompt + job->oai.prompt_len + job->oai.chat.text.cap +
+                   job->answer_len + job->raw_len;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+#define JOB_FREE_OFF_LOOP_BYTES (1u << 20)
+
+/* Frees what the job holds, on whichever thread (plain memory only). */
+static void job_release_buffers(kvd_job *job)
+{
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_tool_parser_deinit(&job->choices[i].tools);
+        kvd_tool_delta_deinit(&job->choices[i].primed);
+    }
+    free(job->choices);
+    free(job->prompt);
+    free(job->answer);
+    free(job->raw);
+    cJSON_Delete(job->body);
+    kvd_oai_request_deinit(&job->oai);
+}
+
+static void job_release_work(uv_work_t *work)
+{
+    job_release_buffers(work->data);
+}
+
+static void after_job_release(uv_work_t *work, int status)
+{
+    if (status == UV_ECANCELED) /* never ran */
+        job_release_buffers(work->data);
+    free(work->data);
+}
+
 static void job_free(kvd_job *job)
 {
     kvd_jobs *jobs = job->jobs;
@@ -321,19 +362,16 @@ static void job_free(kvd_job *job)
         jobs->live = job->next;
     if (job->next)
         job->next->prev = job->prev;
-    for (int i = 0; i < job->num_choices; i++) {
-        kvd_oai_choice_deinit(&job->choices[i].out);
-        kvd_tool_parser_deinit(&job->choices[i].tools);
-        kvd_tool_delta_deinit(&job->choices[i].primed);
-    }
-    free(job->choices);
-    free(job->prompt);
-    free(job->answer);
-    free(job->raw);
-    cJSON_Delete(job->body);
     kvd_grammar_release(job->oai.params.grammar); /* the engine holds its own reference */
-    kvd_oai_request_deinit(&job->oai);
-    free(job);
+    job->oai.params.grammar = NULL;
+    /* A job that holds megabytes (a long prompt's text and ids, a whole answer's
+     * choices) is freed on a worker: the frees would otherwise hold the loop. */
+    job->work.data = job;
+    if (job_heap_bytes(job) < JOB_FREE_OFF_LOOP_BYTES ||
+        uv_queue_work(jobs->loop, &job->work, job_release_work, after_job_release) != 0) {
+        job_release_buffers(job);
+        free(job);
+    }
     jobs->count--;
     if (jobs->count == 0 && jobs->on_idle)
         jobs->on_idle(jobs->on_idle_arg);
@@ -403,11 +441,14 @@ static void job_fail(kvd_job *job, int status, const char *message, const char *
     job_free(job);
 }
 
-/* Answers 200 with a body built elsewhere (the caller frees it) and frees the job. */
-static void job_answer(kvd_job *job, const char *content_type, const char *body, size_t len)
+/* Answers 200 with the body a worker built (job->answer, handed to the connection
+ * without a copy) and frees the job. */
+static void job_answer(kvd_job *job, const char *content_type)
 {
     kvd_http_request *req = job_take_request(job, 200);
-    kvd_http_respond(req, 200, content_type, NULL, body, len);
+    char *body = job->answer;
+    job->answer = NULL;
+    kvd_http_respond_take(req, 200, content_type, NULL, body, job->answer_len);
     job_free(job);
 }
 
@@ -486,7 +527,7 @@ static void after_whole_body(uv_work_t *work, int status)
     if (job->work_rc < 0)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
 static void job_complete(kvd_job *job)
@@ -844,7 +885,7 @@ static void after_tokenize(uv_work_t *work, int status)
     }
     if (job->kind == KVD_JOB_TOKENIZE) {
         job->prompt_tokens = job->num_prompt;
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
     } else {
         job_submit(job);
     }
@@ -908,9 +949,9 @@ void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path
 {
     kvd_job *job = job_create(jobs, req, KVD_JOB_BODY);
     size_t len = 0;
-    const char *body = kvd_http_body(req, &len);
-    /* A copy: the connection may go (and take its buffer) while the worker parses. */
-    char *raw = job ? malloc(len + 1) : NULL;
+    /* Taken, not copied (megabytes on the loop): the connection may go while the
+     * worker parses. */
+    char *raw = job ? kvd_http_take_body(req, &len) : NULL;
     if (!raw) {
         if (job)
             job_fail(job, 500, "out of memory", NULL, NULL, NULL);
@@ -918,9 +959,6 @@ void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path
             kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    if (len)
-        memcpy(raw, body, len);
-    raw[len] = '\0';
     job->raw = raw;
     job->raw_len = len;
     job->path = path;
@@ -1090,7 +1128,7 @@ static void after_detokenize(uv_work_t *work, int status)
     else if (job->work_rc < 0)
         job_fail(job, 400, job->work_err.msg[0] ? job->work_err.msg : "tokens: cannot decode", "tokens", NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
 void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
@@ -1130,7 +1168,7 @@ static void after_kv(uv_work_t *work, int status)
     if (!job->answer)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)
