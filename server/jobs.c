@@ -497,11 +497,40 @@ static void stream_write(kvd_job *job, kvd_sbuf *sse)
     kvd_sbuf_reset(sse);
 }
 
-/* Runs on a libuv worker: the whole body grows with n x max_tokens (tens of MB with
- * logprobs). The job is done with the engine, so only this thread touches it. */
+static size_t job_held_bytes(const kvd_job *job)
+{
+    size_t total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+static void outgrew_message(uint64_t limit, char *msg, size_t cap)
+{
+    snprintf(msg, cap,
+             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
+             limit);
+}
+
+/* Runs on a libuv worker: the logprobs are printed and the whole body built here (it
+ * grows with n x max_tokens: tens of MB with logprobs). The job is done with the
+ * engine, so only this thread touches it. */
 static void whole_body_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
+    for (int i = 0; i < job->num_choices; i++) {
+        if (kvd_oai_choice_format(&job->resp, &job->choices[i].out) != 0) {
+            job->work_rc = KVD_ENOMEM;
+            return;
+        }
+    }
+    uint64_t limit = job->jobs->max_response_bytes;
+    if (limit && job_held_bytes(job) > limit) {
+        job->failed = true;
+        job->fail_status = 400;
+        outgrew_message(limit, job->error, sizeof job->error);
+        return;
+    }
     kvd_oai_usage usage = job_usage(job);
     kvd_oai_choice *outs = malloc((size_t)job->num_choices * sizeof *outs);
     if (!outs) {
@@ -524,7 +553,9 @@ static void after_whole_body(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
-    if (job->work_rc < 0)
+    if (job->failed)
+        job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
+    else if (job->work_rc < 0)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else
         job_answer(job, "application/json");
@@ -555,14 +586,6 @@ static void job_complete(kvd_job *job)
     }
 }
 
-static size_t job_held_bytes(const kvd_job *job)
-{
-    size_t total = 0;
-    for (int i = 0; i < job->num_choices; i++)
-        total += kvd_oai_choice_bytes(&job->choices[i].out);
-    return total;
-}
-
 /* Gives up on a whole response: frees what it holds and cancels the rest; the error
  * is answered once the engine confirms every choice ended. */
 static void job_stop(kvd_job *job, int status, const char *message)
@@ -585,9 +608,7 @@ static void job_check_held(kvd_job *job)
     if (!limit || job_held_bytes(job) <= limit)
         return;
     char msg[256];
-    snprintf(msg, sizeof msg,
-             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
-             limit);
+    outgrew_message(limit, msg, sizeof msg);
     job_stop(job, 400, msg);
 }
 
@@ -994,19 +1015,18 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
  * before any work, counting per logprob entry (the sampled token and each alternative,
- * of every token of every choice) a little more than one prints as on average: chat
- * entries came to 81-83 bytes (n=16 x 4000 x 21 entries made a 109 MB body), so 88;
- * completions' (items of three parallel arrays and a map) 32; one byte per token
- * without logprobs. One that outgrows the bound anyway is stopped when it does
- * (handle_event). Streams are bounded by the connection's write queue instead. */
-#define KVD_CHAT_LOGPROB_ENTRY_BYTES 88
-#define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
+ * of every token of every choice) a little more than one prints as on average
+ * (KVD_OAI_*_LOGPROB_ENTRY_BYTES), one byte per token without logprobs. One that
+ * outgrows the bound anyway is stopped when it does (handle_event: raw logprobs count
+ * at the estimate), or once its logprobs are printed (whole_body_work: at their
+ * printed size). Streams are bounded by the connection's write queue instead. */
 
 static bool refuse_large_response(kvd_job *job)
 {
     uint64_t limit = job->jobs->max_response_bytes;
     const kvd_request_params *p = &job->oai.params;
-    uint64_t entry = job->kind == KVD_JOB_CHAT ? KVD_CHAT_LOGPROB_ENTRY_BYTES : KVD_COMPLETION_LOGPROB_ENTRY_BYTES;
+    uint64_t entry =
+        job->kind == KVD_JOB_CHAT ? KVD_OAI_CHAT_LOGPROB_ENTRY_BYTES : KVD_OAI_COMPLETION_LOGPROB_ENTRY_BYTES;
     uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * entry : 1;
     uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
     if (!limit || estimate <= limit)
