@@ -230,9 +230,7 @@ void kvd_oai_choice_init(kvd_oai_choice *ch)
 void kvd_oai_choice_deinit(kvd_oai_choice *ch)
 {
     kvd_sbuf_deinit(&ch->text);
-    free(ch->raw_lp);
-    ch->raw_lp = NULL;
-    ch->num_raw_lp = ch->cap_raw_lp = 0;
+    kvd_sbuf_deinit(&ch->raw_lp);
     ch->raw_lp_estimate = 0;
     kvd_sbuf_deinit(&ch->lp_entries);
     kvd_sbuf_deinit(&ch->lp_values);
@@ -291,18 +289,9 @@ int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_
     if (!r->logprobs || !ev->logprobs || ev->num_tokens <= 0)
         return 0;
     size_t n = (size_t)ev->num_tokens;
-    if (ch->num_raw_lp + n > ch->cap_raw_lp) {
-        size_t cap = ch->cap_raw_lp ? ch->cap_raw_lp : 64;
-        while (cap < ch->num_raw_lp + n)
-            cap *= 2;
-        kvd_token_logprob *grown = realloc(ch->raw_lp, cap * sizeof *grown);
-        if (!grown)
-            return KVD_ENOMEM;
-        ch->raw_lp = grown;
-        ch->cap_raw_lp = cap;
-    }
-    memcpy(ch->raw_lp + ch->num_raw_lp, ev->logprobs, n * sizeof *ev->logprobs);
-    ch->num_raw_lp += n;
+    /* Whole structs at multiples of their size in malloc'ed memory: aligned. */
+    if (kvd_sbuf_append(&ch->raw_lp, ev->logprobs, n * sizeof *ev->logprobs) != 0)
+        return KVD_ENOMEM;
     size_t entry = r->chat ? KVD_OAI_CHAT_LOGPROB_ENTRY_BYTES : KVD_OAI_COMPLETION_LOGPROB_ENTRY_BYTES;
     for (size_t i = 0; i < n; i++) {
         int num_top = ev->logprobs[i].num_top < r->top_logprobs ? ev->logprobs[i].num_top : r->top_logprobs;
@@ -314,13 +303,13 @@ int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_
 int kvd_oai_choice_format(const kvd_oai_response *r, kvd_oai_choice *ch)
 {
     int rc = 0;
-    for (size_t i = 0; i < ch->num_raw_lp && rc == 0; i++)
-        rc = r->chat ? append_item(&ch->lp_entries, chat_logprob_entry(r, &ch->raw_lp[i]))
-                     : completion_logprob_items(r, &ch->raw_lp[i], &ch->text_offset, &ch->lp_entries, &ch->lp_values,
+    const kvd_token_logprob *raw = (const kvd_token_logprob *)(const void *)ch->raw_lp.data;
+    size_t n = ch->raw_lp.len / sizeof *raw;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = r->chat ? append_item(&ch->lp_entries, chat_logprob_entry(r, &raw[i]))
+                     : completion_logprob_items(r, &raw[i], &ch->text_offset, &ch->lp_entries, &ch->lp_values,
                                                 &ch->lp_top, &ch->lp_offsets);
-    free(ch->raw_lp);
-    ch->raw_lp = NULL;
-    ch->num_raw_lp = ch->cap_raw_lp = 0;
+    kvd_sbuf_deinit(&ch->raw_lp);
     ch->raw_lp_estimate = 0;
     return rc;
 }

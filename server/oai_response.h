@@ -57,8 +57,7 @@ typedef struct kvd_oai_usage {
  * fragments once formatted. */
 typedef struct kvd_oai_choice {
     kvd_sbuf text;          /* the raw text so far */
-    kvd_token_logprob *raw_lp; /* logprobs of the tokens so far, not formatted yet */
-    size_t num_raw_lp, cap_raw_lp;
+    kvd_sbuf raw_lp;        /* kvd_token_logprob of the tokens so far, not formatted yet */
     size_t raw_lp_estimate; /* what they will print as (the entry estimates above) */
     kvd_sbuf lp_entries;    /* chat: content entries; completions: "tokens" items (comma-separated) */
     kvd_sbuf lp_values;     /* completions: token_logprobs items */
