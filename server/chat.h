@@ -22,7 +22,7 @@
  * cannot open a turn. Everything else is encoded as Hugging Face encodes it.
  *
  * Threading: a kvd_chat_template is immutable after load and shared by every request;
- * render on the loop thread, encode on a worker.
+ * render and encode on libuv workers (jobs.c), any number at once.
  */
 #ifndef KVD_SERVER_CHAT_H
 #define KVD_SERVER_CHAT_H

@@ -17,7 +17,10 @@
  * until the current response is written. While the application holds a request the
  * buffer may grow to a bounded backlog, then reading stops until it drains.
  * Every write is one malloc'ed uv_write_t carrying its bytes; the sum of bytes not
- * yet handed to the kernel is the connection's write queue, capped for streams. While
+ * yet handed to the kernel is the connection's write queue, capped for streams. A
+ * whole body the application hands over (kvd_http_respond_take) is not copied: it is
+ * written from its own buffer in slices of BODY_SLICE_BYTES, one slice in flight at a
+ * time, and freed off the loop once the last slice is written. While
  * bytes wait in it (APP and FLUSH), the timer is the send timer: a peer that takes
  * none of them for send_timeout_ms loses its connection, so one that pipelines and
  * never reads cannot hold a slot and its queued answer forever.
@@ -58,6 +61,10 @@ enum conn_phase {
 #define LINGER_MS 2000
 /* Pipelined input kept while a request is with the application. */
 #define MAX_BACKLOG_BYTES (64u << 10)
+/* A body handed over whole goes to libuv this much at a time: a single write() to a
+ * loopback peer that keeps reading copies as long as the peer drains its window, so a
+ * 42 MB answer in one write held the loop for hundreds of milliseconds. */
+#define BODY_SLICE_BYTES (256u << 10)
 /* Request bodies keep their buffer between keep-alive requests up to this size. */
 #define KEEP_BODY_CAP (64u << 10)
 
@@ -123,6 +130,9 @@ typedef struct http_conn {
     uint64_t idle_since_ms; /* IDLE: when the last answer was handed to the kernel */
     uint64_t resp_start;    /* bytes_queued when the current response began */
     uint64_t resp_meant;    /* its whole length once known */
+    char *owned_body;       /* kvd_http_respond_take's body, written from here in slices */
+    size_t owned_len;
+    size_t owned_off;       /* bytes of it handed to libuv so far */
     int resp_status;
     bool busy;              /* a dispatched request whose response is not fully taken */
     bool by_server;         /* closed by kvd_http_server_close */
@@ -160,8 +170,9 @@ struct kvd_http_server {
 typedef struct write_req {
     uv_write_t uv;
     http_conn *conn;
-    size_t len;
-    bool last; /* completes the current response */
+    size_t len;       /* data[] and the owned-body slice together */
+    bool last;        /* completes the current response */
+    bool body_slice;  /* also carries a slice of conn->owned_body */
     char data[];
 } write_req;
 
@@ -230,9 +241,10 @@ static void request_reset(kvd_http_request *req)
     free(req->query);
     req->path = NULL;
     req->query = NULL;
-    if (req->body.cap > KEEP_BODY_CAP)
-        kvd_sbuf_deinit(&req->body);
-    else
+    if (req->body.cap > KEEP_BODY_CAP) {
+        kvd_free_off_loop(req->conn->srv->loop, req->body.data, req->body.cap);
+        kvd_sbuf_init(&req->body);
+    } else
         kvd_sbuf_reset(&req->body);
     req->method = "";
     req->keep_alive = false;
@@ -290,6 +302,13 @@ static uint64_t conn_bytes_acked(const http_conn *conn)
     return held < taken ? taken - held : 0;
 }
 
+static void conn_release_owned_body(http_conn *conn)
+{
+    kvd_free_off_loop(conn->srv->loop, conn->owned_body, conn->owned_len);
+    conn->owned_body = NULL;
+    conn->owned_len = conn->owned_off = 0;
+}
+
 static void conn_free(http_conn *conn)
 {
     kvd_http_server *srv = conn->srv;
@@ -319,6 +338,7 @@ static void conn_free(http_conn *conn)
     if (conn->counted)
         srv->num_counted--;
     request_reset(req);
+    conn_release_owned_body(conn);
     kvd_sbuf_deinit(&req->head);
     kvd_sbuf_deinit(&req->body);
     free(req->headers);
@@ -378,17 +398,25 @@ static void conn_arm_timer(http_conn *conn, uint64_t ms)
 
 static void on_shutdown(uv_shutdown_t *sreq, int status);
 static void conn_response_done(http_conn *conn);
+static int conn_write_slice(http_conn *conn, const char *head, size_t head_len);
 
 static void on_write(uv_write_t *uvreq, int status)
 {
     write_req *wr = (write_req *)uvreq;
     http_conn *conn = wr->conn;
-    bool last = wr->last;
+    bool last = wr->last, body_slice = wr->body_slice;
     conn->write_pending -= wr->len;
     free(wr);
     if (status < 0) {
         conn_close(conn);
         return;
+    }
+    if (body_slice && !conn->closing) {
+        if (!last) {
+            conn_write_slice(conn, NULL, 0);
+            return;
+        }
+        conn_release_owned_body(conn);
     }
     if (last && !conn->closing) {
         conn_set_busy(conn, false);
@@ -415,38 +443,62 @@ static void conn_arm_send_timer(http_conn *conn)
     uv_timer_start(&conn->timer, on_timer, send_check_ms(conn), 0);
 }
 
-/* Queues the concatenation of up to three byte ranges as one write. */
-static int conn_write3(http_conn *conn, const char *a, size_t alen, const char *b, size_t blen,
-                       const char *c, size_t clen, bool last)
+/* Queues the concatenation of up to three copied byte ranges and, with a slice, the
+ * next slice of the connection's owned body (its bytes are in write_pending already)
+ * as one write. */
+static int conn_queue(http_conn *conn, const char *a, size_t alen, const char *b, size_t blen, const char *c,
+                      size_t clen, size_t slice, bool last)
 {
     if (conn->closing)
         return KVD_ECANCELED;
-    size_t len = alen + blen + clen;
-    write_req *wr = malloc(sizeof *wr + len);
+    size_t copied = alen + blen + clen;
+    write_req *wr = malloc(sizeof *wr + copied);
     if (!wr) {
         conn_close(conn);
         return KVD_ENOMEM;
     }
     wr->conn = conn;
-    wr->len = len;
+    wr->len = copied + slice;
     wr->last = last;
+    wr->body_slice = slice > 0;
     if (alen)
         memcpy(wr->data, a, alen);
     if (blen)
         memcpy(wr->data + alen, b, blen);
     if (clen)
         memcpy(wr->data + alen + blen, c, clen);
-    uv_buf_t buf = uv_buf_init(wr->data, (unsigned)len);
-    int rc = uv_write(&wr->uv, (uv_stream_t *)&conn->tcp, &buf, 1, on_write);
+    uv_buf_t bufs[2];
+    unsigned nbufs = 0;
+    if (copied || !slice)
+        bufs[nbufs++] = uv_buf_init(wr->data, (unsigned)copied);
+    if (slice)
+        bufs[nbufs++] = uv_buf_init(conn->owned_body + conn->owned_off, (unsigned)slice);
+    int rc = uv_write(&wr->uv, (uv_stream_t *)&conn->tcp, bufs, nbufs, on_write);
     if (rc < 0) {
         free(wr);
         conn_close(conn);
         return KVD_ECANCELED;
     }
-    conn->write_pending += len;
-    conn->bytes_queued += len;
+    conn->owned_off += slice;
+    conn->write_pending += copied;
+    conn->bytes_queued += copied + slice;
     conn_arm_send_timer(conn);
     return 0;
+}
+
+static int conn_write3(http_conn *conn, const char *a, size_t alen, const char *b, size_t blen,
+                       const char *c, size_t clen, bool last)
+{
+    return conn_queue(conn, a, alen, b, blen, c, clen, 0, last);
+}
+
+/* Queues the owned body's next slice (after head, when given); the last slice
+ * completes the response. */
+static int conn_write_slice(http_conn *conn, const char *head, size_t head_len)
+{
+    size_t left = conn->owned_len - conn->owned_off;
+    size_t slice = left < BODY_SLICE_BYTES ? left : BODY_SLICE_BYTES;
+    return conn_queue(conn, head, head_len, NULL, 0, NULL, 0, slice, slice == left);
 }
 
 static void conn_linger(http_conn *conn)
@@ -971,6 +1023,10 @@ static int on_headers_complete(llhttp_t *parser)
                                "Retry-After: 1\r\n");
         req->reserved = declared;
         srv->buffered_body += declared;
+        /* The whole declared size at once (counted above already; untouched pages cost
+         * nothing): growing by doubling copied a 4 MiB body several times on the loop. */
+        if (kvd_sbuf_reserve(&req->body, declared) != 0)
+            return refuse(conn, 500, "out of memory");
     }
 
     const char *expect = kvd_http_header(req, "expect");
@@ -1506,6 +1562,13 @@ const char *kvd_http_body(const kvd_http_request *req, size_t *len)
     return req->body.data ? req->body.data : "";
 }
 
+char *kvd_http_take_body(kvd_http_request *req, size_t *len)
+{
+    /* Still counted in buffered_body (req->reserved) until the request ends: the
+     * memory is as pinned as before, only by its new owner. */
+    return kvd_sbuf_take(&req->body, len);
+}
+
 uint64_t kvd_http_arrival_ns(const kvd_http_request *req)
 {
     return req->arrival_ns;
@@ -1531,13 +1594,18 @@ static bool response_keeps_alive(http_conn *conn)
     return conn->req.keep_alive && !conn->close_after && !conn->srv->draining;
 }
 
-int kvd_http_respond(kvd_http_request *req, int status, const char *content_type,
-                     const char *extra_headers, const char *body, size_t len)
+/* Sends a whole response: body is copied (copy) or, owned, written from its own
+ * buffer, which the connection then frees. */
+static int respond(kvd_http_request *req, int status, const char *content_type, const char *extra_headers,
+                   const char *body, char *owned, size_t len)
 {
     http_conn *conn = req->conn;
+    size_t owned_size = owned ? len : 0; /* HEAD sends none of it, but frees all */
     req->finished = true;
-    if (conn->closing)
+    if (conn->closing) {
+        kvd_free_off_loop(conn->srv->loop, owned, owned_size);
         return KVD_ECANCELED;
+    }
     bool keep = response_keeps_alive(conn);
     if (!keep)
         conn->close_after = true;
@@ -1557,10 +1625,32 @@ int kvd_http_respond(kvd_http_request *req, int status, const char *content_type
         if (req->head_only)
             len = 0;
         conn->resp_meant = conn->bytes_queued - conn->resp_start + head.len + len;
-        rc = conn_write3(conn, head.data, head.len, body, len, NULL, 0, true);
+        if (owned && len) {
+            conn->owned_body = owned;
+            conn->owned_len = len;
+            conn->owned_off = 0;
+            owned = NULL;
+            conn->write_pending += len; /* counted whole now; the slices only take it */
+            rc = conn_write_slice(conn, head.data, head.len);
+        } else {
+            rc = conn_write3(conn, head.data, head.len, body, owned ? 0 : len, NULL, 0, true);
+        }
     }
+    kvd_free_off_loop(conn->srv->loop, owned, owned_size); /* not handed over */
     kvd_sbuf_deinit(&head);
     return rc;
+}
+
+int kvd_http_respond(kvd_http_request *req, int status, const char *content_type,
+                     const char *extra_headers, const char *body, size_t len)
+{
+    return respond(req, status, content_type, extra_headers, body, NULL, len);
+}
+
+int kvd_http_respond_take(kvd_http_request *req, int status, const char *content_type,
+                          const char *extra_headers, char *body, size_t len)
+{
+    return respond(req, status, content_type, extra_headers, NULL, body, len);
 }
 
 int kvd_http_stream_begin(kvd_http_request *req, int status, const char *content_type,

@@ -149,6 +149,10 @@ const char *kvd_http_header(const kvd_http_request *req, const char *name);
 const char *kvd_http_request_id(const kvd_http_request *req);
 /* The decoded body (NUL-terminated for convenience; may contain NULs). */
 const char *kvd_http_body(const kvd_http_request *req, size_t *len);
+/* Takes the body's buffer (malloc'ed, NUL-terminated, *len bytes; NULL when out of
+ * memory): the caller frees it, and the request's body reads as empty afterwards.
+ * Saves a copy of a body of megabytes on the loop thread. */
+char *kvd_http_take_body(kvd_http_request *req, size_t *len);
 /* uv_hrtime() when the request's last byte arrived. */
 uint64_t kvd_http_arrival_ns(const kvd_http_request *req);
 /* One slot for the application's per-request state. */
@@ -161,6 +165,12 @@ void *kvd_http_user(const kvd_http_request *req);
  * is finished either way and must not be used again). */
 int kvd_http_respond(kvd_http_request *req, int status, const char *content_type,
                      const char *extra_headers, const char *body, size_t len);
+/* The same, taking body (malloc'ed, len bytes; may be NULL when len is 0): it is
+ * written from that buffer without a copy and freed by the connection (a large one on
+ * a libuv worker), whatever the outcome. For bodies that grow with the input: a copy
+ * and a free of tens of MB on the loop thread stall every other connection. */
+int kvd_http_respond_take(kvd_http_request *req, int status, const char *content_type,
+                          const char *extra_headers, char *body, size_t len);
 
 /* Starts a streamed response: headers go out now; the body follows as chunks
  * (chunked transfer encoding; HTTP/1.0 clients get close-delimited framing). */

@@ -29,10 +29,11 @@ typedef enum kvd_job_kind {
     KVD_JOB_DETOKENIZE,
     KVD_JOB_KV,
     KVD_JOB_BODY, /* a body being parsed, before the route's own job */
+    KVD_JOB_APPLY_TEMPLATE,
 } kvd_job_kind;
 
 static const char *const job_paths[] = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                                        "/v1/kv", "-"};
+                                        "/v1/kv", "-", "/apply-template"};
 
 typedef struct job_choice {
     kvd_oai_choice out;      /* whole responses: the choice's text and logprobs so far */
@@ -64,7 +65,10 @@ struct kvd_job {
     kvd_error work_err;
     char *raw;               /* KVD_JOB_BODY: a copy of the request body, [raw_len] */
     size_t raw_len;
-    cJSON *body;             /* KVD_JOB_BODY: raw parsed (NULL: not JSON) */
+    cJSON *body;             /* KVD_JOB_BODY: raw parsed (NULL: not JSON); a route's job: its
+                              * body until parse_work has read it */
+    int parse_rc;            /* parse_work: the route's fields refused (KVD_EINVAL) or 0 */
+    char parse_param[128];   /* the field refused */
     bool body_has_nul;       /* KVD_JOB_BODY: a string holds a NUL, in the field nul_field */
     char nul_field[128];
     kvd_jobs_body_cb then;
@@ -302,6 +306,47 @@ static kvd_job *job_create(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind k
     return job;
 }
 
+/* The bytes a job's buffers hold, roughly (the prompt as ids and text, the rendered
+ * chat, the choices' texts and logprobs, an answer not handed over). */
+static size_t job_heap_bytes(const kvd_job *job)
+{
+    size_t total = (size_t)job->num_prompt * sizeof *job->prompt + job->oai.prompt_len + job->oai.chat.text.cap +
+                   job->answer_len + job->raw_len;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+#define JOB_FREE_OFF_LOOP_BYTES (1u << 20)
+
+/* Frees what the job holds, on whichever thread (plain memory only). */
+static void job_release_buffers(kvd_job *job)
+{
+    for (int i = 0; i < job->num_choices; i++) {
+        kvd_oai_choice_deinit(&job->choices[i].out);
+        kvd_tool_parser_deinit(&job->choices[i].tools);
+        kvd_tool_delta_deinit(&job->choices[i].primed);
+    }
+    free(job->choices);
+    free(job->prompt);
+    free(job->answer);
+    free(job->raw);
+    cJSON_Delete(job->body);
+    kvd_oai_request_deinit(&job->oai);
+}
+
+static void job_release_work(uv_work_t *work)
+{
+    job_release_buffers(work->data);
+}
+
+static void after_job_release(uv_work_t *work, int status)
+{
+    if (status == UV_ECANCELED) /* never ran */
+        job_release_buffers(work->data);
+    free(work->data);
+}
+
 static void job_free(kvd_job *job)
 {
     kvd_jobs *jobs = job->jobs;
@@ -321,19 +366,16 @@ static void job_free(kvd_job *job)
         jobs->live = job->next;
     if (job->next)
         job->next->prev = job->prev;
-    for (int i = 0; i < job->num_choices; i++) {
-        kvd_oai_choice_deinit(&job->choices[i].out);
-        kvd_tool_parser_deinit(&job->choices[i].tools);
-        kvd_tool_delta_deinit(&job->choices[i].primed);
-    }
-    free(job->choices);
-    free(job->prompt);
-    free(job->answer);
-    free(job->raw);
-    cJSON_Delete(job->body);
     kvd_grammar_release(job->oai.params.grammar); /* the engine holds its own reference */
-    kvd_oai_request_deinit(&job->oai);
-    free(job);
+    job->oai.params.grammar = NULL;
+    /* A job that holds megabytes (a long prompt's text and ids, a whole answer's
+     * choices) is freed on a worker: the frees would otherwise hold the loop. */
+    job->work.data = job;
+    if (job_heap_bytes(job) < JOB_FREE_OFF_LOOP_BYTES ||
+        uv_queue_work(jobs->loop, &job->work, job_release_work, after_job_release) != 0) {
+        job_release_buffers(job);
+        free(job);
+    }
     jobs->count--;
     if (jobs->count == 0 && jobs->on_idle)
         jobs->on_idle(jobs->on_idle_arg);
@@ -403,11 +445,14 @@ static void job_fail(kvd_job *job, int status, const char *message, const char *
     job_free(job);
 }
 
-/* Answers 200 with a body built elsewhere (the caller frees it) and frees the job. */
-static void job_answer(kvd_job *job, const char *content_type, const char *body, size_t len)
+/* Answers 200 with the body a worker built (job->answer, handed to the connection
+ * without a copy) and frees the job. */
+static void job_answer(kvd_job *job, const char *content_type)
 {
     kvd_http_request *req = job_take_request(job, 200);
-    kvd_http_respond(req, 200, content_type, NULL, body, len);
+    char *body = job->answer;
+    job->answer = NULL;
+    kvd_http_respond_take(req, 200, content_type, NULL, body, job->answer_len);
     job_free(job);
 }
 
@@ -456,11 +501,40 @@ static void stream_write(kvd_job *job, kvd_sbuf *sse)
     kvd_sbuf_reset(sse);
 }
 
-/* Runs on a libuv worker: the whole body grows with n x max_tokens (tens of MB with
- * logprobs). The job is done with the engine, so only this thread touches it. */
+static size_t job_held_bytes(const kvd_job *job)
+{
+    size_t total = 0;
+    for (int i = 0; i < job->num_choices; i++)
+        total += kvd_oai_choice_bytes(&job->choices[i].out);
+    return total;
+}
+
+static void outgrew_message(uint64_t limit, char *msg, size_t cap)
+{
+    snprintf(msg, cap,
+             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
+             limit);
+}
+
+/* Runs on a libuv worker: the logprobs are printed and the whole body built here (it
+ * grows with n x max_tokens: tens of MB with logprobs). The job is done with the
+ * engine, so only this thread touches it. */
 static void whole_body_work(uv_work_t *work)
 {
     kvd_job *job = work->data;
+    for (int i = 0; i < job->num_choices; i++) {
+        if (kvd_oai_choice_format(&job->resp, &job->choices[i].out) != 0) {
+            job->work_rc = KVD_ENOMEM;
+            return;
+        }
+    }
+    uint64_t limit = job->jobs->max_response_bytes;
+    if (limit && job_held_bytes(job) > limit) {
+        job->failed = true;
+        job->fail_status = 400;
+        outgrew_message(limit, job->error, sizeof job->error);
+        return;
+    }
     kvd_oai_usage usage = job_usage(job);
     kvd_oai_choice *outs = malloc((size_t)job->num_choices * sizeof *outs);
     if (!outs) {
@@ -483,10 +557,12 @@ static void after_whole_body(uv_work_t *work, int status)
     kvd_job *job = work->data;
     if (!job_back_from_worker(job, status))
         return;
-    if (job->work_rc < 0)
+    if (job->failed)
+        job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
+    else if (job->work_rc < 0)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
 static void job_complete(kvd_job *job)
@@ -514,14 +590,6 @@ static void job_complete(kvd_job *job)
     }
 }
 
-static size_t job_held_bytes(const kvd_job *job)
-{
-    size_t total = 0;
-    for (int i = 0; i < job->num_choices; i++)
-        total += kvd_oai_choice_bytes(&job->choices[i].out);
-    return total;
-}
-
 /* Gives up on a whole response: frees what it holds and cancels the rest; the error
  * is answered once the engine confirms every choice ended. */
 static void job_stop(kvd_job *job, int status, const char *message)
@@ -544,9 +612,7 @@ static void job_check_held(kvd_job *job)
     if (!limit || job_held_bytes(job) <= limit)
         return;
     char msg[256];
-    snprintf(msg, sizeof msg,
-             "the response outgrew max_response_bytes %" PRIu64 "; lower n or max_tokens, or set \"stream\": true",
-             limit);
+    outgrew_message(limit, msg, sizeof msg);
     job_stop(job, 400, msg);
 }
 
@@ -827,11 +893,9 @@ static void tokenize_work(uv_work_t *work)
         job->work_rc = kvd_error_set(&job->work_err, KVD_ENOMEM, "out of memory");
 }
 
-static void after_tokenize(uv_work_t *work, int status)
+/* Back on the loop after tokenize_work: answers /tokenize, or submits. */
+static void finish_tokenize(kvd_job *job)
 {
-    kvd_job *job = work->data;
-    if (!job_back_from_worker(job, status))
-        return;
     if (job->grammar_failed) {
         char msg[700];
         snprintf(msg, sizeof msg, "%s: %s", job->oai.constraint_field, job->work_err.msg);
@@ -844,16 +908,12 @@ static void after_tokenize(uv_work_t *work, int status)
     }
     if (job->kind == KVD_JOB_TOKENIZE) {
         job->prompt_tokens = job->num_prompt;
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
     } else {
         job_submit(job);
     }
 }
 
-static void job_start_tokenizing(kvd_job *job)
-{
-    job_start_work(job, tokenize_work, after_tokenize, "cannot queue tokenization");
-}
 
 /* ---- request bodies, parsed on a worker ---- */
 
@@ -899,7 +959,9 @@ static void after_body(uv_work_t *work, int status)
     kvd_http_set_user(req, NULL);
     /* The route's own job exists before this one is freed, so a drain never sees a
      * moment with no job in between. */
-    job->then(req, job->body, job->then_arg, job->then_tag);
+    job->then(req, &job->body, job->then_arg, job->then_tag);
+    if (!job->body)
+        job->raw_len = 0; /* handed over: nothing big left to free here */
     job_free(job);
 }
 
@@ -908,9 +970,9 @@ void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path
 {
     kvd_job *job = job_create(jobs, req, KVD_JOB_BODY);
     size_t len = 0;
-    const char *body = kvd_http_body(req, &len);
-    /* A copy: the connection may go (and take its buffer) while the worker parses. */
-    char *raw = job ? malloc(len + 1) : NULL;
+    /* Taken, not copied (megabytes on the loop): the connection may go while the
+     * worker parses. */
+    char *raw = job ? kvd_http_take_body(req, &len) : NULL;
     if (!raw) {
         if (job)
             job_fail(job, 500, "out of memory", NULL, NULL, NULL);
@@ -918,9 +980,6 @@ void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path
             kvd_jobs_send_error(jobs, req, 500, "out of memory", NULL, NULL, NULL);
         return;
     }
-    if (len)
-        memcpy(raw, body, len);
-    raw[len] = '\0';
     job->raw = raw;
     job->raw_len = len;
     job->path = path;
@@ -956,22 +1015,29 @@ static bool job_parse_failed(kvd_job *job, int rc, const kvd_error *err, const c
 /* A whole response is held in memory until its last choice ends, so its size is
  * bounded: requests whose answer would be larger than max_response_bytes are refused
  * before any work, counting per logprob entry (the sampled token and each alternative,
- * of every token of every choice) a little more than one prints as on average: chat
- * entries came to 81-83 bytes (n=16 x 4000 x 21 entries made a 109 MB body), so 88;
- * completions' (items of three parallel arrays and a map) 32; one byte per token
- * without logprobs. One that outgrows the bound anyway is stopped when it does
- * (handle_event). Streams are bounded by the connection's write queue instead. */
-#define KVD_CHAT_LOGPROB_ENTRY_BYTES 88
-#define KVD_COMPLETION_LOGPROB_ENTRY_BYTES 32
+ * of every token of every choice) a little more than one prints as on average
+ * (KVD_OAI_*_LOGPROB_ENTRY_BYTES), one byte per token without logprobs. One that
+ * outgrows the bound anyway is stopped when it does (handle_event: raw logprobs count
+ * at the estimate), or once its logprobs are printed (whole_body_work: at their
+ * printed size). Streams are bounded by the connection's write queue instead. */
 
-static bool refuse_large_response(kvd_job *job)
+/* Whether a whole answer would pass max_response_bytes (streams never do). */
+static bool response_too_large(const kvd_job *job, uint64_t *estimate, uint64_t *per_token)
 {
     uint64_t limit = job->jobs->max_response_bytes;
     const kvd_request_params *p = &job->oai.params;
-    uint64_t entry = job->kind == KVD_JOB_CHAT ? KVD_CHAT_LOGPROB_ENTRY_BYTES : KVD_COMPLETION_LOGPROB_ENTRY_BYTES;
-    uint64_t per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * entry : 1;
-    uint64_t estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * per_token;
-    if (!limit || estimate <= limit)
+    uint64_t entry =
+        job->kind == KVD_JOB_CHAT ? KVD_OAI_CHAT_LOGPROB_ENTRY_BYTES : KVD_OAI_COMPLETION_LOGPROB_ENTRY_BYTES;
+    *per_token = job->oai.logprobs ? (uint64_t)(1 + job->oai.top_logprobs) * entry : 1;
+    *estimate = (uint64_t)p->n * (uint64_t)p->max_tokens * *per_token;
+    return !job->oai.stream && limit && *estimate > limit;
+}
+
+static bool refuse_large_response(kvd_job *job)
+{
+    uint64_t limit = job->jobs->max_response_bytes, estimate, per_token;
+    const kvd_request_params *p = &job->oai.params;
+    if (!response_too_large(job, &estimate, &per_token))
         return false;
     char msg[400];
     snprintf(msg, sizeof msg,
@@ -981,83 +1047,6 @@ static bool refuse_large_response(kvd_job *job)
              estimate, p->n, p->max_tokens, per_token, job->oai.logprobs ? " with logprobs" : "", limit);
     job_fail(job, 400, msg, job->oai.logprobs ? "top_logprobs" : "max_tokens", "response_too_large", NULL);
     return true;
-}
-
-void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body)
-{
-    kvd_job *job = job_begin(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION);
-    if (!job)
-        return;
-    char param[128];
-    kvd_error err = {0};
-    int rc = kvd_oai_parse(&job->oai, route, body, &jobs->model.defaults, &jobs->model.info, param, sizeof param,
-                           &err);
-    if (job_parse_failed(job, rc, &err, param))
-        return;
-    if (!job->oai.stream && refuse_large_response(job))
-        return;
-    job->resp = (kvd_oai_response){
-        .id = job->id,
-        .created = (long long)time(NULL),
-        .model = jobs->model_name,
-        .chat = route == KVD_OAI_CHAT,
-        .logprobs = job->oai.logprobs,
-        .top_logprobs = job->oai.top_logprobs,
-        .tokens_as_ids = job->oai.tokens_as_ids,
-        .include_usage = job->oai.include_usage,
-        .continuous_usage = job->oai.continuous_usage,
-        .tok = jobs->model.tok,
-    };
-    if (job->oai.prompt_ids) {
-        job->prompt = job->oai.prompt_ids;
-        job->num_prompt = job->oai.num_prompt_ids;
-        job->oai.prompt_ids = NULL;
-        if (!job->oai.constrained) {
-            job_submit(job);
-            return;
-        }
-    }
-    job_start_tokenizing(job);
-}
-
-void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
-{
-    kvd_job *job = job_begin(jobs, req, KVD_JOB_TOKENIZE);
-    if (!job)
-        return;
-    char param[128];
-    kvd_error err = {0};
-    int rc = kvd_oai_parse_tokenize(&job->oai, body, &jobs->model.info, param, sizeof param, &err);
-    if (job_parse_failed(job, rc, &err, param))
-        return;
-    job_start_tokenizing(job);
-}
-
-void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
-{
-    kvd_oai_request r;
-    kvd_oai_request_init(&r);
-    char param[128] = "";
-    kvd_error err = {0};
-    int rc = KVD_EINVAL;
-    if (!cJSON_IsObject(body))
-        kvd_error_set(&err, KVD_EINVAL, "request body must be a JSON object");
-    else if (!cJSON_GetObjectItemCaseSensitive(body, "messages"))
-        snprintf(param, sizeof param, "messages"), kvd_error_set(&err, KVD_EINVAL, "messages: is required");
-    else
-        rc = kvd_oai_parse_tokenize(&r, body, &jobs->model.info, param, sizeof param, &err);
-    if (rc) {
-        kvd_jobs_send_error(jobs, req, rc == KVD_EINVAL ? 400 : 500, err.msg, param[0] ? param : NULL, NULL, NULL);
-    } else {
-        cJSON *answer = cJSON_CreateObject();
-        cJSON *prompt = answer ? kvd_json_sanitized_string(r.chat.text.data ? r.chat.text.data : "", r.chat.text.len) : NULL;
-        if (prompt)
-            cJSON_AddItemToObject(answer, "prompt", prompt);
-        kvd_jobs_respond_json(jobs, req, 200, prompt ? answer : NULL, NULL);
-        if (!prompt)
-            cJSON_Delete(answer);
-    }
-    kvd_oai_request_deinit(&r);
 }
 
 static void detokenize_work(uv_work_t *work)
@@ -1080,31 +1069,171 @@ static void detokenize_work(uv_work_t *work)
     job->work_rc = job->answer ? 0 : kvd_error_set(&job->work_err, KVD_ENOMEM, "out of memory");
 }
 
-static void after_detokenize(uv_work_t *work, int status)
+static void finish_detokenize(kvd_job *job)
 {
-    kvd_job *job = work->data;
-    if (!job_back_from_worker(job, status))
-        return;
     if (job->work_rc == KVD_ENOMEM)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else if (job->work_rc < 0)
         job_fail(job, 400, job->work_err.msg[0] ? job->work_err.msg : "tokens: cannot decode", "tokens", NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
-void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body)
+/* ---- a route's fields, read on a worker ---- */
+
+/* /apply-template's answer, built here: it grows with the messages. */
+static void apply_template_work(kvd_job *job)
 {
-    kvd_job *job = job_begin(jobs, req, KVD_JOB_DETOKENIZE);
+    cJSON *answer = cJSON_CreateObject();
+    const kvd_chat_prompt *chat = &job->oai.chat;
+    cJSON *prompt = answer ? kvd_json_sanitized_string(chat->text.data ? chat->text.data : "", chat->text.len) : NULL;
+    if (prompt)
+        cJSON_AddItemToObject(answer, "prompt", prompt);
+    job->answer = prompt ? cJSON_PrintUnformatted(answer) : NULL;
+    cJSON_Delete(answer);
+    job->answer_len = job->answer ? strlen(job->answer) : 0;
+    job->work_rc = job->answer ? 0 : KVD_ENOMEM;
+}
+
+/* Runs on a libuv worker: the route's fields out of the body (a chat template
+ * rendered, a prompt's text copied, an id array walked: each grows with the request),
+ * the tree freed, then the route's own work (tokenization, detokenization). */
+static void parse_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    kvd_jobs *jobs = job->jobs;
+    const kvd_oai_model_info *info = &jobs->model.info;
+    char *param = job->parse_param;
+    size_t cap = sizeof job->parse_param;
+    /* Tool arguments and schemas are parsed with cJSON, whose parser writes a
+     * process-wide error pointer (see body_work). */
+    uv_mutex_lock(&jobs->parse_lock);
+    switch (job->kind) {
+    case KVD_JOB_COMPLETION:
+    case KVD_JOB_CHAT:
+        job->parse_rc = kvd_oai_parse(&job->oai, job->kind == KVD_JOB_CHAT ? KVD_OAI_CHAT : KVD_OAI_COMPLETIONS,
+                                      job->body, &jobs->model.defaults, info, param, cap, &job->work_err);
+        break;
+    case KVD_JOB_TOKENIZE:
+        job->parse_rc = kvd_oai_parse_tokenize(&job->oai, job->body, info, param, cap, &job->work_err);
+        break;
+    case KVD_JOB_APPLY_TEMPLATE:
+        if (!cJSON_GetObjectItemCaseSensitive(job->body, "messages")) {
+            snprintf(param, cap, "messages");
+            job->parse_rc = kvd_error_set(&job->work_err, KVD_EINVAL, "messages: is required");
+        } else {
+            job->parse_rc = kvd_oai_parse_tokenize(&job->oai, job->body, info, param, cap, &job->work_err);
+        }
+        break;
+    case KVD_JOB_DETOKENIZE:
+        job->parse_rc = kvd_oai_parse_detokenize(job->body, info, &job->prompt, &job->num_prompt, param, cap,
+                                                 &job->work_err);
+        break;
+    default:
+        break;
+    }
+    uv_mutex_unlock(&jobs->parse_lock);
+    cJSON_Delete(job->body);
+    job->body = NULL;
+    if (job->parse_rc != 0)
+        return;
+    switch (job->kind) {
+    case KVD_JOB_DETOKENIZE:
+        detokenize_work(work);
+        break;
+    case KVD_JOB_APPLY_TEMPLATE:
+        apply_template_work(job);
+        break;
+    case KVD_JOB_TOKENIZE:
+        tokenize_work(work);
+        break;
+    default: {
+        uint64_t estimate, per_token;
+        if (response_too_large(job, &estimate, &per_token))
+            return; /* refused on the loop, before any work */
+        if (job->oai.prompt_ids) {
+            job->prompt = job->oai.prompt_ids;
+            job->num_prompt = job->oai.num_prompt_ids;
+            job->oai.prompt_ids = NULL;
+            if (!job->oai.constrained)
+                return; /* ids to submit as they are */
+        }
+        tokenize_work(work);
+        break;
+    }
+    }
+}
+
+static void after_parse(uv_work_t *work, int status)
+{
+    kvd_job *job = work->data;
+    if (!job_back_from_worker(job, status))
+        return;
+    if (job_parse_failed(job, job->parse_rc, &job->work_err, job->parse_param))
+        return;
+    kvd_jobs *jobs = job->jobs;
+    switch (job->kind) {
+    case KVD_JOB_DETOKENIZE:
+        finish_detokenize(job);
+        break;
+    case KVD_JOB_APPLY_TEMPLATE:
+        if (job->work_rc < 0)
+            job_fail(job, 500, "out of memory", NULL, NULL, NULL);
+        else
+            job_answer(job, "application/json");
+        break;
+    case KVD_JOB_TOKENIZE:
+        finish_tokenize(job);
+        break;
+    default:
+        if (refuse_large_response(job))
+            return;
+        job->resp = (kvd_oai_response){
+            .id = job->id,
+            .created = (long long)time(NULL),
+            .model = jobs->model_name,
+            .chat = job->kind == KVD_JOB_CHAT,
+            .logprobs = job->oai.logprobs,
+            .top_logprobs = job->oai.top_logprobs,
+            .tokens_as_ids = job->oai.tokens_as_ids,
+            .include_usage = job->oai.include_usage,
+            .continuous_usage = job->oai.continuous_usage,
+            .tok = jobs->model.tok,
+        };
+        finish_tokenize(job);
+        break;
+    }
+}
+
+/* Starts a route's job on its body: the tree is the job's from here on. */
+static void job_start_route(kvd_jobs *jobs, kvd_http_request *req, kvd_job_kind kind, cJSON **body)
+{
+    kvd_job *job = job_begin(jobs, req, kind);
     if (!job)
         return;
-    char param[128];
-    kvd_error err = {0};
-    int rc = kvd_oai_parse_detokenize(body, &jobs->model.info, &job->prompt, &job->num_prompt, param, sizeof param,
-                                      &err);
-    if (job_parse_failed(job, rc, &err, param))
-        return;
-    job_start_work(job, detokenize_work, after_detokenize, "cannot queue detokenization");
+    job->body = *body;
+    *body = NULL;
+    job_start_work(job, parse_work, after_parse, "cannot queue the request");
+}
+
+void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, cJSON **body)
+{
+    job_start_route(jobs, req, route == KVD_OAI_CHAT ? KVD_JOB_CHAT : KVD_JOB_COMPLETION, body);
+}
+
+void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, cJSON **body)
+{
+    job_start_route(jobs, req, KVD_JOB_TOKENIZE, body);
+}
+
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, cJSON **body)
+{
+    job_start_route(jobs, req, KVD_JOB_APPLY_TEMPLATE, body);
+}
+
+void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, cJSON **body)
+{
+    job_start_route(jobs, req, KVD_JOB_DETOKENIZE, body);
 }
 
 /* Runs on a libuv worker: the snapshot waits for the engine's running step (tens of
@@ -1130,7 +1259,7 @@ static void after_kv(uv_work_t *work, int status)
     if (!job->answer)
         job_fail(job, 500, "out of memory", NULL, NULL, NULL);
     else
-        job_answer(job, "application/json", job->answer, job->answer_len);
+        job_answer(job, "application/json");
 }
 
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req)

@@ -85,20 +85,24 @@ void kvd_jobs_send_error(kvd_jobs *jobs, kvd_http_request *req, int status, cons
                          const char *param, const char *code, const char *extra_headers);
 
 /* Parses req's body on a libuv worker (a 4 MiB body takes tens of milliseconds of
- * CPU, which on the loop would stall every stream), then calls then(req, body, arg,
- * tag) back on the loop with the JSON object, deleted after the call; a body that is
- * not a JSON object is answered 400 here. path (static) names the route in the log
+ * CPU, which on the loop would stall every stream), then calls then(req, &body, arg,
+ * tag) back on the loop with the JSON object; a callee that keeps the tree sets *body
+ * to NULL, else it is deleted after the call (off the loop when large). A body that
+ * is not a JSON object is answered 400 here. path (static) names the route in the log
  * should the client leave first. */
-typedef void (*kvd_jobs_body_cb)(kvd_http_request *req, const cJSON *body, void *arg, int tag);
+typedef void (*kvd_jobs_body_cb)(kvd_http_request *req, cJSON **body, void *arg, int tag);
 void kvd_jobs_parse_body(kvd_jobs *jobs, kvd_http_request *req, const char *path, kvd_jobs_body_cb then,
                          void *arg, int tag);
 
-/* Each takes over req (answers it now or later); body stays the caller's. */
-void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, const cJSON *body);
-void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
+/* Each takes over req (answers it now or later) and *body (set to NULL): the route's
+ * fields are read on a libuv worker, since reading them grows with the request (a
+ * chat template rendered over megabytes of messages, a prompt's text copied, an id
+ * array walked), and the tree is freed there. */
+void kvd_jobs_generate(kvd_jobs *jobs, kvd_http_request *req, kvd_oai_route route, cJSON **body);
+void kvd_jobs_tokenize(kvd_jobs *jobs, kvd_http_request *req, cJSON **body);
 /* POST /apply-template (llama-server's route): {"prompt": the rendered chat}. */
-void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
-void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, const cJSON *body);
+void kvd_jobs_apply_template(kvd_jobs *jobs, kvd_http_request *req, cJSON **body);
+void kvd_jobs_detokenize(kvd_jobs *jobs, kvd_http_request *req, cJSON **body);
 void kvd_jobs_kv(kvd_jobs *jobs, kvd_http_request *req);
 
 /* http.c's on_abort: the client went away. */

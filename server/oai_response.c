@@ -1,7 +1,9 @@
 /* oai_response.c - OpenAI response bytes from engine events.
  *
  * Small pieces (one token's logprob entry, one chunk) are built with cJSON and printed
- * at once; the whole body is assembled as text from those pieces, so its bytes are
+ * (for whole responses on the worker that assembles the body: cJSON's number printing
+ * of 21 entries per token was the loop's largest cost); the whole body is assembled
+ * as text from those pieces, so its bytes are
  * exactly what printing one cJSON tree of it would give, without ever holding that
  * tree (for n=16 x 4000 tokens x 20 alternatives the tree was ~10x the body).
  */
@@ -228,6 +230,8 @@ void kvd_oai_choice_init(kvd_oai_choice *ch)
 void kvd_oai_choice_deinit(kvd_oai_choice *ch)
 {
     kvd_sbuf_deinit(&ch->text);
+    kvd_sbuf_deinit(&ch->raw_lp);
+    ch->raw_lp_estimate = 0;
     kvd_sbuf_deinit(&ch->lp_entries);
     kvd_sbuf_deinit(&ch->lp_values);
     kvd_sbuf_deinit(&ch->lp_top);
@@ -238,7 +242,7 @@ void kvd_oai_choice_deinit(kvd_oai_choice *ch)
 size_t kvd_oai_choice_bytes(const kvd_oai_choice *ch)
 {
     return ch->text.len + ch->lp_entries.len + ch->lp_values.len + ch->lp_top.len + ch->lp_offsets.len +
-           ch->tool_calls.len;
+           ch->tool_calls.len + ch->raw_lp_estimate;
 }
 
 void kvd_oai_tool_call_id(const kvd_oai_response *r, int choice_index, int call_index, char *out, size_t cap)
@@ -282,16 +286,32 @@ int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_
 {
     if (kvd_sbuf_append(&ch->text, ev->text, ev->text_len) != 0)
         return KVD_ENOMEM;
-    if (!r->logprobs || !ev->logprobs)
+    if (!r->logprobs || !ev->logprobs || ev->num_tokens <= 0)
         return 0;
-    for (int i = 0; i < ev->num_tokens; i++) {
-        int rc = r->chat ? append_item(&ch->lp_entries, chat_logprob_entry(r, &ev->logprobs[i]))
-                         : completion_logprob_items(r, &ev->logprobs[i], &ch->text_offset, &ch->lp_entries,
-                                                    &ch->lp_values, &ch->lp_top, &ch->lp_offsets);
-        if (rc)
-            return rc;
+    size_t n = (size_t)ev->num_tokens;
+    /* Whole structs at multiples of their size in malloc'ed memory: aligned. */
+    if (kvd_sbuf_append(&ch->raw_lp, ev->logprobs, n * sizeof *ev->logprobs) != 0)
+        return KVD_ENOMEM;
+    size_t entry = r->chat ? KVD_OAI_CHAT_LOGPROB_ENTRY_BYTES : KVD_OAI_COMPLETION_LOGPROB_ENTRY_BYTES;
+    for (size_t i = 0; i < n; i++) {
+        int num_top = ev->logprobs[i].num_top < r->top_logprobs ? ev->logprobs[i].num_top : r->top_logprobs;
+        ch->raw_lp_estimate += (size_t)(1 + (num_top > 0 ? num_top : 0)) * entry;
     }
     return 0;
+}
+
+int kvd_oai_choice_format(const kvd_oai_response *r, kvd_oai_choice *ch)
+{
+    int rc = 0;
+    const kvd_token_logprob *raw = (const kvd_token_logprob *)(const void *)ch->raw_lp.data;
+    size_t n = ch->raw_lp.len / sizeof *raw;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = r->chat ? append_item(&ch->lp_entries, chat_logprob_entry(r, &raw[i]))
+                     : completion_logprob_items(r, &raw[i], &ch->text_offset, &ch->lp_entries, &ch->lp_values,
+                                                &ch->lp_top, &ch->lp_offsets);
+    kvd_sbuf_deinit(&ch->raw_lp);
+    ch->raw_lp_estimate = 0;
+    return rc;
 }
 
 /* Moves the items of src into out as a JSON array and frees src. */

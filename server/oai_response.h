@@ -2,13 +2,16 @@
  * both of OpenAI's shapes, usage, and the one error shape every route answers with.
  *
  * Nothing here knows about connections or jobs: it turns engine events into bytes.
- * A whole (non-streamed) response is kept as JSON text per choice while it grows, one
- * event's worth at a time, so the loop thread never builds a document tree of the
- * whole answer and the memory a response holds is what it will send
- * (kvd_oai_choice_bytes); kvd_oai_whole_body only concatenates. Streamed responses
- * are one SSE event per engine event. Error bodies are
+ * A whole (non-streamed) response keeps, per choice, its text and its tokens' raw
+ * logprobs while it grows (kvd_oai_choice_add, loop thread: a copy of each event's
+ * few tokens, no formatting); kvd_oai_choice_format and kvd_oai_whole_body, on a
+ * worker, print the logprobs as JSON text and concatenate, so the loop never formats
+ * or copies anything that grows with the answer, and never holds a document tree of
+ * it. kvd_oai_choice_bytes says what a choice will add to the body (raw logprobs
+ * counted at the per-entry estimates below until they are formatted). Streamed
+ * responses are one SSE event per engine event (loop thread). Error bodies are
  *   {"error": {"message", "type", "param", "code"}}
- * with type derived from the status, param and code strings or null. Loop thread.
+ * with type derived from the status, param and code strings or null.
  */
 #ifndef KVD_SERVER_OAI_RESPONSE_H
 #define KVD_SERVER_OAI_RESPONSE_H
@@ -22,6 +25,13 @@
 #include "kvd/kvd_engine.h"
 #include "kvd/kvd_tokenizer.h"
 #include "tool_calls.h"
+
+/* What one logprob entry (the sampled token or one alternative) prints as, a little
+ * above the average: chat entries came to 81-83 bytes (n=16 x 4000 x 21 entries made
+ * a 109 MB body), completions' (items of three parallel arrays and a map) to under 32.
+ * Used to refuse a whole response before any work and to count raw logprobs held. */
+#define KVD_OAI_CHAT_LOGPROB_ENTRY_BYTES 88
+#define KVD_OAI_COMPLETION_LOGPROB_ENTRY_BYTES 32
 
 /* What every part of one response shares. */
 typedef struct kvd_oai_response {
@@ -43,9 +53,12 @@ typedef struct kvd_oai_usage {
     int cached_tokens;
 } kvd_oai_usage;
 
-/* One choice of a whole response, as JSON text fragments. */
+/* One choice of a whole response: text and raw logprobs while it grows, JSON text
+ * fragments once formatted. */
 typedef struct kvd_oai_choice {
     kvd_sbuf text;          /* the raw text so far */
+    kvd_sbuf raw_lp;        /* kvd_token_logprob of the tokens so far, not formatted yet */
+    size_t raw_lp_estimate; /* what they will print as (the entry estimates above) */
     kvd_sbuf lp_entries;    /* chat: content entries; completions: "tokens" items (comma-separated) */
     kvd_sbuf lp_values;     /* completions: token_logprobs items */
     kvd_sbuf lp_top;        /* completions: top_logprobs items */
@@ -58,8 +71,13 @@ typedef struct kvd_oai_choice {
 
 void kvd_oai_choice_init(kvd_oai_choice *ch);
 void kvd_oai_choice_deinit(kvd_oai_choice *ch);
-/* Appends one event's text (and logprobs when asked for). Returns 0 or KVD_ENOMEM. */
+/* Appends one event's text (and its tokens' raw logprobs when asked for). Returns 0 or
+ * KVD_ENOMEM. Loop thread: cost of the event's size only. */
 int kvd_oai_choice_add(const kvd_oai_response *r, kvd_oai_choice *ch, const kvd_event *ev);
+/* Prints the raw logprobs as the response's JSON fragments and frees them. Any thread
+ * (the choice is its caller's alone; the tokenizer is only read). Returns 0 or
+ * KVD_ENOMEM. */
+int kvd_oai_choice_format(const kvd_oai_response *r, kvd_oai_choice *ch);
 /* Appends the model's tool calls (chat with tools): message.tool_calls gets them, with
  * ids kvd_oai_tool_call_id makes; a choice with calls has content null when it has no
  * other text, and finish_reason "tool_calls" when the model stopped by itself. */
@@ -67,7 +85,8 @@ int kvd_oai_choice_add_calls(const kvd_oai_response *r, kvd_oai_choice *ch, int 
                              const kvd_tool_call *calls, int num_calls);
 /* "call_" + the response id's random part + choice and call index: unique per call. */
 void kvd_oai_tool_call_id(const kvd_oai_response *r, int choice_index, int call_index, char *out, size_t cap);
-/* Bytes the choice holds (what it adds to the body). */
+/* What the choice adds to the body: its fragments' bytes, plus the estimate for raw
+ * logprobs not formatted yet. */
 size_t kvd_oai_choice_bytes(const kvd_oai_choice *ch);
 
 /* The whole chat.completion / text_completion body (malloc'ed, *len bytes), or NULL

@@ -143,12 +143,12 @@ static bool authorized(const kvd_router *r, const kvd_http_request *req)
 }
 
 /* Back from the worker that parsed the body (jobs.c), on the loop. */
-static void with_body(kvd_http_request *req, const cJSON *body, void *arg, int id)
+static void with_body(kvd_http_request *req, cJSON **body, void *arg, int id)
 {
     kvd_router *r = arg;
     /* A request names the model it was written for: another one's answer would be
      * a silent substitution (vLLM answers 404 the same way). */
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(*body, "model");
     if (cJSON_IsString(model) && !serves_model(r, model->valuestring)) {
         model_not_found(r, req, model->valuestring);
         return;

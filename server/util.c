@@ -138,3 +138,40 @@ void kvd_log(const kvd_logger *log, kvd_log_level level, const char *fmt, ...)
     fprintf(log->out ? log->out : stderr, "kvd: %s\n", line);
     fflush(log->out ? log->out : stderr);
 }
+
+/* Below this a free costs microseconds: not worth a trip to a worker. */
+#define OFF_LOOP_FREE_MIN_BYTES (1u << 20)
+
+typedef struct off_loop_free {
+    uv_work_t work;
+    void *p;
+} off_loop_free;
+
+static void off_loop_free_work(uv_work_t *work)
+{
+    off_loop_free *f = work->data;
+    free(f->p);
+}
+
+static void after_off_loop_free(uv_work_t *work, int status)
+{
+    off_loop_free *f = work->data;
+    if (status == UV_ECANCELED) /* never ran */
+        free(f->p);
+    free(f);
+}
+
+void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len)
+{
+    if (!p)
+        return;
+    off_loop_free *f = len >= OFF_LOOP_FREE_MIN_BYTES ? malloc(sizeof *f) : NULL;
+    if (f) {
+        f->p = p;
+        f->work.data = f;
+        if (uv_queue_work(loop, &f->work, off_loop_free_work, after_off_loop_free) == 0)
+            return;
+        free(f);
+    }
+    free(p); /* small, or no worker to be had: here, as before */
+}

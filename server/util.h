@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <uv.h>
 
 #include "kvd/kvd_buf.h" /* kvd_sbuf; http.c should include it directly */
 
@@ -26,6 +27,12 @@ bool kvd_utf8_is_clean(const char *s, size_t len);
 /* Compares two byte strings in time that depends only on their lengths, so a
  * network client cannot learn a secret key prefix by timing. */
 bool kvd_consttime_equal(const char *a, size_t a_len, const char *b, size_t b_len);
+
+/* Frees p, of about len bytes. A large block is freed on a libuv worker: returning
+ * tens of MB to the system (munmap of every page) would otherwise hold the loop
+ * thread for milliseconds. Runs on the loop thread; p must not be used afterwards.
+ * The loop stays alive until the worker is done. */
+void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len);
 
 typedef enum kvd_log_level {
     KVD_LOG_DEBUG = 0,

@@ -79,6 +79,13 @@ static void check_or_bail(harness *h, bool ok, int line, const char *what, const
 
 /* ---- server side: handlers by path ---- */
 
+#define BIG_LEN ((4u << 20) + 12345)
+
+static char big_byte(size_t i)
+{
+    return (char)(i % 251);
+}
+
 static void echo(kvd_http_request *req)
 {
     size_t len;
@@ -125,12 +132,17 @@ static void on_request(kvd_http_request *req, void *arg)
     atomic_fetch_add(&h->requests_seen, 1);
     const char *path = kvd_http_path(req);
     if (strcmp(path, "/big") == 0) {
-        /* 4 MiB: more than a non-reading peer's socket buffers take. */
-        size_t len = 4u << 20;
+        /* Over 4 MiB: more than a non-reading peer's socket buffers take; handed over
+         * without a copy, so it goes out in slices (not a multiple of the slice). */
+        size_t len = BIG_LEN;
         char *body = malloc(len);
-        memset(body, 'b', len);
-        kvd_http_respond(req, 200, "application/octet-stream", NULL, body, len);
-        free(body);
+        for (size_t i = 0; i < len; i++)
+            body[i] = big_byte(i);
+        kvd_http_respond_take(req, 200, "application/octet-stream", NULL, body, len);
+    } else if (strcmp(path, "/take") == 0) {
+        size_t len = 0;
+        char *body = kvd_http_take_body(req, &len);
+        kvd_http_respond_take(req, 200, "application/octet-stream", NULL, body, len);
     } else if (strcmp(path, "/mid") == 0) {
         static char mid[256 * 1024];
         memset(mid, 'm', sizeof mid);
@@ -1039,6 +1051,73 @@ static void test_head(void **state)
     assert_int_equal(h.requests, 2);
 }
 
+/* ---- whole bodies handed over (kvd_http_respond_take, kvd_http_take_body) ---- */
+
+static void client_big_whole(harness *h)
+{
+    client *c = client_open(h);
+    /* HEAD first: the length of GET's body, none of its bytes. Then the body itself,
+     * every byte in order, and the connection still frames the next answer. */
+    send_str(c, "HEAD /big HTTP/1.1\r\nHost: t\r\n\r\nGET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+    for (int round = 0; round < 2; round++) {
+        char *end;
+        while (!(end = find(c, "\r\n\r\n")))
+            CHECK(fill(c));
+        char want_len[64];
+        snprintf(want_len, sizeof want_len, "Content-Length: %u\r\n", BIG_LEN);
+        CHECK(find(c, "HTTP/1.1 200 OK\r\n") == c->buf);
+        CHECK(find(c, want_len) != NULL);
+        consume(c, (size_t)(end - c->buf) + 4);
+        if (round == 0)
+            continue;
+        size_t got = 0;
+        while (got < BIG_LEN) {
+            if (c->len == 0)
+                CHECK(fill(c));
+            size_t n = c->len < BIG_LEN - got ? c->len : BIG_LEN - got;
+            for (size_t i = 0; i < n; i++)
+                if (c->buf[i] != big_byte(got + i))
+                    CHECK_INT((long long)(got + i), -1); /* the offset of the first wrong byte */
+            consume(c, n);
+            got += n;
+        }
+    }
+    send_str(c, "GET /after HTTP/1.1\r\nHost: t\r\n\r\n");
+    response r;
+    CHECK(read_response(c, &r));
+    CHECK_STR(r.body, "GET /after? tag=- body=");
+    /* A taken request body (past the kept-buffer size) comes back whole, and the next
+     * request on the connection reads its own body, not an empty or stale one. */
+    size_t len = 100000;
+    char *req_text = malloc(len + 128);
+    CHECK(req_text != NULL);
+    int head = snprintf(req_text, 128, "POST /take HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n", len);
+    for (size_t i = 0; i < len; i++)
+        req_text[head + (int)i] = (char)('a' + i % 26);
+    req_text[head + (int)len] = '\0';
+    send_str(c, req_text);
+    CHECK(read_response(c, &r));
+    CHECK_INT((long long)r.body_len, (long long)len);
+    CHECK(memcmp(r.body, req_text + head, len) == 0);
+    free(req_text);
+    send_str(c, "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    CHECK(read_response(c, &r));
+    CHECK_STR(r.body, "POST /b? tag=- body=hello");
+    client_close(c);
+}
+
+static void test_big_whole(void **state)
+{
+    (void)state;
+    harness h;
+    kvd_http_limits limits = test_limits();
+    limits.socket_send_buffer = 65536; /* many partial writes, slices queued one by one */
+    limits.max_body_bytes = 1 << 20;
+    run(&h, &limits, client_big_whole);
+    assert_int_equal(h.requests, 5);
+    assert_int_equal(h.cuts, 0);
+}
+
 /* ---- a peer that pipelines and never reads ---- */
 
 static void client_pipeline_never_read(harness *h)
@@ -1368,6 +1447,7 @@ int main(void)
         cmocka_unit_test(test_listen_errors),
         cmocka_unit_test(test_strict_parsing),
         cmocka_unit_test(test_head),
+        cmocka_unit_test(test_big_whole),
         cmocka_unit_test(test_send_timeout),
         cmocka_unit_test(test_send_timeout_idle),
         cmocka_unit_test(test_half_close),

@@ -91,7 +91,11 @@ class Daemon(LineLog):
         self.proc.send_signal(sig)
 
     def wait_exit(self, timeout):
-        return self.proc.wait(timeout)
+        """The exit status; by then output() holds every line the daemon printed (a
+        test that reads the log right after the exit must not race the reader)."""
+        status = self.proc.wait(timeout)
+        self.wait_eof(30)
+        return status
 
     # ---- HTTP ----
 

@@ -66,6 +66,19 @@ class LineLog:
                                             (pattern, timeout, "\n".join(self.lines)))
                 self._cond.wait(min(left, 0.2))
 
+    def wait_eof(self, timeout):
+        """Waits until the reader has every line the child wrote (its output closed);
+        True when it has. A child that has exited may still have lines in the pipe
+        that the reader thread has not taken yet."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._eof:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.2))
+            return True
+
     def output(self):
         with self._cond:
             return "\n".join(self.lines)

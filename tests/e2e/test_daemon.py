@@ -58,6 +58,21 @@ def test_huge_whole_response_refused_before_any_work():
         assert rss_mib(d.proc.pid) < before + 64, (before, rss_mib(d.proc.pid))
 
 
+def test_logprobs_that_print_larger_than_the_bound_are_refused():
+    # Logprobs are held raw while generating (counted at 32 bytes an entry: 100 x 32 <
+    # 4096) and printed on the worker that builds the body, where these come to more
+    # than 4096 bytes: the answer is the same 400 as when the bound is passed mid-way.
+    with Daemon("--max-response-bytes", "4096") as d:
+        body = {"prompt": "hello", "max_tokens": 100, "logprobs": 0, "ignore_eos": True}
+        body.update(GREEDY)
+        status, resp = d.post("/v1/completions", body, timeout=120)
+        assert status == 400, (status, resp)
+        err = check_error(resp, None, None)
+        assert "outgrew max_response_bytes 4096" in err["message"], err
+        status, resp = d.post("/v1/completions", dict(body, max_tokens=4), timeout=60)
+        assert status == 200 and len(resp["choices"][0]["logprobs"]["token_logprobs"]) == 4, (status, resp)
+
+
 def test_response_that_outgrows_the_bound_is_stopped():
     # Passes the estimate (1 byte per token: 2 x 1000 < 4096) but every token prints
     # several bytes, so the answer outgrows 4096 bytes while generating.
