@@ -26,6 +26,7 @@
 
 #include "kvd/kvd_attention.h"
 #include "kvd/kvd_kernels.h"
+#include "kvd/kvd_quant.h"
 #include "threads.h"
 
 /* Rows of one attention work item: small enough to balance a long prefill over the
@@ -64,6 +65,8 @@ struct kvd_forward_ctx {
     attn_item *items;    /* (max_items) */
     int max_items;
     float *attn_scratch;   /* (num_threads, attn_stride) */
+    void *xq_mem;          /* quantized weights: xn's rows quantized once for q/k/v and gate/up */
+    kvd_qinput xq;
     size_t attn_stride;
     kvd_team *team;
 };
@@ -95,6 +98,7 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->queries);
     free(ctx->items);
     free(ctx->attn_scratch);
+    free(ctx->xq_mem);
     kvd_team_destroy(ctx->team);
     free(ctx);
 }
@@ -202,8 +206,18 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->queries = malloc((size_t)max_seqs * sizeof(kvd_attention_query));
     ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
     ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
+    bool quantized = false;
+    for (int l = 0; l < c->num_layers; l++)
+        quantized = quantized || kvd_dtype_is_quantized(model->layers[l].q_proj.dtype) ||
+                    kvd_dtype_is_quantized(model->layers[l].gate_proj.dtype);
+    if (quantized) {
+        size_t bytes = (kvd_qinput_bytes(max_tokens, hidden) + 63) & ~(size_t)63;
+        ctx->xq_mem = aligned_alloc(64, bytes);
+        if (ctx->xq_mem)
+            kvd_qinput_init(&ctx->xq, ctx->xq_mem, max_tokens, hidden);
+    }
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+    if (!ctx->team || (quantized && !ctx->xq_mem) ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->attn_scratch) {
@@ -333,6 +347,31 @@ typedef struct step_args {
     int num_items; /* attention work items */
 } step_args;
 
+/* Quantized weights: the normed rows [r0, r1) quantized once into ctx->xq for every
+ * product of the stage whose first matrix is `first` (the threads split the rows, as
+ * for the norm before it); false when first is not quantized. */
+static bool quantize_stage_input(kvd_forward_ctx *ctx, kvd_isa isa, const kvd_matrix *first, int r0,
+                                 int r1)
+{
+    if (!ctx->xq_mem || !kvd_dtype_is_quantized(first->dtype) || first->cols != ctx->hidden)
+        return false;
+    kvd_qinput_quantize(isa, &ctx->xq, first->dtype, ctx->xn, ctx->hidden, r0, r1);
+    return true;
+}
+
+/* One product of a stage: from ctx->xq when the stage quantized its input for w, else
+ * from the float rows x. */
+static void stage_product(const kvd_forward_ctx *ctx, kvd_isa isa, bool quantized_input,
+                          const kvd_matrix *first, float *out, int ldo, const float *x, int ldx,
+                          int m, const kvd_matrix *w, const float *bias, bool accumulate, int a,
+                          int b)
+{
+    if (quantized_input && kvd_qinput_serves(first, w))
+        kvd_qmatmul_cols_input(isa, out, ldo, &ctx->xq, m, w, bias, accumulate, a, b);
+    else
+        kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, a, b);
+}
+
 static void forward_body(void *arg, int ith, int nth)
 {
     const step_args *sa = arg;
@@ -357,12 +396,16 @@ static void forward_body(void *arg, int ith, int nth)
         const kvd_layer_weights *w = &model->layers[l];
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
+        bool qin = quantize_stage_input(ctx, isa, &w->q_proj, r0, r1);
         kvd_team_barrier(team);
         split(QD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b);
+        stage_product(ctx, isa, qin, &w->q_proj, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias,
+                      false, a, b);
         split(KD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b);
-        kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b);
+        stage_product(ctx, isa, qin, &w->q_proj, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias,
+                      false, a, b);
+        stage_product(ctx, isa, qin, &w->q_proj, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias,
+                      false, a, b);
         if (ith == 0)
             kvd_team_reset_counter(team);
         kvd_team_barrier(team);
@@ -385,10 +428,13 @@ static void forward_body(void *arg, int ith, int nth)
         kvd_team_barrier(team);
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
+        qin = quantize_stage_input(ctx, isa, &w->gate_proj, r0, r1);
         kvd_team_barrier(team);
         split(I, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b);
-        kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b);
+        stage_product(ctx, isa, qin, &w->gate_proj, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL,
+                      false, a, b);
+        stage_product(ctx, isa, qin, &w->gate_proj, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL,
+                      false, a, b);
         for (int t = 0; t < M && a < b; t++)
             kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
         kvd_team_barrier(team);

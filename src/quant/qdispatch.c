@@ -15,6 +15,8 @@ bool kvd_quant_vnni_supported(void)
 #endif
 }
 
+static bool use_vnni(kvd_isa isa);
+
 void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                       const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
                       int n_end)
@@ -26,8 +28,55 @@ void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx,
                 out[(size_t)i * ldo + j] = NAN;
         return;
     }
-    if (kvd_isa_avx512(isa) && kvd_quant_vnni_supported())
+    if (use_vnni(isa))
         kvd_qmatmul_cols_avx512vnni(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else
         kvd_qmatmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
+}
+
+size_t kvd_qinput_bytes(int rows, int k)
+{
+    /* codes, then scales and sums at 64-byte boundaries */
+    size_t codes = ((size_t)rows * k + 63) / 64 * 64;
+    size_t scales = ((size_t)rows * (k / 32) * sizeof(float) + 63) / 64 * 64;
+    return codes + scales + (size_t)rows * (k / 16) * sizeof(int32_t);
+}
+
+void kvd_qinput_init(kvd_qinput *in, void *mem, int rows, int k)
+{
+    size_t codes = ((size_t)rows * k + 63) / 64 * 64;
+    size_t scales = ((size_t)rows * (k / 32) * sizeof(float) + 63) / 64 * 64;
+    *in = (kvd_qinput){(int8_t *)mem, (float *)((char *)mem + codes),
+                       (int32_t *)((char *)mem + codes + scales), k, rows};
+}
+
+bool kvd_qinput_serves(const kvd_matrix *w_first, const kvd_matrix *w)
+{
+    return kvd_dtype_is_quantized(w_first->dtype) && kvd_dtype_is_quantized(w->dtype) &&
+           w_first->cols == w->cols && w->cols <= KVD_QUANT_MAX_COLS &&
+           kvd_qtype_is_k(w_first->dtype) == kvd_qtype_is_k(w->dtype);
+}
+
+static bool use_vnni(kvd_isa isa)
+{
+    return kvd_isa_avx512(isa) && kvd_quant_vnni_supported();
+}
+
+void kvd_qinput_quantize(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,
+                         int r0, int r1)
+{
+    if (use_vnni(isa))
+        kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1);
+    else
+        kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1);
+}
+
+void kvd_qmatmul_cols_input(kvd_isa isa, float *out, int ldo, const kvd_qinput *x, int m,
+                            const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                            int n_end)
+{
+    if (use_vnni(isa))
+        kvd_qmatmul_cols_input_avx512vnni(out, ldo, x, m, w, bias, accumulate, n_begin, n_end);
+    else
+        kvd_qmatmul_cols_input_scalar(out, ldo, x, m, w, bias, accumulate, n_begin, n_end);
 }
