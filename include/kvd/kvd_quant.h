@@ -86,6 +86,11 @@ bool kvd_qinput_serves(const kvd_matrix *w_first, const kvd_matrix *w);
  * disjoint rows may be quantized by different threads at once. */
 void kvd_qinput_quantize(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,
                          int r0, int r1);
+/* The same for columns [c0, c1) of rows [r0, r1) only (c0, c1 whole blocks of 32 and
+ * dtype one of Q8_0/Q4_0/Q5_0, whose activation blocks are quantized from their own 32
+ * values alone: the result equals quantizing the whole rows). */
+void kvd_qinput_quantize_cols(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x,
+                              int ldx, int r0, int r1, int c0, int c1);
 /* kvd_qmatmul_cols with the activations of rows [0, m) already in x, quantized for w's
  * dtype family (kvd_qinput_serves). */
 void kvd_qmatmul_cols_input(kvd_isa isa, float *out, int ldo, const kvd_qinput *x, int m,

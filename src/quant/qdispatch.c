@@ -66,9 +66,20 @@ void kvd_qinput_quantize(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const flo
                          int r0, int r1)
 {
     if (use_vnni(isa))
-        kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1);
+        kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1, 0, in->k);
     else
-        kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1);
+        kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1, 0, in->k);
+}
+
+void kvd_qinput_quantize_cols(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x,
+                              int ldx, int r0, int r1, int c0, int c1)
+{
+    if (kvd_qtype_is_k(dtype) || c0 % 32 != 0 || c1 % 32 != 0 || c0 >= c1 || c1 > in->k)
+        return; /* not block-local: callers check kvd_dtype_block_values() == 32 */
+    if (use_vnni(isa))
+        kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1, c0, c1);
+    else
+        kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1, c0, c1);
 }
 
 void kvd_qmatmul_cols_input(kvd_isa isa, float *out, int ldo, const kvd_qinput *x, int m,

@@ -646,12 +646,13 @@ void QSFX(kvd_qmatmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
 }
 
 void QSFX(kvd_qinput_quantize)(kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx, int r0,
-                               int r1)
+                               int r1, int c0, int c1)
 {
+    /* columns [c0, c1) are whole activation blocks (the caller checked) */
     for (int r = r0; r < r1; r++) {
-        kvd_qact qa = {in->q + (size_t)r * in->k, in->d + (size_t)r * (in->k / 32),
-                       in->sum + (size_t)r * (in->k / 16)};
-        act_quantize(dtype, x + (size_t)r * ldx, in->k, &qa);
+        kvd_qact qa = {in->q + (size_t)r * in->k + c0, in->d + (size_t)r * (in->k / 32) + c0 / 32,
+                       in->sum + (size_t)r * (in->k / 16) + c0 / 16};
+        act_quantize(dtype, x + (size_t)r * ldx + c0, c1 - c0, &qa);
     }
 }
 

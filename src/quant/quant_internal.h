@@ -82,7 +82,7 @@ KVD_DECLARE_QMATMUL(avx512vnni)
 /* The per-ISA builds of kvd_qinput_quantize / kvd_qmatmul_cols_input (same bits). */
 #define KVD_DECLARE_QINPUT(sfx)                                                                \
     void kvd_qinput_quantize_##sfx(kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,   \
-                                   int r0, int r1);                                            \
+                                   int r0, int r1, int c0, int c1);                            \
     void kvd_qmatmul_cols_input_##sfx(float *out, int ldo, const kvd_qinput *x, int m,         \
                                       const kvd_matrix *w, const float *bias, bool accumulate, \
                                       int n_begin, int n_end);
