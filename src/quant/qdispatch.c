@@ -34,18 +34,25 @@ void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx,
         kvd_qmatmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
 }
 
+/* A kvd_qinput's memory: codes, then scales and sums, each from a 64-byte boundary. */
+static void qinput_parts(int rows, int k, size_t *codes, size_t *scales, size_t *sums)
+{
+    *codes = ((size_t)rows * k + 63) / 64 * 64;
+    *scales = ((size_t)rows * (k / 32) * sizeof(float) + 63) / 64 * 64;
+    *sums = (size_t)rows * (k / 16) * sizeof(int32_t);
+}
+
 size_t kvd_qinput_bytes(int rows, int k)
 {
-    /* codes, then scales and sums at 64-byte boundaries */
-    size_t codes = ((size_t)rows * k + 63) / 64 * 64;
-    size_t scales = ((size_t)rows * (k / 32) * sizeof(float) + 63) / 64 * 64;
-    return codes + scales + (size_t)rows * (k / 16) * sizeof(int32_t);
+    size_t codes, scales, sums;
+    qinput_parts(rows, k, &codes, &scales, &sums);
+    return codes + scales + sums;
 }
 
 void kvd_qinput_init(kvd_qinput *in, void *mem, int rows, int k)
 {
-    size_t codes = ((size_t)rows * k + 63) / 64 * 64;
-    size_t scales = ((size_t)rows * (k / 32) * sizeof(float) + 63) / 64 * 64;
+    size_t codes, scales, sums;
+    qinput_parts(rows, k, &codes, &scales, &sums);
     *in = (kvd_qinput){(int8_t *)mem, (float *)((char *)mem + codes),
                        (int32_t *)((char *)mem + codes + scales), k, rows};
 }

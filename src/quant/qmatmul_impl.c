@@ -175,8 +175,9 @@ _Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-/* How far ahead (bytes) a 32-value type's weight streams are prefetched when few rows
- * run (decode: the weights come from memory once); the K types prefetch their next tile. */
+/* How far ahead (bytes) a 32-value type's weight streams are prefetched on the first
+ * pass of rows over a group (its weights come from memory; later rows find them in
+ * L1/L2); the K types prefetch their next tile. */
 #define PREFETCH_BYTES 1024
 
 /* Prefetches the lines of [p, p + bytes) (p's line included). */
