@@ -435,6 +435,30 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
     acc_store(acc, R, G, out, ldo, col0, mask);
 }
 
+/* sum[g] = the sum of codes 16g..16g+15 (k a multiple of 32), 64 codes a vector: biased
+ * to unsigned bytes, VPSADBW adds each 8, two adjacent sums make 16 (exact integers, as
+ * a horizontal add per 16 would give, at a third of the instructions). */
+static void code_sums(const int8_t *q, int k, int32_t *sum)
+{
+    const __m512i to_unsigned = _mm512_set1_epi8((char)0x80);
+    const __m512i pick = _mm512_set_epi64(0, 0, 0, 0, 6, 4, 2, 0);
+    int g = 0;
+    for (; g + 4 <= k / 16; g += 4) {
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512(q + 16 * g), to_unsigned);
+        __m512i s8 = _mm512_sad_epu8(v, _mm512_setzero_si512());
+        __m512i s16 = _mm512_add_epi64(s8, _mm512_bsrli_epi128(s8, 8));
+        __m256i four = _mm512_cvtepi64_epi32(_mm512_permutexvar_epi64(pick, s16));
+        _mm_storeu_si128((__m128i *)(sum + g),
+                         _mm_sub_epi32(_mm256_castsi256_si128(four), _mm_set1_epi32(16 * 128)));
+    }
+    for (; g < k / 16; g++) {
+        int32_t t = 0;
+        for (int i = 0; i < 16; i++)
+            t += q[16 * g + i];
+        sum[g] = t;
+    }
+}
+
 /* kvd_qact_quantize's rounding, 16 lanes at a time (the same operations, so the same
  * codes and scales): Q8_0 blocks take amax/127, x*(1/d) rounded half away from zero and
  * the scale rounded to fp16; Q8_K blocks take -127/(the first value of largest
@@ -475,10 +499,10 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
                                               _mm512_set1_epi32(0x00400000));
                 qi = _mm512_min_epi32(qi, _mm512_set1_epi32(127));
                 _mm_storeu_si128((__m128i *)(q + 16 * v), _mm512_cvtepi32_epi8(qi));
-                out->sum[16 * b + v] = _mm512_reduce_add_epi32(qi);
             }
             out->d[b] = 1 / iscale;
         }
+        code_sums(out->q, k, out->sum);
         return;
     }
     for (int b = 0; b < k / 32; b++) {
@@ -498,9 +522,9 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
                 _mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), _mm512_castps_si512(sign_bit)))));
             __m512i qi = _mm512_cvtps_epi32(t);
             _mm_storeu_si128((__m128i *)(out->q + 32 * b + 16 * h), _mm512_cvtepi32_epi8(qi));
-            out->sum[2 * b + h] = _mm512_reduce_add_epi32(qi);
         }
     }
+    code_sums(out->q, k, out->sum);
 }
 
 /* The kernels instantiated per type and shape (constant arguments unroll them). */
