@@ -9,11 +9,13 @@
  * kvd_qmatmul_cols; kvd_matrix_pack / kvd_matrix_packed_bytes / kvd_matrix_row
  * (kvd_model.h) take a quantized tensor in its file layout (row-major, each row
  * kvd_dtype_row_bytes()) and call the packing functions below. A product keeps its
- * quantized activations on the stack (about 100 KB).
+ * quantized activations on the stack (about 90 KB), or reads them from a kvd_qinput
+ * its caller quantized once for several products (kvd_qmatmul_cols_input).
  */
 #ifndef KVD_QUANT_H
 #define KVD_QUANT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -59,5 +61,41 @@ void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx,
                       int n_end);
 /* True when this CPU runs the VNNI build (AVX-512 F/BW/VL + AVX512_VNNI). */
 bool kvd_quant_vnni_supported(void);
+
+/* Activations quantized once for several products that read the same rows (q/k/v read
+ * the normed input, gate/up the post-attention one), instead of once per product call.
+ * The memory (kvd_qinput_bytes) is the caller's; a forward context holds one per model.
+ * Rows are quantized exactly as kvd_qmatmul_cols quantizes them, so the products give
+ * the same bits either way. */
+typedef struct kvd_qinput {
+    int8_t *q;    /* [rows * k] codes */
+    float *d;     /* [rows * k / 32] block scales (one per 256 inputs in Q8_K rounding) */
+    int32_t *sum; /* [rows * k / 16] sums of 16 codes */
+    int k;        /* inputs per row (whole blocks of the weights) */
+    int rows;     /* rows the memory holds */
+} kvd_qinput;
+
+/* Bytes of memory for rows x k inputs (k a multiple of 32). */
+size_t kvd_qinput_bytes(int rows, int k);
+/* in over mem (kvd_qinput_bytes(rows, k) bytes, 64-byte aligned). */
+void kvd_qinput_init(kvd_qinput *in, void *mem, int rows, int k);
+/* True when a quantized w's products can read in as quantized for w_first's dtype: the
+ * same width and the same activation blocks (Q8_0 for Q8_0/Q4_0/Q5_0, Q8_K for the K
+ * types). */
+bool kvd_qinput_serves(const kvd_matrix *w_first, const kvd_matrix *w);
+/* Quantizes rows [r0, r1) of x (row stride ldx) for products with weights of dtype;
+ * disjoint rows may be quantized by different threads at once. */
+void kvd_qinput_quantize(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,
+                         int r0, int r1);
+/* The same for columns [c0, c1) of rows [r0, r1) only (c0, c1 whole blocks of 32 and
+ * dtype one of Q8_0/Q4_0/Q5_0, whose activation blocks are quantized from their own 32
+ * values alone: the result equals quantizing the whole rows). */
+void kvd_qinput_quantize_cols(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x,
+                              int ldx, int r0, int r1, int c0, int c1);
+/* kvd_qmatmul_cols with the activations of rows [0, m) already in x, quantized for w's
+ * dtype family (kvd_qinput_serves). */
+void kvd_qmatmul_cols_input(kvd_isa isa, float *out, int ldo, const kvd_qinput *x, int m,
+                            const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
+                            int n_end);
 
 #endif

@@ -26,6 +26,7 @@
 
 #include "kvd/kvd_attention.h"
 #include "kvd/kvd_kernels.h"
+#include "kvd/kvd_quant.h"
 #include "threads.h"
 
 /* Rows of one attention work item: small enough to balance a long prefill over the
@@ -64,6 +65,10 @@ struct kvd_forward_ctx {
     attn_item *items;    /* (max_items) */
     int max_items;
     float *attn_scratch;   /* (num_threads, attn_stride) */
+    void *xq_mem;          /* quantized weights: xn's rows quantized once for q/k/v and gate/up */
+    kvd_qinput xq;
+    void *xq_inter_mem;    /* ... and the rows of silu(gate)*up, each thread its own blocks */
+    kvd_qinput xq_inter;
     size_t attn_stride;
     kvd_team *team;
 };
@@ -95,6 +100,8 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->queries);
     free(ctx->items);
     free(ctx->attn_scratch);
+    free(ctx->xq_mem);
+    free(ctx->xq_inter_mem);
     kvd_team_destroy(ctx->team);
     free(ctx);
 }
@@ -202,8 +209,22 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->queries = malloc((size_t)max_seqs * sizeof(kvd_attention_query));
     ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
     ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
+    bool quantized = false;
+    for (int l = 0; l < c->num_layers; l++)
+        quantized = quantized || kvd_dtype_is_quantized(model->layers[l].q_proj.dtype) ||
+                    kvd_dtype_is_quantized(model->layers[l].gate_proj.dtype);
+    if (quantized) {
+        size_t bytes = (kvd_qinput_bytes(max_tokens, hidden) + 63) & ~(size_t)63;
+        ctx->xq_mem = aligned_alloc(64, bytes);
+        if (ctx->xq_mem)
+            kvd_qinput_init(&ctx->xq, ctx->xq_mem, max_tokens, hidden);
+        bytes = (kvd_qinput_bytes(max_tokens, inter) + 63) & ~(size_t)63;
+        ctx->xq_inter_mem = aligned_alloc(64, bytes);
+        if (ctx->xq_inter_mem)
+            kvd_qinput_init(&ctx->xq_inter, ctx->xq_inter_mem, max_tokens, inter);
+    }
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem)) ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->attn_scratch) {
@@ -333,6 +354,45 @@ typedef struct step_args {
     int num_items; /* attention work items */
 } step_args;
 
+/* Quantized weights: the normed rows [r0, r1) quantized once into ctx->xq for every
+ * product of the stage whose first matrix is `first` (the threads split the rows, as
+ * for the norm before it); false when first is not quantized. */
+static const kvd_qinput *quantize_stage_input(kvd_forward_ctx *ctx, kvd_isa isa,
+                                              const kvd_matrix *first, int r0, int r1)
+{
+    if (!ctx->xq_mem || !kvd_dtype_is_quantized(first->dtype) || first->cols != ctx->hidden)
+        return NULL;
+    kvd_qinput_quantize(isa, &ctx->xq, first->dtype, ctx->xn, ctx->hidden, r0, r1);
+    return &ctx->xq;
+}
+
+/* down_proj's input, silu(gate)*up: a thread owns columns [a, b) of every row (a and b
+ * whole panels of 32), and a Q8_0-family block of 32 is quantized from its own values
+ * alone, so each thread quantizes its blocks where it computed them. Q8_K blocks (256)
+ * would straddle the threads' columns: those products quantize their input themselves. */
+static const kvd_qinput *quantize_down_input(kvd_forward_ctx *ctx, kvd_isa isa,
+                                             const kvd_matrix *down, int m, int a, int b)
+{
+    if (!ctx->xq_inter_mem || !kvd_dtype_is_quantized(down->dtype) ||
+        kvd_dtype_block_values(down->dtype) != 32 || down->cols != ctx->inter)
+        return NULL;
+    if (a < b)
+        kvd_qinput_quantize_cols(isa, &ctx->xq_inter, down->dtype, ctx->gate, ctx->inter, 0, m, a, b);
+    return &ctx->xq_inter;
+}
+
+/* One product of a stage: from xq (the stage's input quantized for `first`) when that
+ * serves w, else from the float rows x. */
+static void stage_product(kvd_isa isa, const kvd_qinput *xq, const kvd_matrix *first, float *out,
+                          int ldo, const float *x, int ldx, int m, const kvd_matrix *w,
+                          const float *bias, bool accumulate, int a, int b)
+{
+    if (xq && kvd_qinput_serves(first, w))
+        kvd_qmatmul_cols_input(isa, out, ldo, xq, m, w, bias, accumulate, a, b);
+    else
+        kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, a, b);
+}
+
 static void forward_body(void *arg, int ith, int nth)
 {
     const step_args *sa = arg;
@@ -357,12 +417,16 @@ static void forward_body(void *arg, int ith, int nth)
         const kvd_layer_weights *w = &model->layers[l];
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
+        const kvd_qinput *qin = quantize_stage_input(ctx, isa, &w->q_proj, r0, r1);
         kvd_team_barrier(team);
         split(QD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias, false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias,
+                      false, a, b);
         split(KD, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias, false, a, b);
-        kvd_matmul_cols(isa, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias, false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias,
+                      false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias,
+                      false, a, b);
         if (ith == 0)
             kvd_team_reset_counter(team);
         kvd_team_barrier(team);
@@ -385,15 +449,20 @@ static void forward_body(void *arg, int ith, int nth)
         kvd_team_barrier(team);
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
+        qin = quantize_stage_input(ctx, isa, &w->gate_proj, r0, r1);
         kvd_team_barrier(team);
         split(I, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL, false, a, b);
-        kvd_matmul_cols(isa, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL, false, a, b);
+        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL,
+                      false, a, b);
+        stage_product(isa, qin, &w->gate_proj, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL,
+                      false, a, b);
         for (int t = 0; t < M && a < b; t++)
             kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
+        qin = quantize_down_input(ctx, isa, &w->down_proj, M, a, b);
         kvd_team_barrier(team);
         split(H, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true, a, b);
+        stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true,
+                      a, b);
         kvd_team_barrier(team);
     }
     if (rows > 0) {

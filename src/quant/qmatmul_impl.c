@@ -32,21 +32,28 @@
 #define GROUP KVD_QGROUP_ROWS
 /* Most rows whose quantized activations are held at a time (fewer when k is large). */
 #define ROW_TILE 64
-/* Quantized activations a row tile may hold: codes (k), scales and offset corrections
- * (k/32 each) and sums (k/16): 96 KB of stack, one row of up to KVD_QUANT_MAX_COLS
- * inputs, 64 rows of 896. */
+/* Quantized activations a row tile may hold: codes (k), scales (k/32) and sums (k/16):
+ * 88 KB of stack, one row of up to KVD_QUANT_MAX_COLS inputs, 64 rows of 896. */
 #define ACT_CODES ((size_t)KVD_QUANT_MAX_COLS)
 
 typedef struct act_tile {
     int8_t q[ACT_CODES];
     float d[ACT_CODES / 32];
     int32_t sum[ACT_CODES / 16];
-    int32_t corr[ACT_CODES / 32]; /* Q8_0 family: the weights' code offset x a block's code sum */
 } act_tile;
 
-static kvd_qact act_row(act_tile *a, int r, int k)
+/* Rows of quantized activations, row r at q + r k, d + r k/32, sum + r k/16 (a stack
+ * tile or a caller's kvd_qinput). */
+typedef struct act_rows {
+    const int8_t *q;
+    const float *d;
+    const int32_t *sum;
+} act_rows;
+
+static kvd_qact act_row(const act_rows *a, int r, int k)
 {
-    return (kvd_qact){a->q + (size_t)r * k, a->d + (size_t)r * (k / 32), a->sum + (size_t)r * (k / 16)};
+    return (kvd_qact){(int8_t *)a->q + (size_t)r * k, (float *)a->d + (size_t)r * (k / 32),
+                      (int32_t *)a->sum + (size_t)r * (k / 16)};
 }
 
 #if !defined(KVD_QVEC_VNNI)
@@ -96,7 +103,7 @@ static void block_sums(kvd_dtype dtype, const kvd_qblock *w, const int8_t *xq, c
 }
 
 /* Rows [0, rows) of the tile against output columns [c0, c1) of group g. */
-static void group_product_scalar(float *out, int ldo, int first_row, int rows, const act_tile *a,
+static void group_product_scalar(float *out, int ldo, int first_row, int rows, const act_rows *a,
                                  const kvd_matrix *w, const float *bias, bool accumulate, int g,
                                  int c0, int c1)
 {
@@ -119,7 +126,7 @@ static void group_product_scalar(float *out, int ldo, int first_row, int rows, c
         for (int c = c0; c < c1; c++)
             kvd_qtile_get(dtype, tiles + (size_t)b * tile_bytes, c, &wb[c]);
         for (int r = 0; r < rows; r++) {
-            kvd_qact x = act_row((act_tile *)a, first_row + r, k);
+            kvd_qact x = act_row(a, first_row + r, k);
             const int8_t *xq = x.q + (size_t)b * per_block;
             const int32_t *xsum = x.sum + (size_t)b * per_block / 16;
             float dx = x.d[(size_t)b * per_block / act_block];
@@ -144,7 +151,7 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
     kvd_qact_quantize(dtype, x, k, out);
 }
 
-static void tile_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
+static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
     for (int g = n_begin / GROUP; g * GROUP < n_end; g++) {
@@ -168,8 +175,9 @@ _Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-/* How far ahead (bytes) a 32-value type's weight streams are prefetched when few rows
- * run (decode: the weights come from memory once); the K types prefetch their next tile. */
+/* How far ahead (bytes) a 32-value type's weight streams are prefetched on the first
+ * pass of rows over a group (its weights come from memory; later rows find them in
+ * L1/L2); the K types prefetch their next tile. */
 #define PREFETCH_BYTES 1024
 
 /* Prefetches the lines of [p, p + bytes) (p's line included). */
@@ -223,7 +231,6 @@ typedef struct rows_view {
     const int8_t *q[RB];    /* each row's activation codes */
     const float *d[RB];     /* each row's block scales */
     const int32_t *sum[RB]; /* each row's sums per 16 codes */
-    const int32_t *corr[RB]; /* Q8_0 family: offset x the codes' sum, per block of 32 */
 } rows_view;
 
 /* Accumulators of R rows x G groups from out (accumulate) and bias, lanes outside mask 0. */
@@ -253,21 +260,22 @@ static ALWAYS_INLINE void acc_store(__m512 acc[RB][GB], const int R, const int G
 static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int G, float *out, int ldo,
                                    const rows_view *x, const uint8_t *tiles[GB], int blocks,
                                    size_t tile_bytes, const float *bias, bool accumulate, int col0,
-                                   const __mmask16 mask[GB])
+                                   const __mmask16 mask[GB], bool stream)
 {
     __m512 acc[RB][GB];
     acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
     const bool five = dtype == KVD_DTYPE_Q5_0;
+    const int32_t offset = dtype == KVD_DTYPE_Q8_0 ? 128 : five ? 16 : 8;
     const size_t d_at = dtype == KVD_DTYPE_Q8_0 ? 512 : five ? 320 : 256;
     for (int b = 0; b < blocks; b++) {
         /* codes carry the offset: the sums start from -(offset x the block's activation sum) */
         __m512i s[RB][GB];
         for (int r = 0; r < R; r++) {
-            __m512i start = _mm512_set1_epi32(-x->corr[r][b]);
+            __m512i start = _mm512_set1_epi32(-offset * (x->sum[r][2 * b] + x->sum[r][2 * b + 1]));
             for (int g = 0; g < G; g++)
                 s[r][g] = start;
         }
-        if (R <= 2) /* streaming from memory: every line of each stream, PREFETCH_BYTES ahead */
+        if (stream) /* weights from memory: every line of each stream, PREFETCH_BYTES ahead */
             for (int g = 0; g < G; g++)
                 prefetch_lines((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES, tile_bytes);
         if (dtype == KVD_DTYPE_Q8_0) {
@@ -316,7 +324,7 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
 static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const int G, float *out,
                                     int ldo, const rows_view *x, const uint8_t *tiles[GB], int blocks,
                                     size_t tile_bytes, const float *bias, bool accumulate, int col0,
-                                    const __mmask16 mask[GB])
+                                    const __mmask16 mask[GB], bool stream)
 {
     __m512 acc[RB][GB];
     acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
@@ -324,7 +332,7 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
         const uint8_t *t[GB];
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
-            if (R <= 2)
+            if (stream)
                 prefetch_lines((const char *)t[g] + tile_bytes, tile_bytes);
         }
         int xb = 256 * b;
@@ -427,6 +435,30 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
     acc_store(acc, R, G, out, ldo, col0, mask);
 }
 
+/* sum[g] = the sum of codes 16g..16g+15 (k a multiple of 32), 64 codes a vector: biased
+ * to unsigned bytes, VPSADBW adds each 8, two adjacent sums make 16 (exact integers, as
+ * a horizontal add per 16 would give, at a third of the instructions). */
+static void code_sums(const int8_t *q, int k, int32_t *sum)
+{
+    const __m512i to_unsigned = _mm512_set1_epi8((char)0x80);
+    const __m512i pick = _mm512_set_epi64(0, 0, 0, 0, 6, 4, 2, 0);
+    int g = 0;
+    for (; g + 4 <= k / 16; g += 4) {
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512(q + 16 * g), to_unsigned);
+        __m512i s8 = _mm512_sad_epu8(v, _mm512_setzero_si512());
+        __m512i s16 = _mm512_add_epi64(s8, _mm512_bsrli_epi128(s8, 8));
+        __m256i four = _mm512_cvtepi64_epi32(_mm512_permutexvar_epi64(pick, s16));
+        _mm_storeu_si128((__m128i *)(sum + g),
+                         _mm_sub_epi32(_mm256_castsi256_si128(four), _mm_set1_epi32(16 * 128)));
+    }
+    for (; g < k / 16; g++) {
+        int32_t t = 0;
+        for (int i = 0; i < 16; i++)
+            t += q[16 * g + i];
+        sum[g] = t;
+    }
+}
+
 /* kvd_qact_quantize's rounding, 16 lanes at a time (the same operations, so the same
  * codes and scales): Q8_0 blocks take amax/127, x*(1/d) rounded half away from zero and
  * the scale rounded to fp16; Q8_K blocks take -127/(the first value of largest
@@ -467,10 +499,10 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
                                               _mm512_set1_epi32(0x00400000));
                 qi = _mm512_min_epi32(qi, _mm512_set1_epi32(127));
                 _mm_storeu_si128((__m128i *)(q + 16 * v), _mm512_cvtepi32_epi8(qi));
-                out->sum[16 * b + v] = _mm512_reduce_add_epi32(qi);
             }
             out->d[b] = 1 / iscale;
         }
+        code_sums(out->q, k, out->sum);
         return;
     }
     for (int b = 0; b < k / 32; b++) {
@@ -490,36 +522,36 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
                 _mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), _mm512_castps_si512(sign_bit)))));
             __m512i qi = _mm512_cvtps_epi32(t);
             _mm_storeu_si128((__m128i *)(out->q + 32 * b + 16 * h), _mm512_cvtepi32_epi8(qi));
-            out->sum[2 * b + h] = _mm512_reduce_add_epi32(qi);
         }
     }
+    code_sums(out->q, k, out->sum);
 }
 
 /* The kernels instantiated per type and shape (constant arguments unroll them). */
 #define K32_CASES(DT, NAME)                                                                    \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
                      const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
-                     bool accumulate, int col0, const __mmask16 mask[GB])                      \
+                     bool accumulate, int col0, const __mmask16 mask[GB], bool stream)         \
     {                                                                                          \
         if (G == 4) {                                                                          \
-            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); \
         } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
-            case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 3: kernel32(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 4: kernel32(DT, 4, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 5: kernel32(DT, 5, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            default: kernel32(DT, 6, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 3: kernel32(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 4: kernel32(DT, 4, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 5: kernel32(DT, 5, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            default: kernel32(DT, 6, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
             }                                                                                  \
         } else {                                                                               \
             switch (R) {                                                                       \
-            case 1: kernel32(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 2: kernel32(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 3: kernel32(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 4: kernel32(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 5: kernel32(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            default: kernel32(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 1: kernel32(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 2: kernel32(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 3: kernel32(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 4: kernel32(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 5: kernel32(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            default: kernel32(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
             }                                                                                  \
         }                                                                                      \
     }
@@ -530,24 +562,24 @@ K32_CASES(KVD_DTYPE_Q5_0, kernel_q5_0)
 #define K256_CASES(DT, NAME)                                                                   \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
                      const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
-                     bool accumulate, int col0, const __mmask16 mask[GB])                      \
+                     bool accumulate, int col0, const __mmask16 mask[GB], bool stream)         \
     {                                                                                          \
         if (G == 4) {                                                                          \
-            kernel256(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+            kernel256(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); \
         } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
-            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            default: kernel256(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            default: kernel256(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
             }                                                                                  \
         } else {                                                                               \
             switch (R) {                                                                       \
-            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
-            default: kernel256(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break; \
+            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            default: kernel256(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
             }                                                                                  \
         }                                                                                      \
     }
@@ -566,7 +598,7 @@ static __mmask16 group_mask(int g, int n_begin, int n_end)
 /* All rows of the activation tile against columns [n_begin, n_end): groups in pairs,
  * rows in fours; a group pair's weights (at most a few hundred KB) stay in L2 while
  * the tile's rows run against them. */
-static void tile_product(float *out, int ldo, int rows, const act_tile *a, const kvd_matrix *w,
+static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
     kvd_dtype dtype = w->dtype;
@@ -589,22 +621,24 @@ static void tile_product(float *out, int ldo, int rows, const act_tile *a, const
             int R = rows - r0 < RB ? rows - r0 : RB;
             rows_view x;
             for (int r = 0; r < R; r++) {
-                kvd_qact qa = act_row((act_tile *)a, r0 + r, k);
+                kvd_qact qa = act_row(a, r0 + r, k);
                 x.q[r] = qa.q;
                 x.d[r] = qa.d;
                 x.sum[r] = qa.sum;
-                x.corr[r] = a->corr + (size_t)(r0 + r) * (k / 32);
             }
             float *o = out + (size_t)r0 * ldo;
             int col0 = g * GROUP;
+            /* the first rows bring these groups' weights from memory; the others find
+             * them in L1/L2 */
+            bool stream = r0 == 0;
             switch (dtype) {
-            case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
-            case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); break;
+            case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
+            case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
             default: break;
             }
         }
@@ -621,20 +655,46 @@ void QSFX(kvd_qmatmul_cols)(float *out, int ldo, const float *x, int ldx, int m,
     if (n_begin >= n_end || m <= 0)
         return;
     int k = w->cols;
-    int offset = w->dtype == KVD_DTYPE_Q8_0 ? 128 : w->dtype == KVD_DTYPE_Q4_0 ? 8 : 16;
     /* rows per activation tile: as many as the buffer holds, up to ROW_TILE */
     int tile_rows = (int)(ACT_CODES / (size_t)k);
     tile_rows = tile_rows > ROW_TILE ? ROW_TILE : tile_rows < 1 ? 1 : tile_rows;
     act_tile a;
+    act_rows view = {a.q, a.d, a.sum};
     for (int r0 = 0; r0 < m; r0 += tile_rows) {
         int rows = m - r0 < tile_rows ? m - r0 : tile_rows;
         for (int r = 0; r < rows; r++) {
-            kvd_qact qa = act_row(&a, r, k);
+            kvd_qact qa = act_row(&view, r, k);
             act_quantize(w->dtype, x + (size_t)(r0 + r) * ldx, k, &qa);
-            if (!kvd_qtype_is_k(w->dtype))
-                for (int b = 0; b < k / 32; b++)
-                    a.corr[(size_t)r * (k / 32) + b] = offset * (qa.sum[2 * b] + qa.sum[2 * b + 1]);
         }
-        tile_product(out + (size_t)r0 * ldo, ldo, rows, &a, w, bias, accumulate, n_begin, n_end);
+        tile_product(out + (size_t)r0 * ldo, ldo, rows, &view, w, bias, accumulate, n_begin, n_end);
+    }
+}
+
+void QSFX(kvd_qinput_quantize)(kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx, int r0,
+                               int r1, int c0, int c1)
+{
+    /* columns [c0, c1) are whole activation blocks (the caller checked) */
+    for (int r = r0; r < r1; r++) {
+        kvd_qact qa = {in->q + (size_t)r * in->k + c0, in->d + (size_t)r * (in->k / 32) + c0 / 32,
+                       in->sum + (size_t)r * (in->k / 16) + c0 / 16};
+        act_quantize(dtype, x + (size_t)r * ldx + c0, c1 - c0, &qa);
+    }
+}
+
+void QSFX(kvd_qmatmul_cols_input)(float *out, int ldo, const kvd_qinput *x, int m,
+                                  const kvd_matrix *w, const float *bias, bool accumulate,
+                                  int n_begin, int n_end)
+{
+    if (n_begin >= n_end || m <= 0)
+        return;
+    int k = w->cols;
+    /* rows per pass over the weights: their activations (k bytes a row) stay in L2 */
+    int tile_rows = (int)((size_t)256 * 1024 / (size_t)k);
+    tile_rows = tile_rows < 1 ? 1 : tile_rows;
+    for (int r0 = 0; r0 < m; r0 += tile_rows) {
+        int rows = m - r0 < tile_rows ? m - r0 : tile_rows;
+        act_rows view = {x->q + (size_t)r0 * k, x->d + (size_t)r0 * (k / 32),
+                         x->sum + (size_t)r0 * (k / 16)};
+        tile_product(out + (size_t)r0 * ldo, ldo, rows, &view, w, bias, accumulate, n_begin, n_end);
     }
 }

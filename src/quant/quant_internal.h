@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "kvd/kvd_model.h"
+#include "kvd/kvd_quant.h"
 
 #define KVD_QGROUP_ROWS 16
 
@@ -77,5 +78,15 @@ void kvd_qact_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out);
                                 int n_begin, int n_end);
 KVD_DECLARE_QMATMUL(scalar)
 KVD_DECLARE_QMATMUL(avx512vnni)
+
+/* The per-ISA builds of kvd_qinput_quantize / kvd_qmatmul_cols_input (same bits). */
+#define KVD_DECLARE_QINPUT(sfx)                                                                \
+    void kvd_qinput_quantize_##sfx(kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,   \
+                                   int r0, int r1, int c0, int c1);                            \
+    void kvd_qmatmul_cols_input_##sfx(float *out, int ldo, const kvd_qinput *x, int m,         \
+                                      const kvd_matrix *w, const float *bias, bool accumulate, \
+                                      int n_begin, int n_end);
+KVD_DECLARE_QINPUT(scalar)
+KVD_DECLARE_QINPUT(avx512vnni)
 
 #endif
