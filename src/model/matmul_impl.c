@@ -32,7 +32,9 @@
  * registers, the sums and the parked even chains on the stack, touched once a block;
  * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk. The
  * VDPBF16PS tiles (panel_tile_vdp) keep one chain per output vector in registers, the
- * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch.
+ * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch;
+ * their slices are as long as L2 holds the panels' weights (vdp_slice_inputs), whole k
+ * for the 0.5B shapes but the down projection's.
  */
 #include "kvd_vec16.h"
 
