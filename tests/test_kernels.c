@@ -292,7 +292,8 @@ static void test_matmul_batch_invariance(void **state)
  * the VDPBF16PS ones, each against the scalar build of its bf16 semantics (KVD_ISA_SCALAR
  * or KVD_ISA_SCALAR_VDPBF16), including where bf16 products meet subnormals. Shapes: 1
  * row (decode), 7 rows (one streaming tile), 16 (small-batch tiles) and 60 (prefill
- * tiles of 12 rows). */
+ * tiles of 12 rows), and 60 rows of a k long enough to be cut into slices (VDPBF16PS:
+ * slices of up to 2048 inputs, partial sums parked in out between them). */
 static void test_scalar_matches_avx512(void **state)
 {
     (void)state;
@@ -301,16 +302,16 @@ static void test_scalar_matches_avx512(void **state)
     uint64_t s = 4242;
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
     static const int rows[] = {1, 7, 16, 60};
-    enum { MAX_M = 60, K = 601, N = 45 };
-    float *x = malloc((size_t)MAX_M * K * sizeof(float));
+    enum { MAX_M = 60, K = 601, LONG_K = 2600, N = 45 };
+    float *x = malloc((size_t)MAX_M * LONG_K * sizeof(float));
     float *witness[2] = {malloc((size_t)MAX_M * N * sizeof(float)),
                          malloc((size_t)MAX_M * N * sizeof(float))};
     float *b = malloc((size_t)MAX_M * N * sizeof(float));
     float bias[N];
     for (int d = 0; d < 3; d++) {
         /* the last case's x has subnormals and products and sums that underflow */
-        for (int c = 0; c < 5; c++) {
-            int m = rows[c % 4], k = K, n = N;
+        for (int c = 0; c < 6; c++) {
+            int m = c == 5 ? MAX_M : rows[c % 4], k = c == 5 ? LONG_K : K, n = N;
             bool tiny = c == 4;
             test_matrix w = make_matrix(dtypes[d], n, k, &s);
             fill(x, (size_t)m * k, &s, tiny ? 0x1p-120f : 1.0f);

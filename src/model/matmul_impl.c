@@ -32,7 +32,9 @@
  * registers, the sums and the parked even chains on the stack, touched once a block;
  * and x, rounded to bf16 and split by parity, is shared by the tiles of a chunk. The
  * VDPBF16PS tiles (panel_tile_vdp) keep one chain per output vector in registers, the
- * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch.
+ * sums on the stack, x shared as words of pairs, and use 6 x 2 tiles for every batch;
+ * their slices are as long as L2 holds the panels' weights (vdp_slice_inputs), whole k
+ * for the 0.5B shapes but the down projection's.
  */
 #include "kvd_vec16.h"
 
@@ -75,6 +77,8 @@
 /* Inputs per block of the VDPBF16PS semantics (kvd_kernels.h): a divisor of K_SLICE, so
  * that slices start on block boundaries. */
 #define VDP_BLOCK 64
+/* Longest slice of inputs of a VDPBF16PS product (see vdp_slice_inputs). */
+#define VDP_L2_SLICE 2048
 #else
 #define BF16_VDP 0
 #define BF16_X_INPUTS_PER_FLOAT 1
@@ -508,6 +512,23 @@ static void share_halves(product *pr, float *buf, int r0, int r1, int k0, int k1
     pr->halves_k0 = k0;
 }
 
+/* Inputs per slice of a VDPBF16PS product: as long as the panels' slice stays in L2
+ * (VDP_L2_SLICE inputs of two panels: 256 KB) rather than L1, since streaming a tile's
+ * weights from L2 costs VDPBF16PS nothing (measured: the same rate from 16 KB as from
+ * 128-512 KB) while every slice costs each tile its start and finish, partial sums
+ * parked in out. Long k is cut into near-equal slices of whole blocks, so that block
+ * boundaries (the semantics) stay where they are. */
+static int vdp_slice_inputs(int k)
+{
+#if BF16_VDP
+    int slices = (k + VDP_L2_SLICE - 1) / VDP_L2_SLICE;
+    int blocks = (k + VDP_BLOCK - 1) / VDP_BLOCK;
+    return (blocks + slices - 1) / slices * VDP_BLOCK;
+#else
+    return k;
+#endif
+}
+
 /* The vector tiles over the whole product (see the top of the file). buf (CHUNK_FLOATS
  * floats, bf16 only, or NULL) holds x rounded once for all the tiles that read it. */
 static void tiled_product(const product *product_in, int m, int p_begin, int p_end, float *buf)
@@ -542,15 +563,20 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
      * ones as 12 rows over one panel, which needs fewer widening operations per FMA.
      * VDPBF16PS widens nothing: 6 x 2 tiles, with fewer loads per instruction, whatever
      * the batch (896x896 at 512 rows: 332-352 against 310 GFLOP/s per core). */
-    bool six_by_two = m <= SMALL_BATCH_ROWS || (BF16_VDP && w->dtype == KVD_DTYPE_BF16);
+    bool vdp = BF16_VDP && w->dtype == KVD_DTYPE_BF16;
+    bool six_by_two = m <= SMALL_BATCH_ROWS || vdp;
     int tile_rows = six_by_two ? 6 : MAX_TILE_ROWS, P = six_by_two ? 2 : 1;
     int tiles = (m + tile_rows - 1) / tile_rows;
-    int whole_rows = (int)(CHUNK_FLOATS / (size_t)k);
+    /* floats of buf per input of a row: bf16 pairs for VDPBF16PS take half a float */
+    int inputs_per_float = w->dtype == KVD_DTYPE_BF16 ? BF16_X_INPUTS_PER_FLOAT : 1;
+    int slice = vdp ? vdp_slice_inputs(k) : K_SLICE;
+    int whole_rows = (int)(CHUNK_FLOATS * (size_t)inputs_per_float / (size_t)k);
     bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
     int chunk_tiles = panel_outer ? whole_rows / tile_rows
-                                  : (int)(CHUNK_FLOATS / ((size_t)K_SLICE * tile_rows));
+                                  : (int)(CHUNK_FLOATS * (size_t)inputs_per_float /
+                                          ((size_t)slice * tile_rows));
     size_t step = (size_t)PANEL * kvd_dtype_size(w->dtype); /* bytes of one (panel, k) */
-    int slices = (k + K_SLICE - 1) / K_SLICE, groups = (p_end - p_begin + P - 1) / P;
+    int slices = (k + slice - 1) / slice, groups = (p_end - p_begin + P - 1) / P;
     for (int t0 = 0; t0 < tiles; t0 += chunk_tiles) {
         int t1 = tiles - t0 < chunk_tiles ? tiles : t0 + chunk_tiles;
         int r0 = (int)((int64_t)m * t0 / tiles), r1 = (int)((int64_t)m * t1 / tiles);
@@ -559,11 +585,15 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
         for (int i = 0; i < slices * groups; i++) {
             int p = p_begin + P * (panel_outer ? i / slices : i % groups);
             int np = p_end - p < P ? p_end - p : P;
-            int k0 = (panel_outer ? i % slices : i / groups) * K_SLICE;
-            int k1 = k - k0 < K_SLICE ? k : k0 + K_SLICE;
+            int k0 = (panel_outer ? i % slices : i / groups) * slice;
+            int k1 = k - k0 < slice ? k : k0 + slice;
             if (buf && !panel_outer && i % groups == 0)
                 share_halves(&pr, buf, r0, r1, k0, k1);
-            size_t next = panel_outer ? (size_t)(k1 - k0) * step : pr.panel_bytes * (size_t)np;
+            /* what runs next: the panels' next slice, or after their last one the next
+             * group's first (panel_outer); the next group's same slice (otherwise) */
+            size_t next = !panel_outer ? pr.panel_bytes * (size_t)np
+                          : k1 < k     ? (size_t)(k1 - k0) * step
+                                       : pr.panel_bytes * (size_t)np - (size_t)k0 * step;
             chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next);
         }
     }
