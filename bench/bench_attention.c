@@ -1,6 +1,7 @@
 /* bench_attention.c - paged attention time of one decode step by KV dtype.
  *
  *   build/bench/bench_attention [--seqs 16] [--context 2000] [--threads 2] [--steps 10]
+ *                               [--dtype f32|f16|bf16|int8: that one only]
  *
  * Qwen2.5-0.5B's attention shape (24 layers, 14 query heads, 2 KV heads of 64): --seqs
  * sequences of --context random tokens each are written into one pool per dtype (f32,
@@ -35,14 +36,16 @@ static float next_uniform(uint64_t *s)
 int main(int argc, char **argv)
 {
     int seqs = 16, context = 2000, threads = 2, steps = 10;
+    const char *only = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
         int v = atoi(argv[i + 1]);
-        if (strcmp(argv[i], "--seqs") == 0) seqs = v;
+        if (strcmp(argv[i], "--dtype") == 0) only = argv[i + 1];
+        else if (strcmp(argv[i], "--seqs") == 0) seqs = v;
         else if (strcmp(argv[i], "--context") == 0) context = v;
         else if (strcmp(argv[i], "--threads") == 0) threads = v;
         else if (strcmp(argv[i], "--steps") == 0) steps = v;
         else {
-            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N] [--dtype NAME]\n", argv[0]);
             return 2;
         }
     }
@@ -70,6 +73,8 @@ int main(int argc, char **argv)
         q[i] = next_uniform(&seed);
     kvd_attention_shape shape = {HEADS, KV_HEADS, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM)};
     for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
+        if (only && strcmp(only, kvd_dtype_name(dtypes[d])) != 0)
+            continue;
         kvd_kv_config cfg = {.num_layers = LAYERS, .num_kv_heads = KV_HEADS, .head_dim = HEAD_DIM,
                              .block_size = 16, .dtype = dtypes[d],
                              .num_blocks = (size_t)seqs * ((context + 15) / 16)};
