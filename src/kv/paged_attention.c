@@ -141,6 +141,38 @@ static void fold_softmax_v(float tile_max, float *scores, const float *vscale, i
     *m = m_new;
     *l = *l * c + v16_hsum(psum);
     v16 cv = v16_set1(c);
+    if (vscale && hd == 64) {
+        /* int8 pages: eight chains, even keys in a, odd keys in b, added at the end (four
+         * chains still waited on the FMA latency) */
+        v16 a0 = v16_mul(v16_load(acc), cv), a1 = v16_mul(v16_load(acc + 16), cv);
+        v16 a2 = v16_mul(v16_load(acc + 32), cv), a3 = v16_mul(v16_load(acc + 48), cv);
+        v16 b0 = v16_zero(), b1 = v16_zero(), b2 = v16_zero(), b3 = v16_zero();
+        for (j = 0; j + 2 <= nk; j += 2) {
+            const float *vj = vt + (size_t)j * hd_pad;
+            v16 p = v16_set1(scores[j]), p1 = v16_set1(scores[j + 1]);
+            a0 = v16_fma(p, v16_load(vj), a0);
+            a1 = v16_fma(p, v16_load(vj + 16), a1);
+            a2 = v16_fma(p, v16_load(vj + 32), a2);
+            a3 = v16_fma(p, v16_load(vj + 48), a3);
+            b0 = v16_fma(p1, v16_load(vj + hd_pad), b0);
+            b1 = v16_fma(p1, v16_load(vj + hd_pad + 16), b1);
+            b2 = v16_fma(p1, v16_load(vj + hd_pad + 32), b2);
+            b3 = v16_fma(p1, v16_load(vj + hd_pad + 48), b3);
+        }
+        if (j < nk) {
+            const float *vj = vt + (size_t)j * hd_pad;
+            v16 p = v16_set1(scores[j]);
+            a0 = v16_fma(p, v16_load(vj), a0);
+            a1 = v16_fma(p, v16_load(vj + 16), a1);
+            a2 = v16_fma(p, v16_load(vj + 32), a2);
+            a3 = v16_fma(p, v16_load(vj + 48), a3);
+        }
+        v16_store(acc, v16_add(a0, b0));
+        v16_store(acc + 16, v16_add(a1, b1));
+        v16_store(acc + 32, v16_add(a2, b2));
+        v16_store(acc + 48, v16_add(a3, b3));
+        return;
+    }
     if (hd == 64) {
         /* Qwen2's head_dim: four independent accumulator chains instead of one at a time
          * (the FMA latency, not the arithmetic, bounded this loop); same operations. */
@@ -378,10 +410,11 @@ static void paged_attention_part_i8(const kvd_kv_pool *pool, int layer,
                 memcpy(&kbits[j], kb + scales_at + slot * sizeof kbits[j], sizeof kbits[j]);
                 memcpy(&vbits[j], vb + scales_at + slot * sizeof vbits[j], sizeof vbits[j]);
                 const int8_t *vrow = (const int8_t *)(vb + slot * row_bytes);
-                for (int d = 0; d < hd; d += 16) {
-                    int n = hd - d < 16 ? hd - d : 16;
-                    v16_store_n(vt + (size_t)j * hd_pad + d, v16_load_i8_n(vrow + d, n), n);
-                }
+                int d = 0;
+                for (; d + 16 <= hd; d += 16)
+                    v16_store(vt + (size_t)j * hd_pad + d, v16_load_i8_n(vrow + d, 16));
+                if (d < hd)
+                    v16_store_n(vt + (size_t)j * hd_pad + d, v16_load_i8_n(vrow + d, hd - d), hd - d);
                 /* the next tile's row and scales: memory, not cache (see the other path) */
                 int ahead = pos + TILE;
                 if (ahead <= last) {
