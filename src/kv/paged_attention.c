@@ -78,6 +78,14 @@ V16_INLINE float dot(const float *a, const float *b, int n)
 static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
                            int hd_pad, const float *vt, float *m, float *l, float *acc);
 
+/* a[i] += p * v[16i .. 16i+15] for the four vectors of a 64-value row */
+V16_INLINE void fma_row64(v16 a[4], float p, const float *v)
+{
+    v16 pv = v16_set1(p);
+    for (int i = 0; i < 4; i++)
+        a[i] = v16_fma(pv, v16_load(v + 16 * i), a[i]);
+}
+
 /* Folds keys [0, nk) of the tile (kt, vt: rows of hd_pad floats) into one query
  * head's state. */
 static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const float *kt,
@@ -141,55 +149,26 @@ static void fold_softmax_v(float tile_max, float *scores, const float *vscale, i
     *m = m_new;
     *l = *l * c + v16_hsum(psum);
     v16 cv = v16_set1(c);
-    if (vscale && hd == 64) {
-        /* int8 pages: eight chains, even keys in a, odd keys in b, added at the end (four
-         * chains still waited on the FMA latency) */
-        v16 a0 = v16_mul(v16_load(acc), cv), a1 = v16_mul(v16_load(acc + 16), cv);
-        v16 a2 = v16_mul(v16_load(acc + 32), cv), a3 = v16_mul(v16_load(acc + 48), cv);
-        v16 b0 = v16_zero(), b1 = v16_zero(), b2 = v16_zero(), b3 = v16_zero();
-        for (j = 0; j + 2 <= nk; j += 2) {
-            const float *vj = vt + (size_t)j * hd_pad;
-            v16 p = v16_set1(scores[j]), p1 = v16_set1(scores[j + 1]);
-            a0 = v16_fma(p, v16_load(vj), a0);
-            a1 = v16_fma(p, v16_load(vj + 16), a1);
-            a2 = v16_fma(p, v16_load(vj + 32), a2);
-            a3 = v16_fma(p, v16_load(vj + 48), a3);
-            b0 = v16_fma(p1, v16_load(vj + hd_pad), b0);
-            b1 = v16_fma(p1, v16_load(vj + hd_pad + 16), b1);
-            b2 = v16_fma(p1, v16_load(vj + hd_pad + 32), b2);
-            b3 = v16_fma(p1, v16_load(vj + hd_pad + 48), b3);
-        }
-        if (j < nk) {
-            const float *vj = vt + (size_t)j * hd_pad;
-            v16 p = v16_set1(scores[j]);
-            a0 = v16_fma(p, v16_load(vj), a0);
-            a1 = v16_fma(p, v16_load(vj + 16), a1);
-            a2 = v16_fma(p, v16_load(vj + 32), a2);
-            a3 = v16_fma(p, v16_load(vj + 48), a3);
-        }
-        v16_store(acc, v16_add(a0, b0));
-        v16_store(acc + 16, v16_add(a1, b1));
-        v16_store(acc + 32, v16_add(a2, b2));
-        v16_store(acc + 48, v16_add(a3, b3));
-        return;
-    }
     if (hd == 64) {
         /* Qwen2's head_dim: four independent accumulator chains instead of one at a time
-         * (the FMA latency, not the arithmetic, bounded this loop); same operations. */
-        v16 a0 = v16_mul(v16_load(acc), cv), a1 = v16_mul(v16_load(acc + 16), cv);
-        v16 a2 = v16_mul(v16_load(acc + 32), cv), a3 = v16_mul(v16_load(acc + 48), cv);
-        for (j = 0; j < nk; j++) {
-            const float *vj = vt + (size_t)j * hd_pad;
-            v16 p = v16_set1(scores[j]);
-            a0 = v16_fma(p, v16_load(vj), a0);
-            a1 = v16_fma(p, v16_load(vj + 16), a1);
-            a2 = v16_fma(p, v16_load(vj + 32), a2);
-            a3 = v16_fma(p, v16_load(vj + 48), a3);
+         * (the FMA latency, not the arithmetic, bounded this loop); same operations. int8
+         * pages: eight, even keys in a, odd keys in b, added at the end (four still waited
+         * on the FMA latency; the float dtypes keep their order and bits). */
+        v16 a[4], b[4];
+        for (int i = 0; i < 4; i++) {
+            a[i] = v16_mul(v16_load(acc + 16 * i), cv);
+            b[i] = v16_zero();
         }
-        v16_store(acc, a0);
-        v16_store(acc + 16, a1);
-        v16_store(acc + 32, a2);
-        v16_store(acc + 48, a3);
+        j = 0;
+        if (vscale)
+            for (; j + 2 <= nk; j += 2) {
+                fma_row64(a, scores[j], vt + (size_t)j * hd_pad);
+                fma_row64(b, scores[j + 1], vt + (size_t)(j + 1) * hd_pad);
+            }
+        for (; j < nk; j++)
+            fma_row64(a, scores[j], vt + (size_t)j * hd_pad);
+        for (int i = 0; i < 4; i++)
+            v16_store(acc + 16 * i, vscale ? v16_add(a[i], b[i]) : a[i]);
         return;
     }
     for (int d = 0; d < hd; d += 16) {
