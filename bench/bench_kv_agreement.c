@@ -161,17 +161,6 @@ static int feed(cache_run *r, const int32_t *tokens, const int *past, const int 
     return kvd_forward(r->ctx, &batch, err);
 }
 
-/* Top-1 minus top-2 of row. */
-static float top_margin(const float *row, int vocab)
-{
-    int best = kvd_argmax(row, vocab);
-    float second = -INFINITY;
-    for (int v = 0; v < vocab; v++)
-        if (v != best && row[v] > second)
-            second = row[v];
-    return row[best] - second;
-}
-
 typedef struct dtype_result {
     double max_error, worst_margin;
     long agree, prefix_tokens;
@@ -242,7 +231,7 @@ int main(int argc, char **argv)
                 if (kvd_argmax(other, vocab) == step_ids[p])
                     res[d].agree++;
                 else
-                    res[d].worst_margin = fmax(res[d].worst_margin, top_margin(row, vocab));
+                    res[d].worst_margin = fmax(res[d].worst_margin, kvd_top_margin(row, vocab));
                 int32_t own = kvd_argmax(freerun[d].logits + (size_t)p * vocab, vocab);
                 free_ids[d * prompts + p] = own;
                 int *m = &free_match[d * prompts + p];

@@ -196,6 +196,15 @@ static void prefetch_rows(const kvd_kv_pool *pool, const int32_t *blocks, int la
     }
 }
 
+/* Keys of the tile [t0, t0 + nt) that row i of q sees (causal): 0 when it starts later. */
+static int visible_keys(const kvd_attention_query *q, int i, int t0, int nt)
+{
+    int pos = q->first_pos + i;
+    if (pos < t0)
+        return 0;
+    return pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
+}
+
 /* out = acc / l for the query heads of kv_head, rows [r0, r1). */
 static void write_out(const kvd_attention_query *q, int kv_head, int group, int hd, int hd_pad,
                       int r0, int r1, const float *st_l, const float *st_acc)
@@ -417,10 +426,9 @@ static void paged_attention_part_i8(const kvd_kv_pool *pool, int layer,
             }
             pack_k_i8(kt, krow, nt, hd);
             for (int i = r0; i < r1; i++) {
-                int pos = q->first_pos + i;
-                if (pos < t0)
+                int nk = visible_keys(q, i, t0, nt);
+                if (nk == 0)
                     continue;
-                int nk = pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
                 for (int g = 0; g < group; g++) {
                     int s = (i - r0) * group + g;
                     dots_i8(scores, kt, krow, st_q32 + (size_t)s * c16, st_qsum[s], nk, hd);
@@ -504,10 +512,9 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                     prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, pos + TILE, pos + TILE + 1);
             }
             for (int i = r0; i < r1; i++) {
-                int pos = q->first_pos + i;
-                if (pos < t0)
+                int nk = visible_keys(q, i, t0, nt);
+                if (nk == 0)
                     continue;
-                int nk = pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
                 for (int g = 0; g < group; g++) {
                     int h = kv_head * group + g;
                     int s = (i - r0) * group + g;
