@@ -1,6 +1,9 @@
 /* bench_attention.c - paged attention time of one decode step by KV dtype.
  *
  *   build/bench/bench_attention [--seqs 16] [--context 2000] [--threads 2] [--steps 10]
+ *                               [--dtype f32|f16|bf16|int8: that one only]
+ *                               [--clock cpu: process CPU time instead of wall time]
+ * (and --clock wall, the default)
  *
  * Qwen2.5-0.5B's attention shape (24 layers, 14 query heads, 2 KV heads of 64): --seqs
  * sequences of --context random tokens each are written into one pool per dtype (f32,
@@ -19,10 +22,13 @@
 
 enum { LAYERS = 24, HEADS = 14, KV_HEADS = 2, HEAD_DIM = 64 };
 
-static double now_s(void)
+/* CLOCK_MONOTONIC, or CLOCK_PROCESS_CPUTIME_ID (--clock cpu: the CPU time of all threads,
+ * for A/B runs on a loaded machine where wall time mostly measures the run queue; use it
+ * with --threads 1, as idle OpenMP threads spin and count) */
+static double now_s(clockid_t clock)
 {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(clock, &t);
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
@@ -35,14 +41,19 @@ static float next_uniform(uint64_t *s)
 int main(int argc, char **argv)
 {
     int seqs = 16, context = 2000, threads = 2, steps = 10;
+    const char *only = NULL;
+    clockid_t timer = CLOCK_MONOTONIC;
     for (int i = 1; i + 1 < argc; i += 2) {
         int v = atoi(argv[i + 1]);
-        if (strcmp(argv[i], "--seqs") == 0) seqs = v;
+        if (strcmp(argv[i], "--dtype") == 0) only = argv[i + 1];
+        else if (strcmp(argv[i], "--clock") == 0)
+            timer = strcmp(argv[i + 1], "cpu") == 0 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC;
+        else if (strcmp(argv[i], "--seqs") == 0) seqs = v;
         else if (strcmp(argv[i], "--context") == 0) context = v;
         else if (strcmp(argv[i], "--threads") == 0) threads = v;
         else if (strcmp(argv[i], "--steps") == 0) steps = v;
         else {
-            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N] [--dtype NAME] [--clock cpu]\n", argv[0]);
             return 2;
         }
     }
@@ -53,7 +64,8 @@ int main(int argc, char **argv)
     kvd_isa isa = kvd_isa_detect();
     printf("paged attention, one decode step: %d sequences x %d tokens, %d layers, %d threads, kernels %s\n\n",
            seqs, context, LAYERS, threads, kvd_isa_name(isa));
-    printf("| KV dtype | step ms (best of %d) | cache bytes read per step | tokens in 512 MiB |\n|---|---|---|---|\n", steps);
+    printf("| KV dtype | step %sms (best of %d) | cache bytes read per step | tokens in 512 MiB |\n|---|---|---|---|\n",
+           timer == CLOCK_MONOTONIC ? "" : "CPU ", steps);
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
     int row = KV_HEADS * HEAD_DIM;
     float *k = malloc((size_t)row * sizeof(float)), *v = malloc((size_t)row * sizeof(float));
@@ -70,6 +82,8 @@ int main(int argc, char **argv)
         q[i] = next_uniform(&seed);
     kvd_attention_shape shape = {HEADS, KV_HEADS, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM)};
     for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
+        if (only && strcmp(only, kvd_dtype_name(dtypes[d])) != 0)
+            continue;
         kvd_kv_config cfg = {.num_layers = LAYERS, .num_kv_heads = KV_HEADS, .head_dim = HEAD_DIM,
                              .block_size = 16, .dtype = dtypes[d],
                              .num_blocks = (size_t)seqs * ((context + 15) / 16)};
@@ -99,13 +113,13 @@ int main(int argc, char **argv)
         }
         double best = INFINITY;
         for (int step = 0; step < steps; step++) {
-            double t0 = now_s();
+            double t0 = now_s(timer);
             for (int layer = 0; layer < LAYERS; layer++)
                 if (kvd_paged_attention(isa, pool, layer, &shape, queries, seqs, threads, &err) != 0) {
                     fprintf(stderr, "bench_attention: %s\n", err.msg);
                     return 1;
                 }
-            double t = now_s() - t0;
+            double t = now_s(timer) - t0;
             best = t < best ? t : best;
         }
         size_t block_bytes = kvd_kv_block_bytes(&cfg);

@@ -212,17 +212,6 @@ static void greedy_cached(runner *r, const int32_t *prompt, int n, int steps, fl
     decode_cached(r, prompt, n, steps, NULL, logits, out_ids);
 }
 
-/* Largest minus second largest value of row. */
-static float top_margin(const float *row)
-{
-    int best = kvd_argmax(row, g_vocab);
-    float second = -INFINITY;
-    for (int v = 0; v < g_vocab; v++)
-        if (v != best && row[v] > second)
-            second = row[v];
-    return row[best] - second;
-}
-
 /* ---- (1) against the numpy reference --------------------------------------------- */
 
 /* isa: a KVD_ISA name, or NULL for the CPU's default */
@@ -341,7 +330,8 @@ static void test_block_sizes_and_kv_dtypes(void **state)
                 greedy_cached(&r, q->ids, q->n, LONG_STEPS, other, ids);
                 total += LONG_STEPS;
                 for (int k = 0; k < LONG_STEPS; k++) {
-                    bool near_tie = top_margin(base + (size_t)(q->n - 1 + k) * g_vocab) <= 2 * bounds[d];
+                    const float *row = base + (size_t)(q->n - 1 + k) * g_vocab;
+                    bool near_tie = kvd_top_margin(row, g_vocab) <= 2 * bounds[d];
                     if (near_tie && ids[k] != base_ids[k])
                         break; /* a legitimate flip: the two runs diverge from here */
                     if (ids[k] != base_ids[k])

@@ -633,8 +633,15 @@ static void test_paged_attention(void **state)
             memcpy(vr, v, (size_t)c->layers * N * row * sizeof(float));
             round_to(dtypes[d], kr, (size_t)c->layers * N * row, c->head_dim);
             round_to(dtypes[d], vr, (size_t)c->layers * N * row, c->head_dim);
+            /* int8 pages: q.k is an integer product, each query head quantized as a
+             * cache row is (kvd_attention.h) */
+            float *qr = malloc((size_t)N * qrow * sizeof(float));
+            memcpy(qr, q, (size_t)N * qrow * sizeof(float));
+            if (dtypes[d] == KVD_DTYPE_I8)
+                round_to(dtypes[d], qr, (size_t)N * qrow, c->head_dim);
             int layer = c->layers - 1;
-            reference_attention(c, N, layer, q, 0, N, kr, vr, ref);
+            reference_attention(c, N, layer, qr, 0, N, kr, vr, ref);
+            free(qr);
             static const int block_sizes[] = {1, 2, 16, 64, 256};
             for (size_t bi = 0; bi < sizeof block_sizes / sizeof block_sizes[0]; bi++) {
                 kvd_block_table table;

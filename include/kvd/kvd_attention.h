@@ -9,8 +9,11 @@
  * int8 pages: a row x of head_dim values (one head's K or V of one token) is stored
  * once, when written, as the f16 scale d = f16(max|x| / 127) and q_i = round(x_i / d)
  * (nearest even, clamped to +-127; all zero when d is 0), never re-quantized.
- * Attention reads q_i * d (one float multiply) tile by tile from the page: no
- * dequantized copy of the cache exists.
+ * Attention reads the pages directly (no dequantized copy of the cache exists): each
+ * query head's q is quantized the same way, once per call, and q.k is an exact integer
+ * sum (VPDPBUSD on AVX-512 VNNI CPUs; others with AVX-512 run int8 pages on the scalar
+ * build), s = (float)(q8.k8) * (dk * (dq * scale)); V rows are widened to floats
+ * unscaled and each token's dv multiplies its softmax weight, once per token and head.
  *
  * Determinism: the keys of a query at position p are visited in logical position
  * order in fixed tiles of KVD_ATTENTION_TILE positions ([0, 32), [32, 64), ...)

@@ -139,5 +139,7 @@ void kvd_exp(kvd_isa isa, float *out, const float *x, int n);
 
 /* Index of the largest value (the first one on ties); -1 when n <= 0. */
 int kvd_argmax(const float *x, int n);
+/* The largest value minus the second largest (a greedy choice's margin; n >= 2). */
+float kvd_top_margin(const float *x, int n);
 
 #endif

@@ -40,16 +40,6 @@ V16_INLINE void widen_row(float *dst, const void *src, int dtype, int n)
         v16_store_n(dst + i, v16_load_any_n(src, dtype, (size_t)i, n - i), n - i);
 }
 
-/* One int8 row of n values at src with its f16 scale, as floats q_i * d at dst. */
-V16_INLINE void widen_row_i8(float *dst, const int8_t *src, uint16_t scale_bits, int n)
-{
-    v16 d = v16_set1(kvd_f16_to_f32(scale_bits));
-    for (int i = 0; i < n; i += 16) {
-        int m = n - i < 16 ? n - i : 16;
-        v16_store_n(dst + i, v16_mul(v16_load_i8_n(src + i, m), d), m);
-    }
-}
-
 /* x[n] as an int8 row: q at dst, its f16 scale returned (kvd_attention.h). The row's
  * max |x| is order-free, and each q_i is one division and one rounding: every build
  * writes the same bytes. */
@@ -83,6 +73,17 @@ V16_INLINE float dot(const float *a, const float *b, int n)
     if (i < n)
         acc = v16_fma(v16_load_n(a + i, n - i), v16_load_n(b + i, n - i), acc);
     return v16_hsum(acc);
+}
+
+static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
+                           int hd_pad, const float *vt, float *m, float *l, float *acc);
+
+/* a[i] += p * v[16i .. 16i+15] for the four vectors of a 64-value row */
+V16_INLINE void fma_row64(v16 a[4], float p, const float *v)
+{
+    v16 pv = v16_set1(p);
+    for (int i = 0; i < 4; i++)
+        a[i] = v16_fma(pv, v16_load(v + 16 * i), a[i]);
 }
 
 /* Folds keys [0, nk) of the tile (kt, vt: rows of hd_pad floats) into one query
@@ -123,7 +124,16 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
         v16_store_n(scores + j, s, n);
         mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
     }
-    float tile_max = v16_hmax(mv);
+    fold_softmax_v(v16_hmax(mv), scores, NULL, nk, hd, hd_pad, vt, m, l, acc);
+}
+
+/* The softmax and V half of a tile: scores[0, nk) hold s_j and tile_max their max.
+ * vscale (int8 pages), when not NULL, multiplies each p_j after it is summed into l:
+ * the V rows are then the unscaled int8 values. */
+static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
+                           int hd_pad, const float *vt, float *m, float *l, float *acc)
+{
+    int j;
     float m_old = *m;
     float m_new = m_old > tile_max ? m_old : tile_max;
     v16 psum = v16_zero();
@@ -132,6 +142,8 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
         v16 p = v16_exp(v16_sub(v16_load_n(scores + j, n), v16_set1(m_new)));
         v16_store_n(scores + j, p, n);
         psum = v16_add(psum, v16_load_n(scores + j, n));
+        if (vscale)
+            v16_store_n(scores + j, v16_mul(p, v16_load_n(vscale + j, n)), n);
     }
     float c = m_old == -INFINITY ? 0.0f : v16_lane0(v16_exp(v16_set1(m_old - m_new)));
     *m = m_new;
@@ -139,21 +151,24 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     v16 cv = v16_set1(c);
     if (hd == 64) {
         /* Qwen2's head_dim: four independent accumulator chains instead of one at a time
-         * (the FMA latency, not the arithmetic, bounded this loop); same operations. */
-        v16 a0 = v16_mul(v16_load(acc), cv), a1 = v16_mul(v16_load(acc + 16), cv);
-        v16 a2 = v16_mul(v16_load(acc + 32), cv), a3 = v16_mul(v16_load(acc + 48), cv);
-        for (j = 0; j < nk; j++) {
-            const float *vj = vt + (size_t)j * hd_pad;
-            v16 p = v16_set1(scores[j]);
-            a0 = v16_fma(p, v16_load(vj), a0);
-            a1 = v16_fma(p, v16_load(vj + 16), a1);
-            a2 = v16_fma(p, v16_load(vj + 32), a2);
-            a3 = v16_fma(p, v16_load(vj + 48), a3);
+         * (the FMA latency, not the arithmetic, bounded this loop); same operations. int8
+         * pages: eight, even keys in a, odd keys in b, added at the end (four still waited
+         * on the FMA latency; the float dtypes keep their order and bits). */
+        v16 a[4], b[4];
+        for (int i = 0; i < 4; i++) {
+            a[i] = v16_mul(v16_load(acc + 16 * i), cv);
+            b[i] = v16_zero();
         }
-        v16_store(acc, a0);
-        v16_store(acc + 16, a1);
-        v16_store(acc + 32, a2);
-        v16_store(acc + 48, a3);
+        j = 0;
+        if (vscale)
+            for (; j + 2 <= nk; j += 2) {
+                fma_row64(a, scores[j], vt + (size_t)j * hd_pad);
+                fma_row64(b, scores[j + 1], vt + (size_t)(j + 1) * hd_pad);
+            }
+        for (; j < nk; j++)
+            fma_row64(a, scores[j], vt + (size_t)j * hd_pad);
+        for (int i = 0; i < 4; i++)
+            v16_store(acc + 16 * i, vscale ? v16_add(a[i], b[i]) : a[i]);
         return;
     }
     for (int d = 0; d < hd; d += 16) {
@@ -181,12 +196,266 @@ static void prefetch_rows(const kvd_kv_pool *pool, const int32_t *blocks, int la
     }
 }
 
+/* Keys of the tile [t0, t0 + nt) that row i of q sees (causal): 0 when it starts later. */
+static int visible_keys(const kvd_attention_query *q, int i, int t0, int nt)
+{
+    int pos = q->first_pos + i;
+    if (pos < t0)
+        return 0;
+    return pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
+}
+
+/* out = acc / l for the query heads of kv_head, rows [r0, r1). */
+static void write_out(const kvd_attention_query *q, int kv_head, int group, int hd, int hd_pad,
+                      int r0, int r1, const float *st_l, const float *st_acc)
+{
+    for (int i = r0; i < r1; i++) {
+        for (int g = 0; g < group; g++) {
+            int h = kv_head * group + g;
+            int s = (i - r0) * group + g;
+            float *out = q->out + (size_t)i * q->out_stride + (size_t)h * hd;
+            const float *acc = st_acc + (size_t)s * hd_pad;
+            v16 lv = v16_set1(st_l[s]);
+            for (int d = 0; d < hd; d += 16) {
+                int n = hd - d < 16 ? hd - d : 16;
+                v16_store_n(out + d, v16_div(v16_load_n(acc + d, n), lv), n);
+            }
+        }
+    }
+}
+
+/* ---- int8 pages ----
+ * K: q.k is an exact integer. Each query row's head is quantized once per call like a
+ * cache row (quantize_row_i8: f16 scale dq, q8_i = round(q_i / dq)), so
+ *   s_j = (float)(sum_i q8_i * k8_i) * (dk_j * (dq * scale))
+ * where the sum (|sum| < 2^24, so the conversion is exact) is the same integer in
+ * every build: VPDPBUSD over a transposed tile (K bytes + 128 as unsigned, minus
+ * 128 * sum q8) in the AVX-512 build, a plain loop in the scalar one.
+ * V: the tile's rows are widened to floats unscaled (exact), and each token's scale is
+ * folded into its softmax weight, p_j * dv_j: one multiply per token and head. */
+
+/* 64-value chunks of a K row: the unit the transposed tile is built of. */
+static int chunks64(int hd) { return (hd + 63) / 64; }
+
+/* scratch for the int8 path, in floats (kvd_attention_scratch_floats takes the max) */
+static size_t scratch_floats_i8(int hd, int group)
+{
+    size_t hd_pad = (size_t)round16(hd), c16 = (size_t)chunks64(hd) * 16;
+    size_t states = (size_t)ROW_CHUNK * group;
+    return TILE * c16 + TILE * hd_pad + 3 * (size_t)round16(TILE) + 4 * (size_t)round16((int)states) +
+           states * hd_pad + states * c16;
+}
+
+#if defined(KVD_VEC_AVX512)
+/* kt: the K rows of keys [0, n) of the tile as VPDPBUSD wants them: for every group of
+ * 16 keys and chunk c, 16 vectors, vector w holding dword w of the chunk (values
+ * 4w..4w+3, +128 as unsigned bytes) of the 16 keys, one per lane. Keys past n and
+ * values past hd read as 0. */
+__attribute__((target("avx512vnni"))) static void pack_k_i8(int32_t *kt, const int8_t *const *krow,
+                                                          int n, int hd)
+{
+    int chunks = chunks64(hd);
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    for (int g = 0; g < n; g += 16) {
+        for (int c = 0; c < chunks; c++) {
+            int m = hd - c * 64 < 64 ? hd - c * 64 : 64;
+            __mmask64 mask = m == 64 ? ~(__mmask64)0 : (((__mmask64)1 << m) - 1);
+            __m512i r[16], t[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = g + i < n ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, krow[g + i] + c * 64), bias)
+                                 : bias;
+            /* 16x16 dword transpose: pairs, then quads within 128-bit lanes, then the
+             * 128-bit blocks */
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) {
+                r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+                r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+                r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+                r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            /* r[4G + k], 128-bit block L: dword 4L + k of rows 4G..4G+3 */
+            int32_t *out = kt + ((size_t)(g / 16) * chunks + c) * 256;
+            for (int k = 0; k < 4; k++) {
+                __m512i a = _mm512_shuffle_i32x4(r[k], r[4 + k], _MM_SHUFFLE(1, 0, 1, 0));
+                __m512i b = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(1, 0, 1, 0));
+                __m512i cc = _mm512_shuffle_i32x4(r[k], r[4 + k], _MM_SHUFFLE(3, 2, 3, 2));
+                __m512i d = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(3, 2, 3, 2));
+                _mm512_storeu_si512(out + (0 + k) * 16, _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+                _mm512_storeu_si512(out + (4 + k) * 16, _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+                _mm512_storeu_si512(out + (8 + k) * 16, _mm512_shuffle_i32x4(cc, d, _MM_SHUFFLE(2, 0, 2, 0)));
+                _mm512_storeu_si512(out + (12 + k) * 16, _mm512_shuffle_i32x4(cc, d, _MM_SHUFFLE(3, 1, 3, 1)));
+            }
+        }
+    }
+}
+
+/* scores[j] = (float)(q8 . k8_j) for keys [0, n), 16 at a time (up to round16(n)
+ * written); q32: the head's q8 as dwords, chunks * 16 of them, zero past hd. */
+__attribute__((target("avx512vnni"))) static void dots_i8(float *scores, const int32_t *kt,
+                                                        const int8_t *const *krow, const int32_t *q32,
+                                                        int32_t q_sum, int n, int hd)
+{
+    (void)krow;
+    int chunks = chunks64(hd);
+    const __m512i bias = _mm512_set1_epi32(128 * q_sum);
+    for (int g = 0; g < n; g += 16) {
+        const int32_t *t = kt + (size_t)(g / 16) * chunks * 256;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (int w = 0; w < chunks * 16; w += 4) {
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(t + w * 16), _mm512_set1_epi32(q32[w]));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(t + (w + 1) * 16), _mm512_set1_epi32(q32[w + 1]));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(t + (w + 2) * 16), _mm512_set1_epi32(q32[w + 2]));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(t + (w + 3) * 16), _mm512_set1_epi32(q32[w + 3]));
+        }
+        __m512i s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)), bias);
+        _mm512_storeu_ps(scores + g, _mm512_cvtepi32_ps(s));
+    }
+}
+#else
+static void pack_k_i8(int32_t *kt, const int8_t *const *krow, int n, int hd)
+{
+    (void)kt, (void)krow, (void)n, (void)hd; /* the scalar dots read the rows directly */
+}
+
+static void dots_i8(float *scores, const int32_t *kt, const int8_t *const *krow, const int32_t *q32,
+                    int32_t q_sum, int n, int hd)
+{
+    (void)kt, (void)q_sum;
+    const int8_t *q8 = (const int8_t *)q32;
+    for (int j = 0; j < n; j++) {
+        int32_t s = 0;
+        for (int i = 0; i < hd; i++)
+            s += (int32_t)q8[i] * krow[j][i];
+        scores[j] = (float)s;
+    }
+}
+#endif
+
+/* kvd_paged_attention_part for int8 pages (see the int8 note above). */
+static void paged_attention_part_i8(const kvd_kv_pool *pool, int layer,
+                                    const kvd_attention_shape *shape, const kvd_attention_query *q,
+                                    int kv_head, int row_begin, int row_end, float *scratch)
+{
+    const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
+    int bs = cfg->block_size;
+    int hd = shape->head_dim;
+    int hd_pad = round16(hd);
+    int c16 = chunks64(hd) * 16;
+    int group = shape->num_heads / shape->num_kv_heads;
+    int states = ROW_CHUNK * group;
+    int32_t *kt = (int32_t *)scratch;                      /* (TILE / 16, chunks, 16, 16) */
+    float *vt = scratch + (size_t)TILE * c16;              /* (TILE, hd_pad) */
+    float *scores = vt + (size_t)TILE * hd_pad;            /* (TILE) */
+    float *kscale = scores + round16(TILE);                /* (TILE) */
+    float *vscale = kscale + round16(TILE);                /* (TILE) */
+    float *st_m = vscale + round16(TILE);                  /* (ROW_CHUNK, group) */
+    float *st_l = st_m + round16(states);                  /* (ROW_CHUNK, group) */
+    float *st_qs = st_l + round16(states);                 /* (ROW_CHUNK, group): dq * scale */
+    int32_t *st_qsum = (int32_t *)(st_qs + round16(states)); /* (ROW_CHUNK, group) */
+    float *st_acc = (float *)st_qsum + round16(states);    /* (ROW_CHUNK, group, hd_pad) */
+    int32_t *st_q32 = (int32_t *)(st_acc + (size_t)states * hd_pad); /* (ROW_CHUNK, group, c16) */
+    const int32_t *blocks = q->table->blocks;
+    size_t row_bytes = (size_t)hd;
+    size_t scales_at = (size_t)shape->num_kv_heads * bs * row_bytes; /* kvd_kv.h's page layout */
+    const int8_t *krow[TILE];
+    uint16_t kbits[TILE], vbits[TILE];
+
+    for (int r0 = row_begin; r0 < row_end; r0 += ROW_CHUNK) {
+        int r1 = row_end - r0 < ROW_CHUNK ? row_end : r0 + ROW_CHUNK;
+        int nstates = (r1 - r0) * group;
+        for (int i = r0; i < r1; i++)
+            for (int g = 0; g < group; g++) {
+                int s = (i - r0) * group + g;
+                const float *qh = q->q + (size_t)i * q->q_stride + (size_t)(kv_head * group + g) * hd;
+                int8_t *q8 = (int8_t *)(st_q32 + (size_t)s * c16);
+                memset(q8, 0, (size_t)c16 * sizeof(int32_t));
+                st_qs[s] = kvd_f16_to_f32(quantize_row_i8(q8, qh, hd)) * shape->scale;
+                int32_t sum = 0;
+                for (int d = 0; d < hd; d++)
+                    sum += q8[d];
+                st_qsum[s] = sum;
+                st_m[s] = -INFINITY;
+                st_l[s] = 0.0f;
+            }
+        memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
+        int last = q->first_pos + r1 - 1;
+        prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, 0, last < TILE ? last + 1 : TILE);
+        const char *kb = NULL, *vb = NULL, *next_kb = NULL, *next_vb = NULL;
+        for (int t0 = 0; t0 <= last; t0 += TILE) {
+            int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
+            for (int j = 0; j < nt; j++) {
+                int pos = t0 + j;
+                /* a block's address once per block, not per row */
+                if (!kb || pos % bs == 0) {
+                    kb = kvd_kv_block_keys(pool, blocks[pos / bs], layer);
+                    vb = kvd_kv_block_values(pool, blocks[pos / bs], layer);
+                }
+                size_t slot = (size_t)kv_head * bs + (size_t)(pos % bs);
+                krow[j] = (const int8_t *)(kb + slot * row_bytes);
+                memcpy(&kbits[j], kb + scales_at + slot * sizeof kbits[j], sizeof kbits[j]);
+                memcpy(&vbits[j], vb + scales_at + slot * sizeof vbits[j], sizeof vbits[j]);
+                const int8_t *vrow = (const int8_t *)(vb + slot * row_bytes);
+                int d = 0;
+                for (; d + 16 <= hd; d += 16)
+                    v16_store(vt + (size_t)j * hd_pad + d, v16_load_i8_n(vrow + d, 16));
+                if (d < hd)
+                    v16_store_n(vt + (size_t)j * hd_pad + d, v16_load_i8_n(vrow + d, hd - d), hd - d);
+                /* the next tile's row and scales: memory, not cache (see the other path) */
+                int ahead = pos + TILE;
+                if (ahead <= last) {
+                    if (!next_kb || ahead % bs == 0) {
+                        next_kb = kvd_kv_block_keys(pool, blocks[ahead / bs], layer);
+                        next_vb = kvd_kv_block_values(pool, blocks[ahead / bs], layer);
+                    }
+                    size_t at = (size_t)kv_head * bs + (size_t)(ahead % bs);
+                    for (size_t b = 0; b < row_bytes; b += 64) {
+                        v16_prefetch(next_kb + at * row_bytes + b);
+                        v16_prefetch(next_vb + at * row_bytes + b);
+                    }
+                    v16_prefetch(next_kb + scales_at + at * sizeof(uint16_t));
+                    v16_prefetch(next_vb + scales_at + at * sizeof(uint16_t));
+                }
+            }
+            for (int j = 0; j < nt; j += 16) {
+                int n = nt - j < 16 ? nt - j : 16;
+                v16_store_n(kscale + j, v16_load_f16_n(kbits + j, n), n);
+                v16_store_n(vscale + j, v16_load_f16_n(vbits + j, n), n);
+            }
+            pack_k_i8(kt, krow, nt, hd);
+            for (int i = r0; i < r1; i++) {
+                int nk = visible_keys(q, i, t0, nt);
+                if (nk == 0)
+                    continue;
+                for (int g = 0; g < group; g++) {
+                    int s = (i - r0) * group + g;
+                    dots_i8(scores, kt, krow, st_q32 + (size_t)s * c16, st_qsum[s], nk, hd);
+                    v16 qs = v16_set1(st_qs[s]), mv = v16_set1(-INFINITY);
+                    for (int j = 0; j < nk; j += 16) {
+                        int n = nk - j < 16 ? nk - j : 16;
+                        v16 sc = v16_mul(v16_load_n(scores + j, n), v16_mul(v16_load_n(kscale + j, n), qs));
+                        v16_store_n(scores + j, sc, n);
+                        mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
+                    }
+                    fold_softmax_v(v16_hmax(mv), scores, vscale, nk, hd, hd_pad, vt, &st_m[s],
+                                   &st_l[s], st_acc + (size_t)s * hd_pad);
+                }
+            }
+        }
+        write_out(q, kv_head, group, hd, hd_pad, r0, r1, st_l, st_acc);
+    }
+}
+
 size_t KVD_VEC_FN(kvd_attention_scratch_floats)(const kvd_attention_shape *shape)
 {
     size_t hd_pad = (size_t)round16(shape->head_dim);
     size_t group = (size_t)(shape->num_heads / shape->num_kv_heads);
     size_t states = (size_t)ROW_CHUNK * group;
-    return 2 * TILE * hd_pad + round16(TILE) + 2 * (size_t)round16((int)states) + states * hd_pad;
+    size_t floats = 2 * TILE * hd_pad + round16(TILE) + 2 * (size_t)round16((int)states) + states * hd_pad;
+    size_t floats_i8 = scratch_floats_i8(shape->head_dim, (int)group);
+    return floats > floats_i8 ? floats : floats_i8;
 }
 
 void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
@@ -195,6 +464,10 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                                           int row_begin, int row_end, float *scratch)
 {
     const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
+    if (cfg->dtype == KVD_DTYPE_I8) {
+        paged_attention_part_i8(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
+        return;
+    }
     int bs = cfg->block_size;
     int dtype = (int)cfg->dtype;
     size_t esize = kvd_dtype_size(cfg->dtype);
@@ -220,8 +493,6 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
         memset(st_acc, 0, (size_t)nstates * hd_pad * sizeof(float));
         int last = q->first_pos + r1 - 1;
         size_t row_bytes = (size_t)hd * esize;
-        /* int8 pages: each row's f16 scale, after all the block's values (kvd_kv.h) */
-        size_t scales_at = (size_t)shape->num_kv_heads * bs * row_bytes;
         prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, 0, last < TILE ? last + 1 : TILE);
         for (int t0 = 0; t0 <= last; t0 += TILE) {
             int nt = last + 1 - t0 < TILE ? last + 1 - t0 : TILE;
@@ -232,16 +503,8 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 size_t offset = slot * row_bytes;
                 const char *kb = kvd_kv_block_keys(pool, block, layer);
                 const char *vb = kvd_kv_block_values(pool, block, layer);
-                if (cfg->dtype == KVD_DTYPE_I8) {
-                    uint16_t ks, vs;
-                    memcpy(&ks, kb + scales_at + slot * sizeof ks, sizeof ks);
-                    memcpy(&vs, vb + scales_at + slot * sizeof vs, sizeof vs);
-                    widen_row_i8(kt + (size_t)j * hd_pad, (const int8_t *)(kb + offset), ks, hd);
-                    widen_row_i8(vt + (size_t)j * hd_pad, (const int8_t *)(vb + offset), vs, hd);
-                } else {
-                    widen_row(kt + (size_t)j * hd_pad, kb + offset, dtype, hd);
-                    widen_row(vt + (size_t)j * hd_pad, vb + offset, dtype, hd);
-                }
+                widen_row(kt + (size_t)j * hd_pad, kb + offset, dtype, hd);
+                widen_row(vt + (size_t)j * hd_pad, vb + offset, dtype, hd);
                 /* The cache's rows come from memory (a step touches every sequence's
                  * whole context once): ask for the next tile's while this one is
                  * folded, or every row waits for DRAM. */
@@ -249,10 +512,9 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                     prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, pos + TILE, pos + TILE + 1);
             }
             for (int i = r0; i < r1; i++) {
-                int pos = q->first_pos + i;
-                if (pos < t0)
+                int nk = visible_keys(q, i, t0, nt);
+                if (nk == 0)
                     continue;
-                int nk = pos + 1 - t0 < nt ? pos + 1 - t0 : nt;
                 for (int g = 0; g < group; g++) {
                     int h = kv_head * group + g;
                     int s = (i - r0) * group + g;
@@ -262,19 +524,7 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 }
             }
         }
-        for (int i = r0; i < r1; i++) {
-            for (int g = 0; g < group; g++) {
-                int h = kv_head * group + g;
-                int s = (i - r0) * group + g;
-                float *out = q->out + (size_t)i * q->out_stride + (size_t)h * hd;
-                const float *acc = st_acc + (size_t)s * hd_pad;
-                v16 lv = v16_set1(st_l[s]);
-                for (int d = 0; d < hd; d += 16) {
-                    int n = hd - d < 16 ? hd - d : 16;
-                    v16_store_n(out + d, v16_div(v16_load_n(acc + d, n), lv), n);
-                }
-            }
-        }
+        write_out(q, kv_head, group, hd, hd_pad, r0, r1, st_l, st_acc);
     }
 }
 
@@ -329,6 +579,8 @@ void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_bloc
 #include <omp.h>
 #include <stdlib.h>
 
+#include "kvd/kvd_quant.h"
+
 size_t kvd_attention_scratch_floats_avx512(const kvd_attention_shape *shape);
 void kvd_paged_attention_part_avx512(const kvd_kv_pool *pool, int layer,
                                      const kvd_attention_shape *shape,
@@ -346,7 +598,9 @@ void kvd_paged_attention_part(kvd_isa isa, const kvd_kv_pool *pool, int layer,
                               const kvd_attention_shape *shape, const kvd_attention_query *q,
                               int kv_head, int row_begin, int row_end, float *scratch)
 {
-    if (kvd_isa_avx512(isa))
+    /* int8 pages take VPDPBUSD: AVX-512 CPUs without VNNI (Skylake-SP) run them scalar */
+    if (kvd_isa_avx512(isa) &&
+        (kvd_kv_pool_config(pool)->dtype != KVD_DTYPE_I8 || kvd_quant_vnni_supported()))
         kvd_paged_attention_part_avx512(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
     else
         kvd_paged_attention_part_scalar(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);

@@ -231,3 +231,13 @@ int kvd_argmax(const float *x, int n)
             best = i;
     return best;
 }
+
+float kvd_top_margin(const float *x, int n)
+{
+    int best = kvd_argmax(x, n);
+    float second = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (i != best && x[i] > second)
+            second = x[i];
+    return x[best] - second;
+}
