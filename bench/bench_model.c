@@ -292,6 +292,7 @@ int main(int argc, char **argv)
     kvd_error err = {0};
     bench b = {0};
     double t_load = now_seconds();
+    load_opts.threads = threads;
     b.model = kvd_model_load(dir, &load_opts, &err);
     if (!b.model) {
         fprintf(stderr, "bench_model: %s (generate it: kvd-mkmodel --preset qwen2.5-0.5b --out %s "
