@@ -69,7 +69,7 @@ model_bytes() {
   if [ -d "$1" ]; then du -cb "$1"/*.safetensors | tail -1 | cut -f1; else stat -c %s "$1"; fi
 }
 
-mem_available() { awk '/^MemAvailable:/ {print $2 * 1024}' /proc/meminfo; }
+mem_available() { echo $(( $(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024 )); }
 
 gb() { awk -v b="$1" 'BEGIN {printf "%.2f", b / 1e9}'; }
 
