@@ -14,10 +14,12 @@
 # 2 GiB (7B bf16 needs about 17 GiB free). The raw bench_model output goes to
 # FILE.log, the Markdown table to FILE (default bench/results/shapes.md) and stdout.
 #
-# Run time on an idle 2-core Zen 5 (files already made): about 20 minutes, 7B bf16 and 7B
-# Q4_K_M prefill are the longest (see docs/benchmarks.md). Making every file first adds
-# about 10 minutes (the 7B bf16 safetensors: 15.2 GB) plus the quantization (7B Q4_K_M is
-# the longest: see docs/benchmarks.md). Disk: about 40 GB for all nine models.
+# Run time on an idle 2-core Zen 5 (estimated from the CPU-seconds measured under load,
+# never timed end to end on a quiet machine): about 10 minutes with the files made (7B bf16
+# and the 16-sequence runs of 7B are the longest); making every file first adds about 15
+# minutes (kvd-mkmodel: the 7B bf16 safetensors is 15.2 GB; kvd-quantize on 2 threads:
+# 1.5B q4_k_m 85 CPU-seconds, 7B q8_0 58, 7B q4_k_m about 450). Disk: about 40 GB for all
+# nine models. 7B bf16 needs about 17 GiB of RAM free, or its row says it was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build models=models shapes="0.5b 1.5b 7b" types="bf16 q8_0 q4_k_m" threads=2
