@@ -60,7 +60,9 @@ model_of() {
   if [ ! -f "$file" ]; then
     echo "+ kvd-quantize $dir $file --type $type" >&2
     local t0=$SECONDS
-    "$build/tools/kvd-quantize" "$dir" "$file" --type "$type" >&2
+    # under another name until complete: an interrupted run leaves no plausible file
+    "$build/tools/kvd-quantize" "$dir" "$file.part" --type "$type" >&2
+    mv "$file.part" "$file"
     echo "  ($((SECONDS - t0)) s)" >&2
   fi
   echo "$file"
