@@ -70,7 +70,7 @@ model_of() {
 
 # Bytes of a model's weight files.
 model_bytes() {
-  if [ -d "$1" ]; then du -cb "$1"/*.safetensors | tail -1 | cut -f1; else stat -c %s "$1"; fi
+  if [ -d "$1" ]; then du -cbL "$1"/*.safetensors | tail -1 | cut -f1; else stat -L -c %s "$1"; fi
 }
 
 mem_available() { echo $(( $(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024 )); }
