@@ -112,7 +112,9 @@ static void load_model(kvd_loader *l)
     }
     /* Small checkpoints load in milliseconds: progress lines would only be noise. */
     kvd_model_load_options opts = {.progress = true, .progress_min_bytes = 64u << 20,
-                                   .quantize = cfg->quantize[0] ? cfg->quantize : NULL};
+                                   .quantize = cfg->quantize[0] ? cfg->quantize : NULL,
+                                   .threads = cfg->threads > 0 ? cfg->threads
+                                                               : (int)sysconf(_SC_NPROCESSORS_ONLN)};
     l->model = kvd_model_load(cfg->model, &opts, &l->err);
     if (!l->model) {
         l->rc = l->err.code ? l->err.code : KVD_EIO;

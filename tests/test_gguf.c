@@ -371,7 +371,23 @@ static void test_quantize_at_load(void **state)
     assert_int_equal(m->layers[1].down_proj.dtype, KVD_DTYPE_Q8_0);
     assert_int_equal(m->layers[1].up_proj.dtype, KVD_DTYPE_Q5_0);
     assert_ptr_equal(m->lm_head.data, m->embed_tokens.data);
+    /* converted by several threads: the same bytes as by one */
+    opts.threads = 3;
+    kvd_model *threaded = kvd_model_load(getenv("KVD_TINY_MODEL"), &opts, &err);
+    if (!threaded)
+        fail_msg("%s", err.msg);
+    const kvd_matrix *one[] = {&m->embed_tokens, &m->layers[0].q_proj, &m->layers[1].down_proj,
+                               &m->layers[1].up_proj};
+    const kvd_matrix *many[] = {&threaded->embed_tokens, &threaded->layers[0].q_proj,
+                                &threaded->layers[1].down_proj, &threaded->layers[1].up_proj};
+    for (size_t i = 0; i < sizeof one / sizeof one[0]; i++) {
+        assert_int_equal(one[i]->dtype, many[i]->dtype);
+        assert_memory_equal(one[i]->data, many[i]->data,
+                            kvd_matrix_packed_bytes(one[i]->dtype, one[i]->rows, one[i]->cols));
+    }
+    kvd_model_destroy(threaded);
     kvd_model_destroy(m);
+    opts.threads = 0;
     opts.quantize = "q3_k";
     assert_null(kvd_model_load(getenv("KVD_TINY_MODEL"), &opts, &err));
     assert_int_equal(err.code, KVD_EINVAL);

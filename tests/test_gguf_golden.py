@@ -9,6 +9,8 @@ files) as Q8_0, Q4_0 and Q4_K_M GGUFs. Against llama.cpp's own numbers
   this script's own GGUF walk) to llama.cpp's float32 sha256: the files hold llama.cpp's
   values, so what follows runs on llama.cpp's weights;
 - the BF16 GGUF of the fixture (KVD_TINY_GGUF) requantized gives the same tensors;
+- kvd-quantize --threads 1 and --threads 5 write the same bytes as the default (one
+  thread per CPU): the threaded encoder only divides the rows;
 - kvd-gen --quantize T on the safetensors fixture gives the same ids as the file;
 - kvd-gen's greedy ids (f32 KV cache, 32 tokens) equal llama-server's for the four
   prompts, except at near-ties: teacher-forced on llama.cpp's ids (gguf_tool), kvd's
@@ -120,6 +122,13 @@ def main():
                 elif dequant_sha256(t, raw) != w["dequant_f32_sha256"]:
                     failures.append(f"{fname} {name}: dequantized values differ from llama.cpp's")
             print(f"{fname}: {len(want['tensors'])} tensors, types and sha256 checked")
+            whole = open(path, "rb").read()
+            for threads in ("1", "5"):
+                other = os.path.join(tmp, f"threads{threads}-" + fname)
+                subprocess.run([quantize, tiny, other, "--type", kind, "--threads", threads],
+                               check=True, stderr=subprocess.DEVNULL)
+                if open(other, "rb").read() != whole:
+                    failures.append(f"{fname}: --threads {threads} wrote different bytes")
             # GGUF in: the BF16 GGUF of the same fixture requantized gives the same tensors
             gguf_in = os.environ.get("KVD_TINY_GGUF")
             if gguf_in and os.path.isfile(gguf_in):

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "kvd/kvd_forward.h"
 #include "kvd/kvd_kernels.h"
@@ -276,7 +277,9 @@ static int run(const gen_options *o, gen_state *g)
     if (n == 0)
         return fail("the prompt is empty");
 
-    kvd_model_load_options load = {.quantize = o->quantize};
+    kvd_model_load_options load = {.quantize = o->quantize,
+                                   .threads = o->threads > 0 ? o->threads
+                                                             : (int)sysconf(_SC_NPROCESSORS_ONLN)};
     g->model = kvd_model_load(o->model_dir, &load, &err);
     if (!g->model)
         return fail("%s", err.msg);

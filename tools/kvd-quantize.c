@@ -1,6 +1,6 @@
 /* kvd-quantize - writes a Qwen2 checkpoint as a GGUF file of another tensor type.
  *
- *   kvd-quantize IN OUT.gguf --type T
+ *   kvd-quantize IN OUT.gguf --type T [--threads N]
  *
  * IN is a Hugging Face checkpoint directory (config.json, model.safetensors or shards,
  * tokenizer.json, tokenizer_config.json) or a qwen2 GGUF file. T is f32, f16, bf16, q8_0,
@@ -10,6 +10,11 @@
  * llama-quantize's. The file carries the keys llama.cpp's qwen2 loader reads, the
  * tokenizer (tokenizer.ggml.*, as llama.cpp's converter writes it) and the chat template
  * of tokenizer_config.json; from a GGUF every key is copied except the file type.
+ *
+ * Rows are encoded by N threads (default: the online CPUs) a chunk at a time
+ * (kvd_rows_convert: each row's bytes depend on that row alone, and the chunk is
+ * written in row order), so the file is byte for byte the one a single thread writes. Source pages already read are dropped from
+ * the process (kvd_st_release_pages): a 15 GB checkpoint does not stay resident.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -20,6 +25,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvd/kvd_gguf.h"
 #include "kvd/kvd_model.h"
@@ -355,23 +361,31 @@ static int plan(source *s, const kvd_gguf_mix *tg, out_tensor **out, int *count)
     return 0;
 }
 
-/* Writes one tensor's rows in its target type; row buffers are the caller's. */
-static int write_tensor(FILE *f, const out_tensor *t, float *row, uint8_t *packed)
+/* Output bytes encoded per chunk: large enough that starting the threads is noise,
+ * small enough to stay a few tens of MB. */
+#define CHUNK_BYTES ((size_t)32 << 20)
+
+/* Writes one tensor's rows in its target type, a chunk at a time converted by `threads`
+ * threads (kvd_rows_convert) into out (CHUNK_BYTES, or one row if that is larger). */
+static int write_tensor(FILE *f, const out_tensor *t, int threads, uint8_t *out)
 {
     size_t src_row = kvd_dtype_row_bytes(t->src_dtype, t->cols);
     size_t dst_row = kvd_dtype_row_bytes(t->dtype, t->cols);
-    for (int64_t r = 0; r < t->rows; r++) {
-        const uint8_t *in = t->src + (size_t)r * src_row;
+    int64_t rows_per_chunk = (int64_t)(CHUNK_BYTES / dst_row);
+    if (rows_per_chunk < 1)
+        rows_per_chunk = 1;
+    for (int64_t first = 0; first < t->rows; first += rows_per_chunk) {
+        int64_t count = t->rows - first < rows_per_chunk ? t->rows - first : rows_per_chunk;
+        const uint8_t *in = t->src + (size_t)first * src_row;
+        size_t bytes = (size_t)count * dst_row;
         if (t->src_dtype == t->dtype) { /* same type: the bytes as they are */
-            if (fwrite(in, 1, dst_row, f) != dst_row)
+            if (fwrite(in, 1, bytes, f) != bytes)
                 return -1;
-            continue;
+        } else if (kvd_rows_convert(t->dtype, out, t->src_dtype, in, count, t->cols, threads) < 0 ||
+                   fwrite(out, 1, bytes, f) != bytes) {
+            return -1;
         }
-        if (kvd_dequantize_row(t->src_dtype, in, row, t->cols) < 0 ||
-            kvd_row_encode(t->dtype, row, packed, t->cols) < 0)
-            return -1;
-        if (fwrite(packed, 1, dst_row, f) != dst_row)
-            return -1;
+        kvd_st_release_pages(in, (size_t)count * src_row);
     }
     return 0;
 }
@@ -387,10 +401,14 @@ static const char *base_name(const char *path)
 
 int main(int argc, char **argv)
 {
-    const char *in = NULL, *out = NULL, *type = NULL;
+    const char *in = NULL, *out = NULL, *type = NULL, *threads_arg = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--type") == 0 && i + 1 < argc)
             type = argv[++i];
+        else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
+            threads_arg = argv[++i];
+        else if (strncmp(argv[i], "--threads=", 10) == 0)
+            threads_arg = argv[i] + 10;
         else if (strncmp(argv[i], "--type=", 7) == 0)
             type = argv[i] + 7;
         else if (argv[i][0] == '-')
@@ -403,10 +421,21 @@ int main(int argc, char **argv)
             in = out = NULL, i = argc;
     }
     const kvd_gguf_mix *tg = kvd_gguf_mix_find(type);
-    if (!in || !out || !tg) {
-        fprintf(stderr, "usage: kvd-quantize IN OUT.gguf --type T\n"
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    long nthreads = online < 1 ? 1 : online > KVD_CONVERT_MAX_THREADS ? KVD_CONVERT_MAX_THREADS : online;
+    char *end = NULL;
+    if (threads_arg) {
+        errno = 0;
+        nthreads = strtol(threads_arg, &end, 10);
+    }
+    bool threads_ok = !threads_arg || (errno == 0 && end != threads_arg && *end == '\0' &&
+                                       nthreads >= 1 && nthreads <= KVD_CONVERT_MAX_THREADS);
+    if (!in || !out || !tg || !threads_ok) {
+        fprintf(stderr, "usage: kvd-quantize IN OUT.gguf --type T [--threads N]\n"
                         "  IN: a Hugging Face Qwen2 checkpoint directory or a qwen2 GGUF file\n"
-                        "  T: %s\n", kvd_gguf_mix_names());
+                        "  T: %s\n"
+                        "  N: encoding threads, 1-%d (default: the online CPUs); the file is\n"
+                        "     the same for every N\n", kvd_gguf_mix_names(), KVD_CONVERT_MAX_THREADS);
         return 2;
     }
     source s = {.dir = in};
@@ -464,9 +493,9 @@ int main(int argc, char **argv)
     FILE *f = fopen(out, "wb");
     if (!f)
         return die("%s: cannot create: %s", out, strerror(errno));
-    float *row = malloc((size_t)max_cols * sizeof *row);
-    uint8_t *packed = malloc((size_t)max_cols * 4);
-    int rc = row && packed && fwrite(header, 1, header_len, f) == header_len ? 0 : -1;
+    size_t max_row_bytes = (size_t)max_cols * 4; /* no type takes more than f32 */
+    uint8_t *chunk = malloc(CHUNK_BYTES > max_row_bytes ? CHUNK_BYTES : max_row_bytes);
+    int rc = chunk && fwrite(header, 1, header_len, f) == header_len ? 0 : -1;
     uint64_t written = 0;
     for (int i = 0; i < n && rc == 0; i++) {
         static const uint8_t zeros[64];
@@ -474,7 +503,7 @@ int main(int argc, char **argv)
             rc = fwrite(zeros, 1, (size_t)(ts[i].offset - written), f) ==
                          (size_t)(ts[i].offset - written) ? 0 : -1;
         if (rc == 0)
-            rc = write_tensor(f, &ts[i], row, packed);
+            rc = write_tensor(f, &ts[i], (int)nthreads, chunk);
         written = ts[i].offset + kvd_dtype_row_bytes(ts[i].dtype, ts[i].cols) * (uint64_t)ts[i].rows;
     }
     if (fclose(f) != 0 || rc != 0) {
@@ -484,13 +513,13 @@ int main(int argc, char **argv)
     int counts[KVD_DTYPE_COUNT] = {0};
     for (int i = 0; i < n; i++)
         counts[ts[i].dtype]++;
-    fprintf(stderr, "kvd-quantize: wrote %s (%s):", out, tg->name);
+    fprintf(stderr, "kvd-quantize: wrote %s (%s, %ld thread%s):", out, tg->name, nthreads,
+            nthreads == 1 ? "" : "s");
     for (int d = 0; d < KVD_DTYPE_COUNT; d++)
         if (counts[d])
             fprintf(stderr, " %d %s", counts[d], kvd_dtype_name((kvd_dtype)d));
     fputc('\n', stderr);
-    free(row);
-    free(packed);
+    free(chunk);
     free(ts);
     kvd_gguf_writer_deinit(&w);
     for (int i = 0; i < s.num_st; i++)

@@ -69,9 +69,11 @@ def program(args, rel):
 
 
 def ensure_model(args):
-    """Makes the qwen2.5-0.5b preset checkpoint when the default model dir is absent."""
+    """Makes the qwen2.5-0.5b preset checkpoint when the default model dir is absent.
+    A GGUF file (kvd-quantize's) is taken as it is."""
     model = path(args.model)
-    if os.path.isfile(os.path.join(model, "config.json")):
+    if os.path.isfile(os.path.join(model, "config.json")) or \
+            (os.path.isfile(model) and model.endswith(".gguf")):
         return model
     if os.path.normpath(args.model) != os.path.normpath("models/bench-0.5b"):
         fail("%s: no config.json (only models/bench-0.5b is made on demand)" % model)

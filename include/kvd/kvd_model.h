@@ -153,11 +153,22 @@ typedef struct kvd_model_load_options {
     uint64_t progress_min_bytes; /* ... only for checkpoints at least this large */
     const char *quantize;      /* NULL, or a target of kvd_gguf_mix_find (q8_0, q4_k_m, ...):
                                 * matrices are converted to its types while loading */
+    int threads;               /* threads converting for quantize (0 or 1: the caller's alone);
+                                * the weights are the same for every count */
 } kvd_model_load_options;
 
 /* dst (kvd_dtype_row_bytes(dtype, n) bytes) = src[n] stored as dtype: float types rounded
  * to nearest even, quantized ones by kvd_quantize_row. Returns 0 or KVD_EINVAL. */
 int kvd_row_encode(kvd_dtype dtype, const float *src, void *dst, int64_t n);
+
+/* dst = rows x cols of src (src_dtype, row-major) converted row by row to dst_dtype
+ * (kvd_dequantize_row, then kvd_row_encode) by up to `threads` threads (capped at
+ * KVD_CONVERT_MAX_THREADS) that take rows from a shared counter: each row's bytes depend
+ * on that row alone, so dst is the same for every thread count. Returns 0, KVD_ENOMEM,
+ * or KVD_EINVAL when a type cannot be converted (dst partly written). */
+#define KVD_CONVERT_MAX_THREADS 64
+int kvd_rows_convert(kvd_dtype dst_dtype, void *dst, kvd_dtype src_dtype, const void *src,
+                     int64_t rows, int64_t cols, int threads);
 
 /* Loads the checkpoint in dir. Returns NULL on any problem with a one-line message
  * in err naming the file and the key or tensor (missing file, truncated or corrupt

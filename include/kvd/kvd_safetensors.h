@@ -79,6 +79,13 @@ int kvd_st_file_open(kvd_st_file *f, const char *path, kvd_error *err);
 /* Unmaps and frees. Safe on a zeroed or closed file. */
 void kvd_st_file_close(kvd_st_file *f);
 
+/* Drops the pages holding data[0, len) of a read-only file mapping (a kvd_st_file's or
+ * a kvd_gguf_file's) from the process once they have been read: they stay in the page
+ * cache, but no longer count in its resident set, and a later read maps them again.
+ * Copying a file into memory this way peaks at the copy plus one chunk, not twice the
+ * file. Advisory: a refused call changes nothing. */
+void kvd_st_release_pages(const void *data, size_t len);
+
 /* First byte of t's data in f's mapping (not aligned in general: read with memcpy). */
 static inline const void *kvd_st_tensor_data(const kvd_st_file *f, const kvd_st_tensor *t)
 {

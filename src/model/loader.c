@@ -10,7 +10,9 @@
  * float; every tensor starts 64-byte aligned for vector loads. The arena is 2 MiB
  * aligned and advised for transparent huge pages (fewer TLB misses when a decode step
  * streams all weights), then made read-only, and the file mappings are dropped: after
- * loading, decoding never touches the files and never page-faults on them.
+ * loading, decoding never touches the files and never page-faults on them. The source
+ * pages of each chunk are released as soon as it is copied (kvd_st_release_pages), so
+ * the resident set peaks at the arena plus one chunk, not at twice the weights.
  *
  * A GGUF file (--model FILE.gguf, or a directory holding one .gguf and no config.json)
  * goes the same way: the config from its qwen2.* keys (gguf_model.c), its tensors under
@@ -28,6 +30,8 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -616,39 +620,121 @@ int kvd_row_encode(kvd_dtype dtype, const float *src, void *dst, int64_t n)
                                                                                     : KVD_EINVAL;
 }
 
-/* Packs w converted to w->dtype: each panel's rows are read as float, encoded (quantized
- * by llama.cpp's reference quantizers) into scratch rows and packed; packed panels are
- * independent, so panel p goes to its own place. Returns KVD_ENOMEM or 0. */
-static int convert_matrix(const wanted_tensor *w, uint8_t *dst, progress *p, int tensors_done)
+/* Rows a converting thread takes at a time from the shared counter. */
+#define CONVERT_ROWS_PER_TAKE 8
+
+typedef struct convert_job {
+    kvd_dtype dst_dtype, src_dtype;
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t dst_row, src_row;
+    int64_t rows, cols;
+    atomic_llong next;      /* next row to take */
+    atomic_int failed;
+} convert_job;
+
+typedef struct convert_worker {
+    convert_job *job;
+    float *row;             /* cols floats, this thread's own */
+} convert_worker;
+
+static void *convert_rows_worker(void *arg)
+{
+    convert_worker *wk = arg;
+    convert_job *j = wk->job;
+    for (;;) {
+        int64_t r0 = atomic_fetch_add(&j->next, CONVERT_ROWS_PER_TAKE);
+        if (r0 >= j->rows)
+            break;
+        int64_t r1 = r0 + CONVERT_ROWS_PER_TAKE < j->rows ? r0 + CONVERT_ROWS_PER_TAKE : j->rows;
+        for (int64_t r = r0; r < r1; r++)
+            if (kvd_dequantize_row(j->src_dtype, j->src + (size_t)r * j->src_row, wk->row,
+                                   j->cols) < 0 ||
+                kvd_row_encode(j->dst_dtype, wk->row, j->dst + (size_t)r * j->dst_row, j->cols) < 0)
+                atomic_store(&j->failed, 1);
+    }
+    return NULL;
+}
+
+int kvd_rows_convert(kvd_dtype dst_dtype, void *dst, kvd_dtype src_dtype, const void *src,
+                     int64_t rows, int64_t cols, int threads)
+{
+    convert_job job = {.dst_dtype = dst_dtype, .src_dtype = src_dtype, .dst = dst, .src = src,
+                       .dst_row = kvd_dtype_row_bytes(dst_dtype, cols),
+                       .src_row = kvd_dtype_row_bytes(src_dtype, cols), .rows = rows,
+                       .cols = cols};
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    int64_t takes = (rows + CONVERT_ROWS_PER_TAKE - 1) / CONVERT_ROWS_PER_TAKE;
+    int n = threads < 1 ? 1 : threads > KVD_CONVERT_MAX_THREADS ? KVD_CONVERT_MAX_THREADS : threads;
+    if (n > takes)
+        n = takes < 1 ? 1 : (int)takes;
+    convert_worker workers[KVD_CONVERT_MAX_THREADS];
+    pthread_t tids[KVD_CONVERT_MAX_THREADS];
+    int made = 0, started = 0, rc = 0;
+    for (; made < n; made++) {
+        workers[made] = (convert_worker){.job = &job, .row = malloc((size_t)cols * sizeof(float))};
+        if (!workers[made].row)
+            break;
+    }
+    if (made == 0)
+        return KVD_ENOMEM;
+    /* Threads that cannot start are not needed: the running ones take every row. */
+    for (int i = 1; i < made; i++, started++)
+        if (pthread_create(&tids[started], NULL, convert_rows_worker, &workers[i]) != 0)
+            break;
+    convert_rows_worker(&workers[0]);
+    for (int i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    for (int i = 0; i < made; i++)
+        free(workers[i].row);
+    if (atomic_load(&job.failed))
+        rc = KVD_EINVAL;
+    return rc;
+}
+
+/* Packs w converted to w->dtype: groups of panels (about COPY_CHUNK_BYTES of encoded
+ * rows) are converted row by row by `threads` threads (kvd_rows_convert: llama.cpp's
+ * reference quantizers, the same bytes for any thread count) into scratch rows, then
+ * packed; packed panels are independent, so panel p goes to its own place. Returns
+ * KVD_ENOMEM or 0. */
+static int convert_matrix(const wanted_tensor *w, uint8_t *dst, int threads, progress *p,
+                          int tensors_done)
 {
     const tensor_source *t = &w->src;
     size_t src_row = kvd_dtype_row_bytes(t->dtype, w->cols);
     size_t dst_row = kvd_dtype_row_bytes(w->dtype, w->cols);
     size_t panel_bytes = kvd_matrix_packed_bytes(w->dtype, KVD_PANEL_ROWS, w->cols);
-    float *row = malloc((size_t)w->cols * sizeof *row);
-    uint8_t *scratch = malloc(dst_row * KVD_PANEL_ROWS);
-    if (!row || !scratch) {
-        free(row);
-        free(scratch);
-        return KVD_ENOMEM;
-    }
     int panels = kvd_matrix_panels(w->rows);
-    for (int pn = 0; pn < panels; pn++) {
-        int first = pn * KVD_PANEL_ROWS;
-        int n = w->rows - first < KVD_PANEL_ROWS ? w->rows - first : KVD_PANEL_ROWS;
-        for (int r = 0; r < n; r++) {
-            kvd_dequantize_row(t->dtype, t->data + (size_t)(first + r) * src_row, row, w->cols);
-            kvd_row_encode(w->dtype, row, scratch + (size_t)r * dst_row, w->cols);
+    int group = (int)(COPY_CHUNK_BYTES / (dst_row * KVD_PANEL_ROWS)) + 1;
+    if (group > panels)
+        group = panels;
+    uint8_t *scratch = malloc(dst_row * KVD_PANEL_ROWS * (size_t)group);
+    if (!scratch)
+        return KVD_ENOMEM;
+    for (int p0 = 0; p0 < panels; p0 += group) {
+        int p1 = panels - p0 < group ? panels : p0 + group;
+        int first = p0 * KVD_PANEL_ROWS;
+        int n = (p1 * KVD_PANEL_ROWS < w->rows ? p1 * KVD_PANEL_ROWS : w->rows) - first;
+        const uint8_t *src = t->data + (size_t)first * src_row;
+        if (kvd_rows_convert(w->dtype, scratch, t->dtype, src, n, w->cols, threads) < 0) {
+            free(scratch);
+            return KVD_ENOMEM;
         }
-        kvd_matrix_pack(dst + (size_t)pn * panel_bytes, w->dtype, n, w->cols, scratch, 0, 1);
-        progress_advance(p, src_row * (uint64_t)n, tensors_done + (pn + 1 == panels));
+        for (int pn = p0; pn < p1; pn++) {
+            int rows = w->rows - pn * KVD_PANEL_ROWS < KVD_PANEL_ROWS ? w->rows - pn * KVD_PANEL_ROWS
+                                                                     : KVD_PANEL_ROWS;
+            kvd_matrix_pack(dst + (size_t)pn * panel_bytes, w->dtype, rows, w->cols,
+                            scratch + (size_t)(pn - p0) * KVD_PANEL_ROWS * dst_row, 0, 1);
+        }
+        kvd_st_release_pages(src, (size_t)n * src_row);
+        progress_advance(p, src_row * (uint64_t)n, tensors_done + (p1 == panels));
     }
-    free(row);
     free(scratch);
     return 0;
 }
 
-static int copy_tensors(load_state *st, uint8_t *arena, progress *p, kvd_error *err)
+static int copy_tensors(load_state *st, uint8_t *arena, int threads, progress *p, kvd_error *err)
 {
     for (int i = 0; i < st->num_wanted; i++) {
         const wanted_tensor *w = &st->wanted[i];
@@ -656,7 +742,7 @@ static int copy_tensors(load_state *st, uint8_t *arena, progress *p, kvd_error *
         const uint8_t *src = t->data;
         uint8_t *dst = arena + w->arena_offset;
         if (w->cols > 0 && w->dtype != t->dtype) {
-            if (convert_matrix(w, dst, p, i) < 0)
+            if (convert_matrix(w, dst, threads, p, i) < 0)
                 return kvd_error_set(err, KVD_ENOMEM, "%s: out of memory converting %s",
                                      st->dir, w->name);
             *w->matrix = (kvd_matrix){.dtype = w->dtype, .rows = w->rows, .cols = w->cols,
@@ -671,12 +757,14 @@ static int copy_tensors(load_state *st, uint8_t *arena, progress *p, kvd_error *
                 kvd_matrix_pack(dst, t->dtype, w->rows, w->cols, src, p0, p1);
                 uint64_t done = t->bytes * (uint64_t)p1 / (uint64_t)panels;
                 uint64_t before = t->bytes * (uint64_t)p0 / (uint64_t)panels;
+                kvd_st_release_pages(src + before, (size_t)(done - before));
                 progress_advance(p, done - before, i + (p1 == panels));
             }
             *w->matrix = (kvd_matrix){.dtype = t->dtype, .rows = w->rows, .cols = w->cols,
                                       .data = dst};
         } else {
             convert_to_f32((float *)(void *)dst, src, t);
+            kvd_st_release_pages(src, (size_t)t->bytes);
             *w->vector = (const float *)(const void *)dst;
             progress_advance(p, t->bytes, i + 1);
         }
@@ -766,7 +854,7 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
     progress prog = {.enabled = opts && opts->progress, .dir = dir, .total_bytes = source_bytes,
                      .min_bytes = opts ? opts->progress_min_bytes : 0,
                      .total_tensors = st.num_wanted, .next_percent = PROGRESS_STEP_PERCENT};
-    if ((rc = copy_tensors(&st, impl->arena, &prog, err)) < 0)
+    if ((rc = copy_tensors(&st, impl->arena, opts ? opts->threads : 1, &prog, err)) < 0)
         goto fail;
     if (model->config.tie_word_embeddings)
         model->lm_head = model->embed_tokens;

@@ -357,6 +357,19 @@ int kvd_st_file_open(kvd_st_file *f, const char *path, kvd_error *err)
     return 0;
 }
 
+void kvd_st_release_pages(const void *data, size_t len)
+{
+    if (!data || len == 0)
+        return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    /* Whole pages around the range: the mapping starts on a page and its last page is
+     * mapped whole, so the rounded range stays inside it; a neighbour's page dropped
+     * here is simply read back from the page cache. */
+    uintptr_t begin = (uintptr_t)data & ~(page - 1);
+    uintptr_t end = ((uintptr_t)data + len + page - 1) & ~(page - 1);
+    madvise((void *)begin, end - begin, MADV_DONTNEED);
+}
+
 void kvd_st_file_close(kvd_st_file *f)
 {
     if (!f)
