@@ -273,6 +273,9 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
         goto fail;
     /* Stats are valid before the first step (the pool's size, all blocks free). */
     kvd_kv_stats_get(e->pool, &e->stats.kv);
+    e->stats.disk_configured = e->sched.disk != NULL;
+    if (e->sched.disk)
+        kvd_kvdisk_stats_get(e->sched.disk, &e->stats.disk);
     return e;
 
 fail:
