@@ -110,17 +110,13 @@ static void render_disk(kvd_sbuf *out, const kvd_engine_stats *st)
     counter_u(out, "kvd:kv_disk_writes_dropped_total", "Evicted pages not written (queue full or tier off).",
               d->writes_dropped);
     static const double bounds[KVD_KVDISK_LATENCY_BUCKETS] = KVD_KVDISK_LATENCY_BOUNDS;
-    const char *name = "kvd:kv_disk_load_seconds";
-    family(out, name, "histogram", "Time from queueing a load of a prompt's pages to having them in the pool.");
-    uint64_t cumulative = 0;
-    for (int i = 0; i < KVD_KVDISK_LATENCY_BUCKETS; i++) {
-        cumulative += d->load_latency_counts[i];
-        kvd_sbuf_printf(out, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, bounds[i], cumulative);
-    }
-    cumulative += d->load_latency_counts[KVD_KVDISK_LATENCY_BUCKETS];
-    kvd_sbuf_printf(out, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, cumulative);
-    kvd_sbuf_printf(out, "%s_sum %.9g\n", name, d->load_latency_sum);
-    kvd_sbuf_printf(out, "%s_count %" PRIu64 "\n", name, d->loads);
+    kvd_histogram load;
+    histogram_init(&load, bounds, KVD_KVDISK_LATENCY_BUCKETS);
+    memcpy(load.counts, d->load_latency_counts, sizeof d->load_latency_counts);
+    load.sum = d->load_latency_sum;
+    load.count = d->loads;
+    histogram(out, "kvd:kv_disk_load_seconds", "Time from queueing a load of a prompt's pages to having them in the pool.",
+              &load);
 }
 
 void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sbuf *out)
