@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -98,6 +99,20 @@ static void write_page(kvd_kvdisk *d, int i)
     assert_int_equal(kvd_kvdisk_write(d, &k, tok, data, true), 0);
 }
 
+/* The store's notify is the way to wait; a test can poll (60 s at most). */
+static kvd_kvdisk_load *wait_load(kvd_kvdisk *d)
+{
+    for (int guard = 0; guard < 60000; guard++) {
+        kvd_kvdisk_load *done = kvd_kvdisk_load_poll(d);
+        if (done)
+            return done;
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    fail_msg("a load never finished");
+    return NULL;
+}
+
 /* Loads page i (with the given token variant and key) synchronously; returns pages loaded. */
 static int load_page_as(kvd_kvdisk *d, kvd_kvdisk_key k, int i, int variant, uint8_t *out)
 {
@@ -107,12 +122,7 @@ static int load_page_as(kvd_kvdisk *d, kvd_kvdisk_key k, int i, int variant, uin
     kvd_error err = {0};
     kvd_kvdisk_load *l = kvd_kvdisk_load_submit(d, &k, tok, dst, 1, (void *)(intptr_t)i, &err);
     assert_non_null(l);
-    kvd_kvdisk_load *done = NULL;
-    for (int guard = 0; !done; guard++) {
-        assert_true(guard < 1000);
-        kvd_kvdisk_load_wait(d, 100);
-        done = kvd_kvdisk_load_poll(d);
-    }
+    kvd_kvdisk_load *done = wait_load(d);
     assert_ptr_equal(done, l);
     assert_null(done->next);
     assert_int_equal((intptr_t)done->user, i);
@@ -193,12 +203,7 @@ static void test_multi_page_load_stops_at_first_missing(void **state)
     }
     kvd_kvdisk_load *l = kvd_kvdisk_load_submit(d, keys, tok, dst, 4, NULL, NULL);
     assert_non_null(l);
-    kvd_kvdisk_load *done = NULL;
-    for (int guard = 0; !done && guard < 1000; guard++) {
-        kvd_kvdisk_load_wait(d, 100);
-        done = kvd_kvdisk_load_poll(d);
-    }
-    assert_non_null(done);
+    kvd_kvdisk_load *done = wait_load(d);
     assert_int_equal(done->pages_loaded, 2); /* page 2 is missing: 3 is never served out of order */
     uint8_t want[PAGE];
     payload_of(1, want);

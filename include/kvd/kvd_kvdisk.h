@@ -61,7 +61,7 @@ typedef struct kvd_kvdisk_config {
     void (*warn)(void *arg, const char *msg);
     void *warn_arg;
     /* A load finished (called on the I/O thread, without the store's lock); may be NULL. */
-    void (*notify)(void *arg);
+    void (*notify)(void *arg);       /* (the caller's way to wait for a load) */
     void *notify_arg;
 } kvd_kvdisk_config;
 
@@ -131,8 +131,6 @@ kvd_kvdisk_load *kvd_kvdisk_load_submit(kvd_kvdisk *d, const kvd_kvdisk_key *key
                                         void *const *dst, int num_pages, void *user, kvd_error *err);
 /* Takes every finished load (oldest first), or NULL. */
 kvd_kvdisk_load *kvd_kvdisk_load_poll(kvd_kvdisk *d);
-/* Waits until a load finishes or timeout_ms passes (for callers without a thread). */
-void kvd_kvdisk_load_wait(kvd_kvdisk *d, int timeout_ms);
 void kvd_kvdisk_load_free(kvd_kvdisk_load *load);
 
 /* Blocks until the write queue is empty (tests, shutdown). */

@@ -82,6 +82,20 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* CLOCK_REALTIME, as pthread_cond_timedwait wants it. */
+static struct timespec deadline_in(int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    return deadline;
+}
+
 /* ---- defaults ------------------------------------------------------------------ */
 
 kvd_engine_config kvd_engine_config_default(void)
@@ -747,8 +761,13 @@ int kvd_engine_step(kvd_engine *e, kvd_error *err)
     if (started)
         return kvd_error_set(err, KVD_ESTATE, "engine: kvd_engine_step while the engine thread runs");
     /* Only loads pending: the caller's loop would spin until they are back. */
-    if (e->sched.loading.len > 0 && e->sched.running.len == 0 && e->sched.waiting.len == 0)
-        kvd_kvdisk_load_wait(e->sched.disk, 100);
+    if (e->sched.loading.len > 0 && e->sched.running.len == 0 && e->sched.waiting.len == 0) {
+        struct timespec deadline = deadline_in(100);
+        pthread_mutex_lock(&e->lock);
+        while (!e->disk_ready && pthread_cond_timedwait(&e->work_cond, &e->lock, &deadline) != ETIMEDOUT)
+            ;
+        pthread_mutex_unlock(&e->lock);
+    }
     return engine_step(e, err);
 }
 
@@ -949,14 +968,7 @@ kvd_event *kvd_engine_poll_events(kvd_engine *e)
 
 void kvd_engine_wait_events(kvd_engine *e, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec deadline = deadline_in(timeout_ms);
     pthread_mutex_lock(&e->lock);
     while (!e->out_head) {
         if (pthread_cond_timedwait(&e->event_cond, &e->lock, &deadline) == ETIMEDOUT)

@@ -888,24 +888,6 @@ kvd_kvdisk_load *kvd_kvdisk_load_poll(kvd_kvdisk *d)
     return list;
 }
 
-void kvd_kvdisk_load_wait(kvd_kvdisk *d, int timeout_ms)
-{
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&d->lock);
-    while (!d->done_head) {
-        if (pthread_cond_timedwait(&d->progress, &d->lock, &deadline) == ETIMEDOUT)
-            break;
-    }
-    pthread_mutex_unlock(&d->lock);
-}
-
 void kvd_kvdisk_flush(kvd_kvdisk *d)
 {
     pthread_mutex_lock(&d->lock);

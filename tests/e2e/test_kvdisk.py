@@ -10,6 +10,7 @@ the right to mount one, the test says so and is skipped).
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,10 @@ def prompt(i):
     """About 110 tokens, distinct from the first word on."""
     words = " ".join("w%d_%d" % (i, k) for k in range(30))
     return "Session %d. %s. Answer:" % (i, words)
+
+
+def disk_daemon(dir_):
+    return Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1")
 
 
 def ask(d, text, max_tokens=8):
@@ -58,12 +63,18 @@ def page_files(dir_):
     return sorted(glob.glob(os.path.join(dir_, "*.kvp")))
 
 
+def stop_cleanly(d):
+    """SIGTERM: the drain, then the pages in RAM are written; exit status 0."""
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0
+
+
 def test_eviction_and_restart_served_from_disk():
     texts = [prompt(i) for i in range(4)]
     want = reference(texts)
     dir_ = tempfile.mkdtemp(prefix="kvd-e2e-disk-")
     try:
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             assert "KV disk tier: %s, 0 pages" % dir_ in d.output()
             for t, w in zip(texts, want):
                 assert ask(d, t)[0] == w
@@ -80,15 +91,13 @@ def test_eviction_and_restart_served_from_disk():
             assert m["kvd:kv_disk_enabled"] == 1
             status, body = d.get("/v1/kv")
             assert status == 200
-            import json
             kv = json.loads(body)
             assert kv["disk"]["enabled"] is True and kv["disk"]["pages"] >= 6, kv["disk"]
-            d.signal(signal.SIGTERM)
-            assert d.wait_exit(30) == 0
+            stop_cleanly(d)
         assert len(page_files(dir_)) >= 6
         assert not glob.glob(os.path.join(dir_, ".tmp-*"))
         # Restart: every prompt's prefix comes from disk, the answers are the same.
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             for t, w in zip(texts, want):
                 got, usage = ask(d, t)
                 assert got == w, (got, w)
@@ -105,7 +114,7 @@ def test_sigkill_while_writing_then_restart():
     want = reference(texts)
     dir_ = tempfile.mkdtemp(prefix="kvd-e2e-disk-")
     try:
-        d = Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1")
+        d = disk_daemon(dir_)
         d.start()
         try:
             for t in texts:
@@ -114,7 +123,7 @@ def test_sigkill_while_writing_then_restart():
             d.wait_exit(10)
         finally:
             d.kill()
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             # Leftover temporary files of the killed writer are gone; no page is served
             # that would change an answer.
             assert not glob.glob(os.path.join(dir_, ".tmp-*"))
@@ -131,11 +140,10 @@ def test_truncated_and_bit_flipped_files_never_served():
     want = reference(texts)
     dir_ = tempfile.mkdtemp(prefix="kvd-e2e-disk-")
     try:
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             for t in texts:
                 ask(d, t)
-            d.signal(signal.SIGTERM)
-            assert d.wait_exit(30) == 0
+            stop_cleanly(d)
         files = page_files(dir_)
         assert len(files) >= 6, files
         for k, path in enumerate(files):
@@ -148,7 +156,7 @@ def test_truncated_and_bit_flipped_files_never_served():
                     b = f.read(1)
                     f.seek(200)
                     f.write(bytes([b[0] ^ 0x04]))
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             for t, w in zip(texts, want):
                 got, _ = ask(d, t)
                 assert got == w, (got, w)
@@ -164,7 +172,7 @@ def test_dir_removed_while_running():
     texts = [prompt(300 + i) for i in range(5)]
     want = reference(texts)
     dir_ = tempfile.mkdtemp(prefix="kvd-e2e-disk-")
-    with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+    with disk_daemon(dir_) as d:
         ask(d, texts[0])
         shutil.rmtree(dir_)
         for t, w in zip(texts, want):
@@ -174,8 +182,7 @@ def test_dir_removed_while_running():
         assert "the disk tier is off" in d.output()
         got, _ = ask(d, texts[0])
         assert got == want[0]
-        d.signal(signal.SIGTERM)
-        assert d.wait_exit(30) == 0
+        stop_cleanly(d)
 
 
 def test_two_daemons_on_one_dir():
@@ -183,8 +190,8 @@ def test_two_daemons_on_one_dir():
     want = reference(texts)
     dir_ = tempfile.mkdtemp(prefix="kvd-e2e-disk-")
     try:
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as first:
-            with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as second:
+        with disk_daemon(dir_) as first:
+            with disk_daemon(dir_) as second:
                 assert "in use by another kvd" in second.output()
                 assert "running without the disk tier" in second.output()
                 assert "kvd:kv_disk_enabled" not in second.metrics()
@@ -192,10 +199,9 @@ def test_two_daemons_on_one_dir():
                     assert ask(second, t)[0] == w
                     assert ask(first, t)[0] == w
             assert first.metrics()["kvd:kv_disk_enabled"] == 1
-            first.signal(signal.SIGTERM)
-            assert first.wait_exit(30) == 0
+            stop_cleanly(first)
         # The files are the first daemon's and intact: a restart serves them.
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             got, usage = ask(d, texts[0])
             assert got == want[0] and cached(usage) > 0, usage
     finally:
@@ -216,7 +222,7 @@ def test_disk_full():
         return
     try:
         dir_ = os.path.join(mnt, "kv")
-        with Daemon(*POOL, "--kv-disk", dir_, "--kv-disk-gb", "1") as d:
+        with disk_daemon(dir_) as d:
             for t, w in zip(texts, want):
                 got, _ = ask(d, t)
                 assert got == w, (got, w)
@@ -224,8 +230,7 @@ def test_disk_full():
             assert "No space left on device" in d.output()
             for t, w in zip(texts, want):
                 assert ask(d, t)[0] == w
-            d.signal(signal.SIGTERM)
-            assert d.wait_exit(30) == 0
+            stop_cleanly(d)
     finally:
         for _ in range(20):
             if subprocess.run(["umount", mnt], capture_output=True).returncode == 0:
