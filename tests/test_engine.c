@@ -253,7 +253,12 @@ static void assert_same_output(const choice_out *a, const choice_out *b, int req
 #define NPROMPTS 32
 #define GEN_TOKENS 20
 
-typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR } det_mode;
+static void temp_dir(char *out, size_t cap);
+static void remove_dir(const char *dir);
+
+/* DET_DISK: sampled, with the disk tier under the tight pool (preempted sequences come
+ * back through disk loads). */
+typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR, DET_DISK } det_mode;
 
 /* Sampled, n = 2 for odd i, with a logit_bias, min_tokens over a few stop ids and
  * include_stop_str_in_output with a stop string: the request features beside the
@@ -361,6 +366,12 @@ static void determinism(const fixture *f, det_mode mode)
     /* All at once: 48 blocks of 16 tokens cannot hold 32 sequences of 25..220 tokens,
      * and 48-token steps split every long prompt into chunks. */
     kvd_engine_config tight = small_config(48, 48);
+    char disk_dir[512] = "";
+    if (mode == DET_DISK) {
+        temp_dir(disk_dir, sizeof disk_dir);
+        tight.kv_disk_dir = disk_dir;
+        tight.kv_disk_bytes = 64u << 20;
+    }
     e = make_engine(f, &tight);
     for (int i = 0; i < num; i++) {
         together[i].n = params[i].n;
@@ -376,15 +387,23 @@ static void determinism(const fixture *f, det_mode mode)
     }
     kvd_engine_stats st;
     kvd_engine_stats_get(e, &st);
-    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n",
-                  mode == DET_GRAMMAR ? "grammar" : mode == DET_FEATURES ? "features" : sampled ? "sampled" : "greedy",
+    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens, %llu from disk\n",
+                  mode == DET_DISK      ? "disk"
+                  : mode == DET_GRAMMAR ? "grammar"
+                  : mode == DET_FEATURES ? "features"
+                  : sampled             ? "sampled"
+                                        : "greedy",
                   (unsigned long long)st.steps, (unsigned long long)st.num_preemptions,
-                  (unsigned long long)st.kv.prefix_hit_tokens);
+                  (unsigned long long)st.kv.prefix_hit_tokens, (unsigned long long)st.disk_hit_tokens);
+    if (mode == DET_DISK)
+        assert_true(st.disk_hit_tokens > 0);
     assert_true(st.num_preemptions > 0);
     assert_int_equal(st.generation_tokens_total, total_tokens);
     assert_int_equal(st.kv.blocks_used, 0);
     assert_invariants(e);
     kvd_engine_destroy(e);
+    if (disk_dir[0])
+        remove_dir(disk_dir);
 
     for (int i = 0; i < num; i++)
         for (int c = 0; c < params[i].n; c++)
@@ -396,6 +415,11 @@ static void determinism(const fixture *f, det_mode mode)
 static void test_determinism_greedy(void **state)
 {
     determinism(*state, DET_GREEDY);
+}
+
+static void test_determinism_disk_tier(void **state)
+{
+    determinism(*state, DET_DISK);
 }
 
 static void test_determinism_sampled(void **state)
@@ -1258,6 +1282,7 @@ int main(void)
         cmocka_unit_test(test_determinism_grammar),
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_disk_tier_hits_and_restart),
+        cmocka_unit_test(test_determinism_disk_tier),
         cmocka_unit_test(test_stop_string_across_tokens),
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
         cmocka_unit_test(test_max_tokens_and_context_cap),
