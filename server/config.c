@@ -55,6 +55,8 @@ static const knob knobs[] = {
     {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},
     {"kv_num_blocks", KNOB_U64, OFF(kv_num_blocks), 0, 0, 1LL << 31, "N", "exact KV pool size in blocks; 0: from the byte budget"},
     {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32|int8", "element type of cached keys and values (int8: 8-bit pages with a scale per token and head, 1.94x the tokens of f16)"},
+    {"kv_disk", KNOB_STR, OFF(kv_disk), CAP(kv_disk), 0, 0, "DIR", "directory of the KV disk tier: pages the prefix cache evicts are kept there (and the RAM pages at shutdown), found again by later prompts and after a restart with the same model, tokenizer and KV layout; one daemon per directory; empty: no disk tier"},
+    {"kv_disk_gb", KNOB_INT, OFF(kv_disk_gb), 0, 1, 1 << 20, "GIB", "size cap of the KV disk tier's files in GiB (least recently used pages are removed first)"},
     {"quantize", KNOB_STR, OFF(quantize), CAP(quantize), 0, 0, "TYPE", "convert the weights to this type while loading (q8_0, q4_0, q4_k_m, ...; as kvd-quantize --type); empty: as stored"},
     {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
     {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
@@ -92,6 +94,7 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->kv_cache_bytes = engine.kv_cache_bytes;
     cfg->kv_num_blocks = engine.kv_num_blocks;
     cfg->kv_dtype = engine.kv_dtype;
+    cfg->kv_disk_gb = 8;
     cfg->max_num_seqs = engine.max_num_seqs;
     cfg->max_batched_tokens = engine.max_batched_tokens;
     cfg->max_queue = engine.max_queue;

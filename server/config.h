@@ -30,6 +30,8 @@ typedef struct kvd_server_config {
     uint64_t kv_cache_bytes;
     uint64_t kv_num_blocks;          /* non-zero: exact pool size, overrides kv_cache_bytes */
     kvd_dtype kv_dtype;
+    char kv_disk[KVD_CONFIG_PATH_MAX]; /* "" = no disk tier */
+    int kv_disk_gb;                  /* the disk tier's size cap, GiB */
     char quantize[16];               /* "" or a kvd-quantize type: matrices converted at load */
     int max_num_seqs;
     int max_batched_tokens;

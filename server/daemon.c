@@ -27,6 +27,13 @@
 
 /* ---- engine bridge ---- */
 
+/* The engine's warnings (the disk tier: DIR unusable, files ignored, tier off). */
+static void engine_warn(void *arg, const char *msg)
+{
+    kvd_daemon *d = arg;
+    kvd_log(&d->log, KVD_LOG_WARN, "%s", msg);
+}
+
 static void engine_notify(void *arg)
 {
     kvd_daemon *d = arg;
@@ -137,6 +144,10 @@ static void load_model(kvd_loader *l)
     ecfg.max_batched_tokens = cfg->max_batched_tokens;
     ecfg.max_queue = cfg->max_queue;
     ecfg.num_threads = cfg->threads;
+    ecfg.kv_disk_dir = cfg->kv_disk[0] ? cfg->kv_disk : NULL;
+    ecfg.kv_disk_bytes = (uint64_t)cfg->kv_disk_gb << 30;
+    ecfg.warn = engine_warn;
+    ecfg.warn_arg = l->engine_notify_arg;
     l->engine = kvd_engine_create(l->model, l->tok, &ecfg, l->engine_notify, l->engine_notify_arg, &l->err);
     if (!l->engine) {
         l->rc = l->err.code ? l->err.code : KVD_EINVAL;
@@ -256,6 +267,9 @@ static void print_banner(kvd_daemon *d)
             "KV pool: %" PRId64 " blocks of %d tokens, %zu bytes (%zu per block, %s), prefix cache %s",
             st.kv.blocks_total, d->cfg.block_size, st.kv.pool_bytes, st.kv.block_bytes,
             kvd_dtype_name(d->cfg.kv_dtype), d->cfg.enable_prefix_cache ? "on" : "off");
+    if (st.disk_configured)
+        kvd_log(&d->log, KVD_LOG_ALWAYS, "KV disk tier: %s, %" PRId64 " pages (%" PRId64 " bytes) found, cap %d GiB",
+                d->cfg.kv_disk, st.disk.pages, st.disk.bytes, d->cfg.kv_disk_gb);
     bool v6 = strchr(d->cfg.host, ':') != NULL;
     /* Scripts and tests wait for this exact line: from here on requests are served. */
     kvd_log(&d->log, KVD_LOG_ALWAYS,

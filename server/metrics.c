@@ -86,6 +86,39 @@ static void histogram(kvd_sbuf *out, const char *name, const char *help, const k
     kvd_sbuf_printf(out, "%s_count %" PRIu64 "\n", name, h->count);
 }
 
+static void render_disk(kvd_sbuf *out, const kvd_engine_stats *st)
+{
+    const kvd_kvdisk_stats *d = &st->disk;
+    gauge_i(out, "kvd:kv_disk_enabled", "1 while the KV disk tier works; 0 once an I/O error turned it off.",
+            d->enabled);
+    gauge_i(out, "kvd:kv_disk_pages", "KV pages in files of the disk tier.", d->pages);
+    gauge_i(out, "kvd:kv_disk_bytes", "Bytes of the disk tier's page files.", d->bytes);
+    counter_u(out, "kvd:kv_disk_queries_total", "Admissions whose prompt had full blocks past the RAM prefix hit.",
+              st->disk_queries);
+    counter_u(out, "kvd:kv_disk_hits_total", "Of those, admissions that loaded at least one page from disk.",
+              st->disk_hits);
+    counter_u(out, "kvd:kv_disk_misses_total", "Of those, admissions that loaded nothing.", st->disk_misses);
+    counter_u(out, "kvd:kv_disk_hit_tokens_total", "Prompt tokens served from disk (part of cached_tokens).",
+              st->disk_hit_tokens);
+    counter_u(out, "kvd:kv_disk_read_bytes_total", "Bytes of page files read and confirmed.", d->bytes_read);
+    counter_u(out, "kvd:kv_disk_written_bytes_total", "Bytes of page files written.", d->bytes_written);
+    counter_u(out, "kvd:kv_disk_pages_written_total", "Page files written.", d->pages_written);
+    counter_u(out, "kvd:kv_disk_pages_evicted_total", "Page files removed to stay under --kv-disk-gb.",
+              d->pages_evicted);
+    counter_u(out, "kvd:kv_disk_pages_corrupt_total", "Page files dropped: short, bad header or checksum.",
+              d->pages_corrupt);
+    counter_u(out, "kvd:kv_disk_writes_dropped_total", "Evicted pages not written (queue full or tier off).",
+              d->writes_dropped);
+    static const double bounds[KVD_KVDISK_LATENCY_BUCKETS] = KVD_KVDISK_LATENCY_BOUNDS;
+    kvd_histogram load;
+    histogram_init(&load, bounds, KVD_KVDISK_LATENCY_BUCKETS);
+    memcpy(load.counts, d->load_latency_counts, sizeof d->load_latency_counts);
+    load.sum = d->load_latency_sum;
+    load.count = d->loads;
+    histogram(out, "kvd:kv_disk_load_seconds", "Time from queueing a load of a prompt's pages to having them in the pool.",
+              &load);
+}
+
 void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sbuf *out)
 {
     gauge_i(out, "kvd:num_requests_running", "Requests whose sequences are scheduled (prefill or decode).",
@@ -105,6 +138,8 @@ void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sb
               st->kv.prefix_query_tokens);
     counter_u(out, "kvd:prefix_cache_hits_total", "Prompt tokens served from the prefix cache.",
               st->kv.prefix_hit_tokens);
+    if (st->disk_configured)
+        render_disk(out, st);
     counter_u(out, "kvd:num_preemptions_total", "Sequences preempted (blocks freed, recomputed later).",
               st->num_preemptions);
     counter_u(out, "kvd:prompt_tokens_total", "Prompt tokens of admitted requests.", st->prompt_tokens_total);

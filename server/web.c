@@ -107,6 +107,20 @@ cJSON *kvd_web_kv_json(const kvd_kv_snapshot *snap)
     }
     if (ok)
         ok = add_stats(root, count, num_blocks, st);
+    if (ok && st->disk_configured) {
+        /* The disk tier's pages: not blocks of the pool, so outside "states". */
+        cJSON *disk = cJSON_AddObjectToObject(root, "disk");
+        const kvd_kvdisk_stats *d = &st->disk;
+        ok = disk && cJSON_AddBoolToObject(disk, "enabled", d->enabled) && add_number(disk, "pages", (double)d->pages) &&
+             add_number(disk, "bytes", (double)d->bytes) &&
+             add_number(disk, "capacity_bytes", (double)d->capacity_bytes) &&
+             add_number(disk, "num_loading", st->num_loading) &&
+             add_number(disk, "queries", (double)st->disk_queries) && add_number(disk, "hits", (double)st->disk_hits) &&
+             add_number(disk, "hit_tokens", (double)st->disk_hit_tokens) &&
+             add_number(disk, "pages_read", (double)d->pages_read) &&
+             add_number(disk, "pages_written", (double)d->pages_written) &&
+             add_number(disk, "pages_corrupt", (double)d->pages_corrupt);
+    }
     if (!ok) {
         cJSON_Delete(root);
         return NULL;

@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kvd/kvd_engine.h"
 
@@ -252,7 +253,12 @@ static void assert_same_output(const choice_out *a, const choice_out *b, int req
 #define NPROMPTS 32
 #define GEN_TOKENS 20
 
-typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR } det_mode;
+static void temp_dir(char *out, size_t cap);
+static void remove_dir(const char *dir);
+
+/* DET_DISK: sampled, with the disk tier under the tight pool (preempted sequences come
+ * back through disk loads). */
+typedef enum det_mode { DET_GREEDY, DET_SAMPLED, DET_FEATURES, DET_GRAMMAR, DET_DISK } det_mode;
 
 /* Sampled, n = 2 for odd i, with a logit_bias, min_tokens over a few stop ids and
  * include_stop_str_in_output with a stop string: the request features beside the
@@ -360,6 +366,12 @@ static void determinism(const fixture *f, det_mode mode)
     /* All at once: 48 blocks of 16 tokens cannot hold 32 sequences of 25..220 tokens,
      * and 48-token steps split every long prompt into chunks. */
     kvd_engine_config tight = small_config(48, 48);
+    char disk_dir[512] = "";
+    if (mode == DET_DISK) {
+        temp_dir(disk_dir, sizeof disk_dir);
+        tight.kv_disk_dir = disk_dir;
+        tight.kv_disk_bytes = 64u << 20;
+    }
     e = make_engine(f, &tight);
     for (int i = 0; i < num; i++) {
         together[i].n = params[i].n;
@@ -375,15 +387,23 @@ static void determinism(const fixture *f, det_mode mode)
     }
     kvd_engine_stats st;
     kvd_engine_stats_get(e, &st);
-    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens\n",
-                  mode == DET_GRAMMAR ? "grammar" : mode == DET_FEATURES ? "features" : sampled ? "sampled" : "greedy",
+    print_message("  %s: %llu steps, %llu preemptions, %llu prefix-hit tokens, %llu from disk\n",
+                  mode == DET_DISK      ? "disk"
+                  : mode == DET_GRAMMAR ? "grammar"
+                  : mode == DET_FEATURES ? "features"
+                  : sampled             ? "sampled"
+                                        : "greedy",
                   (unsigned long long)st.steps, (unsigned long long)st.num_preemptions,
-                  (unsigned long long)st.kv.prefix_hit_tokens);
+                  (unsigned long long)st.kv.prefix_hit_tokens, (unsigned long long)st.disk_hit_tokens);
+    if (mode == DET_DISK)
+        assert_true(st.disk_hit_tokens > 0);
     assert_true(st.num_preemptions > 0);
     assert_int_equal(st.generation_tokens_total, total_tokens);
     assert_int_equal(st.kv.blocks_used, 0);
     assert_invariants(e);
     kvd_engine_destroy(e);
+    if (disk_dir[0])
+        remove_dir(disk_dir);
 
     for (int i = 0; i < num; i++)
         for (int c = 0; c < params[i].n; c++)
@@ -395,6 +415,11 @@ static void determinism(const fixture *f, det_mode mode)
 static void test_determinism_greedy(void **state)
 {
     determinism(*state, DET_GREEDY);
+}
+
+static void test_determinism_disk_tier(void **state)
+{
+    determinism(*state, DET_DISK);
 }
 
 static void test_determinism_sampled(void **state)
@@ -445,6 +470,147 @@ static void test_prefix_cache_hit(void **state)
     assert_int_equal(st.kv.blocks_used, 0);
     assert_true(st.kv.blocks_cached > 0);
     kvd_engine_destroy(e);
+}
+
+/* ---- the disk tier ---------------------------------------------------------------- */
+
+static void run_one(const fixture *f, const int32_t *prompt, int len, const kvd_request_params *p, req_out *out);
+
+static void temp_dir(char *out, size_t cap)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(out, cap, "%s/kvd-engine-disk-XXXXXX", tmp && tmp[0] ? tmp : "/tmp");
+    if (!mkdtemp(out))
+        fail_msg("mkdtemp %s", out);
+}
+
+static void remove_dir(const char *dir)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", dir);
+}
+
+static void count_warning(void *arg, const char *msg)
+{
+    (void)msg;
+    (*(int *)arg)++;
+}
+
+/* A pool of 24 blocks (384 tokens) holds one prompt of 100 tokens and its output, so
+ * three other prompts evict it: its pages go to disk, and asking again loads them back.
+ * Greedy outputs must equal a lone run's in a large pool (a disk hit changes no token),
+ * cached_tokens counts the pages loaded, and a new engine on the same directory (a
+ * restart: the first one wrote its RAM pages at destroy) serves them too. */
+static void test_disk_tier_hits_and_restart(void **state)
+{
+    const fixture *f = *state;
+    char dir[512];
+    temp_dir(dir, sizeof dir);
+    enum { LEN = 100, OTHERS = 3 };
+    int32_t prompt[LEN], others[OTHERS][120], turn2[LEN + 40];
+    make_prompt(prompt, LEN, 501);
+    for (int i = 0; i < OTHERS; i++)
+        make_prompt(others[i], 120, 510 + (uint64_t)i);
+    memcpy(turn2, prompt, sizeof prompt);
+    make_prompt(turn2 + LEN, 40, 520);
+    kvd_request_params p = greedy_params(20);
+
+    /* Reference: lone runs without the tier. */
+    req_out ref[2] = {{.n = 1}, {.n = 1}};
+    run_one(f, prompt, LEN, &p, &ref[0]);
+    run_one(f, turn2, LEN + 40, &p, &ref[1]);
+
+    int warnings = 0;
+    kvd_engine_config cfg = small_config(24, 64);
+    cfg.kv_disk_dir = dir;
+    cfg.kv_disk_bytes = 64u << 20;
+    cfg.warn = count_warning;
+    cfg.warn_arg = &warnings;
+    kvd_engine *e = make_engine(f, &cfg);
+    req_out first = {.n = 1};
+    first.id = submit_ok(e, prompt, LEN, &p);
+    drain(e, &first, 1);
+    assert_same_output(&ref[0].ch[0], &first.ch[0], 0);
+    for (int i = 0; i < OTHERS; i++) {
+        req_out o = {.n = 1};
+        o.id = submit_ok(e, others[i], 120, &p);
+        drain(e, &o, 1);
+        assert_invariants(e);
+    }
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    assert_true(st.disk_configured);
+    assert_true(st.kv.evictions > 0);
+
+    /* Wait for the evicted pages' files, then ask for the first prompt again. */
+    for (int guard = 0; guard < 200; guard++) {
+        kvd_engine_stats_get(e, &st);
+        if (st.disk.pages >= 6)
+            break;
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    assert_true(st.disk.pages >= 6);
+    req_out again = {.n = 1};
+    again.id = submit_ok(e, prompt, LEN, &p);
+    drain(e, &again, 1);
+    assert_invariants(e);
+    assert_same_output(&ref[0].ch[0], &again.ch[0], 0);
+    assert_int_equal(again.ch[0].cached_tokens, 96);
+    kvd_engine_stats_get(e, &st);
+    assert_true(st.disk_hits >= 1);
+    assert_int_equal(st.disk_hit_tokens % 16, 0);
+    assert_true(st.disk_hit_tokens >= 16);
+    assert_true(st.disk.pages_read >= 1);
+    assert_int_equal(st.disk.pages_corrupt, 0);
+    kvd_engine_destroy(e);
+
+    /* Restart: a fresh engine (empty pool) on the same directory. */
+    e = make_engine(f, &cfg);
+    req_out next = {.n = 1};
+    next.id = submit_ok(e, turn2, LEN + 40, &p);
+    drain(e, &next, 1);
+    assert_invariants(e);
+    assert_same_output(&ref[1].ch[0], &next.ch[0], 0);
+    assert_int_equal(next.ch[0].cached_tokens, 96); /* the first prompt's 6 pages, all from disk */
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.disk_hit_tokens, 96);
+    assert_int_equal(st.kv.prefix_hit_tokens, 0);
+
+    /* Cancelled while its pages load: it ends, its blocks come back. */
+    kvd_engine_destroy(e);
+    e = make_engine(f, &cfg);
+    req_out cancelled = {.n = 1};
+    cancelled.id = submit_ok(e, turn2, LEN + 40, &p);
+    kvd_error err = {0};
+    assert_true(kvd_engine_step(e, &err) >= 0);
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.num_loading, 1);
+    kvd_engine_cancel(e, (uint64_t)cancelled.id);
+    drain(e, &cancelled, 1);
+    assert_int_equal(cancelled.ch[0].finish, KVD_FINISH_CANCELLED);
+    assert_invariants(e);
+    kvd_engine_stats_get(e, &st);
+    assert_int_equal(st.kv.blocks_used, 0);
+    assert_int_equal(st.num_loading, 0);
+    kvd_engine_destroy(e);
+    assert_int_equal(warnings, 0);
+
+    /* A second engine on a directory in use runs without the tier, with a warning. */
+    e = make_engine(f, &cfg);
+    kvd_engine *second = make_engine(f, &cfg);
+    kvd_engine_stats_get(second, &st);
+    assert_false(st.disk_configured);
+    assert_int_equal(warnings, 1);
+    req_out plain = {.n = 1};
+    plain.id = submit_ok(second, prompt, LEN, &p);
+    drain(second, &plain, 1);
+    assert_same_output(&ref[0].ch[0], &plain.ch[0], 0);
+    kvd_engine_destroy(second);
+    kvd_engine_destroy(e);
+    remove_dir(dir);
 }
 
 /* ---- stop rules ------------------------------------------------------------------ */
@@ -1115,6 +1281,8 @@ int main(void)
         cmocka_unit_test(test_determinism_request_features),
         cmocka_unit_test(test_determinism_grammar),
         cmocka_unit_test(test_prefix_cache_hit),
+        cmocka_unit_test(test_disk_tier_hits_and_restart),
+        cmocka_unit_test(test_determinism_disk_tier),
         cmocka_unit_test(test_stop_string_across_tokens),
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
         cmocka_unit_test(test_max_tokens_and_context_cap),

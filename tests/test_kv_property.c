@@ -13,6 +13,16 @@
  * position), and read back, so a block shared wrongly or copied badly shows up as
  * wrong contents. KVD_KV_PROPERTY_SEED and KVD_KV_PROPERTY_OPS override the seed and the
  * total operation count; a failure names the seed, configuration and step.
+ *
+ * The disk tier's states ride along (configs with "disk"): every page the pool evicts
+ * goes through its evict hook into a test disk (the model checks it was exactly the
+ * least recently used cached block and holds its prefix's K/V); a new sequence that
+ * misses in RAM looks its next pages up there by kvd_prefix_cache_next_keys, and the
+ * model predicts how many it finds (pages whose whole token prefix equals the prompt's).
+ * Those pages take blocks and the table is *loading* (its blocks hold garbage, no
+ * operation may touch it) until a later operation completes the load: the pages are
+ * copied in, sometimes only some of them (a failed read: the rest are truncated away),
+ * committed, and the table lives on as any other.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -30,6 +40,7 @@ enum {
     MAX_TABLES = 8,
     MAX_BLOCKS = 64,
     MAX_LEN = 160,
+    DISK_SLOTS = 512,
     NUM_FAMILIES = 3,
     LAYERS = 2,
     HEAD_DIM = 2,
@@ -43,13 +54,16 @@ typedef struct prop_config {
     int max_prompt;     /* longest prompt */
     bool prefix_cache;
     double share;       /* share of the total operations */
+    bool disk;          /* an evict hook feeds a test disk; lookups that miss in RAM load from it */
 } prop_config;
 
 static const prop_config configs[] = {
-    {"bs1", 1, 40, 48, 24, true, 0.2},
-    {"bs4", 4, 32, 96, 48, true, 0.3},
-    {"bs16", 16, 24, 160, 120, true, 0.3},
-    {"bs2-nocache", 2, 40, 64, 40, false, 0.2},
+    {"bs1", 1, 40, 48, 24, true, 0.2, false},
+    {"bs4", 4, 32, 96, 48, true, 0.3, false},
+    {"bs16", 16, 24, 160, 120, true, 0.3, false},
+    {"bs2-nocache", 2, 40, 64, 40, false, 0.2, false},
+    {"bs4-disk", 4, 32, 96, 48, true, 0.45, true},
+    {"bs16-disk", 16, 24, 160, 120, true, 0.4, true},
 };
 
 typedef struct model_table {
@@ -59,7 +73,19 @@ typedef struct model_table {
     uint64_t prefix[MAX_LEN];  /* model hash of tokens[0..p], what position p's K/V encode */
     int len;
     int committed;             /* expected num_cached */
+    int loading;               /* pages being loaded into its last blocks (0: not loading) */
+    kvd_kv_page_key load_keys[MAX_LEN]; /* their keys */
 } model_table;
+
+/* One page on the test disk: what the evict hook saw, and (for the model) the whole
+ * token prefix the page ends. Direct-mapped by hash: a newer page replaces an older. */
+typedef struct disk_page {
+    bool used;
+    kvd_kv_page_key key;
+    int32_t tokens[MAX_LEN];   /* the whole prefix, prefix_len ids */
+    int prefix_len;
+    uint8_t data[2 * 2 * 16 * 2 * 4]; /* LAYERS x K|V x max block size x HEAD_DIM x f32 */
+} disk_page;
 
 typedef struct model {
     const prop_config *cfg;
@@ -79,6 +105,9 @@ typedef struct model {
     bool in_free[MAX_BLOCKS];
     int free_len;
     uint64_t evictions, cow_copies, queries, query_tokens, hits, hit_tokens;
+    disk_page *disk;           /* [DISK_SLOTS] with cfg->disk */
+    uint64_t disk_writes, disk_loads, disk_pages_loaded, disk_partial;
+    int evicting;              /* evictions the hook saw in the running append */
 } model;
 
 #define FAILF(m, ...)                                                                            \
@@ -285,6 +314,7 @@ static bool op_append(model *m, model_table *mt, const int32_t *tokens, int n)
         before[i] = mt->t.blocks[i];
 
     kvd_error err = {0};
+    m->evicting = 0;
     int rc = kvd_block_table_append(m->pool, &mt->t, n, &err);
     if (needed > m->free_len + m->lru_len) {
         EXPECT_EQ(m, rc, KVD_ENOSPC, "append past the free blocks");
@@ -366,11 +396,23 @@ static int free_slot(model *m)
     return -1;
 }
 
+/* A live table that is not loading (a loading one is touched only by its load). */
 static int live_slot(model *m)
 {
     int start = rng_int(m, 0, MAX_TABLES - 1);
+    for (int k = 0; k < MAX_TABLES; k++) {
+        const model_table *mt = &m->tables[(start + k) % MAX_TABLES];
+        if (mt->live && !mt->loading)
+            return (start + k) % MAX_TABLES;
+    }
+    return -1;
+}
+
+static int loading_slot(model *m)
+{
+    int start = rng_int(m, 0, MAX_TABLES - 1);
     for (int k = 0; k < MAX_TABLES; k++)
-        if (m->tables[(start + k) % MAX_TABLES].live)
+        if (m->tables[(start + k) % MAX_TABLES].loading)
             return (start + k) % MAX_TABLES;
     return -1;
 }
@@ -383,6 +425,119 @@ static void make_prompt(model *m, int32_t *tokens, int len)
     int diverge = rng_chance(m, 30) ? len : rng_int(m, 0, len);
     for (int p = 0; p < len; p++)
         tokens[p] = p < diverge ? family[p] : rng_int(m, 0, 3);
+}
+
+static size_t kvd_kv_pool_block_bytes_for_test(const model *m)
+{
+    kvd_kv_stats s;
+    kvd_kv_stats_get(m->pool, &s);
+    if (s.block_bytes > sizeof(((disk_page *)0)->data))
+        FAILF(m, "block of %zu bytes is larger than a test disk page", s.block_bytes);
+    return s.block_bytes;
+}
+
+static disk_page *disk_slot(model *m, uint64_t hash)
+{
+    return &m->disk[(hash ^ (hash >> 17)) % DISK_SLOTS];
+}
+
+/* The pool is about to reuse a cached block: it must be the model's least recently
+ * used cached block, and its bytes the K/V of exactly its registered prefix. */
+static void on_evict(void *arg, const kvd_kv_page *page)
+{
+    model *m = arg;
+    int32_t b = -1;
+    for (int32_t i = 0; i < m->cfg->num_blocks; i++)
+        if (kvd_kv_block_data(m->pool, i) == page->data)
+            b = i;
+    /* The model catches up after the append: this is its k-th eviction in it. */
+    int k = m->evicting++;
+    if (b < 0 || !m->registered[b] || k >= m->lru_len || m->lru[k] != b)
+        FAILF(m, "evict hook on block %d, least recently used cached is %d", (int)b,
+              k < m->lru_len ? (int)m->lru[k] : -1);
+    int len = m->reg_len[b];
+    if (!same_ids(page->tokens, m->reg_tokens[b] + len - m->bs, m->bs))
+        FAILF(m, "evict hook: block %d's token ids are not its prefix's last block", (int)b);
+    /* Its contents, position by position (the model's value of each prefix). */
+    uint64_t prefix = 0x5eed;
+    for (int p = 0; p < len; p++) {
+        prefix = mix(prefix, (uint64_t)(uint32_t)m->reg_tokens[b][p]);
+        if (p < len - m->bs)
+            continue;
+        for (int layer = 0; layer < LAYERS; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                for (int dim = 0; dim < HEAD_DIM; dim++)
+                    if (slot_of(m, b, layer, kv, p - (len - m->bs))[dim] != kv_value(prefix, layer, kv, dim))
+                        FAILF(m, "evict hook: block %d position %d holds another prefix's K/V", (int)b, p);
+    }
+    if (len != m->reg_len[b] || prefix != m->reg_prefix[b])
+        FAILF(m, "evict hook: block %d's prefix label differs", (int)b);
+    disk_page *d = disk_slot(m, page->key.hash);
+    d->used = true;
+    d->key = page->key;
+    d->prefix_len = len;
+    memcpy(d->tokens, m->reg_tokens[b], sizeof(int32_t) * (size_t)len);
+    size_t bytes = kvd_kv_pool_block_bytes_for_test(m);
+    memcpy(d->data, page->data, bytes);
+    m->disk_writes++;
+}
+
+/* After a RAM hit of `got` tokens: how many of the prompt's next pages the disk holds
+ * (by the pool's keys, confirmed by key and own token ids as the store does), against
+ * the model's answer (pages whose whole prefix is the prompt's). Returns that count. */
+static int disk_probe(model *m, model_table *mt, const int32_t *prompt, int len, kvd_kv_page_key *keys)
+{
+    int n = kvd_prefix_cache_next_keys(m->pool, &mt->t, prompt, len, keys, MAX_LEN);
+    int first = mt->t.num_blocks;
+    EXPECT_EQ(m, n, len > 0 ? (len - 1) / m->bs - first : 0, "next keys past the RAM hit");
+    int found = 0;
+    while (found < n) {
+        const kvd_kv_page_key *k = &keys[found];
+        const disk_page *d = disk_slot(m, k->hash);
+        int end = (first + found + 1) * m->bs;
+        bool by_key = d->used && d->key.hash == k->hash && d->key.parent_hash == k->parent_hash &&
+                      d->key.check == k->check && same_ids(d->tokens + d->prefix_len - m->bs, prompt + end - m->bs, m->bs);
+        bool by_model = d->used && d->prefix_len == end && same_ids(d->tokens, prompt, end);
+        if (by_key != by_model)
+            FAILF(m, "disk page %d past the hit: keys say %d, the whole prefix says %d", found, by_key, by_model);
+        if (!by_key)
+            break;
+        found++;
+    }
+    return found;
+}
+
+/* Completes a loading table: copies its pages from the test disk into its blocks, all
+ * of them or (a failed read) only the first few, gives the rest back, commits. */
+static void op_finish_load(model *m, model_table *mt)
+{
+    int pages = mt->loading;
+    int ok = rng_chance(m, 80) ? pages : rng_int(m, 0, pages - 1);
+    int first = mt->t.num_blocks - pages;
+    size_t bytes = kvd_kv_pool_block_bytes_for_test(m);
+    for (int i = 0; i < ok; i++) {
+        const kvd_kv_page_key *k = &mt->load_keys[i];
+        const disk_page *d = disk_slot(m, k->hash);
+        /* A newer page took its slot meanwhile: the read misses, the rest is recomputed. */
+        if (!d->used || d->key.hash != k->hash || d->key.check != k->check) {
+            ok = i;
+            break;
+        }
+        memcpy(kvd_kv_block_data(m->pool, mt->t.blocks[first + i]), d->data, bytes);
+    }
+    int keep = (first + ok) * m->bs;
+    for (int i = mt->t.num_blocks - 1; i >= first + ok; i--) {
+        m->in_free[mt->t.blocks[i]] = true; /* unregistered, held once: back to free */
+        m->free_len++;
+    }
+    EXPECT_EQ(m, kvd_block_table_truncate(m->pool, &mt->t, keep), 0, "truncate after a load");
+    mt->len = keep;
+    mt->loading = 0;
+    m->disk_loads++;
+    m->disk_pages_loaded += (uint64_t)ok;
+    m->disk_partial += ok < pages;
+    verify_contents(m, mt); /* loaded pages hold exactly this prefix's K/V */
+    op_commit(m, mt, keep);
 }
 
 static void op_new_sequence(model *m, int ti)
@@ -428,6 +583,18 @@ static void op_new_sequence(model *m, int ti)
     set_tokens(mt, prompt, 0, got);
     verify_contents(m, mt); /* the cached K/V belong to exactly this prefix */
     check_all(m);
+    if (m->cfg->disk && rng_chance(m, 80)) {
+        kvd_kv_page_key keys[MAX_LEN];
+        int found = disk_probe(m, mt, prompt, len, keys);
+        if (found > 0 && op_append(m, mt, prompt, found * m->bs)) {
+            memcpy(mt->load_keys, keys, sizeof(kvd_kv_page_key) * (size_t)found);
+            /* Until the load is back its blocks hold whatever they held: garbage. */
+            for (int i = mt->t.num_blocks - found; i < mt->t.num_blocks; i++)
+                memset(kvd_kv_block_data(m->pool, mt->t.blocks[i]), 0xa5, kvd_kv_pool_block_bytes_for_test(m));
+            mt->loading = found;
+            return;
+        }
+    }
     if (!op_append(m, mt, prompt, len - got)) {
         check_all(m);
         op_release(m, ti); /* admission failed: give the hit back */
@@ -461,12 +628,19 @@ static void run_config(const prop_config *cfg, uint64_t seed, uint64_t ops)
     m->free_len = cfg->num_blocks;
     for (int ti = 0; ti < MAX_TABLES; ti++)
         kvd_block_table_init(&m->tables[ti].t);
+    if (cfg->disk) {
+        m->disk = calloc(DISK_SLOTS, sizeof *m->disk);
+        assert_non_null(m->disk);
+        kvd_kv_pool_set_evict_hook(m->pool, on_evict, m);
+    }
 
     uint64_t enospc = 0, forks = 0, news = 0;
     for (m->step = 0; m->step < ops; m->step++) {
         int r = rng_int(m, 0, 99);
         int ti;
-        if (r < 25 && (ti = free_slot(m)) >= 0) {
+        if (cfg->disk && rng_chance(m, 30) && (ti = loading_slot(m)) >= 0) {
+            op_finish_load(m, &m->tables[ti]);
+        } else if (r < 25 && (ti = free_slot(m)) >= 0) {
             op_new_sequence(m, ti);
             news++;
         } else if (r < 60 && (ti = live_slot(m)) >= 0) {
@@ -507,11 +681,14 @@ static void run_config(const prop_config *cfg, uint64_t seed, uint64_t ops)
             op_commit(m, &m->tables[ti], rng_int(m, 0, m->tables[ti].len));
         } else {
             for (ti = 0; ti < MAX_TABLES; ti++)
-                if (m->tables[ti].live)
+                if (m->tables[ti].live && !m->tables[ti].loading)
                     verify_contents(m, &m->tables[ti]);
         }
         check_all(m);
     }
+    for (int ti = 0; ti < MAX_TABLES; ti++)
+        if (m->tables[ti].loading)
+            op_finish_load(m, &m->tables[ti]);
     for (int ti = 0; ti < MAX_TABLES; ti++)
         if (m->tables[ti].live)
             verify_contents(m, &m->tables[ti]);
@@ -528,7 +705,12 @@ static void run_config(const prop_config *cfg, uint64_t seed, uint64_t ops)
            cfg->name, (unsigned long long)ops, (unsigned long long)news, (unsigned long long)forks,
            (unsigned long long)enospc, (unsigned long long)s.prefix_queries, (unsigned long long)s.prefix_hits,
            (unsigned long long)s.evictions, (unsigned long long)s.cow_copies);
+    if (cfg->disk)
+        printf("# %s: %llu pages to disk, %llu loads of %llu pages (%llu partial)\n", cfg->name,
+               (unsigned long long)m->disk_writes, (unsigned long long)m->disk_loads,
+               (unsigned long long)m->disk_pages_loaded, (unsigned long long)m->disk_partial);
     kvd_kv_pool_destroy(m->pool);
+    free(m->disk);
     free(m);
 }
 

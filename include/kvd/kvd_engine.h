@@ -24,6 +24,7 @@
 #include "kvd/kvd_error.h"
 #include "kvd/kvd_grammar.h"
 #include "kvd/kvd_kv.h"
+#include "kvd/kvd_kvdisk.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_sampler.h"
 #include "kvd/kvd_tokenizer.h"
@@ -39,6 +40,14 @@ typedef struct kvd_engine_config {
     int max_queue;             /* waiting requests before submit says KVD_EBUSY; 0 = unbounded */
     int num_threads;           /* compute threads, <= 0: all cores */
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
+    /* The disk tier (kvd_kvdisk.h): NULL or "" for none. Pages the prefix cache evicts
+     * are written there, prefixes that miss in RAM are loaded from there, and the pages
+     * still in RAM are written at destroy, so a restart finds them. If the directory
+     * cannot be used the engine runs without the tier and says why through warn. */
+    const char *kv_disk_dir;
+    uint64_t kv_disk_bytes;    /* its capacity (required with kv_disk_dir) */
+    void (*warn)(void *arg, const char *msg); /* one-line warnings, any thread; may be NULL */
+    void *warn_arg;
 } kvd_engine_config;
 
 /* The one place the engine's defaults are written down: kvd_engine_config_default()
@@ -128,7 +137,7 @@ typedef struct kvd_event {
     size_t text_len;
     kvd_finish_reason finish;   /* NONE until the choice's last event */
     int prompt_tokens;          /* set on every event */
-    int cached_tokens;          /* prompt tokens served from the prefix cache */
+    int cached_tokens;          /* prompt tokens served from the prefix cache (RAM or disk) */
     int completion_tokens;      /* tokens generated so far by this choice */
     char error[256];            /* with KVD_FINISH_ERROR */
 } kvd_event;
@@ -153,6 +162,15 @@ typedef struct kvd_engine_stats {
     uint64_t schedule_ns;
     uint64_t sample_ns;
     uint64_t batched_tokens_total;     /* tokens through the forward (prefill + decode) */
+    /* The disk tier (all zero without one). A query is an admission whose prompt had
+     * full blocks beyond the RAM hit; a hit loaded at least one page for it. */
+    bool disk_configured;              /* the tier was asked for and opened */
+    int num_loading;                   /* sequences waiting for their pages (counted in num_waiting) */
+    uint64_t disk_queries;
+    uint64_t disk_hits;
+    uint64_t disk_misses;
+    uint64_t disk_hit_tokens;          /* prompt tokens served from disk (part of cached_tokens) */
+    kvd_kvdisk_stats disk;
 } kvd_engine_stats;
 
 typedef struct kvd_engine kvd_engine;

@@ -149,6 +149,47 @@ void kvd_kv_block_states(const kvd_kv_pool *pool, uint8_t *state, int32_t *refco
 int kvd_kv_check_invariants(const kvd_kv_pool *pool, const kvd_block_table *const *tables,
                             int num_tables, kvd_error *err);
 
+/* ---- the disk tier's hooks (kvd_kvdisk.h stores the pages; the engine connects them) ---- */
+
+/* What names a full page beyond the pool: its chained hash, its parent's, and a second
+ * chain (XXH64 of the token ids seeded by the parent's check) that a page found by
+ * hash must match as well, so a 64-bit collision in either chain alone cannot serve
+ * another prefix. */
+typedef struct kvd_kv_page_key {
+    uint64_t hash;
+    uint64_t parent_hash;
+    uint64_t check;
+} kvd_kv_page_key;
+
+/* A registered page as the pool holds it: valid only during the callback. */
+typedef struct kvd_kv_page {
+    kvd_kv_page_key key;
+    const int32_t *tokens;    /* [block_size] */
+    const void *data;         /* block_bytes */
+} kvd_kv_page;
+
+typedef void (*kvd_kv_evict_fn)(void *arg, const kvd_kv_page *page);
+
+/* hook(arg, page) runs when a cached page's block is about to be reused (on the
+ * pool's thread, inside an allocation): the last moment its bytes exist. NULL: none. */
+void kvd_kv_pool_set_evict_hook(kvd_kv_pool *pool, kvd_kv_evict_fn hook, void *arg);
+/* Calls fn for every registered page, used or cached (a flush at shutdown). */
+void kvd_kv_pool_for_each_page(const kvd_kv_pool *pool, kvd_kv_evict_fn fn, void *arg);
+
+/* After a lookup: the keys of the prompt's next full blocks beyond the table's (those a
+ * RAM lookup missed), at most max_keys, never the block holding the last token.
+ * Returns how many were written (0 when disabled or the table's last block is not the
+ * registered one of its hash). */
+int kvd_prefix_cache_next_keys(const kvd_kv_pool *pool, const kvd_block_table *table, const int32_t *tokens,
+                               int n_tokens, kvd_kv_page_key *keys, int max_keys);
+
+/* The whole block (block_bytes, every layer's K and V) as one piece of memory. */
+void *kvd_kv_block_data(const kvd_kv_pool *pool, int32_t block);
+
+/* Gives back the table's blocks beyond n_tokens (a multiple of block_size, at most
+ * num_tokens), e.g. those a failed disk load was meant to fill. KVD_EINVAL otherwise. */
+int kvd_block_table_truncate(kvd_kv_pool *pool, kvd_block_table *table, int n_tokens);
+
 /* The chained block hash: seed is the previous block's hash (a fixed constant for the
  * first block), ids one block's token ids. The default is XXH3_64bits_withSeed. */
 typedef uint64_t (*kvd_kv_block_hash_fn)(uint64_t seed, const int32_t *ids, int n);

@@ -60,6 +60,7 @@ struct kvd_engine {
     uint64_t *shared_cancels;       /* (shared_cancel_cap) */
     int num_shared_cancels, shared_cancel_cap;
     kvd_event *out_head, *out_tail;
+    bool disk_ready;                /* a disk load finished since the last intake */
     uint64_t next_id;
     int queued;                     /* submitted, not yet admitted: the max_queue bound */
     kvd_engine_stats stats;
@@ -79,6 +80,20 @@ static uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* CLOCK_REALTIME, as pthread_cond_timedwait wants it. */
+static struct timespec deadline_in(int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    return deadline;
 }
 
 /* ---- defaults ------------------------------------------------------------------ */
@@ -124,6 +139,74 @@ static int check_config(const kvd_engine_config *cfg, kvd_error *err)
     if (!(cfg->watermark >= 0.0f && cfg->watermark < 1.0f))
         return kvd_error_set(err, KVD_EINVAL, "engine config: watermark %g must be in [0, 1)",
                              (double)cfg->watermark);
+    return 0;
+}
+
+/* ---- the disk tier ------------------------------------------------------------- */
+
+static void engine_warn(const kvd_engine *e, const char *msg)
+{
+    if (e->cfg.warn)
+        e->cfg.warn(e->cfg.warn_arg, msg);
+}
+
+/* I/O thread: wakes the engine thread, whose intake takes the finished loads. */
+static void on_disk_load_done(void *arg)
+{
+    kvd_engine *e = arg;
+    pthread_mutex_lock(&e->lock);
+    e->disk_ready = true;
+    pthread_cond_signal(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* Inside an allocation on the engine thread: the store copies the page and returns;
+ * the file is written on its I/O thread. */
+static void on_page_evicted(void *arg, const kvd_kv_page *page)
+{
+    kvd_engine *e = arg;
+    (void)kvd_kvdisk_write(e->sched.disk, &page->key, page->tokens, page->data, false);
+}
+
+static void on_page_flushed(void *arg, const kvd_kv_page *page)
+{
+    kvd_engine *e = arg;
+    (void)kvd_kvdisk_write(e->sched.disk, &page->key, page->tokens, page->data, true);
+}
+
+/* Fails only on memory; a directory that cannot be used leaves the engine without
+ * the tier and a warning. */
+static int disk_open(kvd_engine *e, kvd_error *err)
+{
+    const kvd_kv_config *kc = kvd_kv_pool_config(e->pool);
+    kvd_kvdisk_config dc = {
+        .dir = e->cfg.kv_disk_dir,
+        .capacity_bytes = e->cfg.kv_disk_bytes,
+        .fingerprint = kvd_kvdisk_fingerprint(e->model, e->tok, (int)kc->dtype, kc->block_size),
+        .dtype = (int)kc->dtype,
+        .block_size = kc->block_size,
+        .page_bytes = kvd_kv_block_bytes(kc),
+        .warn = e->cfg.warn,
+        .warn_arg = e->cfg.warn_arg,
+        .notify = on_disk_load_done,
+        .notify_arg = e,
+    };
+    kvd_error derr = {0};
+    e->sched.disk = kvd_kvdisk_open(&dc, &derr);
+    if (!e->sched.disk) {
+        if (derr.code == KVD_ENOMEM)
+            return kvd_error_set(err, KVD_ENOMEM, "%s", derr.msg);
+        char msg[sizeof derr.msg + 64];
+        snprintf(msg, sizeof msg, "%s; running without the disk tier", derr.msg);
+        engine_warn(e, msg);
+        return 0;
+    }
+    e->sched.disk_keys_cap = e->model->config.max_position_embeddings / kc->block_size + 1;
+    e->sched.disk_keys = malloc((size_t)e->sched.disk_keys_cap * sizeof *e->sched.disk_keys);
+    e->sched.disk_dst = malloc((size_t)e->sched.disk_keys_cap * sizeof *e->sched.disk_dst);
+    if (!e->sched.disk_keys || !e->sched.disk_dst)
+        return kvd_error_set(err, KVD_ENOMEM, "engine: out of memory for the disk tier");
+    kvd_kv_pool_set_evict_hook(e->pool, on_page_evicted, e);
     return 0;
 }
 
@@ -200,8 +283,13 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
     e->sched.max_batched_tokens = cfg.max_batched_tokens;
     e->sched.watermark_blocks = (int)((double)cfg.watermark * (double)pool_cfg->num_blocks + 0.999999);
     e->sched.prefix_cache = cfg.enable_prefix_cache;
+    if (cfg.kv_disk_dir && cfg.kv_disk_dir[0] && cfg.enable_prefix_cache && disk_open(e, err) < 0)
+        goto fail;
     /* Stats are valid before the first step (the pool's size, all blocks free). */
     kvd_kv_stats_get(e->pool, &e->stats.kv);
+    e->stats.disk_configured = e->sched.disk != NULL;
+    if (e->sched.disk)
+        kvd_kvdisk_stats_get(e->sched.disk, &e->stats.disk);
     return e;
 
 fail:
@@ -275,6 +363,12 @@ static void seq_retire(kvd_engine *e, eng_seq *seq)
 /* Ends every unfinished choice of a request with reason (cancel or error). */
 static void request_abort(kvd_engine *e, eng_request *req, kvd_finish_reason reason, const char *msg)
 {
+    /* The I/O thread writes into the loading sequence's blocks: they cannot go back
+     * before the load does. The request ends when it is back (a few milliseconds). */
+    if (req->seqs[0].state == SEQ_LOADING) {
+        req->abort_pending = reason;
+        return;
+    }
     if (!req->admitted)
         e->unadmitted_gone++;
     for (int c = 0; c < req->n; c++) {
@@ -434,7 +528,15 @@ static void publish(kvd_engine *e)
     e->sched.fresh_admitted = 0;
     kvd_engine_stats *st = &e->stats;
     st->num_running = e->sched.running.len;
-    st->num_waiting = e->sched.waiting.len + e->inbox_len;
+    st->num_waiting = e->sched.waiting.len + e->sched.loading.len + e->inbox_len;
+    st->num_loading = e->sched.loading.len;
+    st->disk_configured = e->sched.disk != NULL;
+    st->disk_queries = e->sched.disk_queries;
+    st->disk_hits = e->sched.disk_hits;
+    st->disk_misses = e->sched.disk_misses;
+    st->disk_hit_tokens = e->sched.disk_hit_tokens;
+    if (e->sched.disk)
+        kvd_kvdisk_stats_get(e->sched.disk, &st->disk);
     st->num_preemptions = e->sched.num_preemptions;
     st->prompt_tokens_total = e->sched.prompt_tokens_total;
     st->generation_tokens_total = e->generation_tokens_total;
@@ -467,6 +569,7 @@ static void intake(kvd_engine *e)
     pthread_mutex_unlock(&e->lock);
     e->cancel_ids = cancels;
     e->cancel_cap = cap;
+    e->disk_ready = false;
 
     while (inbox) {
         eng_request *req = inbox;
@@ -485,6 +588,17 @@ static void intake(kvd_engine *e)
         eng_request *req = find_active(e, e->cancel_ids[i]);
         if (req)
             request_abort(e, req, KVD_FINISH_CANCELLED, NULL);
+    }
+    if (!e->sched.disk)
+        return;
+    for (kvd_kvdisk_load *load = kvd_kvdisk_load_poll(e->sched.disk); load;) {
+        kvd_kvdisk_load *next = load->next;
+        eng_seq *seq = load->user;
+        eng_load_finished(&e->sched, seq, load->pages_loaded);
+        kvd_kvdisk_load_free(load);
+        if (seq->req->abort_pending != KVD_FINISH_NONE)
+            request_abort(e, seq->req, seq->req->abort_pending, NULL);
+        load = next;
     }
 }
 
@@ -589,7 +703,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
 
 static bool has_input(const kvd_engine *e)
 {
-    return e->inbox_head || e->num_shared_cancels > 0;
+    return e->inbox_head || e->num_shared_cancels > 0 || e->disk_ready;
 }
 
 static void *engine_main(void *arg)
@@ -646,6 +760,14 @@ int kvd_engine_step(kvd_engine *e, kvd_error *err)
     pthread_mutex_unlock(&e->lock);
     if (started)
         return kvd_error_set(err, KVD_ESTATE, "engine: kvd_engine_step while the engine thread runs");
+    /* Only loads pending: the caller's loop would spin until they are back. */
+    if (e->sched.loading.len > 0 && e->sched.running.len == 0 && e->sched.waiting.len == 0) {
+        struct timespec deadline = deadline_in(100);
+        pthread_mutex_lock(&e->lock);
+        while (!e->disk_ready && pthread_cond_timedwait(&e->work_cond, &e->lock, &deadline) != ETIMEDOUT)
+            ;
+        pthread_mutex_unlock(&e->lock);
+    }
     return engine_step(e, err);
 }
 
@@ -660,6 +782,16 @@ void kvd_engine_destroy(kvd_engine *e)
     pthread_mutex_unlock(&e->lock);
     if (started)
         pthread_join(e->thread, NULL);
+
+    /* The pages still in RAM go to disk, so a restart finds them; the store finishes
+     * every queued write and load before it closes. */
+    if (e->sched.disk) {
+        kvd_kv_pool_for_each_page(e->pool, on_page_flushed, e);
+        kvd_kvdisk_close(e->sched.disk);
+        e->sched.disk = NULL;
+    }
+    free(e->sched.disk_keys);
+    free(e->sched.disk_dst);
 
     /* Whatever is left is dropped without events: nobody will read them. */
     while (e->inbox_head) {
@@ -836,14 +968,7 @@ kvd_event *kvd_engine_poll_events(kvd_engine *e)
 
 void kvd_engine_wait_events(kvd_engine *e, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec deadline = deadline_in(timeout_ms);
     pthread_mutex_lock(&e->lock);
     while (!e->out_head) {
         if (pthread_cond_timedwait(&e->event_cond, &e->lock, &deadline) == ETIMEDOUT)

@@ -25,6 +25,7 @@ typedef enum eng_seq_state {
     SEQ_IDLE = 0,  /* a choice > 0 before its fork */
     SEQ_WAITING,
     SEQ_RUNNING,
+    SEQ_LOADING,   /* admitted, its prefix's pages being read from disk into its blocks */
     SEQ_FINISHED,
 } eng_seq_state;
 
@@ -48,6 +49,7 @@ typedef struct eng_seq {
     bool scheduled;
     int sched_tokens;
     int sched_error;             /* KVD_ENOMEM growing its table: the engine fails the request */
+    bool load_first_admission;   /* the load decides the request's cached_tokens */
 } eng_seq;
 
 struct eng_request {
@@ -69,6 +71,7 @@ struct eng_request {
     bool admitted;               /* counted once in the prompt-token stats */
     int cached_tokens;
     int num_unfinished;
+    kvd_finish_reason abort_pending; /* cancelled while loading: ends once the load is back */
     eng_seq *seqs;               /* (n) */
 };
 
@@ -135,6 +138,14 @@ typedef struct eng_scheduler {
     uint64_t num_preemptions;
     uint64_t prompt_tokens_total;
     int fresh_admitted;           /* requests admitted for the first time (for the queue bound) */
+    /* The disk tier (NULL: none). Loading sequences hold their slots and blocks but sit
+     * in neither queue, so nothing preempts or schedules them until their pages are in. */
+    kvd_kvdisk *disk;
+    eng_list loading;
+    kvd_kv_page_key *disk_keys;   /* (disk_keys_cap) scratch of one admission */
+    void **disk_dst;              /* (disk_keys_cap) */
+    int disk_keys_cap;
+    uint64_t disk_queries, disk_hits, disk_misses, disk_hit_tokens;
     eng_sched_entry *entries;     /* (max_num_seqs) this step's schedule */
     int num_entries;
     int num_tokens;
@@ -149,6 +160,10 @@ int eng_seq_slots(const eng_seq *seq);
  * cache lookup, watermark) unless this step preempted someone. Reserves the K/V
  * slots of every scheduled token. Returns the number of entries. */
 int eng_schedule(eng_scheduler *s);
+
+/* A load came back: the pages confirmed join the prefix cache, the rest of the
+ * blocks go back, and the sequence runs from there (its prefill starts after them). */
+void eng_load_finished(eng_scheduler *s, eng_seq *seq, int pages_loaded);
 
 /* Takes a running sequence out: releases its blocks (full ones stay cached), forgets
  * what was computed and puts it at the front of the waiting queue. */

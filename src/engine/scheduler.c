@@ -9,7 +9,11 @@
  *      preempted for it);
  *   3. new admissions from the front of the waiting queue (FCFS: the queue never
  *      reorders), after a prefix-cache lookup, only while free blocks stay above the
- *      watermark, and not in a step that had to preempt.
+ *      watermark, and not in a step that had to preempt. With the disk tier, the
+ *      prompt's next full blocks after the RAM hit are looked up on disk; those found
+ *      get blocks and a load, and the sequence waits in `loading` (holding its slot,
+ *      out of reach of preemption) until the engine sees the load back, then runs
+ *      its prefill from after the loaded pages.
  * When a running sequence needs blocks that are not there, the most recently admitted
  * running sequence not yet scheduled this step is preempted (possibly itself): its
  * blocks go back (full ones stay in the prefix cache), and it returns to the front of
@@ -139,6 +143,81 @@ static int grow_running(eng_scheduler *s, eng_seq *seq, int want, bool *preempte
     return want;
 }
 
+static void count_admission(eng_scheduler *s, eng_seq *seq, int cached)
+{
+    eng_request *req = seq->req;
+    eng_list_remove(&s->waiting, seq);
+    s->slots_used += eng_seq_slots(seq);
+    if (!req->admitted) {
+        req->admitted = true;
+        req->cached_tokens = cached;
+        s->prompt_tokens_total += (uint64_t)req->num_prompt;
+        s->fresh_admitted++;
+    }
+}
+
+/* After a RAM lookup covered seq->num_computed tokens: if the prompt's next pages are
+ * on disk, takes blocks for them, queues their load and parks the sequence in
+ * `loading`. Returns true when it did (the admission is complete). Pages that do not
+ * fit above the watermark are simply recomputed. */
+static bool admit_from_disk(eng_scheduler *s, eng_seq *seq, int64_t keep_free)
+{
+    int n = kvd_prefix_cache_next_keys(s->pool, &seq->table, seq->tokens, seq->num_tokens, s->disk_keys,
+                                       s->disk_keys_cap);
+    if (n <= 0)
+        return false;
+    s->disk_queries++;
+    int pages = 0;
+    while (pages < n && kvd_kvdisk_contains(s->disk, s->disk_keys[pages].hash))
+        pages++;
+    const int64_t avail = kvd_kv_available_blocks(s->pool);
+    if (pages > avail - keep_free)
+        pages = (int)(avail - keep_free > 0 ? avail - keep_free : 0);
+    if (pages == 0) {
+        s->disk_misses++;
+        return false;
+    }
+    eng_request *req = seq->req;
+    const int bs = kvd_kv_pool_config(s->pool)->block_size;
+    const int cached = seq->num_computed;
+    (void)kvd_block_table_reserve(s->pool, &seq->table, req->num_prompt + req->max_tokens, NULL);
+    if (kvd_block_table_append(s->pool, &seq->table, pages * bs, NULL) < 0)
+        return false;
+    const int first = cached / bs;
+    for (int i = 0; i < pages; i++)
+        s->disk_dst[i] = kvd_kv_block_data(s->pool, seq->table.blocks[first + i]);
+    if (!kvd_kvdisk_load_submit(s->disk, s->disk_keys, seq->tokens + cached, s->disk_dst, pages, seq, NULL)) {
+        (void)kvd_block_table_truncate(s->pool, &seq->table, cached);
+        s->disk_misses++;
+        return false;
+    }
+    seq->load_first_admission = !req->admitted;
+    count_admission(s, seq, cached);
+    seq->state = SEQ_LOADING;
+    eng_list_push_back(&s->loading, seq);
+    return true;
+}
+
+void eng_load_finished(eng_scheduler *s, eng_seq *seq, int pages_loaded)
+{
+    const int bs = kvd_kv_pool_config(s->pool)->block_size;
+    const int computed = seq->num_computed + pages_loaded * bs;
+    (void)kvd_block_table_truncate(s->pool, &seq->table, computed);
+    kvd_prefix_cache_commit(s->pool, &seq->table, seq->tokens, computed);
+    seq->num_computed = computed;
+    if (pages_loaded > 0) {
+        s->disk_hits++;
+        s->disk_hit_tokens += (uint64_t)pages_loaded * (uint64_t)bs;
+    } else {
+        s->disk_misses++;
+    }
+    if (seq->load_first_admission)
+        seq->req->cached_tokens = computed;
+    eng_list_remove(&s->loading, seq);
+    seq->state = SEQ_RUNNING;
+    eng_list_push_back(&s->running, seq);
+}
+
 static bool admit_one(eng_scheduler *s, eng_seq *seq, int budget)
 {
     eng_request *req = seq->req;
@@ -151,6 +230,8 @@ static bool admit_one(eng_scheduler *s, eng_seq *seq, int budget)
             cached = 0;
     }
     seq->num_computed = cached;
+    if (s->disk && admit_from_disk(s, seq, s->running.len > 0 ? s->watermark_blocks : 0))
+        return true;
     int chunk = remaining(seq) < budget ? remaining(seq) : budget;
     const int64_t need = kvd_kv_blocks_needed(s->pool, &seq->table, chunk);
     /* With nothing running the watermark would only stall the queue. */
@@ -163,16 +244,9 @@ static bool admit_one(eng_scheduler *s, eng_seq *seq, int budget)
     /* Sized once for the whole life, so later appends never allocate. */
     (void)kvd_block_table_reserve(s->pool, &seq->table, req->num_prompt + req->max_tokens, NULL);
     int rc = kvd_block_table_append(s->pool, &seq->table, chunk, NULL);
-    eng_list_remove(&s->waiting, seq);
+    count_admission(s, seq, cached);
     seq->state = SEQ_RUNNING;
     eng_list_push_back(&s->running, seq);
-    s->slots_used += eng_seq_slots(seq);
-    if (!req->admitted) {
-        req->admitted = true;
-        req->cached_tokens = cached;
-        s->prompt_tokens_total += (uint64_t)req->num_prompt;
-        s->fresh_admitted++;
-    }
     if (rc < 0) {
         seq->sched_error = rc;
         return true;

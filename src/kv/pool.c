@@ -44,6 +44,8 @@ enum {
 #define KV_HUGE_PAGE ((size_t)2 << 20)
 /* Seed of the first block of every prefix ("kvd-kv-1"). */
 #define KV_ROOT_SEED UINT64_C(0x6b76642d6b762d31)
+/* Seed of the first block's second chain ("kvd-chk-"). */
+#define KV_ROOT_CHECK UINT64_C(0x6b76642d63686b2d)
 
 typedef struct kv_block {
     int32_t ref;          /* tables holding the block */
@@ -54,6 +56,8 @@ typedef struct kv_block {
     uint32_t parent_gen;  /* parent's gen when this block was registered */
     bool registered;      /* in the hash map (then its token ids are in block_tokens) */
     uint64_t hash;        /* chained hash, valid while registered */
+    uint64_t parent_hash; /* the parent's chained hash (KV_ROOT_SEED for a first block) */
+    uint64_t check;       /* second chain (XXH64, seeded by the parent's): the disk tier's confirmation */
 } kv_block;
 
 typedef struct kv_list {
@@ -91,11 +95,18 @@ struct kvd_kv_pool {
     uint8_t *check_seen;          /* [num_blocks] which list the block was found on */
     uint64_t prefix_queries, prefix_query_tokens, prefix_hits, prefix_hit_tokens;
     uint64_t evictions, cow_copies;
+    kvd_kv_evict_fn evict_hook;   /* sees each cached page before its block is reused */
+    void *evict_arg;
 };
 
 static uint64_t kv_hash_xxh3(uint64_t seed, const int32_t *ids, int n)
 {
     return XXH3_64bits_withSeed(ids, (size_t)n * sizeof *ids, seed);
+}
+
+static uint64_t check_hash(uint64_t seed, const int32_t *ids, int n)
+{
+    return XXH64(ids, (size_t)n * sizeof *ids, seed);
 }
 
 static bool is_power_of_two(int x)
@@ -387,6 +398,13 @@ static int32_t block_take(kvd_kv_pool *pool, int32_t fill)
         b = pool->lru.head;
         assert(b >= 0);
         list_remove(pool, &pool->lru, b);
+        if (pool->evict_hook) {
+            const kv_block *old = &pool->blocks[b];
+            kvd_kv_page page = {.key = {.hash = old->hash, .parent_hash = old->parent_hash, .check = old->check},
+                                .tokens = tokens_of(pool, b),
+                                .data = pool->arena + (size_t)b * pool->block_bytes};
+            pool->evict_hook(pool->evict_arg, &page);
+        }
         map_remove(pool, pool->blocks[b].hash);
         pool->blocks[b].registered = false;
         pool->evictions++;
@@ -659,6 +677,8 @@ static void block_register(kvd_kv_pool *pool, int32_t b, uint64_t hash, int32_t 
     kv_block *blk = &pool->blocks[b];
     blk->registered = true;
     blk->hash = hash;
+    blk->parent_hash = parent >= 0 ? pool->blocks[parent].hash : KV_ROOT_SEED;
+    blk->check = check_hash(parent >= 0 ? pool->blocks[parent].check : KV_ROOT_CHECK, ids, pool->block_size);
     blk->gen++;
     blk->parent = parent;
     blk->parent_gen = parent >= 0 ? pool->blocks[parent].gen : 0;
@@ -689,6 +709,77 @@ void kvd_prefix_cache_commit(kvd_kv_pool *pool, kvd_block_table *table, const in
     }
     if (full_blocks > table->num_cached)
         table->num_cached = full_blocks;
+}
+
+int kvd_prefix_cache_next_keys(const kvd_kv_pool *pool, const kvd_block_table *table, const int32_t *tokens,
+                               int n_tokens, kvd_kv_page_key *keys, int max_keys)
+{
+    if (!pool->cfg.enable_prefix_cache || n_tokens < 1 || table->num_cached != table->num_blocks)
+        return 0;
+    int bs = pool->block_size;
+    int first = table->num_blocks;
+    int count = (n_tokens - 1) / bs - first;
+    if (count > max_keys)
+        count = max_keys;
+    if (count <= 0)
+        return 0;
+    uint64_t hash = first > 0 ? table->hashes[first - 1] : KV_ROOT_SEED;
+    uint64_t check = KV_ROOT_CHECK;
+    if (first > 0) {
+        const kv_block *last = &pool->blocks[table->blocks[first - 1]];
+        if (!last->registered || last->hash != hash)
+            return 0; /* its block went private (a duplicate): no chain to follow */
+        check = last->check;
+    }
+    for (int i = 0; i < count; i++) {
+        const int32_t *ids = tokens + (size_t)(first + i) * bs;
+        keys[i].parent_hash = hash;
+        hash = pool->hash(hash, ids, bs);
+        check = check_hash(check, ids, bs);
+        keys[i].hash = hash;
+        keys[i].check = check;
+    }
+    return count;
+}
+
+void kvd_kv_pool_set_evict_hook(kvd_kv_pool *pool, kvd_kv_evict_fn hook, void *arg)
+{
+    pool->evict_hook = hook;
+    pool->evict_arg = arg;
+}
+
+void kvd_kv_pool_for_each_page(const kvd_kv_pool *pool, kvd_kv_evict_fn fn, void *arg)
+{
+    for (int32_t b = 0; b < pool->num_blocks; b++) {
+        const kv_block *blk = &pool->blocks[b];
+        if (!blk->registered)
+            continue;
+        kvd_kv_page page = {.key = {.hash = blk->hash, .parent_hash = blk->parent_hash, .check = blk->check},
+                            .tokens = tokens_of(pool, b),
+                            .data = pool->arena + (size_t)b * pool->block_bytes};
+        fn(arg, &page);
+    }
+}
+
+void *kvd_kv_block_data(const kvd_kv_pool *pool, int32_t block)
+{
+    assert(block >= 0 && block < pool->num_blocks);
+    return pool->arena + (size_t)block * pool->block_bytes;
+}
+
+int kvd_block_table_truncate(kvd_kv_pool *pool, kvd_block_table *table, int n_tokens)
+{
+    if (n_tokens < 0 || n_tokens > table->num_tokens || n_tokens % pool->block_size != 0)
+        return KVD_EINVAL;
+    int keep = n_tokens / pool->block_size;
+    for (int i = table->num_blocks - 1; i >= keep; i--) {
+        block_unref(pool, table->blocks[i]);
+    }
+    table->num_blocks = keep;
+    table->num_tokens = n_tokens;
+    if (table->num_cached > keep)
+        table->num_cached = keep;
+    return 0;
 }
 
 /* ---- accounting --------------------------------------------------------------------- */
