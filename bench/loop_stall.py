@@ -114,7 +114,7 @@ def main():
                ["--threads", args.threads, "--max-body-bytes", str(5 << 20)] + args.daemon_args.split())
     rng = random.Random(7)
     stop = threading.Event()
-    health_ms, gap_ms = [], []
+    health_ms, gap_ms, gap_at = [], [], []
     measuring = threading.Event()
 
     def poll_health():
@@ -150,6 +150,7 @@ def main():
             first_token.set()
             if last is not None and measuring.is_set():
                 gap_ms.append((now - last) * 1000)
+                gap_at.append(now)
             last = now
         c.close()
 
@@ -178,9 +179,9 @@ def main():
                 if not piece:
                     break
                 size += len(piece)
-            results.append((kind, r.status, size, time.monotonic() - t0))
+            results.append((kind, r.status, size, time.monotonic() - t0, t0 - start))
         except OSError as e:
-            results.append((kind, str(e), 0, time.monotonic() - t0))
+            results.append((kind, str(e), 0, time.monotonic() - t0, t0 - start))
         finally:
             c.close()
 
@@ -203,8 +204,10 @@ def main():
     loop_after = loop_metrics(d.port)
     stop.set()
     d.stop()
-    for kind, status, size, secs in sorted(results):
-        print("%-9s status %s  %10d bytes  %6.1f s" % (kind, status, size, secs))
+    for kind, status, size, secs, began in sorted(results):
+        print("%-9s status %s  %10d bytes  %6.1f s (answered at %.1f s)" % (kind, status, size, secs, began + secs))
+    worst = sorted(zip(gap_ms, gap_at), reverse=True)[:5]
+    print("largest stream gaps: " + ", ".join("%.1f ms at %.1f s" % (g, at - start) for g, at in worst))
     print("heavy requests finished: %d of %d in %.1f s" % (len(results), len(workers), elapsed))
     print(summary("GET /health round trip", health_ms))
     print(summary("stream inter-event gap", gap_ms))

@@ -60,6 +60,7 @@ struct kvd_job {
     int32_t *prompt;         /* tokens (generation, tokenize) or ids to decode (detokenize) */
     int num_prompt;
     uv_work_t work;
+    uv_work_cb work_fn;      /* what job_start_work runs on the worker */
     bool working;            /* on a libuv worker; its after-callback frees the job */
     int work_rc;
     kvd_error work_err;
@@ -472,13 +473,21 @@ static bool job_back_from_worker(kvd_job *job, int status)
     return true;
 }
 
+static void job_run_work(uv_work_t *work)
+{
+    kvd_job *job = work->data;
+    kvd_worker_yield_to_engine();
+    job->work_fn(work);
+}
+
 /* Hands the job to a libuv worker; `after` runs back on the loop (and must start with
  * job_back_from_worker). */
 static void job_start_work(kvd_job *job, uv_work_cb work, uv_after_work_cb after, const char *failure)
 {
     job->work.data = job;
+    job->work_fn = work;
     job->working = true;
-    if (uv_queue_work(job->jobs->loop, &job->work, work, after) < 0) {
+    if (uv_queue_work(job->jobs->loop, &job->work, job_run_work, after) < 0) {
         job->working = false;
         job_fail(job, 500, failure, NULL, NULL, NULL);
     }

@@ -7,9 +7,11 @@
  */
 #include "util.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 
 /* Length of the well-formed UTF-8 sequence starting at s[0] (1..4), or 0 when the
  * bytes there are ill-formed; *bad_len then says how many bytes form the maximal
@@ -159,6 +161,16 @@ static void after_off_loop_free(uv_work_t *work, int status)
     if (status == UV_ECANCELED) /* never ran */
         free(f->p);
     free(f);
+}
+
+void kvd_worker_yield_to_engine(void)
+{
+    /* PRIO_PROCESS with who 0 names the calling thread on Linux. getpriority can
+     * return -1 as a value, so errno tells a failure apart. */
+    errno = 0;
+    int nice_now = getpriority(PRIO_PROCESS, 0);
+    if (errno == 0 && nice_now < KVD_WORKER_NICE)
+        (void)setpriority(PRIO_PROCESS, 0, KVD_WORKER_NICE);
 }
 
 void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len)

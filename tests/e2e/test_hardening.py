@@ -289,5 +289,34 @@ def test_head_on_get_routes():
                 assert status == 200 and len(body) == length, (path, len(body), length)
 
 
+def thread_nice_values(pid):
+    """{thread id: nice value} of a process's threads, from /proc (field 19 of stat)."""
+    nice = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        nice[int(tid)] = int(fields[16])
+    return nice
+
+
+def test_request_work_runs_below_the_engine():
+    """Bodies are parsed and answers built on libuv's workers at nice 10, so a burst of
+    such work cannot take the cores from the engine's threads (and the running streams'
+    token gaps); the threads that existed before the first request (loop, engine) stay
+    at the daemon's own priority."""
+    with Daemon() as d:
+        before = thread_nice_values(d.proc.pid)
+        assert set(before.values()) == {0}, before
+        status, body = d.post("/tokenize", {"prompt": "Hello " * 2000})
+        assert status == 200 and len(body["tokens"]) >= 2000, status
+        after = thread_nice_values(d.proc.pid)
+        assert all(after[tid] == 0 for tid in before if tid in after), (before, after)
+        workers = [tid for tid in after if tid not in before]
+        assert workers and 10 in [after[tid] for tid in workers], (before, after)
+
+
 if __name__ == "__main__":
     run_tests(globals())
