@@ -12,12 +12,17 @@ p=${3:-1024}
 build=${KVD_BUILD_DIR:-build}
 port=${PORT:-18931}
 out=${OUT:-$(mktemp -d /tmp/kvd-disk-bench-XXXXXX)}
+mkdir -p "$out"
 dir=$out/kv
 run() { # $1: label
   "$build/server/kvd" --model "$model" --port "$port" --kv-disk "$dir" --kv-disk-gb 4 --kv-cache-mb 256 \
     > "$out/$1.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 900); do grep -q "listening on" "$out/$1.log" && break; sleep 1; done
+  for _ in $(seq 1 900); do
+    grep -q "listening on" "$out/$1.log" && break
+    kill -0 "$pid" 2>/dev/null || { cat "$out/$1.log" >&2; exit 1; }
+    sleep 1
+  done
   "$build/bench/kvd-bench" --url "http://127.0.0.1:$port" --requests "$n" --concurrency 1 --prompt-tokens "$p" \
     --max-tokens 1 --seed 7 --no-progress --json "$out/$1.json" > "$out/$1.txt"
   curl -s "http://127.0.0.1:$port/metrics" | grep -E "^kvd:kv_disk_" > "$out/$1.metrics" || true
