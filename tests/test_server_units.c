@@ -110,6 +110,11 @@ static void test_sbuf_and_consttime(void **state)
     assert_int_equal(taken[600], '>');
     free(taken);
     assert_null(sb.data);
+    /* reserved but never appended to (a CONNECT's declared body): still "" */
+    assert_int_equal(kvd_sbuf_reserve(&sb, 3), 0);
+    assert_non_null(sb.data);
+    assert_string_equal(sb.data, "");
+    kvd_sbuf_deinit(&sb);
 
     assert_true(kvd_consttime_equal("secret", 6, "secret", 6));
     assert_false(kvd_consttime_equal("secreT", 6, "secret", 6));

@@ -13,7 +13,7 @@
 #include <stddef.h>
 
 typedef struct kvd_sbuf {
-    char *data;  /* NUL-terminated after any append; NULL while nothing was appended */
+    char *data;  /* NUL-terminated whenever not NULL; NULL until an append or reserve */
     size_t len;
     size_t cap;
     bool failed; /* an allocation failed; contents are then incomplete */

@@ -59,6 +59,9 @@ int kvd_sbuf_reserve(kvd_sbuf *sb, size_t extra)
         sb->failed = true;
         return -1;
     }
+    /* A reserve before any append (an HTTP body sized from its Content-Length) must
+     * still read as the empty string. */
+    grown[sb->len] = '\0';
     sb->data = grown;
     sb->cap = cap;
     return 0;
