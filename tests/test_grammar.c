@@ -305,6 +305,9 @@ static void test_not(void **state)
     check(schema("{\"type\": \"string\", \"not\": {\"enum\": [\"a\", \"ab\", \"q\\\"\"]}}"),
           L("\"\"", "\"b\"", "\"abc\"", "\"aa\"", "\"a\\n\"", "\"q\"", "\"q\\\"x\"", "\"é\""),
           L("\"a\"", "\"ab\"", "\"q\\\"\"", "1"));
+    /* lengths beside the excluded strings */
+    check(schema("{\"type\": \"string\", \"minLength\": 1, \"maxLength\": 3, \"not\": {\"enum\": [\"ab\", \"x\"]}}"),
+          L("\"a\"", "\"abc\"", "\"b\"", "\"xé\""), L("\"\"", "\"ab\"", "\"x\"", "\"abcd\""));
     check(schema("{\"not\": {\"const\": null}}"), L("1", "\"x\"", "{}"), L("null"));
     check(schema("{\"type\": [\"boolean\", \"string\"], \"not\": {\"enum\": [true, \"x\"]}}"), L("false", "\"y\""),
           L("true", "\"x\""));
@@ -413,6 +416,7 @@ static void test_unsupported(void **state)
     check(schema("{\"type\": \"integer\", \"not\": false}"), L("7"), L("\"7\""));
     compile_error("{\"not\": {}}", KVD_EINVAL, "matches nothing");
     compile_error("{\"type\": \"array\", \"uniqueItems\": true}", KVD_EUNSUPPORTED, "uniqueItems");
+    check(schema("{\"type\": \"array\", \"uniqueItems\": true, \"maxItems\": 1}"), L("[]", "[1]"), L("[1, 2]"));
     compile_error("{\"type\": \"object\", \"patternProperties\": {\"^a\": {\"type\": \"integer\"}}}", KVD_EUNSUPPORTED,
                   "patternProperties");
     compile_error("{\"type\": \"integer\", \"multipleOf\": 3}", KVD_EUNSUPPORTED, "multipleOf");

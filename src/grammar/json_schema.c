@@ -1051,9 +1051,31 @@ static void canon_chars(jctx *c, uint32_t rule, uint32_t lo, uint32_t hi)
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
+/* Excluded strings, and the lengths (in code points) the string may have. */
+typedef struct not_in {
+    uint32_t canon_char;      /* one character as json.dumps writes it */
+    uint32_t min_len, max_len; /* max_len GR_INF: unbounded */
+} not_in;
+
+/* Any characters, so many that the string's length ends within bounds after cps
+ * code points so far, then the closing quote. */
+static uint32_t string_tail(jctx *c, const not_in *ni, uint32_t cps)
+{
+    gr_builder *b = c->b;
+    uint32_t r = gr_rule_new(b, "string-tail", true);
+    uint32_t lo = ni->min_len > cps ? ni->min_len - cps : 0;
+    uint32_t hi = ni->max_len == GR_INF ? GR_INF : ni->max_len - cps;
+    gr_seq q = {0};
+    gr_seq_rule(b, &q, ni->canon_char, lo, hi);
+    gr_seq_byte(b, &q, '"');
+    gr_rule_add_alt(b, r, &q);
+    return r;
+}
+
 /* The rest of a JSON string that is none of names (raw UTF-8, sorted, sharing their
- * first depth bytes), then the closing quote. tail: any characters, then the quote. */
-static uint32_t string_not_in_from(jctx *c, const char **names, size_t n, size_t depth, uint32_t tail)
+ * first depth bytes, which are cps code points), then the closing quote. */
+static uint32_t string_not_in_from(jctx *c, const not_in *ni, const char **names, size_t n, size_t depth,
+                                   uint32_t cps)
 {
     gr_builder *b = c->b;
     uint32_t r = gr_rule_new(b, "other-string", true);
@@ -1061,10 +1083,11 @@ static uint32_t string_not_in_from(jctx *c, const char **names, size_t n, size_t
     size_t i = 0;
     if (n && strlen(names[0]) == depth) /* a name ends here (sorted: it comes first) */
         while (i < n && strlen(names[i]) == depth) i++;
-    else {
+    else if (cps >= ni->min_len) {
         gr_seq_byte(b, &q, '"');
         gr_rule_add_alt(b, r, &q);
     }
+    if (ni->max_len != GR_INF && cps >= ni->max_len) return r; /* no room for another character */
     /* characters that continue some name, and the gaps between them */
     uint32_t other = gr_rule_new(b, "other-char", true);
     uint32_t next_free = 0;
@@ -1077,39 +1100,37 @@ static uint32_t string_not_in_from(jctx *c, const char **names, size_t n, size_t
         next_free = cp + 1;
         char enc[8] = {0};
         memcpy(enc, names[i] + depth, len);
-        char *e = cp ? json_quote(enc) : strdup("\"\\u0000\"");
+        char *e = json_quote(enc);
         if (!e) {
             gr_fail(b, KVD_ENOMEM, "json schema: out of memory");
             return r;
         }
         gr_seq_lit(b, &q, e + 1, strlen(e) - 2);
         free(e);
-        gr_seq_rule(b, &q, string_not_in_from(c, names + i, j - i, depth + len, tail), 1, 1);
+        gr_seq_rule(b, &q, string_not_in_from(c, ni, names + i, j - i, depth + len, cps + 1), 1, 1);
         gr_rule_add_alt(b, r, &q);
         i = j;
     }
     if (next_free <= 0x10FFFF) canon_chars(c, other, next_free, 0x10FFFF);
     gr_seq_rule(b, &q, other, 1, 1);
-    gr_seq_rule(b, &q, tail, 1, 1);
+    gr_seq_rule(b, &q, string_tail(c, ni, cps + 1), 1, 1);
     gr_rule_add_alt(b, r, &q);
     return r;
 }
 
-/* A JSON string, written as json.dumps writes it, that is none of names. */
-static uint32_t string_not_in(jctx *c, const char **names, size_t n)
+/* A JSON string of min_len..max_len code points, written as json.dumps writes it,
+ * that is none of names. */
+static uint32_t string_not_in(jctx *c, const char **names, size_t n, uint32_t min_len, uint32_t max_len)
 {
     gr_builder *b = c->b;
     qsort(names, n, sizeof *names, cmp_str);
-    uint32_t ch = gr_rule_new(b, "canon-char", true);
-    canon_chars(c, ch, 0, 0x10FFFF);
-    uint32_t tail = gr_rule_new(b, "string-tail", true);
-    gr_seq q = {0};
-    gr_seq_rule(b, &q, ch, 0, GR_INF);
-    gr_seq_byte(b, &q, '"');
-    gr_rule_add_alt(b, tail, &q);
+    not_in ni = {gr_rule_new(b, "canon-char", true), min_len, max_len};
+    canon_chars(c, ni.canon_char, 0, 0x10FFFF);
     uint32_t r = gr_rule_new(b, "string-not-in", true);
+    gr_seq q = {0};
+    if (min_len > max_len) return r;
     gr_seq_byte(b, &q, '"');
-    gr_seq_rule(b, &q, string_not_in_from(c, names, n, 0, tail), 1, 1);
+    gr_seq_rule(b, &q, string_not_in_from(c, &ni, names, n, 0, 0), 1, 1);
     gr_rule_add_alt(b, r, &q);
     return r;
 }
@@ -1385,7 +1406,9 @@ static void alt_array(jctx *c, const cJSON *s, uint32_t rule)
         items = cJSON_GetObjectItemCaseSensitive(s, "additionalItems");
     } /* additionalItems without a tuple (items as an array) does nothing */
     const cJSON *uniq = cJSON_GetObjectItemCaseSensitive(s, "uniqueItems");
-    if (cJSON_IsTrue(uniq)) {
+    const cJSON *max_items = cJSON_GetObjectItemCaseSensitive(s, "maxItems");
+    /* at most one item is always unique */
+    if (cJSON_IsTrue(uniq) && !(cJSON_IsNumber(max_items) && max_items->valuedouble <= 1)) {
         gr_fail(b, KVD_EUNSUPPORTED, "json schema: uniqueItems is not supported");
         return;
     }
@@ -1945,7 +1968,7 @@ static bool not_exclusions(jctx *c, const cJSON *s, const cJSON *not, int *types
     const cJSON *items[MAX_NOTS];
     size_t n = 0;
     if (!flatten_not(c, not, items, &n, 0)) return fail_not(c);
-    static const char *const string_kw[] = {"minLength", "maxLength", "pattern", "format", NULL};
+    static const char *const string_kw[] = {"pattern", "format", NULL}; /* lengths are kept exactly */
     bool string_constrained = false;
     for (int i = 0; string_kw[i]; i++) string_constrained = string_constrained || cJSON_HasObjectItem(s, string_kw[i]);
     for (size_t i = 0; i < n; i++) {
@@ -2278,7 +2301,9 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
     if ((types & T_BOOL) && (bools & 1)) gr_seq_lit(b, &q, "true", 4), gr_rule_add_alt(b, rule, &q);
     if ((types & T_BOOL) && (bools & 2)) gr_seq_lit(b, &q, "false", 5), gr_rule_add_alt(b, rule, &q);
     if ((types & T_STRING) && num_no_strings) {
-        gr_seq_rule(b, &q, string_not_in(c, no_strings, num_no_strings), 1, 1);
+        uint32_t min = get_count(c, s, "minLength", 0);
+        uint32_t max = cJSON_HasObjectItem(s, "maxLength") ? get_count(c, s, "maxLength", GR_INF) : GR_INF;
+        gr_seq_rule(b, &q, string_not_in(c, no_strings, num_no_strings, min, max), 1, 1);
         gr_rule_add_alt(b, rule, &q);
     } else if (types & T_STRING)
         alt_string(c, s, rule);
