@@ -1887,53 +1887,122 @@ static bool fail_not(jctx *c)
     if (!c->b->failed)
         gr_fail(c->b, KVD_EUNSUPPORTED,
                 "json schema: keyword 'not' is not supported (only false, true, a type, enum/const of null, "
-                "booleans or strings, required, not, or anyOf of these)");
+                "booleans or strings, an object shape of properties/required, not, or anyOf of these)");
     return false;
 }
 
-/* not {not: X} is X, and not {required: [a, ...]} is an object without a or without
- * ...: those are rewritten into plain keywords and s compiled again as that. Returns
- * true when it did so (rule is then done). */
+/* An object shape x (type object, properties, required, additionalProperties absent
+ * or true) fails exactly when one of these holds: the value is no object (only with
+ * type object), a required member is missing, or a declared member is present with a
+ * value its schema refuses. Returns those cases as schemas (an array), or NULL when x
+ * is not such a shape. */
+static cJSON *object_negation(jctx *c, const cJSON *x)
+{
+    if (!cJSON_IsObject(x)) return NULL;
+    const cJSON *type = NULL, *props = NULL, *req = NULL;
+    for (const cJSON *k = x->child; k; k = k->next) {
+        if (is_annotation(k->string)) continue;
+        if (!strcmp(k->string, "type") && cJSON_IsString(k) && !strcmp(k->valuestring, "object")) type = k;
+        else if (!strcmp(k->string, "properties") && cJSON_IsObject(k)) props = k;
+        else if (!strcmp(k->string, "required") && cJSON_IsArray(k)) req = k;
+        else if (!(!strcmp(k->string, "additionalProperties") && cJSON_IsTrue(k))) return NULL;
+    }
+    if (!props && !req) return NULL;
+    cJSON *out = cJSON_CreateArray();
+    if (!out) return NULL;
+    if (type) {
+        cJSON *d = cJSON_CreateObject(), *t = cJSON_AddArrayToObject(d, "type");
+        for (const char *const *n = (const char *const[]){"null", "boolean", "string", "number", "array", NULL}; *n; n++)
+            cJSON_AddItemToArray(t, cJSON_CreateString(*n));
+        cJSON_AddItemToArray(out, d);
+    }
+    const cJSON *r;
+    cJSON_ArrayForEach(r, req) {
+        if (!cJSON_IsString(r)) continue;
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "object");
+        cJSON_AddItemToObject(cJSON_AddObjectToObject(d, "properties"), r->valuestring, cJSON_CreateFalse());
+        cJSON_AddItemToArray(out, d);
+    }
+    for (const cJSON *p = props ? props->child : NULL; p; p = p->next) {
+        if (cJSON_IsTrue(p) || (cJSON_IsObject(p) && !has_constraints(p, ""))) continue; /* always passes */
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "object");
+        cJSON_AddItemToArray(cJSON_AddArrayToObject(d, "required"), cJSON_CreateString(p->string));
+        cJSON *np = cJSON_CreateObject();
+        cJSON_AddItemToObject(np, "not", cJSON_Duplicate(p, true));
+        cJSON_AddItemToObject(cJSON_AddObjectToObject(d, "properties"), p->string, np);
+        cJSON_AddItemToArray(out, d);
+    }
+    (void)c;
+    return out;
+}
+
+#define MAX_NOT_CASES 64
+
+/* not {not: X} is X, and not of an object shape is the anyOf of the ways it fails
+ * (object_negation): those are rewritten into plain keywords and s compiled again as
+ * that. Returns true when it did so (rule is then done). */
 static bool rewrite_not(jctx *c, const cJSON *s, const cJSON *not, uint32_t rule)
 {
     const cJSON *items[MAX_NOTS];
     size_t n = 0;
     if (!flatten_not(c, not, items, &n, 0)) return fail_not(c), true;
+    cJSON *cases[MAX_NOTS] = {0};
     bool any = false;
     for (size_t i = 0; i < n; i++) {
-        const cJSON *req = cJSON_GetObjectItemCaseSensitive(items[i], "required");
-        any = any || only_key(items[i], "not") || (only_key(items[i], "required") && cJSON_GetArraySize(req) > 0);
+        if (!only_key(items[i], "not")) cases[i] = object_negation(c, items[i]);
+        any = any || only_key(items[i], "not") || cases[i];
     }
     if (!any) return false;
     cJSON *src = cJSON_Duplicate(s, true);
-    if (!src || !own(c, src)) return true;
+    if (!src || !own(c, src)) {
+        for (size_t i = 0; i < n; i++) cJSON_Delete(cases[i]);
+        return true;
+    }
     cJSON_DeleteItemFromObjectCaseSensitive(src, "not");
     cJSON *all = cJSON_CreateArray(), *rest = cJSON_CreateArray();
+    cJSON *product = NULL; /* anyOf of the cases of every object shape negated, multiplied out */
+    bool too_many = false;
     for (size_t i = 0; i < n; i++) {
-        const cJSON *req = cJSON_GetObjectItemCaseSensitive(items[i], "required");
         if (only_key(items[i], "not")) {
             cJSON_AddItemToArray(all, cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(items[i], "not"), true));
-        } else if (only_key(items[i], "required") && cJSON_GetArraySize(req) > 0) {
-            /* required is true of every non-object, so its negation holds only for objects */
-            cJSON *alt = cJSON_CreateArray();
-            const cJSON *r;
-            cJSON_ArrayForEach(r, req) {
-                if (!cJSON_IsString(r)) continue;
-                cJSON *one = cJSON_CreateObject();
-                cJSON_AddItemToObject(cJSON_AddObjectToObject(one, "properties"), r->valuestring, cJSON_CreateFalse());
-                cJSON_AddItemToArray(alt, one);
+        } else if (cases[i]) {
+            if (!product) {
+                product = cases[i];
+                cases[i] = NULL;
+                continue;
             }
-            cJSON *obj = cJSON_CreateObject();
-            cJSON_AddStringToObject(obj, "type", "object");
-            if (cJSON_GetArraySize(alt) == 1) {
-                cJSON_AddItemToObject(obj, "properties",
-                                      cJSON_DetachItemFromObjectCaseSensitive(alt->child, "properties"));
-                cJSON_Delete(alt);
-            } else
-                cJSON_AddItemToObject(obj, "anyOf", alt);
-            cJSON_AddItemToArray(all, obj);
+            int np = cJSON_GetArraySize(product), nc = cJSON_GetArraySize(cases[i]);
+            if ((long)np * nc > MAX_NOT_CASES) {
+                too_many = true;
+                continue;
+            }
+            cJSON *next = cJSON_CreateArray();
+            const cJSON *a, *b2;
+            cJSON_ArrayForEach(a, product) cJSON_ArrayForEach(b2, cases[i]) {
+                cJSON *both = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(both, "allOf");
+                cJSON_AddItemToArray(arr, cJSON_Duplicate(a, true));
+                cJSON_AddItemToArray(arr, cJSON_Duplicate(b2, true));
+                cJSON_AddItemToArray(next, both);
+            }
+            cJSON_Delete(product);
+            product = next;
         } else
             cJSON_AddItemToArray(rest, cJSON_Duplicate(items[i], true));
+    }
+    for (size_t i = 0; i < n; i++) cJSON_Delete(cases[i]);
+    if (too_many || (product && (cJSON_HasObjectItem(src, "anyOf") || cJSON_HasObjectItem(src, "oneOf")))) {
+        cJSON_Delete(product);
+        cJSON_Delete(all);
+        cJSON_Delete(rest);
+        fail_not(c);
+        return true;
+    }
+    if (product) {
+        cJSON *w = cJSON_CreateObject();
+        cJSON_AddItemToObject(w, "anyOf", product);
+        cJSON_AddItemToArray(all, w);
     }
     if (cJSON_GetArraySize(rest) == 1) {
         cJSON_AddItemToObject(src, "not", cJSON_DetachItemFromArray(rest, 0));
