@@ -327,6 +327,11 @@ static void test_not(void **state)
     check(schema("{\"type\": \"string\", \"pattern\": \"^a\", \"not\": {\"enum\": [\"b\"]}}"), L("\"a\"", "\"ab\""),
           L("\"b\"", "\"c\""));
     compile_error("{\"type\": \"string\", \"pattern\": \"^a\", \"not\": {\"enum\": [\"ab\"]}}", KVD_EUNSUPPORTED, "not");
+    /* not allOf: one of them fails; string lengths: too short or too long */
+    check(schema("{\"not\": {\"allOf\": [{\"type\": \"string\"}, {\"maxLength\": 2}]}}"), L("1", "\"abc\"", "null"),
+          L("\"ab\"", "\"\""));
+    check(schema("{\"type\": \"string\", \"not\": {\"minLength\": 2, \"maxLength\": 3}}"), L("\"a\"", "\"abcd\"", "\"\""),
+          L("\"ab\"", "\"abc\"", "1"));
     compile_error("{\"type\": \"number\", \"not\": {\"enum\": [1]}}", KVD_EUNSUPPORTED, "not");
     compile_error("{\"not\": {\"minimum\": 3}}", KVD_EUNSUPPORTED, "not");
 }

@@ -1938,6 +1938,59 @@ static cJSON *object_negation(jctx *c, const cJSON *x)
     return out;
 }
 
+/* The ways the other shapes not can take apart fail: allOf fails where one of its
+ * schemas does; a string length shape (type string, minLength, maxLength) where the
+ * value is no string (only with type string) or a string too short or too long.
+ * NULL: x is none of these. */
+static cJSON *other_negation(const cJSON *x)
+{
+    if (only_key(x, "allOf")) {
+        const cJSON *all = cJSON_GetObjectItemCaseSensitive(x, "allOf");
+        if (!cJSON_IsArray(all)) return NULL;
+        cJSON *out = cJSON_CreateArray();
+        for (const cJSON *y = all->child; y; y = y->next) {
+            cJSON *d = cJSON_CreateObject();
+            cJSON_AddItemToObject(d, "not", cJSON_Duplicate(y, true));
+            cJSON_AddItemToArray(out, d);
+        }
+        return out;
+    }
+    if (!cJSON_IsObject(x)) return NULL;
+    const cJSON *type = NULL, *lo = NULL, *hi = NULL;
+    for (const cJSON *k = x->child; k; k = k->next) {
+        if (is_annotation(k->string)) continue;
+        if (!strcmp(k->string, "type") && cJSON_IsString(k) && !strcmp(k->valuestring, "string")) type = k;
+        else if (!strcmp(k->string, "minLength") && cJSON_IsNumber(k) && k->valuedouble >= 0 && k->valuedouble < 1e9)
+            lo = k;
+        else if (!strcmp(k->string, "maxLength") && cJSON_IsNumber(k) && k->valuedouble >= 0 && k->valuedouble < 1e9)
+            hi = k;
+        else
+            return NULL;
+    }
+    if (!lo && !hi) return NULL;
+    cJSON *out = cJSON_CreateArray();
+    if (type) {
+        cJSON *d = cJSON_CreateObject(), *t = cJSON_AddArrayToObject(d, "type");
+        for (const char *const *n = (const char *const[]){"null", "boolean", "object", "number", "array", NULL}; *n; n++)
+            cJSON_AddItemToArray(t, cJSON_CreateString(*n));
+        cJSON_AddItemToArray(out, d);
+    }
+    double min = lo ? ceil(lo->valuedouble) : 0;
+    if (min >= 1) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "string");
+        cJSON_AddNumberToObject(d, "maxLength", min - 1);
+        cJSON_AddItemToArray(out, d);
+    }
+    if (hi) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "string");
+        cJSON_AddNumberToObject(d, "minLength", floor(hi->valuedouble) + 1);
+        cJSON_AddItemToArray(out, d);
+    }
+    return out;
+}
+
 #define MAX_NOT_CASES 64
 
 /* not {not: X} is X, and not of an object shape is the anyOf of the ways it fails
@@ -1952,6 +2005,7 @@ static bool rewrite_not(jctx *c, const cJSON *s, const cJSON *not, uint32_t rule
     bool any = false;
     for (size_t i = 0; i < n; i++) {
         if (!only_key(items[i], "not")) cases[i] = object_negation(c, items[i]);
+        if (!only_key(items[i], "not") && !cases[i]) cases[i] = other_negation(items[i]);
         any = any || only_key(items[i], "not") || cases[i];
     }
     if (!any) return false;
