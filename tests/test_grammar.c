@@ -323,6 +323,10 @@ static void test_not(void **state)
     /* enum/const beside keywords kvd checks literal by literal */
     check(schema("{\"enum\": [1, 2, 3, \"a\"], \"not\": {\"enum\": [2]}}"), L("1", "3", "\"a\""), L("2"));
     check(schema("{\"enum\": [\"a\", \"bb\", \"ccc\"], \"pattern\": \"^.{2,}$\"}"), L("\"bb\"", "\"ccc\""), L("\"a\""));
+    /* keywords of another type than a literal's hold for it: patternProperties (not
+     * compilable here) says nothing about "a" or 5 */
+    check(schema("{\"enum\": [\"a\", 2, 5], \"minimum\": 3, \"patternProperties\": {\"^a\": {\"type\": \"integer\"}}}"),
+          L("\"a\"", "5"), L("2", "\"b\""));
     /* an excluded string the pattern never matches changes nothing */
     check(schema("{\"type\": \"string\", \"pattern\": \"^a\", \"not\": {\"enum\": [\"b\"]}}"), L("\"a\"", "\"ab\""),
           L("\"b\"", "\"c\""));

@@ -1759,6 +1759,30 @@ static int grammar_accepts(jctx *c, const cJSON *s, const cJSON *v, kvd_error *w
     return rc;
 }
 
+/* Keywords that only constrain another type than v's hold for v whatever they say
+ * (leaving them out keeps a keyword kvd cannot compile from refusing the literal). */
+static bool keyword_vacuous_for(const char *k, const cJSON *v)
+{
+    static const char *const obj[] = {"properties", "required", "additionalProperties", "patternProperties",
+                                      "minProperties", "maxProperties", "propertyNames", "dependencies",
+                                      "dependentRequired", "dependentSchemas", "unevaluatedProperties", NULL};
+    static const char *const arr[] = {"items", "prefixItems", "additionalItems", "minItems", "maxItems",
+                                      "uniqueItems", "contains", "minContains", "maxContains",
+                                      "unevaluatedItems", NULL};
+    static const char *const str[] = {"minLength", "maxLength", "pattern", NULL};
+    static const char *const num[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                                      NULL};
+    const char *const *own_kw = cJSON_IsObject(v) ? obj : cJSON_IsArray(v) ? arr : cJSON_IsString(v) ? str
+                                : cJSON_IsNumber(v) ? num : NULL;
+    const char *const *const sets[] = {obj, arr, str, num};
+    for (size_t i = 0; i < sizeof sets / sizeof *sets; i++) {
+        if (sets[i] == own_kw) continue;
+        for (const char *const *x = sets[i]; *x; x++)
+            if (!strcmp(k, *x)) return true;
+    }
+    return false;
+}
+
 /* Whether literal v is valid against schema s: 1 yes, 0 no, negative when kvd cannot
  * tell (the reason in *why). not/allOf/anyOf/oneOf/enum/const/$ref are decided here,
  * the rest by kvd's grammar for it (exact or refused, never approximate). */
@@ -1805,7 +1829,7 @@ static int literal_valid(jctx *c, const cJSON *s, const cJSON *v, int depth, kvd
             for (const cJSON *y = x->child; y && !r; y = y->next) r = cJSON_Compare(y, v, true);
         } else if (!strcmp(k, "const")) {
             r = cJSON_Compare(x, v, true);
-        } else if (!is_annotation(k))
+        } else if (!is_annotation(k) && !keyword_vacuous_for(k, v))
             cJSON_AddItemToObject(rest, k, cJSON_Duplicate(x, true));
         if (r < 0) ok = r;
         else if (!r) ok = 0;
