@@ -514,8 +514,8 @@ int main(int argc, char **argv)
         cJSON_Delete(doc);
         free(text);
     }
-    qsort(tbm.v, tbm.n, sizeof *tbm.v, dcmp);
-    qsort(ttfm.v, ttfm.n, sizeof *ttfm.v, dcmp);
+    if (tbm.n) qsort(tbm.v, tbm.n, sizeof *tbm.v, dcmp); /* (no masks: files without tests) */
+    if (ttfm.n) qsort(ttfm.v, ttfm.n, sizeof *ttfm.v, dcmp);
     printf("kvd-maskbench: %ld schemas, %ld tests (%ld skipped), members in %s order, vocabulary %d ids (%.0f ms)%s\n",
            schemas, tests, skipped, ordered ? "schema" : "any", num_ids, vocab_ms,
            bench_clock == CLOCK_MONOTONIC ? "" : ", thread CPU time");

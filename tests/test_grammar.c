@@ -205,8 +205,9 @@ static void test_any_one_all_of(void **state)
     check(schema("{\"oneOf\": [{\"type\": \"object\", \"properties\": {\"p\": {}}, \"required\": [\"p\"]}, "
                  "{\"type\": \"object\", \"properties\": {\"q\": {}}, \"additionalProperties\": false}]}"),
           L("{\"p\": 1, \"z\": 2}", "{\"q\": 1}", "{}"), L("{\"z\": 1}"));
-    compile_error("{\"oneOf\": [{\"type\": \"object\", \"required\": [\"p\"]}, {\"type\": \"object\"}]}",
-                  KVD_EUNSUPPORTED, "oneOf");
+    /* the second branch takes the first's negation: objects without p (with p, both match) */
+    check(schema("{\"oneOf\": [{\"type\": \"object\", \"required\": [\"p\"]}, {\"type\": \"object\"}]}"),
+          L("{}", "{\"q\": 1}"), L("{\"p\": 1}", "1"));
     check(schema("{\"allOf\": [{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}, "
                  "\"required\": [\"a\"]}, {\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}]}"),
           L("{\"a\": 1, \"b\": \"x\"}", "{\"a\": 1, \"b\": \"x\", \"c\": 0}"), L("{\"a\": 1}", "{\"a\": 1, \"b\": 2}"));
@@ -254,7 +255,7 @@ static void test_pattern_format(void **state)
     /* lengths the pattern already implies are fine; others are refused */
     check(schema("{\"type\": \"string\", \"pattern\": \"^([0-9]{5}|[a-z]{2,3})$\", \"minLength\": 2, \"maxLength\": 5}"),
           L("\"12345\"", "\"ab\""), L("\"1234\"", "\"abcd\""));
-    compile_error("{\"type\": \"string\", \"pattern\": \"^[0-9]{5}$\", \"maxLength\": 4}", KVD_EUNSUPPORTED, "maxLength");
+    compile_error("{\"type\": \"string\", \"pattern\": \"^[0-9]{5}$\", \"maxLength\": 4}", KVD_EINVAL, "matches nothing");
     compile_error("{\"type\": \"string\", \"pattern\": \"^[0-9]+\", \"maxLength\": 9}", KVD_EUNSUPPORTED, "maxLength");
     /* unanchored: search semantics */
     check(schema("{\"type\": \"string\", \"pattern\": \"ab+c\"}"), L("\"xxabbcyy\"", "\"abc\""), L("\"ac\"", "\"\""));
@@ -275,6 +276,112 @@ static void test_pattern_format(void **state)
     compile_error("{\"type\": \"string\", \"format\": \"hostname\"}", KVD_EUNSUPPORTED, "hostname");
     /* a format no draft defines is an annotation: any string */
     check(schema("{\"type\": \"string\", \"format\": \"int32\"}"), L("\"x\""), L("1"));
+}
+
+/* minLength/maxLength cut the one repeated part of a pattern (or refuse) */
+static void test_pattern_lengths(void **state)
+{
+    (void)state;
+    check(schema("{\"type\": \"string\", \"pattern\": \"^[a-z]+$\", \"maxLength\": 3}"), L("\"a\"", "\"abc\""),
+          L("\"\"", "\"abcd\"", "\"ab1\""));
+    /* search semantics: the free tail after the anchored head is what is cut */
+    check(schema("{\"type\": \"string\", \"pattern\": \"^ab\", \"minLength\": 4, \"maxLength\": 5}"),
+          L("\"abxy\"", "\"abxyz\"", "\"ab\\n\\u0001\""), L("\"abx\"", "\"abxyzw\"", "\"xabcd\""));
+    /* a repeated group of fixed length: whole repetitions only */
+    check(schema("{\"type\": \"string\", \"pattern\": \"^(ab){1,4}$\", \"minLength\": 3, \"maxLength\": 7}"),
+          L("\"abab\"", "\"ababab\""), L("\"ab\"", "\"abababab\""));
+    /* alternatives are cut one by one, and code points are counted, not bytes */
+    check(schema("{\"type\": \"string\", \"pattern\": \"^x+$|^é+$\", \"maxLength\": 2}"), L("\"x\"", "\"éé\""),
+          L("\"xxx\"", "\"ééé\""));
+    check(schema("{\"type\": \"string\", \"format\": \"date\", \"maxLength\": 10}"), L("\"2024-02-29\""), L("\"x\""));
+    compile_error("{\"type\": \"string\", \"pattern\": \"^[a-z]+[0-9]+$\", \"maxLength\": 5}", KVD_EUNSUPPORTED,
+                  "maxLength");
+    compile_error("{\"type\": \"string\", \"pattern\": \"abc\", \"maxLength\": 5}", KVD_EUNSUPPORTED, "maxLength");
+    compile_error("{\"type\": \"string\", \"format\": \"email\", \"maxLength\": 50}", KVD_EUNSUPPORTED, "maxLength");
+}
+
+static void test_not(void **state)
+{
+    (void)state;
+    check(schema("{\"type\": \"string\", \"not\": {\"enum\": [\"a\", \"ab\", \"q\\\"\"]}}"),
+          L("\"\"", "\"b\"", "\"abc\"", "\"aa\"", "\"a\\n\"", "\"q\"", "\"q\\\"x\"", "\"é\""),
+          L("\"a\"", "\"ab\"", "\"q\\\"\"", "1"));
+    /* lengths beside the excluded strings */
+    check(schema("{\"type\": \"string\", \"minLength\": 1, \"maxLength\": 3, \"not\": {\"enum\": [\"ab\", \"x\"]}}"),
+          L("\"a\"", "\"abc\"", "\"b\"", "\"xé\""), L("\"\"", "\"ab\"", "\"x\"", "\"abcd\""));
+    check(schema("{\"not\": {\"const\": null}}"), L("1", "\"x\"", "{}"), L("null"));
+    check(schema("{\"type\": [\"boolean\", \"string\"], \"not\": {\"enum\": [true, \"x\"]}}"), L("false", "\"y\""),
+          L("true", "\"x\""));
+    check(schema("{\"type\": \"object\", \"not\": {\"required\": [\"a\"]}}"), L("{}", "{\"b\": 1}"),
+          L("{\"a\": 1}", "{\"b\": 1, \"a\": 2}"));
+    /* required holds for every non-object, so its negation only for objects */
+    check(schema("{\"not\": {\"required\": [\"a\", \"b\"]}}"), L("{\"a\": 1}", "{\"b\": 1}", "{}"),
+          L("{\"a\": 1, \"b\": 2}", "1", "\"x\""));
+    check(schema("{\"not\": {\"not\": {\"type\": \"integer\"}}}"), L("1", "-7"), L("\"x\"", "1.5"));
+    check(schema("{\"not\": {\"anyOf\": [{\"type\": \"null\"}, {\"enum\": [\"x\"]}]}}"), L("\"y\"", "1"),
+          L("null", "\"x\""));
+    /* enum/const beside keywords kvd checks literal by literal */
+    check(schema("{\"enum\": [1, 2, 3, \"a\"], \"not\": {\"enum\": [2]}}"), L("1", "3", "\"a\""), L("2"));
+    check(schema("{\"enum\": [\"a\", \"bb\", \"ccc\"], \"pattern\": \"^.{2,}$\"}"), L("\"bb\"", "\"ccc\""), L("\"a\""));
+    /* keywords of another type than a literal's hold for it: patternProperties (not
+     * compilable here) says nothing about "a" or 5 */
+    check(schema("{\"enum\": [\"a\", 2, 5], \"minimum\": 3, \"patternProperties\": {\"^a\": {\"type\": \"integer\"}}}"),
+          L("\"a\"", "5"), L("2", "\"b\""));
+    /* an excluded string the pattern never matches changes nothing */
+    check(schema("{\"type\": \"string\", \"pattern\": \"^a\", \"not\": {\"enum\": [\"b\"]}}"), L("\"a\"", "\"ab\""),
+          L("\"b\"", "\"c\""));
+    compile_error("{\"type\": \"string\", \"pattern\": \"^a\", \"not\": {\"enum\": [\"ab\"]}}", KVD_EUNSUPPORTED, "not");
+    /* not allOf: one of them fails; string lengths: too short or too long */
+    check(schema("{\"not\": {\"allOf\": [{\"type\": \"string\"}, {\"maxLength\": 2}]}}"), L("1", "\"abc\"", "null"),
+          L("\"ab\"", "\"\""));
+    check(schema("{\"type\": \"string\", \"not\": {\"minLength\": 2, \"maxLength\": 3}}"), L("\"a\"", "\"abcd\"", "\"\""),
+          L("\"ab\"", "\"abc\"", "1"));
+    compile_error("{\"type\": \"number\", \"not\": {\"enum\": [1]}}", KVD_EUNSUPPORTED, "not");
+    compile_error("{\"not\": {\"minimum\": 3}}", KVD_EUNSUPPORTED, "not");
+}
+
+static void test_one_of_overlap(void **state)
+{
+    (void)state;
+    check(schema("{\"type\": \"object\", \"oneOf\": [{\"required\": [\"a\"]}, {\"required\": [\"b\"]}]}"),
+          L("{\"a\": 1}", "{\"b\": 1}", "{\"b\": 1, \"c\": 2}"), L("{\"a\": 1, \"b\": 2}", "{}", "{\"c\": 1}"));
+    /* a branch the other contains can never be the only match */
+    check(schema("{\"oneOf\": [{\"required\": [\"a\"]}, {\"required\": [\"a\", \"b\"]}]}"), L("{\"a\": 1}"),
+          L("{\"a\": 1, \"b\": 1}", "{\"b\": 1}", "1"));
+    /* a literal branch: the strings leave it out, it keeps what the strings do not take */
+    check(schema("{\"oneOf\": [{\"type\": \"string\"}, {\"enum\": [\"x\", \"y\", 1]}]}"), L("\"z\"", "1", "\"\""),
+          L("\"x\"", "\"y\"", "2"));
+    compile_error("{\"oneOf\": [{\"type\": \"integer\"}, {\"type\": \"number\"}]}", KVD_EUNSUPPORTED, "oneOf");
+    /* object shapes: a branch fails where a required member is missing or a declared one
+     * has a value its schema refuses; {} and {"a": null} match both, so neither */
+    check(schema("{\"oneOf\": [{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}, "
+                 "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\"}}}]}"),
+          L("{\"a\": 1}", "{\"a\": \"x\", \"b\": 2}"), L("{}", "{\"b\": 1}", "{\"a\": null}", "[]"));
+    /* (members in any order: each branch declares its own members first) */
+    check(schema_opts("{\"type\": \"object\", \"oneOf\": [{\"properties\": {\"a\": {\"type\": \"boolean\"}}, \"required\": [\"a\"]}, "
+                      "{\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}]}", true),
+          L("{\"a\": true}", "{\"b\": \"x\"}", "{\"a\": true, \"b\": 2}", "{\"a\": \"x\", \"b\": \"y\"}"),
+          L("{\"a\": true, \"b\": \"x\"}", "{}", "{\"a\": \"x\"}"));
+    /* not integer, where numbers are allowed, would be a number with a fraction: refused */
+    compile_error("{\"type\": \"object\", \"oneOf\": [{\"properties\": {\"a\": {\"type\": \"integer\"}}, \"required\": [\"a\"]}, "
+                  "{\"properties\": {\"b\": {\"type\": \"string\"}}, \"required\": [\"b\"]}]}",
+                  KVD_EUNSUPPORTED, "oneOf");
+    compile_error("{\"oneOf\": [{\"type\": \"object\", \"minProperties\": 1}, {\"type\": \"object\", \"maxProperties\": 3}]}",
+                  KVD_EUNSUPPORTED, "oneOf");
+}
+
+static void test_pattern_properties(void **state)
+{
+    (void)state;
+    /* a pattern every key matches: every member passes it, additionalProperties never applies */
+    check(schema("{\"type\": \"object\", \"properties\": {\"a\": {\"minimum\": 0}}, \"patternProperties\": "
+                 "{\".*\": {\"type\": \"integer\"}}, \"additionalProperties\": false}"),
+          L("{\"a\": 1, \"b\": 2}", "{}"), L("{\"a\": -1}", "{\"b\": \"x\"}", "{\"a\": 1.5}"));
+    /* a pattern whose schema takes everything, beside open additionalProperties */
+    check(schema("{\"type\": \"object\", \"patternProperties\": {\"^x-\": {}}}"), L("{\"x-a\": 1, \"b\": \"c\"}"),
+          L("[]"));
+    check(schema("{\"type\": \"object\", \"patternProperties\": {\"^x-\": {}}, \"additionalProperties\": false}"),
+          L("{\"x-a\": 1}", "{}"), L("{\"b\": 1}"));
 }
 
 static void test_integer_bounds(void **state)
@@ -332,7 +439,9 @@ static void test_unsupported(void **state)
     check(schema("{\"type\": \"integer\", \"not\": false}"), L("7"), L("\"7\""));
     compile_error("{\"not\": {}}", KVD_EINVAL, "matches nothing");
     compile_error("{\"type\": \"array\", \"uniqueItems\": true}", KVD_EUNSUPPORTED, "uniqueItems");
-    compile_error("{\"type\": \"object\", \"patternProperties\": {\"^a\": {}}}", KVD_EUNSUPPORTED, "patternProperties");
+    check(schema("{\"type\": \"array\", \"uniqueItems\": true, \"maxItems\": 1}"), L("[]", "[1]"), L("[1, 2]"));
+    compile_error("{\"type\": \"object\", \"patternProperties\": {\"^a\": {\"type\": \"integer\"}}}", KVD_EUNSUPPORTED,
+                  "patternProperties");
     compile_error("{\"type\": \"integer\", \"multipleOf\": 3}", KVD_EUNSUPPORTED, "multipleOf");
     compile_error("{\"type\": \"strin\"}", KVD_EINVAL, "strin");
     compile_error("{\"type\": ", KVD_EINVAL, "JSON");
@@ -459,6 +568,10 @@ int main(void)
         cmocka_unit_test(test_ref_recursion),
         cmocka_unit_test(test_lengths),
         cmocka_unit_test(test_pattern_format),
+        cmocka_unit_test(test_pattern_lengths),
+        cmocka_unit_test(test_not),
+        cmocka_unit_test(test_one_of_overlap),
+        cmocka_unit_test(test_pattern_properties),
         cmocka_unit_test(test_integer_bounds),
         cmocka_unit_test(test_properties_count),
         cmocka_unit_test(test_unsupported),

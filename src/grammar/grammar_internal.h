@@ -186,6 +186,14 @@ void gr_vocab_free_shared(kvd_grammar_vocab *v);
  * unbounded), tracked in search mode only (else 0 and UINT64_MAX). */
 uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, bool anchored, uint64_t *min_len,
                   uint64_t *max_len);
+/* gr_regex (json_string) cut to the texts of min_len..max_len code points (max_len
+ * UINT64_MAX: unbounded). *exact is false when kvd cannot cut it exactly (every
+ * alternative must be fixed-length atoms around at most one repeated fixed-length
+ * unit); the rule is then not to be used. */
+uint32_t gr_regex_clipped(gr_builder *b, const char *re, size_t len, bool anchored, uint64_t min_len,
+                          uint64_t max_len, bool *exact);
+/* Whether grammar g matches the whole of text: 1 yes, 0 no, negative on no memory. */
+int gr_accepts_text(const kvd_grammar *g, const char *text, size_t len);
 /* Whether JSON Schema pattern re finds a match in text (JSON string text, escaped as
  * kvd writes it): 1 yes, 0 no, negative when re does not compile. */
 int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len);

@@ -38,6 +38,7 @@ typedef struct jctx {
     size_t nowned, capowned;
     uint32_t jchar, any_value, any_string, number, integer;
     int depth;
+    int nest; /* compiles inside compiles (literal checks), bounded */
 } jctx;
 
 static uint32_t compile_node(jctx *c, const cJSON *s);
@@ -562,6 +563,12 @@ static bool merge_key(jctx *c, cJSON *dst, const cJSON *v)
             return cJSON_ReplaceItemInObjectCaseSensitive(dst, k, both);
         }
     }
+    if (!strcmp(k, "not")) { /* not A and not B: not (A or B) */
+        cJSON *both = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(both, "anyOf");
+        cJSON_AddItemToArray(arr, cJSON_Duplicate(have, true));
+        cJSON_AddItemToArray(arr, cJSON_Duplicate(v, true));
+        return cJSON_ReplaceItemInObjectCaseSensitive(dst, k, both);
+    }
     if (!strcmp(k, "allOf") && cJSON_IsArray(have)) {
         for (const cJSON *x = v->child; x; x = x->next) cJSON_AddItemToArray(have, cJSON_Duplicate(x, true));
         return true;
@@ -734,16 +741,23 @@ static void alt_string(jctx *c, const cJSON *s, uint32_t rule)
     }
     gr_seq q = {0};
     if (re) {
-        uint64_t rmin = 0, rmax = UINT64_MAX;
-        uint32_t rr = gr_regex(b, re, strlen(re), true, anchored_whole, &rmin, &rmax);
+        uint32_t rr;
+        if (min > 0 || max != GR_INF) {
+            /* The lengths cut the regex's own repetitions (^[a-z]+$ with maxLength 8 is
+             * ^[a-z]{1,8}$); where that cannot be exact, refuse. */
+            bool exact = false;
+            rr = gr_regex_clipped(b, re, strlen(re), anchored_whole, min, max == GR_INF ? UINT64_MAX : max, &exact);
+            if (b->failed) return;
+            if (!exact) {
+                gr_fail(b, KVD_EUNSUPPORTED,
+                        "json schema: minLength/maxLength together with %s is not supported (only where the "
+                        "%s has one repeated part between fixed-length parts)",
+                        pat ? "pattern" : "format", pat ? "pattern" : "format");
+                return;
+            }
+        } else
+            rr = gr_regex(b, re, strlen(re), true, anchored_whole, NULL, NULL);
         if (b->failed) return;
-        /* The grammar cannot count characters inside a regex: the lengths must already
-         * follow from the pattern (e.g. ^[0-9]{5}$ with maxLength 5), else refuse. */
-        if ((min > 0 && rmin < min) || (max != GR_INF && (rmax == UINT64_MAX || rmax > max))) {
-            gr_fail(b, KVD_EUNSUPPORTED, "json schema: minLength/maxLength together with %s is not supported",
-                    pat ? "pattern" : "format");
-            return;
-        }
         uint32_t sr = gr_rule_new(b, "pattern-string", true);
         gr_seq_byte(b, &q, '"');
         gr_seq_rule(b, &q, rr, 1, 1);
@@ -998,6 +1012,129 @@ static void alt_number(jctx *c, const cJSON *s, uint32_t rule)
     gr_rule_add_alt(b, rule, &q);
 }
 
+/* --- strings other than some ------------------------------------------------------ */
+
+/* One character as json.dumps(ensure_ascii=False) writes it: printable ASCII and
+ * non-ASCII as they are, '"' '\\' and control characters escaped. Texts written this
+ * way are equal exactly when their bytes are, which is what lets a trie of the
+ * excluded strings give their complement exactly. */
+static void canon_chars(jctx *c, uint32_t rule, uint32_t lo, uint32_t hi)
+{
+    gr_builder *b = c->b;
+    gr_bytes plain = {{0}};
+    gr_seq q = {0};
+    for (uint32_t cp = lo; cp <= hi && cp < 0x80; cp++) {
+        if (cp >= 0x20 && cp != '"' && cp != '\\') {
+            gr_bytes_add(&plain, cp);
+            continue;
+        }
+        char one[2] = {(char)cp, 0};
+        if (cp == 0) { /* json_quote stops at a NUL */
+            gr_seq_lit(b, &q, "\\u0000", 6);
+        } else {
+            char *e = json_quote(one);
+            if (!e) {
+                gr_fail(b, KVD_ENOMEM, "json schema: out of memory");
+                return;
+            }
+            gr_seq_lit(b, &q, e + 1, strlen(e) - 2);
+            free(e);
+        }
+        gr_rule_add_alt(b, rule, &q);
+    }
+    if (plain.w[0] | plain.w[1]) {
+        gr_seq_bytes(b, &q, &plain, 1, 1);
+        gr_rule_add_alt(b, rule, &q);
+    }
+    if (hi >= 0x80) gr_utf8_range(b, rule, lo < 0x80 ? 0x80 : lo, hi);
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+/* Excluded strings, and the lengths (in code points) the string may have. */
+typedef struct not_in {
+    uint32_t canon_char;      /* one character as json.dumps writes it */
+    uint32_t min_len, max_len; /* max_len GR_INF: unbounded */
+} not_in;
+
+/* Any characters, so many that the string's length ends within bounds after cps
+ * code points so far, then the closing quote. */
+static uint32_t string_tail(jctx *c, const not_in *ni, uint32_t cps)
+{
+    gr_builder *b = c->b;
+    uint32_t r = gr_rule_new(b, "string-tail", true);
+    uint32_t lo = ni->min_len > cps ? ni->min_len - cps : 0;
+    uint32_t hi = ni->max_len == GR_INF ? GR_INF : ni->max_len - cps;
+    gr_seq q = {0};
+    gr_seq_rule(b, &q, ni->canon_char, lo, hi);
+    gr_seq_byte(b, &q, '"');
+    gr_rule_add_alt(b, r, &q);
+    return r;
+}
+
+/* The rest of a JSON string that is none of names (raw UTF-8, sorted, sharing their
+ * first depth bytes, which are cps code points), then the closing quote. */
+static uint32_t string_not_in_from(jctx *c, const not_in *ni, const char **names, size_t n, size_t depth,
+                                   uint32_t cps)
+{
+    gr_builder *b = c->b;
+    uint32_t r = gr_rule_new(b, "other-string", true);
+    gr_seq q = {0};
+    size_t i = 0;
+    if (n && strlen(names[0]) == depth) /* a name ends here (sorted: it comes first) */
+        while (i < n && strlen(names[i]) == depth) i++;
+    else if (cps >= ni->min_len) {
+        gr_seq_byte(b, &q, '"');
+        gr_rule_add_alt(b, r, &q);
+    }
+    if (ni->max_len != GR_INF && cps >= ni->max_len) return r; /* no room for another character */
+    /* characters that continue some name, and the gaps between them */
+    uint32_t other = gr_rule_new(b, "other-char", true);
+    uint32_t next_free = 0;
+    while (i < n) {
+        const char *p = names[i] + depth, *end = p + strlen(p);
+        uint32_t cp = gr_utf8_next(&p, end);
+        size_t len = (size_t)(p - (names[i] + depth)), j = i;
+        while (j < n && !strncmp(names[j] + depth, names[i] + depth, len) && strlen(names[j]) > depth) j++;
+        if (cp > next_free) canon_chars(c, other, next_free, cp - 1);
+        next_free = cp + 1;
+        char enc[8] = {0};
+        memcpy(enc, names[i] + depth, len);
+        char *e = json_quote(enc);
+        if (!e) {
+            gr_fail(b, KVD_ENOMEM, "json schema: out of memory");
+            return r;
+        }
+        gr_seq_lit(b, &q, e + 1, strlen(e) - 2);
+        free(e);
+        gr_seq_rule(b, &q, string_not_in_from(c, ni, names + i, j - i, depth + len, cps + 1), 1, 1);
+        gr_rule_add_alt(b, r, &q);
+        i = j;
+    }
+    if (next_free <= 0x10FFFF) canon_chars(c, other, next_free, 0x10FFFF);
+    gr_seq_rule(b, &q, other, 1, 1);
+    gr_seq_rule(b, &q, string_tail(c, ni, cps + 1), 1, 1);
+    gr_rule_add_alt(b, r, &q);
+    return r;
+}
+
+/* A JSON string of min_len..max_len code points, written as json.dumps writes it,
+ * that is none of names. */
+static uint32_t string_not_in(jctx *c, const char **names, size_t n, uint32_t min_len, uint32_t max_len)
+{
+    gr_builder *b = c->b;
+    qsort(names, n, sizeof *names, cmp_str);
+    not_in ni = {gr_rule_new(b, "canon-char", true), min_len, max_len};
+    canon_chars(c, ni.canon_char, 0, 0x10FFFF);
+    uint32_t r = gr_rule_new(b, "string-not-in", true);
+    gr_seq q = {0};
+    if (min_len > max_len) return r;
+    gr_seq_byte(b, &q, '"');
+    gr_seq_rule(b, &q, string_not_in_from(c, &ni, names, n, 0, 0), 1, 1);
+    gr_rule_add_alt(b, r, &q);
+    return r;
+}
+
 /* --- objects ------------------------------------------------------------------- */
 
 /* The rule for a key that is none of names (JSON text between the quotes, escaped),
@@ -1053,8 +1190,6 @@ static uint32_t key_not_in(jctx *c, const char **names, size_t n, size_t depth, 
     }
     return r;
 }
-
-static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
 static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
 {
@@ -1271,7 +1406,9 @@ static void alt_array(jctx *c, const cJSON *s, uint32_t rule)
         items = cJSON_GetObjectItemCaseSensitive(s, "additionalItems");
     } /* additionalItems without a tuple (items as an array) does nothing */
     const cJSON *uniq = cJSON_GetObjectItemCaseSensitive(s, "uniqueItems");
-    if (cJSON_IsTrue(uniq)) {
+    const cJSON *max_items = cJSON_GetObjectItemCaseSensitive(s, "maxItems");
+    /* at most one item is always unique */
+    if (cJSON_IsTrue(uniq) && !(cJSON_IsNumber(max_items) && max_items->valuedouble <= 1)) {
         gr_fail(b, KVD_EUNSUPPORTED, "json schema: uniqueItems is not supported");
         return;
     }
@@ -1512,6 +1649,585 @@ static bool disjoint(jctx *c, const cJSON *x, const cJSON *y)
     return false;
 }
 
+/* --- literals checked against a schema -------------------------------------------- */
+
+typedef struct text_buf {
+    char *p;
+    size_t n, cap;
+    bool bad;
+} text_buf;
+
+static void tb_put(text_buf *t, const char *x, size_t n)
+{
+    if (t->bad) return;
+    if (t->n + n + 1 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 64;
+        while (cap < t->n + n + 1) cap *= 2;
+        char *q = realloc(t->p, cap);
+        if (!q) {
+            t->bad = true;
+            return;
+        }
+        t->p = q;
+        t->cap = cap;
+    }
+    memcpy(t->p + t->n, x, n);
+    t->n += n;
+    t->p[t->n] = 0;
+}
+
+/* v as kvd's grammars spell it (json.dumps style). bad: a number kvd cannot spell as
+ * its grammars read it (an integer beyond 1e15 would print with an exponent). */
+static void literal_text(text_buf *t, const cJSON *v)
+{
+    char buf[64];
+    if (cJSON_IsNull(v)) tb_put(t, "null", 4);
+    else if (cJSON_IsTrue(v)) tb_put(t, "true", 4);
+    else if (cJSON_IsFalse(v)) tb_put(t, "false", 5);
+    else if (cJSON_IsNumber(v)) {
+        if (v->valuedouble == floor(v->valuedouble)) {
+            if (fabs(v->valuedouble) >= 1e15) t->bad = true;
+            snprintf(buf, sizeof buf, "%.0f", v->valuedouble);
+        } else
+            number_text(v->valuedouble, buf, sizeof buf);
+        tb_put(t, buf, strlen(buf));
+    } else if (cJSON_IsString(v)) {
+        char *q = json_quote(v->valuestring);
+        if (!q) t->bad = true;
+        else tb_put(t, q, strlen(q));
+        free(q);
+    } else if (cJSON_IsArray(v) || cJSON_IsObject(v)) {
+        bool obj = cJSON_IsObject(v);
+        tb_put(t, obj ? "{" : "[", 1);
+        for (const cJSON *x = v->child; x; x = x->next) {
+            if (x != v->child) tb_put(t, ", ", 2);
+            if (obj) {
+                char *q = json_quote(x->string);
+                if (!q) t->bad = true;
+                else tb_put(t, q, strlen(q));
+                free(q);
+                tb_put(t, ": ", 2);
+            }
+            literal_text(t, x);
+        }
+        tb_put(t, obj ? "}" : "]", 1);
+    } else
+        t->bad = true;
+}
+
+static void jctx_init(jctx *c, gr_builder *b, bool any_order);
+static void jctx_deinit(jctx *c);
+static bool has_constraints(const cJSON *s, const char *skip);
+
+/* Whether kvd's own grammar for s accepts v: 1 yes, 0 no, negative (with the reason
+ * in *why) when s does not compile. The grammar takes members in any order. */
+static int grammar_accepts(jctx *c, const cJSON *s, const cJSON *v, kvd_error *why)
+{
+    if (c->nest >= 6) {
+        kvd_error_set(why, KVD_EUNSUPPORTED, "json schema: literal checks nest too deeply");
+        return KVD_EUNSUPPORTED;
+    }
+    text_buf t = {0};
+    literal_text(&t, v);
+    if (t.bad) {
+        free(t.p);
+        kvd_error_set(why, KVD_EUNSUPPORTED, "json schema: a number in enum/const/not beyond 1e15");
+        return KVD_EUNSUPPORTED;
+    }
+    gr_builder b;
+    gr_builder_init(&b, why);
+    jctx sub;
+    jctx_init(&sub, &b, true);
+    sub.vocab = c->vocab;
+    sub.root = c->root;
+    sub.ref_alone = c->ref_alone;
+    sub.nest = c->nest + 1;
+    uint32_t value = compile_node(&sub, s);
+    /* a second alternative no JSON text starts with keeps the start rule productive
+     * when s matches nothing */
+    uint32_t r = gr_rule_new(&b, "root", false);
+    gr_seq q = {0};
+    gr_seq_rule(&b, &q, value, 1, 1);
+    gr_rule_add_alt(&b, r, &q);
+    gr_seq_byte(&b, &q, 1);
+    gr_rule_add_alt(&b, r, &q);
+    jctx_deinit(&sub);
+    kvd_grammar *g = gr_finish(&b, c->vocab, r, why);
+    int rc = g ? gr_accepts_text(g, t.p, t.n) : (why->code ? why->code : KVD_EUNSUPPORTED);
+    if (g) kvd_grammar_release(g);
+    free(t.p);
+    return rc;
+}
+
+/* Keywords that only constrain another type than v's hold for v whatever they say
+ * (leaving them out keeps a keyword kvd cannot compile from refusing the literal). */
+static bool keyword_vacuous_for(const char *k, const cJSON *v)
+{
+    static const char *const obj[] = {"properties", "required", "additionalProperties", "patternProperties",
+                                      "minProperties", "maxProperties", "propertyNames", "dependencies",
+                                      "dependentRequired", "dependentSchemas", "unevaluatedProperties", NULL};
+    static const char *const arr[] = {"items", "prefixItems", "additionalItems", "minItems", "maxItems",
+                                      "uniqueItems", "contains", "minContains", "maxContains",
+                                      "unevaluatedItems", NULL};
+    static const char *const str[] = {"minLength", "maxLength", "pattern", NULL};
+    static const char *const num[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                                      NULL};
+    const char *const *own_kw = cJSON_IsObject(v) ? obj : cJSON_IsArray(v) ? arr : cJSON_IsString(v) ? str
+                                : cJSON_IsNumber(v) ? num : NULL;
+    const char *const *const sets[] = {obj, arr, str, num};
+    for (size_t i = 0; i < sizeof sets / sizeof *sets; i++) {
+        if (sets[i] == own_kw) continue;
+        for (const char *const *x = sets[i]; *x; x++)
+            if (!strcmp(k, *x)) return true;
+    }
+    return false;
+}
+
+/* Whether literal v is valid against schema s: 1 yes, 0 no, negative when kvd cannot
+ * tell (the reason in *why). not/allOf/anyOf/oneOf/enum/const/$ref are decided here,
+ * the rest by kvd's grammar for it (exact or refused, never approximate). */
+static int literal_valid(jctx *c, const cJSON *s, const cJSON *v, int depth, kvd_error *why)
+{
+    if (cJSON_IsTrue(s)) return 1;
+    if (cJSON_IsFalse(s)) return 0;
+    if (!cJSON_IsObject(s) || depth > 20) {
+        kvd_error_set(why, KVD_EUNSUPPORTED, "json schema: schema too deep for an enum/const/not check");
+        return KVD_EUNSUPPORTED;
+    }
+    const cJSON *ref = cJSON_GetObjectItemCaseSensitive(s, "$ref");
+    if (ref && c->ref_alone) { /* drafts 4-7: $ref replaces its siblings */
+        const cJSON *t = cJSON_IsString(ref) ? resolve_ref(c, ref->valuestring) : NULL;
+        if (!t) {
+            kvd_error_set(why, KVD_EINVAL, "json schema: bad $ref");
+            return KVD_EINVAL;
+        }
+        return literal_valid(c, t, v, depth + 1, why);
+    }
+    cJSON *rest = cJSON_CreateObject();
+    if (!rest) return KVD_ENOMEM;
+    int ok = 1;
+    for (const cJSON *x = s->child; x && ok == 1; x = x->next) {
+        const char *k = x->string;
+        int r = 1;
+        if (!strcmp(k, "not")) {
+            r = literal_valid(c, x, v, depth + 1, why);
+            if (r >= 0) r = !r;
+        } else if (!strcmp(k, "$ref")) {
+            const cJSON *t = cJSON_IsString(x) ? resolve_ref(c, x->valuestring) : NULL;
+            r = t ? literal_valid(c, t, v, depth + 1, why) : KVD_EINVAL;
+            if (!t) kvd_error_set(why, KVD_EINVAL, "json schema: bad $ref");
+        } else if (!strcmp(k, "allOf") || !strcmp(k, "anyOf") || !strcmp(k, "oneOf")) {
+            int hits = 0, n = 0;
+            for (const cJSON *y = cJSON_IsArray(x) ? x->child : NULL; y && r >= 0; y = y->next, n++) {
+                int h = literal_valid(c, y, v, depth + 1, why);
+                if (h < 0) r = h;
+                else hits += h;
+            }
+            if (r >= 0) r = !strcmp(k, "allOf") ? hits == n : !strcmp(k, "anyOf") ? hits > 0 : hits == 1;
+        } else if (!strcmp(k, "enum") && cJSON_IsArray(x)) {
+            r = 0;
+            for (const cJSON *y = x->child; y && !r; y = y->next) r = cJSON_Compare(y, v, true);
+        } else if (!strcmp(k, "const")) {
+            r = cJSON_Compare(x, v, true);
+        } else if (!is_annotation(k) && !keyword_vacuous_for(k, v))
+            cJSON_AddItemToObject(rest, k, cJSON_Duplicate(x, true));
+        if (r < 0) ok = r;
+        else if (!r) ok = 0;
+    }
+    if (ok == 1 && has_constraints(rest, "")) ok = grammar_accepts(c, rest, v, why);
+    cJSON_Delete(rest);
+    return ok;
+}
+
+/* Alternatives of rule for the enum/const literals that are valid against every other
+ * keyword of s (decided literal by literal, so any keyword kvd can compile or decide
+ * works beside enum/const). */
+static void literal_alts(jctx *c, const cJSON *s, uint32_t rule)
+{
+    gr_builder *b = c->b;
+    const cJSON *en = cJSON_GetObjectItemCaseSensitive(s, "enum");
+    const cJSON *k = cJSON_GetObjectItemCaseSensitive(s, "const");
+    if (en && !cJSON_IsArray(en)) {
+        gr_fail(b, KVD_EINVAL, "json schema: 'enum' must be an array");
+        return;
+    }
+    for (const cJSON *v = k ? k : en->child; v && !b->failed; v = k ? NULL : v->next) {
+        kvd_error why = {0};
+        int r = literal_valid(c, s, v, 0, &why);
+        if (r < 0) {
+            gr_fail(b, r, "%s", why.msg);
+            return;
+        }
+        if (r) {
+            gr_seq q = {0};
+            gr_seq_rule(b, &q, value_lit_rule(c, v), 1, 1);
+            gr_rule_add_alt(b, rule, &q);
+        }
+    }
+}
+
+/* enum/const beside keywords kvd folds into the literals directly (types, lengths,
+ * bounds) take the plain path; any other keyword is checked literal by literal. */
+static bool needs_literal_check(const cJSON *s)
+{
+    static const char *const plain[] = {"enum", "const", "type", "minLength", "maxLength", "minimum", "maximum",
+                                        "exclusiveMinimum", "exclusiveMaximum", NULL};
+    for (const cJSON *x = s->child; x; x = x->next) {
+        if (is_annotation(x->string)) continue;
+        bool p = false;
+        for (int i = 0; plain[i] && !p; i++) p = !strcmp(x->string, plain[i]);
+        if (!p) return true;
+    }
+    return false;
+}
+
+/* --- not -------------------------------------------------------------------------- */
+
+#define MAX_NOTS 64
+
+/* The schemas a "not" negates, each alone: not {anyOf: [A, B]} is not A and not B. */
+static bool flatten_not(jctx *c, const cJSON *x, const cJSON **out, size_t *n, int depth)
+{
+    const cJSON *t = follow_ref(c, x);
+    if (t) x = t;
+    const cJSON *any = cJSON_IsObject(x) ? cJSON_GetObjectItemCaseSensitive(x, "anyOf") : NULL;
+    if (cJSON_IsArray(any) && !has_constraints(x, "anyOf") && depth < 8) {
+        for (const cJSON *y = any->child; y; y = y->next)
+            if (!flatten_not(c, y, out, n, depth + 1)) return false;
+        return true;
+    }
+    if (*n == MAX_NOTS) return false;
+    out[(*n)++] = x;
+    return true;
+}
+
+static bool only_key(const cJSON *x, const char *k)
+{
+    return cJSON_IsObject(x) && cJSON_HasObjectItem(x, k) && !has_constraints(x, k);
+}
+
+static bool fail_not(jctx *c)
+{
+    if (!c->b->failed)
+        gr_fail(c->b, KVD_EUNSUPPORTED,
+                "json schema: keyword 'not' is not supported (only false, true, a type, enum/const of null, "
+                "booleans or strings, an object shape of properties/required, not, or anyOf of these)");
+    return false;
+}
+
+/* An object shape x (type object, properties, required, additionalProperties absent
+ * or true) fails exactly when one of these holds: the value is no object (only with
+ * type object), a required member is missing, or a declared member is present with a
+ * value its schema refuses. Returns those cases as schemas (an array), or NULL when x
+ * is not such a shape. */
+static cJSON *object_negation(jctx *c, const cJSON *x)
+{
+    if (!cJSON_IsObject(x)) return NULL;
+    const cJSON *type = NULL, *props = NULL, *req = NULL;
+    for (const cJSON *k = x->child; k; k = k->next) {
+        if (is_annotation(k->string)) continue;
+        if (!strcmp(k->string, "type") && cJSON_IsString(k) && !strcmp(k->valuestring, "object")) type = k;
+        else if (!strcmp(k->string, "properties") && cJSON_IsObject(k)) props = k;
+        else if (!strcmp(k->string, "required") && cJSON_IsArray(k)) req = k;
+        else if (!(!strcmp(k->string, "additionalProperties") && cJSON_IsTrue(k))) return NULL;
+    }
+    if (!props && !req) return NULL;
+    cJSON *out = cJSON_CreateArray();
+    if (!out) return NULL;
+    if (type) {
+        cJSON *d = cJSON_CreateObject(), *t = cJSON_AddArrayToObject(d, "type");
+        for (const char *const *n = (const char *const[]){"null", "boolean", "string", "number", "array", NULL}; *n; n++)
+            cJSON_AddItemToArray(t, cJSON_CreateString(*n));
+        cJSON_AddItemToArray(out, d);
+    }
+    const cJSON *r;
+    cJSON_ArrayForEach(r, req) {
+        if (!cJSON_IsString(r)) continue;
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "object");
+        cJSON_AddItemToObject(cJSON_AddObjectToObject(d, "properties"), r->valuestring, cJSON_CreateFalse());
+        cJSON_AddItemToArray(out, d);
+    }
+    for (const cJSON *p = props ? props->child : NULL; p; p = p->next) {
+        if (cJSON_IsTrue(p) || (cJSON_IsObject(p) && !has_constraints(p, ""))) continue; /* always passes */
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "object");
+        cJSON_AddItemToArray(cJSON_AddArrayToObject(d, "required"), cJSON_CreateString(p->string));
+        cJSON *np = cJSON_CreateObject();
+        cJSON_AddItemToObject(np, "not", cJSON_Duplicate(p, true));
+        cJSON_AddItemToObject(cJSON_AddObjectToObject(d, "properties"), p->string, np);
+        cJSON_AddItemToArray(out, d);
+    }
+    (void)c;
+    return out;
+}
+
+/* The ways the other shapes not can take apart fail: allOf fails where one of its
+ * schemas does; a string length shape (type string, minLength, maxLength) where the
+ * value is no string (only with type string) or a string too short or too long.
+ * NULL: x is none of these. */
+static cJSON *other_negation(const cJSON *x)
+{
+    if (only_key(x, "allOf")) {
+        const cJSON *all = cJSON_GetObjectItemCaseSensitive(x, "allOf");
+        if (!cJSON_IsArray(all)) return NULL;
+        cJSON *out = cJSON_CreateArray();
+        for (const cJSON *y = all->child; y; y = y->next) {
+            cJSON *d = cJSON_CreateObject();
+            cJSON_AddItemToObject(d, "not", cJSON_Duplicate(y, true));
+            cJSON_AddItemToArray(out, d);
+        }
+        return out;
+    }
+    if (!cJSON_IsObject(x)) return NULL;
+    const cJSON *type = NULL, *lo = NULL, *hi = NULL;
+    for (const cJSON *k = x->child; k; k = k->next) {
+        if (is_annotation(k->string)) continue;
+        if (!strcmp(k->string, "type") && cJSON_IsString(k) && !strcmp(k->valuestring, "string")) type = k;
+        else if (!strcmp(k->string, "minLength") && cJSON_IsNumber(k) && k->valuedouble >= 0 && k->valuedouble < 1e9)
+            lo = k;
+        else if (!strcmp(k->string, "maxLength") && cJSON_IsNumber(k) && k->valuedouble >= 0 && k->valuedouble < 1e9)
+            hi = k;
+        else
+            return NULL;
+    }
+    if (!lo && !hi) return NULL;
+    cJSON *out = cJSON_CreateArray();
+    if (type) {
+        cJSON *d = cJSON_CreateObject(), *t = cJSON_AddArrayToObject(d, "type");
+        for (const char *const *n = (const char *const[]){"null", "boolean", "object", "number", "array", NULL}; *n; n++)
+            cJSON_AddItemToArray(t, cJSON_CreateString(*n));
+        cJSON_AddItemToArray(out, d);
+    }
+    double min = lo ? ceil(lo->valuedouble) : 0;
+    if (min >= 1) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "string");
+        cJSON_AddNumberToObject(d, "maxLength", min - 1);
+        cJSON_AddItemToArray(out, d);
+    }
+    if (hi) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "string");
+        cJSON_AddNumberToObject(d, "minLength", floor(hi->valuedouble) + 1);
+        cJSON_AddItemToArray(out, d);
+    }
+    return out;
+}
+
+#define MAX_NOT_CASES 64
+
+/* not {not: X} is X, and not of an object shape is the anyOf of the ways it fails
+ * (object_negation): those are rewritten into plain keywords and s compiled again as
+ * that. Returns true when it did so (rule is then done). */
+static bool rewrite_not(jctx *c, const cJSON *s, const cJSON *not, uint32_t rule)
+{
+    const cJSON *items[MAX_NOTS];
+    size_t n = 0;
+    if (!flatten_not(c, not, items, &n, 0)) return fail_not(c), true;
+    cJSON *cases[MAX_NOTS] = {0};
+    bool any = false;
+    for (size_t i = 0; i < n; i++) {
+        if (!only_key(items[i], "not")) cases[i] = object_negation(c, items[i]);
+        if (!only_key(items[i], "not") && !cases[i]) cases[i] = other_negation(items[i]);
+        any = any || only_key(items[i], "not") || cases[i];
+    }
+    if (!any) return false;
+    cJSON *src = cJSON_Duplicate(s, true);
+    if (!src || !own(c, src)) {
+        for (size_t i = 0; i < n; i++) cJSON_Delete(cases[i]);
+        return true;
+    }
+    cJSON_DeleteItemFromObjectCaseSensitive(src, "not");
+    cJSON *all = cJSON_CreateArray(), *rest = cJSON_CreateArray();
+    cJSON *product = NULL; /* anyOf of the cases of every object shape negated, multiplied out */
+    bool too_many = false;
+    for (size_t i = 0; i < n; i++) {
+        if (only_key(items[i], "not")) {
+            cJSON_AddItemToArray(all, cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(items[i], "not"), true));
+        } else if (cases[i]) {
+            if (!product) {
+                product = cases[i];
+                cases[i] = NULL;
+                continue;
+            }
+            int np = cJSON_GetArraySize(product), nc = cJSON_GetArraySize(cases[i]);
+            if ((long)np * nc > MAX_NOT_CASES) {
+                too_many = true;
+                continue;
+            }
+            cJSON *next = cJSON_CreateArray();
+            const cJSON *a, *b2;
+            cJSON_ArrayForEach(a, product) cJSON_ArrayForEach(b2, cases[i]) {
+                cJSON *both = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(both, "allOf");
+                cJSON_AddItemToArray(arr, cJSON_Duplicate(a, true));
+                cJSON_AddItemToArray(arr, cJSON_Duplicate(b2, true));
+                cJSON_AddItemToArray(next, both);
+            }
+            cJSON_Delete(product);
+            product = next;
+        } else
+            cJSON_AddItemToArray(rest, cJSON_Duplicate(items[i], true));
+    }
+    for (size_t i = 0; i < n; i++) cJSON_Delete(cases[i]);
+    if (too_many || (product && (cJSON_HasObjectItem(src, "anyOf") || cJSON_HasObjectItem(src, "oneOf")))) {
+        cJSON_Delete(product);
+        cJSON_Delete(all);
+        cJSON_Delete(rest);
+        fail_not(c);
+        return true;
+    }
+    if (product) {
+        cJSON *w = cJSON_CreateObject();
+        cJSON_AddItemToObject(w, "anyOf", product);
+        cJSON_AddItemToArray(all, w);
+    }
+    if (cJSON_GetArraySize(rest) == 1) {
+        cJSON_AddItemToObject(src, "not", cJSON_DetachItemFromArray(rest, 0));
+        cJSON_Delete(rest);
+    } else if (cJSON_GetArraySize(rest) > 1) {
+        cJSON *w = cJSON_CreateObject();
+        cJSON_AddItemToObject(w, "anyOf", rest);
+        cJSON_AddItemToObject(src, "not", w);
+    } else
+        cJSON_Delete(rest);
+    cJSON *had = cJSON_GetObjectItemCaseSensitive(src, "allOf");
+    if (cJSON_IsArray(had)) {
+        while (all->child) cJSON_AddItemToArray(had, cJSON_DetachItemFromArray(all, 0));
+        cJSON_Delete(all);
+    } else
+        cJSON_AddItemToObject(src, "allOf", all);
+    cJSON *m = cJSON_CreateObject();
+    if (!m || !own(c, m)) return true;
+    if (!merge_into(c, m, src)) return true;
+    gr_seq q = {0};
+    gr_seq_rule(c->b, &q, compile_node(c, m), 1, 1);
+    gr_rule_add_alt(c->b, rule, &q);
+    return true;
+}
+
+/* The other forms of not take values out: types, true/false, null and strings (any
+ * enum/const, whatever keywords stand beside it, is the finite set of its literals
+ * valid against them). Returns false (with the error set) when not cannot be exact. */
+static bool not_exclusions(jctx *c, const cJSON *s, const cJSON *not, int *types, int *bools,
+                           const char ***strings, size_t *num_strings)
+{
+    const cJSON *items[MAX_NOTS];
+    size_t n = 0;
+    if (!flatten_not(c, not, items, &n, 0)) return fail_not(c);
+    static const char *const string_kw[] = {"pattern", "format", NULL}; /* lengths are kept exactly */
+    bool string_constrained = false;
+    for (int i = 0; string_kw[i]; i++) string_constrained = string_constrained || cJSON_HasObjectItem(s, string_kw[i]);
+    for (size_t i = 0; i < n; i++) {
+        const cJSON *x = items[i];
+        if (cJSON_IsFalse(x)) continue;
+        if (cJSON_IsTrue(x) || (cJSON_IsObject(x) && !has_constraints(x, ""))) {
+            *types = 0; /* nothing matches */
+            continue;
+        }
+        if (only_key(x, "type")) {
+            int nt = schema_types(c, x);
+            if (nt < 0) return false;
+            /* a number that is not an integer: kvd's number text cannot say that */
+            if ((*types & T_NUMBER) && (nt & T_INTEGER) && !(nt & T_NUMBER)) return fail_not(c);
+            *types &= ~nt;
+            continue;
+        }
+        const cJSON *en = cJSON_GetObjectItemCaseSensitive(x, "enum");
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(x, "const");
+        if (!cJSON_IsObject(x) || !(cJSON_IsArray(en) || k)) return fail_not(c);
+        for (const cJSON *v = k ? k : en->child; v; v = k ? NULL : v->next) {
+            kvd_error why = {0};
+            int in = literal_valid(c, x, v, 0, &why);
+            if (in < 0) {
+                gr_fail(c->b, in, "%s", why.msg);
+                return false;
+            }
+            int vt = value_type(v);
+            if (!in || !((*types & vt) || (vt == T_INTEGER && (*types & T_NUMBER)))) continue;
+            if (vt == T_STRING && string_constrained) {
+                /* a string the other keywords refuse anyway needs no exclusion */
+                cJSON *base = cJSON_Duplicate(s, true);
+                if (!base) return false;
+                cJSON_DeleteItemFromObjectCaseSensitive(base, "not");
+                int there = literal_valid(c, base, v, 0, &why);
+                cJSON_Delete(base);
+                if (there < 0) {
+                    gr_fail(c->b, there, "%s", why.msg);
+                    return false;
+                }
+                if (!there) continue;
+            }
+            if (vt == T_NULL) *types &= ~T_NULL;
+            else if (vt == T_BOOL) *bools &= cJSON_IsTrue(v) ? ~1 : ~2;
+            else if (vt == T_STRING && !string_constrained) {
+                const char **p = realloc(*strings, (*num_strings + 1) * sizeof *p);
+                if (!p) {
+                    gr_fail(c->b, KVD_ENOMEM, "json schema: out of memory");
+                    return false;
+                }
+                *strings = p;
+                p[(*num_strings)++] = v->valuestring;
+            } else
+                return fail_not(c);
+        }
+    }
+    if (!(*bools & 3)) *types &= ~T_BOOL;
+    return true;
+}
+
+/* --- patternProperties, rewritten where they reduce to plain keywords ------------------ */
+
+/* Patterns that find a match in every string (search semantics). */
+static bool pattern_matches_all(const char *re)
+{
+    static const char *const all[] = {"", ".*", "^.*", ".*$", "(.*)", "^(.*)", NULL};
+    for (int i = 0; all[i]; i++)
+        if (!strcmp(re, all[i])) return true;
+    return false;
+}
+
+/* patternProperties that constrain nothing (a schema every value passes, when keys
+ * that match no pattern may hold anything anyway) are dropped, and one pattern every
+ * key matches becomes properties/additionalProperties: each member must pass it, so
+ * additionalProperties never applies. Returns a rewritten copy of s (owned by c), s
+ * itself when nothing changes, or NULL on error. */
+static const cJSON *simplify_pattern_properties(jctx *c, const cJSON *s)
+{
+    const cJSON *pp = cJSON_GetObjectItemCaseSensitive(s, "patternProperties");
+    if (!cJSON_IsObject(pp)) return s;
+    const cJSON *addl = cJSON_GetObjectItemCaseSensitive(s, "additionalProperties");
+    bool open = !addl || cJSON_IsTrue(addl);
+    size_t n = 0, vacuous = 0;
+    const cJSON *every = NULL;
+    for (const cJSON *x = pp->child; x; x = x->next, n++) {
+        if (open && (cJSON_IsTrue(x) || (cJSON_IsObject(x) && !has_constraints(x, "")))) vacuous++;
+        else if (pattern_matches_all(x->string)) every = x;
+    }
+    if (!vacuous && !(every && n == 1)) return s;
+    cJSON *m = cJSON_Duplicate(s, true);
+    if (!m || !own(c, m)) return NULL;
+    cJSON *mpp = cJSON_GetObjectItemCaseSensitive(m, "patternProperties");
+    for (cJSON *x = mpp->child, *next; x; x = next) {
+        next = x->next;
+        if (open && (cJSON_IsTrue(x) || (cJSON_IsObject(x) && !has_constraints(x, ""))))
+            cJSON_DeleteItemFromObjectCaseSensitive(mpp, x->string);
+    }
+    if (every && n == 1 && !vacuous) {
+        cJSON *props = cJSON_GetObjectItemCaseSensitive(m, "properties");
+        if (cJSON_IsObject(props))
+            for (cJSON *x = props->child, *next; x; x = next) {
+                next = x->next;
+                cJSON_ReplaceItemInObjectCaseSensitive(props, x->string, schema_and(x, every));
+            }
+        cJSON_DeleteItemFromObjectCaseSensitive(m, "additionalProperties");
+        cJSON_AddItemToObject(m, "additionalProperties", cJSON_Duplicate(every, true));
+        cJSON_DeleteItemFromObjectCaseSensitive(m, "patternProperties");
+    } else if (!mpp->child)
+        cJSON_DeleteItemFromObjectCaseSensitive(m, "patternProperties");
+    return m;
+}
+
 static uint32_t compile_node(jctx *c, const cJSON *s)
 {
     gr_builder *b = c->b;
@@ -1559,6 +2275,15 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
         gr_rule_add_alt(b, rule, &q);
         return rule;
     }
+    const cJSON *simple = simplify_pattern_properties(c, s);
+    if (simple != s) {
+        if (simple) gr_seq_rule(b, &q, compile_node(c, simple), 1, 1), gr_rule_add_alt(b, rule, &q);
+        return rule;
+    }
+    if ((cJSON_HasObjectItem(s, "enum") || cJSON_HasObjectItem(s, "const")) && needs_literal_check(s)) {
+        literal_alts(c, s, rule);
+        return rule;
+    }
     for (int i = 0; unsupported_kw[i]; i++)
         if (cJSON_HasObjectItem(s, unsupported_kw[i])) {
             const cJSON *x = cJSON_GetObjectItemCaseSensitive(s, unsupported_kw[i]);
@@ -1582,37 +2307,80 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
         gr_fail(b, KVD_EUNSUPPORTED, "json schema: anyOf together with oneOf is not supported");
         return rule;
     }
+    bool one_rewritten = false;
+    int failed_before = b->failed;
     if (one && cJSON_IsArray(one)) {
-        /* exact only when no value can match two branches */
-        for (const cJSON *x = one->child; x; x = x->next)
-            for (const cJSON *y = x->next; y; y = y->next)
-                if (!disjoint(c, x, y)) {
-                    if (!b->failed)
-                        gr_fail(b, KVD_EUNSUPPORTED,
-                                "json schema: oneOf whose branches may overlap is not supported (use anyOf)");
+        /* Branches that may overlap each take the others' negations: exactly one
+         * branch then matches (refused where a negation cannot be exact). */
+        cJSON *branches = NULL;
+        int i = 0;
+        for (const cJSON *x = one->child; x; x = x->next, i++) {
+            cJSON *nots = NULL;
+            for (const cJSON *y = one->child; y; y = y->next)
+                if (y != x && !disjoint(c, x, y)) {
+                    if (!nots) nots = cJSON_CreateArray();
+                    cJSON *n1 = cJSON_CreateObject();
+                    cJSON_AddItemToObject(n1, "not", cJSON_Duplicate(y, true));
+                    cJSON_AddItemToArray(nots, n1);
+                }
+            if (!branches && nots) { /* first overlap: copy the branches so far */
+                branches = cJSON_CreateArray();
+                if (!branches || !own(c, branches)) {
+                    cJSON_Delete(nots);
                     return rule;
                 }
-        any = one;
+                int k = 0;
+                for (const cJSON *z = one->child; k < i; z = z->next, k++)
+                    cJSON_AddItemToArray(branches, cJSON_Duplicate(z, true));
+            }
+            if (!branches) continue;
+            if (!nots) {
+                cJSON_AddItemToArray(branches, cJSON_Duplicate(x, true));
+                continue;
+            }
+            cJSON *br = cJSON_CreateObject(), *all = cJSON_AddArrayToObject(br, "allOf");
+            cJSON_AddItemToArray(all, cJSON_Duplicate(x, true));
+            while (nots->child) cJSON_AddItemToArray(all, cJSON_DetachItemFromArray(nots, 0));
+            cJSON_Delete(nots);
+            cJSON_AddItemToArray(branches, br);
+        }
+        if (branches) {
+            any = branches;
+            one_rewritten = true;
+        } else
+            any = one;
     }
     if (any) {
         if (!cJSON_IsArray(any)) {
             gr_fail(b, KVD_EINVAL, "json schema: anyOf/oneOf must be an array");
             return rule;
         }
-        bool siblings = has_constraints(s, any->string);
+        const char *any_key = one ? "oneOf" : "anyOf";
+        bool siblings = has_constraints(s, any_key);
         for (const cJSON *x = any->child; x && !b->failed; x = x->next) {
             uint32_t br;
             if (siblings) {
                 cJSON *m = cJSON_CreateObject();
-                if (!m || !own(c, m)) return rule;
+                if (!m || !own(c, m)) break;
                 for (const cJSON *v = s->child; v; v = v->next)
-                    if (strcmp(v->string, any->string)) cJSON_AddItemToObject(m, v->string, cJSON_Duplicate(v, true));
-                if (!merge_into(c, m, x)) return rule;
+                    if (strcmp(v->string, any_key)) cJSON_AddItemToObject(m, v->string, cJSON_Duplicate(v, true));
+                if (!merge_into(c, m, x)) break;
                 br = compile_node(c, m);
             } else
                 br = compile_node(c, x);
             gr_seq_rule(b, &q, br, 1, 1);
             gr_rule_add_alt(b, rule, &q);
+        }
+        gr_seq_free(&q);
+        if (one_rewritten && b->failed == KVD_EUNSUPPORTED && !failed_before && b->err &&
+            !strstr(b->err->msg, "oneOf whose branches")) {
+            /* name the keyword the user wrote */
+            char inner[sizeof b->err->msg];
+            const char *m = b->err->msg;
+            if (!strncmp(m, "json schema: ", 13)) m += 13;
+            snprintf(inner, sizeof inner, "%s", m);
+            kvd_error_set(b->err, KVD_EUNSUPPORTED, "json schema: oneOf whose branches may overlap is not supported "
+                                                    "here (telling them apart: %.400s)", inner);
         }
         return rule;
     }
@@ -1620,16 +2388,13 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
     if (types < 0) return rule;
     if (int_only) types &= T_INTEGER;
     const cJSON *not = cJSON_GetObjectItemCaseSensitive(s, "not");
-    if (not) { /* the forms kvd can take exactly: false, true and {"type": ...} */
-        bool only_type = cJSON_IsObject(not) && cJSON_HasObjectItem(not, "type") && !has_constraints(not, "type");
-        int nt = only_type ? schema_types(c, not) : -1;
-        if (cJSON_IsTrue(not) || (cJSON_IsObject(not) && !has_constraints(not, "")))
-            return rule; /* nothing matches */
-        if (only_type && nt >= 0 && !((types & T_NUMBER) && (nt & T_INTEGER) && !(nt & T_NUMBER)))
-            types &= ~nt;
-        else if (!cJSON_IsFalse(not)) {
-            /* e.g. a number that is not an integer: kvd's number text cannot say that */
-            gr_fail(b, KVD_EUNSUPPORTED, "json schema: keyword 'not' is not supported (only false, true or a type)");
+    int bools = 3; /* bit 0: true allowed, bit 1: false allowed */
+    const char **no_strings = NULL;
+    size_t num_no_strings = 0;
+    if (not) {
+        if (rewrite_not(c, s, not, rule)) return rule;
+        if (!not_exclusions(c, s, not, &types, &bools, &no_strings, &num_no_strings)) {
+            free(no_strings);
             return rule;
         }
     }
@@ -1680,13 +2445,16 @@ static uint32_t compile_body(jctx *c, const cJSON *s, uint32_t rule)
         return rule;
     }
     if (types & T_NULL) gr_seq_lit(b, &q, "null", 4), gr_rule_add_alt(b, rule, &q);
-    if (types & T_BOOL) {
-        gr_seq_lit(b, &q, "true", 4);
+    if ((types & T_BOOL) && (bools & 1)) gr_seq_lit(b, &q, "true", 4), gr_rule_add_alt(b, rule, &q);
+    if ((types & T_BOOL) && (bools & 2)) gr_seq_lit(b, &q, "false", 5), gr_rule_add_alt(b, rule, &q);
+    if ((types & T_STRING) && num_no_strings) {
+        uint32_t min = get_count(c, s, "minLength", 0);
+        uint32_t max = cJSON_HasObjectItem(s, "maxLength") ? get_count(c, s, "maxLength", GR_INF) : GR_INF;
+        gr_seq_rule(b, &q, string_not_in(c, no_strings, num_no_strings, min, max), 1, 1);
         gr_rule_add_alt(b, rule, &q);
-        gr_seq_lit(b, &q, "false", 5);
-        gr_rule_add_alt(b, rule, &q);
-    }
-    if (types & T_STRING) alt_string(c, s, rule);
+    } else if (types & T_STRING)
+        alt_string(c, s, rule);
+    free(no_strings);
     if (types & T_NUMBER) alt_number(c, s, rule);
     else if (types & T_INTEGER) alt_integer(c, s, rule);
     if (types & T_OBJECT) alt_object(c, s, rule);

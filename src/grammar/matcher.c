@@ -1272,13 +1272,8 @@ int kvd_grammar_matcher_rollback(kvd_grammar_matcher *m, size_t n)
     return 0;
 }
 
-int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len)
+int gr_accepts_text(const kvd_grammar *g, const char *text, size_t len)
 {
-    gr_builder b;
-    gr_builder_init(&b, NULL);
-    uint32_t r = gr_regex(&b, re, strlen(re), true, false, NULL, NULL);
-    kvd_grammar *g = gr_finish(&b, v, r, NULL);
-    if (!g) return KVD_EINVAL;
     gr_space sp;
     gr_set a = {0}, c = {0};
     int found = KVD_ENOMEM;
@@ -1296,6 +1291,17 @@ int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text
     space_deinit(&sp);
     set_free(&a);
     set_free(&c);
+    return found;
+}
+
+int gr_regex_search(const kvd_grammar_vocab *v, const char *re, const char *text, size_t len)
+{
+    gr_builder b;
+    gr_builder_init(&b, NULL);
+    uint32_t r = gr_regex(&b, re, strlen(re), true, false, NULL, NULL);
+    kvd_grammar *g = gr_finish(&b, v, r, NULL);
+    if (!g) return KVD_EINVAL;
+    int found = gr_accepts_text(g, text, len);
     kvd_grammar_release(g);
     return found;
 }

@@ -39,7 +39,24 @@ typedef struct rx {
     const char *src;
     /* lengths in code points of the last atom / alternation parsed */
     uint64_t atom_min, atom_max, alt_min, alt_max;
+    /* the last atom as one unit repeated rep_min..rep_max times */
+    uint64_t unit_min, unit_max;
+    uint32_t rep_min, rep_max;
+    /* top-level alternatives are cut to texts of clip_min..clip_max code points */
+    bool clip, clip_inexact;
+    uint64_t clip_min, clip_max;
 } rx;
+
+/* One top-level atom of an alternative, for clipping its length (one element each). */
+typedef struct rx_atom {
+    uint64_t unit_min, unit_max;
+    uint32_t rep_min, rep_max;
+} rx_atom;
+
+typedef struct rx_atoms {
+    rx_atom *a;
+    size_t n, cap;
+} rx_atoms;
 
 static const cp_range py_space[] = {{0x09, 0x0D}, {0x1C, 0x20}, {0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680},
                                     {0x2000, 0x200A}, {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F},
@@ -388,6 +405,10 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
             }
         }
     }
+    x->unit_min = x->atom_min;
+    x->unit_max = x->atom_max;
+    x->rep_min = min;
+    x->rep_max = max;
     x->atom_min = len_mul(x->atom_min, min);
     x->atom_max = len_mul(x->atom_max, max);
     if (c == '(') {
@@ -399,12 +420,84 @@ static bool parse_atom(rx *x, gr_seq *atom, int depth)
     return !b->failed;
 }
 
-static void any_chars(rx *x, gr_seq *seq)
+static void atoms_push(rx *x, rx_atoms *at, rx_atom a)
+{
+    if (at->n == at->cap) {
+        size_t cap = at->cap ? at->cap * 2 : 8;
+        rx_atom *p = realloc(at->a, cap * sizeof *p);
+        if (!p) {
+            gr_fail(x->b, KVD_ENOMEM, "regex: out of memory");
+            return;
+        }
+        at->a = p;
+        at->cap = cap;
+    }
+    at->a[at->n++] = a;
+}
+
+static void any_chars(rx *x, gr_seq *seq, rx_atoms *at)
 {
     cp_set s = {0};
     cs_add(x, &s, 0, 0x10FFFF);
     emit_set(x, seq, &s, 0, GR_INF);
     free(s.r);
+    atoms_push(x, at, (rx_atom){1, 1, 0, GR_INF});
+}
+
+static void atoms_push_last(rx *x, rx_atoms *at)
+{
+    atoms_push(x, at, (rx_atom){x->unit_min, x->unit_max, x->rep_min, x->rep_max});
+}
+
+/* Intersects one top-level alternative (its atoms, one element each) with the lengths
+ * x->clip_min..clip_max in code points. Exact when every atom but one has a fixed
+ * length and that one repeats a unit of fixed length: its repeat count is narrowed.
+ * Returns false when no text of those lengths matches (the alternative is left out);
+ * sets x->clip_inexact when the lengths cannot be enforced this way. */
+static bool clip_alt(rx *x, gr_seq *seq, const rx_atoms *at)
+{
+    uint64_t lo = 0, hi = 0, fixed = 0;
+    size_t var = SIZE_MAX;
+    for (size_t i = 0; i < at->n; i++) {
+        lo = len_add(lo, len_mul(at->a[i].unit_min, at->a[i].rep_min));
+        hi = len_add(hi, len_mul(at->a[i].unit_max, at->a[i].rep_max));
+    }
+    if (hi < x->clip_min || lo > x->clip_max) return false;
+    if (lo >= x->clip_min && hi <= x->clip_max) return true;
+    if (seq->n != at->n) {
+        x->clip_inexact = true;
+        return true;
+    }
+    for (size_t i = 0; i < at->n; i++) {
+        const rx_atom *a = &at->a[i];
+        if (a->unit_min == a->unit_max && (a->rep_min == a->rep_max || a->unit_min == 0))
+            fixed = len_add(fixed, len_mul(a->unit_min, a->rep_min));
+        else if (var == SIZE_MAX && a->unit_min == a->unit_max && a->unit_min != LEN_INF)
+            var = i;
+        else {
+            x->clip_inexact = true;
+            return true;
+        }
+    }
+    if (var == SIZE_MAX || fixed == LEN_INF) { /* cannot happen: lo < hi needs a variable atom */
+        x->clip_inexact = true;
+        return true;
+    }
+    uint64_t u = at->a[var].unit_min;
+    uint64_t need_lo = x->clip_min > fixed ? (x->clip_min - fixed + u - 1) / u : 0;
+    if (x->clip_max != LEN_INF && x->clip_max < fixed) return false;
+    uint64_t need_hi = x->clip_max == LEN_INF ? LEN_INF : (x->clip_max - fixed) / u;
+    uint64_t rmin = at->a[var].rep_min, rmax = at->a[var].rep_max == GR_INF ? LEN_INF : at->a[var].rep_max;
+    if (need_lo > rmin) rmin = need_lo;
+    if (need_hi < rmax) rmax = need_hi;
+    if (rmin > rmax) return false;
+    if (rmin >= GR_INF) { /* beyond what a counter holds */
+        x->clip_inexact = true;
+        return true;
+    }
+    seq->el[var].min = (uint32_t)rmin;
+    seq->el[var].max = rmax >= GR_INF ? GR_INF : (uint32_t)rmax;
+    return true;
 }
 
 /* alt ::= seq ('|' seq)*; top level (depth 0) handles ^ and $ per alternative. */
@@ -417,13 +510,15 @@ static uint32_t parse_alt(rx *x, int depth)
     }
     uint32_t r = gr_rule_new(b, "regex", true);
     uint64_t amin = LEN_INF, amax = 0;
+    rx_atoms at = {0};
     for (;;) {
         gr_seq seq = {0};
         uint64_t smin = 0, smax = 0;
         bool head = false, tail = false;
+        at.n = 0;
         if (depth == 0 && x->p < x->end && *x->p == '^') head = true, x->p++;
         if (depth == 0 && !head && !x->json) head = true;
-        if (depth == 0 && !head) any_chars(x, &seq), smax = LEN_INF;
+        if (depth == 0 && !head) any_chars(x, &seq, &at), smax = LEN_INF;
         for (;;) {
             if (depth == 0 && x->p < x->end && *x->p == '$' && (x->p + 1 == x->end || x->p[1] == '|')) {
                 tail = true;
@@ -431,25 +526,73 @@ static uint32_t parse_alt(rx *x, int depth)
                 break;
             }
             if (!parse_atom(x, &seq, depth)) break;
+            if (depth == 0) atoms_push_last(x, &at);
             smin = len_add(smin, x->atom_min);
             smax = len_add(smax, x->atom_max);
         }
         if (b->failed) {
             gr_seq_free(&seq);
+            free(at.a);
             return r;
         }
-        if (depth == 0 && !tail && x->json) any_chars(x, &seq), smax = LEN_INF;
+        if (depth == 0 && !tail && x->json) any_chars(x, &seq, &at), smax = LEN_INF;
         amin = smin < amin ? smin : amin;
         amax = smax > amax ? smax : amax;
-        gr_rule_add_alt(b, r, &seq);
+        if (depth == 0 && x->clip && !clip_alt(x, &seq, &at)) gr_seq_free(&seq);
+        else gr_rule_add_alt(b, r, &seq);
         if (x->p < x->end && *x->p == '|') {
             x->p++;
             continue;
         }
         break;
     }
+    free(at.a);
     x->alt_min = amin;
     x->alt_max = amax;
+    return r;
+}
+
+static uint32_t regex_rule(rx *x, bool anchored, uint64_t *min_len, uint64_t *max_len)
+{
+    gr_builder *b = x->b;
+    /* JSON Schema's pattern searches; guided_regex and formats match the whole text */
+    bool search = x->json && !anchored;
+    uint32_t r;
+    if (search) r = parse_alt(x, 0);
+    else {
+        /* whole-text match: ^ and $ at the ends of an alternative mean nothing more */
+        r = gr_rule_new(b, "regex", true);
+        rx_atoms at = {0};
+        for (;;) {
+            gr_seq seq = {0};
+            at.n = 0;
+            if (x->p < x->end && *x->p == '^') x->p++;
+            for (;;) {
+                if (x->p < x->end && *x->p == '$' && (x->p + 1 == x->end || x->p[1] == '|')) {
+                    x->p++;
+                    break;
+                }
+                if (!parse_atom(x, &seq, 1)) break;
+                atoms_push_last(x, &at);
+            }
+            if (b->failed) {
+                gr_seq_free(&seq);
+                free(at.a);
+                return r;
+            }
+            if (x->clip && !clip_alt(x, &seq, &at)) gr_seq_free(&seq);
+            else gr_rule_add_alt(b, r, &seq);
+            if (x->p < x->end && *x->p == '|') {
+                x->p++;
+                continue;
+            }
+            break;
+        }
+        free(at.a);
+    }
+    if (!b->failed && x->p != x->end) gr_fail(b, KVD_EINVAL, "regex: unbalanced ')' in '%.*s'", SRC(x));
+    if (min_len) *min_len = search ? x->alt_min : 0; /* whole-text lengths are not tracked */
+    if (max_len) *max_len = search ? x->alt_max : LEN_INF;
     return r;
 }
 
@@ -457,38 +600,16 @@ uint32_t gr_regex(gr_builder *b, const char *re, size_t len, bool json_string, b
                   uint64_t *max_len)
 {
     rx x = {.b = b, .p = re, .end = re + len, .json = json_string, .src = re, .alt_min = 0, .alt_max = LEN_INF};
-    /* JSON Schema's pattern searches; guided_regex and formats match the whole text */
-    bool search = json_string && !anchored;
-    uint32_t r;
-    if (search) r = parse_alt(&x, 0);
-    else {
-        /* whole-text match: ^ and $ at the ends of an alternative mean nothing more */
-        r = gr_rule_new(b, "regex", true);
-        for (;;) {
-            gr_seq seq = {0};
-            if (x.p < x.end && *x.p == '^') x.p++;
-            for (;;) {
-                if (x.p < x.end && *x.p == '$' && (x.p + 1 == x.end || x.p[1] == '|')) {
-                    x.p++;
-                    break;
-                }
-                if (!parse_atom(&x, &seq, 1)) break;
-            }
-            if (b->failed) {
-                gr_seq_free(&seq);
-                return r;
-            }
-            gr_rule_add_alt(b, r, &seq);
-            if (x.p < x.end && *x.p == '|') {
-                x.p++;
-                continue;
-            }
-            break;
-        }
-    }
-    if (!b->failed && x.p != x.end) gr_fail(b, KVD_EINVAL, "regex: unbalanced ')' in '%.*s'", SRC(&x));
-    if (min_len) *min_len = search ? x.alt_min : 0; /* whole-text lengths are not tracked */
-    if (max_len) *max_len = search ? x.alt_max : LEN_INF;
+    return regex_rule(&x, anchored, min_len, max_len);
+}
+
+uint32_t gr_regex_clipped(gr_builder *b, const char *re, size_t len, bool anchored, uint64_t min_len,
+                          uint64_t max_len, bool *exact)
+{
+    rx x = {.b = b, .p = re, .end = re + len, .json = true, .src = re, .alt_min = 0, .alt_max = LEN_INF,
+            .clip = true, .clip_min = min_len, .clip_max = max_len};
+    uint32_t r = regex_rule(&x, anchored, NULL, NULL);
+    *exact = !x.clip_inexact;
     return r;
 }
 
