@@ -613,6 +613,67 @@ static void test_disk_tier_hits_and_restart(void **state)
     remove_dir(dir);
 }
 
+/* Chat sessions returning after their pages were evicted, all at once, into a pool
+ * that holds a part of their histories: each turn must get the whole previous turn
+ * (prompt and answer, full pages) back from RAM or disk, never recompute a part of it
+ * that is on disk, and answer as a lone run does. Before the tier loaded every page
+ * or waited, an admission under pressure loaded only the pages that fit then and
+ * recomputed the rest. */
+static void test_disk_tier_sessions_return(void **state)
+{
+    const fixture *f = *state;
+    char dir[512];
+    temp_dir(dir, sizeof dir);
+    enum { SESSIONS = 4, TURNS = 4, FIRST = 120, NEW = 40, ANSWER = 16, BS = 16 };
+    enum { MAX_LEN = FIRST + TURNS * (ANSWER + NEW) };
+    int32_t prompts[SESSIONS][MAX_LEN];
+    int lens[SESSIONS];
+    for (int i = 0; i < SESSIONS; i++) {
+        lens[i] = FIRST;
+        make_prompt(prompts[i], FIRST, 900 + (uint64_t)i);
+    }
+    kvd_request_params p = greedy_params(ANSWER);
+    /* 40 blocks: one session's last turn needs 18, the four together 72. */
+    kvd_engine_config cfg = small_config(40, 64);
+    cfg.kv_disk_dir = dir;
+    cfg.kv_disk_bytes = 64u << 20;
+    kvd_engine *e = make_engine(f, &cfg);
+    for (int turn = 0; turn < TURNS; turn++) {
+        req_out outs[SESSIONS];
+        for (int i = 0; i < SESSIONS; i++) {
+            outs[i] = (req_out){.n = 1};
+            outs[i].id = submit_ok(e, prompts[i], lens[i], &p);
+        }
+        drain(e, outs, SESSIONS);
+        assert_invariants(e);
+        for (int i = 0; i < SESSIONS; i++) {
+            req_out alone = {.n = 1};
+            run_one(f, prompts[i], lens[i], &p, &alone);
+            assert_same_output(&alone.ch[0], &outs[i].ch[0], i);
+            /* The previous turn computed its prompt and all but its answer's last token. */
+            int previous = lens[i] - NEW - 1;
+            int expected = turn == 0 ? 0 : previous / BS * BS;
+            if (outs[i].ch[0].cached_tokens != expected)
+                fail_msg("turn %d, session %d: %d cached tokens of %d, expected %d", turn + 1, i,
+                         outs[i].ch[0].cached_tokens, lens[i], expected);
+            assert_int_equal(outs[i].ch[0].num_tokens, ANSWER);
+            memcpy(prompts[i] + lens[i], outs[i].ch[0].tokens, ANSWER * sizeof(int32_t));
+            make_prompt(prompts[i] + lens[i] + ANSWER, NEW, 950 + (uint64_t)(turn * SESSIONS + i));
+            lens[i] += ANSWER + NEW;
+        }
+    }
+    kvd_engine_stats st;
+    kvd_engine_stats_get(e, &st);
+    print_message("  sessions: %llu preemptions, %llu RAM-hit tokens, %llu from disk, %llu disk queries\n",
+                  (unsigned long long)st.num_preemptions, (unsigned long long)st.kv.prefix_hit_tokens,
+                  (unsigned long long)st.disk_hit_tokens, (unsigned long long)st.disk_queries);
+    assert_true(st.kv.evictions > 0);
+    assert_true(st.disk_hit_tokens > 0);
+    assert_int_equal(st.kv.blocks_used, 0);
+    kvd_engine_destroy(e);
+    remove_dir(dir);
+}
+
 /* ---- stop rules ------------------------------------------------------------------ */
 
 static void run_one(const fixture *f, const int32_t *prompt, int len, const kvd_request_params *p, req_out *out)
@@ -1283,6 +1344,7 @@ int main(void)
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_disk_tier_hits_and_restart),
         cmocka_unit_test(test_determinism_disk_tier),
+        cmocka_unit_test(test_disk_tier_sessions_return),
         cmocka_unit_test(test_stop_string_across_tokens),
         cmocka_unit_test(test_stop_ids_eos_and_ignore_eos),
         cmocka_unit_test(test_max_tokens_and_context_cap),

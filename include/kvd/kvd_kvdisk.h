@@ -113,8 +113,9 @@ kvd_kvdisk *kvd_kvdisk_open(const kvd_kvdisk_config *cfg, kvd_error *err);
  * queued complete with pages_loaded = 0 and are freed. NULL does nothing. */
 void kvd_kvdisk_close(kvd_kvdisk *d);
 
-/* True when the index holds a page under key->hash (the file is confirmed only when
- * loaded). False when disabled. */
+/* True when the index holds a page under key->hash or its write is still queued (a
+ * load then copies the queued page, confirmed the same way; a file is confirmed only
+ * when loaded). False when disabled. */
 bool kvd_kvdisk_contains(kvd_kvdisk *d, uint64_t hash);
 
 /* Queues a write of one page: tokens (block_size ids) and page_bytes of data are

@@ -760,8 +760,9 @@ int kvd_engine_step(kvd_engine *e, kvd_error *err)
     pthread_mutex_unlock(&e->lock);
     if (started)
         return kvd_error_set(err, KVD_ESTATE, "engine: kvd_engine_step while the engine thread runs");
-    /* Only loads pending: the caller's loop would spin until they are back. */
-    if (e->sched.loading.len > 0 && e->sched.running.len == 0 && e->sched.waiting.len == 0) {
+    /* Only loads can make progress (the queue's head may be waiting for the room they
+     * free): the caller's loop would spin until they are back. */
+    if (e->sched.loading.len > 0 && e->sched.running.len == 0) {
         struct timespec deadline = deadline_in(100);
         pthread_mutex_lock(&e->lock);
         while (!e->disk_ready && pthread_cond_timedwait(&e->work_cond, &e->lock, &deadline) != ETIMEDOUT)

@@ -10,10 +10,11 @@
  *   3. new admissions from the front of the waiting queue (FCFS: the queue never
  *      reorders), after a prefix-cache lookup, only while free blocks stay above the
  *      watermark, and not in a step that had to preempt. With the disk tier, the
- *      prompt's next full blocks after the RAM hit are looked up on disk; those found
- *      get blocks and a load, and the sequence waits in `loading` (holding its slot,
- *      out of reach of preemption) until the engine sees the load back, then runs
- *      its prefill from after the loaded pages.
+ *      prompt's next full blocks after the RAM hit are looked up on disk; when all
+ *      those found fit (with the first chunk after them) above the watermark they get
+ *      blocks and a load, else the admission waits for the room. The sequence waits in
+ *      `loading` (holding its slot, out of reach of preemption) until the engine sees
+ *      the load back, then runs its prefill from after the loaded pages.
  * When a running sequence needs blocks that are not there, the most recently admitted
  * running sequence not yet scheduled this step is preempted (possibly itself): its
  * blocks go back (full ones stay in the prefix cache), and it returns to the front of
@@ -156,46 +157,62 @@ static void count_admission(eng_scheduler *s, eng_seq *seq, int cached)
     }
 }
 
+typedef enum disk_admission {
+    DISK_NONE,     /* no full page past the RAM hit: admit as usual */
+    DISK_MISS,     /* full pages past the RAM hit, the first not on disk: admit as usual */
+    DISK_LOADING,  /* admitted: its pages are being loaded */
+    DISK_WAIT,     /* its pages are on disk but do not fit yet: the queue waits */
+} disk_admission;
+
 /* After a RAM lookup covered seq->num_computed tokens: if the prompt's next pages are
  * on disk, takes blocks for them, queues their load and parks the sequence in
- * `loading`. Returns true when it did (the admission is complete). Pages that do not
- * fit above the watermark are simply recomputed. */
-static bool admit_from_disk(eng_scheduler *s, eng_seq *seq, int64_t keep_free)
+ * `loading`. All of them or none: a sequence needs every page of its prompt in RAM to
+ * run, so loading the part that fits now would only mean recomputing the rest (and,
+ * under pressure, preempting others for it) while the rest sits on disk. When they
+ * and the first chunk after them do not fit above the watermark, the admission waits
+ * as one whose first chunk does not fit would; only with nothing running or loading
+ * (the whole pool free but too small for the prefix) are the pages that fit loaded. */
+static disk_admission admit_from_disk(eng_scheduler *s, eng_seq *seq, int budget, int64_t keep_free)
 {
     int n = kvd_prefix_cache_next_keys(s->pool, &seq->table, seq->tokens, seq->num_tokens, s->disk_keys,
                                        s->disk_keys_cap);
     if (n <= 0)
-        return false;
-    s->disk_queries++;
+        return DISK_NONE;
     int pages = 0;
     while (pages < n && kvd_kvdisk_contains(s->disk, s->disk_keys[pages].hash))
         pages++;
+    if (pages == 0)
+        return DISK_MISS;
     const int64_t avail = kvd_kv_available_blocks(s->pool);
-    if (pages > avail - keep_free)
-        pages = (int)(avail - keep_free > 0 ? avail - keep_free : 0);
-    if (pages == 0) {
-        s->disk_misses++;
-        return false;
+    const int bs = kvd_kv_pool_config(s->pool)->block_size;
+    const int after = seq->num_tokens - seq->num_computed - pages * bs;
+    const int64_t need = kvd_kv_blocks_needed(s->pool, &seq->table, pages * bs + (after < budget ? after : budget));
+    if (avail - need < keep_free) {
+        if (s->running.len > 0 || s->loading.len > 0)
+            return DISK_WAIT;
+        if (pages > avail)
+            pages = (int)avail;
+        if (pages == 0)
+            return DISK_MISS;
     }
     eng_request *req = seq->req;
-    const int bs = kvd_kv_pool_config(s->pool)->block_size;
     const int cached = seq->num_computed;
     (void)kvd_block_table_reserve(s->pool, &seq->table, req->num_prompt + req->max_tokens, NULL);
     if (kvd_block_table_append(s->pool, &seq->table, pages * bs, NULL) < 0)
-        return false;
+        return DISK_MISS;
     const int first = cached / bs;
     for (int i = 0; i < pages; i++)
         s->disk_dst[i] = kvd_kv_block_data(s->pool, seq->table.blocks[first + i]);
     if (!kvd_kvdisk_load_submit(s->disk, s->disk_keys, seq->tokens + cached, s->disk_dst, pages, seq, NULL)) {
         (void)kvd_block_table_truncate(s->pool, &seq->table, cached);
-        s->disk_misses++;
-        return false;
+        return DISK_MISS;
     }
+    s->disk_queries++;
     seq->load_first_admission = !req->admitted;
     count_admission(s, seq, cached);
     seq->state = SEQ_LOADING;
     eng_list_push_back(&s->loading, seq);
-    return true;
+    return DISK_LOADING;
 }
 
 void eng_load_finished(eng_scheduler *s, eng_seq *seq, int pages_loaded)
@@ -230,13 +247,14 @@ static bool admit_one(eng_scheduler *s, eng_seq *seq, int budget)
             cached = 0;
     }
     seq->num_computed = cached;
-    if (s->disk && admit_from_disk(s, seq, s->running.len > 0 ? s->watermark_blocks : 0))
+    /* With nothing running the watermark would only stall the queue. */
+    const int64_t keep_free = s->running.len > 0 ? s->watermark_blocks : 0;
+    disk_admission disk = s->disk ? admit_from_disk(s, seq, budget, keep_free) : DISK_NONE;
+    if (disk == DISK_LOADING)
         return true;
     int chunk = remaining(seq) < budget ? remaining(seq) : budget;
     const int64_t need = kvd_kv_blocks_needed(s->pool, &seq->table, chunk);
-    /* With nothing running the watermark would only stall the queue. */
-    const int64_t keep_free = s->running.len > 0 ? s->watermark_blocks : 0;
-    if (kvd_kv_available_blocks(s->pool) - need < keep_free) {
+    if (disk == DISK_WAIT || kvd_kv_available_blocks(s->pool) - need < keep_free) {
         kvd_block_table_release(s->pool, &seq->table);
         seq->num_computed = 0;
         return false;
@@ -245,6 +263,10 @@ static bool admit_one(eng_scheduler *s, eng_seq *seq, int budget)
     (void)kvd_block_table_reserve(s->pool, &seq->table, req->num_prompt + req->max_tokens, NULL);
     int rc = kvd_block_table_append(s->pool, &seq->table, chunk, NULL);
     count_admission(s, seq, cached);
+    if (disk == DISK_MISS) { /* counted once per admission, not per attempt */
+        s->disk_queries++;
+        s->disk_misses++;
+    }
     seq->state = SEQ_RUNNING;
     eng_list_push_back(&s->running, seq);
     if (rc < 0) {

@@ -134,6 +134,17 @@ static int32_t index_find(const kvd_kvdisk *d, uint64_t hash)
     }
 }
 
+/* A queued write of hash, or NULL. Jobs stay queued until their file is in the index
+ * (only the I/O thread unlinks them, after do_write), so a page is always found in
+ * one of the two; the queue is short (max_pending_writes), so a scan is enough. */
+static const write_job *pending_find(const kvd_kvdisk *d, uint64_t hash)
+{
+    for (const write_job *job = d->writes_head; job; job = job->next)
+        if (job->key.hash == hash)
+            return job;
+    return NULL;
+}
+
 static int index_grow_map(kvd_kvdisk *d)
 {
     size_t slots = (d->map_mask + 1) * 2;
@@ -448,14 +459,31 @@ static void do_load(kvd_kvdisk *d, kvd_kvdisk_load *load)
     int loaded = 0;
     for (; loaded < load->num_pages; loaded++) {
         const kvd_kvdisk_key *key = &load->keys[loaded];
+        const int32_t *tokens = load->tokens + (size_t)loaded * (size_t)d->cfg.block_size;
         pthread_mutex_lock(&d->lock);
         bool present = d->enabled && index_find(d, key->hash) >= 0;
+        const write_job *queued = d->enabled && !present ? pending_find(d, key->hash) : NULL;
         pthread_mutex_unlock(&d->lock);
+        if (queued) {
+            /* Evicted so recently its file is not written yet: the queued copy is the
+             * page (this thread is the only one that frees jobs), confirmed the same way. */
+            if (queued->key.parent_hash != key->parent_hash || queued->key.check != key->check ||
+                memcmp(queued->tokens, tokens, (size_t)d->cfg.block_size * sizeof(int32_t)) != 0) {
+                pthread_mutex_lock(&d->lock);
+                d->stats.pages_mismatch++;
+                pthread_mutex_unlock(&d->lock);
+                break;
+            }
+            memcpy(load->dst[loaded], queued->data, d->cfg.page_bytes);
+            pthread_mutex_lock(&d->lock);
+            d->stats.pages_read++;
+            pthread_mutex_unlock(&d->lock);
+            continue;
+        }
         if (!present)
             break;
         int err_no = 0;
-        read_result r = read_page(d, key, load->tokens + (size_t)loaded * (size_t)d->cfg.block_size,
-                                  load->dst[loaded], &err_no);
+        read_result r = read_page(d, key, tokens, load->dst[loaded], &err_no);
         pthread_mutex_lock(&d->lock);
         if (r == READ_OK) {
             int32_t e = index_find(d, key->hash);
@@ -525,15 +553,17 @@ static void *io_main(void *arg)
             continue;
         }
         if (d->writes_head) {
+            /* Unlinked only once written, so lookups find the page all along; only
+             * this thread unlinks, and others append at the tail. */
             write_job *job = d->writes_head;
-            d->writes_head = job->next;
-            if (!d->writes_head)
-                d->writes_tail = NULL;
             d->writing = true;
             pthread_mutex_unlock(&d->lock);
             do_write(d, job);
-            free(job);
             pthread_mutex_lock(&d->lock);
+            d->writes_head = job->next;
+            if (!d->writes_head)
+                d->writes_tail = NULL;
+            free(job);
             d->num_writes--;
             d->writing = false;
             pthread_cond_broadcast(&d->progress);
@@ -774,7 +804,7 @@ void kvd_kvdisk_close(kvd_kvdisk *d)
 bool kvd_kvdisk_contains(kvd_kvdisk *d, uint64_t hash)
 {
     pthread_mutex_lock(&d->lock);
-    bool found = d->enabled && index_find(d, hash) >= 0;
+    bool found = d->enabled && (index_find(d, hash) >= 0 || pending_find(d, hash));
     pthread_mutex_unlock(&d->lock);
     return found;
 }
@@ -790,6 +820,8 @@ int kvd_kvdisk_write(kvd_kvdisk *d, const kvd_kvdisk_key *key, const int32_t *to
         int32_t e = index_find(d, key->hash);
         lru_unlink(d, e);
         lru_push_tail(d, e);
+        rc = 1;
+    } else if (pending_find(d, key->hash)) {
         rc = 1;
     } else {
         while (wait && d->enabled && d->num_writes >= d->cfg.max_pending_writes)
