@@ -425,7 +425,7 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
         masks[h] = column_mask(p * PANEL + 16 * h, pr->n_begin, pr->n_end);
     int col = p * PANEL;
     float *out = pr->out + (size_t)r0 * pr->ldo + col;
-    const float *x = pr->x + (size_t)r0 * pr->ldx;
+    const float *x = pr->x ? pr->x + (size_t)r0 * pr->ldx : NULL; /* NULL: x given as words */
     const char *w = (const char *)pr->w->data + (size_t)p * pr->panel_bytes;
     const float *bias = pr->bias ? pr->bias + col : NULL;
     int wdt = (int)pr->w->dtype, ldo = pr->ldo, ldx = pr->ldx, k = pr->w->cols;
@@ -500,7 +500,7 @@ static int panels_per_tile(int R)
 static void share_halves(product *pr, float *buf, int r0, int r1, int k0, int k1)
 {
     size_t stride = (size_t)(k1 - k0) / BF16_X_INPUTS_PER_FLOAT;
-    const float *x = pr->x + (size_t)r0 * pr->ldx;
+    const float *x = pr->x ? pr->x + (size_t)r0 * pr->ldx : NULL; /* NULL: x given as words */
 #if BF16_VDP
     round_to_bf16_pairs((uint32_t *)buf, stride, x, pr->ldx, r1 - r0, k0, k1 - k0, pr->w->cols);
 #else
@@ -784,6 +784,40 @@ static void amx_product(const product *pr, int m, int p_begin, int p_end)
         }
     }
     _tile_release();
+}
+#endif
+
+#if BF16_VDP
+/* x's inputs [c0, c1) of a row of k rounded as the VDPBF16PS tiles read them (see
+ * round_to_bf16_pairs), words[i] holding inputs 2i and 2i+1; the words past the row's
+ * end up to its last block of 32 are zeros when c1 == k. c0 even; c1 even or k. Only
+ * the words of [c0, c1) (and that padding) are written, so that threads may round the
+ * columns they computed side by side. */
+void KVD_VEC_FN(kvd_bf16_round_cols)(uint32_t *words, const float *x, int k, int c0, int c1)
+{
+    int end = c1 == k ? (k + 31) / 32 * 32 : c1; /* inputs whose words this call writes */
+    for (int i = c0; i < end; i += 32) {
+        int n_words = (end - i < 32 ? end - i + 1 : 32) / 2;
+        uint32_t block[16];
+        v16_store_words(n_words == 16 ? words + i / 2 : block, bf16_block_words(x, i, c1));
+        if (n_words < 16)
+            memcpy(words + i / 2, block, (size_t)n_words * sizeof block[0]);
+    }
+}
+
+/* kvd_matmul_cols over x given as words of bf16 pairs (kvd_bf16_round_cols: row r's
+ * words at xw + r * xw_stride, the whole row of w->cols inputs padded to blocks of 32),
+ * bf16 weights only: the same bits as from the floats they were rounded from. */
+void KVD_VEC_FN(kvd_matmul_cols_words)(float *out, int ldo, const uint32_t *xw, size_t xw_stride,
+                                       int m, const kvd_matrix *w, const float *bias,
+                                       bool accumulate, int n_begin, int n_end)
+{
+    if (n_end <= n_begin || m <= 0 || w->dtype != KVD_DTYPE_BF16)
+        return;
+    product pr = {out, ldo, NULL, 0, w, bias, accumulate, n_begin, n_end,
+                  kvd_matrix_packed_bytes(w->dtype, PANEL, w->cols), (const float *)xw,
+                  xw_stride, 0, 0};
+    tiled_product(&pr, m, n_begin / PANEL, (n_end + PANEL - 1) / PANEL, NULL);
 }
 #endif
 
