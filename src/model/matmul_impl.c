@@ -97,11 +97,14 @@ static uint32_t column_mask(int col, int n_begin, int n_end)
 
 /* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
  * past kk's in each panel, on one input of every `every` (phase `phase`), into L1 or
- * only L2. every = 0: none. */
+ * only L2. every = 0: none. part > 0: the tiles sharing a range of inputs (from byte
+ * `origin` of each panel) each prefetch one contiguous part of it instead, the phase-th
+ * `part` bytes, advancing one call's lines per firing. */
 typedef struct prefetch_plan {
     size_t ahead;
     int every, phase;
     bool l2_only;
+    size_t origin, part;
 } prefetch_plan;
 
 /* The accumulators of a tile of R rows x 2P half-panels: from out (k0 > 0: the partial
@@ -162,12 +165,17 @@ KVD_UNROLL(8)
 }
 
 /* Prefetch of the `lines` 64-byte lines at `ahead` bytes past offset in each of the P
- * panels, on one call of every pf.every (countdown). */
+ * panels (or past the plan's place in its part), on one call of every pf.every
+ * (countdown). */
 V16_INLINE void tile_prefetch(const char *w, size_t panel_bytes, size_t offset, int lines,
                               prefetch_plan pf, int *countdown, int P)
 {
     if (*countdown == 0) {
         *countdown = pf.every;
+        size_t unit = 64 * (size_t)lines;
+        if (pf.part)
+            offset = pf.origin + (size_t)pf.phase * pf.part +
+                     (offset - pf.origin) / unit / (size_t)pf.every * unit;
 KVD_UNROLL(4)
         for (int q = 0; q < P; q++) {
             const char *ahead = w + (size_t)q * panel_bytes + offset + pf.ahead;
@@ -477,13 +485,19 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
  * [p, p + P), inputs [k0, k1): the panels' slice stays in L1 for all of them. Meanwhile the
  * weights that run next (`next` bytes past this slice's start) are prefetched into L2,
  * each tile taking its share of the lines so that memory stays busy for the whole
- * slice instead of bursting while the first tile runs. */
+ * slice instead of bursting while the first tile runs: a contiguous share, so that each
+ * tile's prefetches run through memory in order (measured on Zen 5, lm_head at 16 rows on
+ * two threads: ~25% more per CPU-second than every tile taking every t-th line pair). */
 static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int P, int k0,
                         int k1, size_t next)
 {
+    size_t step = (size_t)PANEL * kvd_dtype_size(pr->w->dtype); /* bytes of one (panel, k) */
+    size_t span = (size_t)(k1 - k0) * step, every = (size_t)(t1 - t0);
     for (int t = t0; t < t1; t++) {
         int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
-        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true};
+        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true,
+                            .origin = (size_t)k0 * step,
+                            .part = (span / every + 127) / 128 * 128};
         run_tile(pr, r0, r1 - r0, p, P, k0, k1, pf);
     }
 }
@@ -546,7 +560,7 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
             int np = P;
             while (np > p_end - p)
                 np /= 2;
-            run_tile(&pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false});
+            run_tile(&pr, 0, m, p, np, 0, k, (prefetch_plan){PREFETCH_BYTES, 1, 0, false, 0, 0});
             p += np;
         }
         return;
