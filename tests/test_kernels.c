@@ -288,6 +288,84 @@ static void test_matmul_batch_invariance(void **state)
     check_batch_invariance(best_isa(), KVD_DTYPE_BF16, 70, 4864);
 }
 
+/* x rounded once into words (kvd_bf16_round_cols, here in column pieces of odd even
+ * widths as threads round what they computed, and whole) gives the same bits as the
+ * product over the floats, for both VDPBF16PS builds, accumulating or not, for the
+ * shapes of every tiling path: 1 and 7 rows (streaming tiles), 16 (small batch), 100
+ * (chunks of tiles), and a k past the first slice (2600: two slices) with k not a
+ * multiple of 32 (the padding words must read as zero, whatever the buffer held). */
+static void test_matmul_words_match_floats(void **state)
+{
+    (void)state;
+    static const struct { int m, n, k; } shapes[] = {
+        {1, 45, 601}, {7, 64, 601}, {16, 96, 200}, {100, 45, 601}, {33, 40, 2600}};
+    uint64_t s = 777;
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        int m = shapes[c].m, n = shapes[c].n, k = shapes[c].k;
+        size_t stride = kvd_bf16_words_stride(k) + 3; /* a row stride past the padding */
+        assert_true(kvd_bf16_words_stride(k) * 2 >= (size_t)k);
+        assert_int_equal(kvd_bf16_words_stride(k) % 16, 0);
+        test_matrix w = make_matrix(KVD_DTYPE_BF16, n, k, &s);
+        float *x = malloc((size_t)m * k * sizeof(float));
+        uint32_t *words = malloc((size_t)m * stride * sizeof(uint32_t));
+        uint32_t *whole = malloc((size_t)m * stride * sizeof(uint32_t));
+        float *expected = malloc((size_t)m * n * sizeof(float));
+        float *got = malloc((size_t)m * n * sizeof(float));
+        float bias[96];
+        fill(x, (size_t)m * k, &s, 2.0f);
+        fill(bias, (size_t)n, &s, 1.0f);
+        for (int isa = KVD_ISA_SCALAR; isa < KVD_ISA_COUNT; isa++) {
+            if (!kvd_isa_supported((kvd_isa)isa))
+                continue;
+            assert_int_equal(kvd_matmul_takes_words((kvd_isa)isa, &w.m),
+                             kvd_isa_vdpbf16((kvd_isa)isa));
+            if (!kvd_isa_vdpbf16((kvd_isa)isa))
+                continue;
+            memset(words, 0xa5, (size_t)m * stride * sizeof(uint32_t));
+            memset(whole, 0x5a, (size_t)m * stride * sizeof(uint32_t));
+            for (int r = 0; r < m; r++) {
+                const float *row = x + (size_t)r * k;
+                int cuts[] = {0, 2, 64, 98, 288, k};
+                for (int i = 0; i + 1 < 6; i++) {
+                    int c0 = cuts[i] < k ? cuts[i] : k, c1 = cuts[i + 1] < k ? cuts[i + 1] : k;
+                    if (c0 < c1)
+                        kvd_bf16_round_cols((kvd_isa)isa, words + (size_t)r * stride, row, k,
+                                            c0, c1);
+                }
+                kvd_bf16_round_cols((kvd_isa)isa, whole + (size_t)r * stride, row, k, 0, k);
+                assert_memory_equal(words + (size_t)r * stride, whole + (size_t)r * stride,
+                                    kvd_bf16_words_stride(k) * sizeof(uint32_t));
+                /* the words are x rounded as the products read it */
+                for (int i = 0; i < (int)kvd_bf16_words_stride(k) * 2; i++) {
+                    uint32_t word = whole[(size_t)r * stride + (size_t)i / 2];
+                    uint16_t half = (uint16_t)(i % 2 ? word >> 16 : word);
+                    double want = i < k ? bf16_input(row[i]) : 0.0;
+                    assert_true(kvd_bf16_to_f32(half) == want);
+                }
+            }
+            for (int accumulate = 0; accumulate < 2; accumulate++) {
+                fill(expected, (size_t)m * n, &s, 1.0f);
+                memcpy(got, expected, (size_t)m * n * sizeof(float));
+                kvd_matmul_cols((kvd_isa)isa, expected, n, x, k, m, &w.m, bias, accumulate, 0, n);
+                /* two column ranges, as two threads take them */
+                kvd_matmul_cols_words((kvd_isa)isa, got, n, words, stride, m, &w.m, bias,
+                                      accumulate, 0, 32);
+                kvd_matmul_cols_words((kvd_isa)isa, got, n, words, stride, m, &w.m, bias,
+                                      accumulate, 32, n);
+                if (memcmp(expected, got, (size_t)m * n * sizeof(float)) != 0)
+                    fail_msg("%s m=%d n=%d k=%d accumulate=%d: words differ from floats",
+                             kvd_isa_name((kvd_isa)isa), m, n, k, accumulate);
+            }
+        }
+        free_matrix(&w);
+        free(x);
+        free(words);
+        free(whole);
+        free(expected);
+        free(got);
+    }
+}
+
 /* The scalar fallback computes the same bits as the AVX-512 kernels, the AMX ones and
  * the VDPBF16PS ones, each against the scalar build of its bf16 semantics (KVD_ISA_SCALAR
  * or KVD_ISA_SCALAR_VDPBF16), including where bf16 products meet subnormals. Shapes: 1
@@ -811,6 +889,7 @@ int main(void)
         cmocka_unit_test(test_matmul_batch_invariance),
         cmocka_unit_test(test_matmul_large_batch_invariance),
         cmocka_unit_test(test_scalar_matches_avx512),
+        cmocka_unit_test(test_matmul_words_match_floats),
         cmocka_unit_test(test_bf16_semantics_by_hand),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_rope),

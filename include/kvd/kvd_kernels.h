@@ -111,6 +111,22 @@ void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, 
                      const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
                      int n_end);
 
+/* bf16 weights on VDPBF16PS (kvd_matmul_takes_words): x rounded to bf16 once for every
+ * product that reads it, instead of by each product and thread. A row of k inputs
+ * becomes kvd_bf16_words_stride(k) 32-bit words, word i holding inputs 2i (low half)
+ * and 2i+1, zeros past k up to a whole block of 32; kvd_bf16_round_cols writes the
+ * words of inputs [c0, c1) of one row x (c0 even, c1 even or k; c1 == k also writes
+ * the padding), so that threads can round the columns they computed. The products then
+ * give the same bits as kvd_matmul_cols over the floats. */
+size_t kvd_bf16_words_stride(int k);
+bool kvd_matmul_takes_words(kvd_isa isa, const kvd_matrix *w);
+void kvd_bf16_round_cols(kvd_isa isa, uint32_t *words, const float *x, int k, int c0, int c1);
+/* kvd_matmul_cols with x as words (row r at xw + r * xw_stride); only where
+ * kvd_matmul_takes_words(isa, w). */
+void kvd_matmul_cols_words(kvd_isa isa, float *out, int ldo, const uint32_t *xw, size_t xw_stride,
+                           int m, const kvd_matrix *w, const float *bias, bool accumulate,
+                           int n_begin, int n_end);
+
 /* The whole product with num_threads OpenMP threads splitting the columns
  * (num_threads <= 0: all cores). For tests, tools and benches. */
 void kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,

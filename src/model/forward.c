@@ -69,6 +69,9 @@ struct kvd_forward_ctx {
     kvd_qinput xq;
     void *xq_inter_mem;    /* ... and the rows of silu(gate)*up, each thread its own blocks */
     kvd_qinput xq_inter;
+    uint32_t *xw;          /* bf16 weights on VDPBF16PS: xn's rows rounded once (kvd_kernels.h) */
+    uint32_t *xw_inter;    /* ... and silu(gate)*up's, each thread its own columns */
+    size_t xw_stride, xw_inter_stride;
     size_t attn_stride;
     kvd_team *team;
 };
@@ -102,6 +105,8 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->attn_scratch);
     free(ctx->xq_mem);
     free(ctx->xq_inter_mem);
+    free(ctx->xw);
+    free(ctx->xw_inter);
     kvd_team_destroy(ctx->team);
     free(ctx);
 }
@@ -223,8 +228,17 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
         if (ctx->xq_inter_mem)
             kvd_qinput_init(&ctx->xq_inter, ctx->xq_inter_mem, max_tokens, inter);
     }
+    bool words = kvd_matmul_takes_words(ctx->isa, &model->layers[0].q_proj) ||
+                 kvd_matmul_takes_words(ctx->isa, &model->layers[0].down_proj);
+    if (words) {
+        ctx->xw_stride = kvd_bf16_words_stride(hidden);
+        ctx->xw_inter_stride = kvd_bf16_words_stride(inter);
+        ctx->xw = alloc_floats(T * ctx->xw_stride);
+        ctx->xw_inter = alloc_floats(T * ctx->xw_inter_stride);
+    }
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem)) ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem)) ||
+        (words && (!ctx->xw || !ctx->xw_inter)) ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->attn_scratch) {
@@ -381,14 +395,27 @@ static const kvd_qinput *quantize_down_input(kvd_forward_ctx *ctx, kvd_isa isa,
     return &ctx->xq_inter;
 }
 
+/* bf16 weights on VDPBF16PS: the normed rows [r0, r1) rounded once into ctx->xw for
+ * every product of the stage (the threads split the rows, as for the norm before it). */
+static void round_stage_input(kvd_forward_ctx *ctx, int r0, int r1)
+{
+    for (int t = r0; ctx->xw && t < r1; t++)
+        kvd_bf16_round_cols(ctx->isa, ctx->xw + (size_t)t * ctx->xw_stride,
+                            ctx->xn + (size_t)t * ctx->hidden, ctx->hidden, 0, ctx->hidden);
+}
+
 /* One product of a stage: from xq (the stage's input quantized for `first`) when that
- * serves w, else from the float rows x. */
+ * serves w, from xw (x's rows rounded to bf16 words, row stride xw_stride) when w takes
+ * them, else from the float rows x. */
 static void stage_product(kvd_isa isa, const kvd_qinput *xq, const kvd_matrix *first, float *out,
-                          int ldo, const float *x, int ldx, int m, const kvd_matrix *w,
-                          const float *bias, bool accumulate, int a, int b)
+                          int ldo, const float *x, int ldx, const uint32_t *xw, size_t xw_stride,
+                          int m, const kvd_matrix *w, const float *bias, bool accumulate, int a,
+                          int b)
 {
     if (xq && kvd_qinput_serves(first, w))
         kvd_qmatmul_cols_input(isa, out, ldo, xq, m, w, bias, accumulate, a, b);
+    else if (xw && kvd_matmul_takes_words(isa, w))
+        kvd_matmul_cols_words(isa, out, ldo, xw, xw_stride, m, w, bias, accumulate, a, b);
     else
         kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, a, b);
 }
@@ -418,15 +445,18 @@ static void forward_body(void *arg, int ith, int nth)
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
         const kvd_qinput *qin = quantize_stage_input(ctx, isa, &w->q_proj, r0, r1);
+        round_stage_input(ctx, r0, r1);
+        const uint32_t *xw = ctx->xw;
+        size_t xws = ctx->xw_stride;
         kvd_team_barrier(team);
         split(QD, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->q_proj, ctx->q, QD, ctx->xn, H, M, &w->q_proj, w->q_bias,
-                      false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->q, QD, ctx->xn, H, xw, xws, M, &w->q_proj,
+                      w->q_bias, false, a, b);
         split(KD, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->q_proj, ctx->k, KD, ctx->xn, H, M, &w->k_proj, w->k_bias,
-                      false, a, b);
-        stage_product(isa, qin, &w->q_proj, ctx->v, KD, ctx->xn, H, M, &w->v_proj, w->v_bias,
-                      false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->k, KD, ctx->xn, H, xw, xws, M, &w->k_proj,
+                      w->k_bias, false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->v, KD, ctx->xn, H, xw, xws, M, &w->v_proj,
+                      w->v_bias, false, a, b);
         if (ith == 0)
             kvd_team_reset_counter(team);
         kvd_team_barrier(team);
@@ -450,19 +480,25 @@ static void forward_body(void *arg, int ith, int nth)
         for (int t = r0; t < r1; t++)
             kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
         qin = quantize_stage_input(ctx, isa, &w->gate_proj, r0, r1);
+        round_stage_input(ctx, r0, r1);
         kvd_team_barrier(team);
         split(I, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, ctx->xn, H, M, &w->gate_proj, NULL,
-                      false, a, b);
-        stage_product(isa, qin, &w->gate_proj, ctx->up, I, ctx->xn, H, M, &w->up_proj, NULL,
-                      false, a, b);
-        for (int t = 0; t < M && a < b; t++)
+        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, ctx->xn, H, xw, xws, M,
+                      &w->gate_proj, NULL, false, a, b);
+        stage_product(isa, qin, &w->gate_proj, ctx->up, I, ctx->xn, H, xw, xws, M, &w->up_proj,
+                      NULL, false, a, b);
+        for (int t = 0; t < M && a < b; t++) {
             kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
+            /* down's input rounded where it was computed, each thread its own columns */
+            if (ctx->xw_inter)
+                kvd_bf16_round_cols(isa, ctx->xw_inter + (size_t)t * ctx->xw_inter_stride,
+                                    ctx->gate + (size_t)t * I, I, a, b);
+        }
         qin = quantize_down_input(ctx, isa, &w->down_proj, M, a, b);
         kvd_team_barrier(team);
         split(H, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, M, &w->down_proj, NULL, true,
-                      a, b);
+        stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
+                      ctx->xw_inter_stride, M, &w->down_proj, NULL, true, a, b);
         kvd_team_barrier(team);
     }
     if (rows > 0) {

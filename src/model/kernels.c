@@ -155,6 +155,36 @@ void kvd_matmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, 
         kvd_matmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
 }
 
+size_t kvd_bf16_words_stride(int k)
+{
+    return (size_t)(k + 31) / 32 * 16;
+}
+
+bool kvd_matmul_takes_words(kvd_isa isa, const kvd_matrix *w)
+{
+    return kvd_isa_vdpbf16(isa) && w->dtype == KVD_DTYPE_BF16;
+}
+
+void kvd_bf16_round_cols(kvd_isa isa, uint32_t *words, const float *x, int k, int c0, int c1)
+{
+    if (isa == KVD_ISA_AVX512_BF16)
+        kvd_bf16_round_cols_avx512bf16(words, x, k, c0, c1);
+    else
+        kvd_bf16_round_cols_scalar_vdpbf16(words, x, k, c0, c1);
+}
+
+void kvd_matmul_cols_words(kvd_isa isa, float *out, int ldo, const uint32_t *xw, size_t xw_stride,
+                           int m, const kvd_matrix *w, const float *bias, bool accumulate,
+                           int n_begin, int n_end)
+{
+    if (isa == KVD_ISA_AVX512_BF16)
+        kvd_matmul_cols_words_avx512bf16(out, ldo, xw, xw_stride, m, w, bias, accumulate, n_begin,
+                                         n_end);
+    else
+        kvd_matmul_cols_words_scalar_vdpbf16(out, ldo, xw, xw_stride, m, w, bias, accumulate,
+                                             n_begin, n_end);
+}
+
 void kvd_matmul(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                 const kvd_matrix *w, const float *bias, bool accumulate, int num_threads)
 {

@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "kvd/kvd_model.h"
 
@@ -25,9 +26,17 @@
     void kvd_swiglu_##sfx(float *gate, const float *up, int n);                                \
     void kvd_exp_##sfx(float *out, const float *x, int n);
 
+/* The VDPBF16PS builds also take x as words of bf16 pairs, rounded once (kvd_kernels.h). */
+#define KVD_DECLARE_MATMUL_WORDS(sfx)                                                          \
+    KVD_DECLARE_MATMUL(sfx)                                                                    \
+    void kvd_bf16_round_cols_##sfx(uint32_t *words, const float *x, int k, int c0, int c1);    \
+    void kvd_matmul_cols_words_##sfx(float *out, int ldo, const uint32_t *xw, size_t xw_stride, \
+                                     int m, const kvd_matrix *w, const float *bias,            \
+                                     bool accumulate, int n_begin, int n_end);
+
 KVD_DECLARE_MATMUL(avx512amx)
-KVD_DECLARE_MATMUL(avx512bf16)
-KVD_DECLARE_MATMUL(scalar_vdpbf16)
+KVD_DECLARE_MATMUL_WORDS(avx512bf16)
+KVD_DECLARE_MATMUL_WORDS(scalar_vdpbf16)
 KVD_DECLARE_KERNELS(avx512)
 KVD_DECLARE_KERNELS(scalar)
 
