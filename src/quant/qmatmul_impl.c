@@ -345,10 +345,9 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
             const size_t sc_at = 2048 + (five ? 512 : 0), mn_at = sc_at + 128;
             for (int sub = 0; sub < 8; sub++) {
                 for (int g = 0; g < G; g++) {
-                    /* each sub-block's dot in two chains of 4 (exact integers: same sum) */
-                    __m512i dot[RB], dot2[RB];
+                    __m512i dot[RB];
                     for (int r = 0; r < R; r++)
-                        dot[r] = dot2[r] = _mm512_setzero_si512();
+                        dot[r] = _mm512_setzero_si512();
                     __m512i hv = five ? _mm512_loadu_si512(t[g] + 2048 + 64 * sub) : _mm512_setzero_si512();
                     for (int q = 0; q < 4; q++) {
                         __m512i lo, hi;
@@ -356,11 +355,9 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
                         for (int r = 0; r < R; r++) {
                             const int8_t *xr = x->q[r] + xb + 32 * sub + 8 * q;
                             dot[r] = _mm512_dpbusd_epi32(dot[r], lo, bcast4(xr));
-                            dot2[r] = _mm512_dpbusd_epi32(dot2[r], hi, bcast4(xr + 4));
+                            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, bcast4(xr + 4));
                         }
                     }
-                    for (int r = 0; r < R; r++)
-                        dot[r] = _mm512_add_epi32(dot[r], dot2[r]);
                     __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + sc_at + 16 * sub)));
                     __m512i mnv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + mn_at + 16 * sub)));
                     for (int r = 0; r < R; r++) {
@@ -394,13 +391,11 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
                     __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + 3072 + 16 * sub)));
                     for (int r = 0; r < R; r++) {
                         const int8_t *xr = x->q[r] + xb + 16 * sub;
-                        /* two chains of 2 (exact integers: same sum) */
                         __m512i dot = _mm512_set1_epi32(-32 * x->sum[r][xb / 16 + sub]);
-                        __m512i dot2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, bcast4(xr + 4));
                         dot = _mm512_dpbusd_epi32(dot, w0, bcast4(xr));
+                        dot = _mm512_dpbusd_epi32(dot, w1, bcast4(xr + 4));
                         dot = _mm512_dpbusd_epi32(dot, w2, bcast4(xr + 8));
-                        dot2 = _mm512_dpbusd_epi32(dot2, w3, bcast4(xr + 12));
-                        dot = _mm512_add_epi32(dot, dot2);
+                        dot = _mm512_dpbusd_epi32(dot, w3, bcast4(xr + 12));
                         isum[r][g] = _mm512_add_epi32(isum[r][g], _mm512_mullo_epi32(dot, scv));
                     }
                 }
@@ -533,73 +528,13 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
 }
 
 /* The kernels instantiated per type and shape (constant arguments unroll them). */
-/* Q8_0 / Q4_0 / Q5_0 weights, one row (decode), 4 groups: each group's block sum in two
- * VPDPBUSD chains of 4 instead of one of 8 (integer sums are exact in any order, so the
- * bits do not change), which lets consecutive blocks overlap; every line of each stream
- * prefetched PREFETCH_BYTES ahead. */
-static ALWAYS_INLINE void kernel32_one(const kvd_dtype dtype, const int G, float *out,
-                                       const rows_view *x, const uint8_t *tiles[GB],
-                                       int blocks, size_t tile_bytes, const float *bias,
-                                       bool accumulate, int col0, const __mmask16 mask[GB])
-{
-    __m512 acc[RB][GB];
-    acc_init(acc, 1, G, out, 0, bias, accumulate, col0, mask);
-    const bool five = dtype == KVD_DTYPE_Q5_0;
-    const int32_t offset = (dtype == KVD_DTYPE_Q8_0 ? 128 : five ? 16 : 8);
-    const int8_t *xq = x->q[0];
-    for (int b = 0; b < blocks; b++) {
-        __m512i s[GB], s2[GB];
-        __m512i start = _mm512_set1_epi32(-offset * (x->sum[0][2 * b] + x->sum[0][2 * b + 1]));
-        for (int g = 0; g < G; g++) {
-            s[g] = start;
-            s2[g] = _mm512_setzero_si512();
-        }
-        for (int g = 0; g < G; g++)
-            prefetch_lines((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES, tile_bytes);
-        if (dtype == KVD_DTYPE_Q8_0) {
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                __m512i bx = bcast4(xq + 32 * b + 4 * j);
-                for (int g = 0; g < G; g++) {
-                    __m512i wv = _mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 64 * j);
-                    if (j & 1)
-                        s2[g] = _mm512_dpbusd_epi32(s2[g], wv, bx);
-                    else
-                        s[g] = _mm512_dpbusd_epi32(s[g], wv, bx);
-                }
-            }
-        } else {
-#pragma GCC unroll 4
-            for (int t = 0; t < 4; t++) {
-                __m512i b0 = bcast4(xq + 32 * b + 8 * t), b1 = bcast4(xq + 32 * b + 8 * t + 4);
-                for (int g = 0; g < G; g++) {
-                    __m512i hv = five ? _mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 256)
-                                      : _mm512_setzero_si512();
-                    __m512i lo, hi;
-                    unpack_n4(_mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 64 * t), five,
-                              hv, t, &lo, &hi);
-                    s[g] = _mm512_dpbusd_epi32(s[g], lo, b0);
-                    s2[g] = _mm512_dpbusd_epi32(s2[g], hi, b1);
-                }
-            }
-        }
-        __m512 dx = _mm512_set1_ps(x->d[0][b]);
-        for (int g = 0; g < G; g++) {
-            __m512 dw = load_f16x16(tiles[g] + (size_t)b * tile_bytes + (dtype == KVD_DTYPE_Q8_0 ? 512 : five ? 320 : 256));
-            acc[0][g] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx),
-                                        _mm512_cvtepi32_ps(_mm512_add_epi32(s[g], s2[g])), acc[0][g]);
-        }
-    }
-    acc_store(acc, 1, G, out, 0, col0, mask);
-}
-
 #define K32_CASES(DT, NAME)                                                                    \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
                      const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
                      bool accumulate, int col0, const __mmask16 mask[GB], bool stream)         \
     {                                                                                          \
         if (G == 4) {                                                                          \
-            kernel32_one(DT, 4, out, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask); \
+            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); \
         } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
             case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
