@@ -13,7 +13,7 @@
  * bench_model measures whole steps.
  *
  * Usage: bench_qmatmul [--threads N] [--rows 1,16,512] [--recipes bf16,q8_0,q4_k_m]
- *                      [--steps S] [--isa avx512|scalar] [--cpu-time] [--layers L]
+ *                      [--steps S] [--isa avx512|scalar] [--cpu-time] [--layers L] [--in-cache N]
  * --layers L keeps the first L layers (quick comparisons; the bound is then for them).
  * --cpu-time (with --threads 1) times with the thread's CPU clock: on a shared machine it
  * measures the kernels rather than the neighbours (memory stalls still count).
