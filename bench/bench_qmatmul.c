@@ -13,10 +13,14 @@
  * bench_model measures whole steps.
  *
  * Usage: bench_qmatmul [--threads N] [--rows 1,16,512] [--recipes bf16,q8_0,q4_k_m]
- *                      [--steps S] [--isa avx512|scalar] [--cpu-time] [--layers L]
+ *                      [--steps S] [--isa avx512|scalar] [--cpu-time] [--layers L] [--in-cache N]
  * --layers L keeps the first L layers (quick comparisons; the bound is then for them).
  * --cpu-time (with --threads 1) times with the thread's CPU clock: on a shared machine it
  * measures the kernels rather than the neighbours (memory stalls still count).
+ * --in-cache N times the kernel alone instead: one N x 896 matrix of each recipe's type
+ * (q4_k_m: its Q5_0), small enough for L2, against M pre-quantized rows (kvd_qinput), one
+ * thread, repeated ~0.2 s, best of 5; reports integer multiply-adds (G MAC/s, 64 per
+ * VPDPBUSD) and GB/s of weights. What the product loop itself can do, without memory.
  */
 #include <math.h>
 #include <omp.h>
@@ -140,9 +144,62 @@ static double bandwidth(int threads)
     return best;
 }
 
+/* --in-cache: the product loop alone, weights in L2, activations quantized once. */
+static int in_cache_kernels(int n, const int *rows, int num_rows, char *recipes, kvd_isa isa)
+{
+    bench_clock = CLOCK_THREAD_CPUTIME_ID;
+    printf("isa %s (quantized: %s), 1 thread, thread CPU time, %d x %d weights in cache\n",
+           kvd_isa_name(isa), kvd_isa_avx512(isa) && kvd_quant_vnni_supported() ? "avx512 vnni" : "scalar",
+           n, HIDDEN);
+    printf("%-8s %5s | %10s %9s | %9s\n", "type", "M", "call us", "G MAC/s", "wGB/s");
+    uint64_t seed = 0x9e3779b97f4a7c15ull;
+    for (char *recipe = strtok(recipes, ","); recipe; recipe = strtok(NULL, ",")) {
+        kvd_dtype dtype = recipe_dtype(recipe, 0, W_Q);
+        if (!kvd_dtype_is_quantized(dtype))
+            continue;
+        kvd_matrix w = make_matrix(dtype, n, HIDDEN, &seed);
+        for (int ri = 0; ri < num_rows; ri++) {
+            int m = rows[ri] < 1 ? 1 : rows[ri];
+            float *x = aligned_alloc(64, (size_t)m * HIDDEN * sizeof(float));
+            float *out = aligned_alloc(64, (size_t)m * n * sizeof(float));
+            void *mem = aligned_alloc(64, (kvd_qinput_bytes(m, HIDDEN) + 63) / 64 * 64);
+            if (!x || !out || !mem) {
+                fprintf(stderr, "bench_qmatmul: out of memory\n");
+                return 1;
+            }
+            for (size_t i = 0; i < (size_t)m * HIDDEN; i++)
+                x[i] = rnd(&seed);
+            kvd_qinput in;
+            kvd_qinput_init(&in, mem, m, HIDDEN);
+            kvd_qinput_quantize(isa, &in, dtype, x, HIDDEN, 0, m);
+            int reps = 1;
+            double best = 1e30;
+            for (int round = 0; round < 6; round++) {
+                double t0 = now_seconds();
+                for (int i = 0; i < reps; i++)
+                    kvd_qmatmul_cols_input(isa, out, n, &in, m, &w, NULL, false, 0, n);
+                double dt = (now_seconds() - t0) / reps;
+                if (round == 0) /* the first round sizes the others to ~0.2 s each */
+                    reps = (int)(0.2 / (dt > 1e-7 ? dt : 1e-7)) + 1;
+                else if (dt < best)
+                    best = dt;
+            }
+            double macs = (double)m * n * HIDDEN;
+            printf("%-8s %5d | %10.2f %9.2f | %9.1f\n", kvd_dtype_name(dtype), m, best * 1e6,
+                   macs / best * 1e-9, weight_bytes(&w) / best * 1e-9);
+            fflush(stdout);
+            free(x);
+            free(out);
+            free(mem);
+        }
+        free((void *)w.data);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    int threads = 2, steps = 5, layers = LAYERS;
+    int threads = 2, steps = 5, layers = LAYERS, in_cache = 0;
     int rows[8] = {1, 16, 512}, num_rows = 3;
     char recipes_arg[256] = "bf16,q8_0,q4_k_m";
     kvd_isa isa = kvd_isa_detect();
@@ -162,11 +219,13 @@ int main(int argc, char **argv)
             layers = layers < 1 ? 1 : layers > LAYERS ? LAYERS : layers;
         } else if (strcmp(argv[i], "--cpu-time") == 0) {
             bench_clock = CLOCK_THREAD_CPUTIME_ID;
+        } else if (strcmp(argv[i], "--in-cache") == 0 && i + 1 < argc) {
+            in_cache = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc) {
             isa = strcmp(argv[++i], "scalar") == 0 ? KVD_ISA_SCALAR : KVD_ISA_AVX512;
         } else {
             fprintf(stderr, "usage: %s [--threads N] [--rows 1,16,512] [--recipes bf16,q8_0,q4_k_m] "
-                            "[--steps S] [--isa avx512|scalar] [--cpu-time]\n", argv[0]);
+                            "[--steps S] [--isa avx512|scalar] [--cpu-time] [--in-cache N]\n", argv[0]);
             return 1;
         }
     }
@@ -174,6 +233,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_qmatmul: --cpu-time needs --threads 1\n");
         return 1;
     }
+    if (in_cache > 0)
+        return in_cache_kernels(in_cache, rows, num_rows, recipes_arg, isa);
     int max_rows = 1;
     for (int i = 0; i < num_rows; i++)
         max_rows = rows[i] > max_rows ? rows[i] : max_rows;
