@@ -309,13 +309,14 @@ def test_request_work_runs_below_the_engine():
     at the daemon's own priority."""
     with Daemon() as d:
         before = thread_nice_values(d.proc.pid)
-        assert set(before.values()) == {0}, before
+        base = before[d.proc.pid]  # whatever nice value the test runner gave the daemon
+        assert set(before.values()) == {base}, before
         status, body = d.post("/tokenize", {"prompt": "Hello " * 2000})
         assert status == 200 and len(body["tokens"]) >= 2000, status
         after = thread_nice_values(d.proc.pid)
-        assert all(after[tid] == 0 for tid in before if tid in after), (before, after)
+        assert all(after[tid] == base for tid in before if tid in after), (before, after)
         workers = [tid for tid in after if tid not in before]
-        assert workers and 10 in [after[tid] for tid in workers], (before, after)
+        assert workers and max(base, 10) in [after[tid] for tid in workers], (before, after)
 
 
 if __name__ == "__main__":
