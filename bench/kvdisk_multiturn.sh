@@ -12,6 +12,7 @@
 # about 5 minutes without the tier, 2 with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/wait_kvd.sh
 model=${1:?usage: bench/kvdisk_multiturn.sh MODEL [SESSIONS] [TURNS] [CONCURRENCY] [POOL_MB]}
 sessions=${2:-48}
 turns=${3:-6}
@@ -25,11 +26,7 @@ run() { # $1: label, then daemon flags
   local label=$1; shift
   "$build/server/kvd" --model "$model" --port "$port" --kv-cache-mb "$pool_mb" "$@" > "$out/$label.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 900); do
-    grep -q "listening on" "$out/$label.log" && break
-    kill -0 "$pid" 2>/dev/null || { cat "$out/$label.log" >&2; exit 1; }
-    sleep 1
-  done
+  kvd_wait_listening "$out/$label.log" "$pid"
   "$build/bench/kvd-bench" --url "http://127.0.0.1:$port" --turns "$turns" --requests $((sessions * turns)) \
     --concurrency "$concurrency" --prompt-tokens 128 --max-tokens 32 --ignore-eos --seed 17 --duration 3600 \
     --timeout 1800 --no-progress --json "$out/$label.json" > "$out/$label.txt"

@@ -6,6 +6,7 @@
 #   bench/kvdisk_restart.sh MODEL [N] [P]    (results in $OUT, default a temporary dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/wait_kvd.sh
 model=${1:?usage: bench/kvdisk_restart.sh MODEL [N] [P]}
 n=${2:-6}
 p=${3:-1024}
@@ -18,11 +19,7 @@ run() { # $1: label
   "$build/server/kvd" --model "$model" --port "$port" --kv-disk "$dir" --kv-disk-gb 4 --kv-cache-mb 256 \
     > "$out/$1.log" 2>&1 &
   local pid=$!
-  for _ in $(seq 1 900); do
-    grep -q "listening on" "$out/$1.log" && break
-    kill -0 "$pid" 2>/dev/null || { cat "$out/$1.log" >&2; exit 1; }
-    sleep 1
-  done
+  kvd_wait_listening "$out/$1.log" "$pid"
   "$build/bench/kvd-bench" --url "http://127.0.0.1:$port" --requests "$n" --concurrency 1 --prompt-tokens "$p" \
     --max-tokens 1 --seed 7 --no-progress --json "$out/$1.json" > "$out/$1.txt"
   curl -s "http://127.0.0.1:$port/metrics" | grep -E "^kvd:kv_disk_" > "$out/$1.metrics" || true

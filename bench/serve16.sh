@@ -13,6 +13,7 @@
 # Run time: about 1 minute per model on an idle 2-core machine (4096 output tokens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/wait_kvd.sh
 build=build threads=2 requests=32
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,11 +43,7 @@ echo "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
 for model in "$@"; do
   "$build/server/kvd" --model "$model" --port 0 --threads "$threads" > "$tmp/kvd.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 1200); do
-    grep -q "kvd: listening on" "$tmp/kvd.log" && break
-    kill -0 "$pid" 2>/dev/null || { cat "$tmp/kvd.log" >&2; exit 1; }
-    sleep 0.5
-  done
+  kvd_wait_listening "$tmp/kvd.log" "$pid"
   url=$(grep -o "kvd: listening on http://[^ ]*" "$tmp/kvd.log" | cut -d' ' -f4)
   "$build/bench/kvd-bench" --url "$url" --no-progress --json "$tmp/warm.json" --requests 1 \
     --prompt-tokens 16 --max-tokens 8 --ignore-eos --seed 99 > /dev/null
