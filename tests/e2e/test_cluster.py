@@ -247,6 +247,9 @@ def test_losing_a_replica_moves_only_its_sessions():
             t.join(30)
             assert not t.is_alive(), "the stream on the killed replica hangs"
             assert b"[DONE]" not in outcome.get("body", b""), "a killed stream cannot complete"
+            # Until a health check has marked the victim down, a request hashed to it is
+            # redispatched to any replica, not yet to the one its sessions move to.
+            lb.wait_for_line(r"\b%s is DOWN" % victim_name, 10)
             # Every session continues; only the victim's sessions move.
             for s in sessions:
                 seen, errors = [], []
