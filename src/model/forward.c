@@ -16,9 +16,9 @@
  * whatever else is in the batch. All buffers are sized at creation; a step never
  * allocates.
  *
- * Steps of a few tokens (decode) take 4 barriers a layer instead of 8: a barrier there
- * costs about what a stage's arithmetic does, and a thread idling at it leaves memory
- * idle too. Each thread norms (and quantizes) all of the step's rows into its own
+ * Steps of a few tokens (decode) take 4 barriers a layer instead of 8: there a stage is
+ * short, a barrier costs the partner's wake-up (on a loaded machine a scheduler slice,
+ * spun for), and a thread idling at it leaves memory idle too. Each thread norms (and quantizes) all of the step's rows into its own
  * buffer, the same bits in every thread, so no barrier follows the norms; each owns
  * whole kv heads, computes their q/k/v columns, ropes and stores them and runs their
  * attention without waiting for the others. Barriers remain where a stage reads every
@@ -270,7 +270,8 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->team = kvd_team_create(ctx->num_threads);
     if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem ||
                                      !ctx->own_xq)) ||
-        (words && (!ctx->xw || !ctx->xw_inter || !ctx->own_xw)) || !ctx->own_xn || !ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+        (words && (!ctx->xw || !ctx->xw_inter || !ctx->own_xw)) || !ctx->own_xn ||
+        !ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->attn_scratch) {
