@@ -75,5 +75,10 @@ int kvd_paged_attention(kvd_isa isa, const kvd_kv_pool *pool, int layer,
  * (round to nearest even). */
 void kvd_kv_store(kvd_isa isa, const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
                   int pos, const float *k, const float *v);
+/* kvd_kv_store of kv heads [head_begin, head_end) only (k and v still point at head 0),
+ * so that threads owning different heads store them without waiting for each other. */
+void kvd_kv_store_heads(kvd_isa isa, const kvd_kv_pool *pool, int layer,
+                        const kvd_block_table *table, int pos, const float *k, const float *v,
+                        int head_begin, int head_end);
 
 #endif

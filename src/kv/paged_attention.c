@@ -528,8 +528,9 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
     }
 }
 
-void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
-                              int pos, const float *k, const float *v)
+void KVD_VEC_FN(kvd_kv_store_heads)(const kvd_kv_pool *pool, int layer,
+                                    const kvd_block_table *table, int pos, const float *k,
+                                    const float *v, int head_begin, int head_end)
 {
     const kvd_kv_config *cfg = kvd_kv_pool_config(pool);
     int bs = cfg->block_size;
@@ -538,7 +539,7 @@ void KVD_VEC_FN(kvd_kv_store)(const kvd_kv_pool *pool, int layer, const kvd_bloc
     int32_t block = table->blocks[pos / bs];
     char *kdst = kvd_kv_block_keys(pool, block, layer);
     char *vdst = kvd_kv_block_values(pool, block, layer);
-    for (int h = 0; h < cfg->num_kv_heads; h++) {
+    for (int h = head_begin; h < head_end; h++) {
         size_t slot = (size_t)h * bs + (size_t)(pos % bs);
         size_t offset = slot * hd * esize;
         const float *ks = k + (size_t)h * hd;
@@ -586,8 +587,9 @@ void kvd_paged_attention_part_avx512(const kvd_kv_pool *pool, int layer,
                                      const kvd_attention_shape *shape,
                                      const kvd_attention_query *q, int kv_head, int row_begin,
                                      int row_end, float *scratch);
-void kvd_kv_store_avx512(const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
-                         int pos, const float *k, const float *v);
+void kvd_kv_store_heads_avx512(const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
+                               int pos, const float *k, const float *v, int head_begin,
+                               int head_end);
 
 size_t kvd_attention_scratch_floats(const kvd_attention_shape *shape)
 {
@@ -606,13 +608,21 @@ void kvd_paged_attention_part(kvd_isa isa, const kvd_kv_pool *pool, int layer,
         kvd_paged_attention_part_scalar(pool, layer, shape, q, kv_head, row_begin, row_end, scratch);
 }
 
+void kvd_kv_store_heads(kvd_isa isa, const kvd_kv_pool *pool, int layer,
+                        const kvd_block_table *table, int pos, const float *k, const float *v,
+                        int head_begin, int head_end)
+{
+    if (kvd_isa_avx512(isa))
+        kvd_kv_store_heads_avx512(pool, layer, table, pos, k, v, head_begin, head_end);
+    else
+        kvd_kv_store_heads_scalar(pool, layer, table, pos, k, v, head_begin, head_end);
+}
+
 void kvd_kv_store(kvd_isa isa, const kvd_kv_pool *pool, int layer, const kvd_block_table *table,
                   int pos, const float *k, const float *v)
 {
-    if (kvd_isa_avx512(isa))
-        kvd_kv_store_avx512(pool, layer, table, pos, k, v);
-    else
-        kvd_kv_store_scalar(pool, layer, table, pos, k, v);
+    kvd_kv_store_heads(isa, pool, layer, table, pos, k, v, 0,
+                       kvd_kv_pool_config(pool)->num_kv_heads);
 }
 
 int kvd_paged_attention(kvd_isa isa, const kvd_kv_pool *pool, int layer,
