@@ -11,8 +11,8 @@
 #   bench/kvdisk_multiturn.sh MODEL [SESSIONS] [TURNS] [CONCURRENCY] [POOL_MB]
 #                             [USER_WORDS] [ANSWER_TOKENS]
 # Defaults: 200 sessions x 6 turns, 4 clients, a 256 MB pool (0.5B shape, f16 KV: 21,845
-# tokens), 64-word user messages, 128-token answers (greedy, --ignore-eos): a turn-6
-# prompt is ~1,000 tokens, all 200 histories ~200,000 (9x the pool). docs/benchmarks.md
+# tokens), 64-word user messages, 64-token answers (greedy, --ignore-eos): a turn-6
+# prompt is ~780 tokens, the 200 histories ~156,000 (7x the pool). docs/benchmarks.md
 # says why and gives the run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ turns=${3:-6}
 concurrency=${4:-4}
 pool_mb=${5:-256}
 user_words=${6:-64}
-answer_tokens=${7:-128}
+answer_tokens=${7:-64}
 build=${KVD_BUILD_DIR:-build}
 port=${PORT:-18932}
 out=${OUT:-$(mktemp -d /tmp/kvd-multiturn-XXXXXX)}
