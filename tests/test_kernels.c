@@ -694,25 +694,19 @@ static int e4m3_nearest(float y)
  * max|x| / 448 and e4m3(x / d) * d (kvd_attention.h). */
 static void round_to(kvd_dtype dtype, float *x, size_t n, int head_dim)
 {
-    if (dtype == KVD_DTYPE_F8) {
+    if (dtype == KVD_DTYPE_I8 || dtype == KVD_DTYPE_F8) {
+        float top = dtype == KVD_DTYPE_I8 ? 127.0f : 448.0f;
         for (size_t r = 0; r < n; r += (size_t)head_dim) {
             float amax = 0;
             for (int t = 0; t < head_dim; t++)
                 amax = fmaxf(amax, fabsf(x[r + t]));
-            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / 448.0f));
-            for (int t = 0; t < head_dim; t++)
-                x[r + t] = d > 0 ? (float)e4m3_value(e4m3_nearest(x[r + t] / d)) * d : 0.0f;
-        }
-        return;
-    }
-    if (dtype == KVD_DTYPE_I8) {
-        for (size_t r = 0; r < n; r += (size_t)head_dim) {
-            float amax = 0;
-            for (int t = 0; t < head_dim; t++)
-                amax = fmaxf(amax, fabsf(x[r + t]));
-            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / 127.0f));
-            for (int t = 0; t < head_dim; t++)
-                x[r + t] = d > 0 ? fminf(fmaxf(nearbyintf(x[r + t] / d), -127.0f), 127.0f) * d : 0.0f;
+            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / top));
+            for (int t = 0; t < head_dim; t++) {
+                float y = x[r + t] / d;
+                float q = dtype == KVD_DTYPE_I8 ? fminf(fmaxf(nearbyintf(y), -127.0f), 127.0f)
+                                                : (float)e4m3_value(e4m3_nearest(y));
+                x[r + t] = d > 0 ? q * d : 0.0f;
+            }
         }
         return;
     }
