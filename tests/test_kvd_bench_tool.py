@@ -270,7 +270,8 @@ class MultiTurn(Base):
         self.assert_clean(out, 10)
         stats = self.server.stats()
         self.assertEqual(stats["turns"], {"1": 5, "2": 5})
-        self.assertEqual(stats["turn_order"][:5], [1] * 5)
+        # (the exact order is checked with one client above: with three, the server may
+        # see a later send arrive first)
         self.assertLessEqual(stats["max_inflight"], 3)
         self.assertEqual(stats["histories_checked"], 5)
 
