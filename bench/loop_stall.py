@@ -214,7 +214,7 @@ def main():
     loop_after = loop_metrics(d.port)
     stop.set()
     d.stop()
-    for kind, status, size, secs, began in sorted(results):
+    for kind, status, size, secs, began in sorted(results, key=lambda r: (r[0], r[4])):
         print("%-9s status %s  %10d bytes  %6.1f s (answered at %.1f s)" % (kind, status, size, secs, began + secs))
     worst = sorted(zip(gap_ms, gap_at), reverse=True)[:5]
     print("largest stream gaps: " + ", ".join("%.1f ms at %.1f s" % (g, at - start) for g, at in worst))
