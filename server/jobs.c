@@ -61,8 +61,7 @@ struct kvd_job {
     int num_prompt;
     uv_work_t work;
     uv_work_cb work_fn;      /* what job_start_work runs on the worker */
-    bool working;            /* on a libuv worker or the bulk lane; its after-callback frees the job */
-    bool tokenize_on_lane;   /* parse_work left a bulk tokenization for the lane */
+    bool working;            /* on a libuv worker; its after-callback frees the job */
     int work_rc;
     kvd_error work_err;
     char *raw;               /* KVD_JOB_BODY: a copy of the request body, [raw_len] */
@@ -215,7 +214,6 @@ int kvd_jobs_init(kvd_jobs *jobs, uv_loop_t *loop, const kvd_logger *log, kvd_me
     jobs->log = log;
     jobs->metrics = metrics;
     jobs->model_name = model_name;
-    jobs->bulk = kvd_lane_create(loop); /* without it, bulk work goes to libuv's workers */
     jobs->rng[0] = uv_hrtime() ^ 0x9e3779b97f4a7c15ULL;
     jobs->rng[1] = ((uint64_t)uv_os_getpid() << 32) ^ (uint64_t)(uintptr_t)jobs ^ 0xbf58476d1ce4e5b9ULL;
     for (int i = 0; i < 8; i++)
@@ -398,8 +396,6 @@ void kvd_jobs_deinit(kvd_jobs *jobs)
         job = next;
     }
     kvd_job_map_deinit(&jobs->map);
-    kvd_lane_close(jobs->bulk); /* its queued work still runs and calls back */
-    jobs->bulk = NULL;
     /* A job still on a worker may be parsing under the lock (its after-callback frees
      * it when the caller runs the loop once more): the lock then outlives this call,
      * and ends with the process. */
@@ -495,31 +491,6 @@ static void job_start_work(kvd_job *job, uv_work_cb work, uv_after_work_cb after
         job->working = false;
         job_fail(job, 500, failure, NULL, NULL, NULL);
     }
-}
-
-/* Work that grows with the request (megabytes) and that nothing waits for but this
- * request's own client goes to the bulk lane (lane.h): below this, libuv's workers. */
-#define JOB_BULK_MIN_BYTES ((size_t)1 << 20)
-
-static void job_run_bulk(uv_work_t *work)
-{
-    kvd_job *job = work->data;
-    job->work_fn(work);
-}
-
-/* job_start_work on the bulk lane, or on libuv's workers when there is none. */
-static void job_start_bulk(kvd_job *job, uv_work_cb work, uv_after_work_cb after, const char *failure)
-{
-    kvd_lane *lane = job->jobs->bulk;
-    if (lane) {
-        job->work.data = job;
-        job->work_fn = work;
-        job->working = true;
-        if (kvd_lane_queue(lane, &job->work, job_run_bulk, after) == 0)
-            return;
-        job->working = false;
-    }
-    job_start_work(job, work, after, failure);
 }
 
 /* ---- generation: events ---- */
@@ -623,8 +594,6 @@ static void job_complete(kvd_job *job)
         job_free(job);
     } else if (job->failed) {
         job_fail(job, job->fail_status, job->error, NULL, NULL, NULL);
-    } else if (job_held_bytes(job) >= JOB_BULK_MIN_BYTES) {
-        job_start_bulk(job, whole_body_work, after_whole_body, "cannot queue the response");
     } else {
         job_start_work(job, whole_body_work, after_whole_body, "cannot queue the response");
     }
@@ -1135,18 +1104,6 @@ static void apply_template_work(kvd_job *job)
     job->work_rc = job->answer ? 0 : KVD_ENOMEM;
 }
 
-/* A prompt of megabytes is tokenized on the bulk lane: parse_work stops before it and
- * after_parse queues the rest there. A grammar to compile keeps it all here (the cache
- * compiles under its lock; lane.h says why the lane takes none). */
-static bool leave_tokenization_to_lane(kvd_job *job)
-{
-    size_t text = job->oai.prompt_text ? job->oai.prompt_len : job->oai.chat.text.len;
-    if (job->oai.constrained || job->prompt || text < JOB_BULK_MIN_BYTES)
-        return false;
-    job->tokenize_on_lane = true;
-    return true;
-}
-
 /* Runs on a libuv worker: the route's fields out of the body (a chat template
  * rendered, a prompt's text copied, an id array walked: each grows with the request),
  * the tree freed, then the route's own work (tokenization, detokenization). */
@@ -1197,8 +1154,7 @@ static void parse_work(uv_work_t *work)
         apply_template_work(job);
         break;
     case KVD_JOB_TOKENIZE:
-        if (!leave_tokenization_to_lane(job))
-            tokenize_work(work);
+        tokenize_work(work);
         break;
     default: {
         uint64_t estimate, per_token;
@@ -1211,8 +1167,7 @@ static void parse_work(uv_work_t *work)
             if (!job->oai.constrained)
                 return; /* ids to submit as they are */
         }
-        if (!leave_tokenization_to_lane(job))
-            tokenize_work(work);
+        tokenize_work(work);
         break;
     }
     }
@@ -1225,11 +1180,6 @@ static void after_parse(uv_work_t *work, int status)
         return;
     if (job_parse_failed(job, job->parse_rc, &job->work_err, job->parse_param))
         return;
-    if (job->tokenize_on_lane) { /* back here once tokenized */
-        job->tokenize_on_lane = false;
-        job_start_bulk(job, tokenize_work, after_parse, "cannot queue the tokenization");
-        return;
-    }
     kvd_jobs *jobs = job->jobs;
     switch (job->kind) {
     case KVD_JOB_DETOKENIZE:

@@ -23,7 +23,6 @@
 
 #include "http.h"
 #include "kvd/kvd_engine.h"
-#include "lane.h"
 #include "metrics.h"
 #include "oai_request.h"
 #include "util.h"
@@ -61,7 +60,6 @@ typedef struct kvd_jobs {
     kvd_served_model model;        /* engine NULL until loaded */
     bool stopping;                 /* set by the daemon: answers from workers are dropped */
     uv_mutex_t parse_lock;         /* cJSON's parser writes a process-wide error pointer */
-    kvd_lane *bulk;                /* work that grows with a request (NULL: none could start) */
     void (*on_idle)(void *arg);    /* called when a job ends and none is left */
     void *on_idle_arg;
 

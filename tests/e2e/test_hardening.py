@@ -303,10 +303,10 @@ def thread_nice_values(pid):
 
 
 def test_request_work_runs_below_the_engine():
-    """Bodies are parsed and ordinary requests tokenized on libuv's workers at nice 10,
-    so a burst of such work cannot take the cores from the engine's threads (and the
-    running streams' token gaps); the threads that existed before the first request
-    (loop, engine) stay at the daemon's own priority."""
+    """Bodies are parsed and answers built on libuv's workers at nice 10, so a burst of
+    such work cannot take the cores from the engine's threads (and the running streams'
+    token gaps); the threads that existed before the first request (loop, engine) stay
+    at the daemon's own priority."""
     with Daemon() as d:
         before = thread_nice_values(d.proc.pid)
         base = before[d.proc.pid]  # whatever nice value the test runner gave the daemon
@@ -317,66 +317,6 @@ def test_request_work_runs_below_the_engine():
         assert all(after[tid] == base for tid in before if tid in after), (before, after)
         workers = [tid for tid in after if tid not in before]
         assert workers and max(base, 10) in [after[tid] for tid in workers], (before, after)
-
-
-SCHED_IDLE = 5
-
-
-def thread_policies_and_cpu(pid):
-    """{thread id: (scheduling policy, CPU time used)}: the policy is field 41 of stat,
-    the CPU time the first field of schedstat (nanoseconds), or else utime + stime of
-    stat (clock ticks)."""
-    out = {}
-    for tid in os.listdir("/proc/%d/task" % pid):
-        base = "/proc/%d/task/%s/" % (pid, tid)
-        try:
-            with open(base + "stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            try:
-                with open(base + "schedstat") as f:
-                    cpu = int(f.read().split()[0])
-            except FileNotFoundError:
-                cpu = int(fields[11]) + int(fields[12])
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-        out[int(tid)] = (int(fields[38]), cpu)
-    return out
-
-
-def idle_thread_cpu(pid):
-    lane = [cpu for policy, cpu in thread_policies_and_cpu(pid).values() if policy == SCHED_IDLE]
-    assert len(lane) == 1, thread_policies_and_cpu(pid)
-    return lane[0]
-
-
-def test_bulk_work_runs_on_the_idle_lane():
-    """Work that grows with a request (a prompt of megabytes tokenized, a whole answer of
-    megabytes built) runs on the daemon's one SCHED_IDLE thread, which only gets CPU time
-    no other thread wants; ordinary requests never touch it, and both paths give the same
-    token ids."""
-    with Daemon() as d:
-        base = idle_thread_cpu(d.proc.pid)
-        status, small = d.post("/tokenize", {"prompt": "Hello " * 3})
-        assert status == 200 and small["count"] == 4, small
-        status, body = d.post("/v1/completions", {"prompt": "hi", "max_tokens": 8, **GREEDY})
-        assert status == 200, body
-        assert idle_thread_cpu(d.proc.pid) == base  # the lane slept through both
-        n = 400000  # 2.4 MB of prompt: past the lane's 1 MiB threshold
-        status, big = d.post("/tokenize", {"prompt": "Hello " * n}, timeout=300)
-        assert status == 200, big
-        first, rest, last = small["tokens"][0], small["tokens"][1], small["tokens"][-1]
-        assert big["count"] == n + 1 and big["tokens"] == [first] + [rest] * (n - 1) + [last], big["count"]
-        after_tokenize = idle_thread_cpu(d.proc.pid)
-        assert after_tokenize > base, (base, after_tokenize)
-        # n=16 x 160 tokens x 20 top logprobs: a whole answer of several MB
-        status, body = d.post("/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "count"}], "n": 16, "max_tokens": 160,
-            "logprobs": True, "top_logprobs": 20, "ignore_eos": True, **GREEDY}, timeout=300)
-        assert status == 200, body
-        assert len(body["choices"]) == 16
-        assert all(len(c["logprobs"]["content"]) == 160 for c in body["choices"])
-        assert all(len(t["top_logprobs"]) == 20 for c in body["choices"] for t in c["logprobs"]["content"])
-        assert idle_thread_cpu(d.proc.pid) > after_tokenize
 
 
 if __name__ == "__main__":
