@@ -12,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 /* Length of the well-formed UTF-8 sequence starting at s[0] (1..4), or 0 when the
  * bytes there are ill-formed; *bad_len then says how many bytes form the maximal
@@ -165,12 +166,17 @@ static void after_off_loop_free(uv_work_t *work, int status)
 
 void kvd_worker_yield_to_engine(void)
 {
-    /* PRIO_PROCESS with who 0 names the calling thread on Linux. getpriority can
-     * return -1 as a value, so errno tells a failure apart. */
+    /* PRIO_PROCESS names one thread on Linux: 0 the caller, getpid() the main thread
+     * (whose nice the engine and the loop share). getpriority can return -1 as a value,
+     * so errno tells a failure apart. */
     errno = 0;
-    int nice_now = getpriority(PRIO_PROCESS, 0);
-    if (errno == 0 && nice_now < KVD_WORKER_NICE)
-        (void)setpriority(PRIO_PROCESS, 0, KVD_WORKER_NICE);
+    int daemon_nice = getpriority(PRIO_PROCESS, (id_t)getpid());
+    int nice_now = errno == 0 ? getpriority(PRIO_PROCESS, 0) : 0;
+    if (errno != 0)
+        return;
+    int target = daemon_nice + KVD_WORKER_NICE_STEPS < 19 ? daemon_nice + KVD_WORKER_NICE_STEPS : 19;
+    if (nice_now < target)
+        (void)setpriority(PRIO_PROCESS, 0, target);
 }
 
 void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len)

@@ -34,16 +34,18 @@ bool kvd_consttime_equal(const char *a, size_t a_len, const char *b, size_t b_le
  * The loop stays alive until the worker is done. */
 void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len);
 
-/* The nice value libuv's workers run request work at (parsing bodies, rendering
- * templates, tokenizing, building whole answers), above the engine's threads' 0. */
-#define KVD_WORKER_NICE 10
+/* How many nice steps below the daemon's own threads (the loop, the engine) libuv's
+ * workers run request work (parsing bodies, rendering templates, tokenizing, building
+ * whole answers). */
+#define KVD_WORKER_NICE_STEPS 10
 
-/* Lowers the calling thread (a libuv worker) to KVD_WORKER_NICE unless it is lower
- * already. On a machine with no more cores than engine threads, a burst of such work
- * would otherwise take the cores from the engine and stretch every running stream's
- * token gap; the work itself only waits a little longer. Linux keeps nice per thread,
- * and a lowered worker stays lowered, which is what the pool needs. Never fails: a
- * refusal leaves the thread as it was. */
+/* Lowers the calling thread (a libuv worker) to KVD_WORKER_NICE_STEPS below the daemon's
+ * main thread (at most to 19) unless it is that low already. On a machine with no more
+ * cores than engine threads, a burst of such work would otherwise take the cores from
+ * the engine and stretch every running stream's token gap; the work itself only waits a
+ * little longer. Relative, so a daemon started under nice keeps its workers below it.
+ * Linux keeps nice per thread, and a lowered worker stays lowered, which is what the
+ * pool needs. Never fails: a refusal leaves the thread as it was. */
 void kvd_worker_yield_to_engine(void);
 
 typedef enum kvd_log_level {

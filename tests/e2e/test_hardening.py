@@ -303,7 +303,8 @@ def thread_nice_values(pid):
 
 
 def test_request_work_runs_below_the_engine():
-    """Bodies are parsed and answers built on libuv's workers at nice 10, so a burst of
+    """Bodies are parsed and answers built on libuv's workers 10 nice steps below the
+    daemon (at most 19, also when the daemon itself runs under nice), so a burst of
     such work cannot take the cores from the engine's threads (and the running streams'
     token gaps); the threads that existed before the first request (loop, engine) stay
     at the daemon's own priority."""
@@ -316,7 +317,7 @@ def test_request_work_runs_below_the_engine():
         after = thread_nice_values(d.proc.pid)
         assert all(after[tid] == base for tid in before if tid in after), (before, after)
         workers = [tid for tid in after if tid not in before]
-        assert workers and max(base, 10) in [after[tid] for tid in workers], (before, after)
+        assert workers and min(base + 10, 19) in [after[tid] for tid in workers], (before, after)
 
 
 if __name__ == "__main__":
