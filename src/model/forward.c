@@ -15,6 +15,14 @@
  * split (see kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same
  * whatever else is in the batch. All buffers are sized at creation; a step never
  * allocates.
+ *
+ * Steps of a few tokens (decode) take 4 barriers a layer instead of 8: there a stage is
+ * short, a barrier costs the partner's wake-up (on a loaded machine a scheduler slice,
+ * spun for), and a thread idling at it leaves memory idle too. Each thread norms (and quantizes) all of the step's rows into its own
+ * buffer, the same bits in every thread, so no barrier follows the norms; each owns
+ * whole kv heads, computes their q/k/v columns, ropes and stores them and runs their
+ * attention without waiting for the others. Barriers remain where a stage reads every
+ * column another wrote: after attention, o_proj, gate/up and down_proj.
  */
 #include "kvd/kvd_forward.h"
 
@@ -32,6 +40,9 @@
 /* Rows of one attention work item: small enough to balance a long prefill over the
  * threads, large enough that a K/V tile is widened once for many queries. */
 #define ATTN_ITEM_ROWS 16
+/* Most tokens of a step run with the fused decode stages (see the top): each thread
+ * norms every row, which costs little for a few rows. */
+#define FUSED_MAX_TOKENS 4
 
 typedef struct attn_item {
     int query;   /* index into ctx->queries */
@@ -76,6 +87,13 @@ struct kvd_forward_ctx {
     uint32_t *xw_inter;    /* ... and silu(gate)*up's, each thread its own columns */
     size_t xw_stride, xw_inter_stride;
     size_t attn_stride;
+    /* fused decode steps: each thread's own normed rows and their quantized or rounded
+     * copies, FUSED_MAX_TOKENS rows a thread */
+    float *own_xn;         /* (num_threads, FUSED_MAX_TOKENS, hidden) */
+    void *own_xq_mem;      /* num_threads x own_xq_bytes */
+    size_t own_xq_bytes;
+    kvd_qinput *own_xq;    /* (num_threads) */
+    uint32_t *own_xw;      /* (num_threads, FUSED_MAX_TOKENS, xw_stride) */
     kvd_team *team;
 };
 
@@ -128,6 +146,10 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->xq_inter_mem);
     free(ctx->xw);
     free(ctx->xw_inter);
+    free(ctx->own_xn);
+    free(ctx->own_xq_mem);
+    free(ctx->own_xq);
+    free(ctx->own_xw);
     kvd_team_destroy(ctx->team);
     free(ctx);
 }
@@ -230,6 +252,8 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->queries = malloc((size_t)max_seqs * sizeof(kvd_attention_query));
     ctx->items = malloc((size_t)ctx->max_items * sizeof(attn_item));
     ctx->attn_scratch = alloc_floats(ctx->attn_stride * ctx->num_threads);
+    size_t own_rows = (size_t)ctx->num_threads * FUSED_MAX_TOKENS;
+    ctx->own_xn = alloc_floats(own_rows * hidden);
     bool quantized = false;
     for (int l = 0; l < c->num_layers; l++)
         quantized = quantized || kvd_dtype_is_quantized(model->layers[l].q_proj.dtype) ||
@@ -243,6 +267,12 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
         ctx->xq_inter_mem = aligned_alloc(64, bytes);
         if (ctx->xq_inter_mem)
             kvd_qinput_init(&ctx->xq_inter, ctx->xq_inter_mem, max_tokens, inter);
+        ctx->own_xq_bytes = (kvd_qinput_bytes(FUSED_MAX_TOKENS, hidden) + 63) & ~(size_t)63;
+        ctx->own_xq_mem = aligned_alloc(64, ctx->own_xq_bytes * ctx->num_threads);
+        ctx->own_xq = calloc((size_t)ctx->num_threads, sizeof *ctx->own_xq);
+        for (int i = 0; ctx->own_xq_mem && ctx->own_xq && i < ctx->num_threads; i++)
+            kvd_qinput_init(&ctx->own_xq[i], (char *)ctx->own_xq_mem + ctx->own_xq_bytes * i,
+                            FUSED_MAX_TOKENS, hidden);
     }
     bool words = kvd_matmul_takes_words(ctx->isa, &model->layers[0].q_proj) ||
                  kvd_matmul_takes_words(ctx->isa, &model->layers[0].down_proj);
@@ -251,10 +281,13 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
         ctx->xw_inter_stride = kvd_bf16_words_stride(inter);
         ctx->xw = alloc_floats(T * ctx->xw_stride);
         ctx->xw_inter = alloc_floats(T * ctx->xw_inter_stride);
+        ctx->own_xw = alloc_floats(own_rows * ctx->xw_stride);
     }
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem)) ||
-        (words && (!ctx->xw || !ctx->xw_inter)) ||!ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
+    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem ||
+                                     !ctx->own_xq)) ||
+        (words && (!ctx->xw || !ctx->xw_inter || !ctx->own_xw)) || !ctx->own_xn ||
+        !ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
         !ctx->token_seq || !ctx->logit_tokens || !ctx->queries || !ctx->items ||
         !ctx->attn_scratch) {
@@ -382,18 +415,35 @@ typedef struct step_args {
     const kvd_forward_batch *batch;
     int rows;      /* logits rows */
     int num_items; /* attention work items */
+    bool fused;    /* the fused decode stages (see the top) */
 } step_args;
 
-/* Quantized weights: the normed rows [r0, r1) quantized once into ctx->xq for every
- * product of the stage whose first matrix is `first` (the threads split the rows, as
- * for the norm before it); false when first is not quantized. */
-static const kvd_qinput *quantize_stage_input(kvd_forward_ctx *ctx, kvd_isa isa,
-                                              const kvd_matrix *first, int r0, int r1)
+/* Where a thread's stage inputs go: the shared buffers, the threads splitting the rows,
+ * or (fused steps) the thread's own, every row. */
+typedef struct stage_input {
+    float *xn;          /* normed rows, stride hidden */
+    kvd_qinput *xq;     /* their quantized copies, or NULL (no quantized weights) */
+    uint32_t *xw;       /* their bf16 words, stride xw_stride, or NULL */
+    int r0, r1;         /* rows this thread norms */
+} stage_input;
+
+/* Rows [r0, r1) of x normed with `weight` into in->xn, then quantized once into in->xq
+ * for every product of the stage whose first matrix is `first` (returned; NULL when
+ * first is not quantized) or rounded once into in->xw for the bf16 products. */
+static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_input *in,
+                                          const float *weight, const kvd_matrix *first)
 {
-    if (!ctx->xq_mem || !kvd_dtype_is_quantized(first->dtype) || first->cols != ctx->hidden)
+    const int H = ctx->hidden;
+    for (int t = in->r0; t < in->r1; t++)
+        kvd_rmsnorm(ctx->isa, in->xn + (size_t)t * H, ctx->x + (size_t)t * H, weight, H,
+                    ctx->model->config.rms_norm_eps);
+    for (int t = in->r0; in->xw && t < in->r1; t++)
+        kvd_bf16_round_cols(ctx->isa, in->xw + (size_t)t * ctx->xw_stride, in->xn + (size_t)t * H,
+                            H, 0, H);
+    if (!in->xq || !kvd_dtype_is_quantized(first->dtype) || first->cols != H)
         return NULL;
-    kvd_qinput_quantize(isa, &ctx->xq, first->dtype, ctx->xn, ctx->hidden, r0, r1);
-    return &ctx->xq;
+    kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, in->xn, H, in->r0, in->r1);
+    return in->xq;
 }
 
 /* down_proj's input, silu(gate)*up: a thread owns columns [a, b) of every row (a and b
@@ -409,15 +459,6 @@ static const kvd_qinput *quantize_down_input(kvd_forward_ctx *ctx, kvd_isa isa,
     if (a < b)
         kvd_qinput_quantize_cols(isa, &ctx->xq_inter, down->dtype, ctx->gate, ctx->inter, 0, m, a, b);
     return &ctx->xq_inter;
-}
-
-/* bf16 weights on VDPBF16PS: the normed rows [r0, r1) rounded once into ctx->xw for
- * every product of the stage (the threads split the rows, as for the norm before it). */
-static void round_stage_input(kvd_forward_ctx *ctx, int r0, int r1)
-{
-    for (int t = r0; ctx->xw && t < r1; t++)
-        kvd_bf16_round_cols(ctx->isa, ctx->xw + (size_t)t * ctx->xw_stride,
-                            ctx->xn + (size_t)t * ctx->hidden, ctx->hidden, 0, ctx->hidden);
 }
 
 /* One product of a stage: from xq (the stage's input quantized for `first`) when that
@@ -445,8 +486,9 @@ static void forward_body(void *arg, int ith, int nth)
     const kvd_model_config *c = &model->config;
     const int M = batch->num_tokens, H = ctx->hidden, QD = ctx->q_dim, KD = ctx->kv_dim;
     const int I = ctx->inter, HD = ctx->head_dim, rows = sa->rows;
+    const int group = c->num_heads / c->num_kv_heads;
     const kvd_isa isa = ctx->isa;
-    const float eps = c->rms_norm_eps;
+    const bool fused = sa->fused;
     kvd_team *team = ctx->team;
     float *at_scratch = ctx->attn_scratch + ctx->attn_stride * (size_t)ith;
     int r0, r1, a, b;
@@ -455,54 +497,85 @@ static void forward_body(void *arg, int ith, int nth)
         kvd_matrix_row(ctx->x + (size_t)t * H, &model->embed_tokens, batch->tokens[t]);
         kvd_rope_angles(ctx->rope + (size_t)t * HD, ctx->positions[t], ctx->inv_freq, HD);
     }
+    stage_input in = {ctx->xn, ctx->xq_mem ? &ctx->xq : NULL, ctx->xw, r0, r1};
+    /* fused: this thread's kv heads [h0, h1), all their rows */
+    int h0 = 0, h1 = c->num_kv_heads, t0 = r0, t1 = r1;
+    if (fused) {
+        size_t own = (size_t)ith * FUSED_MAX_TOKENS;
+        in = (stage_input){ctx->own_xn + own * H, ctx->own_xq ? &ctx->own_xq[ith] : NULL,
+                           ctx->own_xw ? ctx->own_xw + own * ctx->xw_stride : NULL, 0, M};
+        split_rows(c->num_kv_heads, ith, nth, &h0, &h1);
+        t0 = 0;
+        t1 = M;
+    }
     kvd_team_barrier(team);
     for (int l = 0; l < c->num_layers; l++) {
         const kvd_layer_weights *w = &model->layers[l];
-        for (int t = r0; t < r1; t++)
-            kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->input_norm, H, eps);
-        const kvd_qinput *qin = quantize_stage_input(ctx, isa, &w->q_proj, r0, r1);
-        round_stage_input(ctx, r0, r1);
-        const uint32_t *xw = ctx->xw;
-        size_t xws = ctx->xw_stride;
-        kvd_team_barrier(team);
-        split(QD, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->q_proj, ctx->q, QD, ctx->xn, H, xw, xws, M, &w->q_proj,
-                      w->q_bias, false, a, b);
-        split(KD, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->q_proj, ctx->k, KD, ctx->xn, H, xw, xws, M, &w->k_proj,
-                      w->k_bias, false, a, b);
-        stage_product(isa, qin, &w->q_proj, ctx->v, KD, ctx->xn, H, xw, xws, M, &w->v_proj,
-                      w->v_bias, false, a, b);
-        if (ith == 0)
-            kvd_team_reset_counter(team);
-        kvd_team_barrier(team);
-        for (int t = r0; t < r1; t++) {
-            const float *cs = ctx->rope + (size_t)t * HD;
-            kvd_rope(isa, ctx->q + (size_t)t * QD, c->num_heads, HD, cs);
-            kvd_rope(isa, ctx->k + (size_t)t * KD, c->num_kv_heads, HD, cs);
-            kvd_kv_store(isa, ctx->pool, l, batch->seqs[ctx->token_seq[t]].table, ctx->positions[t],
-                         ctx->k + (size_t)t * KD, ctx->v + (size_t)t * KD);
+        const kvd_qinput *qin = norm_stage_input(ctx, &in, w->input_norm, &w->q_proj);
+        if (!fused)
+            kvd_team_barrier(team);
+        if (fused) {
+            a = h0 * group * HD;
+            b = h1 * group * HD;
+        } else {
+            split(QD, ith, nth, &a, &b);
         }
-        kvd_team_barrier(team);
-        for (int i = kvd_team_next(team); i < sa->num_items; i = kvd_team_next(team)) {
-            const attn_item *it = &ctx->items[i];
-            kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape, &ctx->queries[it->query],
-                                     it->kv_head, it->row_begin, it->row_end, at_scratch);
+        stage_product(isa, qin, &w->q_proj, ctx->q, QD, in.xn, H, in.xw, ctx->xw_stride, M,
+                      &w->q_proj, w->q_bias, false, a, b);
+        if (fused) {
+            a = h0 * HD;
+            b = h1 * HD;
+        } else {
+            split(KD, ith, nth, &a, &b);
+        }
+        stage_product(isa, qin, &w->q_proj, ctx->k, KD, in.xn, H, in.xw, ctx->xw_stride, M,
+                      &w->k_proj, w->k_bias, false, a, b);
+        stage_product(isa, qin, &w->q_proj, ctx->v, KD, in.xn, H, in.xw, ctx->xw_stride, M,
+                      &w->v_proj, w->v_bias, false, a, b);
+        if (!fused) {
+            if (ith == 0)
+                kvd_team_reset_counter(team);
+            kvd_team_barrier(team);
+        }
+        /* rows [t0, t1), heads [h0, h1) (q heads in their groups): a fused thread its
+         * own heads of every row, otherwise every head of its rows */
+        for (int t = t0; t < t1; t++) {
+            const float *cs = ctx->rope + (size_t)t * HD;
+            kvd_rope(isa, ctx->q + (size_t)t * QD + (size_t)h0 * group * HD, (h1 - h0) * group,
+                     HD, cs);
+            kvd_rope(isa, ctx->k + (size_t)t * KD + (size_t)h0 * HD, h1 - h0, HD, cs);
+            kvd_kv_store_heads(isa, ctx->pool, l, batch->seqs[ctx->token_seq[t]].table,
+                               ctx->positions[t], ctx->k + (size_t)t * KD, ctx->v + (size_t)t * KD,
+                               h0, h1);
+        }
+        if (fused) {
+            for (int i = 0; i < sa->num_items; i++) {
+                const attn_item *it = &ctx->items[i];
+                if (it->kv_head >= h0 && it->kv_head < h1)
+                    kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape,
+                                             &ctx->queries[it->query], it->kv_head, it->row_begin,
+                                             it->row_end, at_scratch);
+            }
+        } else {
+            kvd_team_barrier(team);
+            for (int i = kvd_team_next(team); i < sa->num_items; i = kvd_team_next(team)) {
+                const attn_item *it = &ctx->items[i];
+                kvd_paged_attention_part(isa, ctx->pool, l, &ctx->shape, &ctx->queries[it->query],
+                                         it->kv_head, it->row_begin, it->row_end, at_scratch);
+            }
         }
         kvd_team_barrier(team);
         split(H, ith, nth, &a, &b);
         kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b);
         kvd_team_barrier(team);
-        for (int t = r0; t < r1; t++)
-            kvd_rmsnorm(isa, ctx->xn + (size_t)t * H, ctx->x + (size_t)t * H, w->post_norm, H, eps);
-        qin = quantize_stage_input(ctx, isa, &w->gate_proj, r0, r1);
-        round_stage_input(ctx, r0, r1);
-        kvd_team_barrier(team);
+        qin = norm_stage_input(ctx, &in, w->post_norm, &w->gate_proj);
+        if (!fused)
+            kvd_team_barrier(team);
         split(I, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, ctx->xn, H, xw, xws, M,
+        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, in.xn, H, in.xw, ctx->xw_stride, M,
                       &w->gate_proj, NULL, false, a, b);
-        stage_product(isa, qin, &w->gate_proj, ctx->up, I, ctx->xn, H, xw, xws, M, &w->up_proj,
-                      NULL, false, a, b);
+        stage_product(isa, qin, &w->gate_proj, ctx->up, I, in.xn, H, in.xw, ctx->xw_stride, M,
+                      &w->up_proj, NULL, false, a, b);
         for (int t = 0; t < M && a < b; t++) {
             kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
             /* down's input rounded where it was computed, each thread its own columns */
@@ -518,14 +591,18 @@ static void forward_body(void *arg, int ith, int nth)
         kvd_team_barrier(team);
     }
     if (rows > 0) {
-        int f0, f1;
-        split_rows(rows, ith, nth, &f0, &f1);
+        /* fused: every thread norms every logits row into its own buffer (rows <= M) */
+        float *final_rows = fused ? in.xn : ctx->final_rows;
+        int f0 = 0, f1 = rows;
+        if (!fused)
+            split_rows(rows, ith, nth, &f0, &f1);
         for (int r = f0; r < f1; r++)
-            kvd_rmsnorm(isa, ctx->final_rows + (size_t)r * H, ctx->x + (size_t)ctx->logit_tokens[r] * H,
-                        model->final_norm, H, eps);
-        kvd_team_barrier(team);
+            kvd_rmsnorm(isa, final_rows + (size_t)r * H, ctx->x + (size_t)ctx->logit_tokens[r] * H,
+                        model->final_norm, H, c->rms_norm_eps);
+        if (!fused)
+            kvd_team_barrier(team);
         split(ctx->vocab, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, batch->logits, ctx->vocab, ctx->final_rows, H, rows, &model->lm_head,
+        kvd_matmul_cols(isa, batch->logits, ctx->vocab, final_rows, H, rows, &model->lm_head,
                         NULL, false, a, b);
     }
 }
@@ -539,7 +616,10 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
     if (rows > 0 && !batch->logits)
         return kvd_error_set(err, KVD_EINVAL, "forward: batch asks for %d logits rows but has no "
                              "logits buffer", rows);
-    step_args sa = {ctx, batch, rows, num_items};
-    kvd_team_run(ctx->team, step_threads(ctx, batch->num_tokens, rows), forward_body, &sa);
+    int nth = step_threads(ctx, batch->num_tokens, rows);
+    /* fused decode stages when every thread gets as many kv heads as the others */
+    bool fused = batch->num_tokens <= FUSED_MAX_TOKENS && ctx->model->config.num_kv_heads % nth == 0;
+    step_args sa = {ctx, batch, rows, num_items, fused};
+    kvd_team_run(ctx->team, nth, forward_body, &sa);
     return 0;
 }
