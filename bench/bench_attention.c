@@ -1,13 +1,13 @@
 /* bench_attention.c - paged attention time of one decode step by KV dtype.
  *
  *   build/bench/bench_attention [--seqs 16] [--context 2000] [--threads 2] [--steps 10]
- *                               [--dtype f32|f16|bf16|int8: that one only]
+ *                               [--dtype f32|f16|bf16|int8|fp8: that one only]
  *                               [--clock cpu: process CPU time instead of wall time]
  * (and --clock wall, the default)
  *
  * Qwen2.5-0.5B's attention shape (24 layers, 14 query heads, 2 KV heads of 64): --seqs
  * sequences of --context random tokens each are written into one pool per dtype (f32,
- * f16, bf16, int8), then one decode query per sequence attends over its whole context
+ * f16, bf16, int8, fp8), then one decode query per sequence attends over its whole context
  * on every layer, as a decode step does. Prints the best of --steps steps per dtype, the
  * bytes of cache a step reads, and the tokens a 512 MiB pool holds, side by side in one
  * run. */
@@ -66,7 +66,8 @@ int main(int argc, char **argv)
            seqs, context, LAYERS, threads, kvd_isa_name(isa));
     printf("| KV dtype | step %sms (best of %d) | cache bytes read per step | tokens in 512 MiB |\n|---|---|---|---|\n",
            timer == CLOCK_MONOTONIC ? "" : "CPU ", steps);
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8,
+                                       KVD_DTYPE_F8};
     int row = KV_HEADS * HEAD_DIM;
     float *k = malloc((size_t)row * sizeof(float)), *v = malloc((size_t)row * sizeof(float));
     float *q = malloc((size_t)seqs * HEADS * HEAD_DIM * sizeof(float));

@@ -1,7 +1,7 @@
 /* bench_kv_agreement.c - how far a 16- or 8-bit KV cache moves a model from the f32 cache.
  *
  *   build/bench/bench_kv_agreement --model DIR [--prompts 32] [--steps 64] [--threads 2]
- *       [--seed 1] [--dtypes f16,bf16,int8] [--bound DTYPE:MIN_AGREEMENT:MAX_LOGIT_ERROR]...
+ *       [--seed 1] [--dtypes f16,bf16,int8,fp8] [--bound DTYPE:MIN_AGREEMENT:MAX_LOGIT_ERROR]...
  *
  * --prompts seeded prompts of 8 to 32 random ordinary token ids run as one batch. The
  * f32 cache decodes --steps tokens greedily; beside it, in lockstep, each dtype's cache
@@ -28,7 +28,7 @@
 #include "kvd/kvd_forward.h"
 #include "kvd/kvd_kernels.h"
 
-enum { MAX_DTYPES = 4, MIN_PROMPT = 8, MAX_PROMPT = 32 };
+enum { MAX_DTYPES = 5, MIN_PROMPT = 8, MAX_PROMPT = 32 };
 
 typedef struct cache_run {
     kvd_kv_pool *pool;
@@ -48,7 +48,8 @@ typedef struct options {
 
 static int parse_dtype(const char *name, size_t len, kvd_dtype *out)
 {
-    static const kvd_dtype all[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    static const kvd_dtype all[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8,
+                                    KVD_DTYPE_F8};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         const char *n = kvd_dtype_name(all[i]);
         if (strlen(n) == len && strncmp(n, name, len) == 0) {
@@ -61,8 +62,8 @@ static int parse_dtype(const char *name, size_t len, kvd_dtype *out)
 
 static int parse_options(int argc, char **argv, options *o)
 {
-    *o = (options){.prompts = 32, .steps = 64, .threads = 2, .seed = 1, .num_dtypes = 3,
-                   .dtypes = {KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8}};
+    *o = (options){.prompts = 32, .steps = 64, .threads = 2, .seed = 1, .num_dtypes = 4,
+                   .dtypes = {KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8, KVD_DTYPE_F8}};
     const char *bounds[8];
     int num_bounds = 0;
     for (int i = 1; i < argc; i += 2) {

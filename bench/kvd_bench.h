@@ -34,6 +34,8 @@ typedef struct kvd_bench_options {
     double rate;         /* > 0: open loop, Poisson arrivals of sessions per second */
     long requests;       /* total HTTP requests (turns count one each); 0 = until --duration */
     long turns;          /* 1: /v1/completions; > 1: chat sessions of that many turns */
+    long sessions;       /* > 0: that many chat sessions open at once, the clients
+                          * cycling over them one turn at a time (closed loop only) */
     kvd_bench_range prompt_tokens; /* words per prompt (per new user message in chat) */
     kvd_bench_range max_tokens;
     int ignore_eos;
@@ -46,6 +48,7 @@ typedef struct kvd_bench_options {
     double slo_tpot_ms;  /* 0: no SLO */
     int progress;        /* -1: when stderr is a tty; 0: never */
     int concurrency_given; /* whether --concurrency was on the command line */
+    int requests_given;  /* whether --requests was on the command line */
 } kvd_bench_options;
 
 void kvd_bench_options_default(kvd_bench_options *opt);
@@ -137,6 +140,7 @@ typedef struct kvd_bench_stream {
     size_t n_itl, cap_itl;
     long prompt_tokens;     /* usage.prompt_tokens, -1 until seen */
     long completion_tokens; /* usage.completion_tokens, -1 until seen */
+    long cached_tokens;     /* usage.prompt_tokens_details.cached_tokens, -1 until seen */
     kvd_sbuf text;     /* all text received (the assistant turn in chat) */
     kvd_sbuf line;     /* partial line */
     kvd_sbuf data;     /* data lines of the event being read */
@@ -180,6 +184,7 @@ typedef struct kvd_bench_result {
     long prompt_words;    /* words in the new prompt or user message */
     long max_tokens;      /* requested */
     long prompt_tokens;   /* from usage; -1 when the server did not say */
+    long cached_tokens;   /* prompt tokens the server reused (usage); -1 when not said */
     long output_tokens;   /* from usage, else the number of chunks */
     long n_chunks;
     float *itl_ms;        /* owned; n_itl gaps */
@@ -229,6 +234,12 @@ typedef struct kvd_bench_report {
     kvd_bench_summary ttft, tpot, itl, e2el, input_len, output_len;
     size_t n_turns;
     kvd_bench_summary *ttft_by_turn; /* n_turns entries, index 0 = turn 1 */
+    /* Per turn: requests whose usage gave prompt and cached tokens, and their sums
+     * (the cached share shows whether a session's history was still in the cache). */
+    long *cached_requests_by_turn, *prompt_tokens_by_turn, *cached_tokens_by_turn;
+    /* Seconds from the end of a session's turn to the start of its next one: the
+     * "think time" the load gave each user (n = 0 for single-turn runs). */
+    kvd_bench_summary turn_gap;
 } kvd_bench_report;
 
 /* Computes every figure from the results. Returns 0 or KVD_ENOMEM. */

@@ -7,6 +7,7 @@
 #include "kvd_bench.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -43,6 +44,11 @@ void kvd_bench_usage(FILE *out)
         "  --rate R               open loop: sessions arrive as a Poisson process, R/s\n"
         "  --requests N           HTTP requests in all, each turn counts (default 100;\n"
         "                         0 = until --duration)\n"
+        "  --sessions N           with --turns: N chat sessions open at once; the clients\n"
+        "                         cycle over them, each sending the next turn of the\n"
+        "                         session served longest ago (all first turns, then all\n"
+        "                         second turns, ...), so between two turns of a session\n"
+        "                         every other session takes one (requests = N x turns)\n"
         "  --duration S           hard time limit in seconds (default 600); requests still\n"
         "                         running then are cut and counted as incomplete\n"
         "  --timeout S            per-request time limit in seconds (default 120)\n"
@@ -179,8 +185,11 @@ int kvd_bench_parse_args(kvd_bench_options *opt, int argc, char **argv, kvd_erro
             opt->concurrency_given = 1;
         } else if (!strcmp(flag, "--rate"))
             rc = parse_double(&opt->rate, value, 0.0, flag, err);
-        else if (!strcmp(flag, "--requests"))
+        else if (!strcmp(flag, "--requests")) {
             rc = parse_long(&opt->requests, value, 0, flag, err);
+            opt->requests_given = 1;
+        } else if (!strcmp(flag, "--sessions"))
+            rc = parse_long(&opt->sessions, value, 1, flag, err);
         else if (!strcmp(flag, "--turns"))
             rc = parse_long(&opt->turns, value, 1, flag, err);
         else if (!strcmp(flag, "--prompt-tokens"))
@@ -218,6 +227,21 @@ int kvd_bench_parse_args(kvd_bench_options *opt, int argc, char **argv, kvd_erro
     if (opt->rate <= 0.0 && opt->concurrency < 1)
         return kvd_error_set(err, KVD_EINVAL,
                              "--concurrency: a closed loop needs at least 1 client");
+    if (opt->sessions > 0) {
+        if (opt->turns < 2)
+            return kvd_error_set(err, KVD_EINVAL, "--sessions: needs --turns of 2 or more");
+        if (opt->rate > 0.0)
+            return kvd_error_set(err, KVD_EINVAL,
+                                 "--sessions: the clients cycle over the sessions (closed "
+                                 "loop); it does not combine with --rate");
+        if (opt->sessions > LONG_MAX / opt->turns)
+            return kvd_error_set(err, KVD_EINVAL, "--sessions: too many sessions");
+        if (opt->requests_given && opt->requests != opt->sessions * opt->turns)
+            return kvd_error_set(err, KVD_EINVAL,
+                                 "--requests: %ld is not --sessions x --turns (%ld); leave it "
+                                 "out", opt->requests, opt->sessions * opt->turns);
+        opt->requests = opt->sessions * opt->turns;
+    }
     if (opt->prompt_tokens.lo < 1)
         return kvd_error_set(err, KVD_EINVAL, "--prompt-tokens: prompts need at least 1 token");
     if (opt->max_tokens.lo < 1)

@@ -8,6 +8,9 @@
  * history (user, assistant, ...) and resends it whole each turn. A closed loop keeps
  * --concurrency sessions going; an open loop starts sessions at Poisson arrival times
  * and, with --concurrency, holds arrivals back while that many sessions are active.
+ * With --sessions all sessions are open from the start and wait in a rotation: a free
+ * client sends the next turn of the session at its head, and a session whose turn ended
+ * goes to its tail, which is how many chat users sharing a few servers' slots behave.
  * The --duration timer cuts whatever is still running, so a run always ends.
  */
 #include "kvd_bench.h"
@@ -96,6 +99,10 @@ struct bench_run {
     int progress_on, progress_shown;
     bench_exchange *inflight;
     long n_ok, n_failed, out_tokens;
+    /* --sessions: sessions waiting for their next turn, a ring of opt->sessions */
+    bench_session **rotation;
+    long rotation_head, rotation_count;
+    long turns_inflight;
     /* models request */
     char *model_out;
     size_t model_cap;
@@ -156,6 +163,7 @@ static void fill_result(bench_exchange *ex, int outcome, uint64_t end_ns)
     r->e2el_ms = (double)(end_ns - ex->start_ns) / 1e6;
     r->ttft_ms = s->n_chunks > 0 ? (double)(s->first_ns - ex->start_ns) / 1e6 : -1.0;
     r->prompt_tokens = s->prompt_tokens;
+    r->cached_tokens = s->cached_tokens;
     r->output_tokens = s->completion_tokens >= 0 ? s->completion_tokens : s->n_chunks;
     r->n_chunks = s->n_chunks;
     if (outcome == KVD_BENCH_OK) {
@@ -544,23 +552,31 @@ static int session_send_turn(bench_run *run, bench_session *s)
     return 0;
 }
 
+/* Allocates session index with its random stream; NULL when out of memory. */
+static bench_session *session_create(const kvd_bench_options *opt, long index)
+{
+    bench_session *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->index = index;
+    s->n_turns = opt->turns;
+    if (opt->requests > 0 && opt->requests - index * opt->turns < opt->turns)
+        s->n_turns = opt->requests - index * opt->turns;
+    s->history = calloc((size_t)(2 * s->n_turns), sizeof *s->history);
+    if (!s->history) {
+        free(s);
+        return NULL;
+    }
+    kvd_bench_session_rng(&s->rng, opt->seed, index);
+    return s;
+}
+
 static void session_start_next(bench_run *run)
 {
     if (run->stopping || run->sessions_started >= run->n_sessions)
         return;
-    const kvd_bench_options *opt = run->opt;
-    bench_session *s = calloc(1, sizeof *s);
-    long index = run->sessions_started;
-    if (s) {
-        s->index = index;
-        s->n_turns = opt->turns;
-        if (opt->requests > 0 && opt->requests - index * opt->turns < opt->turns)
-            s->n_turns = opt->requests - index * opt->turns;
-        s->history = calloc((size_t)(2 * s->n_turns), sizeof *s->history);
-        kvd_bench_session_rng(&s->rng, opt->seed, index);
-    }
-    if (!s || !s->history) {
-        session_free(s);
+    bench_session *s = session_create(run->opt, run->sessions_started);
+    if (!s) {
         run_fail(run, KVD_ENOMEM, "starting a session");
         return;
     }
@@ -572,6 +588,60 @@ static void session_start_next(bench_run *run)
         session_free(s);
         run_fail(run, rc, "sending a request");
     }
+}
+
+/* --sessions: free clients take the sessions at the head of the rotation; once the run
+ * stops, the sessions still waiting are dropped (their turns are simply not sent). */
+static void rotation_dispatch(bench_run *run)
+{
+    long n = run->opt->sessions;
+    while (!run->stopping && run->turns_inflight < run->opt->concurrency &&
+           run->rotation_count > 0) {
+        bench_session *s = run->rotation[run->rotation_head];
+        run->rotation_head = (run->rotation_head + 1) % n;
+        run->rotation_count--;
+        run->turns_inflight++;
+        int rc = session_send_turn(run, s);
+        if (rc < 0) {
+            run->turns_inflight--;
+            run->active_sessions--;
+            session_free(s);
+            run_fail(run, rc, "sending a request");
+            break;
+        }
+    }
+    while (run->stopping && run->rotation_count > 0) {
+        session_free(run->rotation[run->rotation_head]);
+        run->rotation_head = (run->rotation_head + 1) % n;
+        run->rotation_count--;
+        run->active_sessions--;
+    }
+}
+
+static void rotation_push(bench_run *run, bench_session *s)
+{
+    long n = run->opt->sessions;
+    run->rotation[(run->rotation_head + run->rotation_count) % n] = s;
+    run->rotation_count++;
+}
+
+/* Opens every session and queues it in index order. Returns 0 or KVD_ENOMEM. */
+static int rotation_start(bench_run *run)
+{
+    long n = run->opt->sessions;
+    run->rotation = calloc((size_t)n, sizeof *run->rotation);
+    if (!run->rotation)
+        return KVD_ENOMEM;
+    for (long i = 0; i < n; i++) {
+        bench_session *s = session_create(run->opt, i);
+        if (!s)
+            return KVD_ENOMEM;
+        rotation_push(run, s);
+        run->sessions_started++;
+        run->active_sessions++;
+    }
+    rotation_dispatch(run);
+    return 0;
 }
 
 /* Open loop: start arrived sessions while the concurrency cap allows. */
@@ -599,11 +669,21 @@ static void session_turn_done(bench_run *run, bench_exchange *ex)
         run_fail(run, KVD_ENOMEM, "recording a result");
 
     int more = s->turns_sent < s->n_turns;
+    int rotating = run->opt->sessions > 0;
+    if (rotating)
+        run->turns_inflight--;
     if (more && r->outcome == KVD_BENCH_OK && !run->stopping) {
         /* The next turn carries the answer exactly as received. */
         kvd_sbuf answer = ex->stream.text;
         ex->stream.text = s->history[s->n_history];
         s->history[s->n_history++] = answer;
+        if (rotating) {
+            rotation_push(run, s);
+            ex->session = NULL;
+            rotation_dispatch(run);
+            run_check_done(run);
+            return;
+        }
         int rc = session_send_turn(run, s);
         if (rc == 0)
             return;
@@ -614,7 +694,9 @@ static void session_turn_done(bench_run *run, bench_exchange *ex)
     run->active_sessions--;
     session_free(s);
     ex->session = NULL;
-    if (run->opt->rate > 0.0)
+    if (rotating)
+        rotation_dispatch(run);
+    else if (run->opt->rate > 0.0)
         run_admit(run);
     else
         session_start_next(run);
@@ -692,6 +774,8 @@ static void on_deadline(uv_timer_t *timer)
             exchange_finish(ex, KVD_BENCH_INCOMPLETE, "cut by --duration %g s",
                             run->opt->duration_s);
     }
+    if (run->opt->sessions > 0)
+        rotation_dispatch(run);
     run_check_done(run);
 }
 
@@ -840,7 +924,12 @@ int kvd_bench_run(const kvd_bench_options *opt, const kvd_bench_url *url, const 
     uv_timer_start(&run->deadline_timer, on_deadline, (uint64_t)(opt->duration_s * 1000.0), 0);
     if (run->progress_on)
         uv_timer_start(&run->progress_timer, on_progress, 1000, 1000);
-    if (opt->rate > 0.0) {
+    if (opt->sessions > 0) {
+        rc = rotation_start(run);
+        if (rc < 0)
+            run_fail(run, rc, "opening the sessions");
+        rotation_dispatch(run);
+    } else if (opt->rate > 0.0) {
         kvd_bench_arrival_rng(&run->arrival_rng, opt->seed);
         run->next_arrival_s = 0.0;
         on_arrival(&run->arrival_timer);
@@ -856,6 +945,7 @@ int kvd_bench_run(const kvd_bench_options *opt, const kvd_bench_url *url, const 
     if (rc < 0)
         *err = run->fatal_err;
     int close_rc = run_close(run, rc < 0 ? NULL : err);
+    free(run->rotation);
     free(run);
     return rc < 0 ? rc : close_rc;
 }

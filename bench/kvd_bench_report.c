@@ -104,6 +104,15 @@ static long request_input_tokens(const kvd_bench_result *r)
     return r->prompt_tokens >= 0 ? r->prompt_tokens : r->prompt_words;
 }
 
+static int cmp_session_turn(const void *a, const void *b)
+{
+    const kvd_bench_result *x = *(const kvd_bench_result *const *)a;
+    const kvd_bench_result *y = *(const kvd_bench_result *const *)b;
+    if (x->session != y->session)
+        return (x->session > y->session) - (x->session < y->session);
+    return (x->turn > y->turn) - (x->turn < y->turn);
+}
+
 static void count_status(kvd_bench_report *rep, int status)
 {
     for (size_t i = 0; i < rep->n_statuses; i++) {
@@ -138,13 +147,17 @@ int kvd_bench_report_compute(kvd_bench_report *rep, const kvd_bench_options *opt
     double *out_len = malloc((n + 1) * sizeof *out_len);
     double *turn_ttft = malloc((n + 1) * sizeof *turn_ttft);
     double *itl = malloc((n_itl + 1) * sizeof *itl);
+    const kvd_bench_result **by_session = malloc((n + 1) * sizeof *by_session);
     rep->ttft_by_turn = calloc(n_turns, sizeof *rep->ttft_by_turn);
+    rep->cached_requests_by_turn = calloc(n_turns, sizeof(long));
+    rep->prompt_tokens_by_turn = calloc(n_turns, sizeof(long));
+    rep->cached_tokens_by_turn = calloc(n_turns, sizeof(long));
     int rc = 0;
-    if (!ttft || !tpot || !e2el || !in_len || !out_len || !turn_ttft || !itl ||
-        !rep->ttft_by_turn) {
+    if (!ttft || !tpot || !e2el || !in_len || !out_len || !turn_ttft || !itl || !by_session ||
+        !rep->ttft_by_turn || !rep->cached_requests_by_turn || !rep->prompt_tokens_by_turn ||
+        !rep->cached_tokens_by_turn) {
         rc = kvd_error_set(err, KVD_ENOMEM, "report: out of memory for %zu results", n);
-        free(rep->ttft_by_turn);
-        rep->ttft_by_turn = NULL;
+        kvd_bench_report_deinit(rep);
         goto out;
     }
     rep->n_turns = n_turns;
@@ -171,6 +184,12 @@ int kvd_bench_report_compute(kvd_bench_report *rep, const kvd_bench_options *opt
         rep->completed++;
         if (r->prompt_tokens >= 0)
             rep->usage_reported++;
+        if (r->prompt_tokens >= 0 && r->cached_tokens >= 0 && r->turn >= 1 &&
+            (size_t)r->turn <= n_turns) {
+            rep->cached_requests_by_turn[r->turn - 1]++;
+            rep->prompt_tokens_by_turn[r->turn - 1] += r->prompt_tokens;
+            rep->cached_tokens_by_turn[r->turn - 1] += r->cached_tokens;
+        }
         rep->total_input_tokens += request_input_tokens(r);
         rep->total_output_tokens += r->output_tokens;
         rep->total_prompt_words += r->prompt_words;
@@ -205,6 +224,18 @@ int kvd_bench_report_compute(kvd_bench_report *rep, const kvd_bench_options *opt
         }
         kvd_bench_summarize(&rep->ttft_by_turn[t], turn_ttft, m);
     }
+    /* Gaps between consecutive completed turns of one session (turn_ttft is free again). */
+    size_t n_by_session = 0, n_gaps = 0;
+    for (size_t i = 0; i < n; i++)
+        if (results->items[i].outcome == KVD_BENCH_OK)
+            by_session[n_by_session++] = &results->items[i];
+    qsort(by_session, n_by_session, sizeof *by_session, cmp_session_turn);
+    for (size_t i = 1; i < n_by_session; i++) {
+        const kvd_bench_result *a = by_session[i - 1], *b = by_session[i];
+        if (a->session == b->session && b->turn == a->turn + 1)
+            turn_ttft[n_gaps++] = (b->start_s - a->start_s) * 1e3 - a->e2el_ms;
+    }
+    kvd_bench_summarize(&rep->turn_gap, turn_ttft, n_gaps);
     if (duration_s > 0.0) {
         rep->request_throughput = (double)rep->completed / duration_s;
         rep->request_goodput = (double)rep->good / duration_s;
@@ -220,12 +251,16 @@ out:
     free(out_len);
     free(turn_ttft);
     free(itl);
+    free(by_session);
     return rc;
 }
 
 void kvd_bench_report_deinit(kvd_bench_report *rep)
 {
     free(rep->ttft_by_turn);
+    free(rep->cached_requests_by_turn);
+    free(rep->prompt_tokens_by_turn);
+    free(rep->cached_tokens_by_turn);
     memset(rep, 0, sizeof *rep);
 }
 
@@ -250,6 +285,9 @@ void kvd_bench_report_print(FILE *out, const kvd_bench_report *rep,
     fprintf(out, "%-40s %s\n", "Model:", model);
     if (opt->rate > 0.0)
         fprintf(out, "%-40s open loop, %.3g sessions/s\n", "Load:", opt->rate);
+    else if (opt->sessions > 0)
+        fprintf(out, "%-40s closed loop, %ld clients cycling over %ld sessions\n", "Load:",
+                opt->concurrency, opt->sessions);
     else
         fprintf(out, "%-40s closed loop, %ld clients\n", "Load:", opt->concurrency);
     fprintf(out, "%-40s %ld\n", "Successful requests:", rep->completed);
@@ -291,6 +329,23 @@ void kvd_bench_report_print(FILE *out, const kvd_bench_report *rep,
             fprintf(out, "%-40s %-10.2f %.2f\n", label, rep->ttft_by_turn[t].median,
                     rep->ttft_by_turn[t].p99);
         }
+        fprintf(out, "-----Prompt tokens by turn: mean, cached share----\n");
+        for (size_t t = 0; t < rep->n_turns; t++) {
+            long k = rep->cached_requests_by_turn[t];
+            snprintf(label, sizeof label, "Turn %zu (%ld with usage):", t + 1, k);
+            if (k > 0)
+                fprintf(out, "%-40s %-10.1f %.3f\n", label,
+                        (double)rep->prompt_tokens_by_turn[t] / (double)k,
+                        rep->prompt_tokens_by_turn[t] > 0
+                            ? (double)rep->cached_tokens_by_turn[t] /
+                                  (double)rep->prompt_tokens_by_turn[t]
+                            : 0.0);
+            else
+                fprintf(out, "%-40s (no cached_tokens in usage)\n", label);
+        }
+        if (rep->turn_gap.n > 0)
+            fprintf(out, "%-40s %-10.2f %.2f\n", "Gap between turns (s): median, p99:",
+                    rep->turn_gap.median / 1e3, rep->turn_gap.p99 / 1e3);
     }
     fprintf(out, "==================================================\n");
 }
@@ -338,6 +393,7 @@ static int add_config(cJSON *root, const kvd_bench_options *opt, const char *mod
     cJSON_AddItemToObject(root, "max_tokens", max_tokens);
     if (!rate || !cap || !prompt || !max_tokens ||
         !cJSON_AddNumberToObject(root, "turns", (double)opt->turns) ||
+        !cJSON_AddNumberToObject(root, "sessions", (double)opt->sessions) ||
         !cJSON_AddNumberToObject(root, "seed", (double)opt->seed) ||
         !cJSON_AddBoolToObject(root, "ignore_eos", opt->ignore_eos) ||
         !cJSON_AddBoolToObject(root, "session_header", opt->session_header) ||
@@ -398,8 +454,9 @@ static int add_per_request(cJSON *root, const kvd_bench_results *results)
     cJSON *e2els = cJSON_AddArrayToObject(root, "e2els");
     cJSON *turns = cJSON_AddArrayToObject(root, "turn_of_request");
     cJSON *sessions = cJSON_AddArrayToObject(root, "session_of_request");
+    cJSON *cached = cJSON_AddArrayToObject(root, "cached_tokens_of_request");
     cJSON *itls = cJSON_AddArrayToObject(root, "itls");
-    if (!in || !out || !ttfts || !e2els || !turns || !sessions || !itls)
+    if (!in || !out || !ttfts || !e2els || !turns || !sessions || !cached || !itls)
         return KVD_ENOMEM;
     /* vLLM's per-request arrays hold completed requests, times in seconds. */
     for (size_t i = 0; i < results->count; i++) {
@@ -412,6 +469,7 @@ static int add_per_request(cJSON *root, const kvd_bench_results *results)
         cJSON_AddItemToArray(e2els, cJSON_CreateNumber(r->e2el_ms / 1e3));
         cJSON_AddItemToArray(turns, cJSON_CreateNumber((double)r->turn));
         cJSON_AddItemToArray(sessions, cJSON_CreateNumber((double)r->session));
+        cJSON_AddItemToArray(cached, cJSON_CreateNumber((double)r->cached_tokens));
         cJSON *gaps = cJSON_CreateArray();
         if (!gaps)
             return KVD_ENOMEM;
@@ -467,9 +525,17 @@ static cJSON *report_json(const kvd_bench_report *rep, const kvd_bench_options *
         cJSON_AddItemToArray(by_turn, entry);
         if (!cJSON_AddNumberToObject(entry, "turn", (double)(t + 1)) ||
             !cJSON_AddNumberToObject(entry, "completed", (double)rep->ttft_by_turn[t].n) ||
-            add_summary(entry, "ttft", &rep->ttft_by_turn[t]) < 0)
+            add_summary(entry, "ttft", &rep->ttft_by_turn[t]) < 0 ||
+            !cJSON_AddNumberToObject(entry, "with_cached_tokens",
+                                     (double)rep->cached_requests_by_turn[t]) ||
+            !cJSON_AddNumberToObject(entry, "prompt_tokens",
+                                     (double)rep->prompt_tokens_by_turn[t]) ||
+            !cJSON_AddNumberToObject(entry, "cached_tokens",
+                                     (double)rep->cached_tokens_by_turn[t]))
             by_turn = NULL;
     }
+    if (by_turn && rep->n_turns > 1 && add_summary(root, "turn_gap", &rep->turn_gap) < 0)
+        by_turn = NULL;
     if (!by_turn || add_per_request(root, results) < 0) {
         cJSON_Delete(root);
         return NULL;

@@ -22,6 +22,7 @@ void kvd_bench_stream_init(kvd_bench_stream *s, int chat)
     s->chat = chat;
     s->prompt_tokens = -1;
     s->completion_tokens = -1;
+    s->cached_tokens = -1;
 }
 
 void kvd_bench_stream_deinit(kvd_bench_stream *s)
@@ -106,6 +107,10 @@ static int dispatch(kvd_bench_stream *s, uint64_t now_ns, kvd_error *err)
             s->prompt_tokens = (long)prompt->valuedouble;
         if (cJSON_IsNumber(completion))
             s->completion_tokens = (long)completion->valuedouble;
+        const cJSON *details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
+        const cJSON *cached = cJSON_GetObjectItemCaseSensitive(details, "cached_tokens");
+        if (cJSON_IsNumber(cached))
+            s->cached_tokens = (long)cached->valuedouble;
     }
     const char *text = chunk_text(s, event);
     if (text && *text)

@@ -54,7 +54,7 @@ static const knob knobs[] = {
     {"kv_cache_bytes", KNOB_U64, OFF(kv_cache_bytes), 0, 1, MAX_SAFE_INT, "BYTES", "KV pool budget in bytes"},
     {"kv_cache_mb", KNOB_MIB, OFF(kv_cache_bytes), 0, 1, 1LL << 33, "MIB", "KV pool budget in MiB (alternative to kv_cache_bytes)"},
     {"kv_num_blocks", KNOB_U64, OFF(kv_num_blocks), 0, 0, 1LL << 31, "N", "exact KV pool size in blocks; 0: from the byte budget"},
-    {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32|int8", "element type of cached keys and values (int8: 8-bit pages with a scale per token and head, 1.94x the tokens of f16)"},
+    {"kv_dtype", KNOB_DTYPE, OFF(kv_dtype), 0, 0, 0, "f16|bf16|f32|int8|fp8", "element type of cached keys and values (int8, fp8 (e4m3): 8-bit pages with a scale per token and head, 1.94x the tokens of f16)"},
     {"kv_disk", KNOB_STR, OFF(kv_disk), CAP(kv_disk), 0, 0, "DIR", "directory of the KV disk tier: pages the prefix cache evicts are kept there (and the RAM pages at shutdown), found again by later prompts and after a restart with the same model, tokenizer and KV layout; one daemon per directory; empty: no disk tier"},
     {"kv_disk_gb", KNOB_INT, OFF(kv_disk_gb), 0, 1, 1 << 20, "GIB", "size cap of the KV disk tier's files in GiB (least recently used pages are removed first)"},
     {"quantize", KNOB_STR, OFF(quantize), CAP(quantize), 0, 0, "TYPE", "convert the weights to this type while loading (q8_0, q4_0, q4_k_m, ...; as kvd-quantize --type); empty: as stored"},
@@ -190,7 +190,7 @@ static int store_text(kvd_server_config *cfg, const knob *k, const char *text, c
         return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not true or false", where, text);
     case KNOB_DTYPE:
         if (kvd_dtype_parse(text, (kvd_dtype *)base) != 0 || kvd_dtype_is_quantized(*(kvd_dtype *)base))
-            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32, int8", where, text);
+            return kvd_error_set(err, KVD_EINVAL, "%s: \"%s\" is not one of f16, bf16, f32, int8, fp8", where, text);
         return 0;
     case KNOB_LOGLEVEL:
         if (kvd_log_level_parse(text, (kvd_log_level *)base) != 0)

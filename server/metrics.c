@@ -129,6 +129,11 @@ void kvd_metrics_render(const kvd_metrics *m, const kvd_engine_stats *st, kvd_sb
            "Fraction of KV cache blocks in use (1 = all), as vLLM's gpu_cache_usage_perc.");
     double usage = st->kv.blocks_total > 0 ? (double)st->kv.blocks_used / (double)st->kv.blocks_total : 0.0;
     kvd_sbuf_printf(out, "kvd:kv_cache_usage_perc %.6g\n", usage);
+    family(out, "kvd:kv_cache_info", "gauge", "The KV pool's page element type (label dtype); always 1.");
+    kvd_sbuf_printf(out, "kvd:kv_cache_info{dtype=\"%s\"} 1\n", kvd_dtype_name(st->kv.dtype));
+    gauge_i(out, "kvd:kv_pool_bytes", "Bytes of the KV pool (blocks x bytes per block).", (int64_t)st->kv.pool_bytes);
+    gauge_i(out, "kvd:kv_block_bytes", "Bytes of one KV block (every layer's K and V, scales included).",
+            (int64_t)st->kv.block_bytes);
     gauge_i(out, "kvd:kv_blocks_total", "KV cache blocks in the pool.", st->kv.blocks_total);
     gauge_i(out, "kvd:kv_blocks_used", "KV cache blocks referenced by at least one sequence.",
             st->kv.blocks_used);

@@ -65,6 +65,7 @@ static bool add_stats(cJSON *root, const int64_t count[4], int num_blocks, const
            add_number(stats, "tokens_stored", (double)kv->tokens_stored) &&
            add_number(stats, "bytes_wasted", (double)kv->bytes_wasted) &&
            add_number(stats, "block_bytes", (double)kv->block_bytes) &&
+           cJSON_AddStringToObject(stats, "dtype", kvd_dtype_name(kv->dtype)) != NULL &&
            add_number(stats, "pool_bytes", (double)kv->pool_bytes) &&
            add_number(stats, "prefix_queries", (double)kv->prefix_queries) &&
            add_number(stats, "prefix_query_tokens", (double)kv->prefix_query_tokens) &&

@@ -664,18 +664,49 @@ static void reference_attention(const attn_case *c, int n, int layer, const floa
     free(sc);
 }
 
+/* The value of e4m3 code c (OCP 8-bit floating point: sign, 4 exponent bits with bias 7,
+ * 3 mantissa bits; exponent 0 is subnormal; 0x7F and 0xFF are NaN), from the format's
+ * definition rather than kvd's bit tricks. */
+static double e4m3_value(int c)
+{
+    int e = (c >> 3) & 15, m = c & 7;
+    double v = e == 0 ? ldexp(m / 8.0, -6) : ldexp(1.0 + m / 8.0, e - 7);
+    return (c & 0x80) ? -v : v;
+}
+
+/* The code an fp8 page must hold for y: the nearest finite e4m3 value by exhaustive
+ * search (ties to the even code, i.e. even mantissa; past 448 the nearest is 448, which
+ * is saturation), with y's sign. */
+static int e4m3_nearest(float y)
+{
+    double a = fabs((double)y);
+    int best = 0;
+    for (int c = 1; c <= 0x7E; c++) {
+        double dc = fabs(e4m3_value(c) - a), db = fabs(e4m3_value(best) - a);
+        if (dc < db || (dc == db && (c & 1) == 0))
+            best = c;
+    }
+    return (signbit(y) ? 0x80 : 0) | best;
+}
+
 /* What the cache gives back for x (rows of head_dim values): the dtype's rounding, or
- * for int8 each row's f16 scale d = max|x| / 127 and round(x / d) * d (kvd_attention.h). */
+ * for int8 each row's f16 scale d = max|x| / 127 and round(x / d) * d, for fp8 d =
+ * max|x| / 448 and e4m3(x / d) * d (kvd_attention.h). */
 static void round_to(kvd_dtype dtype, float *x, size_t n, int head_dim)
 {
-    if (dtype == KVD_DTYPE_I8) {
+    if (dtype == KVD_DTYPE_I8 || dtype == KVD_DTYPE_F8) {
+        float top = dtype == KVD_DTYPE_I8 ? 127.0f : 448.0f;
         for (size_t r = 0; r < n; r += (size_t)head_dim) {
             float amax = 0;
             for (int t = 0; t < head_dim; t++)
                 amax = fmaxf(amax, fabsf(x[r + t]));
-            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / 127.0f));
-            for (int t = 0; t < head_dim; t++)
-                x[r + t] = d > 0 ? fminf(fmaxf(nearbyintf(x[r + t] / d), -127.0f), 127.0f) * d : 0.0f;
+            float d = kvd_f16_to_f32(kvd_f32_to_f16(amax / top));
+            for (int t = 0; t < head_dim; t++) {
+                float y = x[r + t] / d;
+                float q = dtype == KVD_DTYPE_I8 ? fminf(fmaxf(nearbyintf(y), -127.0f), 127.0f)
+                                                : (float)e4m3_value(e4m3_nearest(y));
+                x[r + t] = d > 0 ? q * d : 0.0f;
+            }
         }
         return;
     }
@@ -688,7 +719,8 @@ static void test_paged_attention(void **state)
 {
     (void)state;
     static const attn_case cases[] = {{2, 2, 14, 64}, {1, 1, 2, 24}, {1, 2, 2, 16}};
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8,
+                                       KVD_DTYPE_F8};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         const attn_case *c = &cases[ci];
         enum { N = 100 };
@@ -704,7 +736,7 @@ static void test_paged_attention(void **state)
         float *first = malloc((size_t)N * qrow * sizeof(float));
         float *out = malloc((size_t)N * qrow * sizeof(float));
         double *ref = malloc((size_t)N * qrow * sizeof(double));
-        for (int d = 0; d < 4; d++) {
+        for (int d = 0; d < (int)(sizeof dtypes / sizeof dtypes[0]); d++) {
             float *kr = malloc((size_t)c->layers * N * row * sizeof(float));
             float *vr = malloc((size_t)c->layers * N * row * sizeof(float));
             memcpy(kr, k, (size_t)c->layers * N * row * sizeof(float));
@@ -782,6 +814,76 @@ static void test_paged_attention(void **state)
     }
 }
 
+/* fp8 pages hold, for every value, the e4m3 code nearest to x / d (ties to even,
+ * saturated, never NaN) and the row's f16 scale d = max|x| / 448, byte for byte, in both
+ * builds: rows of values spread over every binade, exact ties between two codes, the
+ * subnormal range, and rows holding infinities and NaN. */
+static void test_fp8_pages_codes(void **state)
+{
+    (void)state;
+    enum { N = 40 };
+    float k[N * 64], v[N * 64];
+    uint64_t s = 11;
+    fill(k, N * 64, &s, 1.0f);
+    for (int p = 0; p < N; p++)
+        for (int t = 0; t < 64; t++) {
+            float *x = &k[p * 64 + t];
+            if (p < 16)
+                *x *= ldexpf(1.0f, t % 24 - 12); /* every binade, subnormals of e4m3 too */
+            else if (p < 24 && t > 0)
+                /* x / d lands exactly halfway between two codes (d = 1 with amax 448) */
+                *x = (float)((e4m3_value(t % 0x7E) + e4m3_value(t % 0x7E + 1)) / 2.0) * (t & 1 ? 1 : -1);
+            else if (p < 24)
+                *x = 448.0f;
+            v[p * 64 + t] = -k[p * 64 + t];
+        }
+    k[30 * 64 + 5] = INFINITY;
+    k[31 * 64 + 7] = NAN;
+    v[32 * 64 + 9] = -INFINITY;
+    for (int isa = 0; isa <= 1; isa++) {
+        if (!kvd_isa_supported((kvd_isa)isa))
+            continue;
+        kvd_kv_config cfg = {.num_layers = 1, .num_kv_heads = 1, .head_dim = 64, .block_size = 64,
+                             .dtype = KVD_DTYPE_F8, .num_blocks = 2};
+        kvd_kv_pool *pool = kvd_kv_pool_create(&cfg, NULL);
+        assert_non_null(pool);
+        kvd_block_table table;
+        kvd_block_table_init(&table);
+        assert_int_equal(kvd_block_table_append(pool, &table, N, NULL), 0);
+        for (int p = 0; p < N; p++)
+            kvd_kv_store((kvd_isa)isa, pool, 0, &table, p, k + p * 64, v + p * 64);
+        for (int kv = 0; kv < 2; kv++) {
+            const uint8_t *page = kv == 0 ? kvd_kv_block_keys(pool, table.blocks[0], 0)
+                                          : kvd_kv_block_values(pool, table.blocks[0], 0);
+            const float *x = kv == 0 ? k : v;
+            for (int p = 0; p < N; p++) {
+                uint16_t bits;
+                memcpy(&bits, page + 64 * 64 + 2 * p, sizeof bits);
+                float amax = 0;
+                for (int t = 0; t < 64; t++)
+                    amax = fabsf(x[p * 64 + t]) > amax ? fabsf(x[p * 64 + t]) : amax;
+                assert_int_equal(bits, kvd_f32_to_f16(amax / 448.0f));
+                float d = kvd_f16_to_f32(bits);
+                for (int t = 0; t < 64; t++) {
+                    int got = page[p * 64 + t];
+                    float y = x[p * 64 + t] / d;
+                    if ((got & 0x7F) == 0x7F)
+                        fail_msg("fp8 page holds NaN at row %d value %d", p, t);
+                    if (isnan(y) || !(d > 0))
+                        assert_int_equal(got & 0x7F, 0);
+                    else if (got != e4m3_nearest(y))
+                        fail_msg("%s, row %d value %d: x / d = %.9g coded 0x%02x, nearest 0x%02x",
+                                 kv ? "V" : "K", p, t, y, got, e4m3_nearest(y));
+                }
+            }
+        }
+        kvd_block_table_deinit(pool, &table);
+        kvd_kv_pool_destroy(pool);
+    }
+    /* the tie rows really are ties: the row scale is exactly 1 */
+    assert_int_equal(kvd_f32_to_f16(448.0f / 448.0f), 0x3C00);
+}
+
 /* Copy-on-write of a partly filled shared block carries each dtype's whole rows (int8:
  * the values and their scales): the copy attends exactly as the original. */
 static void test_attention_after_copy_on_write(void **state)
@@ -796,7 +898,8 @@ static void test_attention_after_copy_on_write(void **state)
     fill(v, sizeof v / sizeof v[0], &s, 1.0f);
     fill(q, sizeof q / sizeof q[0], &s, 2.0f);
     assert_int_equal(row, 32);
-    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8,
+                                       KVD_DTYPE_F8};
     for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
         kvd_block_table table, copy;
         kvd_kv_pool *pool = filled_pool(&c, 16, dtypes[d], N, &table, k, v);
@@ -896,6 +999,7 @@ int main(void)
         cmocka_unit_test(test_swiglu_and_exp),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_fp8_pages_codes),
         cmocka_unit_test(test_attention_after_copy_on_write),
         cmocka_unit_test(test_paged_attention_rejects),
         cmocka_unit_test(test_kv_store),

@@ -142,6 +142,8 @@ static void test_block_bytes_and_pool_sizing(void **state)
      * 2112 bytes: 1.94x the tokens of f16 in the same bytes */
     cfg.dtype = KVD_DTYPE_I8;
     assert_int_equal(kvd_kv_block_bytes(&cfg), 2 * 24 * 2112);
+    cfg.dtype = KVD_DTYPE_F8; /* fp8 e4m3: the same layout, one byte a value */
+    assert_int_equal(kvd_kv_block_bytes(&cfg), 2 * 24 * 2112);
     cfg.dtype = KVD_DTYPE_F16;
 
     /* 1 GiB budget: floor(2^30 / 196608) = 5461 blocks, reported exactly. */

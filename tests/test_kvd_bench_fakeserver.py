@@ -6,7 +6,8 @@ statistics code can be checked against answers known in advance. Every answer is
 function of the request (token i of a completion is " w<i>", a chat reply is derived from
 the last user message), usage counts words, and the server checks what kvd-bench sends:
 the request fields, and for chat that every earlier assistant turn is exactly the reply it
-streamed (so a history kvd-bench mangled is a 400). Faults are injected by arrival order
+streamed (so a history kvd-bench mangled is a 400); usage reports the history before the
+last user message as cached_tokens, as a server whose prefix cache kept it would. Faults are injected by arrival order
 of POST requests (--fault KIND:N), so their counts are deterministic. GET /stats returns
 what the server saw (requests, turn positions, the most requests in flight at once, a
 digest of all prompts); GET /stats?reset=1 also clears it.
@@ -53,6 +54,7 @@ class State:
         self.inflight = 0
         self.max_inflight = 0
         self.turns = {}
+        self.turn_order = []  # the turn of each accepted POST, in arrival order
         self.prompts = []
         self.histories_checked = 0
         self.unauthorized = 0
@@ -147,6 +149,7 @@ class Handler(BaseHTTPRequestHandler):
                     "posts": state.posts,
                     "max_inflight": state.max_inflight,
                     "turns": {str(k): v for k, v in sorted(state.turns.items())},
+                    "turn_order": state.turn_order,
                     "prompt_digest": hashlib.sha256(
                         "\n".join(sorted(state.prompts)).encode()).hexdigest(),
                     "histories_checked": state.histories_checked,
@@ -230,6 +233,7 @@ class Handler(BaseHTTPRequestHandler):
                     if m["content"] != " ".join(reply_words(rest[i - 1]["content"], len(words))):
                         return self.bad_request("assistant turn %d is not what was sent" % i)
             prompt_tokens = sum(len(m["content"].split()) for m in rest)
+            cached_tokens = prompt_tokens - len(rest[-1]["content"].split())
             user_text = rest[-1]["content"]
             turn = len(rest) // 2 + 1
             with state.lock:
@@ -239,10 +243,12 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(prompt, str):
                 return self.bad_request("prompt must be a string")
             prompt_tokens = len(prompt.split())
+            cached_tokens = 0
             user_text = prompt
             turn = 1
         with state.lock:
             state.turns[turn] = state.turns.get(turn, 0) + 1
+            state.turn_order.append(turn)
             state.prompts.append(user_text)
 
         if fault == "http500":
@@ -283,7 +289,9 @@ class Handler(BaseHTTPRequestHandler):
         if not args.no_usage:
             self.event({"choices": [], "usage": {"prompt_tokens": prompt_tokens,
                                                  "completion_tokens": n,
-                                                 "total_tokens": prompt_tokens + n}})
+                                                 "total_tokens": prompt_tokens + n,
+                                                 "prompt_tokens_details":
+                                                     {"cached_tokens": cached_tokens}}})
         self.release()
         if fault != "nodone":
             self.event("[DONE]")

@@ -240,6 +240,50 @@ class MultiTurn(Base):
         self.assert_clean(out, 7)
         self.assertEqual(self.server.stats()["turns"], {"1": 3, "2": 2, "3": 2})
 
+    def test_sessions_rotate(self):
+        # 4 sessions, 1 client: every session takes its turn before any takes the next.
+        out, text = run_bench(self.server.url, "--turns", "3", "--sessions", "4",
+                              "--prompt-tokens", "3", "--max-tokens", "2", "--ignore-eos",
+                              "--seed", "9", "--session-header")
+        self.assert_clean(out, 12)
+        self.assertEqual(out["sessions"], 4)
+        stats = self.server.stats()
+        self.assertEqual(stats["turn_order"], [1] * 4 + [2] * 4 + [3] * 4)
+        self.assertEqual(stats["session_ids"], ["kvd-bench-9-%d" % s for s in range(4)] * 3)
+        self.assertEqual(stats["histories_checked"], 4 * (0 + 1 + 2))
+        # The fake server reports the history before the last user message as cached:
+        # 0, 3+2, 3+2+3+2 of 3, 8, 13 prompt words.
+        self.assertEqual([t["prompt_tokens"] for t in out["ttft_by_turn"]], [12, 32, 52])
+        self.assertEqual([t["cached_tokens"] for t in out["ttft_by_turn"]], [0, 20, 40])
+        self.assertEqual([t["with_cached_tokens"] for t in out["ttft_by_turn"]], [4, 4, 4])
+        self.assertEqual(sorted(out["cached_tokens_of_request"]), [0] * 4 + [5] * 4 + [10] * 4)
+        self.assertIn("clients cycling over 4 sessions", text)
+        self.assertRegex(text, r"Turn 2 \(4 with usage\):\s+8\.0\s+0\.625")
+        # Between two turns of a session the 3 others each took one (>= 20 ms first-token
+        # delay apiece on the fake server).
+        self.assertEqual(out["median_turn_gap_ms"] >= 3 * 20.0, True)
+
+    def test_sessions_rotate_with_clients(self):
+        out, _ = run_bench(self.server.url, "--turns", "2", "--sessions", "5",
+                           "--concurrency", "3", "--prompt-tokens", "4", "--max-tokens", "3",
+                           "--ignore-eos")
+        self.assert_clean(out, 10)
+        stats = self.server.stats()
+        self.assertEqual(stats["turns"], {"1": 5, "2": 5})
+        # (the exact order is checked with one client above: with three, the server may
+        # see a later send arrive first)
+        self.assertLessEqual(stats["max_inflight"], 3)
+        self.assertEqual(stats["histories_checked"], 5)
+
+    def test_sessions_flag_checks(self):
+        for args in (("--sessions", "3"), ("--sessions", "3", "--turns", "2", "--rate", "5"),
+                     ("--sessions", "3", "--turns", "2", "--requests", "5")):
+            proc = subprocess.run([BENCH, "--url", self.server.url, *args],
+                                  capture_output=True, text=True, timeout=30)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertIn("--sessions" if "--requests" not in args else "--requests",
+                          proc.stderr)
+
     def test_open_loop_sessions(self):
         out, _ = run_bench(self.server.url, "--turns", "2", "--requests", "6", "--rate", "50",
                            "--max-tokens", "3", "--ignore-eos", "--prompt-tokens", "4")
@@ -342,6 +386,15 @@ class Limits(Base):
         self.assertEqual(out["incomplete"], 2)
         self.assertLess(out["duration"], 5.0)
 
+    def test_duration_cuts_rotating_sessions(self):
+        # Sessions waiting in the rotation are dropped, not left hanging.
+        out, _ = run_bench(self.server.url, "--turns", "3", "--sessions", "6",
+                           "--concurrency", "2", "--max-tokens", "100", "--ignore-eos",
+                           "--duration", "1")
+        self.assertEqual(out["completed"], 0)
+        self.assertEqual(out["incomplete"], 2)
+        self.assertLess(out["duration"], 5.0)
+
 
 class Command(unittest.TestCase):
     def test_connect_errors(self):
@@ -362,7 +415,7 @@ class Command(unittest.TestCase):
     def test_help_and_bad_flags(self):
         p = subprocess.run([BENCH, "--help"], capture_output=True, text=True, timeout=60)
         self.assertEqual(p.returncode, 0)
-        for flag in ("--url", "--concurrency", "--rate", "--requests", "--turns",
+        for flag in ("--url", "--concurrency", "--rate", "--requests", "--turns", "--sessions",
                      "--prompt-tokens", "--max-tokens", "--ignore-eos", "--seed",
                      "--duration", "--json", "--model", "--api-key", "--timeout",
                      "--slo-ttft-ms", "--slo-tpot-ms"):

@@ -80,6 +80,7 @@ static kvd_engine_stats sample_stats(void)
     st.kv.tokens_stored = 41;
     st.kv.bytes_wasted = 28672;
     st.kv.block_bytes = 4096;
+    st.kv.dtype = KVD_DTYPE_F8;
     st.kv.pool_bytes = 6 * 4096;
     st.kv.prefix_queries = 5;
     st.kv.prefix_query_tokens = 160;
@@ -107,7 +108,7 @@ static char *kv_text(const uint8_t *states, int n, const kvd_kv_seq_view *seqs, 
 }
 
 #define STATS_TAIL                                                                                      \
-    "\"tokens_stored\":41,\"bytes_wasted\":28672,\"block_bytes\":4096,\"pool_bytes\":24576,"            \
+    "\"tokens_stored\":41,\"bytes_wasted\":28672,\"block_bytes\":4096,\"dtype\":\"fp8\",\"pool_bytes\":24576,"            \
     "\"prefix_queries\":5,\"prefix_query_tokens\":160,\"prefix_hits\":3,\"prefix_hit_tokens\":48,"     \
     "\"evictions\":7,\"cow_copies\":1,\"num_running\":2,\"num_waiting\":1,\"num_preemptions\":4}}"
 

@@ -15,6 +15,14 @@
  * build), s = (float)(q8.k8) * (dk * (dq * scale)); V rows are widened to floats
  * unscaled and each token's dv multiplies its softmax weight, once per token and head.
  *
+ * fp8 pages (OCP e4m3: 4 exponent bits, bias 7, 3 mantissa bits, largest 448, no inf):
+ * a row is stored once as the f16 scale d = f16(max|x| / 448) and the e4m3 nearest to
+ * x_i / d (ties to even mantissa, magnitudes past 448 saturate to 448, so no NaN or
+ * infinity is ever written; all zero when d is 0). Attention widens each e4m3 byte
+ * exactly (its bits shifted into an f16 are the value / 2^8: VPMOVZXBW, shifts and
+ * VCVTPH2PS on AVX-512, the same bits in the scalar build) and computes q.k in floats,
+ * s = dot(q, k') * (256 dk * scale); V as int8's, with 256 dv on each softmax weight.
+ *
  * Determinism: the keys of a query at position p are visited in logical position
  * order in fixed tiles of KVD_ATTENTION_TILE positions ([0, 32), [32, 64), ...)
  * whatever the block size, whether blocks came from the prefix cache, how many

@@ -28,7 +28,7 @@ typedef struct kvd_kv_config {
     int num_kv_heads;
     int head_dim;
     int block_size;           /* tokens per block: a power of two in 1..256 (default 16) */
-    kvd_dtype dtype;          /* element type of K and V: F16 (default), BF16, F32 or I8 */
+    kvd_dtype dtype;          /* element type of K and V: F16 (default), BF16, F32, I8 or F8 */
     size_t num_blocks;        /* if non-zero, the pool holds exactly this many blocks */
     size_t cache_bytes;       /* otherwise: as many blocks as fit in these bytes */
     bool enable_prefix_cache;
@@ -43,6 +43,7 @@ typedef struct kvd_kv_stats {
     int64_t bytes_wasted;       /* bytes of used blocks not holding a token (partly filled blocks) */
     size_t pool_bytes;          /* bytes of the arena: blocks_total * block_bytes */
     size_t block_bytes;
+    kvd_dtype dtype;            /* element type of the pages (kvd_dtype_name names it) */
     uint64_t prefix_queries;        /* lookups */
     uint64_t prefix_query_tokens;   /* tokens asked for in lookups */
     uint64_t prefix_hits;           /* lookups that reused at least one block */
@@ -80,12 +81,19 @@ void kvd_kv_pool_destroy(kvd_kv_pool *pool);
 const kvd_kv_config *kvd_kv_pool_config(const kvd_kv_pool *pool);
 
 /* Storage of one block for one layer: [num_kv_heads][block_size][head_dim] elements of
- * the pool's dtype, keys and values separately. An int8 pool follows the values with
- * [num_kv_heads][block_size] f16 scales, one per row of head_dim values (a row's value
- * is scale * int8; see kvd_attention.h), so a page is still one self-contained piece
- * of memory: copy-on-write and the prefix cache move it as any other. */
+ * the pool's dtype, keys and values separately. An int8 or fp8 pool follows the values
+ * with [num_kv_heads][block_size] f16 scales, one per row of head_dim values (a row's
+ * value is scale * int8 or scale * e4m3; see kvd_attention.h), so a page is still one
+ * self-contained piece of memory: copy-on-write and the prefix cache move it as any
+ * other. */
 void *kvd_kv_block_keys(const kvd_kv_pool *pool, int32_t block, int layer);
 void *kvd_kv_block_values(const kvd_kv_pool *pool, int32_t block, int layer);
+
+/* True for the 8-bit KV dtypes whose rows carry an f16 scale (int8, fp8). */
+static inline bool kvd_kv_dtype_row_scaled(kvd_dtype dtype)
+{
+    return dtype == KVD_DTYPE_I8 || dtype == KVD_DTYPE_F8;
+}
 
 void kvd_block_table_init(kvd_block_table *table);
 /* Grows the table's arrays to hold n_tokens positions, so later appends up to that

@@ -34,10 +34,11 @@ typedef enum kvd_dtype {
     KVD_DTYPE_Q6_K = 8,  /* 256 values: 16 x int8 scales, 6-bit values (offset 32) */
     KVD_DTYPE_Q8_K = 9,  /* 256 values: f32 scale, 256 x int8, 16 block sums */
     KVD_DTYPE_I8 = 10,   /* int8 (KV pages: each row of head_dim values with an f16 scale) */
+    KVD_DTYPE_F8 = 11,   /* fp8 e4m3 (KV pages: each row of head_dim values with an f16 scale) */
 } kvd_dtype;
-#define KVD_DTYPE_COUNT 11
+#define KVD_DTYPE_COUNT 12
 
-/* Bytes per element of the float types (4 or 2) and int8 (1); 0 for block-quantized types. */
+/* Bytes per element of the float types (4 or 2), int8 and fp8 (1); 0 for block-quantized types. */
 size_t kvd_dtype_size(kvd_dtype dtype);
 /* Values per block: 1 for the float types, 32 or 256 for the quantized ones. */
 int kvd_dtype_block_values(kvd_dtype dtype);

@@ -154,6 +154,7 @@
     setValue('stat-cow', fmt(st.cow_copies), st.cow_copies);
     setValue('stat-block-size', fmt(doc.block_size), doc.block_size);
     setValue('stat-block-bytes', bytes(st.block_bytes), st.block_bytes);
+    setValue('stat-dtype', st.dtype || '–');
     setValue('stat-tokens-stored', fmt(st.tokens_stored), st.tokens_stored);
     setValue('stat-wasted', bytes(st.bytes_wasted), st.bytes_wasted);
     setValue('stat-preemptions', fmt(st.num_preemptions), st.num_preemptions);

@@ -20,6 +20,22 @@
 
 #define LANES 16
 
+/* The scalar part of kvd_vocab_compress_ge: entries [i, n) appended after `out` kept ones
+ * (the vector loop's tail, or the whole row without AVX-512). */
+static int compress_ge_from(float *vals, int32_t *ids, const float *x, int i, int n, float t,
+                            int out)
+{
+    for (; i < n; i++) {
+        if (x[i] >= t) {
+            vals[out] = x[i];
+            if (ids)
+                ids[out] = i;
+            out++;
+        }
+    }
+    return out;
+}
+
 bool kvd_vocab_avx512_supported(void)
 {
 #if HAVE_AVX512_BODY
@@ -174,15 +190,7 @@ AVX512_FN static int compress_ge_avx512(float *vals, int32_t *ids, const float *
         }
         idx = _mm512_add_epi32(idx, step);
     }
-    for (; i < n; i++) {
-        if (x[i] >= t) {
-            vals[out] = x[i];
-            if (ids)
-                ids[out] = i;
-            out++;
-        }
-    }
-    return out;
+    return compress_ge_from(vals, ids, x, i, n, t, out);
 }
 
 AVX512_FN static void zero_below_avx512(float *w, const float *key, int n, float t)
@@ -368,16 +376,7 @@ int kvd_vocab_compress_ge(bool avx512, float *vals, int32_t *ids, const float *x
         return compress_ge_avx512(vals, ids, x, n, t);
 #endif
     (void)avx512;
-    int out = 0;
-    for (int i = 0; i < n; i++) {
-        if (x[i] >= t) {
-            vals[out] = x[i];
-            if (ids)
-                ids[out] = i;
-            out++;
-        }
-    }
-    return out;
+    return compress_ge_from(vals, ids, x, 0, n, t, 0);
 }
 
 float kvd_vocab_mask_max(bool avx512, float *x, const uint32_t *allowed, int n, int n_max)

@@ -278,6 +278,18 @@ static bool elem_productive(const gr_builder *b, const gr_elem *e, const uint8_t
     return true;
 }
 
+/* The flattened rule tables and g itself (what a failed compile has built so far). */
+static void free_tables(kvd_grammar *g)
+{
+    free(g->el);
+    free(g->el_rule);
+    free(g->alt_start);
+    free(g->rule_alt0);
+    free(g->rule_nalts);
+    free(g->rule_lexical);
+    free(g);
+}
+
 /* Depth-first search over "may call first" edges; 1 = on the stack, 2 = done. */
 static int left_dfs(gr_builder *b, uint32_t r, uint8_t *color, const uint8_t *nullable, int depth)
 {
@@ -436,13 +448,7 @@ kvd_grammar *gr_finish(gr_builder *b, const kvd_grammar_vocab *vocab, uint32_t r
     pthread_mutex_init(&g->lock, NULL);
     goto out;
 fail_g:
-    free(g->el);
-    free(g->el_rule);
-    free(g->alt_start);
-    free(g->rule_alt0);
-    free(g->rule_nalts);
-    free(g->rule_lexical);
-    free(g);
+    free_tables(g);
     g = NULL;
 out:
     if (!g && !b->failed) gr_fail(b, KVD_EINVAL, "grammar: compile failed");
@@ -467,13 +473,7 @@ void kvd_grammar_release(kvd_grammar *g)
     pthread_mutex_destroy(&g->lock);
     free_objects(g->objects, g->num_objects);
     free(g->sets);
-    free(g->el);
-    free(g->el_rule);
-    free(g->alt_start);
-    free(g->rule_alt0);
-    free(g->rule_nalts);
-    free(g->rule_lexical);
-    free(g);
+    free_tables(g);
 }
 
 int kvd_grammar_num_ids(const kvd_grammar *g) { return g->vocab->num_ids; }

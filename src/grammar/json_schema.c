@@ -1191,6 +1191,31 @@ static uint32_t key_not_in(jctx *c, const char **names, size_t n, size_t depth, 
     return r;
 }
 
+/* An object member `key ws : ws value` as two rules: `first` for the member that opens
+ * the object, `next` for one after a comma (the comma and its whitespace first). */
+static void member_rules(jctx *c, uint32_t key, uint32_t val, const char *name, uint32_t *first,
+                         uint32_t *next)
+{
+    gr_builder *b = c->b;
+    gr_seq q = {0};
+    gr_seq_rule(b, &q, key, 1, 1);
+    seq_ws(c, &q);
+    gr_seq_byte(b, &q, ':');
+    seq_ws(c, &q);
+    gr_seq_rule(b, &q, val, 1, 1);
+    gr_seq copy = {0};
+    for (size_t i = 0; i < q.n; i++) gr_seq_push(b, &copy, q.el[i]);
+    *first = gr_rule_new(b, name, false);
+    gr_rule_add_alt(b, *first, &q);
+    *next = gr_rule_new(b, name, false);
+    seq_ws(c, &q);
+    gr_seq_byte(b, &q, ',');
+    seq_ws(c, &q);
+    for (size_t i = 0; i < copy.n; i++) gr_seq_push(b, &q, copy.el[i]);
+    gr_seq_free(&copy);
+    gr_rule_add_alt(b, *next, &q);
+}
+
 static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
 {
     gr_builder *b = c->b;
@@ -1256,23 +1281,7 @@ static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
         }
         uint32_t key = gr_rule_lit(b, "key", quoted[k], strlen(quoted[k]));
         uint32_t val = schemas[k] ? compile_node(c, schemas[k]) : any_value_rule(c);
-        gr_seq q = {0};
-        gr_seq_rule(b, &q, key, 1, 1);
-        seq_ws(c, &q);
-        gr_seq_byte(b, &q, ':');
-        seq_ws(c, &q);
-        gr_seq_rule(b, &q, val, 1, 1);
-        o.first_rule[k] = gr_rule_new(b, names[k], false);
-        gr_seq copy = {0};
-        for (size_t i = 0; i < q.n; i++) gr_seq_push(b, &copy, q.el[i]);
-        gr_rule_add_alt(b, o.first_rule[k], &q);
-        o.next_rule[k] = gr_rule_new(b, names[k], false);
-        seq_ws(c, &q);
-        gr_seq_byte(b, &q, ',');
-        seq_ws(c, &q);
-        for (size_t i = 0; i < copy.n; i++) gr_seq_push(b, &q, copy.el[i]);
-        gr_seq_free(&copy);
-        gr_rule_add_alt(b, o.next_rule[k], &q);
+        member_rules(c, key, val, names[k], &o.first_rule[k], &o.next_rule[k]);
     }
     o.extra_first = o.extra_next = GR_NONE;
     /* patternProperties: exact in the closed form, one pattern and additionalProperties
@@ -1300,22 +1309,7 @@ static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
             gr_seq_rule(b, &q, re, 1, 1);
             gr_seq_byte(b, &q, '"');
             gr_rule_add_alt(b, key, &q);
-            gr_seq_rule(b, &q, key, 1, 1);
-            seq_ws(c, &q);
-            gr_seq_byte(b, &q, ':');
-            seq_ws(c, &q);
-            gr_seq_rule(b, &q, val, 1, 1);
-            gr_seq copy = {0};
-            for (size_t i = 0; i < q.n; i++) gr_seq_push(b, &copy, q.el[i]);
-            o.extra_first = gr_rule_new(b, "pattern-member", false);
-            gr_rule_add_alt(b, o.extra_first, &q);
-            o.extra_next = gr_rule_new(b, "pattern-member", false);
-            seq_ws(c, &q);
-            gr_seq_byte(b, &q, ',');
-            seq_ws(c, &q);
-            for (size_t i = 0; i < copy.n; i++) gr_seq_push(b, &q, copy.el[i]);
-            gr_seq_free(&copy);
-            gr_rule_add_alt(b, o.extra_next, &q);
+            member_rules(c, key, val, "pattern-member", &o.extra_first, &o.extra_next);
         }
     } else if (!b->failed && !cJSON_IsFalse(addl)) {
         uint32_t val = addl && !cJSON_IsTrue(addl) ? compile_node(c, addl) : any_value_rule(c);
@@ -1359,22 +1353,7 @@ static void alt_object(jctx *c, const cJSON *s, uint32_t rule)
             for (size_t k = 0; k < n; k++) free(strip[k]);
             free(strip);
             free(inner);
-            gr_seq_rule(b, &q, key, 1, 1);
-            seq_ws(c, &q);
-            gr_seq_byte(b, &q, ':');
-            seq_ws(c, &q);
-            gr_seq_rule(b, &q, val, 1, 1);
-            gr_seq copy = {0};
-            for (size_t i = 0; i < q.n; i++) gr_seq_push(b, &copy, q.el[i]);
-            o.extra_first = gr_rule_new(b, "extra-member", false);
-            gr_rule_add_alt(b, o.extra_first, &q);
-            o.extra_next = gr_rule_new(b, "extra-member", false);
-            seq_ws(c, &q);
-            gr_seq_byte(b, &q, ',');
-            seq_ws(c, &q);
-            for (size_t i = 0; i < copy.n; i++) gr_seq_push(b, &q, copy.el[i]);
-            gr_seq_free(&copy);
-            gr_rule_add_alt(b, o.extra_next, &q);
+            member_rules(c, key, val, "extra-member", &o.extra_first, &o.extra_next);
         }
     }
     for (size_t k = 0; k < n; k++) free(quoted[k]);

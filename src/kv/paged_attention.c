@@ -64,6 +64,82 @@ V16_INLINE uint16_t quantize_row_i8(int8_t *dst, const float *x, int n)
     return scale_bits;
 }
 
+/* ---- fp8 (e4m3) pages: the code of a float, and the code widened back ---- */
+
+/* The e4m3 nearest to x (ties to even mantissa), saturated to +-448; NaN gives 0. Plain
+ * integer work on x's bits, so every build writes the same byte. */
+static uint8_t f32_to_e4m3(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) /* NaN */
+        return 0;
+    if (a >= 0x43E00000u) /* >= 448 (and infinity): the largest code */
+        return sign | 0x7E;
+    if (a < 0x3C800000u) {
+        /* below 2^-6, the subnormal range: steps of 2^-9. a * 2^9 < 8 is exact, and
+         * its rounding to an integer (nearest even) is the code; 8 is 2^-6, code 0x08. */
+        float f;
+        memcpy(&f, &a, sizeof f);
+        float scaled = f * 512.0f;
+        uint32_t m = (uint32_t)scaled;
+        float rest = scaled - (float)m;
+        if (rest > 0.5f || (rest == 0.5f && (m & 1)))
+            m++;
+        return sign | (uint8_t)m;
+    }
+    int exponent = (int)(a >> 23) - 127; /* -6 .. 8 */
+    uint32_t mant = a & 0x7FFFFFu;
+    uint32_t m = mant >> 20, rest = mant & 0xFFFFFu;
+    if (rest > 0x80000u || (rest == 0x80000u && (m & 1)))
+        m++;
+    if (m == 8) {
+        m = 0;
+        exponent++;
+    }
+    if (exponent > 8 || (exponent == 8 && m == 7)) /* past 448 after rounding: saturate */
+        return sign | 0x7E;
+    return sign | (uint8_t)((uint32_t)(exponent + 7) << 3 | m);
+}
+
+/* x[n] as an fp8 row: e4m3 codes at dst, its f16 scale returned (kvd_attention.h). */
+static uint16_t quantize_row_f8(uint8_t *dst, const float *x, int n)
+{
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    uint16_t scale_bits = kvd_f32_to_f16(amax / 448.0f);
+    float d = kvd_f16_to_f32(scale_bits);
+    for (int i = 0; i < n; i++)
+        dst[i] = d > 0.0f ? f32_to_e4m3(x[i] / d) : 0;
+    return scale_bits;
+}
+
+/* n e4m3 codes widened to floats, each exactly its value / 2^8: the code's sign and
+ * its 7 other bits shifted under an f16's sign and exponent/mantissa (bias 15 instead
+ * of 7) make that f16, normal or subnormal alike. */
+V16_INLINE void widen_row_f8(float *dst, const uint8_t *src, int n)
+{
+    for (int i = 0; i < n; i += 16) {
+        int m = n - i < 16 ? n - i : 16;
+#if defined(KVD_VEC_AVX512)
+        __m256i w = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)((1u << m) - 1u), src + i));
+        __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7));
+        v16_store_n(dst + i, _mm512_cvtph_ps(h), m);
+#else
+        uint16_t h[16];
+        for (int j = 0; j < m; j++)
+            h[j] = (uint16_t)((src[i + j] & 0x80u) << 8 | (src[i + j] & 0x7Fu) << 7);
+        v16_store_n(dst + i, v16_load_f16_n(h, m), m);
+#endif
+    }
+}
+
 V16_INLINE float dot(const float *a, const float *b, int n)
 {
     v16 acc = v16_zero();
@@ -87,9 +163,11 @@ V16_INLINE void fma_row64(v16 a[4], float p, const float *v)
 }
 
 /* Folds keys [0, nk) of the tile (kt, vt: rows of hd_pad floats) into one query
- * head's state. */
+ * head's state. kscale and vscale (fp8 pages), when not NULL, are each key's and value's
+ * row scale: s_j = dot * (kscale_j * scale), and vscale as in fold_softmax_v. */
 static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const float *kt,
-                      const float *vt, int nk, float *scores, float *m, float *l, float *acc)
+                      const float *vt, const float *kscale, const float *vscale, int nk,
+                      float *scores, float *m, float *l, float *acc)
 {
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
@@ -120,16 +198,16 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     v16 sv = v16_set1(scale), mv = v16_set1(-INFINITY);
     for (j = 0; j < nk; j += 16) {
         int n = nk - j < 16 ? nk - j : 16;
-        v16 s = v16_mul(v16_load_n(scores + j, n), sv);
+        v16 s = v16_mul(v16_load_n(scores + j, n), kscale ? v16_mul(v16_load_n(kscale + j, n), sv) : sv);
         v16_store_n(scores + j, s, n);
         mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
     }
-    fold_softmax_v(v16_hmax(mv), scores, NULL, nk, hd, hd_pad, vt, m, l, acc);
+    fold_softmax_v(v16_hmax(mv), scores, vscale, nk, hd, hd_pad, vt, m, l, acc);
 }
 
 /* The softmax and V half of a tile: scores[0, nk) hold s_j and tile_max their max.
- * vscale (int8 pages), when not NULL, multiplies each p_j after it is summed into l:
- * the V rows are then the unscaled int8 values. */
+ * vscale (int8 and fp8 pages), when not NULL, multiplies each p_j after it is summed
+ * into l: the V rows are then the unscaled 8-bit values. */
 static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
                            int hd_pad, const float *vt, float *m, float *l, float *acc)
 {
@@ -453,7 +531,8 @@ size_t KVD_VEC_FN(kvd_attention_scratch_floats)(const kvd_attention_shape *shape
     size_t hd_pad = (size_t)round16(shape->head_dim);
     size_t group = (size_t)(shape->num_heads / shape->num_kv_heads);
     size_t states = (size_t)ROW_CHUNK * group;
-    size_t floats = 2 * TILE * hd_pad + round16(TILE) + 2 * (size_t)round16((int)states) + states * hd_pad;
+    size_t floats = 2 * TILE * hd_pad + 3 * (size_t)round16(TILE) + 2 * (size_t)round16((int)states) +
+                    states * hd_pad;
     size_t floats_i8 = scratch_floats_i8(shape->head_dim, (int)group);
     return floats > floats_i8 ? floats : floats_i8;
 }
@@ -470,6 +549,7 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
     }
     int bs = cfg->block_size;
     int dtype = (int)cfg->dtype;
+    int f8 = cfg->dtype == KVD_DTYPE_F8;
     size_t esize = kvd_dtype_size(cfg->dtype);
     int hd = shape->head_dim;
     int hd_pad = round16(hd);
@@ -478,10 +558,13 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
     float *kt = scratch;                          /* (TILE, hd_pad) */
     float *vt = kt + (size_t)TILE * hd_pad;       /* (TILE, hd_pad) */
     float *scores = vt + (size_t)TILE * hd_pad;   /* (TILE) */
-    float *st_m = scores + round16(TILE);         /* (ROW_CHUNK, group) */
+    float *kscale = scores + round16(TILE);       /* (TILE), fp8 only */
+    float *vscale = kscale + round16(TILE);       /* (TILE), fp8 only */
+    float *st_m = vscale + round16(TILE);         /* (ROW_CHUNK, group) */
     float *st_l = st_m + round16(states);         /* (ROW_CHUNK, group) */
     float *st_acc = st_l + round16(states);       /* (ROW_CHUNK, group, hd_pad) */
     const int32_t *blocks = q->table->blocks;
+    size_t scales_at = (size_t)shape->num_kv_heads * bs * (size_t)hd; /* fp8: kvd_kv.h's page layout */
 
     for (int r0 = row_begin; r0 < row_end; r0 += ROW_CHUNK) {
         int r1 = row_end - r0 < ROW_CHUNK ? row_end : r0 + ROW_CHUNK;
@@ -503,8 +586,19 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 size_t offset = slot * row_bytes;
                 const char *kb = kvd_kv_block_keys(pool, block, layer);
                 const char *vb = kvd_kv_block_values(pool, block, layer);
-                widen_row(kt + (size_t)j * hd_pad, kb + offset, dtype, hd);
-                widen_row(vt + (size_t)j * hd_pad, vb + offset, dtype, hd);
+                if (f8) {
+                    /* the rows are value / 2^8 (widen_row_f8): the 2^8 goes to the scale */
+                    uint16_t kbits, vbits;
+                    memcpy(&kbits, kb + scales_at + slot * sizeof kbits, sizeof kbits);
+                    memcpy(&vbits, vb + scales_at + slot * sizeof vbits, sizeof vbits);
+                    kscale[j] = kvd_f16_to_f32(kbits) * 256.0f;
+                    vscale[j] = kvd_f16_to_f32(vbits) * 256.0f;
+                    widen_row_f8(kt + (size_t)j * hd_pad, (const uint8_t *)kb + offset, hd);
+                    widen_row_f8(vt + (size_t)j * hd_pad, (const uint8_t *)vb + offset, hd);
+                } else {
+                    widen_row(kt + (size_t)j * hd_pad, kb + offset, dtype, hd);
+                    widen_row(vt + (size_t)j * hd_pad, vb + offset, dtype, hd);
+                }
                 /* The cache's rows come from memory (a step touches every sequence's
                  * whole context once): ask for the next tile's while this one is
                  * folded, or every row waits for DRAM. */
@@ -519,8 +613,8 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                     int h = kv_head * group + g;
                     int s = (i - r0) * group + g;
                     fold_tile(q->q + (size_t)i * q->q_stride + (size_t)h * hd, hd, hd_pad,
-                              shape->scale, kt, vt, nk, scores, &st_m[s], &st_l[s],
-                              st_acc + (size_t)s * hd_pad);
+                              shape->scale, kt, vt, f8 ? kscale : NULL, f8 ? vscale : NULL, nk,
+                              scores, &st_m[s], &st_l[s], st_acc + (size_t)s * hd_pad);
                 }
             }
         }
@@ -544,10 +638,13 @@ void KVD_VEC_FN(kvd_kv_store_heads)(const kvd_kv_pool *pool, int layer,
         size_t offset = slot * hd * esize;
         const float *ks = k + (size_t)h * hd;
         const float *vs = v + (size_t)h * hd;
-        if (cfg->dtype == KVD_DTYPE_I8) {
+        if (kvd_kv_dtype_row_scaled(cfg->dtype)) {
             size_t scales_at = (size_t)cfg->num_kv_heads * bs * hd; /* kvd_kv.h's page layout */
-            uint16_t kscale = quantize_row_i8((int8_t *)(kdst + offset), ks, hd);
-            uint16_t vscale = quantize_row_i8((int8_t *)(vdst + offset), vs, hd);
+            int i8 = cfg->dtype == KVD_DTYPE_I8;
+            uint16_t kscale = i8 ? quantize_row_i8((int8_t *)(kdst + offset), ks, hd)
+                                 : quantize_row_f8((uint8_t *)(kdst + offset), ks, hd);
+            uint16_t vscale = i8 ? quantize_row_i8((int8_t *)(vdst + offset), vs, hd)
+                                 : quantize_row_f8((uint8_t *)(vdst + offset), vs, hd);
             memcpy(kdst + scales_at + slot * sizeof kscale, &kscale, sizeof kscale);
             memcpy(vdst + scales_at + slot * sizeof vscale, &vscale, sizeof vscale);
             continue;

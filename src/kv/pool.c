@@ -118,7 +118,7 @@ static size_t slice_bytes_of(const kvd_kv_config *cfg)
 {
     size_t rows = (size_t)cfg->num_kv_heads * (size_t)cfg->block_size;
     size_t raw = rows * (size_t)cfg->head_dim * kvd_dtype_size(cfg->dtype);
-    if (cfg->dtype == KVD_DTYPE_I8)
+    if (kvd_kv_dtype_row_scaled(cfg->dtype))
         raw += rows * sizeof(uint16_t); /* each row's f16 scale, after the values */
     return (raw + KV_SLICE_ALIGN - 1) / KV_SLICE_ALIGN * KV_SLICE_ALIGN;
 }
@@ -139,8 +139,8 @@ static int validate_config(const kvd_kv_config *cfg, kvd_error *err)
                              "kv config: block_size %d is not a power of two in 1..%d",
                              cfg->block_size, KV_MAX_BLOCK_SIZE);
     if (cfg->dtype != KVD_DTYPE_F16 && cfg->dtype != KVD_DTYPE_BF16 && cfg->dtype != KVD_DTYPE_F32 &&
-        cfg->dtype != KVD_DTYPE_I8)
-        return kvd_error_set(err, KVD_EINVAL, "kv config: dtype %d is not f16, bf16, f32 or int8",
+        cfg->dtype != KVD_DTYPE_I8 && cfg->dtype != KVD_DTYPE_F8)
+        return kvd_error_set(err, KVD_EINVAL, "kv config: dtype %d is not f16, bf16, f32, int8 or fp8",
                              (int)cfg->dtype);
     return 0;
 }
@@ -460,7 +460,7 @@ static void block_copy(kvd_kv_pool *pool, int32_t dst, int32_t src, int slots)
                         (size_t)(h % heads_per_slice) * head_stride;
         memcpy(to + offset, from + offset, copied);
     }
-    if (pool->cfg.dtype == KVD_DTYPE_I8) {
+    if (kvd_kv_dtype_row_scaled(pool->cfg.dtype)) {
         /* the rows' scales follow each slice's values (kvd_kv.h): copied whole, the
          * unwritten slots' are overwritten with their rows */
         size_t scales_at = head_stride * (size_t)heads_per_slice;
@@ -800,6 +800,7 @@ void kvd_kv_stats_get(const kvd_kv_pool *pool, kvd_kv_stats *out)
                                   (size_t)empty_slots * (pool->block_bytes % bs) / bs);
     out->pool_bytes = (size_t)pool->num_blocks * pool->block_bytes;
     out->block_bytes = pool->block_bytes;
+    out->dtype = pool->cfg.dtype;
     out->prefix_queries = pool->prefix_queries;
     out->prefix_query_tokens = pool->prefix_query_tokens;
     out->prefix_hits = pool->prefix_hits;

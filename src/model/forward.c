@@ -61,6 +61,9 @@ struct kvd_forward_ctx {
     float *inv_freq;     /* (head_dim/2) */
     float *x;            /* (max_tokens, hidden) residual stream */
     float *xn;           /* (max_tokens, hidden) normed sublayer input */
+    /* q, k, v and attn are dead before a layer's gate/up products write and born after
+     * its down product read: both sets live in stage_mem (see stage_layout) */
+    float *stage_mem;
     float *q;            /* (max_tokens, q_dim) */
     float *k;            /* (max_tokens, kv_dim) */
     float *v;            /* (max_tokens, kv_dim) */
@@ -100,6 +103,29 @@ static void *alloc_floats(size_t n)
     return aligned_alloc(64, bytes ? bytes : 64);
 }
 
+/* One region for the two sets of a layer's buffers that are never live together: the
+ * attention stages' q, k, v, attn and the MLP's gate, up. Every step passes a barrier
+ * between the last read of one set and the first write of the other (o_proj's before
+ * the MLP norm, down_proj's before the next layer), so the pages a 512-token step
+ * touches are the MLP's alone (0.5B: 19 MiB, not 23). Offsets are whole cache lines. */
+static void stage_layout(kvd_forward_ctx *ctx, size_t T)
+{
+    const size_t line = 16; /* floats */
+    size_t q = (T * ctx->q_dim + line - 1) & ~(line - 1);
+    size_t kv = (T * ctx->kv_dim + line - 1) & ~(line - 1);
+    size_t inter = (T * ctx->inter + line - 1) & ~(line - 1);
+    size_t attention = 2 * q + 2 * kv, mlp = 2 * inter;
+    ctx->stage_mem = alloc_floats(attention > mlp ? attention : mlp);
+    if (!ctx->stage_mem)
+        return;
+    ctx->q = ctx->stage_mem;
+    ctx->attn = ctx->q + q;
+    ctx->k = ctx->attn + q;
+    ctx->v = ctx->k + kv;
+    ctx->gate = ctx->stage_mem;
+    ctx->up = ctx->gate + inter;
+}
+
 void kvd_forward_destroy(kvd_forward_ctx *ctx)
 {
     if (!ctx)
@@ -107,12 +133,7 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->inv_freq);
     free(ctx->x);
     free(ctx->xn);
-    free(ctx->q);
-    free(ctx->k);
-    free(ctx->v);
-    free(ctx->attn);
-    free(ctx->gate);
-    free(ctx->up);
+    free(ctx->stage_mem);
     free(ctx->rope);
     free(ctx->final_rows);
     free(ctx->positions);
@@ -222,12 +243,7 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->inv_freq = alloc_floats((size_t)c->head_dim / 2);
     ctx->x = alloc_floats(T * hidden);
     ctx->xn = alloc_floats(T * hidden);
-    ctx->q = alloc_floats(T * q_dim);
-    ctx->k = alloc_floats(T * kv_dim);
-    ctx->v = alloc_floats(T * kv_dim);
-    ctx->attn = alloc_floats(T * q_dim);
-    ctx->gate = alloc_floats(T * inter);
-    ctx->up = alloc_floats(T * inter);
+    stage_layout(ctx, T);
     ctx->rope = alloc_floats(T * c->head_dim);
     ctx->final_rows = alloc_floats((size_t)(max_logit_rows > 0 ? max_logit_rows : 1) * hidden);
     ctx->positions = malloc(T * sizeof(int));

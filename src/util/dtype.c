@@ -21,6 +21,7 @@ static const struct {
     [KVD_DTYPE_Q6_K] = {"q6_k", 256, 128 + 64 + 16 + 2},
     [KVD_DTYPE_Q8_K] = {"q8_k", 256, 4 + 256 + 2 * 16},
     [KVD_DTYPE_I8] = {"int8", 1, 1},
+    [KVD_DTYPE_F8] = {"fp8", 1, 1},
 };
 
 static bool dtype_valid(kvd_dtype dtype)
@@ -66,6 +67,7 @@ int kvd_dtype_parse(const char *name, kvd_dtype *out)
     static const struct { const char *name; kvd_dtype dtype; } aliases[] = {
         {"float32", KVD_DTYPE_F32}, {"float16", KVD_DTYPE_F16}, {"half", KVD_DTYPE_F16},
         {"bfloat16", KVD_DTYPE_BF16}, {"i8", KVD_DTYPE_I8},
+        {"fp8_e4m3", KVD_DTYPE_F8}, {"e4m3", KVD_DTYPE_F8},
     };
     for (int d = 0; d < KVD_DTYPE_COUNT; d++) {
         if (strcasecmp(name, dtype_table[d].name) == 0) {

@@ -346,6 +346,7 @@ def test_kv_view_and_pages():
     assert set(kv["states"]) <= set("0123")
     assert isinstance(kv["sequences"], list)
     assert kv["stats"]["blocks_total"] == 512, kv["stats"]
+    assert kv["stats"]["dtype"] == "f32" and kv["stats"]["block_bytes"] == 8192, kv["stats"]
     # The snapshot is taken on a worker thread; pipelined requests are still answered
     # in order, and the document keeps its exact framing: compact JSON, keys in this
     # order, no header beyond the ordinary ones.
@@ -397,7 +398,9 @@ def test_metrics_and_promtool():
     assert m["kvd:time_to_first_token_seconds_count"] >= 10
     assert m['kvd:time_to_first_token_seconds_bucket{le="+Inf"}'] == m["kvd:time_to_first_token_seconds_count"]
     assert m["kvd:e2e_request_latency_seconds_sum"] > 0
-    assert m["kvd:kv_blocks_total"] == 512  # --kv-cache-mb 2 / 4 KiB blocks
+    assert m["kvd:kv_blocks_total"] == 512  # --kv-cache-mb 4 / 8 KiB blocks
+    assert m['kvd:kv_cache_info{dtype="f32"}'] == 1, m
+    assert m["kvd:kv_pool_bytes"] == 4194304 and m["kvd:kv_block_bytes"] == 8192, m
     # The same prompt twice shares its full blocks through the prefix cache.
     before = daemon.metrics()["kvd:prefix_cache_hits_total"]
     prompt = list(range(1000, 1040))
@@ -431,6 +434,26 @@ def test_request_log_lines():
     assert "prompt_tokens=" in line and "completion_tokens=" in line and "cached_tokens=" in line, line
     assert "ttft=" in line and "total=" in line and " cmpl-" in line, line
     assert "kvd: KV pool: 512 blocks of 16 tokens, 4194304 bytes (8192 per block, f32)" in out, out
+
+
+def test_fp8_pages():
+    # --kv-dtype fp8: 8-bit e4m3 pages (tests/test_kernels.c checks their codes and
+    # attention, tests/test_forward.c their accuracy); the daemon serves with them and
+    # says so in /v1/kv, /metrics and its start-up line.
+    with Daemon("--kv-cache-mb", "4", "--kv-dtype", "fp8", "--log-level", "info") as d:
+        body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
+        status, out = d.post("/v1/completions", body)
+        assert status == 200 and out["usage"]["completion_tokens"] == 8, out
+        assert d.post("/v1/completions", body)[1]["choices"] == out["choices"]
+        status, raw = d.get("/v1/kv")
+        stats = json.loads(raw)["stats"]
+        assert stats["dtype"] == "fp8", stats
+        m = d.metrics()
+        assert m['kvd:kv_cache_info{dtype="fp8"}'] == 1, m
+        # a byte a value and an f16 scale a row, where the f32 daemon's block is 8192 bytes
+        assert m["kvd:kv_block_bytes"] == stats["block_bytes"] < 8192 // 3, (m, stats)
+        assert ", fp8)" in d.output(), d.output()
 
 
 if __name__ == "__main__":

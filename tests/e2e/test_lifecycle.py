@@ -64,7 +64,7 @@ def test_invalid_configuration_exits_2():
             (["--config", not_json], "not valid JSON"),
             (["--config", os.path.join(tmp, "missing.json")], "missing.json"),
             (["--port", "99999"], "--port: must be an integer in 0..65535"),
-            (["--kv-dtype", "fp8"], '--kv-dtype: "fp8" is not one of f16, bf16, f32'),
+            (["--kv-dtype", "fp4"], '--kv-dtype: "fp4" is not one of f16, bf16, f32, int8, fp8'),
             (["--log-level", "loud"], "--log-level"),
             (["--block-size", "12"], "block_size: 12 is not a power of two"),
             (["--frobnicate"], "unknown flag --frobnicate"),
