@@ -62,7 +62,7 @@ def summary(name, values_ms):
 
 
 class Daemon:
-    def __init__(self, kvd, model, extra):
+    def __init__(self, kvd, model, extra, log_path=None):
         cmd = [kvd, "--model", model, "--port", "0", "--log-level", "warn"] + extra
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.port = None
@@ -77,7 +77,15 @@ class Daemon:
         if not self.port:
             self.stop()
             sys.exit("kvd did not start")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        log = open(log_path, "w") if log_path else None
+
+        def drain():
+            for line in self.proc.stdout:
+                if log:
+                    log.write(line)
+                    log.flush()
+
+        threading.Thread(target=drain, daemon=True).start()
 
     def stop(self):
         self.proc.terminate()
@@ -108,10 +116,12 @@ def main():
     ap.add_argument("--window", type=float, default=90.0, help="seconds to measure at most")
     ap.add_argument("--threads", default="0")
     ap.add_argument("--daemon-args", default="", help="more kvd flags, e.g. \"--max-response-bytes 67108864\"")
+    ap.add_argument("--daemon-log", help="file for the daemon's output (its log lines once it listens)")
     args = ap.parse_args()
 
     d = Daemon(args.kvd, args.model,
-               ["--threads", args.threads, "--max-body-bytes", str(5 << 20)] + args.daemon_args.split())
+               ["--threads", args.threads, "--max-body-bytes", str(5 << 20)] + args.daemon_args.split(),
+               args.daemon_log)
     rng = random.Random(7)
     stop = threading.Event()
     health_ms, gap_ms, gap_at = [], [], []
@@ -204,7 +214,7 @@ def main():
     loop_after = loop_metrics(d.port)
     stop.set()
     d.stop()
-    for kind, status, size, secs, began in sorted(results):
+    for kind, status, size, secs, began in sorted(results, key=lambda r: (r[0], r[4])):
         print("%-9s status %s  %10d bytes  %6.1f s (answered at %.1f s)" % (kind, status, size, secs, began + secs))
     worst = sorted(zip(gap_ms, gap_at), reverse=True)[:5]
     print("largest stream gaps: " + ", ".join("%.1f ms at %.1f s" % (g, at - start) for g, at in worst))

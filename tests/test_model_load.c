@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "kvd/kvd_half.h"
+#include "kvd/kvd_hugemem.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_safetensors.h"
 
@@ -1056,6 +1057,29 @@ static void test_config_parser_cases(void **state)
     assert_int_equal(kvd_model_config_parse("", 0, "x.json", &cfg, &err), KVD_EFORMAT);
 }
 
+/* The weights arena and the engine's logits come from kvd_huge_alloc: 2 MiB aligned,
+ * whole huge pages, zero-filled and writable, whatever size is asked. */
+static void test_huge_alloc(void **state)
+{
+    (void)state;
+    const size_t sizes[] = {0, 1, 4096, ((size_t)2 << 20) - 1, (size_t)2 << 20, ((size_t)5 << 20) + 3};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        size_t mapped = 0;
+        unsigned char *p = kvd_huge_alloc(sizes[i], &mapped);
+        assert_non_null(p);
+        assert_int_equal((uintptr_t)p % ((size_t)2 << 20), 0);
+        assert_int_equal(mapped % ((size_t)2 << 20), 0);
+        assert_true(mapped >= sizes[i] && mapped - sizes[i] < ((size_t)2 << 20) + (sizes[i] == 0));
+        for (size_t b = 0; b < mapped; b += 4096) {
+            assert_int_equal(p[b], 0);
+            p[b] = 0xA5;
+        }
+        assert_int_equal(p[mapped - 1], 0);
+        kvd_huge_free(p, mapped);
+    }
+    kvd_huge_free(NULL, 0);
+}
+
 int main(int argc, char **argv)
 {
     const char *mk = argc > 1 ? argv[1] : getenv("KVD_MKMODEL");
@@ -1092,6 +1116,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_header_parser_cases),
         cmocka_unit_test(test_header_builder_round_trip),
         cmocka_unit_test(test_config_parser_cases),
+        cmocka_unit_test(test_huge_alloc),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -22,6 +22,7 @@
  * are tied, are ignored. Assumes a little-endian host, as both formats do.
  */
 #include "kvd/kvd_half.h"
+#include "kvd/kvd_hugemem.h"
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_quant.h"
 #include "kvd/kvd_safetensors.h"
@@ -43,7 +44,6 @@
 #include <unistd.h>
 
 #define TENSOR_ALIGN 64
-#define ARENA_ALIGN ((size_t)2 << 20)
 #define MAX_JSON_FILE_BYTES ((size_t)64 << 20)
 /* Progress is reported in steps of this fraction and copies are chunked so that a
  * single huge embedding still reports smoothly. */
@@ -535,30 +535,6 @@ static int check_and_plan(load_state *st, kvd_model *model, size_t *arena_bytes,
     return 0;
 }
 
-/* One anonymous, 2 MiB aligned mapping so the kernel can back it with huge pages. */
-static void *map_arena(size_t size, size_t *mapped_size)
-{
-    size_t rounded = (size + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-    if (rounded == 0)
-        rounded = ARENA_ALIGN;
-    size_t over = rounded + ARENA_ALIGN;
-    uint8_t *raw = mmap(NULL, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED)
-        return NULL;
-    uintptr_t aligned = ((uintptr_t)raw + ARENA_ALIGN - 1) & ~(uintptr_t)(ARENA_ALIGN - 1);
-    size_t head = aligned - (uintptr_t)raw;
-    if (head)
-        munmap(raw, head);
-    size_t tail = over - head - rounded;
-    if (tail)
-        munmap((uint8_t *)aligned + rounded, tail);
-#ifdef MADV_HUGEPAGE
-    madvise((void *)aligned, rounded, MADV_HUGEPAGE); /* advisory: fine if refused */
-#endif
-    *mapped_size = rounded;
-    return (void *)aligned;
-}
-
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -845,7 +821,7 @@ kvd_model *kvd_model_load(const char *dir, const kvd_model_load_options *opts, k
         (rc = check_and_plan(&st, model, &arena_bytes, &source_bytes, err)) < 0)
         goto fail;
 
-    impl->arena = map_arena(arena_bytes, &impl->arena_size);
+    impl->arena = kvd_huge_alloc(arena_bytes, &impl->arena_size);
     if (!impl->arena) {
         kvd_error_set(err, KVD_ENOMEM, "%s: cannot map %zu bytes for the weights: %s", dir,
                       arena_bytes, strerror(errno));
@@ -883,8 +859,8 @@ void kvd_model_destroy(kvd_model *model)
     if (!model)
         return;
     model_impl *impl = model->impl;
-    if (impl && impl->arena)
-        munmap(impl->arena, impl->arena_size);
+    if (impl)
+        kvd_huge_free(impl->arena, impl->arena_size);
     free(impl);
     free(model->layers);
     free(model->dir);
