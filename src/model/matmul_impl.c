@@ -574,11 +574,7 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
      * chunk and its outputs stay in L1. Otherwise (long k) a chunk's x fits only slice
      * by slice: every panel runs against one slice before the next, weights rereading
      * from L2/L3 and partial sums parking in out. Either way a chunk's x (bf16: rounded
-     * into buf) is at most CHUNK_FLOATS. VDPBF16PS products take whole rows only when
-     * twice as many fit: at the 7B shape's k = 3584, whole rows made chunks of 54 rows,
-     * each streaming the weights from memory again (~10 times per 512 rows), where
-     * slices of 1792 make chunks of 108 (one thread, 512 rows, 3584x3584: 313-337
-     * against 337-379 GFLOP/s per CPU-second, bench_matmul --words --shapes 7b). */
+     * into buf) is at most CHUNK_FLOATS. */
     /* Small batches (decode of a few dozen sequences) run faster as tiles of up to 6
      * rows over two panels (measured: 16 sequences ~15% faster per step); prefill-sized
      * ones as 12 rows over one panel, which needs fewer widening operations per FMA.
@@ -592,7 +588,7 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
     int inputs_per_float = w->dtype == KVD_DTYPE_BF16 ? BF16_X_INPUTS_PER_FLOAT : 1;
     int slice = vdp ? vdp_slice_inputs(k) : K_SLICE;
     int whole_rows = (int)(CHUNK_FLOATS * (size_t)inputs_per_float / (size_t)k);
-    bool panel_outer = whole_rows >= (vdp ? 8 : 4) * MAX_TILE_ROWS;
+    bool panel_outer = whole_rows >= 4 * MAX_TILE_ROWS;
     int chunk_tiles = panel_outer ? whole_rows / tile_rows
                                   : (int)(CHUNK_FLOATS * (size_t)inputs_per_float /
                                           ((size_t)slice * tile_rows));

@@ -657,11 +657,12 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
  * of k, each row tile against them while they are in L1/L2. */
 #define DECODE_ROWS 4
 /* Batched products: the weights of a group pair that one slice of k holds, so that they
- * stay in L2 (with the next pair's arriving) while every row tile runs against them. */
+ * stay in L2 while every row tile runs against them (k up to ~7700 for Q8_0: one slice). */
 #define SLICE_PAIR_BYTES ((size_t)256 * 1024)
 /* Batched products: activation bytes (codes) of a pass's rows over a slice, which stay in
- * L2 beside the weights. */
-#define PASS_ACT_BYTES ((size_t)384 * 1024)
+ * L2 beside the weights (384 KB measured slower on the 0.5B shape: 7 passes of 80 rows
+ * over its down projection instead of 10 of 53). */
+#define PASS_ACT_BYTES ((size_t)256 * 1024)
 
 /* All rows of the activations against columns [n_begin, n_end): groups in pairs (one
  * row: fours), rows in tiles of up to RB, the first tile of each group pair streaming its
@@ -669,8 +670,8 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
  * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once. More rows run in
  * passes of rows whose activations stay in L2, over slices of k whose group pair's
  * weights (SLICE_PAIR_BYTES) stay in L2 too: a long k (the 7B shape's down projection,
- * 18944) would otherwise leave room in L2 for the activations of a dozen rows only, and
- * every dozen rows would stream all the weights again. Partial sums wait in out between
+ * 18944) would otherwise leave room in L2 for the activations of 13 rows only, and every
+ * 13 rows would stream all the weights again (now 3 slices, 41 rows a pass). Partial sums wait in out between
  * slices (exact floats): every element still takes its blocks in k order, so the bits do
  * not depend on the blocking. */
 static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
@@ -681,17 +682,15 @@ static void tile_product(float *out, int ldo, int rows, const act_rows *a, const
     int blocks = k / per_block;
     size_t tile_bytes = kvd_qtile_bytes(dtype);
     int g_begin = n_begin / GROUP, g_end = (n_end + GROUP - 1) / GROUP;
-    /* slices of near-equal whole blocks, passes of near-equal rows */
+    /* slices of near-equal whole blocks; passes of pass_rows rows, the last one shorter */
     int slices = 1, pass_rows = rows;
     if (rows > DECODE_ROWS) {
         int slice_max = (int)(SLICE_PAIR_BYTES / (2 * tile_bytes));
         slice_max = slice_max < 1 ? 1 : slice_max;
         slices = (blocks + slice_max - 1) / slice_max;
         int slice = (blocks + slices - 1) / slices;
-        int pass_max = (int)(PASS_ACT_BYTES / ((size_t)slice * (size_t)per_block));
-        pass_max = pass_max < RB ? RB : pass_max;
-        int passes = (rows + pass_max - 1) / pass_max;
-        pass_rows = (rows + passes - 1) / passes;
+        pass_rows = (int)(PASS_ACT_BYTES / ((size_t)slice * (size_t)per_block));
+        pass_rows = pass_rows < RB ? RB : pass_rows;
     }
     int slice = (blocks + slices - 1) / slices;
     for (int p0 = 0; p0 < rows; p0 += pass_rows) {
