@@ -196,12 +196,70 @@ static void test_products_deterministic(void **state)
     }
 }
 
+/* Batched products over long rows (m > 4, k = 8192): the VNNI build cuts k into slices
+ * whose partial sums wait in out and runs the rows in passes (qmatmul_impl.c); neither may
+ * change a bit. Against the scalar build, rows one at a time (the decode path, all of k at
+ * once), a sub-batch, and the pre-quantized input (kvd_qmatmul_cols_input). */
+static void test_sliced_passes_same_bits(void **state)
+{
+    (void)state;
+    if (!kvd_quant_vnni_supported()) {
+        print_message("no AVX512_VNNI on this CPU: skipped\n");
+        return;
+    }
+    uint64_t s = 21;
+    const int rows = 48, cols = 8192, m = 150;
+    float *x = malloc((size_t)m * cols * sizeof(float));
+    for (int i = 0; i < m * cols; i++)
+        x[i] = rnd(&s) * (i % 61 == 0 ? 10.0f : 1.0f);
+    float bias[48];
+    for (int j = 0; j < rows; j++)
+        bias[j] = rnd(&s);
+    size_t out_bytes = (size_t)m * rows * sizeof(float);
+    float *ref = malloc(out_bytes), *got = malloc(out_bytes);
+    size_t in_bytes = (kvd_qinput_bytes(m, cols) + 63) & ~(size_t)63;
+    void *in_mem = aligned_alloc(64, in_bytes);
+    for (int t = 0; t < NTYPES; t++) {
+        kvd_dtype dtype = qtypes[t];
+        qmatrix q = make_qmatrix(dtype, rows, cols, &s);
+        kvd_matmul(KVD_ISA_SCALAR, ref, rows, x, cols, m, &q.m, bias, false, 1);
+        kvd_matmul(KVD_ISA_AVX512, got, rows, x, cols, m, &q.m, bias, false, 2);
+        if (memcmp(ref, got, out_bytes) != 0)
+            fail_msg("%s: batch of %d, k %d: scalar and avx512 differ", kvd_dtype_name(dtype), m, cols);
+        for (int i = 0; i < m; i += 37) {
+            kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x + (size_t)i * cols, cols, 1, &q.m, bias,
+                            false, 0, rows);
+            if (memcmp(got, ref + (size_t)i * rows, rows * sizeof(float)) != 0)
+                fail_msg("%s: row %d alone differs from the batch", kvd_dtype_name(dtype), i);
+        }
+        kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x + 7 * (size_t)cols, cols, 23, &q.m, bias,
+                        false, 16, rows);
+        for (int i = 0; i < 23; i++)
+            if (memcmp(got + (size_t)i * rows + 16, ref + (size_t)(7 + i) * rows + 16,
+                       (rows - 16) * sizeof(float)) != 0)
+                fail_msg("%s: rows 7-29, columns 16-47 differ", kvd_dtype_name(dtype));
+        kvd_qinput in;
+        kvd_qinput_init(&in, in_mem, m, cols);
+        kvd_qinput_quantize(KVD_ISA_AVX512, &in, dtype, x, cols, 0, m);
+        memset(got, 0, out_bytes);
+        kvd_qmatmul_cols_input(KVD_ISA_AVX512, got, rows, &in, m, &q.m, bias, false, 0, rows);
+        if (memcmp(ref, got, out_bytes) != 0)
+            fail_msg("%s: pre-quantized input differs", kvd_dtype_name(dtype));
+        free_qmatrix(&q);
+    }
+    free(in_mem);
+    free(x);
+    free(ref);
+    free(got);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_codec_contract),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_products_deterministic),
+        cmocka_unit_test(test_sliced_passes_same_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

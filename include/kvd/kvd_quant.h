@@ -9,7 +9,7 @@
  * kvd_qmatmul_cols; kvd_matrix_pack / kvd_matrix_packed_bytes / kvd_matrix_row
  * (kvd_model.h) take a quantized tensor in its file layout (row-major, each row
  * kvd_dtype_row_bytes()) and call the packing functions below. A product keeps its
- * quantized activations on the stack (about 90 KB), or reads them from a kvd_qinput
+ * quantized activations on the stack (about 350 KB), or reads them from a kvd_qinput
  * its caller quantized once for several products (kvd_qmatmul_cols_input).
  */
 #ifndef KVD_QUANT_H

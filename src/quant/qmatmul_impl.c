@@ -7,9 +7,11 @@
  * multiply-add per block (two for Q4_K/Q5_K) in k order, so they give the same bits.
  *
  * Blocking: rows go in tiles of up to ROW_TILE rows whose activations are quantized once
- * into a stack buffer; for each group of 16 output columns the tile runs the group's
- * tiles (weights) front to back, every row against each weight vector while it is in
- * registers. With m = 1 (decode) that streams the weights once, in order.
+ * into a stack buffer (or come quantized in a kvd_qinput); for each group of 16 output
+ * columns the tile runs the group's tiles (weights) front to back, every row against
+ * each weight vector while it is in registers. With m = 1 (decode) that streams the
+ * weights once, in order. Batches (m > 4) run in passes of rows over slices of k sized
+ * for L2 (tile_product in the VNNI build).
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -33,8 +35,10 @@
 /* Most rows whose quantized activations are held at a time (fewer when k is large). */
 #define ROW_TILE 64
 /* Quantized activations a row tile may hold: codes (k), scales (k/32) and sums (k/16):
- * 88 KB of stack, one row of up to KVD_QUANT_MAX_COLS inputs, 64 rows of 896. */
-#define ACT_CODES ((size_t)KVD_QUANT_MAX_COLS)
+ * 352 KB of stack, four rows of up to KVD_QUANT_MAX_COLS inputs, 64 rows of up to 4096
+ * (the 7B shape's 3584: one row, 65536, took 18 rows a tile, each tile streaming the
+ * weights again). */
+#define ACT_CODES ((size_t)4 * KVD_QUANT_MAX_COLS)
 
 typedef struct act_tile {
     int8_t q[ACT_CODES];
@@ -233,6 +237,14 @@ typedef struct rows_view {
     const int32_t *sum[RB]; /* each row's sums per 16 codes */
 } rows_view;
 
+/* What one kernel call runs: blocks [b0, b1) of its groups' weights. from_out: an earlier
+ * call left the accumulators' partial sums in out (exact floats), so they start from there
+ * without the bias. stream: the weights come from memory: every line PREFETCH_BYTES ahead. */
+typedef struct kspan {
+    int b0, b1;
+    bool from_out, stream;
+} kspan;
+
 /* Accumulators of R rows x G groups from out (accumulate) and bias, lanes outside mask 0. */
 static ALWAYS_INLINE void acc_init(__m512 acc[RB][GB], const int R, const int G, float *out, int ldo,
                                    const float *bias, bool accumulate, int col0,
@@ -258,16 +270,17 @@ static ALWAYS_INLINE void acc_store(__m512 acc[RB][GB], const int R, const int G
 
 /* Q8_0 / Q4_0 / Q5_0 weights: R rows x G groups over all blocks. */
 static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int G, float *out, int ldo,
-                                   const rows_view *x, const uint8_t *tiles[GB], int blocks,
-                                   size_t tile_bytes, const float *bias, bool accumulate, int col0,
-                                   const __mmask16 mask[GB], bool stream)
+                                   const rows_view *x, const uint8_t *tiles[GB], size_t tile_bytes,
+                                   const float *bias, bool accumulate, int col0,
+                                   const __mmask16 mask[GB], const kspan *sp)
 {
     __m512 acc[RB][GB];
-    acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
+    acc_init(acc, R, G, out, ldo, sp->from_out ? NULL : bias, accumulate || sp->from_out, col0, mask);
+    const bool stream = sp->stream;
     const bool five = dtype == KVD_DTYPE_Q5_0;
     const int32_t offset = dtype == KVD_DTYPE_Q8_0 ? 128 : five ? 16 : 8;
     const size_t d_at = dtype == KVD_DTYPE_Q8_0 ? 512 : five ? 320 : 256;
-    for (int b = 0; b < blocks; b++) {
+    for (int b = sp->b0; b < sp->b1; b++) {
         /* codes carry the offset: the sums start from -(offset x the block's activation sum) */
         __m512i s[RB][GB];
         for (int r = 0; r < R; r++) {
@@ -322,13 +335,14 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
 
 /* K-quant weights: R rows x G groups over all 256-input blocks. */
 static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const int G, float *out,
-                                    int ldo, const rows_view *x, const uint8_t *tiles[GB], int blocks,
+                                    int ldo, const rows_view *x, const uint8_t *tiles[GB],
                                     size_t tile_bytes, const float *bias, bool accumulate, int col0,
-                                    const __mmask16 mask[GB], bool stream)
+                                    const __mmask16 mask[GB], const kspan *sp)
 {
     __m512 acc[RB][GB];
-    acc_init(acc, R, G, out, ldo, bias, accumulate, col0, mask);
-    for (int b = 0; b < blocks; b++) {
+    acc_init(acc, R, G, out, ldo, sp->from_out ? NULL : bias, accumulate || sp->from_out, col0, mask);
+    const bool stream = sp->stream;
+    for (int b = sp->b0; b < sp->b1; b++) {
         const uint8_t *t[GB];
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
@@ -530,28 +544,28 @@ static void act_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out)
 /* The kernels instantiated per type and shape (constant arguments unroll them). */
 #define K32_CASES(DT, NAME)                                                                    \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
-                     const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
-                     bool accumulate, int col0, const __mmask16 mask[GB], bool stream)         \
+                     const uint8_t *tiles[GB], size_t tile_bytes, const float *bias,            \
+                     bool accumulate, int col0, const __mmask16 mask[GB], const kspan *sp)     \
     {                                                                                          \
         if (G == 4) {                                                                          \
-            kernel32(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); \
+            kernel32(DT, 1, 4, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); \
         } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
-            case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 3: kernel32(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 4: kernel32(DT, 4, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 5: kernel32(DT, 5, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            default: kernel32(DT, 6, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 1: kernel32(DT, 1, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 2: kernel32(DT, 2, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 3: kernel32(DT, 3, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 4: kernel32(DT, 4, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 5: kernel32(DT, 5, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            default: kernel32(DT, 6, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
             }                                                                                  \
         } else {                                                                               \
             switch (R) {                                                                       \
-            case 1: kernel32(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 2: kernel32(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 3: kernel32(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 4: kernel32(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 5: kernel32(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            default: kernel32(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 1: kernel32(DT, 1, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 2: kernel32(DT, 2, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 3: kernel32(DT, 3, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 4: kernel32(DT, 4, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 5: kernel32(DT, 5, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            default: kernel32(DT, 6, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
             }                                                                                  \
         }                                                                                      \
     }
@@ -561,25 +575,25 @@ K32_CASES(KVD_DTYPE_Q5_0, kernel_q5_0)
 
 #define K256_CASES(DT, NAME)                                                                   \
     static void NAME(int R, int G, float *out, int ldo, const rows_view *x,                    \
-                     const uint8_t *tiles[GB], int blocks, size_t tile_bytes, const float *bias,\
-                     bool accumulate, int col0, const __mmask16 mask[GB], bool stream)         \
+                     const uint8_t *tiles[GB], size_t tile_bytes, const float *bias,            \
+                     bool accumulate, int col0, const __mmask16 mask[GB], const kspan *sp)     \
     {                                                                                          \
         if (G == 4) {                                                                          \
-            kernel256(DT, 1, 4, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); \
+            kernel256(DT, 1, 4, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); \
         } else if (G == 2) {                                                                   \
             switch (R) {                                                                       \
-            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            default: kernel256(DT, 3, 2, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 1: kernel256(DT, 1, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 2: kernel256(DT, 2, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            default: kernel256(DT, 3, 2, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
             }                                                                                  \
         } else {                                                                               \
             switch (R) {                                                                       \
-            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
-            default: kernel256(DT, 6, 1, out, ldo, x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break; \
+            case 1: kernel256(DT, 1, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 2: kernel256(DT, 2, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 3: kernel256(DT, 3, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 4: kernel256(DT, 4, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            case 5: kernel256(DT, 5, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
+            default: kernel256(DT, 6, 1, out, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break; \
             }                                                                                  \
         }                                                                                      \
     }
@@ -595,9 +609,71 @@ static __mmask16 group_mask(int g, int n_begin, int n_end)
     return (__mmask16)(((1u << (c1 - c0)) - 1u) << c0);
 }
 
-/* All rows of the activation tile against columns [n_begin, n_end): groups in pairs,
- * rows in fours; a group pair's weights (at most a few hundred KB) stay in L2 while
- * the tile's rows run against them. */
+/* Rows [r0, r0 + R) against groups [g, g + G) over the span. */
+static void run_kernel(float *out, int ldo, const act_rows *a, int r0, int R, const kvd_matrix *w,
+                       const float *bias, bool accumulate, int n_begin, int n_end, int g, int G,
+                       const kspan *sp)
+{
+    kvd_dtype dtype = w->dtype;
+    int k = w->cols;
+    size_t tile_bytes = kvd_qtile_bytes(dtype);
+    size_t group_bytes = (size_t)(k / kvd_dtype_block_values(dtype)) * tile_bytes;
+    __mmask16 mask[GB];
+    const uint8_t *tiles[GB];
+    for (int i = 0; i < GB; i++) {
+        mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
+        tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
+    }
+    rows_view x;
+    for (int r = 0; r < R; r++) {
+        kvd_qact qa = act_row(a, r0 + r, k);
+        x.q[r] = qa.q;
+        x.d[r] = qa.d;
+        x.sum[r] = qa.sum;
+    }
+    float *o = out + (size_t)r0 * ldo;
+    int col0 = g * GROUP;
+    switch (dtype) {
+    case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    default: break;
+    }
+}
+
+/* Groups a kernel takes at once from group g (g_end: the call's end): one row, 4 groups
+ * (more streams, and sums per broadcast); K types take 2 groups only up to 3 rows (their
+ * per-sub-block sums fill the registers). */
+static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
+{
+    return rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end && (!kvd_qtype_is_k(dtype) || rows <= 3) ? 2 : 1;
+}
+
+/* Up to this many rows (decode), the groups run their weights from memory once over all
+ * of k, each row tile against them while they are in L1/L2. */
+#define DECODE_ROWS 4
+/* Batched products: the weights of a group pair that one slice of k holds, so that they
+ * stay in L2 while every row tile runs against them (k up to ~7700 for Q8_0: one slice). */
+#define SLICE_PAIR_BYTES ((size_t)256 * 1024)
+/* Batched products: activation bytes (codes) of a pass's rows over a slice, which stay in
+ * L2 beside the weights (384 KB measured slower on the 0.5B shape: 7 passes of 80 rows
+ * over its down projection instead of 10 of 53). */
+#define PASS_ACT_BYTES ((size_t)256 * 1024)
+
+/* All rows of the activations against columns [n_begin, n_end): groups in pairs (one
+ * row: fours), rows in tiles of up to RB, the first tile of each group pair streaming its
+ * weights from memory and the others finding them in L1/L2.
+ * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once. More rows run in
+ * passes of rows whose activations stay in L2, over slices of k whose group pair's
+ * weights (SLICE_PAIR_BYTES) stay in L2 too: a long k (the 7B shape's down projection,
+ * 18944) would otherwise leave room in L2 for the activations of 13 rows only, and every
+ * 13 rows would stream all the weights again (now 3 slices, 41 rows a pass). Partial sums wait in out between
+ * slices (exact floats): every element still takes its blocks in k order, so the bits do
+ * not depend on the blocking. */
 static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
@@ -605,44 +681,35 @@ static void tile_product(float *out, int ldo, int rows, const act_rows *a, const
     int k = w->cols, per_block = kvd_dtype_block_values(dtype);
     int blocks = k / per_block;
     size_t tile_bytes = kvd_qtile_bytes(dtype);
-    size_t group_bytes = (size_t)blocks * tile_bytes;
-    int g_end = (n_end + GROUP - 1) / GROUP;
-    for (int g = n_begin / GROUP; g < g_end;) {
-        /* one row: 4 groups (more streams, and sums per broadcast); K types take 2 groups
-         * only up to 3 rows (their per-sub-block sums fill the registers) */
-        int G = rows == 1 && g + 3 < g_end ? 4 : g + 1 < g_end && (!kvd_qtype_is_k(dtype) || rows <= 3) ? 2 : 1;
-        __mmask16 mask[GB];
-        const uint8_t *tiles[GB];
-        for (int i = 0; i < GB; i++) {
-            mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
-            tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
-        }
-        for (int r0 = 0; r0 < rows; r0 += RB) {
-            int R = rows - r0 < RB ? rows - r0 : RB;
-            rows_view x;
-            for (int r = 0; r < R; r++) {
-                kvd_qact qa = act_row(a, r0 + r, k);
-                x.q[r] = qa.q;
-                x.d[r] = qa.d;
-                x.sum[r] = qa.sum;
-            }
-            float *o = out + (size_t)r0 * ldo;
-            int col0 = g * GROUP;
-            /* the first rows bring these groups' weights from memory; the others find
-             * them in L1/L2 */
-            bool stream = r0 == 0;
-            switch (dtype) {
-            case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, blocks, tile_bytes, bias, accumulate, col0, mask, stream); break;
-            default: break;
+    int g_begin = n_begin / GROUP, g_end = (n_end + GROUP - 1) / GROUP;
+    /* slices of near-equal whole blocks; passes of pass_rows rows, the last one shorter */
+    int slices = 1, pass_rows = rows;
+    if (rows > DECODE_ROWS) {
+        int slice_max = (int)(SLICE_PAIR_BYTES / (2 * tile_bytes));
+        slice_max = slice_max < 1 ? 1 : slice_max;
+        slices = (blocks + slice_max - 1) / slice_max;
+        int slice = (blocks + slices - 1) / slices;
+        pass_rows = (int)(PASS_ACT_BYTES / ((size_t)slice * (size_t)per_block));
+        pass_rows = pass_rows < RB ? RB : pass_rows;
+    }
+    int slice = (blocks + slices - 1) / slices;
+    for (int p0 = 0; p0 < rows; p0 += pass_rows) {
+        int p1 = rows - p0 < pass_rows ? rows : p0 + pass_rows;
+        for (int b0 = 0; b0 < blocks; b0 += slice) {
+            int b1 = blocks - b0 < slice ? blocks : b0 + slice;
+            for (int g = g_begin; g < g_end;) {
+                int G = groups_at(dtype, rows, g, g_end);
+                for (int r0 = p0; r0 < p1; r0 += RB) {
+                    int r1 = p1 - r0 < RB ? p1 : r0 + RB;
+                    /* the pass's first rows bring the pair's weights from memory; the
+                     * others find them in L1/L2 */
+                    kspan sp = {.b0 = b0, .b1 = b1, .from_out = b0 > 0, .stream = r0 == p0};
+                    run_kernel(out, ldo, a, r0, r1 - r0, w, bias, accumulate, n_begin, n_end, g, G,
+                               &sp);
+                }
+                g += G;
             }
         }
-        g += G;
     }
 }
 
@@ -688,9 +755,14 @@ void QSFX(kvd_qmatmul_cols_input)(float *out, int ldo, const kvd_qinput *x, int 
     if (n_begin >= n_end || m <= 0)
         return;
     int k = w->cols;
+#if defined(KVD_QVEC_VNNI)
+    /* tile_product makes its own passes */
+    int tile_rows = m;
+#else
     /* rows per pass over the weights: their activations (k bytes a row) stay in L2 */
     int tile_rows = (int)((size_t)256 * 1024 / (size_t)k);
     tile_rows = tile_rows < 1 ? 1 : tile_rows;
+#endif
     for (int r0 = 0; r0 < m; r0 += tile_rows) {
         int rows = m - r0 < tile_rows ? m - r0 : tile_rows;
         act_rows view = {x->q + (size_t)r0 * k, x->d + (size_t)r0 * (k / 32),
