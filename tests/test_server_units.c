@@ -198,7 +198,7 @@ static void test_config_json_errors(void **state)
     assert_json_fails("{\"port\": 70000}", "key \"port\": must be an integer in 0..65535");
     assert_json_fails("{\"port\": 80.5}", "key \"port\": must be an integer");
     assert_json_fails("{\"enable_prefix_cache\": 1}", "key \"enable_prefix_cache\": must be true or false");
-    assert_json_fails("{\"kv_dtype\": \"int4\"}", "key \"kv_dtype\": \"int4\" is not one of f16, bf16, f32, int8");
+    assert_json_fails("{\"kv_dtype\": \"int4\"}", "key \"kv_dtype\": \"int4\" is not one of f16, bf16, f32, int8, fp8");
     assert_json_fails("{\"log_level\": \"chatty\"}", "key \"log_level\"");
     assert_json_fails("{\"kv_cache_bytes\": 1024, \"kv_cache_mb\": 1}", "both set");
     assert_json_fails("[1, 2]", "c.json: must hold a JSON object");
@@ -270,7 +270,7 @@ static void test_config_flags(void **state)
     assert_int_equal(parse_args(&cfg, &err, &help, "--bogus", NULL), KVD_EINVAL);
     assert_string_equal(err.msg, "unknown flag --bogus (see --help)");
     assert_int_equal(parse_args(&cfg, &err, &help, "--kv-dtype", "f8", NULL), KVD_EINVAL);
-    assert_string_equal(err.msg, "--kv-dtype: \"f8\" is not one of f16, bf16, f32, int8");
+    assert_string_equal(err.msg, "--kv-dtype: \"f8\" is not one of f16, bf16, f32, int8, fp8");
     assert_int_equal(parse_args(&cfg, &err, &help, "--port", NULL), KVD_EINVAL);
     assert_string_equal(err.msg, "--port: needs a value");
     assert_int_equal(parse_args(&cfg, &err, &help, "--body-timeout-ms", "soon", NULL), KVD_EINVAL);
@@ -1188,7 +1188,7 @@ static void test_metrics_render(void **state)
     int types = 0;
     for (const char *p = out.data; (p = strstr(p, "# TYPE ")); p++)
         types++;
-    assert_int_equal(types, 19);
+    assert_int_equal(types, 22);
     kvd_sbuf_deinit(&out);
 }
 

@@ -34,7 +34,7 @@ PAGES = [
 STATS_KEYS = {"blocks_total", "blocks_free", "blocks_cached", "blocks_used", "blocks_shared", "usage",
               "tokens_stored", "bytes_wasted", "block_bytes", "pool_bytes", "prefix_queries",
               "prefix_query_tokens", "prefix_hits", "prefix_hit_tokens", "evictions", "cow_copies",
-              "num_running", "num_waiting", "num_preemptions"}
+              "num_running", "num_waiting", "num_preemptions", "dtype"}
 SEQ_KEYS = {"request_id", "choice", "num_tokens", "num_computed", "blocks"}
 
 daemon = None
@@ -54,6 +54,7 @@ def check_kv_shape(doc):
     assert len(states) == NUM_BLOCKS and set(states) <= set("0123"), states
     st = doc["stats"]
     assert set(st) == STATS_KEYS, sorted(st)
+    assert st["dtype"] == "f16", st["dtype"]  # the default page type
     counts = [states.count(c) for c in "0123"]
     assert (st["blocks_free"], st["blocks_cached"], st["blocks_used"], st["blocks_shared"]) == \
         (counts[0], counts[1], counts[2] + counts[3], counts[3]), (st, counts)
