@@ -25,12 +25,12 @@
  * O(1); kvd_kv_check_invariants recomputes everything from scratch.
  */
 #include "kvd/kvd_kv.h"
+#include "kvd/kvd_hugemem.h"
 
 #include <assert.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
@@ -41,7 +41,6 @@ enum {
     KV_MAX_BLOCK_SIZE = 256,
     KV_MIN_TABLE_CAPACITY = 8,
 };
-#define KV_HUGE_PAGE ((size_t)2 << 20)
 /* Seed of the first block of every prefix ("kvd-kv-1"). */
 #define KV_ROOT_SEED UINT64_C(0x6b76642d6b762d31)
 /* Seed of the first block's second chain ("kvd-chk-"). */
@@ -77,8 +76,7 @@ struct kvd_kv_pool {
     size_t slice_bytes;           /* one layer's K (or V) of one block, multiple of 64 */
     size_t block_bytes;           /* num_layers * 2 * slice_bytes */
     uint8_t *arena;               /* [num_blocks][num_layers][2][slice_bytes], 64-byte aligned */
-    void *mapping;                /* what mmap returned (arena is aligned inside it) */
-    size_t mapping_bytes;
+    size_t mapping_bytes;         /* what kvd_huge_free needs */
     kv_block *blocks;             /* [num_blocks] */
     int32_t *block_tokens;        /* [num_blocks][block_size] token ids of registered blocks */
     kv_list free_list;            /* count 0, holding nothing; taken from the head */
@@ -249,24 +247,14 @@ static void map_remove(kvd_kv_pool *pool, uint64_t key)
 
 /* ---- pool --------------------------------------------------------------------------- */
 
-/* Anonymous memory aligned to a huge page when large enough, so the kernel can back it
- * with 2 MiB pages (fewer TLB misses when attention walks many blocks). */
+/* Anonymous memory on 2 MiB pages where the kernel allows (fewer TLB misses when
+ * attention walks many blocks); only what is written is committed. */
 static int arena_map(kvd_kv_pool *pool, size_t bytes, kvd_error *err)
 {
-    size_t slack = bytes >= KV_HUGE_PAGE ? KV_HUGE_PAGE : 0;
-    void *mapping = mmap(NULL, bytes + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mapping == MAP_FAILED)
+    pool->arena = kvd_huge_alloc(bytes, &pool->mapping_bytes);
+    if (!pool->arena)
         return kvd_error_set(err, KVD_ENOMEM, "kv pool: cannot map %zu bytes for %d blocks", bytes,
                              (int)pool->num_blocks);
-    uintptr_t start = (uintptr_t)mapping;
-    if (slack)
-        start = (start + KV_HUGE_PAGE - 1) & ~(uintptr_t)(KV_HUGE_PAGE - 1);
-    pool->mapping = mapping;
-    pool->mapping_bytes = bytes + slack;
-    pool->arena = (uint8_t *)start;
-#ifdef MADV_HUGEPAGE
-    (void)madvise(pool->arena, bytes, MADV_HUGEPAGE); /* advisory: fine if THP is off */
-#endif
     return 0;
 }
 
@@ -343,8 +331,7 @@ void kvd_kv_pool_destroy(kvd_kv_pool *pool)
 {
     if (!pool)
         return;
-    if (pool->mapping)
-        munmap(pool->mapping, pool->mapping_bytes);
+    kvd_huge_free(pool->arena, pool->mapping_bytes);
     free(pool->check_seen);
     free(pool->check_holder);
     free(pool->check_held);
