@@ -171,7 +171,7 @@ void kvd_worker_yield_to_engine(void)
      * so errno tells a failure apart. */
     errno = 0;
     int daemon_nice = getpriority(PRIO_PROCESS, (id_t)getpid());
-    int nice_now = errno == 0 ? getpriority(PRIO_PROCESS, 0) : 0;
+    int nice_now = getpriority(PRIO_PROCESS, 0);
     if (errno != 0)
         return;
     int target = daemon_nice + KVD_WORKER_NICE_STEPS < 19 ? daemon_nice + KVD_WORKER_NICE_STEPS : 19;
