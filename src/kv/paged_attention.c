@@ -309,63 +309,84 @@ typedef struct fold_state {
     float *m, *l, *acc;
 } fold_state;
 
-/* fold_tile for two states of 64-value heads over the same tile (float pages), each
- * with exactly the operations fold_tile runs for it alone: the two share every K and V
- * load, keep eight independent FMA chains in flight instead of four (one state's chains
- * wait on the FMA latency), and hold their scores in registers. Keys past a state's nk
- * that the other sees are dotted for both (a tile's K rows are there up to TILE) and
- * never used by the first. */
-static void fold_tile_pair(const fold_state *s0, const fold_state *s1, int hd_pad, float scale,
-                           const float *kt, const float *vt)
+/* Query states a tile folds together (fold_tile_states). */
+#define FOLD_STATES 4
+
+/* fold_tile for S (2 or 4) states of 64-value heads over the same tile (float pages),
+ * each with exactly the operations fold_tile runs for it alone: they share every K and V
+ * load, run 4S independent FMA chains instead of four (one state's chains wait on the
+ * FMA latency, and so does its softmax), and hold their scores in registers. Keys past a
+ * state's nk that its pair partner sees are dotted for both (a tile's K rows are there
+ * up to TILE) and never used by the first. */
+V16_INLINE void fold_tile_states(const fold_state *st, int S, int hd_pad, float scale,
+                                 const float *kt, const float *vt)
 {
     _Static_assert(TILE == 32, "scores of a tile in two vectors");
-    float p0[TILE] __attribute__((aligned(64)));
-    float p1[TILE] __attribute__((aligned(64)));
-    int nk = s0->nk > s1->nk ? s0->nk : s1->nk, both = s0->nk < s1->nk ? s0->nk : s1->nk;
-    v16 q0[4], q1[4];
-    for (int i = 0; i < 4; i++) {
-        q0[i] = v16_load(s0->qh + 16 * i);
-        q1[i] = v16_load(s1->qh + 16 * i);
-    }
-    /* as fold_tile's four keys at a time (whose sums equal dot()'s for the rest) */
-    v16 sc0[2] = {v16_zero(), v16_zero()}, sc1[2] = {v16_zero(), v16_zero()};
-    for (int j = 0; j < nk; j += 4) {
-        const float *k0 = kt + (size_t)j * hd_pad;
-        v16 a[4], b[4];
-        for (int key = 0; key < 4; key++)
-            a[key] = b[key] = v16_zero();
+    float p[FOLD_STATES][TILE] __attribute__((aligned(64)));
+    v16 sc[FOLD_STATES][2];
+    for (int s0 = 0; s0 < S; s0 += 2) {
+        const fold_state *x = &st[s0], *y = &st[s0 + 1];
+        int nk = x->nk > y->nk ? x->nk : y->nk;
+        v16 q0[4], q1[4];
         for (int i = 0; i < 4; i++) {
-            for (int key = 0; key < 4; key++) {
-                v16 kv = v16_load(k0 + (size_t)key * hd_pad + 16 * i);
-                a[key] = v16_fma(q0[i], kv, a[key]);
-                b[key] = v16_fma(q1[i], kv, b[key]);
-            }
+            q0[i] = v16_load(x->qh + 16 * i);
+            q1[i] = v16_load(y->qh + 16 * i);
         }
-        int h = j / 16, q = (j % 16) / 4;
-        sc0[h] = v16_hsum4_lanes(sc0[h], q, a[0], a[1], a[2], a[3]);
-        sc1[h] = v16_hsum4_lanes(sc1[h], q, b[0], b[1], b[2], b[3]);
+        /* as fold_tile's four keys at a time (whose sums equal dot()'s for the rest) */
+        sc[s0][0] = sc[s0][1] = sc[s0 + 1][0] = sc[s0 + 1][1] = v16_zero();
+        for (int j = 0; j < nk; j += 4) {
+            const float *k0 = kt + (size_t)j * hd_pad;
+            v16 a[4], b[4];
+            for (int key = 0; key < 4; key++)
+                a[key] = b[key] = v16_zero();
+            for (int i = 0; i < 4; i++) {
+                for (int key = 0; key < 4; key++) {
+                    v16 kv = v16_load(k0 + (size_t)key * hd_pad + 16 * i);
+                    a[key] = v16_fma(q0[i], kv, a[key]);
+                    b[key] = v16_fma(q1[i], kv, b[key]);
+                }
+            }
+            int h = j / 16, q = (j % 16) / 4;
+            sc[s0][h] = v16_hsum4_lanes(sc[s0][h], q, a[0], a[1], a[2], a[3]);
+            sc[s0 + 1][h] = v16_hsum4_lanes(sc[s0 + 1][h], q, b[0], b[1], b[2], b[3]);
+        }
     }
-    float c0 = softmax_in_registers(sc0, s0->nk, scale, p0, s0->m, s0->l);
-    float c1 = softmax_in_registers(sc1, s1->nk, scale, p1, s1->m, s1->l);
-    /* as fold_softmax_v's 64-value path, the two states' chains side by side */
-    v16 a[4], b[4], cv0 = v16_set1(c0), cv1 = v16_set1(c1);
-    for (int i = 0; i < 4; i++) {
-        a[i] = v16_mul(v16_load(s0->acc + 16 * i), cv0);
-        b[i] = v16_mul(v16_load(s1->acc + 16 * i), cv1);
+    /* as fold_softmax_v's 64-value path, the states' chains side by side */
+    v16 acc[FOLD_STATES][4];
+    int both = TILE;
+    for (int s = 0; s < S; s++) {
+        v16 cv = v16_set1(softmax_in_registers(sc[s], st[s].nk, scale, p[s], st[s].m, st[s].l));
+        for (int i = 0; i < 4; i++)
+            acc[s][i] = v16_mul(v16_load(st[s].acc + 16 * i), cv);
+        both = st[s].nk < both ? st[s].nk : both;
     }
-    int j = 0;
-    for (; j < both; j++) {
-        fma_row64(a, p0[j], vt + (size_t)j * hd_pad);
-        fma_row64(b, p1[j], vt + (size_t)j * hd_pad);
+    for (int j = 0; j < both; j++) {
+        const float *v = vt + (size_t)j * hd_pad;
+        v16 vr[4] = {v16_load(v), v16_load(v + 16), v16_load(v + 32), v16_load(v + 48)};
+        for (int s = 0; s < S; s++) {
+            v16 pv = v16_set1(p[s][j]);
+            for (int i = 0; i < 4; i++)
+                acc[s][i] = v16_fma(pv, vr[i], acc[s][i]);
+        }
     }
-    for (int j0 = j; j0 < s0->nk; j0++)
-        fma_row64(a, p0[j0], vt + (size_t)j0 * hd_pad);
-    for (int j1 = j; j1 < s1->nk; j1++)
-        fma_row64(b, p1[j1], vt + (size_t)j1 * hd_pad);
-    for (int i = 0; i < 4; i++) {
-        v16_store(s0->acc + 16 * i, a[i]);
-        v16_store(s1->acc + 16 * i, b[i]);
+    for (int s = 0; s < S; s++) {
+        for (int j = both; j < st[s].nk; j++)
+            fma_row64(acc[s], p[s][j], vt + (size_t)j * hd_pad);
+        for (int i = 0; i < 4; i++)
+            v16_store(st[s].acc + 16 * i, acc[s][i]);
     }
+}
+
+static void fold_tile_four(const fold_state *st, int hd_pad, float scale, const float *kt,
+                           const float *vt)
+{
+    fold_tile_states(st, 4, hd_pad, scale, kt, vt);
+}
+
+static void fold_tile_two(const fold_state *st, int hd_pad, float scale, const float *kt,
+                          const float *vt)
+{
+    fold_tile_states(st, 2, hd_pad, scale, kt, vt);
 }
 
 /* Prefetches the K and V rows of positions [begin, end) of one KV head. */
@@ -715,9 +736,11 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 if (pos + TILE <= last)
                     prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, pos + TILE, pos + TILE + 1);
             }
-            /* 64-value heads on float pages: states two at a time (fold_tile_pair) */
-            bool pairs = !f8 && hd == 64;
-            fold_state waiting = {0};
+            /* 64-value heads on float pages: states four at a time (fold_tile_states),
+             * the last two or three as a pair and one alone */
+            bool together = !f8 && hd == 64;
+            fold_state waiting[FOLD_STATES];
+            int num_waiting = 0;
             for (int i = r0; i < r1; i++) {
                 int nk = visible_keys(q, i, t0, nt);
                 if (nk == 0)
@@ -727,20 +750,24 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                     int s = (i - r0) * group + g;
                     fold_state st = {q->q + (size_t)i * q->q_stride + (size_t)h * hd, nk, &st_m[s],
                                      &st_l[s], st_acc + (size_t)s * hd_pad};
-                    if (pairs && !waiting.qh) {
-                        waiting = st;
-                    } else if (pairs) {
-                        fold_tile_pair(&waiting, &st, hd_pad, shape->scale, kt, vt);
-                        waiting.qh = NULL;
-                    } else {
+                    if (!together) {
                         fold_tile(st.qh, hd, hd_pad, shape->scale, kt, vt, f8 ? kscale : NULL,
                                   f8 ? vscale : NULL, nk, scores, st.m, st.l, st.acc);
+                        continue;
+                    }
+                    waiting[num_waiting++] = st;
+                    if (num_waiting == FOLD_STATES) {
+                        fold_tile_four(waiting, hd_pad, shape->scale, kt, vt);
+                        num_waiting = 0;
                     }
                 }
             }
-            if (waiting.qh)
-                fold_tile(waiting.qh, hd, hd_pad, shape->scale, kt, vt, NULL, NULL, waiting.nk,
-                          scores, waiting.m, waiting.l, waiting.acc);
+            if (num_waiting >= 2)
+                fold_tile_two(waiting, hd_pad, shape->scale, kt, vt);
+            if (num_waiting % 2)
+                fold_tile(waiting[num_waiting - 1].qh, hd, hd_pad, shape->scale, kt, vt, NULL, NULL,
+                          waiting[num_waiting - 1].nk, scores, waiting[num_waiting - 1].m,
+                          waiting[num_waiting - 1].l, waiting[num_waiting - 1].acc);
         }
         write_out(q, kv_head, group, hd, hd_pad, r0, r1, st_l, st_acc);
     }
