@@ -15,6 +15,9 @@
  *   s_j = hsum(q . k_j) * scale;  m' = max(m, max_j s_j);  p_j = exp(s_j - m')
  *   c = exp(m - m') (0 on the first tile);  l = l*c + hsum(sum of p vectors)
  *   acc = acc*c, then acc += p_j v_j for j in order;  at the end out = acc / l.
+ * With 64-value heads on float pages an item folds its query states four at a time
+ * (fold_tile_states): the same operations per state, sharing K/V loads and overlapping
+ * the states' dependency chains, which one state alone leaves waiting on latencies.
  */
 #include "kvd_vec16.h"
 
