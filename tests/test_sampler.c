@@ -525,6 +525,55 @@ static void test_isa_bodies_agree(void **state)
     kvd_sampler_destroy(portable);
 }
 
+/* Greedy with top logprobs on an untouched row takes the first listed id: the same
+ * token as greedy without logprobs (argmax, lowest id on ties, NaN skipped, padding ids
+ * never), on rows of ties, -inf, NaN, signed zeros and a best value in the padding. */
+static void test_greedy_logprobs_token_is_argmax(void **state)
+{
+    (void)state;
+    enum { V = 1000, PRINTABLE = 997, ROWS = 400 };
+    kvd_sampler *s = kvd_sampler_create(V, PRINTABLE);
+    assert_non_null(s);
+    float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 4242);
+    for (int r = 0; r < ROWS; r++) {
+        const int kind = r % 6;
+        for (int i = 0; i < V; i++) {
+            double u = kvd_rng_uniform(&grng);
+            /* few distinct values, so ties for the best are common */
+            base[i] = kind == 0 ? (float)(u * 8.0 - 4.0) : (float)(int)(u * 5.0) - 2.0f;
+            if (kind == 2 && u < 0.3)
+                base[i] = NAN;
+            if (kind == 3)
+                base[i] = u < 0.5 ? -INFINITY : NAN;
+            if (kind == 4)
+                base[i] = u < 0.5 ? 0.0f : -0.0f;
+        }
+        if (kind == 5)
+            base[PRINTABLE + r % (V - PRINTABLE)] = 100.0f; /* best in the padding */
+        if (r == 11)
+            for (int i = 0; i < V; i++)
+                base[i] = NAN;
+        for (int lp = 1; lp <= 20; lp += 19) {
+            kvd_sampling_params with = sampling(0.0f), without = sampling(0.0f);
+            with.logprobs = lp;
+            memcpy(a, base, V * sizeof *a);
+            memcpy(b, base, V * sizeof *b);
+            kvd_sample_result x, y;
+            assert_int_equal(kvd_sampler_sample(s, &with, a, NULL, 0, NULL, 0, NULL, &x), 0);
+            assert_int_equal(kvd_sampler_sample(s, &without, b, NULL, 0, NULL, 0, NULL, &y), 0);
+            if (x.token != y.token)
+                fail_msg("row %d (kind %d), logprobs %d: token %d, argmax %d", r, kind, lp, x.token, y.token);
+            assert_in_range(x.token, 0, PRINTABLE - 1);
+        }
+    }
+    free(base);
+    free(a);
+    free(b);
+    kvd_sampler_destroy(s);
+}
+
 /* The structured-output mask (allowed) equals writing -inf over the cleared ids by
  * hand, on both row bodies: a vocabulary whose length is no multiple of 16 or 32,
  * random words beside all-clear and all-set ones; a masked id is never drawn. */
@@ -919,6 +968,7 @@ int main(void)
         cmocka_unit_test(test_logprobs_from_raw_logits),
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
+        cmocka_unit_test(test_greedy_logprobs_token_is_argmax),
         cmocka_unit_test(test_allowed_mask_matches_manual_mask),
         cmocka_unit_test(test_narrow_mask_matches_manual_mask),
         cmocka_unit_test(test_sparse_chunk_sums_exact),

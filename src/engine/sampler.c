@@ -812,6 +812,12 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
         if (token < 0)
             max_printable = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
     }
+    if (token < 0 && params->temperature == 0.0f && raw == logits && out->num_top > 0) {
+        /* Greedy on the untouched row whose best printable ids were just listed: the
+         * first of them is argmax_lowest's answer (the same order: NaN skipped, ties to
+         * the lower id), without two more passes over the row. */
+        token = out->top_tokens[0];
+    }
     if (token < 0)
         token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)
                                             : sample_filtered(s, params, logits, max_printable, rng);
