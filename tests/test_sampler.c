@@ -725,6 +725,46 @@ static void test_sparse_chunk_sums_exact(void **state)
     free(ids);
 }
 
+/* The fused exp and chunk sums equal kvd_vocab_exp then kvd_vocab_chunk_sums bit for
+ * bit on both bodies (and across them), over ragged lengths, NaN, +-inf, a max that is
+ * not the row's, and temperatures other than 1. */
+static void test_exp_chunk_sums_exact(void **state)
+{
+    (void)state;
+    enum { N = 151936 };
+    static const int lens[] = {N, N - 7, N - 267, 255, 17, 1};
+    float *x = malloc(N * sizeof *x), *w = malloc(N * sizeof *w);
+    static float two_pass[N / KVD_VOCAB_CHUNK + 1], fused[N / KVD_VOCAB_CHUNK + 1], portable[N / KVD_VOCAB_CHUNK + 1];
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 81);
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < N; i++) {
+            double u = kvd_rng_uniform(&grng);
+            x[i] = (float)(kvd_rng_uniform(&grng) * 60.0 - 40.0);
+            if (round > 0 && u < 0.01)
+                x[i] = u < 0.004 ? NAN : u < 0.008 ? -INFINITY : 1e-30f;
+        }
+        const float inv_t = round == 3 ? 1.0f / 0.7f : 1.0f;
+        for (size_t l = 0; l < sizeof lens / sizeof lens[0]; l++) {
+            const int n = lens[l], chunks = (n + KVD_VOCAB_CHUNK - 1) / KVD_VOCAB_CHUNK;
+            const float m = round == 2 ? 25.0f : kvd_vocab_max(false, x, n);
+            for (int isa = 0; isa < 2; isa++) {
+                const bool avx512 = isa == 1 && kvd_vocab_avx512_supported();
+                kvd_vocab_exp(avx512, w, x, n, m, inv_t);
+                kvd_vocab_chunk_sums(avx512, two_pass, w, n);
+                kvd_vocab_exp_chunk_sums(avx512, fused, x, n, m, inv_t);
+                assert_memory_equal(two_pass, fused, (size_t)chunks * sizeof fused[0]);
+                if (isa == 0)
+                    memcpy(portable, fused, (size_t)chunks * sizeof fused[0]);
+                else
+                    assert_memory_equal(portable, fused, (size_t)chunks * sizeof fused[0]);
+            }
+        }
+    }
+    free(x);
+    free(w);
+}
+
 /* Streams of one seed (choices of one request): stream 0 is the seed itself; stream 1
  * of seed 42 is not seed 43 (the old seed + choice rule made them equal). Reference
  * values from Python big integers: state = splitmix64(seed), then
@@ -972,6 +1012,7 @@ int main(void)
         cmocka_unit_test(test_allowed_mask_matches_manual_mask),
         cmocka_unit_test(test_narrow_mask_matches_manual_mask),
         cmocka_unit_test(test_sparse_chunk_sums_exact),
+        cmocka_unit_test(test_exp_chunk_sums_exact),
         cmocka_unit_test(test_bad_params_rejected_untouched),
         cmocka_unit_test(test_rng_streams),
         cmocka_unit_test(test_logit_bias),

@@ -506,8 +506,7 @@ static void raw_logprobs(kvd_sampler *s, const float *raw, int num_top, double *
     const float m = kvd_vocab_max(s->avx512, raw, V);
     double lse = m;
     if (isfinite(m)) {
-        kvd_vocab_exp(s->avx512, s->weights, raw, V, m, 1.0f);
-        kvd_vocab_chunk_sums(s->avx512, s->chunk_sums, s->weights, V);
+        kvd_vocab_exp_chunk_sums(s->avx512, s->chunk_sums, raw, V, m, 1.0f);
         lse = (double)m + log(total_of_chunks(s->chunk_sums, V)); /* the sum is >= 1 */
     }
     *lse_out = lse;
