@@ -442,6 +442,7 @@ static void test_parallel_samples_match_serial(void **state)
         kvd_forward_ctx *fwd = make_forward(f, threads[t], &pool);
         eng_sampling *parallel = eng_sampling_create(&f->model->config, V, P, threads[t], PS_MAX_JOBS);
         assert_non_null(parallel);
+        eng_sampling_force_parallel(parallel, true);
         for (size_t k = 0; k < sizeof job_counts / sizeof job_counts[0]; k++) {
             const int n = job_counts[k];
             ps_build(f, parallel, &par, base, n, V);

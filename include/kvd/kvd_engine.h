@@ -38,7 +38,7 @@ typedef struct kvd_engine_config {
     int max_num_seqs;          /* running sequences at once, default 64 */
     int max_batched_tokens;    /* tokens per step, default 512 */
     int max_queue;             /* waiting requests before submit says KVD_EBUSY; 0 = unbounded */
-    int num_threads;           /* compute threads, <= 0: all cores */
+    int num_threads;           /* compute threads (forward and sampling), <= 0: all cores */
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
     /* The disk tier (kvd_kvdisk.h): NULL or "" for none. Pages the prefix cache evicts
      * are written there, prefixes that miss in RAM are loaded from there, and the pages

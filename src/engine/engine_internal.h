@@ -140,10 +140,13 @@ int eng_sampling_num_jobs(const eng_sampling *s);
 eng_sample_job *eng_sampling_job(eng_sampling *s, int i);
 void eng_sampling_clear(eng_sampling *s);
 /* Runs every queued job: the copy, the grammar mask, kvd_sampler_sample (advancing
- * seq->rng) and the grammar's accept of the token. On fwd's threads when fwd is not
- * NULL (the lanes must cover its thread count), else on the caller. A job's result
- * depends only on its sequence and row. */
+ * seq->rng) and the grammar's accept of the token. With fwd (and lanes covering its
+ * thread count), on fwd's threads or on the caller, whichever has been faster per job
+ * lately (measured, the other tried now and then); without, on the caller. A job's
+ * result depends only on its sequence and row, never on the mode. */
 void eng_sampling_run(eng_sampling *s, kvd_forward_ctx *fwd);
+/* With force, every run of 2 or more jobs with fwd uses fwd's threads (tests). */
+void eng_sampling_force_parallel(eng_sampling *s, bool force);
 
 /* ---- queues (scheduler.c) ------------------------------------------------------- */
 
