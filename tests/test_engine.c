@@ -333,7 +333,8 @@ enum { PS_MAX_JOBS = 64, PS_OUTPUT = 5 };
 /* Job j's request: kind j % 8 picks greedy with top-20 logprobs (the benchmark's
  * case), plain greedy, small top_k with penalties, the whole-vocabulary filters,
  * logit_bias with min_tokens, a grammar, greedy under a repetition penalty, or (kind 7)
- * the two choices of an n = 2 request sharing one row. */
+ * the two choices of an n = 2 request sharing one row (sampled with penalties, so each
+ * copies it, or for odd j / 8 greedy with logprobs, so both read it in place). */
 static eng_request *ps_request(const fixture *f, int j, int kind)
 {
     static const kvd_logit_bias bias[3] = {{220, 4.0f}, {13, -2.0f}, {151700, 50.0f}};
@@ -367,7 +368,14 @@ static eng_request *ps_request(const fixture *f, int j, int kind)
         p.grammar = f->grammars[j % 3];
         break;
     case 6: p.sampling.repetition_penalty = 1.3f; p.sampling.logprobs = 20; break;
-    default: p = sampled_params(16, 300 + (uint64_t)j); p.n = 2; p.sampling.logprobs = 1; break;
+    default:
+        if (j / 8 % 2 == 0)
+            p = sampled_params(16, 300 + (uint64_t)j);
+        else
+            p.sampling.logprobs = 20;
+        p.n = 2;
+        p.sampling.logprobs = p.sampling.logprobs < 0 ? 1 : p.sampling.logprobs;
+        break;
     }
     int32_t prompt[24];
     make_prompt(prompt, 24, 900 + (uint64_t)j);
@@ -467,6 +475,8 @@ static void test_parallel_samples_match_serial(void **state)
                 assert_memory_equal(a->res.top_logprobs, b->res.top_logprobs, (size_t)a->res.num_top * sizeof(float));
                 assert_memory_equal(&a->seq->rng, &b->seq->rng, sizeof a->seq->rng);
                 assert_memory_equal(a->row, b->row, (size_t)V * sizeof(float));
+                if (a->copy) /* a shared row is never written */
+                    assert_memory_equal(a->row, base + (a->row - par.rows), (size_t)V * sizeof(float));
                 if (a->seq->grammar) {
                     assert_int_equal(kvd_grammar_matcher_num_tokens(a->seq->grammar), 1);
                     assert_int_equal(kvd_grammar_matcher_num_tokens(b->seq->grammar), 1);

@@ -574,6 +574,74 @@ static void test_greedy_logprobs_token_is_argmax(void **state)
     kvd_sampler_destroy(s);
 }
 
+/* A sample kvd_sampler_rewrites says does not write leaves the row bit for bit as it
+ * was, on every path (greedy, logprobs, small and large top_k, top_p, min_p, NaN and
+ * -inf in the row, both bodies); one it says writes (bias, min_tokens, penalties, a
+ * mask) does change it here. */
+static void test_rewrites_predicate(void **state)
+{
+    (void)state;
+    enum { V = 4099 };
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
+    float *base = malloc(V * sizeof *base), *row = malloc(V * sizeof *row);
+    uint32_t allowed[(V + 31) / 32];
+    memset(allowed, 0x55, sizeof allowed);
+    static const kvd_logit_bias bias[1] = {{3, 1.5f}};
+    static const int32_t stop_ids[1] = {7};
+    const int32_t history[4] = {1, 2, 3, 7};
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 90);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 10.0 - 5.0);
+    base[11] = NAN;
+    base[12] = -INFINITY;
+    kvd_sampling_params reads[7], writes[5];
+    for (int c = 0; c < 7; c++)
+        reads[c] = sampling(c == 0 ? 0.0f : 0.9f);
+    reads[0].logprobs = 20;
+    reads[1].top_k = 40;
+    reads[1].logprobs = 3;
+    reads[2].top_k = 2000;
+    reads[3].top_p = 0.7f;
+    reads[4].min_p = 0.1f;
+    reads[5].min_tokens = 2; /* no stop ids to mask: nothing to write */
+    reads[6].logprobs = 0;
+    for (int c = 0; c < 5; c++)
+        writes[c] = sampling(0.9f);
+    writes[0].logit_bias = bias;
+    writes[0].num_logit_bias = 1;
+    writes[1].min_tokens = 8;
+    writes[1].min_tokens_stop_ids = stop_ids;
+    writes[1].num_min_tokens_stop_ids = 1;
+    writes[2].repetition_penalty = 1.3f;
+    writes[3].presence_penalty = 0.5f;
+    writes[4].allowed = allowed;
+    for (int isa = 0; isa < 2; isa++) {
+        kvd_sampler *s = isa ? portable : native;
+        kvd_rng rng;
+        kvd_rng_seed(&rng, 5);
+        kvd_sample_result r;
+        for (int c = 0; c < 7; c++) {
+            assert_false(kvd_sampler_rewrites(&reads[c], 2));
+            memcpy(row, base, V * sizeof *row);
+            assert_int_equal(kvd_sampler_sample(s, &reads[c], row, history, 2, history + 2, 2, &rng, &r), 0);
+            assert_memory_equal(row, base, V * sizeof *row);
+        }
+        for (int c = 0; c < 5; c++) {
+            assert_true(kvd_sampler_rewrites(&writes[c], 2));
+            memcpy(row, base, V * sizeof *row);
+            assert_int_equal(kvd_sampler_sample(s, &writes[c], row, history, 2, history + 2, 2, &rng, &r), 0);
+            assert_true(memcmp(row, base, V * sizeof *row) != 0);
+        }
+        assert_false(kvd_sampler_rewrites(&writes[1], 8)); /* min_tokens reached */
+    }
+    free(base);
+    free(row);
+    kvd_sampler_destroy(native);
+    kvd_sampler_destroy(portable);
+}
+
 /* The structured-output mask (allowed) equals writing -inf over the cleared ids by
  * hand, on both row bodies: a vocabulary whose length is no multiple of 16 or 32,
  * random words beside all-clear and all-set ones; a masked id is never drawn. */
@@ -1008,6 +1076,7 @@ int main(void)
         cmocka_unit_test(test_logprobs_from_raw_logits),
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
+        cmocka_unit_test(test_rewrites_predicate),
         cmocka_unit_test(test_greedy_logprobs_token_is_argmax),
         cmocka_unit_test(test_allowed_mask_matches_manual_mask),
         cmocka_unit_test(test_narrow_mask_matches_manual_mask),

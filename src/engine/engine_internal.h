@@ -121,8 +121,8 @@ typedef struct eng_sample_lane {
 /* One sequence's sample this step. */
 typedef struct eng_sample_job {
     eng_seq *seq;
-    float *row;                  /* its logits row: sampled in place (rewritten), or copied first */
-    bool copy;
+    float *row;                  /* its logits row: sampled in place (may be rewritten) */
+    bool copy;                   /* row is shared: never written (copied first when the sample would) */
     int rc;                      /* out: 0, or what the grammar mask or the sampler returned */
     kvd_sample_result res;       /* out, when rc == 0 */
 } eng_sample_job;

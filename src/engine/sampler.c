@@ -756,6 +756,12 @@ static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, con
     return sample_vocab(s, p, logits, m, inv_t, rng);
 }
 
+bool kvd_sampler_rewrites(const kvd_sampling_params *p, int num_output)
+{
+    const bool mask_stops = num_output < p->min_tokens && p->num_min_tokens_stop_ids > 0;
+    return penalties_active(p) || p->num_logit_bias > 0 || mask_stops || p->allowed;
+}
+
 /* True when some id of the bias or min_tokens lists lies outside the row. */
 static bool ids_outside(const kvd_sampling_params *p, int V)
 {
@@ -783,7 +789,7 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     const bool want_logprobs = params->logprobs >= 0;
     const bool penalise = penalties_active(params);
     const bool mask_stops = num_output < params->min_tokens && params->num_min_tokens_stop_ids > 0;
-    const bool rewrite = penalise || params->num_logit_bias > 0 || mask_stops || params->allowed;
+    const bool rewrite = kvd_sampler_rewrites(params, num_output);
     const float *raw = logits;
     double lse = 0.0;
 
