@@ -28,6 +28,8 @@
 #include <time.h>
 
 #include "kvd/kvd_engine.h"
+#include "kvd/kvd_forward.h"
+#include "../src/engine/engine_internal.h" /* the step's samples against the sampler alone */
 
 #define MAX_OUT_TOKENS 512
 #define MAX_OUT_TEXT 16384
@@ -248,6 +250,274 @@ static void assert_same_output(const choice_out *a, const choice_out *b, int req
     assert_memory_equal(a->text, b->text, a->text_len);
 }
 
+/* ---- a step's samples on the forward's threads ---------------------------------- */
+
+static kvd_forward_ctx *make_forward(const fixture *f, int threads, kvd_kv_pool **pool)
+{
+    const kvd_model_config *mc = &f->model->config;
+    kvd_kv_config kv = {.num_layers = mc->num_layers, .num_kv_heads = mc->num_kv_heads, .head_dim = mc->head_dim,
+                        .block_size = 16, .dtype = KVD_DTYPE_F16, .num_blocks = 8};
+    kvd_error err = {0};
+    *pool = kvd_kv_pool_create(&kv, &err);
+    if (!*pool)
+        fail_msg("pool: %s", err.msg);
+    kvd_forward_ctx *fwd = kvd_forward_create(f->model, *pool, 16, 64, 64, threads, &err);
+    if (!fwd)
+        fail_msg("forward: %s", err.msg);
+    assert_int_equal(kvd_forward_num_threads(fwd), threads);
+    return fwd;
+}
+
+typedef struct for_each_probe {
+    int num_items, nth;
+    _Atomic int calls[64];
+    _Atomic int thread_of[64];
+    _Atomic int bad_thread;
+    _Atomic int others_seen; /* item 0 saw another thread take an item while it ran */
+} for_each_probe;
+
+static void probe_item(void *arg, int item, int thread)
+{
+    for_each_probe *p = arg;
+    atomic_fetch_add(&p->calls[item], 1);
+    atomic_store(&p->thread_of[item], thread);
+    if (thread < 0 || thread >= p->nth)
+        atomic_store(&p->bad_thread, 1);
+    if (item != 0 || p->nth < 2 || p->num_items < 2)
+        return;
+    /* Item 0 holds its thread until another item starts, which only another thread can
+     * do: the items really spread (a minute's grace for a loaded machine). */
+    const time_t give_up = time(NULL) + 60;
+    while (time(NULL) < give_up) {
+        for (int i = 1; i < p->num_items; i++)
+            if (atomic_load(&p->calls[i]) > 0) {
+                atomic_store(&p->others_seen, 1);
+                return;
+            }
+    }
+}
+
+/* kvd_forward_for_each runs every item exactly once, on threads below the count, and
+ * on more than one thread when there are several. */
+static void test_forward_for_each(void **state)
+{
+    const fixture *f = *state;
+    static const int threads[] = {1, 2, 3};
+    static const int items[] = {0, 1, 2, 5, 64};
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+        kvd_kv_pool *pool;
+        kvd_forward_ctx *fwd = make_forward(f, threads[t], &pool);
+        for (int rep = 0; rep < 3; rep++) {
+            for (size_t k = 0; k < sizeof items / sizeof items[0]; k++) {
+                for_each_probe *p = calloc(1, sizeof *p);
+                p->num_items = items[k];
+                p->nth = threads[t];
+                kvd_forward_for_each(fwd, items[k], probe_item, p);
+                for (int i = 0; i < 64; i++)
+                    assert_int_equal(atomic_load(&p->calls[i]), i < items[k] ? 1 : 0);
+                assert_int_equal(atomic_load(&p->bad_thread), 0);
+                if (threads[t] > 1 && items[k] > 1)
+                    assert_int_equal(atomic_load(&p->others_seen), 1);
+                if (items[k] == 1)
+                    assert_int_equal(atomic_load(&p->thread_of[0]), 0); /* one item: the caller */
+                free(p);
+            }
+        }
+        kvd_forward_destroy(fwd);
+        kvd_kv_pool_destroy(pool);
+    }
+}
+
+enum { PS_MAX_JOBS = 64, PS_OUTPUT = 5 };
+
+/* Job j's request: kind j % 8 picks greedy with top-20 logprobs (the benchmark's
+ * case), plain greedy, small top_k with penalties, the whole-vocabulary filters,
+ * logit_bias with min_tokens, a grammar, greedy under a repetition penalty, or (kind 7)
+ * the two choices of an n = 2 request sharing one row (sampled with penalties, so each
+ * copies it, or for odd j / 8 greedy with logprobs, so both read it in place). */
+static eng_request *ps_request(const fixture *f, int j, int kind)
+{
+    static const kvd_logit_bias bias[3] = {{220, 4.0f}, {13, -2.0f}, {151700, 50.0f}};
+    static const int32_t stop_ids[2] = {11, 198};
+    kvd_request_params p = greedy_params(16);
+    p.sampling.seed = 300 + (uint64_t)j;
+    switch (kind) {
+    case 0: p.sampling.logprobs = 20; break;
+    case 1: break;
+    case 2: p = sampled_params(16, 300 + (uint64_t)j); p.sampling.logprobs = 5; break;
+    case 3:
+        p.sampling.temperature = 0.7f;
+        p.sampling.top_p = 0.8f;
+        p.sampling.min_p = 0.02f;
+        p.sampling.frequency_penalty = 0.3f;
+        p.sampling.logprobs = 0;
+        break;
+    case 4:
+        p.sampling.temperature = 1.0f;
+        p.sampling.logit_bias = bias;
+        p.sampling.num_logit_bias = 3;
+        p.sampling.min_tokens = 8;
+        p.stop_token_ids = stop_ids;
+        p.num_stop_token_ids = 2;
+        p.sampling.logprobs = 3;
+        break;
+    case 5:
+        p.sampling.temperature = 1.0f;
+        p.sampling.logprobs = 2;
+        p.ignore_eos = false;
+        p.grammar = f->grammars[j % 3];
+        break;
+    case 6: p.sampling.repetition_penalty = 1.3f; p.sampling.logprobs = 20; break;
+    default:
+        if (j / 8 % 2 == 0)
+            p = sampled_params(16, 300 + (uint64_t)j);
+        else
+            p.sampling.logprobs = 20;
+        p.n = 2;
+        p.sampling.logprobs = p.sampling.logprobs < 0 ? 1 : p.sampling.logprobs;
+        break;
+    }
+    int32_t prompt[24];
+    make_prompt(prompt, 24, 900 + (uint64_t)j);
+    kvd_error err = {0};
+    eng_request *req = eng_request_create(prompt, 24, &p, 16, f->tok, &f->model->config, &err);
+    if (!req)
+        fail_msg("request: %s", err.msg);
+    if (!p.grammar) /* some output, so penalties and min_tokens act (a grammar's must match it) */
+        for (int c = 0; c < req->n; c++)
+            for (int t = 0; t < PS_OUTPUT; t++)
+                req->seqs[c].tokens[req->seqs[c].num_tokens++] = prompt[(t * 7 + j) % 24];
+    return req;
+}
+
+/* One set of jobs over rows (a copy of base) and its requests. */
+typedef struct ps_set {
+    eng_request *reqs[PS_MAX_JOBS];
+    int num_reqs;
+    float *rows;
+} ps_set;
+
+static void ps_build(const fixture *f, eng_sampling *s, ps_set *set, const float *base, int num_jobs, int V)
+{
+    memset(set->reqs, 0, sizeof set->reqs);
+    set->num_reqs = 0;
+    memcpy(set->rows, base, (size_t)num_jobs * (size_t)V * sizeof *base);
+    eng_sampling_clear(s);
+    for (int j = 0; j < num_jobs;) {
+        int kind = j % 8 == 7 && j + 2 <= num_jobs ? 7 : j % 8 == 7 ? 0 : j % 8;
+        eng_request *req = ps_request(f, j, kind);
+        set->reqs[set->num_reqs++] = req;
+        float *row = set->rows + (size_t)j * (size_t)V;
+        for (int c = 0; c < req->n; c++, j++)
+            assert_true(eng_sampling_add(s, &req->seqs[c], row, req->n > 1));
+    }
+}
+
+static void ps_free(ps_set *set)
+{
+    for (int i = 0; i < set->num_reqs; i++)
+        eng_request_destroy(NULL, set->reqs[i]);
+}
+
+/* The step's samples on 1..7 threads for 1..64 jobs are bit for bit those of the same
+ * jobs one after another on the caller, and (without a grammar) those kvd_sampler_sample
+ * gives each row alone: token, logprob, top list, the rng after, the row after. */
+static void test_parallel_samples_match_serial(void **state)
+{
+    const fixture *f = *state;
+    const int V = f->model->config.vocab_size;
+    const int P = kvd_tokenizer_vocab_size(f->tok) < V ? kvd_tokenizer_vocab_size(f->tok) : V;
+    static const int threads[] = {1, 2, 3, 4, 7};
+    static const int job_counts[] = {1, 2, 3, 5, 8, 13, 31, 64};
+    float *base = malloc((size_t)PS_MAX_JOBS * (size_t)V * sizeof *base);
+    float *alone_row = malloc((size_t)V * sizeof *alone_row);
+    ps_set par = {.rows = malloc((size_t)PS_MAX_JOBS * (size_t)V * sizeof(float))};
+    ps_set ser = {.rows = malloc((size_t)PS_MAX_JOBS * (size_t)V * sizeof(float))};
+    assert_true(base && alone_row && par.rows && ser.rows);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 2026);
+    for (size_t i = 0; i < (size_t)PS_MAX_JOBS * (size_t)V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 24.0 - 12.0);
+    for (int j = 0; j < PS_MAX_JOBS; j += 9) /* ties for the best, in every ninth row */
+        base[(size_t)j * V + 5] = base[(size_t)j * V + 77] = 40.0f;
+    kvd_sampler *alone = kvd_sampler_create(V, P);
+    eng_sampling *serial = eng_sampling_create(&f->model->config, V, P, 1, PS_MAX_JOBS);
+    assert_true(alone && serial);
+    uint32_t *mask_a = malloc((size_t)(V + 31) / 32 * sizeof *mask_a);
+    uint32_t *mask_b = malloc((size_t)(V + 31) / 32 * sizeof *mask_b);
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+        kvd_kv_pool *pool;
+        kvd_forward_ctx *fwd = make_forward(f, threads[t], &pool);
+        eng_sampling *parallel = eng_sampling_create(&f->model->config, V, P, threads[t], PS_MAX_JOBS);
+        assert_non_null(parallel);
+        eng_sampling_force_parallel(parallel, true);
+        for (size_t k = 0; k < sizeof job_counts / sizeof job_counts[0]; k++) {
+            const int n = job_counts[k];
+            ps_build(f, parallel, &par, base, n, V);
+            ps_build(f, serial, &ser, base, n, V);
+            /* The rng each job starts from, for the sampler-alone check. */
+            kvd_rng start[PS_MAX_JOBS];
+            for (int j = 0; j < n; j++)
+                start[j] = eng_sampling_job(serial, j)->seq->rng;
+            eng_sampling_run(parallel, fwd);
+            eng_sampling_run(serial, NULL);
+            assert_int_equal(eng_sampling_num_jobs(parallel), n);
+            for (int j = 0; j < n; j++) {
+                const eng_sample_job *a = eng_sampling_job(parallel, j), *b = eng_sampling_job(serial, j);
+                if (a->rc != 0 || b->rc != 0 || a->res.token != b->res.token)
+                    fail_msg("%d threads, %d jobs, job %d: rc %d/%d token %d vs %d", threads[t], n, j, a->rc, b->rc,
+                             a->res.token, b->res.token);
+                assert_memory_equal(&a->res.logprob, &b->res.logprob, sizeof a->res.logprob);
+                assert_int_equal(a->res.num_top, b->res.num_top);
+                assert_int_equal(a->res.num_top, a->seq->req->params.sampling.logprobs < 0 ? 0
+                                                 : a->seq->req->params.sampling.logprobs);
+                assert_memory_equal(a->res.top_tokens, b->res.top_tokens, (size_t)a->res.num_top * sizeof(int32_t));
+                assert_memory_equal(a->res.top_logprobs, b->res.top_logprobs, (size_t)a->res.num_top * sizeof(float));
+                assert_memory_equal(&a->seq->rng, &b->seq->rng, sizeof a->seq->rng);
+                assert_memory_equal(a->row, b->row, (size_t)V * sizeof(float));
+                if (a->copy) /* a shared row is never written */
+                    assert_memory_equal(a->row, base + (a->row - par.rows), (size_t)V * sizeof(float));
+                if (a->seq->grammar) {
+                    assert_int_equal(kvd_grammar_matcher_num_tokens(a->seq->grammar), 1);
+                    assert_int_equal(kvd_grammar_matcher_num_tokens(b->seq->grammar), 1);
+                    assert_int_equal(kvd_grammar_matcher_fill_mask(a->seq->grammar, mask_a, NULL), 0);
+                    assert_int_equal(kvd_grammar_matcher_fill_mask(b->seq->grammar, mask_b, NULL), 0);
+                    assert_memory_equal(mask_a, mask_b, (size_t)(V + 31) / 32 * sizeof *mask_a);
+                    continue;
+                }
+                /* The sampler alone on a fresh copy of the row and the same rng. */
+                const eng_seq *seq = b->seq;
+                const eng_request *req = seq->req;
+                memcpy(alone_row, base + (size_t)(b->row - ser.rows), (size_t)V * sizeof *alone_row);
+                kvd_rng rng = start[j];
+                kvd_sample_result r;
+                assert_int_equal(kvd_sampler_sample(alone, &req->params.sampling, alone_row, req->prompt,
+                                                    req->num_prompt, seq->tokens + req->num_prompt,
+                                                    seq->num_tokens - req->num_prompt, &rng, &r), 0);
+                assert_int_equal(r.token, b->res.token);
+                assert_memory_equal(&r.logprob, &b->res.logprob, sizeof r.logprob);
+                assert_memory_equal(r.top_tokens, b->res.top_tokens, (size_t)r.num_top * sizeof(int32_t));
+                assert_memory_equal(&rng, &seq->rng, sizeof rng);
+                if (!b->copy)
+                    assert_memory_equal(alone_row, b->row, (size_t)V * sizeof(float));
+            }
+            ps_free(&par);
+            ps_free(&ser);
+        }
+        eng_sampling_destroy(parallel);
+        kvd_forward_destroy(fwd);
+        kvd_kv_pool_destroy(pool);
+    }
+    eng_sampling_destroy(serial);
+    kvd_sampler_destroy(alone);
+    free(mask_a);
+    free(mask_b);
+    free(base);
+    free(alone_row);
+    free(par.rows);
+    free(ser.rows);
+}
+
 /* ---- the determinism property -------------------------------------------------- */
 
 #define NPROMPTS 32
@@ -314,7 +584,9 @@ static void assert_follows_grammar(const fixture *f, kvd_grammar *g, const choic
     kvd_grammar_matcher_destroy(m);
 }
 
-static void determinism(const fixture *f, det_mode mode)
+/* threads: the crowded engine's thread count (the lone runs take one): the step's
+ * samples then run across them. */
+static void determinism_on(const fixture *f, det_mode mode, int threads)
 {
     const bool sampled = mode != DET_GREEDY;
     /* The features run has half the prompts (with n = 2 for half of those): its
@@ -366,6 +638,7 @@ static void determinism(const fixture *f, det_mode mode)
     /* All at once: 48 blocks of 16 tokens cannot hold 32 sequences of 25..220 tokens,
      * and 48-token steps split every long prompt into chunks. */
     kvd_engine_config tight = small_config(48, 48);
+    tight.num_threads = threads;
     char disk_dir[512] = "";
     if (mode == DET_DISK) {
         temp_dir(disk_dir, sizeof disk_dir);
@@ -410,6 +683,18 @@ static void determinism(const fixture *f, det_mode mode)
             assert_same_output(&alone[i].ch[c], &together[i].ch[c], i);
     free(alone);
     free(together);
+}
+
+static void determinism(const fixture *f, det_mode mode)
+{
+    determinism_on(f, mode, 1);
+}
+
+/* The same, the crowded engine sampling on 3 threads (and 2 for the grammars). */
+static void test_determinism_threads(void **state)
+{
+    determinism_on(*state, DET_FEATURES, 3);
+    determinism_on(*state, DET_GRAMMAR, 2);
 }
 
 static void test_determinism_greedy(void **state)
@@ -1413,6 +1698,7 @@ int main(void)
         cmocka_unit_test(test_determinism_sampled),
         cmocka_unit_test(test_determinism_request_features),
         cmocka_unit_test(test_determinism_grammar),
+        cmocka_unit_test(test_determinism_threads),
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_disk_tier_hits_and_restart),
         cmocka_unit_test(test_determinism_disk_tier),
@@ -1429,7 +1715,12 @@ int main(void)
         cmocka_unit_test(test_include_stop_str_in_output),
         cmocka_unit_test(test_logprobs_and_kv_snapshot),
         cmocka_unit_test(test_engine_thread),
+<<<<<<< HEAD
         cmocka_unit_test(test_prefill_pack_serves_arrivals_in_turn),
+=======
+        cmocka_unit_test(test_forward_for_each),
+        cmocka_unit_test(test_parallel_samples_match_serial),
+>>>>>>> h/samp
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -525,6 +525,123 @@ static void test_isa_bodies_agree(void **state)
     kvd_sampler_destroy(portable);
 }
 
+/* Greedy with top logprobs on an untouched row takes the first listed id: the same
+ * token as greedy without logprobs (argmax, lowest id on ties, NaN skipped, padding ids
+ * never), on rows of ties, -inf, NaN, signed zeros and a best value in the padding. */
+static void test_greedy_logprobs_token_is_argmax(void **state)
+{
+    (void)state;
+    enum { V = 1000, PRINTABLE = 997, ROWS = 400 };
+    kvd_sampler *s = kvd_sampler_create(V, PRINTABLE);
+    assert_non_null(s);
+    float *base = malloc(V * sizeof *base), *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 4242);
+    for (int r = 0; r < ROWS; r++) {
+        const int kind = r % 6;
+        for (int i = 0; i < V; i++) {
+            double u = kvd_rng_uniform(&grng);
+            /* few distinct values, so ties for the best are common */
+            base[i] = kind == 0 ? (float)(u * 8.0 - 4.0) : (float)(int)(u * 5.0) - 2.0f;
+            if (kind == 2 && u < 0.3)
+                base[i] = NAN;
+            if (kind == 3)
+                base[i] = u < 0.5 ? -INFINITY : NAN;
+            if (kind == 4)
+                base[i] = u < 0.5 ? 0.0f : -0.0f;
+        }
+        if (kind == 5)
+            base[PRINTABLE + r % (V - PRINTABLE)] = 100.0f; /* best in the padding */
+        if (r == 11)
+            for (int i = 0; i < V; i++)
+                base[i] = NAN;
+        for (int lp = 1; lp <= 20; lp += 19) {
+            kvd_sampling_params with = sampling(0.0f), without = sampling(0.0f);
+            with.logprobs = lp;
+            memcpy(a, base, V * sizeof *a);
+            memcpy(b, base, V * sizeof *b);
+            kvd_sample_result x, y;
+            assert_int_equal(kvd_sampler_sample(s, &with, a, NULL, 0, NULL, 0, NULL, &x), 0);
+            assert_int_equal(kvd_sampler_sample(s, &without, b, NULL, 0, NULL, 0, NULL, &y), 0);
+            if (x.token != y.token)
+                fail_msg("row %d (kind %d), logprobs %d: token %d, argmax %d", r, kind, lp, x.token, y.token);
+            assert_in_range(x.token, 0, PRINTABLE - 1);
+        }
+    }
+    free(base);
+    free(a);
+    free(b);
+    kvd_sampler_destroy(s);
+}
+
+/* A sample kvd_sampler_rewrites says does not write leaves the row bit for bit as it
+ * was, on every path (greedy, logprobs, small and large top_k, top_p, min_p, NaN and
+ * -inf in the row, both bodies); one it says writes (bias, min_tokens, penalties, a
+ * mask) does change it here. */
+static void test_rewrites_predicate(void **state)
+{
+    (void)state;
+    enum { V = 4099 };
+    kvd_sampler *native, *portable;
+    sampler_pair(V, &native, &portable);
+    float *base = malloc(V * sizeof *base), *row = malloc(V * sizeof *row);
+    uint32_t allowed[(V + 31) / 32];
+    memset(allowed, 0x55, sizeof allowed);
+    static const kvd_logit_bias bias[1] = {{3, 1.5f}};
+    static const int32_t stop_ids[1] = {7};
+    const int32_t history[4] = {1, 2, 3, 7};
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 90);
+    for (int i = 0; i < V; i++)
+        base[i] = (float)(kvd_rng_uniform(&grng) * 10.0 - 5.0);
+    base[11] = NAN;
+    base[12] = -INFINITY;
+    kvd_sampling_params reads[7], writes[5];
+    for (int c = 0; c < 7; c++)
+        reads[c] = sampling(c == 0 ? 0.0f : 0.9f);
+    reads[0].logprobs = 20;
+    reads[1].top_k = 40;
+    reads[1].logprobs = 3;
+    reads[2].top_k = 2000;
+    reads[3].top_p = 0.7f;
+    reads[4].min_p = 0.1f;
+    reads[5].min_tokens = 2; /* no stop ids to mask: nothing to write */
+    reads[6].logprobs = 0;
+    for (int c = 0; c < 5; c++)
+        writes[c] = sampling(0.9f);
+    writes[0].logit_bias = bias;
+    writes[0].num_logit_bias = 1;
+    writes[1].min_tokens = 8;
+    writes[1].min_tokens_stop_ids = stop_ids;
+    writes[1].num_min_tokens_stop_ids = 1;
+    writes[2].repetition_penalty = 1.3f;
+    writes[3].presence_penalty = 0.5f;
+    writes[4].allowed = allowed;
+    for (int isa = 0; isa < 2; isa++) {
+        kvd_sampler *s = isa ? portable : native;
+        kvd_rng rng;
+        kvd_rng_seed(&rng, 5);
+        kvd_sample_result r;
+        for (int c = 0; c < 7; c++) {
+            assert_false(kvd_sampler_rewrites(&reads[c], 2));
+            memcpy(row, base, V * sizeof *row);
+            assert_int_equal(kvd_sampler_sample(s, &reads[c], row, history, 2, history + 2, 2, &rng, &r), 0);
+            assert_memory_equal(row, base, V * sizeof *row);
+        }
+        for (int c = 0; c < 5; c++) {
+            assert_true(kvd_sampler_rewrites(&writes[c], 2));
+            memcpy(row, base, V * sizeof *row);
+            assert_int_equal(kvd_sampler_sample(s, &writes[c], row, history, 2, history + 2, 2, &rng, &r), 0);
+            assert_true(memcmp(row, base, V * sizeof *row) != 0);
+        }
+        assert_false(kvd_sampler_rewrites(&writes[1], 8)); /* min_tokens reached */
+    }
+    free(base);
+    free(row);
+    kvd_sampler_destroy(native);
+    kvd_sampler_destroy(portable);
+}
+
 /* The structured-output mask (allowed) equals writing -inf over the cleared ids by
  * hand, on both row bodies: a vocabulary whose length is no multiple of 16 or 32,
  * random words beside all-clear and all-set ones; a masked id is never drawn. */
@@ -674,6 +791,46 @@ static void test_sparse_chunk_sums_exact(void **state)
     free(w);
     free(vals);
     free(ids);
+}
+
+/* The fused exp and chunk sums equal kvd_vocab_exp then kvd_vocab_chunk_sums bit for
+ * bit on both bodies (and across them), over ragged lengths, NaN, +-inf, a max that is
+ * not the row's, and temperatures other than 1. */
+static void test_exp_chunk_sums_exact(void **state)
+{
+    (void)state;
+    enum { N = 151936 };
+    static const int lens[] = {N, N - 7, N - 267, 255, 17, 1};
+    float *x = malloc(N * sizeof *x), *w = malloc(N * sizeof *w);
+    static float two_pass[N / KVD_VOCAB_CHUNK + 1], fused[N / KVD_VOCAB_CHUNK + 1], portable[N / KVD_VOCAB_CHUNK + 1];
+    kvd_rng grng;
+    kvd_rng_seed(&grng, 81);
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < N; i++) {
+            double u = kvd_rng_uniform(&grng);
+            x[i] = (float)(kvd_rng_uniform(&grng) * 60.0 - 40.0);
+            if (round > 0 && u < 0.01)
+                x[i] = u < 0.004 ? NAN : u < 0.008 ? -INFINITY : 1e-30f;
+        }
+        const float inv_t = round == 3 ? 1.0f / 0.7f : 1.0f;
+        for (size_t l = 0; l < sizeof lens / sizeof lens[0]; l++) {
+            const int n = lens[l], chunks = (n + KVD_VOCAB_CHUNK - 1) / KVD_VOCAB_CHUNK;
+            const float m = round == 2 ? 25.0f : kvd_vocab_max(false, x, n);
+            for (int isa = 0; isa < 2; isa++) {
+                const bool avx512 = isa == 1 && kvd_vocab_avx512_supported();
+                kvd_vocab_exp(avx512, w, x, n, m, inv_t);
+                kvd_vocab_chunk_sums(avx512, two_pass, w, n);
+                kvd_vocab_exp_chunk_sums(avx512, fused, x, n, m, inv_t);
+                assert_memory_equal(two_pass, fused, (size_t)chunks * sizeof fused[0]);
+                if (isa == 0)
+                    memcpy(portable, fused, (size_t)chunks * sizeof fused[0]);
+                else
+                    assert_memory_equal(portable, fused, (size_t)chunks * sizeof fused[0]);
+            }
+        }
+    }
+    free(x);
+    free(w);
 }
 
 /* Streams of one seed (choices of one request): stream 0 is the seed itself; stream 1
@@ -919,9 +1076,12 @@ int main(void)
         cmocka_unit_test(test_logprobs_from_raw_logits),
         cmocka_unit_test(test_full_vocab_filters_match_full_sort),
         cmocka_unit_test(test_isa_bodies_agree),
+        cmocka_unit_test(test_rewrites_predicate),
+        cmocka_unit_test(test_greedy_logprobs_token_is_argmax),
         cmocka_unit_test(test_allowed_mask_matches_manual_mask),
         cmocka_unit_test(test_narrow_mask_matches_manual_mask),
         cmocka_unit_test(test_sparse_chunk_sums_exact),
+        cmocka_unit_test(test_exp_chunk_sums_exact),
         cmocka_unit_test(test_bad_params_rejected_untouched),
         cmocka_unit_test(test_rng_streams),
         cmocka_unit_test(test_logit_bias),

@@ -43,7 +43,7 @@ typedef struct kvd_engine_config {
      * throughput and only makes each one wait for all before its first token. */
     int prefill_pack_tokens;
     int max_queue;             /* waiting requests before submit says KVD_EBUSY; 0 = unbounded */
-    int num_threads;           /* compute threads, <= 0: all cores */
+    int num_threads;           /* compute threads (forward and sampling), <= 0: all cores */
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
     /* The disk tier (kvd_kvdisk.h): NULL or "" for none. Pages the prefix cache evicts
      * are written there, prefixes that miss in RAM are loaded from there, and the pages

@@ -66,6 +66,16 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
 /* The thread count the context was made with (num_threads <= 0 resolved). */
 int kvd_forward_num_threads(const kvd_forward_ctx *ctx);
 
+/* Per-row work after a step (the engine's sampling) on the same threads: calls
+ * fn(arg, item, thread) exactly once for each item in [0, num_items), handing items out
+ * one at a time to up to kvd_forward_num_threads(ctx) threads (the caller is thread 0;
+ * thread < kvd_forward_num_threads(ctx) picks per-thread scratch), and returns when all
+ * are done. Which thread gets an item varies from run to run, so fn's result for an
+ * item must depend on the item alone. One item, or a one-thread context, runs on the
+ * caller. Not to be called from fn or during kvd_forward. */
+typedef void (*kvd_forward_item_fn)(void *arg, int item, int thread);
+void kvd_forward_for_each(kvd_forward_ctx *ctx, int num_items, kvd_forward_item_fn fn, void *arg);
+
 /* With force, every step runs on all the context's threads however small it is
  * (tests use it to exercise the parallel paths on the tiny model). */
 void kvd_forward_force_threads(kvd_forward_ctx *ctx, bool force);

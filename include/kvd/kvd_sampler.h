@@ -115,8 +115,13 @@ void kvd_sampler_destroy(kvd_sampler *s);
 int kvd_sampler_vocab_size(const kvd_sampler *s);
 int kvd_sampler_num_printable(const kvd_sampler *s);
 
+/* True when kvd_sampler_sample(params, ..., num_output, ...) writes into its logits
+ * (logit_bias, the min_tokens mask, a structured-output mask, penalties); otherwise the
+ * row is only read, and several samples may share it, on any threads. */
+bool kvd_sampler_rewrites(const kvd_sampling_params *params, int num_output);
+
 /* Samples from logits[vocab_size] (modified in place: bias, masks and penalties are
- * applied to it). prompt/output: the sequence's tokens so far, for penalties (ids
+ * applied to it: see kvd_sampler_rewrites). prompt/output: the sequence's tokens so far, for penalties (ids
  * outside the vocabulary are ignored) and min_tokens (num_output). rng advances by
  * exactly one draw when temperature > 0 and not at all for greedy (it may be NULL
  * then). Never allocates. Returns 0 and fills out, or KVD_EINVAL (bad params, a

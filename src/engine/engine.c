@@ -4,7 +4,8 @@
  * was asked; plan the batch (scheduler.c); run one kvd_forward over every scheduled
  * sequence; register newly full blocks in the prefix cache; for each sequence whose
  * uncomputed tokens are all in, sample the next token (forking a request's choices at
- * the end of its prompt), turn it into an event, retire finished sequences; then
+ * the end of its prompt; the samples run on the forward's threads, sample_step.c), turn
+ * each into an event in schedule order, retire finished sequences; then
  * append the step's events to the outbox and refresh the published stats under the
  * mutex, and call notify. The step itself runs without the mutex, so submit, cancel,
  * poll and stats never wait for model work.
@@ -31,7 +32,7 @@ struct kvd_engine {
     int vocab_size;
     kvd_kv_pool *pool;
     kvd_forward_ctx *fwd;
-    kvd_sampler *sampler;
+    eng_sampling *sampling;         /* this step's samples, run on the forward's threads */
     eng_scheduler sched;
     eng_event_pool *events;
 
@@ -40,8 +41,6 @@ struct kvd_engine {
     kvd_forward_seq *batch_seqs;    /* (max_num_seqs) */
     float *logits;                  /* (max_num_seqs, vocab) on huge pages: see kvd_hugemem.h */
     size_t logits_mapped;
-    float *row;                     /* (vocab) one choice's copy of a shared row */
-    uint32_t *grammar_mask;         /* ((vocab + 31) / 32) one choice's structured-output mask */
     uint64_t *cancel_ids;           /* (cancel_cap) swapped with the shared array */
     int cancel_cap;
     kvd_event *step_head, *step_tail;
@@ -263,7 +262,9 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
         goto fail;
     /* Rows past the tokenizer are padding without text: never sample them. */
     const int tok_ids = kvd_tokenizer_vocab_size(tok);
-    e->sampler = kvd_sampler_create(e->vocab_size, tok_ids < e->vocab_size ? tok_ids : e->vocab_size);
+    /* At most max_num_seqs sequences run, forked choices included: one job each. */
+    e->sampling = eng_sampling_create(&model->config, e->vocab_size, tok_ids < e->vocab_size ? tok_ids : e->vocab_size,
+                                      kvd_forward_num_threads(e->fwd), cfg.max_num_seqs);
     /* Slabs for a few steps of every running sequence; stop strings up to 256 bytes fit. */
     e->events = eng_event_pool_create(4 * cfg.max_num_seqs + 64, kvd_tokenizer_max_token_bytes(tok) + 64 + 256);
     e->batch_tokens = malloc((size_t)cfg.max_batched_tokens * sizeof *e->batch_tokens);
@@ -273,14 +274,12 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
      * forward thread in page faults. */
     e->logits = kvd_huge_alloc((size_t)cfg.max_num_seqs * (size_t)e->vocab_size * sizeof *e->logits,
                                &e->logits_mapped);
-    e->row = malloc((size_t)e->vocab_size * sizeof *e->row);
-    e->grammar_mask = malloc((size_t)(e->vocab_size + 31) / 32 * sizeof *e->grammar_mask);
     e->sched.entries = malloc((size_t)cfg.max_num_seqs * sizeof *e->sched.entries);
     e->cancel_cap = 64;
     e->cancel_ids = malloc((size_t)e->cancel_cap * sizeof *e->cancel_ids);
     e->shared_cancel_cap = 64;
     e->shared_cancels = malloc((size_t)e->shared_cancel_cap * sizeof *e->shared_cancels);
-    if (!e->sampler || !e->events || !e->batch_tokens || !e->batch_seqs || !e->logits || !e->row || !e->grammar_mask ||
+    if (!e->sampling || !e->events || !e->batch_tokens || !e->batch_seqs || !e->logits ||
         !e->sched.entries || !e->cancel_ids || !e->shared_cancels) {
         kvd_error_set(err, KVD_ENOMEM, "engine: out of memory for step buffers (%d seqs x %d vocab logits)",
                       cfg.max_num_seqs, e->vocab_size);
@@ -429,70 +428,55 @@ static int fork_choices(kvd_engine *e, eng_request *req, kvd_error *err)
     return 0;
 }
 
-/* e->grammar_mask := what seq's grammar allows next, plus EOS and the stop ids where
- * the grammar may end. */
-static int grammar_mask(kvd_engine *e, eng_seq *seq)
+/* Turns a sampled job into seq's event, ends the choice if it is done. */
+static void deliver_sample(kvd_engine *e, const eng_sample_job *job)
 {
-    const eng_request *req = seq->req;
-    int rc = kvd_grammar_matcher_fill_mask(seq->grammar, e->grammar_mask, NULL);
-    if (rc < 0 || !kvd_grammar_matcher_can_end(seq->grammar))
-        return rc;
-    const kvd_model_config *mc = &e->model->config;
-    for (int i = 0; !req->params.ignore_eos && i < mc->num_eos_token_ids; i++) {
-        int32_t id = mc->eos_token_ids[i];
-        if (id >= 0 && id < e->vocab_size)
-            e->grammar_mask[id >> 5] |= 1u << (id & 31);
-    }
-    for (int i = 0; i < req->params.num_stop_token_ids; i++) {
-        int32_t id = req->stop_ids[i];
-        if (id >= 0 && id < e->vocab_size)
-            e->grammar_mask[id >> 5] |= 1u << (id & 31);
-    }
-    return 0;
-}
-
-/* Samples seq's next token from row (modified) and queues its event. */
-static void sample_into_event(kvd_engine *e, eng_seq *seq, float *row)
-{
+    eng_seq *seq = job->seq;
     eng_request *req = seq->req;
-    kvd_sample_result res;
-    const int num_output = seq->num_tokens - req->num_prompt;
-    kvd_sampling_params sp = req->params.sampling;
-    int rc = 0;
-    if (seq->grammar) {
-        rc = grammar_mask(e, seq);
-        sp.allowed = e->grammar_mask;
-    }
-    if (rc == 0)
-        rc = kvd_sampler_sample(e->sampler, &sp, row, req->prompt, req->num_prompt, seq->tokens + req->num_prompt,
-                                num_output, &seq->rng, &res);
-    /* EOS and stop ids have no place in the grammar: they were allowed where it may end */
-    if (rc == 0 && seq->grammar)
-        (void)kvd_grammar_matcher_accept(seq->grammar, res.token, NULL);
-    kvd_event *ev = rc == 0 ? eng_event_new(e->events, 1, req->params.sampling.logprobs >= 0,
-                                            eng_seq_text_capacity(seq))
-                            : NULL;
+    kvd_event *ev = job->rc == 0 ? eng_event_new(e->events, 1, req->params.sampling.logprobs >= 0,
+                                                 eng_seq_text_capacity(seq))
+                                 : NULL;
     if (!ev) {
         /* Parameters were checked at submit, so only memory can fail here. */
         seq_retire(e, seq);
         seq->finish = KVD_FINISH_ERROR;
-        closing_event(e, seq, KVD_FINISH_ERROR, rc < 0 ? "engine: sampling failed" : "engine: out of memory");
+        closing_event(e, seq, KVD_FINISH_ERROR, job->rc < 0 ? "engine: sampling failed" : "engine: out of memory");
         if (--req->num_unfinished == 0)
             request_done(e, req);
         return;
     }
     e->generation_tokens_total++;
-    kvd_finish_reason finish = eng_seq_accept_token(seq, &e->model->config, res.token, &res, ev);
+    kvd_finish_reason finish = eng_seq_accept_token(seq, &e->model->config, job->res.token, &job->res, ev);
     step_event(e, ev);
     if (finish != KVD_FINISH_NONE)
         seq_finished(e, seq);
 }
 
+/* Samples every queued job across the forward's threads, then delivers them in order. */
+static void sample_queued(kvd_engine *e)
+{
+    eng_sampling_run(e->sampling, e->fwd);
+    for (int i = 0; i < eng_sampling_num_jobs(e->sampling); i++)
+        deliver_sample(e, eng_sampling_job(e->sampling, i));
+    eng_sampling_clear(e->sampling);
+}
+
+static void queue_sample(kvd_engine *e, eng_seq *seq, float *row, bool copy)
+{
+    /* Never full (one job per running sequence), but if it were, empty it first. */
+    if (!eng_sampling_add(e->sampling, seq, row, copy)) {
+        sample_queued(e);
+        (void)eng_sampling_add(e->sampling, seq, row, copy);
+    }
+}
+
+/* Queues the samples row's logits give: seq's, or at the end of a prompt with n > 1
+ * every choice's, each from its own copy (sampling rewrites the row with penalties). */
 static void take_logits(kvd_engine *e, eng_seq *seq, float *row)
 {
     eng_request *req = seq->req;
     if (req->forked) {
-        sample_into_event(e, seq, row);
+        queue_sample(e, seq, row, false);
         return;
     }
     kvd_error err = {0};
@@ -500,11 +484,8 @@ static void take_logits(kvd_engine *e, eng_seq *seq, float *row)
         request_abort(e, req, KVD_FINISH_ERROR, err.msg);
         return;
     }
-    /* Each choice gets a fresh copy: sampling rewrites the row with its penalties. */
-    for (int c = 0; c < req->n; c++) {
-        memcpy(e->row, row, (size_t)e->vocab_size * sizeof *row);
-        sample_into_event(e, &req->seqs[c], e->row);
-    }
+    for (int c = 0; c < req->n; c++)
+        queue_sample(e, &req->seqs[c], row, true);
 }
 
 static eng_request *find_active(kvd_engine *e, uint64_t id)
@@ -706,6 +687,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
             if (en->logits)
                 take_logits(e, seq, e->logits + (size_t)row++ * (size_t)e->vocab_size);
         }
+        sample_queued(e);
     }
     free_done(e);
     const uint64_t t3 = now_ns();
@@ -833,13 +815,11 @@ void kvd_engine_destroy(kvd_engine *e)
     kvd_event_free(e->out_head);
     eng_event_pool_release(e->events);
     kvd_forward_destroy(e->fwd);
-    kvd_sampler_destroy(e->sampler);
+    eng_sampling_destroy(e->sampling);
     kvd_kv_pool_destroy(e->pool);
     free(e->batch_tokens);
     free(e->batch_seqs);
     kvd_huge_free(e->logits, e->logits_mapped);
-    free(e->row);
-    free(e->grammar_mask);
     free(e->sched.entries);
     free(e->cancel_ids);
     free(e->shared_cancels);

@@ -115,6 +115,45 @@ kvd_request_timing eng_request_timing(const eng_request *req);
 /* Bytes of text an accept may deliver at most: the event text capacity to ask for. */
 size_t eng_seq_text_capacity(const eng_seq *seq);
 
+/* ---- a step's samples (sample_step.c) ------------------------------------------ */
+
+/* One thread's scratch. */
+typedef struct eng_sample_lane {
+    kvd_sampler *sampler;
+    float *row;                  /* (vocab) a choice's copy of a row its request's choices share */
+    uint32_t *grammar_mask;      /* ((vocab + 31) / 32) */
+} eng_sample_lane;
+
+/* One sequence's sample this step. */
+typedef struct eng_sample_job {
+    eng_seq *seq;
+    float *row;                  /* its logits row: sampled in place (may be rewritten) */
+    bool copy;                   /* row is shared: never written (copied first when the sample would) */
+    int rc;                      /* out: 0, or what the grammar mask or the sampler returned */
+    kvd_sample_result res;       /* out, when rc == 0 */
+} eng_sample_job;
+
+typedef struct eng_sampling eng_sampling;
+
+/* Lanes for num_lanes threads (the forward's thread count) and room for max_jobs jobs
+ * a step; mcfg (EOS ids for grammar masks) is borrowed. NULL on ENOMEM or bad sizes. */
+eng_sampling *eng_sampling_create(const kvd_model_config *mcfg, int vocab_size, int num_printable, int num_lanes,
+                                  int max_jobs);
+void eng_sampling_destroy(eng_sampling *s);
+/* Queues seq's sample from row (copy: row is shared, sample a copy). false when full. */
+bool eng_sampling_add(eng_sampling *s, eng_seq *seq, float *row, bool copy);
+int eng_sampling_num_jobs(const eng_sampling *s);
+eng_sample_job *eng_sampling_job(eng_sampling *s, int i);
+void eng_sampling_clear(eng_sampling *s);
+/* Runs every queued job: the copy, the grammar mask, kvd_sampler_sample (advancing
+ * seq->rng) and the grammar's accept of the token. With fwd (and lanes covering its
+ * thread count), on fwd's threads or on the caller, whichever has been faster per job
+ * lately (measured, the other tried now and then); without, on the caller. A job's
+ * result depends only on its sequence and row, never on the mode. */
+void eng_sampling_run(eng_sampling *s, kvd_forward_ctx *fwd);
+/* With force, every run of 2 or more jobs with fwd uses fwd's threads (tests). */
+void eng_sampling_force_parallel(eng_sampling *s, bool force);
+
 /* ---- queues (scheduler.c) ------------------------------------------------------- */
 
 typedef struct eng_list {

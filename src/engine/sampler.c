@@ -506,8 +506,7 @@ static void raw_logprobs(kvd_sampler *s, const float *raw, int num_top, double *
     const float m = kvd_vocab_max(s->avx512, raw, V);
     double lse = m;
     if (isfinite(m)) {
-        kvd_vocab_exp(s->avx512, s->weights, raw, V, m, 1.0f);
-        kvd_vocab_chunk_sums(s->avx512, s->chunk_sums, s->weights, V);
+        kvd_vocab_exp_chunk_sums(s->avx512, s->chunk_sums, raw, V, m, 1.0f);
         lse = (double)m + log(total_of_chunks(s->chunk_sums, V)); /* the sum is >= 1 */
     }
     *lse_out = lse;
@@ -757,6 +756,12 @@ static int32_t sample_filtered(kvd_sampler *s, const kvd_sampling_params *p, con
     return sample_vocab(s, p, logits, m, inv_t, rng);
 }
 
+bool kvd_sampler_rewrites(const kvd_sampling_params *p, int num_output)
+{
+    const bool mask_stops = num_output < p->min_tokens && p->num_min_tokens_stop_ids > 0;
+    return penalties_active(p) || p->num_logit_bias > 0 || mask_stops || p->allowed;
+}
+
 /* True when some id of the bias or min_tokens lists lies outside the row. */
 static bool ids_outside(const kvd_sampling_params *p, int V)
 {
@@ -784,7 +789,7 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
     const bool want_logprobs = params->logprobs >= 0;
     const bool penalise = penalties_active(params);
     const bool mask_stops = num_output < params->min_tokens && params->num_min_tokens_stop_ids > 0;
-    const bool rewrite = penalise || params->num_logit_bias > 0 || mask_stops || params->allowed;
+    const bool rewrite = kvd_sampler_rewrites(params, num_output);
     const float *raw = logits;
     double lse = 0.0;
 
@@ -811,6 +816,12 @@ int kvd_sampler_sample(kvd_sampler *s, const kvd_sampling_params *params, float 
         token = sample_allowed(s, params, logits, rng);
         if (token < 0)
             max_printable = kvd_vocab_mask_max(s->avx512, logits, params->allowed, V, s->num_printable);
+    }
+    if (token < 0 && params->temperature == 0.0f && raw == logits && out->num_top > 0) {
+        /* Greedy on the untouched row whose best printable ids were just listed: the
+         * first of them is argmax_lowest's answer (the same order: NaN skipped, ties to
+         * the lower id), without two more passes over the row. */
+        token = out->top_tokens[0];
     }
     if (token < 0)
         token = params->temperature == 0.0f ? argmax_lowest(s->avx512, logits, s->num_printable)

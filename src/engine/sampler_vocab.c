@@ -158,6 +158,30 @@ AVX512_FN static float chunk_sum_avx512(const float *w, int len, float floor_w, 
     return tree_sum16(lanes) + tail;
 }
 
+/* chunk_sum_avx512(w, len, 0) of w = exp_avx512(x, len, m, inv_t), the same operations
+ * in the same order, without storing w (len <= CHUNK, x 16-aligned in the row as chunks
+ * are, so exp_avx512's vector blocks and scalar tail fall where they do here). */
+AVX512_FN static float exp_chunk_sum_avx512(const float *x, int len, float m, float inv_t)
+{
+    const __m512 vm = _mm512_set1_ps(m), vt = _mm512_set1_ps(inv_t), zero = _mm512_setzero_ps();
+    __m512 acc = zero;
+    int i = 0;
+    for (; i + LANES <= len; i += LANES) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q),
+                                       exp16(_mm512_mul_ps(_mm512_sub_ps(v, vm), vt)));
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, zero, _CMP_GE_OQ), e));
+    }
+    float lanes[LANES], tail = 0.0f;
+    _mm512_storeu_ps(lanes, acc);
+    for (; i < len; i++) {
+        float w = x[i] == x[i] ? kvd_vocab_exp1((x[i] - m) * inv_t) : 0.0f;
+        if (w >= 0.0f)
+            tail += w;
+    }
+    return tree_sum16(lanes) + tail;
+}
+
 AVX512_FN static int find_gt_avx512(const float *x, int start, int n, float t)
 {
     const __m512 vt = _mm512_set1_ps(t);
@@ -269,6 +293,25 @@ static float chunk_sum_portable(const float *w, int len, float floor_w, int *cou
     return tree_sum16(acc) + tail;
 }
 
+static float exp_chunk_sum_portable(const float *x, int len, float m, float inv_t)
+{
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= len; i += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            float w = x[i + l] == x[i + l] ? kvd_vocab_exp1((x[i + l] - m) * inv_t) : 0.0f;
+            acc[l] += w >= 0.0f ? w : 0.0f;
+        }
+    }
+    float tail = 0.0f;
+    for (; i < len; i++) {
+        float w = x[i] == x[i] ? kvd_vocab_exp1((x[i] - m) * inv_t) : 0.0f;
+        if (w >= 0.0f)
+            tail += w;
+    }
+    return tree_sum16(acc) + tail;
+}
+
 float kvd_vocab_max(bool avx512, const float *x, int n)
 {
 #if HAVE_AVX512_BODY
@@ -309,6 +352,21 @@ void kvd_vocab_chunk_sums(bool avx512, float *sums, const float *w, int n)
         int len = n - start < KVD_VOCAB_CHUNK ? n - start : KVD_VOCAB_CHUNK;
         /* Weights are >= 0, so a floor of 0 keeps every one. */
         sums[c] = chunk_sum(avx512, w + start, len, 0.0f, &ignored);
+    }
+}
+
+void kvd_vocab_exp_chunk_sums(bool avx512, float *sums, const float *x, int n, float m, float inv_t)
+{
+    for (int c = 0, start = 0; start < n; c++, start += KVD_VOCAB_CHUNK) {
+        int len = n - start < KVD_VOCAB_CHUNK ? n - start : KVD_VOCAB_CHUNK;
+#if HAVE_AVX512_BODY
+        if (avx512) {
+            sums[c] = exp_chunk_sum_avx512(x + start, len, m, inv_t);
+            continue;
+        }
+#endif
+        (void)avx512;
+        sums[c] = exp_chunk_sum_portable(x + start, len, m, inv_t);
     }
 }
 

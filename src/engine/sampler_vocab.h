@@ -29,6 +29,11 @@ void kvd_vocab_exp(bool avx512, float *w, const float *x, int n, float m, float 
 /* sums[c] = sum of w[c*CHUNK .. min(n, (c+1)*CHUNK)); sums has ceil(n / CHUNK) entries. */
 void kvd_vocab_chunk_sums(bool avx512, float *sums, const float *w, int n);
 
+/* kvd_vocab_chunk_sums of the weights kvd_vocab_exp(x, n, m, inv_t) would write, bit
+ * for bit, without writing them (one pass over x instead of a write and two reads: the
+ * log-softmax's normaliser). */
+void kvd_vocab_exp_chunk_sums(bool avx512, float *sums, const float *x, int n, float m, float inv_t);
+
 /* kvd_vocab_chunk_sums of a row that is zero but for w[j] at ids[j] (k of them, ids
  * ascending, all < n), bit for bit, in O(k + n / CHUNK). */
 void kvd_vocab_chunk_sums_sparse(float *sums, const int32_t *ids, const float *w, int k, int n);

@@ -410,6 +410,33 @@ int kvd_forward_num_threads(const kvd_forward_ctx *ctx)
     return ctx->num_threads;
 }
 
+typedef struct for_each_args {
+    kvd_team *team;
+    int num_items;
+    kvd_forward_item_fn fn;
+    void *arg;
+} for_each_args;
+
+static void for_each_body(void *arg, int ith, int nth)
+{
+    (void)nth;
+    const for_each_args *fa = arg;
+    for (int i = kvd_team_next(fa->team); i < fa->num_items; i = kvd_team_next(fa->team))
+        fa->fn(fa->arg, i, ith);
+}
+
+void kvd_forward_for_each(kvd_forward_ctx *ctx, int num_items, kvd_forward_item_fn fn, void *arg)
+{
+    if (num_items <= 0)
+        return;
+    for_each_args fa = {ctx->team, num_items, fn, arg};
+    /* The team is idle here, and posting the job publishes the reset counter (threads.c
+     * posts with a sequentially consistent increment), so no barrier is needed. */
+    kvd_team_reset_counter(ctx->team);
+    const int nth = num_items < ctx->num_threads ? num_items : ctx->num_threads;
+    kvd_team_run(ctx->team, nth, for_each_body, &fa);
+}
+
 /* What one step's threads share. */
 typedef struct step_args {
     kvd_forward_ctx *ctx;
