@@ -14,6 +14,7 @@
 
 #include "kvd/kvd_kernels.h"
 #include "kvd/kvd_quant.h"
+#include "quant_internal.h" /* the per-ISA builds, called one by one */
 
 static const kvd_dtype qtypes[] = {KVD_DTYPE_Q8_0, KVD_DTYPE_Q4_0, KVD_DTYPE_Q5_0, KVD_DTYPE_Q4_K,
                                    KVD_DTYPE_Q5_K, KVD_DTYPE_Q6_K, KVD_DTYPE_Q8_K};
@@ -196,6 +197,75 @@ static void test_products_deterministic(void **state)
     }
 }
 
+/* The AVX-512 builds one by one against the scalar one: VNNI alone and VNNI with GFNI
+ * (whose unpacking of 4-6-bit codes differs; the dispatcher shows only the best one a CPU
+ * has), for the decode shapes (1-4 rows: one and two sum chains, four groups at a time)
+ * and a batch, from float rows and from a kvd_qinput, on whole and odd column ranges. */
+static void test_builds_agree(void **state)
+{
+    (void)state;
+    bool vnni = kvd_quant_vnni_supported();
+    __builtin_cpu_init();
+    bool gfni = vnni && __builtin_cpu_supports("gfni");
+    if (!vnni)
+        skip();
+    if (!gfni)
+        print_message("no GFNI on this CPU: the VNNI build only\n");
+    uint64_t s = 21;
+    const int rows = 141, ms[] = {1, 2, 3, 4, 7};
+    for (int t = 0; t < NTYPES; t++) {
+        kvd_dtype dtype = qtypes[t];
+        int cols = kvd_dtype_block_values(dtype) == 256 ? 1024 : 320;
+        qmatrix q = make_qmatrix(dtype, rows, cols, &s);
+        float *x = malloc((size_t)7 * cols * sizeof(float));
+        float bias[141];
+        for (int i = 0; i < 7 * cols; i++)
+            x[i] = rnd(&s) * (i % 29 == 0 ? 9.0f : 1.0f);
+        for (int j = 0; j < rows; j++)
+            bias[j] = rnd(&s);
+        size_t out_bytes = (size_t)7 * rows * sizeof(float);
+        float *ref = malloc(out_bytes), *got = malloc(out_bytes);
+        void *mem = aligned_alloc(64, (kvd_qinput_bytes(7, cols) + 63) / 64 * 64);
+        kvd_qinput in;
+        kvd_qinput_init(&in, mem, 7, cols);
+        for (size_t mi = 0; mi < sizeof ms / sizeof ms[0]; mi++) {
+            int m = ms[mi];
+            for (int range = 0; range < 2; range++) {
+                int a = range ? 19 : 0, b = range ? 117 : rows;
+                memset(ref, 0, out_bytes);
+                kvd_qmatmul_cols_scalar(ref, rows, x, cols, m, &q.m, bias, false, a, b);
+                for (int build = 0; build < (gfni ? 2 : 1); build++) {
+                    memset(got, 0, out_bytes);
+                    if (build)
+                        kvd_qmatmul_cols_avx512gfni(got, rows, x, cols, m, &q.m, bias, false, a, b);
+                    else
+                        kvd_qmatmul_cols_avx512vnni(got, rows, x, cols, m, &q.m, bias, false, a, b);
+                    if (memcmp(ref, got, out_bytes) != 0)
+                        fail_msg("%s, %d rows, columns %d-%d: the %s build differs from the "
+                                 "scalar one", kvd_dtype_name(dtype), m, a, b, build ? "gfni" : "vnni");
+                    memset(got, 0, out_bytes);
+                    if (build) {
+                        kvd_qinput_quantize_avx512gfni(&in, dtype, x, cols, 0, m, 0, cols);
+                        kvd_qmatmul_cols_input_avx512gfni(got, rows, &in, m, &q.m, bias, false, a, b);
+                    } else {
+                        kvd_qinput_quantize_avx512vnni(&in, dtype, x, cols, 0, m, 0, cols);
+                        kvd_qmatmul_cols_input_avx512vnni(got, rows, &in, m, &q.m, bias, false, a, b);
+                    }
+                    if (memcmp(ref, got, out_bytes) != 0)
+                        fail_msg("%s, %d rows, columns %d-%d: the %s build from a kvd_qinput "
+                                 "differs from the scalar one", kvd_dtype_name(dtype), m, a, b,
+                                 build ? "gfni" : "vnni");
+                }
+            }
+        }
+        free(mem);
+        free(x);
+        free(ref);
+        free(got);
+        free_qmatrix(&q);
+    }
+}
+
 /* Batched products over long rows (m > 4, k = 8192): the VNNI build cuts k into slices
  * whose partial sums wait in out and runs the rows in passes (qmatmul_impl.c); neither may
  * change a bit. Against the scalar build, rows one at a time (the decode path, all of k at
@@ -259,6 +329,7 @@ int main(void)
         cmocka_unit_test(test_codec_contract),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_products_deterministic),
+        cmocka_unit_test(test_builds_agree),
         cmocka_unit_test(test_sliced_passes_same_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

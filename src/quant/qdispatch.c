@@ -15,7 +15,19 @@ bool kvd_quant_vnni_supported(void)
 #endif
 }
 
+/* GFNI beside VNNI: the same products with fewer unpacking instructions (same bits). */
+static bool gfni_supported(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return kvd_quant_vnni_supported() && __builtin_cpu_supports("gfni");
+#else
+    return false;
+#endif
+}
+
 static bool use_vnni(kvd_isa isa);
+static bool use_gfni(kvd_isa isa);
 
 void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx, int m,
                       const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
@@ -28,7 +40,9 @@ void kvd_qmatmul_cols(kvd_isa isa, float *out, int ldo, const float *x, int ldx,
                 out[(size_t)i * ldo + j] = NAN;
         return;
     }
-    if (use_vnni(isa))
+    if (use_gfni(isa))
+        kvd_qmatmul_cols_avx512gfni(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
+    else if (use_vnni(isa))
         kvd_qmatmul_cols_avx512vnni(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
     else
         kvd_qmatmul_cols_scalar(out, ldo, x, ldx, m, w, bias, accumulate, n_begin, n_end);
@@ -69,10 +83,17 @@ static bool use_vnni(kvd_isa isa)
     return kvd_isa_avx512(isa) && kvd_quant_vnni_supported();
 }
 
+static bool use_gfni(kvd_isa isa)
+{
+    return kvd_isa_avx512(isa) && gfni_supported();
+}
+
 void kvd_qinput_quantize(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, const float *x, int ldx,
                          int r0, int r1)
 {
-    if (use_vnni(isa))
+    if (use_gfni(isa))
+        kvd_qinput_quantize_avx512gfni(in, dtype, x, ldx, r0, r1, 0, in->k);
+    else if (use_vnni(isa))
         kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1, 0, in->k);
     else
         kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1, 0, in->k);
@@ -83,7 +104,9 @@ void kvd_qinput_quantize_cols(kvd_isa isa, kvd_qinput *in, kvd_dtype dtype, cons
 {
     if (kvd_qtype_is_k(dtype) || c0 % 32 != 0 || c1 % 32 != 0 || c0 >= c1 || c1 > in->k)
         return; /* not block-local: callers check kvd_dtype_block_values() == 32 */
-    if (use_vnni(isa))
+    if (use_gfni(isa))
+        kvd_qinput_quantize_avx512gfni(in, dtype, x, ldx, r0, r1, c0, c1);
+    else if (use_vnni(isa))
         kvd_qinput_quantize_avx512vnni(in, dtype, x, ldx, r0, r1, c0, c1);
     else
         kvd_qinput_quantize_scalar(in, dtype, x, ldx, r0, r1, c0, c1);
@@ -93,7 +116,9 @@ void kvd_qmatmul_cols_input(kvd_isa isa, float *out, int ldo, const kvd_qinput *
                             const kvd_matrix *w, const float *bias, bool accumulate, int n_begin,
                             int n_end)
 {
-    if (use_vnni(isa))
+    if (use_gfni(isa))
+        kvd_qmatmul_cols_input_avx512gfni(out, ldo, x, m, w, bias, accumulate, n_begin, n_end);
+    else if (use_vnni(isa))
         kvd_qmatmul_cols_input_avx512vnni(out, ldo, x, m, w, bias, accumulate, n_begin, n_end);
     else
         kvd_qmatmul_cols_input_scalar(out, ldo, x, m, w, bias, accumulate, n_begin, n_end);

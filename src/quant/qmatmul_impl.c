@@ -22,11 +22,16 @@
 #include "kvd/kvd_quant.h"
 #include "quant_internal.h"
 
-#if defined(KVD_QVEC_VNNI)
+#if defined(KVD_QVEC_VNNI) && defined(KVD_QVEC_GFNI)
+#include <immintrin.h>
+#define QSFX(name) name##_avx512gfni
+#elif defined(KVD_QVEC_VNNI)
 #include <immintrin.h>
 #define QSFX(name) name##_avx512vnni
 #elif defined(KVD_QVEC_STANDIN_VNNI)
 #define QSFX(name) name##_avx512vnni
+#elif defined(KVD_QVEC_STANDIN_GFNI)
+#define QSFX(name) name##_avx512gfni
 #else
 #define QSFX(name) name##_scalar
 #endif
@@ -188,12 +193,30 @@ _Static_assert(RB == 6, "the kernel instantiations below cover R = 1..6");
  * L1/L2); the K types prefetch their next tile. */
 #define PREFETCH_BYTES 1024
 
-/* Prefetches the lines of [p, p + bytes) (p's line included). */
-static ALWAYS_INLINE void prefetch_lines(const char *p, size_t bytes)
+/* Prefetches one tile of `bytes` (a constant: the loop unrolls) at p: ceil(bytes / 64)
+ * lines from p. A tile's lines may start anywhere in a line, so this may leave its last
+ * line out, but the next tile's call, at p + bytes, takes it: over a stream of tiles
+ * every line is prefetched. (Walking the exact lines of each tile took a loop whose trip
+ * count changed with the tile's alignment: a branch mispredicted per group and block,
+ * which cost one-row products more than the unpacking.) */
+static ALWAYS_INLINE void prefetch_tile(const char *p, const size_t bytes)
 {
-    const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63);
-    for (; line < p + bytes; line += 64)
-        _mm_prefetch(line, _MM_HINT_T0);
+    for (size_t i = 0; i < (bytes + 63) / 64; i++)
+        _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+}
+
+/* Bytes of a tile of dtype (kvd_qtile_bytes as a constant the kernels unroll with). */
+static ALWAYS_INLINE size_t tile_size(const kvd_dtype dtype)
+{
+    switch (dtype) {
+    case KVD_DTYPE_Q8_0: return 512 + 32;
+    case KVD_DTYPE_Q4_0: return 256 + 32;
+    case KVD_DTYPE_Q5_0: return 256 + 64 + 32;
+    case KVD_DTYPE_Q4_K: return 2048 + 256 + 64;
+    case KVD_DTYPE_Q5_K: return 2048 + 512 + 256 + 64;
+    case KVD_DTYPE_Q6_K: return 2048 + 1024 + 256 + 32;
+    default: return 4096 + 64; /* Q8_K */
+    }
 }
 
 static ALWAYS_INLINE __m512i nib_lo(__m512i v)
@@ -201,10 +224,36 @@ static ALWAYS_INLINE __m512i nib_lo(__m512i v)
     return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
 }
 
+#if defined(KVD_QVEC_GFNI)
+/* GF2P8AFFINEQB as a gather of bits inside each byte: byte 7 - i of the 64-bit matrix
+ * selects the input bits whose parity becomes output bit i, so one set bit there moves
+ * input bit s to output bit i, and output bits with an empty matrix byte are 0. One
+ * instruction replaces a shift and a mask (and, beside VPTERNLOGD, the merge of a code's
+ * high bits): the unpacking, not the memory, limited the 5- and 6-bit types in decode. */
+#define BIT_TO(i, s) ((uint64_t)1 << (s) << (8 * (7 - (i))))
+#define HIGH_NIBBLE_DOWN (BIT_TO(0, 4) | BIT_TO(1, 5) | BIT_TO(2, 6) | BIT_TO(3, 7))
+
+static ALWAYS_INLINE __m512i bit_gather(__m512i v, uint64_t matrix)
+{
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64((long long)matrix), 0);
+}
+
+/* (v & 0x0F) | high: a low nibble with high bits that sit only above bit 3 */
+static ALWAYS_INLINE __m512i nib_lo_or(__m512i v, __m512i high)
+{
+    return _mm512_ternarylogic_epi32(v, high, _mm512_set1_epi8(0x0F), 0xEC);
+}
+
+static ALWAYS_INLINE __m512i nib_hi(__m512i v)
+{
+    return bit_gather(v, HIGH_NIBBLE_DOWN);
+}
+#else
 static ALWAYS_INLINE __m512i nib_hi(__m512i v)
 {
     return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
 }
+#endif
 
 /* 4 activation codes as a broadcast dword (VPDPBUSD's signed operand). */
 static ALWAYS_INLINE __m512i bcast4(const int8_t *p)
@@ -224,6 +273,16 @@ static ALWAYS_INLINE __m512 load_f16x16(const uint8_t *p)
  * of the high one (16-bit shifts, but the bit kept comes from the same byte). */
 static ALWAYS_INLINE void unpack_n4(__m512i v, bool five, __m512i hv, int t, __m512i *lo, __m512i *hi)
 {
+#if defined(KVD_QVEC_GFNI)
+    if (five) {
+        *lo = nib_lo_or(v, bit_gather(hv, BIT_TO(4, t)));
+        *hi = _mm512_or_si512(nib_hi(v), bit_gather(hv, BIT_TO(4, 4 + t)));
+    } else {
+        *lo = nib_lo(v);
+        *hi = nib_hi(v);
+    }
+    return;
+#endif
     *lo = nib_lo(v);
     *hi = nib_hi(v);
     if (five) {
@@ -294,7 +353,13 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
         }
         if (stream) /* weights from memory: every line of each stream, PREFETCH_BYTES ahead */
             for (int g = 0; g < G; g++)
-                prefetch_lines((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES, tile_bytes);
+                prefetch_tile((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES,
+                              tile_size(dtype));
+        /* one row: a second chain of sums per group (odd vectors, or the high nibbles),
+         * added at the block's end, halves the VPDPBUSD latency each block waits for */
+        __m512i s2[GB];
+        for (int g = 0; g < G; g++)
+            s2[g] = _mm512_setzero_si512();
         if (dtype == KVD_DTYPE_Q8_0) {
             for (int j = 0; j < 8; j++) {
                 __m512i wv[GB];
@@ -302,8 +367,12 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
                     wv[g] = _mm512_loadu_si512(tiles[g] + (size_t)b * tile_bytes + 64 * j);
                 for (int r = 0; r < R; r++) {
                     __m512i bx = bcast4(x->q[r] + 32 * b + 4 * j);
-                    for (int g = 0; g < G; g++)
-                        s[r][g] = _mm512_dpbusd_epi32(s[r][g], wv[g], bx);
+                    for (int g = 0; g < G; g++) {
+                        if (R == 1 && j % 2)
+                            s2[g] = _mm512_dpbusd_epi32(s2[g], wv[g], bx);
+                        else
+                            s[r][g] = _mm512_dpbusd_epi32(s[r][g], wv[g], bx);
+                    }
                 }
             }
         } else {
@@ -321,11 +390,17 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
                     __m512i b1 = bcast4(x->q[r] + 32 * b + 8 * t + 4);
                     for (int g = 0; g < G; g++) {
                         s[r][g] = _mm512_dpbusd_epi32(s[r][g], lo[g], b0);
-                        s[r][g] = _mm512_dpbusd_epi32(s[r][g], hi[g], b1);
+                        if (R == 1)
+                            s2[g] = _mm512_dpbusd_epi32(s2[g], hi[g], b1);
+                        else
+                            s[r][g] = _mm512_dpbusd_epi32(s[r][g], hi[g], b1);
                     }
                 }
             }
         }
+        if (R == 1)
+            for (int g = 0; g < G; g++)
+                s[0][g] = _mm512_add_epi32(s[0][g], s2[g]);
         for (int g = 0; g < G; g++) {
             __m512 dw = load_f16x16(tiles[g] + (size_t)b * tile_bytes + d_at);
             for (int r = 0; r < R; r++) {
@@ -351,7 +426,7 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
             if (stream)
-                prefetch_lines((const char *)t[g] + tile_bytes, tile_bytes);
+                prefetch_tile((const char *)t[g] + tile_bytes, tile_size(dtype));
         }
         int xb = 256 * b;
         __m512i isum[RB][GB], msum[RB][GB];
@@ -402,10 +477,18 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
                     __m512i hv = _mm512_loadu_si512(t[g] + 2048 + 64 * sub);
                     __m512i v0 = _mm512_loadu_si512(t[g] + 128 * sub);
                     __m512i v1 = _mm512_loadu_si512(t[g] + 128 * sub + 64);
+#if defined(KVD_QVEC_GFNI)
+                    (void)top2; /* the top bits pair q of each byte to bits 4-5 */
+                    __m512i w0 = nib_lo_or(v0, bit_gather(hv, BIT_TO(4, 0) | BIT_TO(5, 1)));
+                    __m512i w1 = _mm512_or_si512(nib_hi(v0), bit_gather(hv, BIT_TO(4, 2) | BIT_TO(5, 3)));
+                    __m512i w2 = nib_lo_or(v1, bit_gather(hv, BIT_TO(4, 4) | BIT_TO(5, 5)));
+                    __m512i w3 = _mm512_or_si512(nib_hi(v1), bit_gather(hv, BIT_TO(4, 6) | BIT_TO(5, 7)));
+#else
                     __m512i w0 = _mm512_or_si512(nib_lo(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
                     __m512i w1 = _mm512_or_si512(nib_hi(v0), _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
                     __m512i w2 = _mm512_or_si512(nib_lo(v1), _mm512_and_si512(hv, top2));
                     __m512i w3 = _mm512_or_si512(nib_hi(v1), _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
+#endif
                     __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t[g] + 3072 + 16 * sub)));
                     for (int r = 0; r < R; r++) {
                         const int8_t *xr = x->q[r] + xb + 16 * sub;

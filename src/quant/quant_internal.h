@@ -78,6 +78,7 @@ void kvd_qact_quantize(kvd_dtype dtype, const float *x, int k, kvd_qact *out);
                                 int n_begin, int n_end);
 KVD_DECLARE_QMATMUL(scalar)
 KVD_DECLARE_QMATMUL(avx512vnni)
+KVD_DECLARE_QMATMUL(avx512gfni)
 
 /* The per-ISA builds of kvd_qinput_quantize / kvd_qmatmul_cols_input (same bits). */
 #define KVD_DECLARE_QINPUT(sfx)                                                                \
@@ -88,5 +89,6 @@ KVD_DECLARE_QMATMUL(avx512vnni)
                                       int n_begin, int n_end);
 KVD_DECLARE_QINPUT(scalar)
 KVD_DECLARE_QINPUT(avx512vnni)
+KVD_DECLARE_QINPUT(avx512gfni)
 
 #endif
