@@ -1715,12 +1715,9 @@ int main(void)
         cmocka_unit_test(test_include_stop_str_in_output),
         cmocka_unit_test(test_logprobs_and_kv_snapshot),
         cmocka_unit_test(test_engine_thread),
-<<<<<<< HEAD
         cmocka_unit_test(test_prefill_pack_serves_arrivals_in_turn),
-=======
         cmocka_unit_test(test_forward_for_each),
         cmocka_unit_test(test_parallel_samples_match_serial),
->>>>>>> h/samp
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
