@@ -253,6 +253,72 @@ static void test_sliced_passes_same_bits(void **state)
     free(got);
 }
 
+/* Batched decodes (5..16 rows) run each group pair in slices of k whose partial sums wait
+ * in out, prefetching the next slice (qmatmul_impl.c, few_rows_product): against the
+ * scalar build for every row count, then rows one at a time, odd column ranges
+ * accumulated on top of out, and the pre-quantized input (k = 896: slices of 8 blocks
+ * and a shorter last one; the K types, which keep the older blocking, at k = 1024). */
+static void test_few_rows_same_bits(void **state)
+{
+    (void)state;
+    if (!kvd_quant_vnni_supported()) {
+        print_message("no AVX512_VNNI on this CPU: skipped\n");
+        return;
+    }
+    uint64_t s = 33;
+    const int rows = 100, max_m = 16, max_cols = 1024;
+    float *x = malloc((size_t)max_m * max_cols * sizeof(float));
+    for (int i = 0; i < max_m * max_cols; i++)
+        x[i] = rnd(&s) * (i % 59 == 0 ? 12.0f : 1.0f);
+    float bias[100];
+    for (int j = 0; j < rows; j++)
+        bias[j] = rnd(&s);
+    size_t out_bytes = (size_t)max_m * rows * sizeof(float);
+    float *ref = malloc(out_bytes), *got = malloc(out_bytes);
+    size_t in_bytes = (kvd_qinput_bytes(max_m, max_cols) + 63) & ~(size_t)63;
+    void *in_mem = aligned_alloc(64, in_bytes);
+    for (int t = 0; t < NTYPES; t++) {
+        kvd_dtype dtype = qtypes[t];
+        /* the K types' rows are whole 256-input blocks */
+        int cols = kvd_dtype_block_values(dtype) == 256 ? max_cols : 896;
+        qmatrix q = make_qmatrix(dtype, rows, cols, &s);
+        kvd_matmul(KVD_ISA_SCALAR, ref, rows, x, cols, max_m, &q.m, bias, false, 1);
+        for (int m = 5; m <= max_m; m++) {
+            memset(got, 0, out_bytes);
+            kvd_matmul(KVD_ISA_AVX512, got, rows, x, cols, m, &q.m, bias, false, 2);
+            if (memcmp(ref, got, (size_t)m * rows * sizeof(float)) != 0)
+                fail_msg("%s: batch of %d: scalar and avx512 differ", kvd_dtype_name(dtype), m);
+        }
+        for (int i = 0; i < max_m; i++) {
+            kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x + (size_t)i * cols, cols, 1, &q.m, bias,
+                            false, 0, rows);
+            if (memcmp(got, ref + (size_t)i * rows, rows * sizeof(float)) != 0)
+                fail_msg("%s: row %d alone differs from the batch", kvd_dtype_name(dtype), i);
+        }
+        memset(got, 0, out_bytes);
+        for (int a = 0; a < rows;) {
+            int b = a + 1 + (int)((rnd(&s) + 1.0f) * 24);
+            b = b > rows ? rows : b;
+            kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x, cols, max_m, &q.m, bias, true, a, b);
+            a = b;
+        }
+        if (memcmp(ref, got, out_bytes) != 0)
+            fail_msg("%s: column ranges change the result", kvd_dtype_name(dtype));
+        kvd_qinput in;
+        kvd_qinput_init(&in, in_mem, max_m, cols);
+        kvd_qinput_quantize(KVD_ISA_AVX512, &in, dtype, x, cols, 0, max_m);
+        memset(got, 0, out_bytes);
+        kvd_qmatmul_cols_input(KVD_ISA_AVX512, got, rows, &in, max_m, &q.m, bias, false, 0, rows);
+        if (memcmp(ref, got, out_bytes) != 0)
+            fail_msg("%s: pre-quantized input differs", kvd_dtype_name(dtype));
+        free_qmatrix(&q);
+    }
+    free(in_mem);
+    free(x);
+    free(ref);
+    free(got);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -260,6 +326,7 @@ int main(void)
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_products_deterministic),
         cmocka_unit_test(test_sliced_passes_same_bits),
+        cmocka_unit_test(test_few_rows_same_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
