@@ -10,8 +10,10 @@
  * into a stack buffer (or come quantized in a kvd_qinput); for each group of 16 output
  * columns the tile runs the group's tiles (weights) front to back, every row against
  * each weight vector while it is in registers. With m = 1 (decode) that streams the
- * weights once, in order. Batches (m > 4) run in passes of rows over slices of k sized
- * for L2 (tile_product in the VNNI build).
+ * weights once, in order. Batched decodes (5..16 rows, 32-value types) run each group
+ * pair in L1-sized slices of k, prefetching the next into L2 (few_rows_product); larger
+ * batches run in passes of rows over slices of k sized for L2 (tile_product in the VNNI
+ * build).
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -674,7 +676,7 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
 /* Up to this many rows (decode), the groups run their weights from memory once over all
  * of k, each row tile against them while they are in L1/L2. */
 #define DECODE_ROWS 4
-/* Up to this many rows (a batched decode), few_rows_product. */
+/* Up to this many rows (a batched decode), few_rows_product runs the 32-value types. */
 #define FEW_ROWS 16
 /* Blocks per slice of a batched decode's group pair (few_rows_product). */
 #define FEW_SLICE_BLOCKS 8
@@ -686,16 +688,6 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
  * over its down projection instead of 10 of 53). */
 #define PASS_ACT_BYTES ((size_t)256 * 1024)
 
-/* All rows of the activations against columns [n_begin, n_end): groups in pairs (one
- * row: fours), rows in tiles of up to RB, the first tile of each group pair streaming its
- * weights from memory and the others finding them in L1/L2.
- * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once. More rows run in
- * passes of rows whose activations stay in L2, over slices of k whose group pair's
- * weights (SLICE_PAIR_BYTES) stay in L2 too: a long k (the 7B shape's down projection,
- * 18944) would otherwise leave room in L2 for the activations of 13 rows only, and every
- * 13 rows would stream all the weights again (now 3 slices, 41 rows a pass). Partial sums wait in out between
- * slices (exact floats): every element still takes its blocks in k order, so the bits do
- * not depend on the blocking. */
 /* A batched decode's rows (DECODE_ROWS < rows <= FEW_ROWS) against columns [n_begin,
  * n_end): each group pair runs in slices of FEW_SLICE_BLOCKS blocks, every row tile
  * against a slice while it is in L1, partial sums parked in out (exact floats) between
@@ -745,9 +737,21 @@ static void few_rows_product(float *out, int ldo, int rows, const act_rows *a,
     }
 }
 
+/* All rows of the activations against columns [n_begin, n_end): groups in pairs (one
+ * row: fours), rows in tiles of up to RB, the first tile of each group pair streaming its
+ * weights from memory and the others finding them in L1/L2.
+ * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once; up to FEW_ROWS
+ * (32-value types) few_rows_product runs them. More rows run in
+ * passes of rows whose activations stay in L2, over slices of k whose group pair's
+ * weights (SLICE_PAIR_BYTES) stay in L2 too: a long k (the 7B shape's down projection,
+ * 18944) would otherwise leave room in L2 for the activations of 13 rows only, and every
+ * 13 rows would stream all the weights again (now 3 slices, 41 rows a pass). Partial sums wait in out between
+ * slices (exact floats): every element still takes its blocks in k order, so the bits do
+ * not depend on the blocking. */
 static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
+    /* the K types keep whole-k pairs: their 256-input tiles would need other slices, unmeasured */
     if (rows > DECODE_ROWS && rows <= FEW_ROWS && !kvd_qtype_is_k(w->dtype)) {
         few_rows_product(out, ldo, rows, a, w, bias, accumulate, n_begin, n_end);
         return;
