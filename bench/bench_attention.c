@@ -3,6 +3,7 @@
  *   build/bench/bench_attention [--seqs 16] [--context 2000] [--threads 2] [--steps 10]
  *                               [--dtype f32|f16|bf16|int8|fp8: that one only]
  *                               [--clock cpu: process CPU time instead of wall time]
+ *                               [--prefill 1: each query is its whole context, a prefill]
  * (and --clock wall, the default)
  *
  * Qwen2.5-0.5B's attention shape (24 layers, 14 query heads, 2 KV heads of 64): --seqs
@@ -10,7 +11,8 @@
  * f16, bf16, int8, fp8), then one decode query per sequence attends over its whole context
  * on every layer, as a decode step does. Prints the best of --steps steps per dtype, the
  * bytes of cache a step reads, and the tokens a 512 MiB pool holds, side by side in one
- * run. */
+ * run. With --prefill 1, every sequence's query is instead all of its --context tokens from
+ * position 0 (causal), the attention of one prefill step. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -43,6 +45,7 @@ int main(int argc, char **argv)
     int seqs = 16, context = 2000, threads = 2, steps = 10;
     const char *only = NULL;
     clockid_t timer = CLOCK_MONOTONIC;
+    int prefill = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         int v = atoi(argv[i + 1]);
         if (strcmp(argv[i], "--dtype") == 0) only = argv[i + 1];
@@ -52,8 +55,9 @@ int main(int argc, char **argv)
         else if (strcmp(argv[i], "--context") == 0) context = v;
         else if (strcmp(argv[i], "--threads") == 0) threads = v;
         else if (strcmp(argv[i], "--steps") == 0) steps = v;
+        else if (strcmp(argv[i], "--prefill") == 0) prefill = v;
         else {
-            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N] [--dtype NAME] [--clock cpu]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seqs N] [--context N] [--threads N] [--steps N] [--dtype NAME] [--clock cpu] [--prefill 1]\n", argv[0]);
             return 2;
         }
     }
@@ -62,16 +66,18 @@ int main(int argc, char **argv)
         return 2;
     }
     kvd_isa isa = kvd_isa_detect();
-    printf("paged attention, one decode step: %d sequences x %d tokens, %d layers, %d threads, kernels %s\n\n",
-           seqs, context, LAYERS, threads, kvd_isa_name(isa));
+    printf("paged attention, one %s step: %d sequences x %d tokens, %d layers, %d threads, kernels %s\n\n",
+           prefill ? "prefill" : "decode", seqs, context, LAYERS, threads, kvd_isa_name(isa));
     printf("| KV dtype | step %sms (best of %d) | cache bytes read per step | tokens in 512 MiB |\n|---|---|---|---|\n",
            timer == CLOCK_MONOTONIC ? "" : "CPU ", steps);
     static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16, KVD_DTYPE_I8,
                                        KVD_DTYPE_F8};
     int row = KV_HEADS * HEAD_DIM;
     float *k = malloc((size_t)row * sizeof(float)), *v = malloc((size_t)row * sizeof(float));
-    float *q = malloc((size_t)seqs * HEADS * HEAD_DIM * sizeof(float));
-    float *out = malloc((size_t)seqs * HEADS * HEAD_DIM * sizeof(float));
+    int rows = prefill ? context : 1; /* query rows per sequence */
+    size_t qrow = (size_t)HEADS * HEAD_DIM, qseq = (size_t)rows * qrow;
+    float *q = malloc((size_t)seqs * qseq * sizeof(float));
+    float *out = malloc((size_t)seqs * qseq * sizeof(float));
     kvd_block_table *tables = calloc((size_t)seqs, sizeof *tables);
     kvd_attention_query *queries = calloc((size_t)seqs, sizeof *queries);
     if (!k || !v || !q || !out || !tables || !queries) {
@@ -79,7 +85,7 @@ int main(int argc, char **argv)
         return 1;
     }
     uint64_t seed = 1;
-    for (size_t i = 0; i < (size_t)seqs * HEADS * HEAD_DIM; i++)
+    for (size_t i = 0; i < (size_t)seqs * qseq; i++)
         q[i] = next_uniform(&seed);
     kvd_attention_shape shape = {HEADS, KV_HEADS, HEAD_DIM, 1.0f / sqrtf((float)HEAD_DIM)};
     for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
@@ -108,9 +114,8 @@ int main(int argc, char **argv)
                     }
                     kvd_kv_store(isa, pool, layer, &tables[s], p, k, v);
                 }
-            queries[s] = (kvd_attention_query){&tables[s], context - 1, 1, q + (size_t)s * HEADS * HEAD_DIM,
-                                               HEADS * HEAD_DIM, out + (size_t)s * HEADS * HEAD_DIM,
-                                               HEADS * HEAD_DIM};
+            queries[s] = (kvd_attention_query){&tables[s], context - rows, rows, q + (size_t)s * qseq,
+                                               (int)qrow, out + (size_t)s * qseq, (int)qrow};
         }
         double best = INFINITY;
         for (int step = 0; step < steps; step++) {

@@ -36,6 +36,8 @@ typedef struct kvd_bench_options {
     long turns;          /* 1: /v1/completions; > 1: chat sessions of that many turns */
     long sessions;       /* > 0: that many chat sessions open at once, the clients
                           * cycling over them one turn at a time (closed loop only) */
+    double think_s;      /* closed loop: mean of the exponential pause before each chat
+                          * turn (a user reading and typing); 0: none */
     kvd_bench_range prompt_tokens; /* words per prompt (per new user message in chat) */
     kvd_bench_range max_tokens;
     int ignore_eos;
@@ -111,6 +113,11 @@ void kvd_bench_session_rng(kvd_bench_rng *rng, uint64_t seed, long session);
  * first session starts at 0 (as in vLLM's benchmark_serving). */
 void kvd_bench_arrival_rng(kvd_bench_rng *rng, uint64_t seed);
 double kvd_bench_arrival_gap(kvd_bench_rng *rng, double rate);
+
+/* The think time before turn (1-based) of session, exponential with mean mean_s: the
+ * user reading the last answer and typing. Depends only on (seed, session, turn), so it
+ * does not shift with completion order or change any prompt. 0 when mean_s is 0. */
+double kvd_bench_think_time(uint64_t seed, long session, long turn, double mean_s);
 
 /* Arrival times (seconds from start) of the first n sessions at rate per second:
  * 0, then running sums of kvd_bench_arrival_gap. */

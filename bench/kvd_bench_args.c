@@ -49,6 +49,10 @@ void kvd_bench_usage(FILE *out)
         "                         session served longest ago (all first turns, then all\n"
         "                         second turns, ...), so between two turns of a session\n"
         "                         every other session takes one (requests = N x turns)\n"
+        "  --think-time S         closed-loop chat: before each turn the client pauses an\n"
+        "                         exponential time of mean S seconds (the user reading\n"
+        "                         the answer and typing; seeded per session and turn),\n"
+        "                         so the clients do not run in lock step (default 0)\n"
         "  --duration S           hard time limit in seconds (default 600); requests still\n"
         "                         running then are cut and counted as incomplete\n"
         "  --timeout S            per-request time limit in seconds (default 120)\n"
@@ -62,6 +66,7 @@ void kvd_bench_usage(FILE *out)
         "  --ignore-eos           send \"ignore_eos\": true so answers have max_tokens tokens\n"
         "  --session-header       send X-Session-ID: kvd-bench-SEED-SESSION with every turn, the\n"
         "                         key a load balancer keeps a conversation on one replica by\n"
+        "                         (and X-Request-ID: kvd-bench-SEED-SESSION-TURN, for logs)\n"
         "  --temperature T        sampling temperature (default 0)\n"
         "  --seed N               workload seed: same seed, same prompts and arrivals\n"
         "                         (default 0)\n"
@@ -190,6 +195,8 @@ int kvd_bench_parse_args(kvd_bench_options *opt, int argc, char **argv, kvd_erro
             opt->requests_given = 1;
         } else if (!strcmp(flag, "--sessions"))
             rc = parse_long(&opt->sessions, value, 1, flag, err);
+        else if (!strcmp(flag, "--think-time"))
+            rc = parse_double(&opt->think_s, value, 0.0, flag, err);
         else if (!strcmp(flag, "--turns"))
             rc = parse_long(&opt->turns, value, 1, flag, err);
         else if (!strcmp(flag, "--prompt-tokens"))
@@ -242,6 +249,10 @@ int kvd_bench_parse_args(kvd_bench_options *opt, int argc, char **argv, kvd_erro
                                  "out", opt->requests, opt->sessions * opt->turns);
         opt->requests = opt->sessions * opt->turns;
     }
+    if (opt->think_s > 0.0 && (opt->turns < 2 || opt->rate > 0.0))
+        return kvd_error_set(err, KVD_EINVAL,
+                             "--think-time: applies to closed-loop chat (--turns 2 or more, "
+                             "no --rate)");
     if (opt->prompt_tokens.lo < 1)
         return kvd_error_set(err, KVD_EINVAL, "--prompt-tokens: prompts need at least 1 token");
     if (opt->max_tokens.lo < 1)

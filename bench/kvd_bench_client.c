@@ -11,6 +11,8 @@
  * With --sessions all sessions are open from the start and wait in a rotation: a free
  * client sends the next turn of the session at its head, and a session whose turn ended
  * goes to its tail, which is how many chat users sharing a few servers' slots behave.
+ * With --think-time a client pauses before each chat turn (a user reading and typing),
+ * holding its session in a timer meanwhile; the pause is not part of any latency.
  * The --duration timer cuts whatever is still running, so a run always ends.
  */
 #include "kvd_bench.h"
@@ -38,6 +40,7 @@
 typedef struct bench_run bench_run;
 typedef struct bench_session bench_session;
 typedef struct bench_exchange bench_exchange;
+typedef struct bench_think bench_think;
 
 struct bench_session {
     long index;
@@ -78,6 +81,14 @@ struct bench_exchange {
     char read_buf[64 * 1024];
 };
 
+/* A client thinking before it sends its session's next turn. */
+struct bench_think {
+    uv_timer_t timer;
+    bench_run *run;
+    bench_session *session;
+    bench_think *prev, *next; /* the run's thinkers */
+};
+
 struct bench_run {
     uv_loop_t loop;
     const kvd_bench_options *opt;
@@ -98,6 +109,7 @@ struct bench_run {
     uv_timer_t arrival_timer, deadline_timer, progress_timer;
     int progress_on, progress_shown;
     bench_exchange *inflight;
+    bench_think *thinkers;
     long n_ok, n_failed, out_tokens;
     /* --sessions: sessions waiting for their next turn, a ring of opt->sessions */
     bench_session **rotation;
@@ -115,6 +127,7 @@ static void exchange_finish(bench_exchange *ex, int outcome, const char *fmt, ..
 static void session_turn_done(bench_run *run, bench_exchange *ex);
 static void on_exchange_timer(uv_timer_t *timer);
 static void run_check_done(bench_run *run);
+static int session_think_then_send(bench_run *run, bench_session *s);
 
 static double seconds_since(const bench_run *run, uint64_t ns)
 {
@@ -436,6 +449,10 @@ static int build_request(bench_exchange *ex, const char *method, const char *rou
         rc = kvd_sbuf_printf(req, "Authorization: Bearer %s\r\n", run->opt->api_key);
     if (rc == 0 && run->opt->session_header && ex->session)
         rc = kvd_sbuf_printf(req, "X-Session-ID: kvd-bench-%" PRIu64 "-%ld\r\n", run->opt->seed, ex->session->index);
+    /* Names the turn in the server's request log (kvd logs X-Request-ID). */
+    if (rc == 0 && run->opt->session_header && ex->session)
+        rc = kvd_sbuf_printf(req, "X-Request-ID: kvd-bench-%" PRIu64 "-%ld-%ld\r\n", run->opt->seed,
+                             ex->session->index, ex->result.turn);
     if (rc == 0 && body)
         rc = kvd_sbuf_printf(req,
                                    "Accept: text/event-stream\r\nContent-Type: application/json"
@@ -582,7 +599,7 @@ static void session_start_next(bench_run *run)
     }
     run->sessions_started++;
     run->active_sessions++;
-    int rc = session_send_turn(run, s);
+    int rc = run->opt->rate > 0.0 ? session_send_turn(run, s) : session_think_then_send(run, s);
     if (rc < 0) {
         run->active_sessions--;
         session_free(s);
@@ -601,7 +618,7 @@ static void rotation_dispatch(bench_run *run)
         run->rotation_head = (run->rotation_head + 1) % n;
         run->rotation_count--;
         run->turns_inflight++;
-        int rc = session_send_turn(run, s);
+        int rc = session_think_then_send(run, s);
         if (rc < 0) {
             run->turns_inflight--;
             run->active_sessions--;
@@ -641,6 +658,73 @@ static int rotation_start(bench_run *run)
         run->active_sessions++;
     }
     rotation_dispatch(run);
+    return 0;
+}
+
+/* ---- think time ---- */
+
+static void on_think_closed(uv_handle_t *handle)
+{
+    free(handle->data);
+}
+
+static void think_remove(bench_run *run, bench_think *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        run->thinkers = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    uv_close((uv_handle_t *)&t->timer, on_think_closed);
+}
+
+/* A session that will send nothing more: its client is free again. */
+static void think_drop(bench_run *run, bench_session *s)
+{
+    if (run->opt->sessions > 0)
+        run->turns_inflight--;
+    run->active_sessions--;
+    session_free(s);
+}
+
+static void on_think_done(uv_timer_t *timer)
+{
+    bench_think *t = timer->data;
+    bench_run *run = t->run;
+    bench_session *s = t->session;
+    think_remove(run, t);
+    if (run->stopping) {
+        think_drop(run, s);
+        run_check_done(run);
+        return;
+    }
+    int rc = session_send_turn(run, s);
+    if (rc < 0) {
+        think_drop(run, s);
+        run_fail(run, rc, "sending a request");
+        run_check_done(run);
+    }
+}
+
+/* Sends s's next turn after its think time (at once without --think-time). */
+static int session_think_then_send(bench_run *run, bench_session *s)
+{
+    const double think_s = kvd_bench_think_time(run->opt->seed, s->index, s->turns_sent + 1, run->opt->think_s);
+    if (think_s <= 0.0)
+        return session_send_turn(run, s);
+    bench_think *t = calloc(1, sizeof *t);
+    if (!t)
+        return KVD_ENOMEM;
+    t->run = run;
+    t->session = s;
+    uv_timer_init(&run->loop, &t->timer);
+    t->timer.data = t;
+    t->next = run->thinkers;
+    if (run->thinkers)
+        run->thinkers->prev = t;
+    run->thinkers = t;
+    uv_timer_start(&t->timer, on_think_done, (uint64_t)(think_s * 1000.0 + 0.5), 0);
     return 0;
 }
 
@@ -684,7 +768,7 @@ static void session_turn_done(bench_run *run, bench_exchange *ex)
             run_check_done(run);
             return;
         }
-        int rc = session_send_turn(run, s);
+        int rc = session_think_then_send(run, s);
         if (rc == 0)
             return;
         run_fail(run, rc, "sending a request");
@@ -773,6 +857,11 @@ static void on_deadline(uv_timer_t *timer)
         else
             exchange_finish(ex, KVD_BENCH_INCOMPLETE, "cut by --duration %g s",
                             run->opt->duration_s);
+    }
+    while (run->thinkers) {
+        bench_session *s = run->thinkers->session;
+        think_remove(run, run->thinkers);
+        think_drop(run, s);
     }
     if (run->opt->sessions > 0)
         rotation_dispatch(run);

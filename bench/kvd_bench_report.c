@@ -290,6 +290,8 @@ void kvd_bench_report_print(FILE *out, const kvd_bench_report *rep,
                 opt->concurrency, opt->sessions);
     else
         fprintf(out, "%-40s closed loop, %ld clients\n", "Load:", opt->concurrency);
+    if (opt->think_s > 0.0)
+        fprintf(out, "%-40s %.3g s mean (exponential), before each turn\n", "Think time:", opt->think_s);
     fprintf(out, "%-40s %ld\n", "Successful requests:", rep->completed);
     fprintf(out, "%-40s %ld\n", "Failed requests:", rep->failed);
     for (int k = KVD_BENCH_ERR_CONNECT; k <= KVD_BENCH_ERR_STREAM; k++) {
@@ -394,6 +396,7 @@ static int add_config(cJSON *root, const kvd_bench_options *opt, const char *mod
     if (!rate || !cap || !prompt || !max_tokens ||
         !cJSON_AddNumberToObject(root, "turns", (double)opt->turns) ||
         !cJSON_AddNumberToObject(root, "sessions", (double)opt->sessions) ||
+        !cJSON_AddNumberToObject(root, "think_time_s", opt->think_s) ||
         !cJSON_AddNumberToObject(root, "seed", (double)opt->seed) ||
         !cJSON_AddBoolToObject(root, "ignore_eos", opt->ignore_eos) ||
         !cJSON_AddBoolToObject(root, "session_header", opt->session_header) ||

@@ -135,8 +135,10 @@ int kvd_bench_make_words(kvd_sbuf *out, kvd_bench_rng *rng, long n_words)
     return 0;
 }
 
-/* Stream ids: sessions use their index, arrivals a constant far from any index. */
+/* Stream ids: sessions use their index, arrivals and think times constants far from
+ * any index. */
 #define ARRIVAL_STREAM 0xa7717a1500000000ULL
+#define THINK_STREAM 0x7b1c0000000000ULL
 
 void kvd_bench_session_rng(kvd_bench_rng *rng, uint64_t seed, long session)
 {
@@ -151,6 +153,15 @@ void kvd_bench_arrival_rng(kvd_bench_rng *rng, uint64_t seed)
 double kvd_bench_arrival_gap(kvd_bench_rng *rng, double rate)
 {
     return kvd_bench_rng_exponential(rng, rate);
+}
+
+double kvd_bench_think_time(uint64_t seed, long session, long turn, double mean_s)
+{
+    if (mean_s <= 0.0)
+        return 0.0;
+    kvd_bench_rng rng;
+    kvd_bench_rng_seed(&rng, seed ^ (uint64_t)turn * 0xd1b54a32d192ed03ULL, THINK_STREAM + (uint64_t)session);
+    return kvd_bench_rng_exponential(&rng, 1.0 / mean_s);
 }
 
 void kvd_bench_arrivals(double *out, size_t n, double rate, uint64_t seed)

@@ -60,6 +60,7 @@ static const knob knobs[] = {
     {"quantize", KNOB_STR, OFF(quantize), CAP(quantize), 0, 0, "TYPE", "convert the weights to this type while loading (q8_0, q4_0, q4_k_m, ...; as kvd-quantize --type); empty: as stored"},
     {"max_num_seqs", KNOB_INT, OFF(max_num_seqs), 0, 1, 4096, "N", "sequences running at once"},
     {"max_batched_tokens", KNOB_INT, OFF(max_batched_tokens), 0, 1, 1 << 20, "N", "tokens per engine step (decode plus prefill chunks)"},
+    {"prefill_pack_tokens", KNOB_INT, OFF(prefill_pack_tokens), 0, 0, 1 << 20, "N", "no further prompt joins an engine step whose prefill chunks hold this many tokens (so prompts that arrive together get their first tokens one after another, not all at the end of one long step); 0: fill max_batched_tokens"},
     {"max_queue", KNOB_INT, OFF(max_queue), 0, 0, 1 << 20, "N", "waiting requests before 429; 0: unbounded (the engine's own default)"},
     {"max_body_bytes", KNOB_U64, OFF(max_body_bytes), 0, 1024, 1LL << 32, "BYTES", "largest request body (413 above)"},
     {"max_header_bytes", KNOB_U64, OFF(max_header_bytes), 0, 1024, 1 << 24, "BYTES", "largest request line plus headers (431 above)"},
@@ -97,6 +98,7 @@ void kvd_config_defaults(kvd_server_config *cfg)
     cfg->kv_disk_gb = 8;
     cfg->max_num_seqs = engine.max_num_seqs;
     cfg->max_batched_tokens = engine.max_batched_tokens;
+    cfg->prefill_pack_tokens = engine.prefill_pack_tokens;
     cfg->max_queue = engine.max_queue;
     cfg->max_body_bytes = 4ull << 20;
     cfg->max_header_bytes = 32u << 10;

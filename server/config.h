@@ -35,6 +35,7 @@ typedef struct kvd_server_config {
     char quantize[16];               /* "" or a kvd-quantize type: matrices converted at load */
     int max_num_seqs;
     int max_batched_tokens;
+    int prefill_pack_tokens;
     int max_queue;
     uint64_t max_body_bytes;
     uint64_t max_header_bytes;

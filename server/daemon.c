@@ -142,6 +142,7 @@ static void load_model(kvd_loader *l)
     ecfg.enable_prefix_cache = cfg->enable_prefix_cache;
     ecfg.max_num_seqs = cfg->max_num_seqs;
     ecfg.max_batched_tokens = cfg->max_batched_tokens;
+    ecfg.prefill_pack_tokens = cfg->prefill_pack_tokens;
     ecfg.max_queue = cfg->max_queue;
     ecfg.num_threads = cfg->threads;
     ecfg.kv_disk_dir = cfg->kv_disk[0] ? cfg->kv_disk : NULL;

@@ -86,6 +86,7 @@ struct kvd_job {
     int cached_tokens;
     uint64_t arrival_ns;
     uint64_t first_token_ns;
+    kvd_request_timing timing; /* the engine's share of the ttft */
     bool aborted;
     bool failed;
     int fail_status;
@@ -230,12 +231,14 @@ static double ms_between(uint64_t from_ns, uint64_t to_ns)
 
 static void log_request(const kvd_jobs *jobs, const char *id, const char *method, const char *path, int status,
                         int prompt, int cached, int completion, uint64_t arrival_ns, uint64_t first_ns,
-                        const char *request_id)
+                        const kvd_request_timing *timing, const char *request_id)
 {
     uint64_t now = uv_hrtime();
-    char ttft[32];
+    char ttft[160];
     if (first_ns)
-        snprintf(ttft, sizeof ttft, "%.1fms", ms_between(arrival_ns, first_ns));
+        snprintf(ttft, sizeof ttft, "%.1fms queue=%.1fms load=%.1fms prefill=%.1fms prefill_steps=%d step_tokens=%d",
+                 ms_between(arrival_ns, first_ns), (double)timing->queue_ms, (double)timing->load_ms,
+                 (double)timing->prefill_ms, timing->prefill_steps, timing->prefill_step_tokens);
     else
         snprintf(ttft, sizeof ttft, "-");
     kvd_log(jobs->log, KVD_LOG_INFO,
@@ -249,7 +252,7 @@ void kvd_jobs_respond(kvd_jobs *jobs, kvd_http_request *req, int status, const c
 {
     jobs->metrics->http_requests++;
     log_request(jobs, "-", kvd_http_method(req), kvd_http_path(req), status, 0, 0, 0, kvd_http_arrival_ns(req), 0,
-                kvd_http_request_id(req));
+                NULL, kvd_http_request_id(req));
     kvd_http_respond(req, status, content_type, extra_headers, body, len);
 }
 
@@ -414,7 +417,8 @@ static int job_completion_tokens(const kvd_job *job)
 static void job_log(kvd_job *job)
 {
     log_request(job->jobs, job->id, job->method, job->path, job->status, job->prompt_tokens,
-                job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns, job->request_id);
+                job->cached_tokens, job_completion_tokens(job), job->arrival_ns, job->first_token_ns, &job->timing,
+                job->request_id);
 }
 
 /* Takes the job's request to answer it: counted, logged, detached from the job. */
@@ -706,6 +710,7 @@ static void handle_event(kvd_job *job, const kvd_event *ev)
     if (ev->num_tokens > 0) {
         if (!job->first_token_ns) {
             job->first_token_ns = now;
+            job->timing = ev->timing;
             if (!job->aborted)
                 kvd_histogram_observe(&jobs->metrics->time_to_first_token, (double)(now - job->arrival_ns) / 1e9, 1);
         } else if (ch->last_token_ns && !job->aborted) {

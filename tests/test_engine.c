@@ -910,6 +910,78 @@ static void test_n_choices_share_prompt_blocks(void **state)
     assert_true(differ > 0);
 }
 
+/* Steps a fresh engine until idle with three prompts submitted together; records the
+ * step in which each got its first token, its timing, and its tokens. */
+typedef struct pack_run {
+    int first_step[3];
+    kvd_request_timing timing[3];
+    int32_t tokens[3][8];
+    int num_tokens[3];
+} pack_run;
+
+static void run_three(const fixture *f, int prompt_len, int pack_tokens, pack_run *out)
+{
+    memset(out, 0, sizeof *out);
+    kvd_engine_config cfg = small_config(256, 512);
+    cfg.prefill_pack_tokens = pack_tokens;
+    kvd_engine *e = make_engine(f, &cfg);
+    int64_t ids[3];
+    for (int i = 0; i < 3; i++) {
+        int32_t prompt[200];
+        make_prompt(prompt, prompt_len, 900 + (uint64_t)i);
+        kvd_request_params p = greedy_params(4);
+        ids[i] = submit_ok(e, prompt, prompt_len, &p);
+    }
+    kvd_error err = {0};
+    for (int step = 1; kvd_engine_busy(e); step++) {
+        assert_true(step < 100);
+        assert_true(kvd_engine_step(e, &err) >= 0);
+        kvd_event *list = kvd_engine_poll_events(e);
+        for (kvd_event *ev = list; ev; ev = ev->next)
+            for (int i = 0; i < 3; i++) {
+                if ((int64_t)ev->request_id != ids[i] || ev->num_tokens == 0)
+                    continue;
+                if (out->num_tokens[i] == 0) {
+                    out->first_step[i] = step;
+                    out->timing[i] = ev->timing;
+                }
+                out->tokens[i][out->num_tokens[i]++] = ev->tokens[0];
+            }
+        kvd_event_free(list);
+    }
+    kvd_engine_destroy(e);
+}
+
+/* Prompts that arrive together: a step takes no further prompt once it holds
+ * prefill_pack_tokens of prefill, so 150-token prompts get their first tokens in steps
+ * 1, 2, 3 (each step: the earlier ones' decodes plus the next prompt) instead of all
+ * at the end of one 450-token step; 40-token prompts still share one step. The tokens
+ * are the same either way, and each request's timing names its steps exactly. */
+static void test_prefill_pack_serves_arrivals_in_turn(void **state)
+{
+    const fixture *f = *state;
+    pack_run packed, filled, small;
+    run_three(f, 150, 128, &packed);
+    run_three(f, 150, 0, &filled);
+    run_three(f, 40, 128, &small);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(packed.first_step[i], i + 1);
+        assert_int_equal(packed.timing[i].prefill_steps, 1);
+        /* its prompt plus one decode token of each earlier request */
+        assert_int_equal(packed.timing[i].prefill_step_tokens, 150 + i);
+        assert_int_equal(filled.first_step[i], 1);
+        assert_int_equal(filled.timing[i].prefill_step_tokens, 450);
+        assert_int_equal(small.first_step[i], 1);
+        assert_int_equal(small.timing[i].prefill_step_tokens, 120);
+        assert_int_equal(packed.num_tokens[i], 4);
+        assert_int_equal(filled.num_tokens[i], 4);
+        assert_memory_equal(packed.tokens[i], filled.tokens[i], 4 * sizeof(int32_t));
+        assert_true(packed.timing[i].prefill_ms > 0.0f);
+    }
+    /* Waiting for the earlier prompts' steps is queue time. */
+    assert_true(packed.timing[2].queue_ms > packed.timing[0].queue_ms);
+}
+
 /* Four choices in a pool that holds barely more than one: they take turns through
  * preemption (choices preempting themselves included), on the engine thread, and
  * each still equals the same choice of the request run in a roomy pool. */
@@ -1357,6 +1429,7 @@ int main(void)
         cmocka_unit_test(test_include_stop_str_in_output),
         cmocka_unit_test(test_logprobs_and_kv_snapshot),
         cmocka_unit_test(test_engine_thread),
+        cmocka_unit_test(test_prefill_pack_serves_arrivals_in_turn),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -814,6 +814,60 @@ static void test_paged_attention(void **state)
     }
 }
 
+/* Float pages with 64-value heads fold a tile's query states two at a time
+ * (fold_tile_pair in paged_attention.c), pairing whichever states an item holds; one row
+ * of one head per query leaves every state alone (fold_tile). The two must give the same
+ * bits: a whole prefill (pairs, across rows at the diagonal tiles too, where the two see
+ * different key counts) against one query per row, with 1 and 7 query heads per kv
+ * head, both builds. */
+static void test_attention_pairs_match_single_states(void **state)
+{
+    (void)state;
+    static const attn_case cases[] = {{1, 2, 2, 64}, {1, 2, 14, 64}};
+    static const kvd_dtype dtypes[] = {KVD_DTYPE_F32, KVD_DTYPE_F16, KVD_DTYPE_BF16};
+    enum { N = 77 };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const attn_case *c = &cases[ci];
+        int row = c->kv_heads * c->head_dim, qrow = c->heads * c->head_dim;
+        uint64_t s = 300 + ci;
+        float *k = malloc((size_t)N * row * sizeof(float));
+        float *v = malloc((size_t)N * row * sizeof(float));
+        float *q = malloc((size_t)N * qrow * sizeof(float));
+        float *whole = malloc((size_t)N * qrow * sizeof(float));
+        float *rows = malloc((size_t)N * qrow * sizeof(float));
+        fill(k, (size_t)N * row, &s, 2.0f);
+        fill(v, (size_t)N * row, &s, 1.0f);
+        fill(q, (size_t)N * qrow, &s, 2.0f);
+        kvd_attention_shape shape = {c->heads, c->kv_heads, c->head_dim, 1.0f / sqrtf((float)c->head_dim)};
+        for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
+            kvd_block_table table;
+            kvd_kv_pool *pool = filled_pool(c, 16, dtypes[d], N, &table, k, v);
+            for (int isa = 0; isa <= 1; isa++) {
+                if (!kvd_isa_supported((kvd_isa)isa))
+                    continue;
+                kvd_error err = {0};
+                kvd_attention_query all = {&table, 0, N, q, qrow, whole, qrow};
+                assert_int_equal(kvd_paged_attention((kvd_isa)isa, pool, 0, &shape, &all, 1, 2, &err), 0);
+                kvd_attention_query one[N];
+                for (int r = 0; r < N; r++)
+                    one[r] = (kvd_attention_query){&table, r, 1, q + (size_t)r * qrow, qrow,
+                                                   rows + (size_t)r * qrow, qrow};
+                assert_int_equal(kvd_paged_attention((kvd_isa)isa, pool, 0, &shape, one, N, 2, &err), 0);
+                if (memcmp(whole, rows, (size_t)N * qrow * sizeof(float)) != 0)
+                    fail_msg("paired states differ from single ones (%d heads, %s, %s)", c->heads,
+                             kvd_dtype_name(dtypes[d]), kvd_isa_name((kvd_isa)isa));
+            }
+            kvd_block_table_deinit(pool, &table);
+            kvd_kv_pool_destroy(pool);
+        }
+        free(k);
+        free(v);
+        free(q);
+        free(whole);
+        free(rows);
+    }
+}
+
 /* fp8 pages hold, for every value, the e4m3 code nearest to x / d (ties to even,
  * saturated, never NaN) and the row's f16 scale d = max|x| / 448, byte for byte, in both
  * builds: rows of values spread over every binade, exact ties between two codes, the
@@ -999,6 +1053,7 @@ int main(void)
         cmocka_unit_test(test_swiglu_and_exp),
         cmocka_unit_test(test_matrix_row),
         cmocka_unit_test(test_paged_attention),
+        cmocka_unit_test(test_attention_pairs_match_single_states),
         cmocka_unit_test(test_fp8_pages_codes),
         cmocka_unit_test(test_attention_after_copy_on_write),
         cmocka_unit_test(test_paged_attention_rejects),

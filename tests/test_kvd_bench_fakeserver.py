@@ -59,6 +59,7 @@ class State:
         self.histories_checked = 0
         self.unauthorized = 0
         self.session_ids = []  # X-Session-ID of each POST, in arrival order (None: absent)
+        self.request_ids = []  # X-Request-ID of each POST, in arrival order (None: absent)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -155,6 +156,7 @@ class Handler(BaseHTTPRequestHandler):
                     "histories_checked": state.histories_checked,
                     "unauthorized": state.unauthorized,
                     "session_ids": state.session_ids,
+                    "request_ids": state.request_ids,
                 }
                 if parse_qs(url.query).get("reset"):
                     state.reset()
@@ -182,6 +184,7 @@ class Handler(BaseHTTPRequestHandler):
             state.posts += 1
             number = state.posts
             state.session_ids.append(self.headers.get("X-Session-ID"))
+            state.request_ids.append(self.headers.get("X-Request-ID"))
             state.inflight += 1
             state.max_inflight = max(state.max_inflight, state.inflight)
         self.counted = True

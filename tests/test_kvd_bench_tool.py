@@ -12,6 +12,7 @@ first-token delay; a 2 s drain grace), and orderings (median <= p90 <= p99 <= ma
 Usage: test_kvd_bench_tool.py KVD_BENCH FAKE_SERVER_SCRIPT
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,6 +44,27 @@ class FakeServer:
         self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
+
+
+M64 = (1 << 64) - 1
+
+
+def mix64(z):
+    z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & M64
+    z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M64
+    return z ^ (z >> 31)
+
+
+def think_time(seed, session, turn, mean_s):
+    """kvd-bench's pause before a turn, from its definition (docs/kvd-bench.md):
+    splitmix64 seeded by (seed ^ turn * 0xd1b54a32d192ed03, 0x7b1c0000000000 + session),
+    one uniform draw u of 53 bits, -mean * ln(1 - u)."""
+    stream = 0x7b1c0000000000 + session
+    state = mix64((seed ^ ((turn * 0xd1b54a32d192ed03) & M64)) ^
+                  mix64((stream + 0x9e3779b97f4a7c15) & M64))
+    state = (state + 0x9e3779b97f4a7c15) & M64
+    u = (mix64(state) >> 11) * 2.0 ** -53
+    return -math.log(1.0 - u) * mean_s
 
 
 def run_bench(url, *args, expect_rc=0):
@@ -250,6 +272,8 @@ class MultiTurn(Base):
         stats = self.server.stats()
         self.assertEqual(stats["turn_order"], [1] * 4 + [2] * 4 + [3] * 4)
         self.assertEqual(stats["session_ids"], ["kvd-bench-9-%d" % s for s in range(4)] * 3)
+        self.assertEqual(stats["request_ids"],
+                         ["kvd-bench-9-%d-%d" % (s, t) for t in (1, 2, 3) for s in range(4)])
         self.assertEqual(stats["histories_checked"], 4 * (0 + 1 + 2))
         # The fake server reports the history before the last user message as cached:
         # 0, 3+2, 3+2+3+2 of 3, 8, 13 prompt words.
@@ -274,6 +298,29 @@ class MultiTurn(Base):
         # see a later send arrive first)
         self.assertLessEqual(stats["max_inflight"], 3)
         self.assertEqual(stats["histories_checked"], 5)
+
+    def test_think_time_pauses_between_turns(self):
+        # 2 sessions x 2 turns, 1 client, 0.3 s mean pause before each turn: the pauses
+        # are fixed by the seed, lengthen the run by their sum, and stay out of TTFT
+        # (only the fake server's 20 ms first-token delay is in it).
+        out, text = run_bench(self.server.url, "--turns", "2", "--sessions", "2",
+                              "--prompt-tokens", "3", "--max-tokens", "2", "--ignore-eos",
+                              "--seed", "4", "--think-time", "0.3")
+        self.assert_clean(out, 4)
+        self.assertEqual(out["think_time_s"], 0.3)
+        self.assertIn("Think time:", text)
+        self.assertEqual(self.server.stats()["turn_order"], [1, 1, 2, 2])
+        pauses = sum(think_time(4, s, t, 0.3) for s in range(2) for t in (1, 2))
+        self.assertGreater(pauses, 0.0)
+        self.assertGreaterEqual(out["duration"], pauses - 0.01)
+
+    def test_think_time_flag_checks(self):
+        for args in (("--think-time", "1"), ("--think-time", "1", "--turns", "2", "--rate", "5"),
+                     ("--think-time", "-1", "--turns", "2")):
+            proc = subprocess.run([BENCH, "--url", self.server.url, *args],
+                                  capture_output=True, text=True, timeout=30)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertIn("--think-time", proc.stderr)
 
     def test_sessions_flag_checks(self):
         for args in (("--sessions", "3"), ("--sessions", "3", "--turns", "2", "--rate", "5"),

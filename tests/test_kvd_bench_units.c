@@ -251,6 +251,32 @@ static void test_arrivals_are_poisson(void **state)
     free(again);
 }
 
+static void test_think_times_are_exponential_and_seeded(void **state)
+{
+    (void)state;
+    assert_true(kvd_bench_think_time(5, 3, 2, 0.0) == 0.0);
+    /* Fixed by (seed, session, turn): the same pause whatever ran before it. */
+    assert_true(kvd_bench_think_time(5, 3, 2, 2.0) == kvd_bench_think_time(5, 3, 2, 2.0));
+    assert_true(kvd_bench_think_time(5, 3, 2, 2.0) != kvd_bench_think_time(5, 3, 3, 2.0));
+    assert_true(kvd_bench_think_time(5, 3, 2, 2.0) != kvd_bench_think_time(5, 4, 2, 2.0));
+    assert_true(kvd_bench_think_time(5, 3, 2, 2.0) != kvd_bench_think_time(6, 3, 2, 2.0));
+    /* Exponential, mean 2 s (variance 4) over sessions x turns; 200k samples: <1%. */
+    double sum = 0.0, sum_sq = 0.0;
+    long n = 0;
+    for (long session = 0; session < 20000; session++)
+        for (long turn = 1; turn <= 10; turn++) {
+            double t = kvd_bench_think_time(11, session, turn, 2.0);
+            assert_true(t >= 0.0);
+            sum += t;
+            sum_sq += t * t;
+            n++;
+        }
+    double mean = sum / (double)n;
+    double var = sum_sq / (double)n - mean * mean;
+    assert_true(fabs(mean - 2.0) < 0.02);
+    assert_true(fabs(var - 4.0) < 0.08);
+}
+
 static void test_words_are_single_qwen_tokens(void **state)
 {
     (void)state;
@@ -746,6 +772,7 @@ int main(void)
         cmocka_unit_test(test_rng_reproducible_and_independent),
         cmocka_unit_test(test_rng_pick_covers_range),
         cmocka_unit_test(test_arrivals_are_poisson),
+        cmocka_unit_test(test_think_times_are_exponential_and_seeded),
         cmocka_unit_test(test_words_are_single_qwen_tokens),
         cmocka_unit_test(test_make_words),
         cmocka_unit_test(test_completion_body),

@@ -37,6 +37,11 @@ typedef struct kvd_engine_config {
     bool enable_prefix_cache;  /* default true */
     int max_num_seqs;          /* running sequences at once, default 64 */
     int max_batched_tokens;    /* tokens per step, default 512 */
+    /* A step takes no further prompt once its prefill chunks hold this many tokens
+     * (the first always runs; 0: fill max_batched_tokens), default 128. From about that
+     * size a step's time grows with its tokens, so packing more prompts in gains no
+     * throughput and only makes each one wait for all before its first token. */
+    int prefill_pack_tokens;
     int max_queue;             /* waiting requests before submit says KVD_EBUSY; 0 = unbounded */
     int num_threads;           /* compute threads, <= 0: all cores */
     float watermark;           /* share of blocks kept free when admitting, default 0.01 */
@@ -56,7 +61,8 @@ typedef struct kvd_engine_config {
     {                                                                                              \
         .block_size = 16, .kv_dtype = KVD_DTYPE_F16, .kv_cache_bytes = (size_t)512 << 20,          \
         .kv_num_blocks = 0, .enable_prefix_cache = true, .max_num_seqs = 64,                       \
-        .max_batched_tokens = 512, .max_queue = 256, .num_threads = 0, .watermark = 0.01f,         \
+        .max_batched_tokens = 512, .prefill_pack_tokens = 128, .max_queue = 256, .num_threads = 0, \
+        .watermark = 0.01f,                                                                        \
     }
 
 kvd_engine_config kvd_engine_config_default(void);
@@ -123,6 +129,17 @@ typedef struct kvd_token_logprob {
     float top_logprobs[KVD_MAX_TOP_LOGPROBS];
 } kvd_token_logprob;
 
+/* Where a request's time to first token went, on the engine's clock (0 until
+ * reached): submit to admission (waiting in the queue, including for the step in
+ * flight to end), admission to its disk pages being in RAM (0 without a load), and from
+ * there to the first token (the prefill steps of its uncached prompt, and of whatever
+ * shared those steps with it). */
+typedef struct kvd_request_timing {
+    float queue_ms, load_ms, prefill_ms;
+    int prefill_steps;          /* steps its prompt ran in */
+    int prefill_step_tokens;    /* tokens of those steps, its own and the others' */
+} kvd_request_timing;
+
 /* One delivery for one choice of one request: new tokens and their text delta, and,
  * on the last event of a choice, its finish reason. Text never splits a UTF-8
  * character and never contains (part of) a matched stop string. */
@@ -139,6 +156,7 @@ typedef struct kvd_event {
     int prompt_tokens;          /* set on every event */
     int cached_tokens;          /* prompt tokens served from the prefix cache (RAM or disk) */
     int completion_tokens;      /* tokens generated so far by this choice */
+    kvd_request_timing timing;  /* set on every event */
     char error[256];            /* with KVD_FINISH_ERROR */
 } kvd_event;
 

@@ -135,6 +135,9 @@ static int check_config(const kvd_engine_config *cfg, kvd_error *err)
     if (cfg->max_batched_tokens < 1)
         return kvd_error_set(err, KVD_EINVAL, "engine config: max_batched_tokens %d must be >= 1",
                              cfg->max_batched_tokens);
+    if (cfg->prefill_pack_tokens < 0)
+        return kvd_error_set(err, KVD_EINVAL, "engine config: prefill_pack_tokens %d must be >= 0 (0 = no limit)",
+                             cfg->prefill_pack_tokens);
     if (cfg->max_queue < 0)
         return kvd_error_set(err, KVD_EINVAL, "engine config: max_queue %d must be >= 0 (0 = unbounded)",
                              cfg->max_queue);
@@ -287,6 +290,7 @@ kvd_engine *kvd_engine_create(const kvd_model *model, const kvd_tokenizer *tok,
     e->sched.pool = e->pool;
     e->sched.max_num_seqs = cfg.max_num_seqs;
     e->sched.max_batched_tokens = cfg.max_batched_tokens;
+    e->sched.prefill_pack_tokens = cfg.prefill_pack_tokens > 0 ? cfg.prefill_pack_tokens : cfg.max_batched_tokens;
     e->sched.watermark_blocks = (int)((double)cfg.watermark * (double)pool_cfg->num_blocks + 0.999999);
     e->sched.prefix_cache = cfg.enable_prefix_cache;
     if (cfg.kv_disk_dir && cfg.kv_disk_dir[0] && cfg.enable_prefix_cache && disk_open(e, err) < 0)
@@ -327,6 +331,7 @@ static void closing_event(kvd_engine *e, eng_seq *seq, kvd_finish_reason reason,
     ev->finish = reason;
     ev->prompt_tokens = req->num_prompt;
     ev->cached_tokens = req->cached_tokens;
+    ev->timing = eng_request_timing(req);
     ev->completion_tokens = seq->num_tokens > req->num_prompt ? seq->num_tokens - req->num_prompt : 0;
     if (msg)
         snprintf(ev->error, sizeof ev->error, "%s", msg);
@@ -620,6 +625,7 @@ static void free_done(kvd_engine *e)
 static int engine_step(kvd_engine *e, kvd_error *err)
 {
     const uint64_t t0 = now_ns();
+    e->sched.now_ns = t0;
     intake(e);
     eng_schedule(&e->sched);
     /* An abort retires the request's other choices too: rescan from the head. */
@@ -641,6 +647,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
     const uint64_t t1 = now_ns();
     int rc = 0;
     kvd_error fwd_err = {0};
+    int offset_total = 0;
     if (num_entries > 0) {
         int offset = 0;
         for (int i = 0; i < num_entries; i++) {
@@ -665,6 +672,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
         };
         rc = kvd_forward(e->fwd, &batch, &fwd_err);
         e->batched_tokens_total += (uint64_t)offset;
+        offset_total = offset;
     }
     const uint64_t t2 = now_ns();
 
@@ -688,6 +696,13 @@ static int engine_step(kvd_engine *e, kvd_error *err)
             }
             seq->num_computed += en->num_new;
             kvd_prefix_cache_commit(e->pool, &seq->table, seq->tokens, seq->num_computed);
+            eng_request *req = seq->req;
+            if (!req->first_token_ns) {
+                req->prefill_steps++;
+                req->prefill_step_tokens += offset_total;
+                if (en->logits)
+                    req->first_token_ns = t2;
+            }
             if (en->logits)
                 take_logits(e, seq, e->logits + (size_t)row++ * (size_t)e->vocab_size);
         }
@@ -933,6 +948,7 @@ int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, 
         return kvd_error_set(err, KVD_EBUSY, "engine: queue full (max_queue %d)", e->cfg.max_queue);
     }
     req->id = e->next_id++;
+    req->submit_ns = now_ns();
     if (e->inbox_tail)
         e->inbox_tail->next_inbox = req;
     else

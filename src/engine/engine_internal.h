@@ -70,6 +70,9 @@ struct eng_request {
     bool forked;                 /* choices > 0 exist (always true when n == 1) */
     bool admitted;               /* counted once in the prompt-token stats */
     int cached_tokens;
+    /* Engine-clock times of its first token's path (kvd_event's queue/load/prefill). */
+    uint64_t submit_ns, admit_ns, loaded_ns, first_token_ns;
+    int prefill_steps, prefill_step_tokens;
     int num_unfinished;
     kvd_finish_reason abort_pending; /* cancelled while loading: ends once the load is back */
     eng_seq *seqs;               /* (n) */
@@ -106,6 +109,9 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req);
 kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcfg, int32_t token,
                                        const kvd_sample_result *sample, kvd_event *ev);
 
+/* The request's first-token timing so far (kvd_event's timing). */
+kvd_request_timing eng_request_timing(const eng_request *req);
+
 /* Bytes of text an accept may deliver at most: the event text capacity to ask for. */
 size_t eng_seq_text_capacity(const eng_seq *seq);
 
@@ -132,10 +138,12 @@ typedef struct eng_scheduler {
     eng_list running;
     int max_num_seqs;
     int max_batched_tokens;
+    int prefill_pack_tokens;      /* no further prompt joins a step with this many prefill tokens */
     int watermark_blocks;
     bool prefix_cache;
     int slots_used;               /* running sequences plus slots kept for unforked choices */
     uint64_t num_preemptions;
+    uint64_t now_ns;              /* when the step began: stamps admissions and loads */
     uint64_t prompt_tokens_total;
     int fresh_admitted;           /* requests admitted for the first time (for the queue bound) */
     /* The disk tier (NULL: none). Loading sequences hold their slots and blocks but sit
@@ -157,7 +165,8 @@ int eng_seq_slots(const eng_seq *seq);
 
 /* Plans one step into s->entries: decodes of running sequences first (oldest first),
  * then their prefill chunks, then admissions from the waiting queue (FCFS, prefix
- * cache lookup, watermark) unless this step preempted someone. Reserves the K/V
+ * cache lookup, watermark) unless this step preempted someone; prefills stop joining
+ * once the step holds prefill_pack_tokens of them. Reserves the K/V
  * slots of every scheduled token. Returns the number of entries. */
 int eng_schedule(eng_scheduler *s);
 

@@ -15,6 +15,12 @@
  *      blocks and a load, else the admission waits for the room. The sequence waits in
  *      `loading` (holding its slot, out of reach of preemption) until the engine sees
  *      the load back, then runs its prefill from after the loaded pages.
+ * Prefills (2 and 3) stop joining a step once its prefill chunks hold
+ * prefill_pack_tokens: a step's time grows with its tokens from about that size on, so
+ * packing more prompts gains no throughput, and every prompt in a step gets its first
+ * token only when the whole step ends. Turns that arrive together (chat users, or a
+ * burst) then get their first tokens one after another instead of all at the end.
+ * Short prompts still share a step up to that size; the first prefill always runs.
  * When a running sequence needs blocks that are not there, the most recently admitted
  * running sequence not yet scheduled this step is preempted (possibly itself): its
  * blocks go back (full ones stay in the prefix cache), and it returns to the front of
@@ -151,6 +157,7 @@ static void count_admission(eng_scheduler *s, eng_seq *seq, int cached)
     s->slots_used += eng_seq_slots(seq);
     if (!req->admitted) {
         req->admitted = true;
+        req->admit_ns = s->now_ns;
         req->cached_tokens = cached;
         s->prompt_tokens_total += (uint64_t)req->num_prompt;
         s->fresh_admitted++;
@@ -228,8 +235,10 @@ void eng_load_finished(eng_scheduler *s, eng_seq *seq, int pages_loaded)
     } else {
         s->disk_misses++;
     }
-    if (seq->load_first_admission)
+    if (seq->load_first_admission) {
         seq->req->cached_tokens = computed;
+        seq->req->loaded_ns = s->now_ns;
+    }
     eng_list_remove(&s->loading, seq);
     seq->state = SEQ_RUNNING;
     eng_list_push_back(&s->running, seq);
@@ -303,7 +312,8 @@ int eng_schedule(eng_scheduler *s)
     }
 
     /* 2. Running prefills (chunked), oldest first. */
-    for (eng_seq *seq = s->running.head; seq && budget > 0;) {
+    int prefill_tokens = 0;
+    for (eng_seq *seq = s->running.head; seq && budget > 0 && prefill_tokens < s->prefill_pack_tokens;) {
         if (seq->scheduled || remaining(seq) < 2 || seq->sched_error) {
             seq = seq->next;
             continue;
@@ -314,17 +324,20 @@ int eng_schedule(eng_scheduler *s)
         if (got > 0) {
             add_entry(s, seq, got);
             budget -= got;
+            prefill_tokens += got;
         }
         seq = next;
     }
 
     /* 3. Admissions, in queue order, while everything fits. */
-    while (!preempted && budget > 0 && s->waiting.head) {
+    while (!preempted && budget > 0 && prefill_tokens < s->prefill_pack_tokens && s->waiting.head) {
         eng_seq *seq = s->waiting.head;
         if (!admit_one(s, seq, budget))
             break;
         if (seq->scheduled)
             budget -= seq->sched_tokens;
+        if (seq->scheduled && seq->sched_tokens > 1)
+            prefill_tokens += seq->sched_tokens;
     }
     return s->num_entries;
 }

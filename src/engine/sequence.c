@@ -170,6 +170,23 @@ void eng_request_destroy(kvd_kv_pool *pool, eng_request *req)
     free(req);
 }
 
+static float ms_between(uint64_t from_ns, uint64_t to_ns)
+{
+    return from_ns && to_ns > from_ns ? (float)((double)(to_ns - from_ns) / 1e6) : 0.0f;
+}
+
+kvd_request_timing eng_request_timing(const eng_request *req)
+{
+    const uint64_t prefill_from = req->loaded_ns ? req->loaded_ns : req->admit_ns;
+    return (kvd_request_timing){
+        .queue_ms = ms_between(req->submit_ns, req->admit_ns),
+        .load_ms = ms_between(req->admit_ns, req->loaded_ns),
+        .prefill_ms = ms_between(prefill_from, req->first_token_ns),
+        .prefill_steps = req->prefill_steps,
+        .prefill_step_tokens = req->prefill_step_tokens,
+    };
+}
+
 size_t eng_seq_text_capacity(const eng_seq *seq)
 {
     return seq->text_cap;
@@ -285,6 +302,7 @@ kvd_finish_reason eng_seq_accept_token(eng_seq *seq, const kvd_model_config *mcf
     ev->finish = finish;
     ev->prompt_tokens = req->num_prompt;
     ev->cached_tokens = req->cached_tokens;
+    ev->timing = eng_request_timing(req);
     ev->completion_tokens = num_output;
     seq->finish = finish;
     return finish;

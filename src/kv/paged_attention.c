@@ -15,10 +15,14 @@
  *   s_j = hsum(q . k_j) * scale;  m' = max(m, max_j s_j);  p_j = exp(s_j - m')
  *   c = exp(m - m') (0 on the first tile);  l = l*c + hsum(sum of p vectors)
  *   acc = acc*c, then acc += p_j v_j for j in order;  at the end out = acc / l.
+ * With 64-value heads on float pages an item folds its query states four at a time
+ * (fold_tile_states): the same operations per state, sharing K/V loads and overlapping
+ * the states' dependency chains, which one state alone leaves waiting on latencies.
  */
 #include "kvd_vec16.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -154,6 +158,20 @@ V16_INLINE float dot(const float *a, const float *b, int n)
 static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
                            int hd_pad, const float *vt, float *m, float *l, float *acc);
 
+/* s_j = dot_j * scale (times kscale_j when not NULL) in place for keys [0, nk); returns
+ * their max (order-free), 16 keys at a time. */
+V16_INLINE float scale_scores(float *scores, const float *kscale, float scale, int nk)
+{
+    v16 sv = v16_set1(scale), mv = v16_set1(-INFINITY);
+    for (int j = 0; j < nk; j += 16) {
+        int n = nk - j < 16 ? nk - j : 16;
+        v16 s = v16_mul(v16_load_n(scores + j, n), kscale ? v16_mul(v16_load_n(kscale + j, n), sv) : sv);
+        v16_store_n(scores + j, s, n);
+        mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
+    }
+    return v16_hmax(mv);
+}
+
 /* a[i] += p * v[16i .. 16i+15] for the four vectors of a 64-value row */
 V16_INLINE void fma_row64(v16 a[4], float p, const float *v)
 {
@@ -194,28 +212,20 @@ static void fold_tile(const float *qh, int hd, int hd_pad, float scale, const fl
     }
     for (; j < nk; j++)
         scores[j] = dot(qh, kt + (size_t)j * hd_pad, hd);
-    /* s_j = dot * scale, and the tile's max (order-free), 16 keys at a time */
-    v16 sv = v16_set1(scale), mv = v16_set1(-INFINITY);
-    for (j = 0; j < nk; j += 16) {
-        int n = nk - j < 16 ? nk - j : 16;
-        v16 s = v16_mul(v16_load_n(scores + j, n), kscale ? v16_mul(v16_load_n(kscale + j, n), sv) : sv);
-        v16_store_n(scores + j, s, n);
-        mv = v16_max(mv, v16_load_n_or(scores + j, n, -INFINITY));
-    }
-    fold_softmax_v(v16_hmax(mv), scores, vscale, nk, hd, hd_pad, vt, m, l, acc);
+    fold_softmax_v(scale_scores(scores, kscale, scale, nk), scores, vscale, nk, hd, hd_pad, vt, m,
+                   l, acc);
 }
 
-/* The softmax and V half of a tile: scores[0, nk) hold s_j and tile_max their max.
- * vscale (int8 and fp8 pages), when not NULL, multiplies each p_j after it is summed
- * into l: the V rows are then the unscaled 8-bit values. */
-static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
-                           int hd_pad, const float *vt, float *m, float *l, float *acc)
+/* The softmax half of a tile: scores[0, nk) hold s_j and tile_max their max. Turns them
+ * into p_j = exp(s_j - m') (times vscale_j when not NULL, after they are summed into l),
+ * updates m and l, and returns c = exp(m - m'), by which acc is to be scaled. */
+V16_INLINE float softmax_weights(float tile_max, float *scores, const float *vscale, int nk,
+                                 float *m, float *l)
 {
-    int j;
     float m_old = *m;
     float m_new = m_old > tile_max ? m_old : tile_max;
     v16 psum = v16_zero();
-    for (j = 0; j < nk; j += 16) {
+    for (int j = 0; j < nk; j += 16) {
         int n = nk - j < 16 ? nk - j : 16;
         v16 p = v16_exp(v16_sub(v16_load_n(scores + j, n), v16_set1(m_new)));
         v16_store_n(scores + j, p, n);
@@ -226,7 +236,17 @@ static void fold_softmax_v(float tile_max, float *scores, const float *vscale, i
     float c = m_old == -INFINITY ? 0.0f : v16_lane0(v16_exp(v16_set1(m_old - m_new)));
     *m = m_new;
     *l = *l * c + v16_hsum(psum);
-    v16 cv = v16_set1(c);
+    return c;
+}
+
+/* The softmax and V half of a tile: scores[0, nk) hold s_j and tile_max their max.
+ * vscale (int8 and fp8 pages), when not NULL, multiplies each p_j after it is summed
+ * into l: the V rows are then the unscaled 8-bit values. */
+static void fold_softmax_v(float tile_max, float *scores, const float *vscale, int nk, int hd,
+                           int hd_pad, const float *vt, float *m, float *l, float *acc)
+{
+    int j;
+    v16 cv = v16_set1(softmax_weights(tile_max, scores, vscale, nk, m, l));
     if (hd == 64) {
         /* Qwen2's head_dim: four independent accumulator chains instead of one at a time
          * (the FMA latency, not the arithmetic, bounded this loop); same operations. int8
@@ -256,6 +276,120 @@ static void fold_softmax_v(float tile_max, float *scores, const float *vscale, i
             a = v16_fma(v16_set1(scores[j]), v16_load_n(vt + (size_t)j * hd_pad + d, n), a);
         v16_store_n(acc + d, a, n);
     }
+}
+
+/* scale_scores and softmax_weights (no kscale, no vscale) over scores held in registers,
+ * s[h] holding keys 16h .. 16h+15 (lanes past nk unused): the same operations, the
+ * lanes a stored copy would not hold masked as its reloads would read them. p_j goes to
+ * p[0, nk) for the V half; returns c. */
+V16_INLINE float softmax_in_registers(v16 s[2], int nk, float scale, float *p, float *m, float *l)
+{
+    v16 sv = v16_set1(scale), mv = v16_set1(-INFINITY);
+    for (int h = 0; 16 * h < nk; h++) {
+        int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
+        s[h] = v16_first_n(v16_mul(v16_first_n(s[h], n), sv), n);
+        mv = v16_max(mv, v16_first_n_or(s[h], n, -INFINITY));
+    }
+    float m_old = *m, tile_max = v16_hmax(mv);
+    float m_new = m_old > tile_max ? m_old : tile_max;
+    v16 psum = v16_zero();
+    for (int h = 0; 16 * h < nk; h++) {
+        int n = nk - 16 * h < 16 ? nk - 16 * h : 16;
+        v16 e = v16_exp(v16_sub(s[h], v16_set1(m_new)));
+        v16_store(p + 16 * h, e);
+        psum = v16_add(psum, v16_first_n(e, n));
+    }
+    float c = m_old == -INFINITY ? 0.0f : v16_lane0(v16_exp(v16_set1(m_old - m_new)));
+    *m = m_new;
+    *l = *l * c + v16_hsum(psum);
+    return c;
+}
+
+/* One query state of a tile: its head's q row, keys visible (nk), softmax state. */
+typedef struct fold_state {
+    const float *qh;
+    int nk;
+    float *m, *l, *acc;
+} fold_state;
+
+/* Query states a tile folds together (fold_tile_states). */
+#define FOLD_STATES 4
+
+/* fold_tile for S (2 or 4) states of 64-value heads over the same tile (float pages),
+ * each with exactly the operations fold_tile runs for it alone: they share every K and V
+ * load, run 4S independent FMA chains instead of four (one state's chains wait on the
+ * FMA latency, and so does its softmax), and hold their scores in registers. Keys past a
+ * state's nk that its pair partner sees are dotted for both (a tile's K rows are there
+ * up to TILE) and never used by the first. */
+V16_INLINE void fold_tile_states(const fold_state *st, int S, int hd_pad, float scale,
+                                 const float *kt, const float *vt)
+{
+    _Static_assert(TILE == 32, "scores of a tile in two vectors");
+    float p[FOLD_STATES][TILE] __attribute__((aligned(64)));
+    v16 sc[FOLD_STATES][2];
+    for (int s0 = 0; s0 < S; s0 += 2) {
+        const fold_state *x = &st[s0], *y = &st[s0 + 1];
+        int nk = x->nk > y->nk ? x->nk : y->nk;
+        v16 q0[4], q1[4];
+        for (int i = 0; i < 4; i++) {
+            q0[i] = v16_load(x->qh + 16 * i);
+            q1[i] = v16_load(y->qh + 16 * i);
+        }
+        /* as fold_tile's four keys at a time (whose sums equal dot()'s for the rest) */
+        sc[s0][0] = sc[s0][1] = sc[s0 + 1][0] = sc[s0 + 1][1] = v16_zero();
+        for (int j = 0; j < nk; j += 4) {
+            const float *k0 = kt + (size_t)j * hd_pad;
+            v16 a[4], b[4];
+            for (int key = 0; key < 4; key++)
+                a[key] = b[key] = v16_zero();
+            for (int i = 0; i < 4; i++) {
+                for (int key = 0; key < 4; key++) {
+                    v16 kv = v16_load(k0 + (size_t)key * hd_pad + 16 * i);
+                    a[key] = v16_fma(q0[i], kv, a[key]);
+                    b[key] = v16_fma(q1[i], kv, b[key]);
+                }
+            }
+            int h = j / 16, q = (j % 16) / 4;
+            sc[s0][h] = v16_hsum4_lanes(sc[s0][h], q, a[0], a[1], a[2], a[3]);
+            sc[s0 + 1][h] = v16_hsum4_lanes(sc[s0 + 1][h], q, b[0], b[1], b[2], b[3]);
+        }
+    }
+    /* as fold_softmax_v's 64-value path, the states' chains side by side */
+    v16 acc[FOLD_STATES][4];
+    int both = TILE;
+    for (int s = 0; s < S; s++) {
+        v16 cv = v16_set1(softmax_in_registers(sc[s], st[s].nk, scale, p[s], st[s].m, st[s].l));
+        for (int i = 0; i < 4; i++)
+            acc[s][i] = v16_mul(v16_load(st[s].acc + 16 * i), cv);
+        both = st[s].nk < both ? st[s].nk : both;
+    }
+    for (int j = 0; j < both; j++) {
+        const float *v = vt + (size_t)j * hd_pad;
+        v16 vr[4] = {v16_load(v), v16_load(v + 16), v16_load(v + 32), v16_load(v + 48)};
+        for (int s = 0; s < S; s++) {
+            v16 pv = v16_set1(p[s][j]);
+            for (int i = 0; i < 4; i++)
+                acc[s][i] = v16_fma(pv, vr[i], acc[s][i]);
+        }
+    }
+    for (int s = 0; s < S; s++) {
+        for (int j = both; j < st[s].nk; j++)
+            fma_row64(acc[s], p[s][j], vt + (size_t)j * hd_pad);
+        for (int i = 0; i < 4; i++)
+            v16_store(st[s].acc + 16 * i, acc[s][i]);
+    }
+}
+
+static void fold_tile_four(const fold_state *st, int hd_pad, float scale, const float *kt,
+                           const float *vt)
+{
+    fold_tile_states(st, 4, hd_pad, scale, kt, vt);
+}
+
+static void fold_tile_two(const fold_state *st, int hd_pad, float scale, const float *kt,
+                          const float *vt)
+{
+    fold_tile_states(st, 2, hd_pad, scale, kt, vt);
 }
 
 /* Prefetches the K and V rows of positions [begin, end) of one KV head. */
@@ -605,6 +739,11 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 if (pos + TILE <= last)
                     prefetch_rows(pool, blocks, layer, kv_head, bs, row_bytes, pos + TILE, pos + TILE + 1);
             }
+            /* 64-value heads on float pages: states four at a time (fold_tile_states),
+             * the last two or three as a pair and one alone */
+            bool together = !f8 && hd == 64;
+            fold_state waiting[FOLD_STATES];
+            int num_waiting = 0;
             for (int i = r0; i < r1; i++) {
                 int nk = visible_keys(q, i, t0, nt);
                 if (nk == 0)
@@ -612,11 +751,26 @@ void KVD_VEC_FN(kvd_paged_attention_part)(const kvd_kv_pool *pool, int layer,
                 for (int g = 0; g < group; g++) {
                     int h = kv_head * group + g;
                     int s = (i - r0) * group + g;
-                    fold_tile(q->q + (size_t)i * q->q_stride + (size_t)h * hd, hd, hd_pad,
-                              shape->scale, kt, vt, f8 ? kscale : NULL, f8 ? vscale : NULL, nk,
-                              scores, &st_m[s], &st_l[s], st_acc + (size_t)s * hd_pad);
+                    fold_state st = {q->q + (size_t)i * q->q_stride + (size_t)h * hd, nk, &st_m[s],
+                                     &st_l[s], st_acc + (size_t)s * hd_pad};
+                    if (!together) {
+                        fold_tile(st.qh, hd, hd_pad, shape->scale, kt, vt, f8 ? kscale : NULL,
+                                  f8 ? vscale : NULL, nk, scores, st.m, st.l, st.acc);
+                        continue;
+                    }
+                    waiting[num_waiting++] = st;
+                    if (num_waiting == FOLD_STATES) {
+                        fold_tile_four(waiting, hd_pad, shape->scale, kt, vt);
+                        num_waiting = 0;
+                    }
                 }
             }
+            if (num_waiting >= 2)
+                fold_tile_two(waiting, hd_pad, shape->scale, kt, vt);
+            if (num_waiting % 2)
+                fold_tile(waiting[num_waiting - 1].qh, hd, hd_pad, shape->scale, kt, vt, NULL, NULL,
+                          waiting[num_waiting - 1].nk, scores, waiting[num_waiting - 1].m,
+                          waiting[num_waiting - 1].l, waiting[num_waiting - 1].acc);
         }
         write_out(q, kv_head, group, hd, hd_pad, r0, r1, st_l, st_acc);
     }

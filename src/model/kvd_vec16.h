@@ -157,9 +157,10 @@ V16_INLINE float v16_hsum(v16 a)
     __m128 h1 = _mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1));
     return _mm_cvtss_f32(h1);
 }
-/* v16_hsum of a, b, c and d into out[0..3], the same additions in the same tree,
- * four at a time: each stage adds the halves of two vectors packed in one register. */
-V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
+/* v16_hsum of a, b, c and d, the same additions in the same tree, four at a time: each
+ * stage adds the halves of two vectors packed in one register; the sums end in lanes 0,
+ * 4, 8 and 12. */
+V16_INLINE v16 v16_hsum4_tree(v16 a, v16 b, v16 c, v16 d)
 {
     /* (i, i+8): a's in lanes 0-7, b's in 8-15 */
     v16 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -171,8 +172,30 @@ V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
                            _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
     /* (i, i+2), then (0, 1) within each 128-bit lane */
     v16 h2 = _mm512_add_ps(h4, _mm512_permute_ps(h4, _MM_SHUFFLE(1, 0, 3, 2)));
-    v16 h1 = _mm512_add_ps(h2, _mm512_permute_ps(h2, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_add_ps(h2, _mm512_permute_ps(h2, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+/* v16_hsum of a, b, c and d into out[0..3]. */
+V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
+{
+    v16 h1 = v16_hsum4_tree(a, b, c, d);
     _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, h1)));
+}
+/* v16_hsum of a, b, c and d (v16_hsum4's additions) into lanes 4q .. 4q+3 of into, the
+ * other lanes kept: sums of 16 vectors gathered in a register, with no trip through
+ * memory (narrow stores read back as a vector wait for the stores to retire). */
+V16_INLINE v16 v16_hsum4_lanes(v16 into, int q, v16 a, v16 b, v16 c, v16 d)
+{
+    v16 h1 = v16_hsum4_tree(a, b, c, d);
+    /* lane 4i of h1 is the i-th sum: moved to lane 4q + i */
+    __m512i at = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+    return _mm512_mask_permutexvar_ps(into, (__mmask16)(0xFu << (4 * q)), at, h1);
+}
+/* Lanes [0, n) of a, the others 0 (v16_load_n of a stored vector). */
+V16_INLINE v16 v16_first_n(v16 a, int n) { return _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), a); }
+/* Lanes [0, n) of a, the others fill (v16_load_n_or of a stored vector). */
+V16_INLINE v16 v16_first_n_or(v16 a, int n, float fill)
+{
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), (__mmask16)((1u << n) - 1u), a);
 }
 V16_INLINE float v16_hmax(v16 a) { return _mm512_reduce_max_ps(a); }
 V16_INLINE float v16_lane0(v16 a) { return _mm512_cvtss_f32(a); }
@@ -321,6 +344,15 @@ V16_INLINE float v16_hsum(v16 a)
         h2[i] = h4[i] + h4[i + 2];
     return h2[0] + h2[1];
 }
+V16_INLINE v16 v16_hsum4_lanes(v16 into, int q, v16 a, v16 b, v16 c, v16 d)
+{
+    const v16 *x[4] = {&a, &b, &c, &d};
+    for (int i = 0; i < 4; i++)
+        into.f[4 * q + i] = v16_hsum(*x[i]);
+    return into;
+}
+V16_INLINE v16 v16_first_n(v16 a, int n) { V16_MAP(i < n ? a.f[i] : 0.0f); }
+V16_INLINE v16 v16_first_n_or(v16 a, int n, float fill) { V16_MAP(i < n ? a.f[i] : fill); }
 V16_INLINE void v16_hsum4(v16 a, v16 b, v16 c, v16 d, float *out)
 {
     out[0] = v16_hsum(a);

@@ -34,10 +34,14 @@
 #endif
 
 #define GROUP KVD_QGROUP_ROWS
-/* Most rows whose quantized activations are held at a time (fewer when k is large). */
-#define ROW_TILE 64
+/* Most rows whose quantized activations are held at a time (fewer when k is large: 292 at
+ * k = 896). A tile streams the call's weights once: tiles of 64 rows, as before, made a
+ * 512-row product over k = 896 (o_proj in a prefill) stream them 8 times instead of 2
+ * (bench_qmatmul --threads 1 --cpu-time --rows 512 --recipes q8_0 --layers 2: 64.6-66.7
+ * ms against 67.5-69.2). */
+#define ROW_TILE 512
 /* Quantized activations a row tile may hold: codes (k), scales (k/32) and sums (k/16):
- * 352 KB of stack, four rows of up to KVD_QUANT_MAX_COLS inputs, 64 rows of up to 4096
+ * 352 KB of stack, four rows of up to KVD_QUANT_MAX_COLS inputs, 64 rows of 4096
  * (the 7B shape's 3584: one row, 65536, took 18 rows a tile, each tile streaming the
  * weights again). */
 #define ACT_CODES ((size_t)4 * KVD_QUANT_MAX_COLS)
