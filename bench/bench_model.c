@@ -17,6 +17,9 @@
  * Usage: bench_model [--model DIR] [--threads N] [--prompt-tokens P] [--decode-tokens D]
  *                    [--batch N] [--experiment 32,128,512 | --experiment none]
  *                    [--kv-dtype f16|bf16|f32] [--plot-data FILE]
+ *                    [--fused-tokens N,N,...]
+ * --fused-tokens runs the batched decode once per value (kvd_forward_set_fused_tokens),
+ * in the order given: old and new phase structure side by side in one process.
  */
 #include <omp.h>
 #include <stdbool.h>
@@ -234,9 +237,14 @@ static int batched_decode(bench *b, int n, int steps, double step_params)
     double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
     /* 2 flops per weight per row (the lm_head included: every row needs its logits) */
     double flops = 2.0 * step_params * n;
+    /* the last step's ids: runs that must compute the same bits print the same hash */
+    uint64_t hash = 14695981039346656037u;
+    for (int i = 0; i < n; i++)
+        hash = (hash ^ (uint32_t)tokens[i]) * 1099511628211u;
     printf("batched decode: %d sequences x %d steps in %.1f ms = %.1f tokens/s (step mean %.2f ms, "
-           "best %.2f ms = %.0f GFLOP/s); used %.2f cores\n", n, steps, dt * 1e3, n * steps / dt,
-           dt / steps * 1e3, best * 1e3, flops / best / 1e9, cpu / dt);
+           "best %.2f ms = %.0f GFLOP/s); used %.2f cores; %.1f tokens per CPU-second; ids %016llx\n",
+           n, steps, dt * 1e3, n * steps / dt, dt / steps * 1e3, best * 1e3, flops / best / 1e9,
+           cpu / dt, n * steps / cpu, (unsigned long long)hash);
     for (int i = 0; i < n; i++)
         kvd_block_table_deinit(b->pool, &tables[i]);
     free(tables);
@@ -260,6 +268,8 @@ int main(int argc, char **argv)
     int experiments[MAX_EXPERIMENTS] = {32, 128, 512}, num_experiments = 3;
     kvd_dtype kv_dtype = KVD_DTYPE_F16;
     kvd_model_load_options load_opts = {0};
+    enum { MAX_FUSED_RUNS = 16 };
+    int fused_runs[MAX_FUSED_RUNS], num_fused_runs = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--model") == 0 && v) {
@@ -277,6 +287,9 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "--quantize") == 0 && v) {
             load_opts.quantize = v;
         } else if (strcmp(a, "--kv-dtype") == 0 && v && kvd_dtype_parse(v, &kv_dtype) == 0) {
+        } else if (strcmp(a, "--fused-tokens") == 0 && v) {
+            for (char *p = (char *)v; *p && num_fused_runs < MAX_FUSED_RUNS; p += strspn(p, ","))
+                fused_runs[num_fused_runs++] = (int)strtol(p, &p, 10);
         } else if (strcmp(a, "--experiment") == 0 && v) {
             num_experiments = 0;
             if (strcmp(v, "none") != 0)
@@ -285,7 +298,8 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: %s [--model DIR] [--threads N] [--prompt-tokens P] "
                             "[--decode-tokens D] [--batch N] [--experiment N,N,...|none] "
-                            "[--kv-dtype f16|bf16|f32] [--plot-data FILE] [--quantize T]\n", argv[0]);
+                            "[--kv-dtype f16|bf16|f32] [--plot-data FILE] [--quantize T] "
+                            "[--fused-tokens N,N,...]\n", argv[0]);
             return 1;
         }
     }
@@ -418,8 +432,15 @@ int main(int argc, char **argv)
         kvd_block_table_deinit(b.pool, &table);
     }
     fflush(stdout);
-    if (batch > 1 && batched_decode(&b, batch, decode_tokens, step_params) != 0)
-        return 1;
+    for (int r = 0; batch > 1 && r < (num_fused_runs > 0 ? num_fused_runs : 1); r++) {
+        if (num_fused_runs > 0) {
+            kvd_forward_set_fused_tokens(b.ctx, fused_runs[r]);
+            printf("fused decode stages up to %d tokens:\n", fused_runs[r]);
+        }
+        if (batched_decode(&b, batch, decode_tokens, step_params) != 0)
+            return 1;
+        fflush(stdout);
+    }
 
     FILE *plot = NULL;
     if (plot_data && num_experiments > 0) {

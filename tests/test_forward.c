@@ -587,6 +587,101 @@ static void test_rejects_bad_batches(void **state)
     free_runner(&r);
 }
 
+/* Pure decode steps of many sequences (up to 16 tokens) take the fused stages on two
+ * threads (forward.c): each thread norms and quantizes or rounds all rows itself and
+ * owns a kv head. The same batches through the barrier-per-stage path, and each sequence
+ * decoded alone on one thread, must give the same logits bit for bit: for the tiny
+ * model's bf16 weights and for them quantized to Q8_0 and Q4_0 at load. */
+static void check_fused_decode(const kvd_model *model, const char *what)
+{
+    enum { SEQS = 13, PROMPT = 5, STEPS = 3 };
+    size_t V = (size_t)model->config.vocab_size;
+    kvd_kv_config cfg = {
+        .num_layers = model->config.num_layers, .num_kv_heads = model->config.num_kv_heads,
+        .head_dim = model->config.head_dim, .block_size = 16, .dtype = KVD_DTYPE_F16,
+        .num_blocks = 3 * SEQS + 8,
+    };
+    float *logits[3];
+    for (int mode = 0; mode < 3; mode++) {
+        /* 0: fused, 1: a barrier after every stage, 2: each sequence alone, one thread */
+        kvd_error err = {0};
+        kvd_kv_pool *pool = kvd_kv_pool_create(&cfg, &err);
+        assert_non_null(pool);
+        kvd_forward_ctx *ctx = kvd_forward_create(model, pool, SEQS * PROMPT, SEQS, SEQS,
+                                                  mode == 2 ? 1 : 2, &err);
+        assert_non_null(ctx);
+        kvd_forward_force_threads(ctx, true);
+        kvd_forward_set_fused_tokens(ctx, mode == 1 ? 0 : 16);
+        logits[mode] = malloc((size_t)STEPS * SEQS * V * sizeof(float));
+        float *scratch = malloc((size_t)SEQS * V * sizeof(float));
+        kvd_block_table tables[SEQS];
+        int32_t ids[SEQS][PROMPT + STEPS];
+        for (int s = 0; s < SEQS; s++) {
+            kvd_block_table_init(&tables[s]);
+            for (int i = 0; i < PROMPT; i++)
+                ids[s][i] = (int32_t)((s * 7919 + i * 104729) % 150000);
+            assert_int_equal(kvd_block_table_append(pool, &tables[s], PROMPT, &err), 0);
+            kvd_forward_seq seq = {&tables[s], 0, PROMPT, 0, KVD_LOGITS_LAST};
+            kvd_forward_batch batch = {ids[s], PROMPT, &seq, 1, scratch};
+            if (kvd_forward(ctx, &batch, &err) != 0)
+                fail_msg("%s: prompt: %s", what, err.msg);
+            ids[s][PROMPT] = kvd_argmax(scratch, (int)V);
+        }
+        for (int k = 0; k < STEPS; k++) {
+            int at = PROMPT + k;
+            kvd_forward_seq seqs[SEQS];
+            int32_t tokens[SEQS];
+            for (int s = 0; s < SEQS; s++) {
+                assert_int_equal(kvd_block_table_append(pool, &tables[s], 1, &err), 0);
+                tokens[s] = ids[s][at];
+                seqs[s] = (kvd_forward_seq){&tables[s], at, 1, mode == 2 ? 0 : s, KVD_LOGITS_LAST};
+            }
+            float *out = logits[mode] + (size_t)k * SEQS * V;
+            if (mode == 2) {
+                for (int s = 0; s < SEQS; s++) {
+                    kvd_forward_batch batch = {&tokens[s], 1, &seqs[s], 1, out + (size_t)s * V};
+                    if (kvd_forward(ctx, &batch, &err) != 0)
+                        fail_msg("%s: alone: %s", what, err.msg);
+                }
+            } else {
+                kvd_forward_batch batch = {tokens, SEQS, seqs, SEQS, out};
+                if (kvd_forward(ctx, &batch, &err) != 0)
+                    fail_msg("%s: batch: %s", what, err.msg);
+            }
+            for (int s = 0; s < SEQS && k + 1 < STEPS; s++)
+                ids[s][at + 1] = kvd_argmax(out + (size_t)s * V, (int)V);
+        }
+        for (int s = 0; s < SEQS; s++)
+            kvd_block_table_deinit(pool, &tables[s]);
+        free(scratch);
+        kvd_forward_destroy(ctx);
+        kvd_kv_pool_destroy(pool);
+    }
+    size_t bytes = (size_t)STEPS * SEQS * V * sizeof(float);
+    if (memcmp(logits[0], logits[1], bytes) != 0)
+        fail_msg("%s: fused decode steps differ from the barrier-per-stage path", what);
+    if (memcmp(logits[0], logits[2], bytes) != 0)
+        fail_msg("%s: fused decode steps differ from each sequence alone", what);
+    for (int mode = 0; mode < 3; mode++)
+        free(logits[mode]);
+}
+
+static void test_fused_decode_same_bits(void **state)
+{
+    (void)state;
+    check_fused_decode(g_model, "bf16");
+    static const char *const types[] = {"q8_0", "q4_0"};
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        kvd_model_load_options opts = {.quantize = types[t]};
+        kvd_error err = {0};
+        kvd_model *q = kvd_model_load(getenv("KVD_TINY_MODEL"), &opts, &err);
+        if (!q)
+            fail_msg("%s: %s", types[t], err.msg);
+        check_fused_decode(q, types[t]);
+        kvd_model_destroy(q);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -595,6 +690,7 @@ int main(void)
         cmocka_unit_test(test_prefix_cache_hit),
         cmocka_unit_test(test_no_kv_cache_recompute),
         cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_fused_decode_same_bits),
         cmocka_unit_test(test_scalar_matches_avx512),
         cmocka_unit_test(test_rejects_bad_batches),
     };

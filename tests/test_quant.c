@@ -266,6 +266,29 @@ static void test_builds_agree(void **state)
     }
 }
 
+/* n random values, every `every`-th one `big` times larger (outliers set Q8 scales). */
+static float *random_values(uint64_t *s, size_t n, size_t every, float big)
+{
+    float *v = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        v[i] = rnd(s) * (i % every == 0 ? big : 1.0f);
+    return v;
+}
+
+/* The rows x of a batch quantized once (kvd_qinput) give ref (m x rows) bit for bit. */
+static void check_pre_quantized(const qmatrix *q, const float *x, int m, const float *bias,
+                                const float *ref, float *got, void *in_mem)
+{
+    kvd_qinput in;
+    int rows = q->m.rows, cols = q->m.cols;
+    kvd_qinput_init(&in, in_mem, m, cols);
+    kvd_qinput_quantize(KVD_ISA_AVX512, &in, q->m.dtype, x, cols, 0, m);
+    memset(got, 0, (size_t)m * rows * sizeof(float));
+    kvd_qmatmul_cols_input(KVD_ISA_AVX512, got, rows, &in, m, &q->m, bias, false, 0, rows);
+    if (memcmp(ref, got, (size_t)m * rows * sizeof(float)) != 0)
+        fail_msg("%s: pre-quantized input differs", kvd_dtype_name(q->m.dtype));
+}
+
 /* Batched products over long rows (m > 4, k = 8192): the VNNI build cuts k into slices
  * whose partial sums wait in out and runs the rows in passes (qmatmul_impl.c); neither may
  * change a bit. Against the scalar build, rows one at a time (the decode path, all of k at
@@ -279,12 +302,8 @@ static void test_sliced_passes_same_bits(void **state)
     }
     uint64_t s = 21;
     const int rows = 48, cols = 8192, m = 150;
-    float *x = malloc((size_t)m * cols * sizeof(float));
-    for (int i = 0; i < m * cols; i++)
-        x[i] = rnd(&s) * (i % 61 == 0 ? 10.0f : 1.0f);
-    float bias[48];
-    for (int j = 0; j < rows; j++)
-        bias[j] = rnd(&s);
+    float *x = random_values(&s, (size_t)m * cols, 61, 10.0f);
+    float *bias = random_values(&s, rows, rows, 1.0f);
     size_t out_bytes = (size_t)m * rows * sizeof(float);
     float *ref = malloc(out_bytes), *got = malloc(out_bytes);
     size_t in_bytes = (kvd_qinput_bytes(m, cols) + 63) & ~(size_t)63;
@@ -308,17 +327,69 @@ static void test_sliced_passes_same_bits(void **state)
             if (memcmp(got + (size_t)i * rows + 16, ref + (size_t)(7 + i) * rows + 16,
                        (rows - 16) * sizeof(float)) != 0)
                 fail_msg("%s: rows 7-29, columns 16-47 differ", kvd_dtype_name(dtype));
-        kvd_qinput in;
-        kvd_qinput_init(&in, in_mem, m, cols);
-        kvd_qinput_quantize(KVD_ISA_AVX512, &in, dtype, x, cols, 0, m);
-        memset(got, 0, out_bytes);
-        kvd_qmatmul_cols_input(KVD_ISA_AVX512, got, rows, &in, m, &q.m, bias, false, 0, rows);
-        if (memcmp(ref, got, out_bytes) != 0)
-            fail_msg("%s: pre-quantized input differs", kvd_dtype_name(dtype));
+        check_pre_quantized(&q, x, m, bias, ref, got, in_mem);
         free_qmatrix(&q);
     }
     free(in_mem);
     free(x);
+    free(bias);
+    free(ref);
+    free(got);
+}
+
+/* Batched decodes (5..16 rows) run each group pair in slices of k whose partial sums wait
+ * in out, prefetching the next slice (qmatmul_impl.c, few_rows_product): against the
+ * scalar build for every row count, then rows one at a time, odd column ranges
+ * accumulated on top of out, and the pre-quantized input (k = 896: slices of 8 blocks
+ * and a shorter last one; the K types, which keep the older blocking, at k = 1024). */
+static void test_few_rows_same_bits(void **state)
+{
+    (void)state;
+    if (!kvd_quant_vnni_supported()) {
+        print_message("no AVX512_VNNI on this CPU: skipped\n");
+        return;
+    }
+    uint64_t s = 33;
+    const int rows = 100, max_m = 16, max_cols = 1024;
+    float *x = random_values(&s, (size_t)max_m * max_cols, 59, 12.0f);
+    float *bias = random_values(&s, rows, rows, 1.0f);
+    size_t out_bytes = (size_t)max_m * rows * sizeof(float);
+    float *ref = malloc(out_bytes), *got = malloc(out_bytes);
+    size_t in_bytes = (kvd_qinput_bytes(max_m, max_cols) + 63) & ~(size_t)63;
+    void *in_mem = aligned_alloc(64, in_bytes);
+    for (int t = 0; t < NTYPES; t++) {
+        kvd_dtype dtype = qtypes[t];
+        /* the K types' rows are whole 256-input blocks */
+        int cols = kvd_dtype_block_values(dtype) == 256 ? max_cols : 896;
+        qmatrix q = make_qmatrix(dtype, rows, cols, &s);
+        kvd_matmul(KVD_ISA_SCALAR, ref, rows, x, cols, max_m, &q.m, bias, false, 1);
+        for (int m = 5; m <= max_m; m++) {
+            memset(got, 0, out_bytes);
+            kvd_matmul(KVD_ISA_AVX512, got, rows, x, cols, m, &q.m, bias, false, 2);
+            if (memcmp(ref, got, (size_t)m * rows * sizeof(float)) != 0)
+                fail_msg("%s: batch of %d: scalar and avx512 differ", kvd_dtype_name(dtype), m);
+        }
+        for (int i = 0; i < max_m; i++) {
+            kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x + (size_t)i * cols, cols, 1, &q.m, bias,
+                            false, 0, rows);
+            if (memcmp(got, ref + (size_t)i * rows, rows * sizeof(float)) != 0)
+                fail_msg("%s: row %d alone differs from the batch", kvd_dtype_name(dtype), i);
+        }
+        memset(got, 0, out_bytes);
+        for (int a = 0; a < rows;) {
+            int b = a + 1 + (int)((rnd(&s) + 1.0f) * 24);
+            b = b > rows ? rows : b;
+            kvd_matmul_cols(KVD_ISA_AVX512, got, rows, x, cols, max_m, &q.m, bias, true, a, b);
+            a = b;
+        }
+        if (memcmp(ref, got, out_bytes) != 0)
+            fail_msg("%s: column ranges change the result", kvd_dtype_name(dtype));
+        check_pre_quantized(&q, x, max_m, bias, ref, got, in_mem);
+        free_qmatrix(&q);
+    }
+    free(in_mem);
+    free(x);
+    free(bias);
     free(ref);
     free(got);
 }
@@ -331,6 +402,7 @@ int main(void)
         cmocka_unit_test(test_products_deterministic),
         cmocka_unit_test(test_builds_agree),
         cmocka_unit_test(test_sliced_passes_same_bits),
+        cmocka_unit_test(test_few_rows_same_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

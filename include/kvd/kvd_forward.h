@@ -80,4 +80,8 @@ void kvd_forward_for_each(kvd_forward_ctx *ctx, int num_items, kvd_forward_item_
  * (tests use it to exercise the parallel paths on the tiny model). */
 void kvd_forward_force_threads(kvd_forward_ctx *ctx, bool force);
 
+/* Steps of up to max_tokens tokens (default and most: 16; 0: none) take the fused decode
+ * stages (forward.c); the bits are the same either way (tests and benchmarks compare). */
+void kvd_forward_set_fused_tokens(kvd_forward_ctx *ctx, int max_tokens);
+
 #endif

@@ -16,14 +16,16 @@
  * whatever else is in the batch. All buffers are sized at creation; a step never
  * allocates.
  *
- * Steps of a few tokens (decode) take 4 barriers a layer instead of 8: there a stage is
- * short, a barrier costs the partner's wake-up (on a loaded machine a scheduler slice,
- * spun for), and a thread idling at it leaves memory idle too. Each thread norms (and
- * quantizes) all of the step's rows into its own buffer, the same bits in every thread,
- * so no barrier follows the norms; each owns whole kv heads, computes their q/k/v
- * columns, ropes and stores them and runs their attention without waiting for the
- * others. Barriers remain where a stage reads every
- * column another wrote: after attention, o_proj, gate/up and down_proj.
+ * Steps of up to 16 tokens (decodes of up to 16 sequences) take 4 barriers a layer
+ * instead of 8: there a stage is short, a barrier costs the partner's wake-up (on a
+ * loaded machine a scheduler slice, spun for), and a thread idling at it leaves memory
+ * idle too (16 sequences, 0.5B Q8_0, two cores at load 10-12: ~20% more tokens per
+ * CPU-second than with a barrier after every stage). Each thread norms (and quantizes)
+ * all of the step's rows into its own buffer, the same bits in every thread, so no
+ * barrier follows the norms; each owns whole kv heads, computes their q/k/v columns,
+ * ropes and stores them and runs their attention without waiting for the others.
+ * Barriers remain where a stage reads every column another wrote: after attention,
+ * o_proj, gate/up and down_proj.
  */
 #include "kvd/kvd_forward.h"
 
@@ -42,8 +44,8 @@
  * threads, large enough that a K/V tile is widened once for many queries. */
 #define ATTN_ITEM_ROWS 16
 /* Most tokens of a step run with the fused decode stages (see the top): each thread
- * norms every row, which costs little for a few rows. */
-#define FUSED_MAX_TOKENS 4
+ * norms every row, which costs little for the few rows of a decode step. */
+#define FUSED_MAX_TOKENS 16
 
 typedef struct attn_item {
     int query;   /* index into ctx->queries */
@@ -57,6 +59,7 @@ struct kvd_forward_ctx {
     kvd_isa isa;
     int max_tokens, max_seqs, max_logit_rows, num_threads;
     bool force_threads;  /* every step on num_threads, however small (tests) */
+    int fused_tokens;    /* steps of up to this many tokens take the fused stages */
     int hidden, q_dim, kv_dim, inter, vocab, head_dim;
     kvd_attention_shape shape;
     float *inv_freq;     /* (head_dim/2) */
@@ -229,6 +232,7 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     ctx->max_tokens = max_tokens;
     ctx->max_seqs = max_seqs;
     ctx->max_logit_rows = max_logit_rows;
+    ctx->fused_tokens = FUSED_MAX_TOKENS;
     ctx->num_threads = num_threads > 0 ? num_threads : available_cores();
     ctx->hidden = hidden;
     ctx->q_dim = q_dim;
@@ -403,6 +407,11 @@ static int step_threads(const kvd_forward_ctx *ctx, int tokens, int logit_rows)
 void kvd_forward_force_threads(kvd_forward_ctx *ctx, bool force)
 {
     ctx->force_threads = force;
+}
+
+void kvd_forward_set_fused_tokens(kvd_forward_ctx *ctx, int max_tokens)
+{
+    ctx->fused_tokens = max_tokens < 0 ? 0 : max_tokens > FUSED_MAX_TOKENS ? FUSED_MAX_TOKENS : max_tokens;
 }
 
 int kvd_forward_num_threads(const kvd_forward_ctx *ctx)
@@ -646,7 +655,7 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
                              "logits buffer", rows);
     int nth = step_threads(ctx, batch->num_tokens, rows);
     /* fused decode stages when every thread gets as many kv heads as the others */
-    bool fused = batch->num_tokens <= FUSED_MAX_TOKENS && ctx->model->config.num_kv_heads % nth == 0;
+    bool fused = batch->num_tokens <= ctx->fused_tokens && ctx->model->config.num_kv_heads % nth == 0;
     step_args sa = {ctx, batch, rows, num_items, fused};
     kvd_team_run(ctx->team, nth, forward_body, &sa);
     return 0;

@@ -10,8 +10,10 @@
  * into a stack buffer (or come quantized in a kvd_qinput); for each group of 16 output
  * columns the tile runs the group's tiles (weights) front to back, every row against
  * each weight vector while it is in registers. With m = 1 (decode) that streams the
- * weights once, in order. Batches (m > 4) run in passes of rows over slices of k sized
- * for L2 (tile_product in the VNNI build).
+ * weights once, in order. Batched decodes (5..16 rows, 32-value types) run each group
+ * pair in L1-sized slices of k, prefetching the next into L2 (few_rows_product); larger
+ * batches run in passes of rows over slices of k sized for L2 (tile_product in the VNNI
+ * build).
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -219,6 +221,7 @@ static ALWAYS_INLINE size_t tile_size(const kvd_dtype dtype)
     }
 }
 
+
 static ALWAYS_INLINE __m512i nib_lo(__m512i v)
 {
     return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
@@ -306,7 +309,23 @@ typedef struct rows_view {
 typedef struct kspan {
     int b0, b1;
     bool from_out, stream;
+    /* weights that run next (few_rows_product), in next_groups streams: each block
+     * prefetches next_per_block bytes of each, from next[i] + (b - b0) * next_per_block,
+     * into L2 */
+    const char *next[GB];
+    int next_groups;
+    size_t next_per_block;
 } kspan;
+
+/* Block b's share of the weights that run next (kspan.next), into L2. */
+static ALWAYS_INLINE void prefetch_next(const kspan *sp, int b)
+{
+    for (int i = 0; i < sp->next_groups; i++) {
+        const char *p = sp->next[i] + (size_t)(b - sp->b0) * sp->next_per_block;
+        for (size_t at = 0; at < sp->next_per_block; at += 64)
+            _mm_prefetch(p + at, _MM_HINT_T1);
+    }
+}
 
 /* Accumulators of R rows x G groups from out (accumulate) and bias, lanes outside mask 0. */
 static ALWAYS_INLINE void acc_init(__m512 acc[RB][GB], const int R, const int G, float *out, int ldo,
@@ -355,6 +374,7 @@ static ALWAYS_INLINE void kernel32(const kvd_dtype dtype, const int R, const int
             for (int g = 0; g < G; g++)
                 prefetch_tile((const char *)tiles[g] + (size_t)b * tile_bytes + PREFETCH_BYTES,
                               tile_size(dtype));
+        prefetch_next(sp, b);
         /* one row: a second chain of sums per group (odd vectors, or the high nibbles),
          * added at the block's end, halves the VPDPBUSD latency each block waits for */
         __m512i s2[GB];
@@ -743,6 +763,10 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
 /* Up to this many rows (decode), the groups run their weights from memory once over all
  * of k, each row tile against them while they are in L1/L2. */
 #define DECODE_ROWS 4
+/* Up to this many rows (a batched decode), few_rows_product runs the 32-value types. */
+#define FEW_ROWS 16
+/* Blocks per slice of a batched decode's group pair (few_rows_product). */
+#define FEW_SLICE_BLOCKS 8
 /* Batched products: the weights of a group pair that one slice of k holds, so that they
  * stay in L2 while every row tile runs against them (k up to ~7700 for Q8_0: one slice). */
 #define SLICE_PAIR_BYTES ((size_t)256 * 1024)
@@ -751,10 +775,60 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
  * over its down projection instead of 10 of 53). */
 #define PASS_ACT_BYTES ((size_t)256 * 1024)
 
+/* A batched decode's rows (DECODE_ROWS < rows <= FEW_ROWS) against columns [n_begin,
+ * n_end): each group pair runs in slices of FEW_SLICE_BLOCKS blocks, every row tile
+ * against a slice while it is in L1, partial sums parked in out (exact floats) between
+ * slices. While a slice runs, its tiles prefetch the next slice (the pair's, or the next
+ * pair's first) into L2, each tile its share block by block: the weights then come from
+ * memory at an even pace over all the arithmetic instead of in bursts under the first
+ * tile (whole-k pairs: the first tile's prefetches, a few blocks ahead, came too late
+ * and the others found memory idle). Each element takes its blocks in k order: the
+ * same bits as tile_product. */
+static void few_rows_product(float *out, int ldo, int rows, const act_rows *a,
+                             const kvd_matrix *w, const float *bias, bool accumulate,
+                             int n_begin, int n_end)
+{
+    kvd_dtype dtype = w->dtype;
+    int blocks = w->cols / kvd_dtype_block_values(dtype);
+    size_t tile_bytes = kvd_qtile_bytes(dtype);
+    size_t group_bytes = (size_t)blocks * tile_bytes;
+    int g_begin = n_begin / GROUP, g_end = (n_end + GROUP - 1) / GROUP;
+    int tiles = (rows + RB - 1) / RB, sb = FEW_SLICE_BLOCKS;
+    for (int g = g_begin; g < g_end;) {
+        int G = groups_at(dtype, rows, g, g_end);
+        for (int b0 = 0; b0 < blocks; b0 += sb) {
+            int b1 = blocks - b0 < sb ? blocks : b0 + sb;
+            /* what runs next: this pair's next slice, or the next pair's first */
+            int ng = b1 < blocks ? g : g + G, nb0 = b1 < blocks ? b1 : 0;
+            int nG = ng >= g_end ? 0 : ng == g ? G : groups_at(dtype, rows, ng, g_end);
+            int nb1 = blocks - nb0 < sb ? blocks : nb0 + sb;
+            size_t bytes = (size_t)(nb1 - nb0) * tile_bytes; /* per group */
+            size_t share = (bytes / (size_t)tiles + 63) & ~(size_t)63;
+            for (int t = 0; t < tiles; t++) {
+                int r0 = t * RB, r1 = rows - r0 < RB ? rows : r0 + RB;
+                kspan sp = {.b0 = b0, .b1 = b1, .from_out = b0 > 0,
+                            .stream = t == 0 && b0 == 0 && g == g_begin};
+                size_t mine = nG > 0 && bytes > (size_t)t * share ? bytes - (size_t)t * share : 0;
+                mine = mine < share ? mine : share;
+                if (mine > 0) {
+                    for (int i = 0; i < nG; i++)
+                        sp.next[i] = (const char *)w->data + (size_t)(ng + i) * group_bytes +
+                                     (size_t)nb0 * tile_bytes + (size_t)t * share;
+                    sp.next_groups = nG;
+                    sp.next_per_block = (mine / (size_t)(b1 - b0) + 63) & ~(size_t)63;
+                }
+                run_kernel(out, ldo, a, r0, r1 - r0, w, bias, accumulate, n_begin, n_end, g, G, &sp);
+            }
+        }
+        g += G;
+    }
+}
+
 /* All rows of the activations against columns [n_begin, n_end): groups in pairs (one
  * row: fours), rows in tiles of up to RB, the first tile of each group pair streaming its
  * weights from memory and the others finding them in L1/L2.
- * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once. More rows run in
+ * Up to DECODE_ROWS rows (decode) a pair runs over all of k at once; up to FEW_ROWS
+ * (32-value types) few_rows_product runs them. More rows run in
  * passes of rows whose activations stay in L2, over slices of k whose group pair's
  * weights (SLICE_PAIR_BYTES) stay in L2 too: a long k (the 7B shape's down projection,
  * 18944) would otherwise leave room in L2 for the activations of 13 rows only, and every
@@ -764,6 +838,11 @@ static int groups_at(kvd_dtype dtype, int rows, int g, int g_end)
 static void tile_product(float *out, int ldo, int rows, const act_rows *a, const kvd_matrix *w,
                          const float *bias, bool accumulate, int n_begin, int n_end)
 {
+    /* the K types keep whole-k pairs: their 256-input tiles would need other slices, unmeasured */
+    if (rows > DECODE_ROWS && rows <= FEW_ROWS && !kvd_qtype_is_k(w->dtype)) {
+        few_rows_product(out, ldo, rows, a, w, bias, accumulate, n_begin, n_end);
+        return;
+    }
     kvd_dtype dtype = w->dtype;
     int k = w->cols, per_block = kvd_dtype_block_values(dtype);
     int blocks = k / per_block;
