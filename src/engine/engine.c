@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "engine_internal.h"
+#include "kvd/kvd_clock.h"
 #include "kvd/kvd_hugemem.h"
 
 struct kvd_engine {
@@ -75,13 +76,6 @@ struct kvd_engine {
     void (*notify)(void *arg);
     void *notify_arg;
 };
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* CLOCK_REALTIME, as pthread_cond_timedwait wants it. */
 static struct timespec deadline_in(int timeout_ms)
@@ -605,7 +599,7 @@ static void free_done(kvd_engine *e)
 
 static int engine_step(kvd_engine *e, kvd_error *err)
 {
-    const uint64_t t0 = now_ns();
+    const uint64_t t0 = kvd_now_ns();
     e->sched.now_ns = t0;
     intake(e);
     eng_schedule(&e->sched);
@@ -625,7 +619,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
             e->sched.entries[num_entries++] = e->sched.entries[i];
     e->sched.num_entries = num_entries;
 
-    const uint64_t t1 = now_ns();
+    const uint64_t t1 = kvd_now_ns();
     int rc = 0;
     kvd_error fwd_err = {0};
     int offset_total = 0;
@@ -655,7 +649,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
         e->batched_tokens_total += (uint64_t)offset;
         offset_total = offset;
     }
-    const uint64_t t2 = now_ns();
+    const uint64_t t2 = kvd_now_ns();
 
     if (rc < 0) {
         char msg[sizeof fwd_err.msg + 32];
@@ -690,7 +684,7 @@ static int engine_step(kvd_engine *e, kvd_error *err)
         sample_queued(e);
     }
     free_done(e);
-    const uint64_t t3 = now_ns();
+    const uint64_t t3 = kvd_now_ns();
     if (num_entries > 0) {
         e->steps++;
         e->forward_ns += t2 - t1;
@@ -928,7 +922,7 @@ int64_t kvd_engine_submit(kvd_engine *e, const int32_t *prompt, int num_prompt, 
         return kvd_error_set(err, KVD_EBUSY, "engine: queue full (max_queue %d)", e->cfg.max_queue);
     }
     req->id = e->next_id++;
-    req->submit_ns = now_ns();
+    req->submit_ns = kvd_now_ns();
     if (e->inbox_tail)
         e->inbox_tail->next_inbox = req;
     else

@@ -19,9 +19,9 @@
  */
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "engine_internal.h"
+#include "kvd/kvd_clock.h"
 
 struct eng_sampling {
     const kvd_model_config *mcfg;
@@ -159,13 +159,6 @@ static void sample_job(void *arg, int item, int thread)
         (void)kvd_grammar_matcher_accept(seq->grammar, job->res.token, NULL);
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 void eng_sampling_force_parallel(eng_sampling *s, bool force)
 {
     s->force_parallel = force;
@@ -191,14 +184,14 @@ void eng_sampling_run(eng_sampling *s, kvd_forward_ctx *fwd)
         return;
     }
     const bool parallel = choose_parallel(s);
-    const uint64_t t0 = now_ns();
+    const uint64_t t0 = kvd_now_ns();
     if (parallel) {
         kvd_forward_for_each(fwd, s->num_jobs, sample_job, s);
     } else {
         for (int i = 0; i < s->num_jobs; i++)
             sample_job(s, i, 0);
     }
-    const double per_job = (double)(now_ns() - t0) / s->num_jobs;
+    const double per_job = (double)(kvd_now_ns() - t0) / s->num_jobs;
     double *avg = &s->ns_per_job[parallel];
     *avg = *avg == 0.0 ? per_job : 0.75 * *avg + 0.25 * per_job;
 }

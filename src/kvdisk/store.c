@@ -10,6 +10,7 @@
  * errors on that descriptor rather than writes going somewhere else.
  */
 #include "kvd/kvd_kvdisk.h"
+#include "kvd/kvd_clock.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -91,13 +92,6 @@ struct kvd_kvdisk {
 
     uint8_t *scratch;        /* I/O thread: header + tokens + checksum of one file */
 };
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void warn(const kvd_kvdisk *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void warn(const kvd_kvdisk *d, const char *fmt, ...)
@@ -531,7 +525,7 @@ static void *io_main(void *arg)
             load->next = NULL;
             pthread_mutex_unlock(&d->lock);
             do_load(d, load);
-            uint64_t t = now_ns();
+            uint64_t t = kvd_now_ns();
             pthread_mutex_lock(&d->lock);
             load->seconds = (double)(t - load->queued_ns) * 1e-9;
             int b = 0;
@@ -893,7 +887,7 @@ kvd_kvdisk_load *kvd_kvdisk_load_submit(kvd_kvdisk *d, const kvd_kvdisk_key *key
     memcpy(load->tokens, tokens, token_count * sizeof *tokens);
     load->num_pages = num_pages;
     load->user = user;
-    load->queued_ns = now_ns();
+    load->queued_ns = kvd_now_ns();
     pthread_mutex_lock(&d->lock);
     if (!d->enabled) {
         pthread_mutex_unlock(&d->lock);
