@@ -497,6 +497,9 @@ typedef struct stage_input {
 /* Rows [r0, r1) of x normed with `weight` into in->xn, then quantized once into in->xq
  * for every product of the stage whose first matrix is `first` (returned; NULL when
  * first is not quantized) or rounded once into in->xw for the bf16 products. */
+static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *in,
+                                      const float *x, int ldx, const kvd_matrix *first);
+
 static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_input *in,
                                           const float *weight, const kvd_matrix *first)
 {
@@ -504,12 +507,22 @@ static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_inpu
     for (int t = in->r0; t < in->r1; t++)
         kvd_rmsnorm(ctx->isa, in->xn + (size_t)t * H, ctx->x + (size_t)t * H, weight, H,
                     ctx->model->config.rms_norm_eps);
+    return stage_copies(ctx, in, in->xn, H, first);
+}
+
+/* Rows [r0, r1) of x (row stride ldx, hidden wide) quantized once into in->xq for the
+ * products whose first matrix is `first` (returned; NULL when first is not quantized)
+ * or rounded once into in->xw for the bf16 products. */
+static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *in,
+                                      const float *x, int ldx, const kvd_matrix *first)
+{
+    const int H = ctx->hidden;
     for (int t = in->r0; in->xw && t < in->r1; t++)
-        kvd_bf16_round_cols(ctx->isa, in->xw + (size_t)t * ctx->xw_stride, in->xn + (size_t)t * H,
+        kvd_bf16_round_cols(ctx->isa, in->xw + (size_t)t * ctx->xw_stride, x + (size_t)t * ldx,
                             H, 0, H);
     if (!in->xq || !kvd_dtype_is_quantized(first->dtype) || first->cols != H)
         return NULL;
-    kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, in->xn, H, in->r0, in->r1);
+    kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, x, ldx, in->r0, in->r1);
     return in->xq;
 }
 
@@ -646,8 +659,13 @@ static void forward_body(void *arg, int ith, int nth)
             }
         }
         kvd_team_barrier(team);
+        /* fused: the thread's chunks of o_proj read every row of attn, quantized (or
+         * rounded) once into its own buffers rather than once per chunk */
+        const bool own_attn = fused && w->o_proj.cols == H;
+        qin = own_attn ? stage_copies(ctx, &in, ctx->attn, QD, &w->o_proj) : NULL;
         for (int round = 0; stage_columns(sa, 3 * l, H, ith, nth, &round, &a, &b);)
-            kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b);
+            stage_product(isa, qin, &w->o_proj, ctx->x, H, ctx->attn, QD, own_attn ? in.xw : NULL,
+                          ctx->xw_stride, M, &w->o_proj, NULL, true, a, b);
         kvd_team_barrier(team);
         qin = norm_stage_input(ctx, &in, w->post_norm, &w->gate_proj);
         if (!fused)
@@ -684,9 +702,13 @@ static void forward_body(void *arg, int ith, int nth)
                         model->final_norm, H, c->rms_norm_eps);
         if (!fused)
             kvd_team_barrier(team);
+        /* fused: the rows quantized (or rounded) once for all of the thread's chunks */
+        stage_input logit_in = {in.xn, in.xq, in.xw, 0, rows};
+        const kvd_qinput *lq = fused ? stage_copies(ctx, &logit_in, final_rows, H, &model->lm_head) : NULL;
         for (int round = 0; stage_columns(sa, 3 * c->num_layers, ctx->vocab, ith, nth, &round, &a, &b);)
-            kvd_matmul_cols(isa, batch->logits, ctx->vocab, final_rows, H, rows, &model->lm_head,
-                            NULL, false, a, b);
+            stage_product(isa, lq, &model->lm_head, batch->logits, ctx->vocab, final_rows, H,
+                          fused ? in.xw : NULL, ctx->xw_stride, rows, &model->lm_head, NULL, false,
+                          a, b);
     }
 }
 
