@@ -96,12 +96,12 @@ static uint32_t column_mask(int col, int n_begin, int n_end)
 }
 
 /* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
- * past kk's in each panel, on one input of every `every` (phase `phase`), into L1 or
+ * past kk's in each panel (negative: before it), on one input of every `every` (phase `phase`), into L1 or
  * only L2. every = 0: none. part > 0: the tiles sharing a range of inputs (from byte
  * `origin` of each panel) each prefetch one contiguous part of it instead, the phase-th
  * `part` bytes, advancing one call's lines per firing. */
 typedef struct prefetch_plan {
-    size_t ahead;
+    ptrdiff_t ahead;
     int every, phase;
     bool l2_only;
     size_t origin, part;
@@ -178,7 +178,7 @@ V16_INLINE void tile_prefetch(const char *w, size_t panel_bytes, size_t offset, 
                      (offset - pf.origin) / unit / (size_t)pf.every * unit;
 KVD_UNROLL(4)
         for (int q = 0; q < P; q++) {
-            const char *ahead = w + (size_t)q * panel_bytes + offset + pf.ahead;
+            const char *ahead = w + (ptrdiff_t)((size_t)q * panel_bytes + offset) + pf.ahead;
             for (int line = 0; line < lines; line++)
                 pf.l2_only ? v16_prefetch_l2(ahead + 64 * line) : v16_prefetch(ahead + 64 * line);
         }
@@ -483,24 +483,29 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
 
 /* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panels
  * [p, p + P), inputs [k0, k1): the panels' slice stays in L1 for all of them. Meanwhile the
- * weights that run next (`next` bytes past this slice's start) are prefetched into L2,
- * each tile taking its share of the lines so that memory stays busy for the whole
- * slice instead of bursting while the first tile runs: a contiguous share, so that each
- * tile's prefetches run through memory in order (measured on Zen 5, lm_head at 16 rows on
- * two threads: ~25% more per CPU-second than every tile taking every t-th line pair). */
+ * weights that run next (`next` bytes from this slice's start; has_next false: none in
+ * this call) are prefetched, each tile taking its share of the lines so that memory
+ * stays busy for the whole slice instead of bursting while the first tile runs: a
+ * contiguous share, so that each tile's prefetches run through memory in order
+ * (measured on Zen 5, lm_head at 16 rows on two threads: ~25% more per CPU-second than
+ * every tile taking every t-th line pair). */
 static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int P, int k0,
-                        int k1, size_t next)
+                        int k1, ptrdiff_t next, bool has_next)
 {
     size_t step = (size_t)PANEL * kvd_dtype_size(pr->w->dtype); /* bytes of one (panel, k) */
     size_t span = (size_t)(k1 - k0) * step, every = (size_t)(t1 - t0);
     /* VDPBF16PS bf16 products only: the FMA tiles keep the strided shares (one thread,
-     * lm_head at 16 rows, load 7: 120-133 GFLOP/s contiguous against 142-143 strided) */
-    bool contiguous = BF16_VDP && pr->w->dtype == KVD_DTYPE_BF16;
+     * lm_head at 16 rows, load 7: 120-133 GFLOP/s contiguous against 142-143 strided) and
+     * the prefetch into L2 only. The VDPBF16PS ones prefetch into L1 too (PREFETCHT0):
+     * measured on Zen 5, the products of a 16-row decode step from memory, one thread,
+     * old and new alternated in one process: 7-10% less CPU time than with PREFETCHT1
+     * (lm_head and down_proj most), 512 rows the same. */
+    bool vdp = BF16_VDP && pr->w->dtype == KVD_DTYPE_BF16;
     for (int t = t0; t < t1; t++) {
         int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
-        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0, .l2_only = true,
-                            .origin = (size_t)k0 * step,
-                            .part = contiguous ? (span / every + 127) / 128 * 128 : 0};
+        prefetch_plan pf = {.ahead = next, .every = has_next ? t1 - t0 : 0, .phase = t - t0,
+                            .l2_only = !vdp, .origin = (size_t)k0 * step,
+                            .part = vdp ? (span / every + 127) / 128 * 128 : 0};
         run_tile(pr, r0, r1 - r0, p, P, k0, k1, pf);
     }
 }
@@ -544,6 +549,16 @@ static int vdp_slice_inputs(int k)
 #else
     return k;
 #endif
+}
+
+/* The panel group and first input of item i of a chunk's loop in tiled_product: group
+ * by group, slice by slice within each (panel_outer), or slice by slice, group by group
+ * within each. */
+static void chunk_item(int i, bool panel_outer, int slices, int groups, int slice, int p_begin,
+                       int P, int *p, int *k0)
+{
+    *p = p_begin + P * (panel_outer ? i / slices : i % groups);
+    *k0 = (panel_outer ? i % slices : i / groups) * slice;
 }
 
 /* The vector tiles over the whole product (see the top of the file). buf (CHUNK_FLOATS
@@ -599,19 +614,23 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
         int r0 = (int)((int64_t)m * t0 / tiles), r1 = (int)((int64_t)m * t1 / tiles);
         if (buf && panel_outer)
             share_halves(&pr, buf, r0, r1, 0, k);
-        for (int i = 0; i < slices * groups; i++) {
-            int p = p_begin + P * (panel_outer ? i / slices : i % groups);
+        int items = slices * groups;
+        for (int i = 0; i < items; i++) {
+            int p, k0;
+            chunk_item(i, panel_outer, slices, groups, slice, p_begin, P, &p, &k0);
             int np = p_end - p < P ? p_end - p : P;
-            int k0 = (panel_outer ? i % slices : i / groups) * slice;
             int k1 = k - k0 < slice ? k : k0 + slice;
             if (buf && !panel_outer && i % groups == 0)
                 share_halves(&pr, buf, r0, r1, k0, k1);
-            /* what runs next: the panels' next slice, or after their last one the next
-             * group's first (panel_outer); the next group's same slice (otherwise) */
-            size_t next = !panel_outer ? pr.panel_bytes * (size_t)np
-                          : k1 < k     ? (size_t)(k1 - k0) * step
-                                       : pr.panel_bytes * (size_t)np - (size_t)k0 * step;
-            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next);
+            /* what runs next, in this chunk or the next one; after the call's last item
+             * nothing: past p_end lie another thread's panels or another matrix, and
+             * prefetching them cost each 16-row step's thread a group of lines a call */
+            int j = i + 1 < items ? i + 1 : 0, next_p, next_k0;
+            bool has_next = i + 1 < items || t1 < tiles;
+            chunk_item(j, panel_outer, slices, groups, slice, p_begin, P, &next_p, &next_k0);
+            ptrdiff_t next = (ptrdiff_t)(next_p - p) * (ptrdiff_t)pr.panel_bytes +
+                             (ptrdiff_t)(next_k0 - k0) * (ptrdiff_t)step;
+            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next, has_next);
         }
     }
 }
