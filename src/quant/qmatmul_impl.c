@@ -441,18 +441,11 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
     __m512 acc[RB][GB];
     acc_init(acc, R, G, out, ldo, sp->from_out ? NULL : bias, accumulate || sp->from_out, col0, mask);
     const bool stream = sp->stream;
-    /* weights from memory: each sub-block of a stream prefetches its share (a sub-block
-     * count's part of a tile) of the next tile, so the prefetches go out at the pace the
-     * tile is read; the whole next tile at the block's start (37 lines a stream for Q4_K)
-     * left the decode's down projection well below the 32-value types' rate
-     * (bench_qmatmul --rows 1 --recipes q4_k_m: 15.1-16.8 ms a step against 13.2-14.4) */
-    const int subs = dtype == KVD_DTYPE_Q6_K ? 16 : 8;
-    const size_t sub_share = tile_size(dtype) / (size_t)subs;
     for (int b = sp->b0; b < sp->b1; b++) {
         const uint8_t *t[GB];
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
-            if (stream && dtype == KVD_DTYPE_Q8_K)
+            if (stream)
                 prefetch_tile((const char *)t[g] + tile_bytes, tile_size(dtype));
         }
         int xb = 256 * b;
@@ -465,8 +458,6 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
             const size_t sc_at = 2048 + (five ? 512 : 0), mn_at = sc_at + 128;
             for (int sub = 0; sub < 8; sub++) {
                 for (int g = 0; g < G; g++) {
-                    if (stream)
-                        prefetch_tile((const char *)t[g] + tile_bytes + sub * sub_share, sub_share);
                     __m512i dot[RB];
                     for (int r = 0; r < R; r++)
                         dot[r] = _mm512_setzero_si512();
@@ -503,8 +494,6 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
             const __m512i top2 = _mm512_set1_epi8(0x30);
             for (int sub = 0; sub < 16; sub++) {
                 for (int g = 0; g < G; g++) {
-                    if (stream)
-                        prefetch_tile((const char *)t[g] + tile_bytes + sub * sub_share, sub_share);
                     __m512i hv = _mm512_loadu_si512(t[g] + 2048 + 64 * sub);
                     __m512i v0 = _mm512_loadu_si512(t[g] + 128 * sub);
                     __m512i v1 = _mm512_loadu_si512(t[g] + 128 * sub + 64);
