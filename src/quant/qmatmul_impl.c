@@ -441,18 +441,11 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
     __m512 acc[RB][GB];
     acc_init(acc, R, G, out, ldo, sp->from_out ? NULL : bias, accumulate || sp->from_out, col0, mask);
     const bool stream = sp->stream;
-    /* weights from memory: each sub-block of a stream prefetches its share (a sub-block
-     * count's part of a tile) of the next tile, so the prefetches go out at the pace the
-     * tile is read; the whole next tile at the block's start (37 lines a stream for Q4_K)
-     * left the decode's down projection well below the 32-value types' rate
-     * (bench_qmatmul --rows 1 --recipes q4_k_m: 15.1-16.8 ms a step against 13.2-14.4) */
-    const int subs = dtype == KVD_DTYPE_Q6_K ? 16 : 8;
-    const size_t sub_share = tile_size(dtype) / (size_t)subs;
     for (int b = sp->b0; b < sp->b1; b++) {
         const uint8_t *t[GB];
         for (int g = 0; g < G; g++) {
             t[g] = tiles[g] + (size_t)b * tile_bytes;
-            if (stream && dtype == KVD_DTYPE_Q8_K)
+            if (stream)
                 prefetch_tile((const char *)t[g] + tile_bytes, tile_size(dtype));
         }
         int xb = 256 * b;
@@ -465,8 +458,6 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
             const size_t sc_at = 2048 + (five ? 512 : 0), mn_at = sc_at + 128;
             for (int sub = 0; sub < 8; sub++) {
                 for (int g = 0; g < G; g++) {
-                    if (stream)
-                        prefetch_tile((const char *)t[g] + tile_bytes + sub * sub_share, sub_share);
                     __m512i dot[RB];
                     for (int r = 0; r < R; r++)
                         dot[r] = _mm512_setzero_si512();
@@ -503,8 +494,6 @@ static ALWAYS_INLINE void kernel256(const kvd_dtype dtype, const int R, const in
             const __m512i top2 = _mm512_set1_epi8(0x30);
             for (int sub = 0; sub < 16; sub++) {
                 for (int g = 0; g < G; g++) {
-                    if (stream)
-                        prefetch_tile((const char *)t[g] + tile_bytes + sub * sub_share, sub_share);
                     __m512i hv = _mm512_loadu_si512(t[g] + 2048 + 64 * sub);
                     __m512i v0 = _mm512_loadu_si512(t[g] + 128 * sub);
                     __m512i v1 = _mm512_loadu_si512(t[g] + 128 * sub + 64);
@@ -727,21 +716,28 @@ static __mmask16 group_mask(int g, int n_begin, int n_end)
     return (__mmask16)(((1u << (c1 - c0)) - 1u) << c0);
 }
 
-/* Rows [r0, r0 + R) against groups [g, g + G) over the span. */
-static void run_kernel(float *out, int ldo, const act_rows *a, int r0, int R, const kvd_matrix *w,
-                       const float *bias, bool accumulate, int n_begin, int n_end, int g, int G,
-                       const kspan *sp)
-{
-    kvd_dtype dtype = w->dtype;
-    int k = w->cols;
-    size_t tile_bytes = kvd_qtile_bytes(dtype);
-    size_t group_bytes = (size_t)(k / kvd_dtype_block_values(dtype)) * tile_bytes;
+/* Groups [g, g + G) of w as a kernel takes them (column masks, weight streams). */
+typedef struct kgroups {
     __mmask16 mask[GB];
     const uint8_t *tiles[GB];
+    size_t tile_bytes;
+    int col0, G;
+} kgroups;
+
+static kgroups groups_of(const kvd_matrix *w, int n_begin, int n_end, int g, int G)
+{
+    kgroups c = {.tile_bytes = kvd_qtile_bytes(w->dtype), .col0 = g * GROUP, .G = G};
+    size_t group_bytes = (size_t)(w->cols / kvd_dtype_block_values(w->dtype)) * c.tile_bytes;
     for (int i = 0; i < GB; i++) {
-        mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
-        tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
+        c.mask[i] = i < G ? group_mask(g + i, n_begin, n_end) : 0;
+        c.tiles[i] = (const uint8_t *)w->data + (size_t)(g + (i < G ? i : 0)) * group_bytes;
     }
+    return c;
+}
+
+/* Rows [r0, r0 + R) of the activations as a kernel takes them. */
+static rows_view rows_of(const act_rows *a, int r0, int R, int k)
+{
     rows_view x;
     for (int r = 0; r < R; r++) {
         kvd_qact qa = act_row(a, r0 + r, k);
@@ -749,18 +745,37 @@ static void run_kernel(float *out, int ldo, const act_rows *a, int r0, int R, co
         x.d[r] = qa.d;
         x.sum[r] = qa.sum;
     }
-    float *o = out + (size_t)r0 * ldo;
-    int col0 = g * GROUP;
+    return x;
+}
+
+/* R rows x the groups over the span; out at the rows' first. */
+static void kernel_run(kvd_dtype dtype, kgroups *c, float *o, int ldo, const rows_view *x, int R,
+                       const float *bias, bool accumulate, const kspan *sp)
+{
+    int G = c->G, col0 = c->col0;
+    size_t tile_bytes = c->tile_bytes;
+    const uint8_t **tiles = c->tiles;
+    const __mmask16 *mask = c->mask;
     switch (dtype) {
-    case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
-    case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, &x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q8_0: kernel_q8_0(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q4_0: kernel_q4_0(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q5_0: kernel_q5_0(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q4_K: kernel_q4_k(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q5_K: kernel_q5_k(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q6_K: kernel_q6_k(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
+    case KVD_DTYPE_Q8_K: kernel_q8_k(R, G, o, ldo, x, tiles, tile_bytes, bias, accumulate, col0, mask, sp); break;
     default: break;
     }
+}
+
+/* Rows [r0, r0 + R) against groups [g, g + G) over the span. */
+static void run_kernel(float *out, int ldo, const act_rows *a, int r0, int R, const kvd_matrix *w,
+                       const float *bias, bool accumulate, int n_begin, int n_end, int g, int G,
+                       const kspan *sp)
+{
+    kgroups c = groups_of(w, n_begin, n_end, g, G);
+    rows_view x = rows_of(a, r0, R, w->cols);
+    kernel_run(w->dtype, &c, out + (size_t)r0 * ldo, ldo, &x, R, bias, accumulate, sp);
 }
 
 /* Groups a kernel takes at once from group g (g_end: the call's end): one row, 4 groups
@@ -805,8 +820,14 @@ static void few_rows_product(float *out, int ldo, int rows, const act_rows *a,
     size_t group_bytes = (size_t)blocks * tile_bytes;
     int g_begin = n_begin / GROUP, g_end = (n_end + GROUP - 1) / GROUP;
     int tiles = (rows + RB - 1) / RB, sb = FEW_SLICE_BLOCKS;
+    /* each call's set-up done once per tile and group pair, not per slice (it was ~8% of
+     * a 16-row product in cache) */
+    rows_view x[(FEW_ROWS + RB - 1) / RB];
+    for (int t = 0; t < tiles; t++)
+        x[t] = rows_of(a, t * RB, rows - t * RB < RB ? rows - t * RB : RB, w->cols);
     for (int g = g_begin; g < g_end;) {
         int G = groups_at(dtype, rows, g, g_end);
+        kgroups c = groups_of(w, n_begin, n_end, g, G);
         for (int b0 = 0; b0 < blocks; b0 += sb) {
             int b1 = blocks - b0 < sb ? blocks : b0 + sb;
             /* what runs next: this pair's next slice, or the next pair's first */
@@ -828,7 +849,7 @@ static void few_rows_product(float *out, int ldo, int rows, const act_rows *a,
                     sp.next_groups = nG;
                     sp.next_per_block = (mine / (size_t)(b1 - b0) + 63) & ~(size_t)63;
                 }
-                run_kernel(out, ldo, a, r0, r1 - r0, w, bias, accumulate, n_begin, n_end, g, G, &sp);
+                kernel_run(dtype, &c, out + (size_t)r0 * ldo, ldo, &x[t], r1 - r0, bias, accumulate, &sp);
             }
         }
         g += G;
