@@ -191,6 +191,19 @@ static double generate(bench *b, int32_t *ids, int n, int steps, bool cache)
     return dt;
 }
 
+typedef struct argmax_rows {
+    const float *logits;
+    int vocab;
+    int32_t *tokens;
+} argmax_rows;
+
+static void argmax_row(void *arg, int item, int thread)
+{
+    (void)thread;
+    const argmax_rows *ar = arg;
+    ar->tokens[item] = kvd_argmax(ar->logits + (size_t)item * ar->vocab, ar->vocab);
+}
+
 /* Decode of `n` sequences together (each after its own 32-token prompt), one token
  * each per step: the forward pass of a continuous batch without the engine around it. */
 static int batched_decode(bench *b, int n, int steps, double step_params)
@@ -231,8 +244,9 @@ static int batched_decode(bench *b, int n, int steps, double step_params)
         }
         double ds = now_seconds() - s0;
         best = ds < best ? ds : best;
-        for (int i = 0; i < n; i++)
-            tokens[i] = kvd_argmax(b->logits + (size_t)i * b->vocab, b->vocab);
+        /* greedy picks across the forward's threads, as the engine samples a step */
+        argmax_rows ar = {b->logits, b->vocab, tokens};
+        kvd_forward_for_each(b->ctx, n, argmax_row, &ar);
     }
     double dt = now_seconds() - t0, cpu = cpu_seconds() - c0;
     /* 2 flops per weight per row (the lm_head included: every row needs its logits) */

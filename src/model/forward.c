@@ -31,6 +31,7 @@
 
 #include <math.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -98,6 +99,9 @@ struct kvd_forward_ctx {
     size_t own_xq_bytes;
     kvd_qinput *own_xq;    /* (num_threads) */
     uint32_t *own_xw;      /* (num_threads, FUSED_MAX_TOKENS, xw_stride) */
+    /* fused decode steps: the next unclaimed panel of each product stage (o_proj,
+     * gate/up, down per layer, then lm_head), zeroed before every step */
+    _Atomic int *stage_next; /* (3 * num_layers + 1) */
     kvd_team *team;
 };
 
@@ -154,6 +158,7 @@ void kvd_forward_destroy(kvd_forward_ctx *ctx)
     free(ctx->own_xq_mem);
     free(ctx->own_xq);
     free(ctx->own_xw);
+    free(ctx->stage_next);
     kvd_team_destroy(ctx->team);
     free(ctx);
 }
@@ -288,8 +293,9 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
         ctx->xw_inter = alloc_floats(T * ctx->xw_inter_stride);
         ctx->own_xw = alloc_floats(own_rows * ctx->xw_stride);
     }
+    ctx->stage_next = calloc((size_t)(3 * c->num_layers + 1), sizeof *ctx->stage_next);
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem ||
+    if (!ctx->team || !ctx->stage_next || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem ||
                                      !ctx->own_xq)) ||
         (words && (!ctx->xw || !ctx->xw_inter || !ctx->own_xw)) || !ctx->own_xn ||
         !ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
@@ -375,6 +381,30 @@ static void split(int n, int ith, int nth, int *begin, int *end)
     *end = (int)((int64_t)units * (ith + 1) / nth) * KVD_PANEL_ROWS;
     *begin = *begin < n ? *begin : n;
     *end = *end < n ? *end : n;
+}
+
+/* Fused decode steps hand a product's columns out in chunks as threads ask, so a thread
+ * that a busy host slowed takes fewer of them and its partner does not wait at the next
+ * barrier for its static half. Chunks shrink (a quarter of what is left for two
+ * threads) down to one group pair of the one-row kernels, so the last ones end close
+ * together; any split gives the same bits. Claims [*begin, *end), false when none is
+ * left. */
+#define MIN_CHUNK_PANELS 2
+static bool claim_columns(_Atomic int *next, int n, int nth, int *begin, int *end)
+{
+    int units = (n + KVD_PANEL_ROWS - 1) / KVD_PANEL_ROWS;
+    int at = atomic_load_explicit(next, memory_order_relaxed), take;
+    do {
+        if (at >= units)
+            return false;
+        take = (units - at) / (2 * nth);
+        take = take < MIN_CHUNK_PANELS ? MIN_CHUNK_PANELS : take;
+        take = take < units - at ? take : units - at;
+    } while (!atomic_compare_exchange_weak_explicit(next, &at, at + take, memory_order_relaxed,
+                                                    memory_order_relaxed));
+    *begin = at * KVD_PANEL_ROWS;
+    *end = (at + take) * KVD_PANEL_ROWS < n ? (at + take) * KVD_PANEL_ROWS : n;
+    return true;
 }
 
 static void split_rows(int n, int ith, int nth, int *begin, int *end)
@@ -467,6 +497,9 @@ typedef struct stage_input {
 /* Rows [r0, r1) of x normed with `weight` into in->xn, then quantized once into in->xq
  * for every product of the stage whose first matrix is `first` (returned; NULL when
  * first is not quantized) or rounded once into in->xw for the bf16 products. */
+static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *in,
+                                      const float *x, int ldx, const kvd_matrix *first);
+
 static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_input *in,
                                           const float *weight, const kvd_matrix *first)
 {
@@ -474,12 +507,22 @@ static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_inpu
     for (int t = in->r0; t < in->r1; t++)
         kvd_rmsnorm(ctx->isa, in->xn + (size_t)t * H, ctx->x + (size_t)t * H, weight, H,
                     ctx->model->config.rms_norm_eps);
+    return stage_copies(ctx, in, in->xn, H, first);
+}
+
+/* Rows [r0, r1) of x (row stride ldx, hidden wide) quantized once into in->xq for the
+ * products whose first matrix is `first` (returned; NULL when first is not quantized)
+ * or rounded once into in->xw for the bf16 products. */
+static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *in,
+                                      const float *x, int ldx, const kvd_matrix *first)
+{
+    const int H = ctx->hidden;
     for (int t = in->r0; in->xw && t < in->r1; t++)
-        kvd_bf16_round_cols(ctx->isa, in->xw + (size_t)t * ctx->xw_stride, in->xn + (size_t)t * H,
+        kvd_bf16_round_cols(ctx->isa, in->xw + (size_t)t * ctx->xw_stride, x + (size_t)t * ldx,
                             H, 0, H);
     if (!in->xq || !kvd_dtype_is_quantized(first->dtype) || first->cols != H)
         return NULL;
-    kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, in->xn, H, in->r0, in->r1);
+    kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, x, ldx, in->r0, in->r1);
     return in->xq;
 }
 
@@ -512,6 +555,20 @@ static void stage_product(kvd_isa isa, const kvd_qinput *xq, const kvd_matrix *f
         kvd_matmul_cols_words(isa, out, ldo, xw, xw_stride, m, w, bias, accumulate, a, b);
     else
         kvd_matmul_cols(isa, out, ldo, x, ldx, m, w, bias, accumulate, a, b);
+}
+
+/* Columns [*a, *b) of stage `stage`'s product (n columns) for this thread, while it
+ * returns true: chunks claimed from the stage's counter in fused steps, otherwise the
+ * thread's static part, once (round counts the calls). */
+static bool stage_columns(const step_args *sa, int stage, int n, int ith, int nth, int *round,
+                          int *a, int *b)
+{
+    if (sa->fused)
+        return claim_columns(&sa->ctx->stage_next[stage], n, nth, a, b);
+    if ((*round)++ > 0)
+        return false;
+    split(n, ith, nth, a, b);
+    return true;
 }
 
 static void forward_body(void *arg, int ith, int nth)
@@ -602,29 +659,36 @@ static void forward_body(void *arg, int ith, int nth)
             }
         }
         kvd_team_barrier(team);
-        split(H, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, ctx->x, H, ctx->attn, QD, M, &w->o_proj, NULL, true, a, b);
+        /* fused: the thread's chunks of o_proj read every row of attn, quantized (or
+         * rounded) once into its own buffers rather than once per chunk */
+        const bool own_attn = fused && w->o_proj.cols == H;
+        qin = own_attn ? stage_copies(ctx, &in, ctx->attn, QD, &w->o_proj) : NULL;
+        for (int round = 0; stage_columns(sa, 3 * l, H, ith, nth, &round, &a, &b);)
+            stage_product(isa, qin, &w->o_proj, ctx->x, H, ctx->attn, QD, own_attn ? in.xw : NULL,
+                          ctx->xw_stride, M, &w->o_proj, NULL, true, a, b);
         kvd_team_barrier(team);
         qin = norm_stage_input(ctx, &in, w->post_norm, &w->gate_proj);
         if (!fused)
             kvd_team_barrier(team);
-        split(I, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->gate_proj, ctx->gate, I, in.xn, H, in.xw, ctx->xw_stride, M,
-                      &w->gate_proj, NULL, false, a, b);
-        stage_product(isa, qin, &w->gate_proj, ctx->up, I, in.xn, H, in.xw, ctx->xw_stride, M,
-                      &w->up_proj, NULL, false, a, b);
-        for (int t = 0; t < M && a < b; t++) {
-            kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
-            /* down's input rounded where it was computed, each thread its own columns */
-            if (ctx->xw_inter)
-                kvd_bf16_round_cols(isa, ctx->xw_inter + (size_t)t * ctx->xw_inter_stride,
-                                    ctx->gate + (size_t)t * I, I, a, b);
+        for (int round = 0; stage_columns(sa, 3 * l + 1, I, ith, nth, &round, &a, &b);) {
+            stage_product(isa, qin, &w->gate_proj, ctx->gate, I, in.xn, H, in.xw, ctx->xw_stride,
+                          M, &w->gate_proj, NULL, false, a, b);
+            stage_product(isa, qin, &w->gate_proj, ctx->up, I, in.xn, H, in.xw, ctx->xw_stride,
+                          M, &w->up_proj, NULL, false, a, b);
+            for (int t = 0; t < M && a < b; t++) {
+                kvd_swiglu(isa, ctx->gate + (size_t)t * I + a, ctx->up + (size_t)t * I + a, b - a);
+                /* down's input rounded where it was computed, each thread its own columns */
+                if (ctx->xw_inter)
+                    kvd_bf16_round_cols(isa, ctx->xw_inter + (size_t)t * ctx->xw_inter_stride,
+                                        ctx->gate + (size_t)t * I, I, a, b);
+            }
+            quantize_down_input(ctx, isa, &w->down_proj, M, a, b);
         }
-        qin = quantize_down_input(ctx, isa, &w->down_proj, M, a, b);
+        qin = quantize_down_input(ctx, isa, &w->down_proj, M, 0, 0);
         kvd_team_barrier(team);
-        split(H, ith, nth, &a, &b);
-        stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
-                      ctx->xw_inter_stride, M, &w->down_proj, NULL, true, a, b);
+        for (int round = 0; stage_columns(sa, 3 * l + 2, H, ith, nth, &round, &a, &b);)
+            stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
+                          ctx->xw_inter_stride, M, &w->down_proj, NULL, true, a, b);
         kvd_team_barrier(team);
     }
     if (rows > 0) {
@@ -638,9 +702,13 @@ static void forward_body(void *arg, int ith, int nth)
                         model->final_norm, H, c->rms_norm_eps);
         if (!fused)
             kvd_team_barrier(team);
-        split(ctx->vocab, ith, nth, &a, &b);
-        kvd_matmul_cols(isa, batch->logits, ctx->vocab, final_rows, H, rows, &model->lm_head,
-                        NULL, false, a, b);
+        /* fused: the rows quantized (or rounded) once for all of the thread's chunks */
+        stage_input logit_in = {in.xn, in.xq, in.xw, 0, rows};
+        const kvd_qinput *lq = fused ? stage_copies(ctx, &logit_in, final_rows, H, &model->lm_head) : NULL;
+        for (int round = 0; stage_columns(sa, 3 * c->num_layers, ctx->vocab, ith, nth, &round, &a, &b);)
+            stage_product(isa, lq, &model->lm_head, batch->logits, ctx->vocab, final_rows, H,
+                          fused ? in.xw : NULL, ctx->xw_stride, rows, &model->lm_head, NULL, false,
+                          a, b);
     }
 }
 
@@ -657,6 +725,9 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
     /* fused decode stages when every thread gets as many kv heads as the others */
     bool fused = batch->num_tokens <= ctx->fused_tokens && ctx->model->config.num_kv_heads % nth == 0;
     step_args sa = {ctx, batch, rows, num_items, fused};
+    /* posting the job publishes these (threads.c: a sequentially consistent increment) */
+    for (int i = 0; fused && i < 3 * ctx->model->config.num_layers + 1; i++)
+        atomic_store_explicit(&ctx->stage_next[i], 0, memory_order_relaxed);
     kvd_team_run(ctx->team, nth, forward_body, &sa);
     return 0;
 }
