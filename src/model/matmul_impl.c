@@ -483,14 +483,13 @@ static void run_tile(const product *pr, int r0, int R, int p, int P, int k0, int
 
 /* Row tiles [t0, t1) of the m rows (split in `tiles` even tiles) against panels
  * [p, p + P), inputs [k0, k1): the panels' slice stays in L1 for all of them. Meanwhile the
- * weights that run next (`next` bytes from this slice's start; has_next false: none in
- * this call) are prefetched, each tile taking its share of the lines so that memory
- * stays busy for the whole slice instead of bursting while the first tile runs: a
- * contiguous share, so that each tile's prefetches run through memory in order
- * (measured on Zen 5, lm_head at 16 rows on two threads: ~25% more per CPU-second than
- * every tile taking every t-th line pair). */
+ * weights that run next (`next` bytes from this slice's start) are prefetched, each tile
+ * taking its share of the lines so that memory stays busy for the whole slice instead of
+ * bursting while the first tile runs: a contiguous share, so that each tile's prefetches
+ * run through memory in order (measured on Zen 5, lm_head at 16 rows on two threads:
+ * ~25% more per CPU-second than every tile taking every t-th line pair). */
 static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int p, int P, int k0,
-                        int k1, ptrdiff_t next, bool has_next)
+                        int k1, ptrdiff_t next)
 {
     size_t step = (size_t)PANEL * kvd_dtype_size(pr->w->dtype); /* bytes of one (panel, k) */
     size_t span = (size_t)(k1 - k0) * step, every = (size_t)(t1 - t0);
@@ -503,7 +502,7 @@ static void chunk_slice(const product *pr, int m, int tiles, int t0, int t1, int
     bool vdp = BF16_VDP && pr->w->dtype == KVD_DTYPE_BF16;
     for (int t = t0; t < t1; t++) {
         int r0 = (int)((int64_t)m * t / tiles), r1 = (int)((int64_t)m * (t + 1) / tiles);
-        prefetch_plan pf = {.ahead = next, .every = has_next ? t1 - t0 : 0, .phase = t - t0,
+        prefetch_plan pf = {.ahead = next, .every = t1 - t0, .phase = t - t0,
                             .l2_only = !vdp, .origin = (size_t)k0 * step,
                             .part = vdp ? (span / every + 127) / 128 * 128 : 0};
         run_tile(pr, r0, r1 - r0, p, P, k0, k1, pf);
@@ -622,15 +621,18 @@ static void tiled_product(const product *product_in, int m, int p_begin, int p_e
             int k1 = k - k0 < slice ? k : k0 + slice;
             if (buf && !panel_outer && i % groups == 0)
                 share_halves(&pr, buf, r0, r1, k0, k1);
-            /* what runs next, in this chunk or the next one; after the call's last item
-             * nothing: past p_end lie another thread's panels or another matrix, and
-             * prefetching them cost each 16-row step's thread a group of lines a call */
+            /* what runs next, in this chunk or the next one (down_proj's next slice
+             * starts at the first group, not past the last); after the call's last item
+             * the lines past it, as before: the forward pass claims a product's columns
+             * chunk by chunk, so they are what a thread runs next (prefetching nothing
+             * there: 0.91-0.99 per CPU-second in three bench_model pairs) */
             int j = i + 1 < items ? i + 1 : 0, next_p, next_k0;
-            bool has_next = i + 1 < items || t1 < tiles;
             chunk_item(j, panel_outer, slices, groups, slice, p_begin, P, &next_p, &next_k0);
             ptrdiff_t next = (ptrdiff_t)(next_p - p) * (ptrdiff_t)pr.panel_bytes +
                              (ptrdiff_t)(next_k0 - k0) * (ptrdiff_t)step;
-            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next, has_next);
+            if (i + 1 == items && t1 == tiles) /* the group past the last, its first slice */
+                next = (ptrdiff_t)pr.panel_bytes * np - (panel_outer ? (ptrdiff_t)k0 * (ptrdiff_t)step : 0);
+            chunk_slice(&pr, m, tiles, t0, t1, p, np, k0, k1, next);
         }
     }
 }
