@@ -10,8 +10,9 @@
  * then logits = rmsnorm(x) lm_head^T for the rows the batch asks for.
  *
  * Threads: the context's persistent team (threads.h) runs the whole step; products
- * split output columns, row-wise kernels split rows, attention hands out work items
- * dynamically, with a barrier between dependent stages. No result depends on the
+ * split output columns (decode steps: claimed in chunks, see claim_columns), row-wise
+ * kernels split rows, attention hands out work items dynamically, with a barrier between
+ * dependent stages. No result depends on the
  * split (see kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same
  * whatever else is in the batch. All buffers are sized at creation; a step never
  * allocates.
@@ -295,8 +296,8 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
     }
     ctx->stage_next = calloc((size_t)(3 * c->num_layers + 1), sizeof *ctx->stage_next);
     ctx->team = kvd_team_create(ctx->num_threads);
-    if (!ctx->team || !ctx->stage_next || (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem ||
-                                     !ctx->own_xq)) ||
+    if (!ctx->team || !ctx->stage_next ||
+        (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem || !ctx->own_xq)) ||
         (words && (!ctx->xw || !ctx->xw_inter || !ctx->own_xw)) || !ctx->own_xn ||
         !ctx->inv_freq || !ctx->x || !ctx->xn || !ctx->q || !ctx->k || !ctx->v || !ctx->attn ||
         !ctx->gate || !ctx->up || !ctx->rope || !ctx->final_rows || !ctx->positions ||
@@ -494,22 +495,6 @@ typedef struct stage_input {
     int r0, r1;         /* rows this thread norms */
 } stage_input;
 
-/* Rows [r0, r1) of x normed with `weight` into in->xn, then quantized once into in->xq
- * for every product of the stage whose first matrix is `first` (returned; NULL when
- * first is not quantized) or rounded once into in->xw for the bf16 products. */
-static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *in,
-                                      const float *x, int ldx, const kvd_matrix *first);
-
-static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_input *in,
-                                          const float *weight, const kvd_matrix *first)
-{
-    const int H = ctx->hidden;
-    for (int t = in->r0; t < in->r1; t++)
-        kvd_rmsnorm(ctx->isa, in->xn + (size_t)t * H, ctx->x + (size_t)t * H, weight, H,
-                    ctx->model->config.rms_norm_eps);
-    return stage_copies(ctx, in, in->xn, H, first);
-}
-
 /* Rows [r0, r1) of x (row stride ldx, hidden wide) quantized once into in->xq for the
  * products whose first matrix is `first` (returned; NULL when first is not quantized)
  * or rounded once into in->xw for the bf16 products. */
@@ -525,6 +510,18 @@ static const kvd_qinput *stage_copies(kvd_forward_ctx *ctx, const stage_input *i
     kvd_qinput_quantize(ctx->isa, in->xq, first->dtype, x, ldx, in->r0, in->r1);
     return in->xq;
 }
+
+/* Rows [r0, r1) of x normed with `weight` into in->xn, then stage_copies of them. */
+static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_input *in,
+                                          const float *weight, const kvd_matrix *first)
+{
+    const int H = ctx->hidden;
+    for (int t = in->r0; t < in->r1; t++)
+        kvd_rmsnorm(ctx->isa, in->xn + (size_t)t * H, ctx->x + (size_t)t * H, weight, H,
+                    ctx->model->config.rms_norm_eps);
+    return stage_copies(ctx, in, in->xn, H, first);
+}
+
 
 /* down_proj's input, silu(gate)*up: a thread owns columns [a, b) of every row (a and b
  * whole panels of 32), and a Q8_0-family block of 32 is quantized from its own values
@@ -704,8 +701,10 @@ static void forward_body(void *arg, int ith, int nth)
             kvd_team_barrier(team);
         /* fused: the rows quantized (or rounded) once for all of the thread's chunks */
         stage_input logit_in = {in.xn, in.xq, in.xw, 0, rows};
-        const kvd_qinput *lq = fused ? stage_copies(ctx, &logit_in, final_rows, H, &model->lm_head) : NULL;
-        for (int round = 0; stage_columns(sa, 3 * c->num_layers, ctx->vocab, ith, nth, &round, &a, &b);)
+        const kvd_qinput *lq =
+            fused ? stage_copies(ctx, &logit_in, final_rows, H, &model->lm_head) : NULL;
+        const int lm_stage = 3 * c->num_layers;
+        for (int round = 0; stage_columns(sa, lm_stage, ctx->vocab, ith, nth, &round, &a, &b);)
             stage_product(isa, lq, &model->lm_head, batch->logits, ctx->vocab, final_rows, H,
                           fused ? in.xw : NULL, ctx->xw_stride, rows, &model->lm_head, NULL, false,
                           a, b);
