@@ -522,19 +522,16 @@ static const kvd_qinput *norm_stage_input(kvd_forward_ctx *ctx, const stage_inpu
     return stage_copies(ctx, in, in->xn, H, first);
 }
 
-
-/* down_proj's input, silu(gate)*up: a thread owns columns [a, b) of every row (a and b
- * whole panels of 32), and a Q8_0-family block of 32 is quantized from its own values
- * alone, so each thread quantizes its blocks where it computed them. Q8_K blocks (256)
- * would straddle the threads' columns: those products quantize their input themselves. */
-static const kvd_qinput *quantize_down_input(kvd_forward_ctx *ctx, kvd_isa isa,
-                                             const kvd_matrix *down, int m, int a, int b)
+/* down_proj's input, silu(gate)*up, quantized, or NULL when down quantizes its own: a
+ * thread owns columns [a, b) of every row (a and b whole panels of 32), and a Q8_0-family
+ * block of 32 is quantized from its own values alone, so each thread quantizes its blocks
+ * where it computed them. Q8_K blocks (256) would straddle the threads' columns: those
+ * products quantize their input themselves. */
+static kvd_qinput *down_input(kvd_forward_ctx *ctx, const kvd_matrix *down)
 {
     if (!ctx->xq_inter_mem || !kvd_dtype_is_quantized(down->dtype) ||
         kvd_dtype_block_values(down->dtype) != 32 || down->cols != ctx->inter)
         return NULL;
-    if (a < b)
-        kvd_qinput_quantize_cols(isa, &ctx->xq_inter, down->dtype, ctx->gate, ctx->inter, 0, m, a, b);
     return &ctx->xq_inter;
 }
 
@@ -667,6 +664,7 @@ static void forward_body(void *arg, int ith, int nth)
         qin = norm_stage_input(ctx, &in, w->post_norm, &w->gate_proj);
         if (!fused)
             kvd_team_barrier(team);
+        kvd_qinput *down_in = down_input(ctx, &w->down_proj);
         for (int round = 0; stage_columns(sa, 3 * l + 1, I, ith, nth, &round, &a, &b);) {
             stage_product(isa, qin, &w->gate_proj, ctx->gate, I, in.xn, H, in.xw, ctx->xw_stride,
                           M, &w->gate_proj, NULL, false, a, b);
@@ -679,12 +677,12 @@ static void forward_body(void *arg, int ith, int nth)
                     kvd_bf16_round_cols(isa, ctx->xw_inter + (size_t)t * ctx->xw_inter_stride,
                                         ctx->gate + (size_t)t * I, I, a, b);
             }
-            quantize_down_input(ctx, isa, &w->down_proj, M, a, b);
+            if (down_in && a < b)
+                kvd_qinput_quantize_cols(isa, down_in, w->down_proj.dtype, ctx->gate, I, 0, M, a, b);
         }
-        qin = quantize_down_input(ctx, isa, &w->down_proj, M, 0, 0);
         kvd_team_barrier(team);
         for (int round = 0; stage_columns(sa, 3 * l + 2, H, ith, nth, &round, &a, &b);)
-            stage_product(isa, qin, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
+            stage_product(isa, down_in, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
                           ctx->xw_inter_stride, M, &w->down_proj, NULL, true, a, b);
         kvd_team_barrier(team);
     }
