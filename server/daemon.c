@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "kvd/kvd_kernels.h"
+#include "kvd/kvd_thread.h"
 
 /* ---- engine bridge ---- */
 
@@ -509,7 +510,7 @@ int kvd_daemon_start(kvd_daemon *d, kvd_error *err)
     l->cfg = d->cfg;
     l->engine_notify = engine_notify;
     l->engine_notify_arg = d;
-    rc = pthread_create(&l->thread, NULL, loader_main, l);
+    rc = kvd_thread_start(&l->thread, loader_main, l);
     if (rc != 0) {
         uv_mutex_destroy(&l->lock);
         free(l);
@@ -536,14 +537,19 @@ void kvd_daemon_deinit(kvd_daemon *d)
         uv_close((uv_handle_t *)&d->loop_prepare, NULL);
     if (!uv_is_closing((uv_handle_t *)&d->drain_timer))
         uv_close((uv_handle_t *)&d->drain_timer, NULL);
+    /* Closing the signal handles restores the default actions, which would kill the
+     * process mid-exit (exit 143). Blocked here (every other thread blocks them
+     * already), a signal stays pending until SIG_IGN discards it: from here on a
+     * signal has nothing left to stop. */
+    sigset_t saved;
+    kvd_signals_block(&saved);
     if (!uv_is_closing((uv_handle_t *)&d->sigint))
         uv_close((uv_handle_t *)&d->sigint, NULL);
     if (!uv_is_closing((uv_handle_t *)&d->sigterm))
         uv_close((uv_handle_t *)&d->sigterm, NULL);
-    /* Closing them restored the default actions; from here on a signal has nothing
-     * left to stop. */
     signal(SIGINT, SIG_IGN);
     signal(SIGTERM, SIG_IGN);
+    kvd_signals_restore(&saved);
     uv_run(d->loop, UV_RUN_DEFAULT);
     kvd_http_server_destroy(d->http);
     d->http = NULL;

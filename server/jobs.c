@@ -376,7 +376,7 @@ static void job_free(kvd_job *job)
      * choices) is freed on a worker: the frees would otherwise hold the loop. */
     job->work.data = job;
     if (job_heap_bytes(job) < JOB_FREE_OFF_LOOP_BYTES ||
-        uv_queue_work(jobs->loop, &job->work, job_release_work, after_job_release) != 0) {
+        kvd_queue_work(jobs->loop, &job->work, job_release_work, after_job_release) != 0) {
         job_release_buffers(job);
         free(job);
     }
@@ -491,7 +491,7 @@ static void job_start_work(kvd_job *job, uv_work_cb work, uv_after_work_cb after
     job->work.data = job;
     job->work_fn = work;
     job->working = true;
-    if (uv_queue_work(job->jobs->loop, &job->work, job_run_work, after) < 0) {
+    if (kvd_queue_work(job->jobs->loop, &job->work, job_run_work, after) < 0) {
         job->working = false;
         job_fail(job, 500, failure, NULL, NULL, NULL);
     }

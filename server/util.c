@@ -6,6 +6,7 @@
  * maximal subparts" practice (and Python's decoder with errors="replace") does.
  */
 #include "util.h"
+#include "kvd/kvd_thread.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -179,6 +180,15 @@ void kvd_worker_yield_to_engine(void)
         (void)setpriority(PRIO_PROCESS, 0, target);
 }
 
+int kvd_queue_work(uv_loop_t *loop, uv_work_t *work, uv_work_cb run, uv_after_work_cb after)
+{
+    sigset_t saved;
+    kvd_signals_block(&saved);
+    int rc = uv_queue_work(loop, work, run, after);
+    kvd_signals_restore(&saved);
+    return rc;
+}
+
 void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len)
 {
     if (!p)
@@ -187,7 +197,7 @@ void kvd_free_off_loop(uv_loop_t *loop, void *p, size_t len)
     if (f) {
         f->p = p;
         f->work.data = f;
-        if (uv_queue_work(loop, &f->work, off_loop_free_work, after_off_loop_free) == 0)
+        if (kvd_queue_work(loop, &f->work, off_loop_free_work, after_off_loop_free) == 0)
             return;
         free(f);
     }

@@ -28,6 +28,11 @@ bool kvd_utf8_is_clean(const char *s, size_t len);
  * network client cannot learn a secret key prefix by timing. */
 bool kvd_consttime_equal(const char *a, size_t a_len, const char *b, size_t b_len);
 
+/* uv_queue_work, with SIGINT and SIGTERM blocked in the loop thread for the call: the
+ * first call starts libuv's pool threads, which inherit the mask (kvd_thread.h says
+ * why no worker may take them). Loop thread. */
+int kvd_queue_work(uv_loop_t *loop, uv_work_t *work, uv_work_cb run, uv_after_work_cb after);
+
 /* Frees p, of about len bytes. A large block is freed on a libuv worker: returning
  * tens of MB to the system (munmap of every page) would otherwise hold the loop
  * thread for milliseconds. Runs on the loop thread; p must not be used afterwards.

@@ -25,6 +25,7 @@
 #include "engine_internal.h"
 #include "kvd/kvd_clock.h"
 #include "kvd/kvd_hugemem.h"
+#include "kvd/kvd_thread.h"
 
 struct kvd_engine {
     const kvd_model *model;
@@ -741,7 +742,7 @@ int kvd_engine_start(kvd_engine *e, kvd_error *err)
         pthread_mutex_unlock(&e->lock);
         return kvd_error_set(err, KVD_ESTATE, "engine: already started");
     }
-    int rc = pthread_create(&e->thread, NULL, engine_main, e);
+    int rc = kvd_thread_start(&e->thread, engine_main, e);
     if (rc == 0)
         e->started = true;
     pthread_mutex_unlock(&e->lock);

@@ -11,6 +11,7 @@
  */
 #include "kvd/kvd_kvdisk.h"
 #include "kvd/kvd_clock.h"
+#include "kvd/kvd_thread.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -740,7 +741,7 @@ kvd_kvdisk *kvd_kvdisk_open(const kvd_kvdisk_config *cfg, kvd_error *err)
     }
     if (scan(d, err) < 0)
         goto fail;
-    int rc = pthread_create(&d->thread, NULL, io_main, d);
+    int rc = kvd_thread_start(&d->thread, io_main, d);
     if (rc != 0) {
         kvd_error_set(err, KVD_ENOMEM, "kv disk: cannot start the I/O thread: %s", strerror(rc));
         goto fail;

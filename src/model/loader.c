@@ -26,6 +26,7 @@
 #include "kvd/kvd_model.h"
 #include "kvd/kvd_quant.h"
 #include "kvd/kvd_safetensors.h"
+#include "kvd/kvd_thread.h"
 #include "gguf_model.h"
 
 #include <cjson/cJSON.h>
@@ -657,7 +658,7 @@ int kvd_rows_convert(kvd_dtype dst_dtype, void *dst, kvd_dtype src_dtype, const 
         return KVD_ENOMEM;
     /* Threads that cannot start are not needed: the running ones take every row. */
     for (int i = 1; i < made; i++, started++)
-        if (pthread_create(&tids[started], NULL, convert_rows_worker, &workers[i]) != 0)
+        if (kvd_thread_start(&tids[started], convert_rows_worker, &workers[i]) != 0)
             break;
     convert_rows_worker(&workers[0]);
     for (int i = 0; i < started; i++)

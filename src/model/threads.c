@@ -9,6 +9,7 @@
  * so that a waker either sees the sleeper or the sleeper sees the new generation.
  */
 #include "threads.h"
+#include "kvd/kvd_thread.h"
 
 #include <limits.h>
 #include <linux/futex.h>
@@ -123,7 +124,7 @@ kvd_team *kvd_team_create(int n)
     }
     for (int i = 1; i < n; i++) {
         t->args[i] = (struct worker_arg){t, i};
-        if (pthread_create(&t->workers[i - 1], NULL, worker_main, &t->args[i]) != 0) {
+        if (kvd_thread_start(&t->workers[i - 1], worker_main, &t->args[i]) != 0) {
             kvd_team_destroy(t);
             return NULL;
         }

@@ -287,6 +287,24 @@ def test_second_quick_sigterm_still_exits_cleanly():
         c.close()
 
 
+def test_only_the_loop_thread_takes_shutdown_signals():
+    # The kernel gives a process-directed SIGTERM to any thread not blocking it; one
+    # taken by a worker while libuv swaps handlers at exit met the default action
+    # (exit -15 in CI). Every thread but the loop's must block SIGINT and SIGTERM,
+    # the engine's, the forward team's and libuv's pool threads included.
+    shutdown_bits = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    with Daemon() as d:
+        status, _ = d.post("/v1/completions", dict({"prompt": "x", "max_tokens": 2}, **GREEDY))
+        assert status == 200
+        masks = {}
+        for tid in os.listdir("/proc/%d/task" % d.proc.pid):
+            with open("/proc/%d/task/%s/status" % (d.proc.pid, tid)) as f:
+                masks[int(tid)] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+        assert len(masks) >= 3, masks  # loop, engine, and at least one more worker
+        assert masks.pop(d.proc.pid) & shutdown_bits == 0
+        assert all(m & shutdown_bits == shutdown_bits for m in masks.values()), masks
+
+
 def test_symlink_loop_model_path():
     with tempfile.TemporaryDirectory() as tmp:
         loop = os.path.join(tmp, "model")
