@@ -229,6 +229,8 @@ V16_INLINE v16 bf16_block_words(const float *row, int i, int k)
     return v16_bf16_pairs(lo, hi);
 }
 
+/* Each build compiles only the tiles of its semantics (clang reports unused helpers). */
+#if BF16_VDP || defined(KVD_VEC_AMX)
 /* x[r][k0 .. k0+n) for r < R rounded to bf16 pairs, the layout of an AMX A tile and of
  * VDPBF16PS's broadcasts: words[r * stride + i] holds inputs k0+2i and k0+2i+1
  * (bf16_block_words). */
@@ -240,7 +242,9 @@ static inline void round_to_bf16_pairs(uint32_t *words, size_t stride, const flo
             v16_store_words(words + (size_t)r * stride + (size_t)(i - k0) / 2,
                             bf16_block_words(x + (size_t)r * ldx, i, k));
 }
+#endif
 
+#if !BF16_VDP
 /* x[r][k0 .. k0+n) for r < R rounded to bf16 and split by parity, as floats:
  * halves[r * stride + 32 * (i / 16) + j] is input k0 + i + 2j (j < 16) for the even ones
  * of each block of 32 and k0 + i + 2(j - 16) + 1 (j >= 16) for the odd ones, so that a
@@ -339,6 +343,7 @@ KVD_UNROLL(8)
     v16_flush_end(flush);
     tile_finish_parked(out, ldo, sums, masks, R, P);
 }
+#endif
 
 #if BF16_VDP
 /* One bf16 tile on VDPBF16PS: as panel_tile, over inputs [k0, k1) that are whole blocks
