@@ -12,8 +12,8 @@
  * Threads: the context's persistent team (threads.h) runs the whole step; products
  * split output columns (decode steps: claimed in chunks, see claim_columns), row-wise
  * kernels split rows, attention hands out work items dynamically, with a barrier between
- * dependent stages. No result depends on the
- * split (see kvd_kernels.h and kvd_attention.h), so a sequence's logits are the same
+ * dependent stages. No result depends on the split (see kvd_kernels.h and
+ * kvd_attention.h), so a sequence's logits are the same
  * whatever else is in the batch. All buffers are sized at creation; a step never
  * allocates.
  *
@@ -54,6 +54,20 @@ typedef struct attn_item {
     int kv_head;
     int row_begin, row_end;
 } attn_item;
+
+/* The products whose columns a fused decode step hands out in chunks, each with its own
+ * counter: three a layer, then the lm_head (the first stage past the last layer). */
+enum { STAGE_O_PROJ, STAGE_GATE_UP, STAGE_DOWN, STAGES_PER_LAYER };
+
+static int stage_index(int layer, int stage)
+{
+    return STAGES_PER_LAYER * layer + stage;
+}
+
+static int stage_count(int num_layers)
+{
+    return stage_index(num_layers, 0) + 1;
+}
 
 struct kvd_forward_ctx {
     const kvd_model *model;
@@ -100,9 +114,9 @@ struct kvd_forward_ctx {
     size_t own_xq_bytes;
     kvd_qinput *own_xq;    /* (num_threads) */
     uint32_t *own_xw;      /* (num_threads, FUSED_MAX_TOKENS, xw_stride) */
-    /* fused decode steps: the next unclaimed panel of each product stage (o_proj,
-     * gate/up, down per layer, then lm_head), zeroed before every step */
-    _Atomic int *stage_next; /* (3 * num_layers + 1) */
+    /* fused decode steps: the next unclaimed panel of each product stage (stage_index),
+     * zeroed before every step */
+    _Atomic int *stage_next; /* (stage_count) */
     kvd_team *team;
 };
 
@@ -294,7 +308,7 @@ kvd_forward_ctx *kvd_forward_create(const kvd_model *model, kvd_kv_pool *pool, i
         ctx->xw_inter = alloc_floats(T * ctx->xw_inter_stride);
         ctx->own_xw = alloc_floats(own_rows * ctx->xw_stride);
     }
-    ctx->stage_next = calloc((size_t)(3 * c->num_layers + 1), sizeof *ctx->stage_next);
+    ctx->stage_next = calloc((size_t)stage_count(c->num_layers), sizeof *ctx->stage_next);
     ctx->team = kvd_team_create(ctx->num_threads);
     if (!ctx->team || !ctx->stage_next ||
         (quantized && (!ctx->xq_mem || !ctx->xq_inter_mem || !ctx->own_xq_mem || !ctx->own_xq)) ||
@@ -657,7 +671,7 @@ static void forward_body(void *arg, int ith, int nth)
          * rounded) once into its own buffers rather than once per chunk */
         const bool own_attn = fused && w->o_proj.cols == H;
         qin = own_attn ? stage_copies(ctx, &in, ctx->attn, QD, &w->o_proj) : NULL;
-        for (int round = 0; stage_columns(sa, 3 * l, H, ith, nth, &round, &a, &b);)
+        for (int round = 0; stage_columns(sa, stage_index(l, STAGE_O_PROJ), H, ith, nth, &round, &a, &b);)
             stage_product(isa, qin, &w->o_proj, ctx->x, H, ctx->attn, QD, own_attn ? in.xw : NULL,
                           ctx->xw_stride, M, &w->o_proj, NULL, true, a, b);
         kvd_team_barrier(team);
@@ -665,7 +679,7 @@ static void forward_body(void *arg, int ith, int nth)
         if (!fused)
             kvd_team_barrier(team);
         kvd_qinput *down_in = down_input(ctx, &w->down_proj);
-        for (int round = 0; stage_columns(sa, 3 * l + 1, I, ith, nth, &round, &a, &b);) {
+        for (int round = 0; stage_columns(sa, stage_index(l, STAGE_GATE_UP), I, ith, nth, &round, &a, &b);) {
             stage_product(isa, qin, &w->gate_proj, ctx->gate, I, in.xn, H, in.xw, ctx->xw_stride,
                           M, &w->gate_proj, NULL, false, a, b);
             stage_product(isa, qin, &w->gate_proj, ctx->up, I, in.xn, H, in.xw, ctx->xw_stride,
@@ -681,7 +695,7 @@ static void forward_body(void *arg, int ith, int nth)
                 kvd_qinput_quantize_cols(isa, down_in, w->down_proj.dtype, ctx->gate, I, 0, M, a, b);
         }
         kvd_team_barrier(team);
-        for (int round = 0; stage_columns(sa, 3 * l + 2, H, ith, nth, &round, &a, &b);)
+        for (int round = 0; stage_columns(sa, stage_index(l, STAGE_DOWN), H, ith, nth, &round, &a, &b);)
             stage_product(isa, down_in, &w->down_proj, ctx->x, H, ctx->gate, I, ctx->xw_inter,
                           ctx->xw_inter_stride, M, &w->down_proj, NULL, true, a, b);
         kvd_team_barrier(team);
@@ -701,7 +715,7 @@ static void forward_body(void *arg, int ith, int nth)
         stage_input logit_in = {in.xn, in.xq, in.xw, 0, rows};
         const kvd_qinput *lq =
             fused ? stage_copies(ctx, &logit_in, final_rows, H, &model->lm_head) : NULL;
-        const int lm_stage = 3 * c->num_layers;
+        const int lm_stage = stage_index(c->num_layers, 0);
         for (int round = 0; stage_columns(sa, lm_stage, ctx->vocab, ith, nth, &round, &a, &b);)
             stage_product(isa, lq, &model->lm_head, batch->logits, ctx->vocab, final_rows, H,
                           fused ? in.xw : NULL, ctx->xw_stride, rows, &model->lm_head, NULL, false,
@@ -723,7 +737,7 @@ int kvd_forward(kvd_forward_ctx *ctx, const kvd_forward_batch *batch, kvd_error 
     bool fused = batch->num_tokens <= ctx->fused_tokens && ctx->model->config.num_kv_heads % nth == 0;
     step_args sa = {ctx, batch, rows, num_items, fused};
     /* posting the job publishes these (threads.c: a sequentially consistent increment) */
-    for (int i = 0; fused && i < 3 * ctx->model->config.num_layers + 1; i++)
+    for (int i = 0; fused && i < stage_count(ctx->model->config.num_layers); i++)
         atomic_store_explicit(&ctx->stage_next[i], 0, memory_order_relaxed);
     kvd_team_run(ctx->team, nth, forward_body, &sa);
     return 0;

@@ -96,8 +96,8 @@ static uint32_t column_mask(int col, int n_begin, int n_end)
 }
 
 /* Software prefetch of a tile's weight streams: at input kk, the line `ahead` bytes
- * past kk's in each panel (negative: before it), on one input of every `every` (phase `phase`), into L1 or
- * only L2. every = 0: none. part > 0: the tiles sharing a range of inputs (from byte
+ * past kk's in each panel (negative: before it), on one input of every `every` (phase
+ * `phase`), into L1 or only L2. every = 0: none. part > 0: the tiles sharing a range of inputs (from byte
  * `origin` of each panel) each prefetch one contiguous part of it instead, the phase-th
  * `part` bytes, advancing one call's lines per firing. */
 typedef struct prefetch_plan {
