@@ -17,7 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
+
+#include "kvd/kvd_clock.h"
 
 /* a whole 64-byte line; target_clones gives AVX-512 loads where the CPU has them */
 typedef uint64_t line64 __attribute__((vector_size(64), aligned(64)));
@@ -26,20 +27,13 @@ typedef uint64_t line64 __attribute__((vector_size(64), aligned(64)));
 #define STREAMS 4
 #define PREFETCH_AHEAD 1024
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* GB/s of one pass; spacing 0: "far" (each stream a quarter of the thread's half) */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "default")))
 #endif
 static double read_pass(const char *buf, size_t bytes, size_t spacing)
 {
-    double t0 = now_seconds();
+    uint64_t t0 = kvd_now_ns();
     uint64_t total = 0;
 #pragma omp parallel num_threads(THREADS) reduction(^ : total)
     {
@@ -57,7 +51,7 @@ static double read_pass(const char *buf, size_t bytes, size_t spacing)
         for (int j = 0; j < 8; j++)
             total ^= acc[j];
     }
-    double dt = now_seconds() - t0;
+    double dt = (double)(kvd_now_ns() - t0) * 1e-9;
     volatile uint64_t sink = total; /* keeps the reads */
     (void)sink;
     return (double)bytes / dt / 1e9;
