@@ -359,6 +359,12 @@ static void conn_close(http_conn *conn)
         return;
     conn->closing = true;
     conn->taken_at_close = conn_bytes_taken(conn);
+    /* A finished response the kernel took whole was delivered, whether or not its write
+     * callback ran: a peer that reads it and closes at once can have its EOF read in
+     * the same read loop that wrote the answer, before that callback. Not a cut. */
+    if (conn->req.finished && conn->resp_meant &&
+        conn->taken_at_close - conn->resp_start >= conn->resp_meant)
+        conn_set_busy(conn, false);
     if (conn->counted) {
         /* A closing connection holds no slot: the next client must not get 503 while
          * the close callbacks are still to run. */

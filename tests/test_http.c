@@ -44,6 +44,7 @@ struct harness {
     atomic_int aborted_flag;
     bool saw_busy;
     uv_timer_t slow_timer;
+    uv_timer_t teardown; /* the server's close, after the callbacks already due */
     kvd_http_request *slow_req;
     uv_idle_t flood_idle;
     kvd_http_request *flood_req;
@@ -212,14 +213,24 @@ static void on_idle(void *arg)
     h->idles++;
 }
 
-static void on_client_done(uv_async_t *async)
+static void on_teardown(uv_timer_t *timer)
 {
-    harness *h = async->data;
+    harness *h = timer->data;
     h->buffered_at_end = kvd_http_server_buffered_body_bytes(h->srv);
     kvd_http_server_close(h->srv);
     uv_close((uv_handle_t *)&h->done, NULL);
     uv_close((uv_handle_t *)&h->slow_timer, NULL);
     uv_close((uv_handle_t *)&h->flood_idle, NULL);
+    uv_close((uv_handle_t *)&h->teardown, NULL);
+}
+
+/* The client can see the server's last bytes and EOF before the server's own due
+ * callbacks ran (its idle notice is a timer started when the last write completed):
+ * the teardown waits for them behind a timer of its own. */
+static void on_client_done(uv_async_t *async)
+{
+    harness *h = async->data;
+    uv_timer_start(&h->teardown, on_teardown, 0, 0);
 }
 
 static void *client_main(void *arg)
@@ -255,6 +266,8 @@ static void run(harness *h, const kvd_http_limits *limits, client_fn client)
     h->done.data = h;
     uv_timer_init(&h->loop, &h->slow_timer);
     h->slow_timer.data = h;
+    uv_timer_init(&h->loop, &h->teardown);
+    h->teardown.data = h;
     uv_idle_init(&h->loop, &h->flood_idle);
     h->flood_idle.data = h;
     h->client = client;
